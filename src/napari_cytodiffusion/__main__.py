@@ -1,0 +1,3 @@
+from napari_cytodiffusion.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,96 @@
+"""Cutting cells out of an image at the scale and colour the model was trained on.
+
+Every cell reaches the model the same way, whether it comes from a smear field, a
+CellaVision-style single-cell image or a training folder: centred, resampled so that a red-cell
+diameter spans a fixed number of model pixels, and with the background white-balanced to a
+reference colour. That keeps absolute cell size (a key cue: lymphocyte versus monocyte) while
+removing the microscope's magnification and the lamp's colour.
+"""
+
+import numpy as np
+from scipy import ndimage as ndi
+
+from napari_cytodiffusion.core.scale import background_colour, nucleus_mask
+
+# Field of view of a model crop, in red-cell diameters: the largest monocytes still fit.
+FIELD_OF_VIEW_RBC = 2.5
+# Background colour every crop is balanced to (the PBC CellaVision background).
+REFERENCE_BACKGROUND = np.array([0.98, 0.89, 0.80], np.float32)
+
+
+def locate_central_cell(rgb, rbc_diameter, background=None):
+    """Return the (row, col) centre of the nucleated cell or platelet nearest the image centre.
+
+    Nucleus fragments closer than a third of a red cell are merged first, so the lobes of a
+    neutrophil count as one cell. Falls back to the image centre if nothing is stained.
+    """
+    nuclei = nucleus_mask(rgb, background)
+    centre = np.array(rgb.shape[:2], float) / 2
+    if nuclei.sum() < 4:
+        return tuple(centre)
+    grown = ndi.binary_dilation(nuclei, iterations=max(1, int(rbc_diameter / 3)))
+    labels, count = ndi.label(grown)
+    labels[~nuclei] = 0
+    index = np.arange(1, count + 1)
+    centroids = np.array(ndi.center_of_mass(nuclei, labels, index)).reshape(-1, 2)
+    sizes = ndi.sum(nuclei, labels, index)
+    # Ignore specks (debris, bits of a neighbour at the border) unless nothing else is there.
+    keep = sizes >= 0.02 * rbc_diameter**2
+    if keep.any():
+        centroids = centroids[keep]
+    nearest = np.argmin(((centroids - centre) ** 2).sum(axis=1))
+    return tuple(centroids[nearest])
+
+
+def crop_cell(rgb, centre, rbc_diameter, size=64, field_of_view=FIELD_OF_VIEW_RBC, background=None):
+    """Cut a ``size`` x ``size`` crop centred on ``centre``, normalised in scale and colour.
+
+    Parameters
+    ----------
+    rgb : ndarray
+        Float RGB image in [0, 1].
+    centre : (float, float)
+        Cell centre (row, col) in ``rgb`` pixels.
+    rbc_diameter : float
+        Red-cell diameter of ``rgb`` in pixels (see ``estimate_rbc_diameter``).
+    size : int
+        Output side length in pixels.
+    field_of_view : float
+        Side of the crop in red-cell diameters.
+    background : array of 3 floats, optional
+        The image's background colour; estimated when not given.
+
+    Returns
+    -------
+    ndarray
+        float32 (size, size, 3) in [0, 1]. Outside the image is filled by reflection.
+    """
+    if background is None:
+        background = background_colour(rgb)
+    step = field_of_view * rbc_diameter / size  # source pixels per output pixel
+    offsets = (np.arange(size) - (size - 1) / 2) * step
+    rows = centre[0] + offsets[:, None] + 0 * offsets[None, :]
+    cols = centre[1] + 0 * offsets[:, None] + offsets[None, :]
+    # Crop generously, blur against aliasing when shrinking, then sample.
+    margin = int(np.ceil(step * size / 2 + 3 * step + 2))
+    r0, c0 = int(centre[0]) - margin, int(centre[1]) - margin
+    window = _window(rgb, r0, c0, 2 * margin + 1)
+    if step > 1.0:
+        sigma = 0.45 * step
+        window = ndi.gaussian_filter(window, sigma=(sigma, sigma, 0), mode="reflect")
+    out = np.empty((size, size, 3), np.float32)
+    for channel in range(3):
+        out[..., channel] = ndi.map_coordinates(
+            window[..., channel], [rows - r0, cols - c0], order=1, mode="reflect"
+        )
+    gain = REFERENCE_BACKGROUND / np.clip(np.asarray(background, np.float32), 1e-3, None)
+    return np.clip(out * gain, 0.0, 1.0)
+
+
+def _window(rgb, r0, c0, side):
+    """``rgb[r0:r0+side, c0:c0+side]`` with reflection where it runs past the border."""
+    rows = np.clip(np.arange(r0, r0 + side), -rgb.shape[0] + 1, 2 * rgb.shape[0] - 2)
+    cols = np.clip(np.arange(c0, c0 + side), -rgb.shape[1] + 1, 2 * rgb.shape[1] - 2)
+    rows = np.where(rows < 0, -rows, np.where(rows >= rgb.shape[0], 2 * rgb.shape[0] - 2 - rows, rows))
+    cols = np.where(cols < 0, -cols, np.where(cols >= rgb.shape[1], 2 * rgb.shape[1] - 2 - cols, cols))
+    return rgb[np.ix_(rows, cols)]

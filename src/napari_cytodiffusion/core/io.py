@@ -1,0 +1,35 @@
+"""Reading images from disk with messages a user can act on."""
+
+from pathlib import Path
+
+import numpy as np
+
+
+class InputFileError(OSError):
+    """A file that is missing or cannot be read as an image."""
+
+
+def read_image(path):
+    """Read a PNG, JPEG, BMP or TIFF file into a numpy array.
+
+    Raises
+    ------
+    InputFileError
+        If the file does not exist or is not a readable image.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputFileError(f"No such file: {path}")
+    try:
+        if path.suffix.lower() in (".tif", ".tiff"):
+            import tifffile
+
+            return np.asarray(tifffile.imread(path))
+        from PIL import Image
+
+        with Image.open(path) as image:
+            if image.mode in ("P", "CMYK", "YCbCr", "LAB", "HSV"):
+                image = image.convert("RGB")
+            return np.asarray(image)
+    except Exception as error:  # any decoder failure means the same thing to the user
+        raise InputFileError(f"Cannot read {path} as an image: {error}") from error

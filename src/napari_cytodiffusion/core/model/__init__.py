@@ -1,0 +1,1 @@
+"""The class-conditional diffusion model: UNet, noise schedule and samplers."""

@@ -1,0 +1,91 @@
+"""Loading a trained diffusion model from a file, without unpickling arbitrary objects."""
+
+import json
+from dataclasses import dataclass, field
+
+from napari_cytodiffusion.core.classes import CLASSES
+
+MODEL_FORMAT = "napari-cytodiffusion-model"
+
+
+class ModelFileError(ValueError):
+    """A model file that is not a napari-cytodiffusion model or does not match this version."""
+
+
+@dataclass
+class DiffusionModel:
+    """A trained class-conditional diffusion model, ready to use on one device.
+
+    Attributes
+    ----------
+    unet : CellUNet
+        The network, in eval mode, on ``device``.
+    classes : tuple of str
+        Class names in the order of the class ids.
+    image_size : int
+        Side of the square crops the model takes.
+    alpha_bars : Tensor
+        The noise schedule on ``device``.
+    calibration : dict
+        Values fitted on the validation split (temperature, review thresholds, ...).
+    metadata : dict
+        Free-form description: training data, steps, name, version.
+    """
+
+    unet: object
+    classes: tuple
+    image_size: int
+    alpha_bars: object
+    device: object
+    calibration: dict = field(default_factory=dict)
+    metadata: dict = field(default_factory=dict)
+    name: str = "custom"
+
+    @property
+    def num_classes(self):
+        return len(self.classes)
+
+
+def load_model_file(path, device="cpu", name=None):
+    """Load a model file written by ``export_model`` or a training checkpoint.
+
+    Uses ``torch.load(weights_only=True)``: only tensors and plain values are read.
+
+    Raises
+    ------
+    ModelFileError
+        If the file is not a napari-cytodiffusion model.
+    """
+    import torch
+
+    from napari_cytodiffusion.core.model.diffusion import cosine_alpha_bars
+    from napari_cytodiffusion.core.model.unet import CellUNet
+    from napari_cytodiffusion.core.training import resolve_device
+
+    device = resolve_device(device)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise ModelFileError(f"{path} is not a readable napari-cytodiffusion model: {error}") from error
+    if not isinstance(state, dict) or state.get("format") != MODEL_FORMAT:
+        raise ModelFileError(f"{path} is not a napari-cytodiffusion model file.")
+    config = json.loads(state["config"])
+    weights = state.get("state_dict") or state["ema"]
+    unet = CellUNet(
+        num_classes=config["num_classes"],
+        channels=tuple(config["channels"]),
+        image_size=config["image_size"],
+    )
+    unet.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in weights.items()})
+    unet.eval().requires_grad_(False).to(device)
+    classes = tuple(state.get("classes", CLASSES))
+    return DiffusionModel(
+        unet=unet,
+        classes=classes,
+        image_size=int(config["image_size"]),
+        alpha_bars=cosine_alpha_bars(device=device),
+        device=device,
+        calibration=json.loads(state.get("calibration") or "{}"),
+        metadata=json.loads(state.get("metadata") or "{}"),
+        name=name or str(path),
+    )

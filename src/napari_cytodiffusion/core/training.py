@@ -1,0 +1,287 @@
+"""Training the class-conditional diffusion model on packed, normalised cells.
+
+Runs on CPU or CUDA. On CUDA the whole training set lives on the GPU as uint8 and is
+augmented there (rotation by any angle, flips, mild zoom and shift, colour jitter for stain
+differences), in bfloat16 autocast. Checkpoints hold only tensors and plain values, so they
+load with ``torch.load(weights_only=True)``; training resumes exactly from them.
+"""
+
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+
+from napari_cytodiffusion.core.classes import CLASSES
+
+DEFAULT_CHANNELS = (64, 128, 192)
+from napari_cytodiffusion.core.model.checkpoint import MODEL_FORMAT
+
+
+def resolve_device(device="auto"):
+    """Return a torch device: ``auto`` picks CUDA, then MPS, then CPU."""
+    import torch
+
+    if device in (None, "auto"):
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("CUDA was requested but no CUDA GPU is available; use --device cpu.")
+    return device
+
+
+def augment(batch, out_size, generator, colour_jitter=0.06, zoom=0.12, shift=0.06):
+    """Random morphology-preserving views of a uint8 batch (n, s, s, 3) -> float (n, 3, o, o).
+
+    The output is the centre ``out_size`` of a randomly rotated, flipped, zoomed and shifted
+    copy; the packed crops are wider than the output, so rotated corners stay in the image.
+    """
+    import torch
+    from torch.nn import functional as F
+
+    n, size = batch.shape[0], batch.shape[1]
+    device = batch.device
+    x = batch.permute(0, 3, 1, 2).float() / 255.0
+
+    def uniform(low, high):
+        return torch.rand(n, device=device, generator=generator) * (high - low) + low
+
+    angle = uniform(0, 2 * math.pi)
+    scale = torch.exp(uniform(-zoom, zoom)) * out_size / size
+    flip = torch.where(torch.rand(n, device=device, generator=generator) < 0.5, -1.0, 1.0)
+    cos, sin = angle.cos() * scale, angle.sin() * scale
+    theta = torch.stack(
+        [
+            torch.stack([cos * flip, -sin, uniform(-shift, shift)], 1),
+            torch.stack([sin * flip, cos, uniform(-shift, shift)], 1),
+        ],
+        1,
+    )
+    grid = F.affine_grid(theta, (n, 3, out_size, out_size), align_corners=False)
+    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+    # Stain and lamp differences: per-channel gain, a little contrast and gamma.
+    gain = 1 + colour_jitter * (2 * torch.rand(n, 3, 1, 1, device=device, generator=generator) - 1)
+    gamma = torch.exp(uniform(-colour_jitter, colour_jitter)).view(n, 1, 1, 1)
+    return (x.clamp(1e-4, 1) ** gamma * gain).clamp(0, 1)
+
+
+def build_model(num_classes=len(CLASSES), channels=DEFAULT_CHANNELS, image_size=64):
+    from napari_cytodiffusion.core.model.unet import CellUNet
+
+    return CellUNet(num_classes=num_classes, channels=tuple(channels), image_size=image_size)
+
+
+def train(
+    data,
+    out,
+    steps=20000,
+    batch_size=128,
+    lr=3e-4,
+    device="auto",
+    seed=0,
+    resume=None,
+    channels=DEFAULT_CHANNELS,
+    image_size=64,
+    ema_decay=0.9995,
+    class_dropout=0.1,
+    time_limit=None,
+    checkpoint_every=1000,
+    validate_every=1000,
+    progress=None,
+    log=print,
+):
+    """Train (or resume training) the diffusion model and write checkpoints to ``out``.
+
+    Parameters
+    ----------
+    data : path
+        A packed ``.npz`` from :func:`napari_cytodiffusion.core.datasets.pack_cells`.
+    out : path
+        Checkpoint file to write (and overwrite) as training goes.
+    steps : int
+        Total optimiser steps (counting those of a resumed checkpoint).
+    time_limit : float, optional
+        Seconds after which training saves and stops, to fit a job's wall-clock limit.
+    progress : callable, optional
+        Called with (step, steps, loss) every few steps; it may raise to cancel.
+
+    Returns
+    -------
+    dict
+        The final training state summary: step, losses, validation history.
+    """
+    import torch
+
+    from napari_cytodiffusion.core.datasets import load_pack
+    from napari_cytodiffusion.core.model.diffusion import (
+        NUM_TIMESTEPS,
+        add_noise,
+        cosine_alpha_bars,
+        to_model_range,
+    )
+
+    started = time.time()
+    device = resolve_device(device)
+    torch.manual_seed(seed)
+    images, labels, split, pack_size = load_pack(data)
+    if pack_size != image_size:
+        raise ValueError(f"{data} was packed for {pack_size}-px models, not {image_size} px.")
+    train_idx = np.flatnonzero(split == "train")
+    val_idx = np.flatnonzero(split == "val")
+    all_images = torch.from_numpy(images).to(device)
+    all_labels = torch.from_numpy(labels).to(device)
+    # Square-root class balancing: rare classes are seen more often without overfitting them.
+    counts = np.bincount(labels[train_idx], minlength=len(CLASSES)).astype(float)
+    weights = torch.tensor(1 / np.sqrt(np.maximum(counts[labels[train_idx]], 1)), device=device)
+    train_idx_t = torch.from_numpy(train_idx).to(device)
+
+    model = build_model(len(CLASSES), channels, image_size).to(device)
+    ema = build_model(len(CLASSES), channels, image_size).to(device)
+    ema.load_state_dict(model.state_dict())
+    ema.requires_grad_(False)
+    optimiser = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    alpha_bars = cosine_alpha_bars(device=device)
+    history = {"train_loss": [], "val_loss": []}
+    step = 0
+    if resume:
+        state = torch.load(resume, map_location=device, weights_only=True)
+        model.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        optimiser.load_state_dict(state["optimizer"])
+        generator.set_state(state["generator"].cpu())
+        step = int(state["step"])
+        history = json.loads(state["history"])
+        log(f"resumed from {resume} at step {step}")
+
+    use_amp = device.type == "cuda"
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        model = model.to(memory_format=torch.channels_last)
+
+    def save():
+        state = {
+            "format": MODEL_FORMAT,
+            "config": json.dumps(ema.config),
+            "classes": list(CLASSES),
+            "model": model.state_dict(),
+            "ema": ema.state_dict(),
+            "optimizer": optimiser.state_dict(),
+            "generator": generator.get_state(),
+            "step": step,
+            "history": json.dumps(history),
+        }
+        tmp = Path(str(out) + ".tmp")
+        torch.save(state, tmp)
+        tmp.replace(out)
+
+    running, seen_since = 0.0, 0
+    model.train()
+    while step < steps:
+        picks = torch.multinomial(weights, batch_size, replacement=True, generator=generator)
+        index = train_idx_t[picks]
+        x0 = to_model_range(augment(all_images[index], image_size, generator))
+        y = all_labels[index].clone()
+        y[torch.rand(batch_size, device=device, generator=generator) < class_dropout] = len(CLASSES)
+        t = torch.randint(0, NUM_TIMESTEPS, (batch_size,), device=device, generator=generator)
+        noise = torch.randn(x0.shape, device=device, generator=generator)
+        xt = add_noise(x0, t, noise, alpha_bars)
+        if device.type == "cuda":
+            xt = xt.contiguous(memory_format=torch.channels_last)
+        # Linear warm-up, then cosine decay to a tenth of the peak rate at ``steps``.
+        warmup = min(1.0, (step + 1) / 500)
+        decay_to = 0.1 + 0.45 * (1 + math.cos(math.pi * min(step / steps, 1.0)))
+        for group in optimiser.param_groups:
+            group["lr"] = lr * warmup * decay_to
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+            loss = torch.nn.functional.mse_loss(model(xt, t, y).float(), noise)
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimiser.step()
+        decay = min(ema_decay, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for p_ema, p in zip(ema.parameters(), model.parameters(), strict=True):
+                p_ema.lerp_(p, 1 - decay)
+        step += 1
+        # Reading the loss synchronises with the GPU, so only do it now and then.
+        if step % 50 == 0 or device.type == "cpu":
+            running += loss.item()
+            seen_since += 1
+        if progress is not None and (step % 50 == 0 or device.type == "cpu"):
+            progress(step, steps, running / max(seen_since, 1))
+        if step % validate_every == 0 or step == steps:
+            history["train_loss"].append([step, running / max(seen_since, 1)])
+            running, seen_since = 0.0, 0
+            if len(val_idx):
+                val = validation_loss(ema, all_images[torch.from_numpy(val_idx).to(device)],
+                                      all_labels[torch.from_numpy(val_idx).to(device)], image_size)
+                history["val_loss"].append([step, val])
+                log(f"step {step}: train loss {history['train_loss'][-1][1]:.4f}, "
+                    f"val loss {val:.4f}, {time.time() - started:.0f} s")
+        if step % checkpoint_every == 0:
+            save()
+        if time_limit is not None and time.time() - started > time_limit:
+            log(f"time limit reached at step {step}")
+            break
+    save()
+    return {"step": step, "history": history, "seconds": time.time() - started}
+
+
+def validation_loss(model, images, labels, image_size, max_images=512, seed=1234):
+    """Mean denoising loss on (up to ``max_images``) validation crops with fixed noise."""
+    import torch
+
+    from napari_cytodiffusion.core.model.diffusion import (
+        NUM_TIMESTEPS,
+        add_noise,
+        cosine_alpha_bars,
+        to_model_range,
+    )
+
+    device = images.device
+    generator = torch.Generator(device=device).manual_seed(seed)
+    images, labels = images[:max_images], labels[:max_images]
+    offset = (images.shape[1] - image_size) // 2
+    x0 = to_model_range(
+        images[:, offset : offset + image_size, offset : offset + image_size].permute(0, 3, 1, 2)
+    )
+    alpha_bars = cosine_alpha_bars(device=device)
+    t = torch.randint(0, NUM_TIMESTEPS, (len(x0),), device=device, generator=generator)
+    noise = torch.randn(x0.shape, device=device, generator=generator)
+    was_training = model.training
+    model.eval()
+    losses = []
+    with torch.no_grad():
+        for start in range(0, len(x0), 128):
+            part = slice(start, start + 128)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                pred = model(add_noise(x0[part], t[part], noise[part], alpha_bars), t[part],
+                             labels[part])
+            losses.append(((pred.float() - noise[part]) ** 2).mean(dim=(1, 2, 3)))
+    model.train(was_training)
+    return float(torch.cat(losses).mean())
+
+
+def export_model(checkpoint, out_path, metadata=None, calibration=None):
+    """Write the EMA weights of a training checkpoint as a small float16 model file."""
+    import torch
+
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    model_file = {
+        "format": MODEL_FORMAT,
+        "version": 1,
+        "config": state["config"],
+        "classes": list(state["classes"]),
+        "state_dict": {k: v.half() if v.is_floating_point() else v for k, v in state["ema"].items()},
+        "step": int(state["step"]),
+        "history": state["history"],
+        "metadata": json.dumps(metadata or {}),
+        "calibration": json.dumps(calibration or {}),
+    }
+    torch.save(model_file, out_path)
