@@ -56,7 +56,10 @@ class TaskRunner:
         self._cancel.clear()
         self._state.update(done=0, total=0)
         self._bar = progress(total=0, desc=self._description)
-        self.worker = create_worker(function, self._report, _start_thread=False)
+        # Errors are reported by _failed; napari would otherwise raise them again.
+        self.worker = create_worker(
+            function, self._report, _start_thread=False, _ignore_errors=True
+        )
         self.worker.returned.connect(on_result)
         self.worker.errored.connect(lambda error: self._failed(error, on_error))
         self.worker.finished.connect(self._finished)

@@ -91,6 +91,67 @@ def _window(rgb, r0, c0, side):
     """``rgb[r0:r0+side, c0:c0+side]`` with reflection where it runs past the border."""
     rows = np.clip(np.arange(r0, r0 + side), -rgb.shape[0] + 1, 2 * rgb.shape[0] - 2)
     cols = np.clip(np.arange(c0, c0 + side), -rgb.shape[1] + 1, 2 * rgb.shape[1] - 2)
-    rows = np.where(rows < 0, -rows, np.where(rows >= rgb.shape[0], 2 * rgb.shape[0] - 2 - rows, rows))
-    cols = np.where(cols < 0, -cols, np.where(cols >= rgb.shape[1], 2 * rgb.shape[1] - 2 - cols, cols))
+    rows = np.where(
+        rows < 0, -rows, np.where(rows >= rgb.shape[0], 2 * rgb.shape[0] - 2 - rows, rows)
+    )
+    cols = np.where(
+        cols < 0, -cols, np.where(cols >= rgb.shape[1], 2 * rgb.shape[1] - 2 - cols, cols)
+    )
     return rgb[np.ix_(rows, cols)]
+
+
+def crop_placement(centre, rbc_diameter, size=64, field_of_view=FIELD_OF_VIEW_RBC):
+    """Where a ``crop_cell`` crop lies in its source image.
+
+    Crop pixel (i, j) was sampled at source (row0 + i * step, col0 + j * step). For napari,
+    a layer holding the crop with ``scale=(step, step)`` and ``translate=(row0, col0)`` sits
+    exactly over the cell in an image layer of the source (both in the same world frame).
+
+    Returns
+    -------
+    origin : (float, float)
+        Source (row, col) of crop pixel (0, 0).
+    step : float
+        Source pixels per crop pixel.
+    """
+    step = field_of_view * rbc_diameter / size
+    half = (size - 1) / 2 * step
+    return (float(centre[0]) - half, float(centre[1]) - half), float(step)
+
+
+def crop_to_image(values, image_shape, centre, rbc_diameter, field_of_view=FIELD_OF_VIEW_RBC):
+    """Resample crop-space ``values`` back onto the source image's pixel grid.
+
+    The inverse of :func:`crop_cell`'s geometry: for every source pixel inside the crop's
+    footprint, the value at its crop coordinates (bilinear); NaN outside the footprint.
+
+    Parameters
+    ----------
+    values : ndarray (size, size) or (size, size, channels)
+        A map or image made at the crop's pixels (a heat map, an edited crop).
+    image_shape : tuple
+        Shape of the source image; only the first two entries (rows, cols) are used.
+    centre, rbc_diameter, field_of_view
+        The arguments the crop was made with.
+
+    Returns
+    -------
+    ndarray float32 (rows, cols) or (rows, cols, channels)
+    """
+    values = np.asarray(values, np.float32)
+    size = values.shape[0]
+    (row0, col0), step = crop_placement(centre, rbc_diameter, size, field_of_view)
+    rows = (np.arange(image_shape[0]) - row0) / step
+    cols = (np.arange(image_shape[1]) - col0) / step
+    inside = ((rows >= -0.5) & (rows <= size - 0.5))[:, None] & (
+        (cols >= -0.5) & (cols <= size - 0.5)
+    )[None, :]
+    grid_rows = np.broadcast_to(rows[:, None], inside.shape)
+    grid_cols = np.broadcast_to(cols[None, :], inside.shape)
+    channels = values.reshape(size, size, -1)
+    out = np.full(inside.shape + (channels.shape[-1],), np.nan, np.float32)
+    for c in range(channels.shape[-1]):
+        out[inside, c] = ndi.map_coordinates(
+            channels[..., c], [grid_rows[inside], grid_cols[inside]], order=1, mode="nearest"
+        )
+    return out[..., 0] if values.ndim == 2 else out

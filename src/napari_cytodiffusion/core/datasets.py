@@ -164,7 +164,10 @@ def load_pack(path, splits=("train", "val")):
         image_size = int(pack["image_size"])
     keep = np.flatnonzero(np.isin(split_ids, [SPLITS.index(s) for s in splits]))
     images = np.stack(
-        [np.asarray(Image.open(io.BytesIO(jpeg[offsets[i] : offsets[i + 1]].tobytes()))) for i in keep]
+        [
+            np.asarray(Image.open(io.BytesIO(jpeg[offsets[i] : offsets[i + 1]].tobytes())))
+            for i in keep
+        ]
     )
     names = np.array(SPLITS)[split_ids[keep]]
     return images, labels[keep], names, image_size

@@ -25,8 +25,8 @@ def to_rgb_float(image):
         )
     if image.ndim != 3 or image.shape[-1] not in (3, 4):
         raise ImageError(
-            f"Expected an RGB or RGBA image of shape (rows, cols, 3 or 4), got shape {image.shape}. "
-            "For a stack, pick one plane first."
+            "Expected an RGB or RGBA image of shape (rows, cols, 3 or 4), got shape "
+            f"{image.shape}. For a stack, pick one plane first."
         )
     if image.shape[0] < 8 or image.shape[1] < 8:
         raise ImageError(f"The image is too small ({image.shape[0]} x {image.shape[1]} pixels).")

@@ -14,9 +14,10 @@ from pathlib import Path
 import numpy as np
 
 from napari_cytodiffusion.core.classes import CLASSES
+from napari_cytodiffusion.core.model.checkpoint import MODEL_FORMAT
+from napari_cytodiffusion.core.progress import Cancelled
 
 DEFAULT_CHANNELS = (64, 128, 192)
-from napari_cytodiffusion.core.model.checkpoint import MODEL_FORMAT
 
 
 def resolve_device(device="auto"):
@@ -70,9 +71,11 @@ def augment(batch, out_size, generator, colour_jitter=0.06, zoom=0.12, shift=0.0
     return (x.clamp(1e-4, 1) ** gamma * gain).clamp(0, 1)
 
 
-def build_model(num_classes=len(CLASSES), channels=DEFAULT_CHANNELS, image_size=64):
+def build_model(num_classes=None, channels=DEFAULT_CHANNELS, image_size=64):
+    """A fresh CellUNet; ``num_classes`` defaults to the standard classes."""
     from napari_cytodiffusion.core.model.unet import CellUNet
 
+    num_classes = len(CLASSES) if num_classes is None else num_classes
     return CellUNet(num_classes=num_classes, channels=tuple(channels), image_size=image_size)
 
 
@@ -85,6 +88,7 @@ def train(
     device="auto",
     seed=0,
     resume=None,
+    init=None,
     channels=DEFAULT_CHANNELS,
     image_size=64,
     ema_decay=0.9995,
@@ -105,10 +109,18 @@ def train(
         Checkpoint file to write (and overwrite) as training goes.
     steps : int
         Total optimiser steps (counting those of a resumed checkpoint).
+    resume : path, optional
+        Checkpoint to continue from.
+    init : path, optional
+        Model file whose weights start a new run (fine-tuning a lab's own stain or scanner);
+        ignored when resuming. Its channels and image size must match.
     time_limit : float, optional
         Seconds after which training saves and stops, to fit a job's wall-clock limit.
     progress : callable, optional
-        Called with (step, steps, loss) every few steps; it may raise to cancel.
+        Called with (step, steps, loss) every few steps; raising
+        :class:`~napari_cytodiffusion.core.progress.Cancelled` from it stops training. On a
+        cancel (or Ctrl-C) the checkpoint is saved first, so the run can be resumed, and the
+        exception re-raised.
 
     Returns
     -------
@@ -158,6 +170,9 @@ def train(
         step = int(state["step"])
         history = json.loads(state["history"])
         log(f"resumed from {resume} at step {step}")
+    elif init:
+        load_initial_weights(model, ema, init)
+        log(f"starting from the weights of {init}")
 
     use_amp = device.type == "cuda"
     if device.type == "cuda":
@@ -182,55 +197,85 @@ def train(
 
     running, seen_since = 0.0, 0
     model.train()
-    while step < steps:
-        picks = torch.multinomial(weights, batch_size, replacement=True, generator=generator)
-        index = train_idx_t[picks]
-        x0 = to_model_range(augment(all_images[index], image_size, generator))
-        y = all_labels[index].clone()
-        y[torch.rand(batch_size, device=device, generator=generator) < class_dropout] = len(CLASSES)
-        t = torch.randint(0, NUM_TIMESTEPS, (batch_size,), device=device, generator=generator)
-        noise = torch.randn(x0.shape, device=device, generator=generator)
-        xt = add_noise(x0, t, noise, alpha_bars)
-        if device.type == "cuda":
-            xt = xt.contiguous(memory_format=torch.channels_last)
-        # Linear warm-up, then cosine decay to a tenth of the peak rate at ``steps``.
-        warmup = min(1.0, (step + 1) / 500)
-        decay_to = 0.1 + 0.45 * (1 + math.cos(math.pi * min(step / steps, 1.0)))
-        for group in optimiser.param_groups:
-            group["lr"] = lr * warmup * decay_to
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-            loss = torch.nn.functional.mse_loss(model(xt, t, y).float(), noise)
-        optimiser.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimiser.step()
-        decay = min(ema_decay, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for p_ema, p in zip(ema.parameters(), model.parameters(), strict=True):
-                p_ema.lerp_(p, 1 - decay)
-        step += 1
-        # Reading the loss synchronises with the GPU, so only do it now and then.
-        if step % 50 == 0 or device.type == "cpu":
-            running += loss.item()
-            seen_since += 1
-        if progress is not None and (step % 50 == 0 or device.type == "cpu"):
-            progress(step, steps, running / max(seen_since, 1))
-        if step % validate_every == 0 or step == steps:
-            history["train_loss"].append([step, running / max(seen_since, 1)])
-            running, seen_since = 0.0, 0
-            if len(val_idx):
-                val = validation_loss(ema, all_images[torch.from_numpy(val_idx).to(device)],
-                                      all_labels[torch.from_numpy(val_idx).to(device)], image_size)
-                history["val_loss"].append([step, val])
-                log(f"step {step}: train loss {history['train_loss'][-1][1]:.4f}, "
-                    f"val loss {val:.4f}, {time.time() - started:.0f} s")
-        if step % checkpoint_every == 0:
-            save()
-        if time_limit is not None and time.time() - started > time_limit:
-            log(f"time limit reached at step {step}")
-            break
+    try:
+        while step < steps:
+            picks = torch.multinomial(weights, batch_size, replacement=True, generator=generator)
+            index = train_idx_t[picks]
+            x0 = to_model_range(augment(all_images[index], image_size, generator))
+            y = all_labels[index].clone()
+            dropped = torch.rand(batch_size, device=device, generator=generator) < class_dropout
+            y[dropped] = len(CLASSES)
+            t = torch.randint(0, NUM_TIMESTEPS, (batch_size,), device=device, generator=generator)
+            noise = torch.randn(x0.shape, device=device, generator=generator)
+            xt = add_noise(x0, t, noise, alpha_bars)
+            if device.type == "cuda":
+                xt = xt.contiguous(memory_format=torch.channels_last)
+            # Linear warm-up, then cosine decay to a tenth of the peak rate at ``steps``.
+            warmup = min(1.0, (step + 1) / 500)
+            decay_to = 0.1 + 0.45 * (1 + math.cos(math.pi * min(step / steps, 1.0)))
+            for group in optimiser.param_groups:
+                group["lr"] = lr * warmup * decay_to
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+                loss = torch.nn.functional.mse_loss(model(xt, t, y).float(), noise)
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimiser.step()
+            decay = min(ema_decay, (1 + step) / (10 + step))
+            with torch.no_grad():
+                for p_ema, p in zip(ema.parameters(), model.parameters(), strict=True):
+                    p_ema.lerp_(p, 1 - decay)
+            step += 1
+            # Reading the loss synchronises with the GPU, so only do it now and then.
+            if step % 50 == 0 or device.type == "cpu":
+                running += loss.item()
+                seen_since += 1
+            if progress is not None and (step % 50 == 0 or device.type == "cpu"):
+                progress(step, steps, running / max(seen_since, 1))
+            if step % validate_every == 0 or step == steps:
+                history["train_loss"].append([step, running / max(seen_since, 1)])
+                running, seen_since = 0.0, 0
+                if len(val_idx):
+                    val_index = torch.from_numpy(val_idx).to(device)
+                    val = validation_loss(
+                        ema, all_images[val_index], all_labels[val_index], image_size
+                    )
+                    history["val_loss"].append([step, val])
+                    log(
+                        f"step {step}: train loss {history['train_loss'][-1][1]:.4f}, "
+                        f"val loss {val:.4f}, {time.time() - started:.0f} s"
+                    )
+            if step % checkpoint_every == 0:
+                save()
+            if time_limit is not None and time.time() - started > time_limit:
+                log(f"time limit reached at step {step}")
+                break
+    except (Cancelled, KeyboardInterrupt):
+        save()
+        log(f"stopped at step {step}; saved to {out}, continue with resume")
+        raise
     save()
     return {"step": step, "history": history, "seconds": time.time() - started}
+
+
+def load_initial_weights(model, ema, path):
+    """Copy the weights of the model file at ``path`` into ``model`` and ``ema``."""
+    from napari_cytodiffusion.core.model.checkpoint import load_model_file
+
+    start = load_model_file(path, "cpu")
+    architecture = ("num_classes", "channels", "image_size")
+    if tuple(start.classes) != CLASSES or any(
+        start.unet.config[key] != model.config[key] for key in architecture
+    ):
+        raise ValueError(
+            f"{path} holds a model with channels {start.unet.config['channels']}, image size "
+            f"{start.image_size} and classes {', '.join(start.classes)}; to start from it, train "
+            f"with the same channels and resolution (this run: channels "
+            f"{model.config['channels']}, {model.config['image_size']} px)."
+        )
+    weights = start.unet.state_dict()
+    model.load_state_dict(weights)
+    ema.load_state_dict(weights)
 
 
 def validation_loss(model, images, labels, image_size, max_images=512, seed=1234):
@@ -261,8 +306,9 @@ def validation_loss(model, images, labels, image_size, max_images=512, seed=1234
         for start in range(0, len(x0), 128):
             part = slice(start, start + 128)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                pred = model(add_noise(x0[part], t[part], noise[part], alpha_bars), t[part],
-                             labels[part])
+                pred = model(
+                    add_noise(x0[part], t[part], noise[part], alpha_bars), t[part], labels[part]
+                )
             losses.append(((pred.float() - noise[part]) ** 2).mean(dim=(1, 2, 3)))
     model.train(was_training)
     return float(torch.cat(losses).mean())
@@ -278,7 +324,9 @@ def export_model(checkpoint, out_path, metadata=None, calibration=None):
         "version": 1,
         "config": state["config"],
         "classes": list(state["classes"]),
-        "state_dict": {k: v.half() if v.is_floating_point() else v for k, v in state["ema"].items()},
+        "state_dict": {
+            k: v.half() if v.is_floating_point() else v for k, v in state["ema"].items()
+        },
         "step": int(state["step"]),
         "history": state["history"],
         "metadata": json.dumps(metadata or {}),

@@ -66,7 +66,9 @@ def load_model_file(path, device="cpu", name=None):
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
-        raise ModelFileError(f"{path} is not a readable napari-cytodiffusion model: {error}") from error
+        raise ModelFileError(
+            f"{path} is not a readable napari-cytodiffusion model: {error}"
+        ) from error
     if not isinstance(state, dict) or state.get("format") != MODEL_FORMAT:
         raise ModelFileError(f"{path} is not a napari-cytodiffusion model file.")
     config = json.loads(state["config"])
@@ -78,6 +80,8 @@ def load_model_file(path, device="cpu", name=None):
     )
     unet.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in weights.items()})
     unet.eval().requires_grad_(False).to(device)
+    if device.type == "cuda":
+        unet = unet.to(memory_format=torch.channels_last)  # faster bfloat16 convolutions
     classes = tuple(state.get("classes", CLASSES))
     return DiffusionModel(
         unet=unet,

@@ -1,0 +1,197 @@
+"""Diffusion-classifier benchmarks on PBC's test split (never trained or tuned on).
+
+Three parts, each writing benchmarks/results/classification_<part>.json:
+
+``h100 DIR``
+    Metrics of the H100 run made by ``gpu_classify_generate.py`` (its output folder DIR):
+    the live adaptive run and the exhaustive reference on all 2,470 test cells, both turned
+    into calls with the calibration shipped in the model, plus the GPU throughput.
+``cpu --n N``
+    End to end on this machine's CPU: N test images read from disk, the central cell located
+    and normalised (red-cell scale estimated from each image), classified adaptively; seconds
+    per cell and the same metrics.
+``shift --n N``
+    Cells unlike the training data: white cells of another hospital (CBC test fields, cut at
+    their annotated boxes) and of another microscope and stain (segmentation_wbc_dataset1),
+    against PBC test cells: how the anomaly score and the uncertainty rank them.
+"""
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _metrics import auroc, call_metrics  # noqa: E402
+
+from napari_cytodiffusion.core.classes import CLASSES  # noqa: E402
+from napari_cytodiffusion.core.weights import load_model  # noqa: E402
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+RESULTS = Path(__file__).parent / "results"
+
+
+def h100(args):
+    from napari_cytodiffusion.core.classify import calls_from_errors
+
+    model = load_model("default", device="cpu")
+    folder = Path(args.folder)
+    report = {"gpu": json.loads((folder / "gpu_results.json").read_text())}
+    for strategy in ("adaptive", "exhaustive"):
+        run = np.load(folder / f"test_{strategy}.npz")
+        errors = run["errors"][:, :, : model.num_classes]
+        spent = run["spent"] if strategy == "adaptive" else np.full(len(errors), errors[0].size)
+        calls = calls_from_errors(model, errors, spent)
+        truth = [CLASSES[i] for i in run["labels"]]
+        report[strategy] = call_metrics(calls, truth, CLASSES)
+    report["evaluations_ratio_exhaustive_over_adaptive"] = (
+        report["exhaustive"]["mean_unet_evals"] / report["adaptive"]["mean_unet_evals"]
+    )
+    report["note"] = (
+        "Errors computed on one NVIDIA H100 80GB in bfloat16 (64 trials, seed 0); "
+        "exhaustive = 64 trials x 8 classes per cell. Calibration fitted on the val split."
+    )
+    return report
+
+
+def _test_records(n, seed=0):
+    from napari_cytodiffusion.core.datasets import list_labelled_images
+
+    records = [r for r in list_labelled_images(DATA / "pbc" / "splits.csv") if r.split == "test"]
+    rng = np.random.default_rng(seed)
+    return [records[i] for i in sorted(rng.choice(len(records), n, replace=False))]
+
+
+def cpu(args):
+    import torch
+
+    from napari_cytodiffusion.core.analysis import classify_image
+    from napari_cytodiffusion.core.io import read_image
+
+    torch.set_num_threads(args.threads)
+    model = load_model("default", device="cpu")
+    records = _test_records(args.n)
+    calls, seconds = [], []
+    for record in records:
+        started = time.perf_counter()
+        result = classify_image(read_image(record.path), model, segment=False)
+        seconds.append(time.perf_counter() - started)
+        calls.extend(result.calls)
+    report = call_metrics(calls, [r.label for r in records], CLASSES)
+    report.update(
+        seconds_per_cell_mean=float(np.mean(seconds)),
+        seconds_per_cell_median=float(np.median(seconds)),
+        seconds_per_cell_p90=float(np.percentile(seconds, 90)),
+        torch_threads=args.threads,
+        note="One cell at a time, end to end (read, locate, normalise with an estimated "
+        "red-cell scale, classify adaptively), on this machine's CPU.",
+    )
+    return report
+
+
+def _cbc_cells(limit):
+    """White cells of the CBC test fields, cut at the centre of their annotated boxes."""
+    import xml.etree.ElementTree as ET
+
+    from napari_cytodiffusion.core.crops import crop_cell
+    from napari_cytodiffusion.core.image import to_rgb_float
+    from napari_cytodiffusion.core.io import read_image
+    from napari_cytodiffusion.core.scale import background_colour, estimate_rbc_diameter
+
+    crops = []
+    for xml in sorted((DATA / "cbc" / "test" / "annotations").glob("*.xml")):
+        rgb = to_rgb_float(read_image(DATA / "cbc" / "test" / "images" / f"{xml.stem}.jpg"))
+        scale, background = estimate_rbc_diameter(rgb), background_colour(rgb)
+        for item in ET.parse(xml).findall("object"):
+            if item.findtext("name") != "WBC":
+                continue
+            box = item.find("bndbox")
+            centre = (
+                (float(box.findtext("ymin")) + float(box.findtext("ymax"))) / 2,
+                (float(box.findtext("xmin")) + float(box.findtext("xmax"))) / 2,
+            )
+            crops.append(crop_cell(rgb, centre, scale, 64, background=background))
+        if len(crops) >= limit:
+            break
+    return np.stack(crops[:limit])
+
+
+def _other_microscope_cells(limit):
+    from napari_cytodiffusion.core.datasets import normalised_cell
+    from napari_cytodiffusion.core.io import read_image
+
+    files = sorted((DATA / "segmentation_wbc_dataset1").glob("*_image.png"))[:limit]
+    return np.stack([normalised_cell(read_image(f), 64) for f in files])
+
+
+def shift(args):
+    import torch
+
+    from napari_cytodiffusion.core.classify import classify_crops
+    from napari_cytodiffusion.core.datasets import normalised_cell
+    from napari_cytodiffusion.core.io import read_image
+
+    torch.set_num_threads(args.threads)
+    model = load_model("default", device="cpu")
+    sets = {
+        "pbc_test": np.stack(
+            [normalised_cell(read_image(r.path), 64) for r in _test_records(args.n)]
+        ),
+        "cbc_other_hospital": _cbc_cells(args.n),
+        "wbc_dataset1_other_microscope": _other_microscope_cells(args.n),
+    }
+    scores = {}
+    for name, crops in sets.items():
+        calls = classify_crops(model, crops)
+        scores[name] = {
+            "anomaly": np.array([c.anomaly_score for c in calls]),
+            "uncertainty": np.array([c.uncertainty for c in calls]),
+            "review": np.array([c.needs_review for c in calls]),
+            "labels": [c.label for c in calls],
+        }
+    report = {}
+    reference = scores["pbc_test"]
+    for name, s in scores.items():
+        entry = {
+            "cells": len(s["anomaly"]),
+            "anomaly_score_median": float(np.median(s["anomaly"])),
+            "needs_review_fraction": float(s["review"].mean()),
+            "predicted_classes": {c: s["labels"].count(c) for c in CLASSES if c in s["labels"]},
+        }
+        if name != "pbc_test":
+            positive = np.r_[np.ones(len(s["anomaly"])), np.zeros(len(reference["anomaly"]))]
+            entry["anomaly_auroc_vs_pbc_test"] = auroc(
+                positive, np.r_[s["anomaly"], reference["anomaly"]]
+            )
+            entry["uncertainty_auroc_vs_pbc_test"] = auroc(
+                positive, np.r_[s["uncertainty"], reference["uncertainty"]]
+            )
+        report[name] = entry
+    report["note"] = (
+        "AUROC: how well the score ranks cells of the shifted set above PBC test cells "
+        "(1 = perfectly, 0.5 = chance). The shifted sets are normal white cells imaged "
+        "elsewhere, not blasts; no blasts are available here."
+    )
+    return report
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="part", required=True)
+    sub.add_parser("h100").add_argument("folder")
+    for name in ("cpu", "shift"):
+        p = sub.add_parser(name)
+        p.add_argument("--n", type=int, default=200)
+        p.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    report = {"h100": h100, "cpu": cpu, "shift": shift}[args.part](args)
+    out = RESULTS / f"classification_{args.part}.json"
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()

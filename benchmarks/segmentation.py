@@ -1,0 +1,332 @@
+"""Segmentation benchmark on the shared data sets (run by hand; not a test).
+
+    python benchmarks/segmentation.py                  # everything, results in benchmarks/results/
+    python benchmarks/segmentation.py --split train    # the tuning split of CBC, nothing saved
+    python benchmarks/segmentation.py --only cbc       # redo one part (cbc, wbc1 or speed)
+
+Measures
+- WBC detection on CBC (VOC boxes): precision, recall, F1 at IoU >= 0.5 (greedy matching).
+- Red-cell count per CBC field: mean absolute percentage error against the RBC boxes.
+- segmentation_wbc_dataset1: Dice of the whole white cell and of its nucleus (the predicted
+  white cell overlapping the annotated one most; a miss counts as Dice 0).
+- Throughput in megapixels per second and peak memory on a mosaic of real CBC fields of at
+  least 4000 x 4000 pixels, in a fresh process.
+"""
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import time
+import xml.etree.ElementTree as ElementTree
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO.parent / "shared" / "data"
+RESULTS = REPO / "benchmarks" / "results"
+
+
+def read_rgb(path):
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+def voc_boxes(path):
+    """{name: [[min_row, min_col, max_row, max_col], ...]} of a Pascal VOC file."""
+    boxes = {}
+    for item in ElementTree.parse(path).getroot().iter("object"):
+        box = item.find("bndbox")
+        values = [int(float(box.find(k).text)) for k in ("ymin", "xmin", "ymax", "xmax")]
+        boxes.setdefault(item.find("name").text, []).append(values)
+    return boxes
+
+
+def box_iou(a, b):
+    rows = max(0, min(a[2], b[2]) - max(a[0], b[0]))
+    cols = max(0, min(a[3], b[3]) - max(a[1], b[1]))
+    overlap = rows * cols
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - overlap
+    return overlap / union if union else 0.0
+
+
+def match_boxes(predicted, truth, threshold=0.5):
+    """Greedy one-to-one matching by IoU; returns the number of true positives."""
+    pairs = sorted(
+        ((box_iou(p, t), i, j) for i, p in enumerate(predicted) for j, t in enumerate(truth)),
+        reverse=True,
+    )
+    used_p, used_t = set(), set()
+    for iou, i, j in pairs:
+        if iou < threshold:
+            break
+        if i not in used_p and j not in used_t:
+            used_p.add(i)
+            used_t.add(j)
+    return len(used_p)
+
+
+def cbc_benchmark(split, limit=None):
+    from napari_cytodiffusion.core.segmentation import segment_smear
+
+    images = sorted((DATA / "cbc" / split / "images").glob("*.jpg"))[:limit]
+    tp = n_pred = n_true = 0
+    errors, diameters, per_field = [], [], []
+    rbc_boxes = rbc_boxes_found = rbc_found = rbc_outside = 0
+    start = time.perf_counter()
+    for path in images:
+        truth = voc_boxes(DATA / "cbc" / split / "annotations" / f"{path.stem}.xml")
+        result = segment_smear(read_rgb(path))
+        predicted = result.boxes("wbc")
+        true_wbc = truth.get("WBC", [])
+        matched = match_boxes(predicted, true_wbc)
+        tp, n_pred, n_true = tp + matched, n_pred + len(predicted), n_true + len(true_wbc)
+        n_rbc_true = len(truth.get("RBC", []))
+        n_rbc = result.count("rbc")
+        if n_rbc_true:
+            errors.append(abs(n_rbc - n_rbc_true) / n_rbc_true)
+            inside = centroids_in_boxes(result.table("rbc"), truth["RBC"])
+            rbc_boxes += len(truth["RBC"])
+            rbc_boxes_found += int((inside.sum(axis=0) > 0).sum())
+            rbc_found += n_rbc
+            rbc_outside += int((inside.sum(axis=1) == 0).sum())
+        diameters.append(result.rbc_diameter)
+        per_field.append(
+            {
+                "file": path.name,
+                "wbc_true": len(true_wbc),
+                "wbc_found": len(predicted),
+                "wbc_matched": matched,
+                "rbc_true": n_rbc_true,
+                "rbc_found": n_rbc,
+                "platelets_true": len(truth.get("Platelets", [])),
+                "platelets_found": result.count("platelet"),
+                "rbc_diameter": round(result.rbc_diameter, 1),
+            }
+        )
+    precision = tp / n_pred if n_pred else 0.0
+    recall = tp / n_true if n_true else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return {
+        "split": split,
+        "fields": len(images),
+        "wbc_true": n_true,
+        "wbc_found": n_pred,
+        "wbc_precision": round(precision, 4),
+        "wbc_recall": round(recall, 4),
+        "wbc_f1": round(f1, 4),
+        "rbc_count_mape": round(float(np.mean(errors)), 4),
+        "rbc_count_median_ape": round(float(np.median(errors)), 4),
+        "rbc_boxes_holding_a_found_cell": round(rbc_boxes_found / rbc_boxes, 4),
+        "rbc_found_outside_every_box": round(rbc_outside / rbc_found, 4),
+        "rbc_diameter_median_px": round(float(np.median(diameters)), 1),
+        "seconds_per_field": round((time.perf_counter() - start) / max(1, len(images)), 3),
+        "per_field": per_field,
+    }
+
+
+def centroids_in_boxes(table, boxes):
+    """(cells, boxes) bool: whether each cell's centroid lies in each box."""
+    rows = table["centroid_row"].to_numpy()[:, None]
+    cols = table["centroid_col"].to_numpy()[:, None]
+    boxes = np.asarray(boxes).reshape(-1, 4)
+    return (
+        (rows >= boxes[:, 0]) & (rows < boxes[:, 2]) & (cols >= boxes[:, 1]) & (cols < boxes[:, 3])
+    )
+
+
+def dice(a, b):
+    total = a.sum() + b.sum()
+    return 2.0 * np.logical_and(a, b).sum() / total if total else 1.0
+
+
+def wbc1_benchmark(limit=None, rbc_diameter=None):
+    from napari_cytodiffusion.core.segmentation import segment_smear
+
+    folder = DATA / "segmentation_wbc_dataset1"
+    images = sorted(folder.glob("*_image.png"))[:limit]
+    cell_dice, nucleus_dice, diameters = [], [], []
+    for path in images:
+        mask = read_rgb(path.with_name(path.name.replace("_image", "_mask")))[..., 0]
+        result = segment_smear(read_rgb(path), rbc_diameter=rbc_diameter)
+        diameters.append(result.rbc_diameter)
+        cell, nucleus = mask > 0, mask == 255
+        overlap = np.bincount(result.wbc_labels[cell].ravel(), minlength=2)
+        overlap[0] = 0
+        if overlap.max() == 0:
+            cell_dice.append(0.0)
+            nucleus_dice.append(0.0)
+            continue
+        best = int(np.argmax(overlap))
+        cell_dice.append(dice(result.wbc_labels == best, cell))
+        nucleus_dice.append(dice(result.nucleus_labels == best, nucleus))
+    return {
+        "images": len(images),
+        "rbc_diameter": "estimated per image" if rbc_diameter is None else rbc_diameter,
+        "rbc_diameter_median_px": round(float(np.median(diameters)), 1),
+        "cell_dice_mean": round(float(np.mean(cell_dice)), 4),
+        "cell_dice_median": round(float(np.median(cell_dice)), 4),
+        "nucleus_dice_mean": round(float(np.mean(nucleus_dice)), 4),
+        "nucleus_dice_median": round(float(np.median(nucleus_dice)), 4),
+        "missed": int(sum(d == 0 for d in cell_dice)),
+    }
+
+
+SPEED_SCRIPT = """
+import json, resource, sys, time
+import numpy as np
+from napari_cytodiffusion.core.segmentation import segment_smear
+mosaic = np.load(sys.argv[1])
+start = time.perf_counter()
+result = segment_smear(mosaic, workers=int(sys.argv[2]))
+seconds = time.perf_counter() - start
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+print(json.dumps({"seconds": seconds, "peak_rss_mib": peak, "n_wbc": result.count("wbc"),
+                  "n_rbc": result.count("rbc"), "rbc_diameter": result.rbc_diameter}))
+"""
+
+
+def speed_benchmark(side=4096, workers=2):
+    """Time one whole-field segmentation of a mosaic of real CBC test fields."""
+    import tempfile
+
+    fields = sorted((DATA / "cbc" / "test" / "images").glob("*.jpg"))
+    tiles = [read_rgb(p) for p in fields]
+    rows = []
+    index = 0
+    while sum(r.shape[0] for r in rows) < side:
+        row = []
+        while sum(t.shape[1] for t in row) < side:
+            row.append(tiles[index % len(tiles)])
+            index += 1
+        rows.append(np.concatenate(row, axis=1)[:, :side])
+    mosaic = np.ascontiguousarray(np.concatenate(rows, axis=0)[:side])
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "mosaic.npy"
+        np.save(path, mosaic)
+        output = subprocess.run(
+            [sys.executable, "-c", SPEED_SCRIPT, str(path), str(workers)],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
+    measured = json.loads(output.strip().splitlines()[-1])
+    megapixels = mosaic.shape[0] * mosaic.shape[1] / 1e6
+    return {
+        "image": f"{mosaic.shape[0]} x {mosaic.shape[1]} RGB uint8 mosaic of CBC test fields",
+        "megapixels": round(megapixels, 2),
+        "workers": workers,
+        "seconds": round(measured["seconds"], 1),
+        "megapixels_per_second": round(megapixels / measured["seconds"], 3),
+        "peak_rss_mib": round(measured["peak_rss_mib"]),
+        "n_wbc": measured["n_wbc"],
+        "n_rbc": measured["n_rbc"],
+        "cpu": f"{platform.processor() or platform.machine()}, {_cpu_count()} logical CPUs "
+        "shared with other jobs while measured",
+    }
+
+
+def _cpu_count():
+    import os
+
+    return os.cpu_count()
+
+
+def write_markdown(results, path):
+    cbc, speed = results.get("cbc"), results.get("speed")
+    lines = [
+        "# Segmentation benchmark",
+        "",
+        "Runs: " + "; ".join(f"`{run}`" for run in results["runs"]) + ".",
+        "",
+    ]
+    if cbc:
+        lines += [
+            f"## CBC {cbc['split']} ({cbc['fields']} fields, 640 x 480, VOC boxes)",
+            "",
+            "| metric | value | target |",
+            "|---|---|---|",
+            f"| WBC precision (IoU >= 0.5) | {cbc['wbc_precision']:.3f} | |",
+            f"| WBC recall (IoU >= 0.5) | {cbc['wbc_recall']:.3f} | |",
+            f"| WBC F1 (IoU >= 0.5) | {cbc['wbc_f1']:.3f} | >= 0.97 |",
+            f"| RBC count MAPE per field | {100 * cbc['rbc_count_mape']:.1f} % | <= 10 % |",
+            f"| RBC count median APE | {100 * cbc['rbc_count_median_ape']:.1f} % | |",
+            "| annotated RBC boxes holding a found red cell's centroid | "
+            f"{100 * cbc['rbc_boxes_holding_a_found_cell']:.1f} % | |",
+            "| found red cells whose centroid is in no RBC box | "
+            f"{100 * cbc['rbc_found_outside_every_box']:.1f} % | |",
+            f"| estimated RBC diameter (median) | {cbc['rbc_diameter_median_px']} px | |",
+            f"| time per field | {cbc['seconds_per_field']} s | |",
+            "",
+        ]
+    for key, title in (("wbc1", "estimated diameter"), ("wbc1_fixed", "fixed diameter")):
+        part = results.get(key)
+        if not part:
+            continue
+        lines += [
+            f"## segmentation_wbc_dataset1 ({part['images']} images, {title})",
+            "",
+            f"RBC diameter: {part['rbc_diameter']} (median {part['rbc_diameter_median_px']} px).",
+            "",
+            "| metric | mean | median | target |",
+            "|---|---|---|---|",
+            f"| Dice whole cell | {part['cell_dice_mean']:.3f} | {part['cell_dice_median']:.3f} "
+            "| >= 0.85 |",
+            f"| Dice nucleus | {part['nucleus_dice_mean']:.3f} | {part['nucleus_dice_median']:.3f} "
+            "| >= 0.90 |",
+            "",
+            f"White cells missed: {part['missed']}.",
+            "",
+        ]
+    if speed:
+        lines += [
+            "## Throughput",
+            "",
+            f"{speed['image']}: {speed['seconds']} s, **{speed['megapixels_per_second']} MP/s**, "
+            f"peak memory {speed['peak_rss_mib']} MiB (whole process), {speed['workers']} worker "
+            f"threads, {speed['n_wbc']} WBCs and {speed['n_rbc']} RBCs found. CPU: {speed['cpu']}.",
+            "",
+        ]
+    path.write_text("\n".join(lines))
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--split", default="test", choices=("train", "test"))
+    parser.add_argument("--only", choices=("cbc", "wbc1", "speed"))
+    parser.add_argument("--limit", type=int, help="first N images of each data set")
+    parser.add_argument("--wbc1-diameter", type=float, default=35.0)
+    parser.add_argument("--workers", type=int, default=2)
+    args = parser.parse_args(argv)
+    if not DATA.exists():
+        sys.exit(f"needs the shared data at {DATA}")
+    command = "python benchmarks/segmentation.py " + " ".join(argv or sys.argv[1:])
+    results = {"runs": [f"{time.strftime('%Y-%m-%d')}: {command.strip()}"]}
+    if args.only in (None, "cbc"):
+        results["cbc"] = cbc_benchmark(args.split, args.limit)
+        print(json.dumps({k: v for k, v in results["cbc"].items() if k != "per_field"}))
+    if args.only in (None, "wbc1"):
+        results["wbc1"] = wbc1_benchmark(args.limit)
+        print(json.dumps(results["wbc1"]))
+        results["wbc1_fixed"] = wbc1_benchmark(args.limit, args.wbc1_diameter)
+        print(json.dumps(results["wbc1_fixed"]))
+    if args.only in (None, "speed"):
+        results["speed"] = speed_benchmark(workers=args.workers)
+        print(json.dumps(results["speed"]))
+    if args.split == "test" and args.limit is None:
+        # A partial run (--only) updates its part of the saved results.
+        saved = RESULTS / "segmentation.json"
+        merged = json.loads(saved.read_text()) if saved.exists() and args.only else {}
+        runs = merged.get("runs", []) + results["runs"]
+        merged.update(results, runs=runs)
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        saved.write_text(json.dumps(merged, indent=1))
+        write_markdown(merged, RESULTS / "segmentation.md")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,123 @@
+"""The Segment widget: every white cell, red cell and platelet of the open smear.
+
+Adds, all at once when the work is done: a Labels layer of white cells whose ``features`` (one
+row per cell, ``index`` = label) show on hover, a Labels layer of red cells and a Points layer
+of platelets, all aligned with the image layer.
+"""
+
+import numpy as np
+from magicgui.widgets import ComboBox, Container, FloatSpinBox, Label, PushButton
+from napari.layers import Image
+from napari.utils.notifications import show_error, show_info
+
+from napari_cytodiffusion._widgets._runner import TaskRunner
+
+
+class SegmentWidget(Container):
+    """Segment the cells of a blood-smear image layer."""
+
+    def __init__(self, napari_viewer):
+        super().__init__()
+        self._viewer = napari_viewer
+        self._image = ComboBox(label="image", choices=self._image_layers)
+        self._diameter = FloatSpinBox(
+            label="red-cell diameter (px)",
+            value=0.0,
+            min=0.0,
+            max=1000.0,
+            step=1.0,
+            tooltip="Typical red-cell diameter in pixels; 0 = estimate it from the image. "
+            "Every size threshold scales with it.",
+        )
+        self._run = PushButton(text="Segment")
+        self._cancel = PushButton(text="Cancel")
+        self._summary = Label(value="")
+        self.extend(
+            [
+                self._image,
+                self._diameter,
+                Container(widgets=[self._run, self._cancel], layout="horizontal", labels=False),
+                self._summary,
+            ]
+        )
+        self._runner = TaskRunner(self._run, self._cancel, "Segmenting cells")
+        self._run.changed.connect(lambda *_: self.start(self._image.value))
+        for event in (napari_viewer.layers.events.inserted, napari_viewer.layers.events.removed):
+            event.connect(lambda *_: self.reset_choices())
+
+    @property
+    def runner(self):
+        return self._runner
+
+    def _image_layers(self, _=None):
+        return [layer for layer in self._viewer.layers if isinstance(layer, Image)]
+
+    def start(self, layer):
+        """Segment ``layer`` in a worker thread; returns the worker, or None if refused."""
+        if layer is None:
+            show_error("Open a blood-smear image first: Segment works on an RGB image layer.")
+            return None
+        if not isinstance(layer, Image):
+            show_error(
+                f"'{layer.name}' is a {type(layer).__name__} layer; choose the RGB image "
+                "layer of the smear."
+            )
+            return None
+        if not layer.rgb:
+            show_error(
+                f"'{layer.name}' is not an RGB colour image (shape {layer.data.shape}); cell "
+                "segmentation needs the colour image of a stained smear."
+            )
+            return None
+        data = layer.data[0] if layer.multiscale else layer.data
+        diameter = self._diameter.value or None
+
+        def work(progress):
+            from napari_cytodiffusion.core.segmentation import segment_smear
+
+            return segment_smear(np.asarray(data), rbc_diameter=diameter, progress=progress)
+
+        self._summary.value = ""
+        return self._runner.start(work, lambda result: self._show(layer, result))
+
+    def _show(self, image, result):
+        """Add the result layers, replacing those of an earlier run on the same image."""
+        name = image.name
+        placement = {"scale": image.scale[-2:], "translate": image.translate[-2:]}
+        for suffix in ("white cells", "red cells", "platelets"):
+            if f"{name} {suffix}" in self._viewer.layers:
+                self._viewer.layers.remove(f"{name} {suffix}")
+        platelets = result.table("platelet")
+        self._viewer.add_labels(
+            result.rbc_labels,
+            name=f"{name} red cells",
+            features=result.table("rbc"),
+            opacity=0.35,
+            visible=True,
+            **placement,
+        )
+        self._viewer.add_points(
+            platelets[["centroid_row", "centroid_col"]].to_numpy(float),
+            name=f"{name} platelets",
+            features=platelets,
+            size=max(4.0, 0.5 * result.rbc_diameter),
+            face_color="transparent",
+            border_color="#00ff66",
+            border_width=0.15,
+            **placement,
+        )
+        wbc = self._viewer.add_labels(
+            result.wbc_labels,
+            name=f"{name} white cells",
+            features=result.table("wbc"),
+            opacity=0.6,
+            metadata={"rbc_diameter": result.rbc_diameter, "source": name},
+            **placement,
+        )
+        self._viewer.layers.selection.active = wbc
+        counts = {kind: result.count(kind) for kind in ("wbc", "rbc", "platelet")}
+        self._summary.value = (
+            f"{counts['wbc']} white cells, {counts['rbc']} red cells, {counts['platelet']} "
+            f"platelets; red-cell diameter {result.rbc_diameter:.1f} px"
+        )
+        show_info(f"Segmented '{name}': {self._summary.value}.")

@@ -1,0 +1,311 @@
+"""The "Turing test" widget: can an expert tell real cells from synthetic ones?
+
+Build a blinded panel from N real cells (a folder of class subfolders, or an image layer) and
+N synthetic cells of the same classes, then answer Real (R) or Synthetic (S) for one cell at a
+time. The key is held only in memory until the last answer; then the score (accuracy with a
+95 % Clopper-Pearson interval, per class too, and a one-sided test against chance) is shown,
+and answers with timings, the key and the score are written as CSV files.
+"""
+
+import time
+from pathlib import Path
+
+import napari
+import numpy as np
+from magicgui.widgets import (
+    ComboBox,
+    Container,
+    FileEdit,
+    FloatSpinBox,
+    Label,
+    LineEdit,
+    PushButton,
+    SpinBox,
+    create_widget,
+)
+
+from napari_cytodiffusion._widgets._generate import (
+    DEVICES,
+    failure_reporter,
+    load_shared_model,
+    show_cancelled,
+)
+from napari_cytodiffusion._widgets._runner import TaskRunner
+from napari_cytodiffusion.core import generation, turing
+from napari_cytodiffusion.core.classes import CLASSES
+
+FOLDER, LAYER = "folder", "image layer"
+TEST_LAYER = "Turing test"
+
+
+class TuringWidget(Container):
+    """Blinded real-versus-synthetic panel, answered one cell at a time."""
+
+    def __init__(self, napari_viewer):
+        super().__init__()
+        self._viewer = napari_viewer
+        self._source = ComboBox(choices=(FOLDER, LAYER), value=FOLDER, label="real cells from")
+        self._folder = FileEdit(
+            mode="d",
+            label="real cell folder",
+            tooltip=f"One subfolder of single-cell images per class ({', '.join(CLASSES)}).",
+        )
+        self._layer = create_widget(
+            annotation=napari.layers.Image,
+            label="real cell layer",
+            options={"tooltip": "An image stack of single cells, or one single-cell image."},
+        )
+        self._layer_class = ComboBox(
+            choices=CLASSES,
+            label="class of layer cells",
+            tooltip="Used when the layer has no 'label' feature (metadata['features']).",
+        )
+        self._count = SpinBox(value=20, min=1, max=10_000, label="real cells (N)")
+        self._rbc_diameter = FloatSpinBox(
+            value=0.0,
+            min=0.0,
+            max=1000.0,
+            step=0.5,
+            label="red-cell diameter (px)",
+            tooltip="Of the real images; 0 estimates it per image.",
+        )
+        self._seed = SpinBox(value=0, min=0, max=2**31 - 1, label="seed")
+        self._steps = SpinBox(value=generation.DEFAULT_STEPS, min=1, max=500, label="sampler steps")
+        self._guidance = FloatSpinBox(
+            value=generation.DEFAULT_GUIDANCE, min=1.0, max=10.0, step=0.5, label="guidance"
+        )
+        self._model = LineEdit(value="default", label="model", tooltip="model name or file")
+        self._device = ComboBox(choices=DEVICES, value="auto", label="device")
+        self._out = FileEdit(mode="d", label="results folder", tooltip="Where the CSVs go.")
+        self._build = PushButton(text="Build panel and start")
+        self._cancel = PushButton(text="Cancel")
+        self._progress = Label(value="")
+        self._real = PushButton(text="Real (R)")
+        self._synthetic = PushButton(text="Synthetic (S)")
+        self._answer_row = Container(
+            widgets=[self._real, self._synthetic], layout="horizontal", labels=False
+        )
+        self._result = Label(value="")
+        self.extend(
+            [
+                self._source,
+                self._folder,
+                self._layer,
+                self._layer_class,
+                self._count,
+                self._rbc_diameter,
+                self._seed,
+                self._steps,
+                self._guidance,
+                self._model,
+                self._device,
+                self._out,
+                Container(widgets=[self._build, self._cancel], layout="horizontal", labels=False),
+                self._progress,
+                self._answer_row,
+                self._result,
+            ]
+        )
+        self._runner = TaskRunner(self._build, self._cancel, "Building the Turing test panel")
+        self._build.changed.connect(self._start)
+        self._cancel.changed.connect(lambda: show_cancelled(self._runner, self._progress))
+        self._real.changed.connect(lambda: self.answer(turing.REAL))
+        self._synthetic.changed.connect(lambda: self.answer(turing.SYNTHETIC))
+        self._source.changed.connect(self._show_source)
+        for event in (napari_viewer.layers.events.inserted, napari_viewer.layers.events.removed):
+            event.connect(lambda *_: self.reset_choices())
+        self._panel = None
+        self._answers = []
+        self._shown_at = 0.0
+        self._previous_keys = {}
+        self._answer_row.enabled = False
+        self._show_source()
+
+    def _show_source(self, *_):
+        from_folder = self._source.value == FOLDER
+        self._folder.visible = from_folder
+        self._layer.visible = not from_folder
+        self._layer_class.visible = not from_folder
+
+    # --- building the panel ---------------------------------------------------------------------
+
+    def _start(self):
+        from napari.utils.notifications import show_error
+
+        if self.testing:
+            show_error("A test is running: answer it to the end first.")
+            return
+        out = Path(self._out.value)
+        if str(self._out.value) in ("", "."):
+            show_error("Choose the results folder the answers, key and score are written to.")
+            return
+        options = {
+            "n": self._count.value,
+            "seed": self._seed.value,
+            "steps": self._steps.value,
+            "guidance": self._guidance.value,
+            "rbc_diameter": self._rbc_diameter.value or None,
+            "model": self._model.value,
+            "device": self._device.value,
+        }
+        if self._source.value == FOLDER:
+            folder = Path(self._folder.value)
+            if not folder.is_dir():
+                show_error("Choose the folder of real cells (one subfolder per class).")
+                return
+            real = {"folder": folder}
+        else:
+            layer = self._layer.value
+            if layer is None:
+                show_error("Choose the image layer holding the real cells.")
+                return
+            real = {
+                "images": _layer_cells(layer),
+                "labels": _layer_labels(layer, self._layer_class.value),
+            }
+        self._progress.value = "building the panel ..."
+        self._result.value = ""
+        self._runner.start(
+            lambda progress: _build_panel(real, options, progress),
+            lambda panel: self._begin(panel, out),
+            failure_reporter(self._progress),
+        )
+
+    # --- running the test -----------------------------------------------------------------------
+
+    @property
+    def testing(self):
+        return self._panel is not None
+
+    def _begin(self, panel, out):
+        self._panel, self._out_dir, self._answers = panel, out, []
+        layer = self._viewer.add_image(panel.images[0], rgb=True, name=TEST_LAYER)
+        self._viewer.layers.selection.active = layer
+        for key, answer in (("r", turing.REAL), ("s", turing.SYNTHETIC)):
+            self._previous_keys[key] = self._viewer.bind_key(
+                key, lambda _viewer, a=answer: self.answer(a), overwrite=True
+            )
+        self._answer_row.enabled = True
+        self._show_item()
+
+    def _show_item(self):
+        index = len(self._answers)
+        layer = self._viewer.layers[TEST_LAYER]
+        layer.data = self._panel.images[index]
+        self._viewer.reset_view()
+        self._progress.value = f"cell {index + 1} of {len(self._panel)}: real or synthetic?"
+        self._shown_at = time.perf_counter()
+
+    def answer(self, answer):
+        """Record ``answer`` ("real" or "synthetic") for the cell on screen."""
+        if not self.testing:
+            return
+        row = self._panel.key[len(self._answers)]
+        seconds = time.perf_counter() - self._shown_at
+        self._answers.append(
+            {
+                "item": row["item"],
+                "file": row["file"],
+                "answer": answer,
+                "seconds": round(seconds, 3),
+            }
+        )
+        if len(self._answers) < len(self._panel):
+            self._show_item()
+        else:
+            self._finish()
+
+    def _finish(self):
+        from napari.utils.notifications import show_info
+
+        panel, answers = self._panel, self._answers
+        self._panel = None
+        for key, previous in self._previous_keys.items():
+            self._viewer.bind_key(key, previous, overwrite=True)
+        self._previous_keys = {}
+        self._answer_row.enabled = False
+        result = turing.score(answers, panel.key)
+        paths = save_results(self._out_dir, answers, panel.key, result)
+        self._progress.value = f"done: {len(answers)} answers"
+        self._result.value = turing.score_text(result) + f"\nsaved in {paths[0].parent}"
+        show_info(f"Turing test scored; answers, key and score saved in {paths[0].parent}")
+
+
+def save_results(folder, answers, key, result):
+    """Write answers (with timings and, now that the test is over, the truth), key and score."""
+    folder = Path(folder)
+    truth = {row["item"]: row for row in key}
+    revealed = [
+        {**a, "truth": truth[a["item"]]["truth"], "label": truth[a["item"]]["label"]}
+        for a in answers
+    ]
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return (
+        turing.write_csv(
+            folder / f"turing_answers_{stamp}.csv",
+            revealed,
+            (*turing.ANSWER_COLUMNS, "truth", "label"),
+        ),
+        turing.write_csv(folder / f"turing_key_{stamp}.csv", key, turing.KEY_COLUMNS),
+        turing.write_csv(
+            folder / f"turing_score_{stamp}.csv", turing.score_rows(result), turing.SCORE_COLUMNS
+        ),
+    )
+
+
+def _layer_cells(layer):
+    """The layer's images as a stack (n, rows, cols, 3 or 4)."""
+    data = np.asarray(layer.data)
+    return data[None] if layer.ndim == 2 else data
+
+
+def _layer_labels(layer, fallback):
+    """Per-cell classes from the layer's ``metadata['features']['label']``, else ``fallback``."""
+    count = 1 if layer.ndim == 2 else layer.data.shape[0]
+    table = layer.metadata.get("features")
+    if table is not None and "label" in table and len(table) == count:
+        return [str(label) for label in table["label"]]
+    return [fallback] * count
+
+
+def _build_panel(real, options, progress):
+    """Worker: pick and normalise the real cells, generate as many synthetic, shuffle."""
+    size = 64
+    if "folder" in real:
+        records = turing.select_real_cells(real["folder"], options["n"], options["seed"])
+        images = turing.normalise_real_cells(records, size, options["rbc_diameter"], progress)
+        labels, origins = [r.label for r in records], [str(r.path) for r in records]
+    else:
+        if len(real["images"]) < options["n"]:
+            raise ValueError(
+                f"Asked for {options['n']} real cells but the layer holds {len(real['images'])}."
+            )
+        images = _normalise_layer_cells(real["images"], options["rbc_diameter"], size)
+        labels = list(real["labels"])
+        chosen = np.random.default_rng(options["seed"]).permutation(len(images))[: options["n"]]
+        images, labels = images[chosen], [labels[i] for i in chosen]
+        origins = [f"layer plane {i}" for i in chosen]
+    model = load_shared_model(options["model"], options["device"])
+    return turing.make_panel(
+        model,
+        images,
+        labels,
+        options["seed"],
+        options["steps"],
+        options["guidance"],
+        origins=origins,
+        progress=progress,
+    )
+
+
+def _normalise_layer_cells(images, rbc_diameter, size):
+    """Model-sized planes are crops already; larger single-cell images are normalised."""
+    from napari_cytodiffusion.core.datasets import normalised_cell
+    from napari_cytodiffusion.core.image import to_rgb_float
+
+    crops = []
+    for image in images:
+        rgb = to_rgb_float(image)
+        same = rgb.shape[:2] == (size, size)
+        crops.append(rgb if same else normalised_cell(rgb, size, rbc_diameter))
+    return np.stack(crops).astype(np.float32)

@@ -1,0 +1,411 @@
+"""Diffusion classification: a cell belongs to the class whose denoiser explains it best.
+
+For every candidate class the model predicts the noise added to the cell, with the *same*
+noise and timestep for all classes (the CytoDiffusion pairing), so the class scores differ
+only by what the class conditioning contributes. Evaluation is adaptive (after Li et al.'s
+Diffusion Classifier): one trial for every class, then a paired test after each further trial
+drops the classes that are clearly worse than the best, and only the survivors get more
+trials; a cell stops when one class is left or its budget is spent. The ``exhaustive``
+strategy spends the whole budget on every class and is the reference the adaptive one is
+measured against.
+
+Errors at different noise levels have different spreads, so each trial's errors are divided
+by the spread of paired class differences at its timestep (fitted on the validation split)
+before they are summed. The summed differences are the evidence against each class; a
+temperature fitted on the validation split turns them into calibrated probabilities.
+"""
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from napari_cytodiffusion.core.progress import report
+
+MAX_TRIALS = 64
+DEFAULT_BUDGET = 64  # trials per class at most
+# Trials done before each paired test: few tests early, when most classes drop out, and
+# geometric steps later, so a GPU gets large batches and few synchronisations.
+STAGE_ENDS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
+PRUNE_Z = 1.5  # classes this many standard errors worse than the best are dropped (tuned on val)
+TIMESTEP_RANGE = (40, 900)  # small t is all texture, t near T is all noise
+
+
+def trial_timesteps(count=MAX_TRIALS):
+    """Timesteps of the trials in the order they are spent.
+
+    A van der Corput sequence over ``TIMESTEP_RANGE``: every prefix of trials covers the
+    informative noise levels evenly, so stopping early never leaves a level unexplored.
+    """
+    low, high = TIMESTEP_RANGE
+    out = []
+    for k in range(1, count + 1):
+        fraction, denominator, n = 0.0, 1.0, k
+        while n:
+            denominator *= 2
+            n, bit = divmod(n, 2)
+            fraction += bit / denominator
+        out.append(int(round(low + (high - low) * fraction)))
+    return np.array(out)
+
+
+@dataclass
+class CellCall:
+    """The classification of one cell.
+
+    Attributes
+    ----------
+    label : str
+        The class whose denoiser explains the cell best.
+    probabilities : dict
+        Calibrated probability per class.
+    uncertainty : float
+        Normalised entropy of ``probabilities``: 0 when sure, 1 when every class is equally
+        likely.
+    anomaly_score : float
+        How much worse the best class explains this cell than typical validation cells of that
+        class, in standard deviations; high for cells unlike anything the model was trained on.
+    needs_review : bool
+        Uncertainty or anomaly score past the review thresholds.
+    unet_evals : int
+        Class-conditional noise predictions spent on the cell.
+    """
+
+    label: str
+    probabilities: dict
+    uncertainty: float
+    anomaly_score: float
+    needs_review: bool
+    unet_evals: int
+    seconds: float = 0.0
+    evidence: dict = field(default_factory=dict)
+
+    def as_dict(self):
+        return {
+            "label": self.label,
+            "probabilities": self.probabilities,
+            "uncertainty": self.uncertainty,
+            "anomaly_score": self.anomaly_score,
+            "needs_review": self.needs_review,
+            "unet_evals": self.unet_evals,
+            "seconds": self.seconds,
+        }
+
+
+def classify_crops(
+    model,
+    crops,
+    strategy="adaptive",
+    seed=0,
+    budget=DEFAULT_BUDGET,
+    batch_size=None,
+    uncertainty_threshold=None,
+    anomaly_threshold=None,
+    progress=None,
+):
+    """Classify normalised cell crops with the diffusion model.
+
+    Parameters
+    ----------
+    model : DiffusionModel
+    crops : ndarray (n, size, size, 3)
+        Float RGB crops in [0, 1] made by :func:`~napari_cytodiffusion.core.crops.crop_cell`.
+    strategy : {"adaptive", "exhaustive"}
+    seed : int
+        Seeds the shared noise; the same seed gives the same calls.
+    budget : int
+        Most trials per class (at most ``MAX_TRIALS``).
+    batch_size : int, optional
+        Noise predictions per network call; by default 64 on a CPU, 16384 on a GPU.
+    uncertainty_threshold, anomaly_threshold : float, optional
+        Review thresholds; the model's calibrated values when not given.
+    progress : callable, optional
+        ``progress(done, total)`` in noise predictions; raise ``Cancelled`` from it to stop.
+
+    Returns
+    -------
+    list of CellCall
+    """
+    started = time.perf_counter()
+    errors, spent = class_errors(model, crops, strategy, seed, budget, batch_size, progress)
+    calls = calls_from_errors(model, errors, spent, uncertainty_threshold, anomaly_threshold)
+    seconds = (time.perf_counter() - started) / max(len(calls), 1)
+    for call in calls:
+        call.seconds = seconds
+    return calls
+
+
+def class_errors(
+    model,
+    crops,
+    strategy="adaptive",
+    seed=0,
+    budget=DEFAULT_BUDGET,
+    batch_size=None,
+    progress=None,
+    classes=None,
+):
+    """Paired denoising errors per cell, trial and class.
+
+    Parameters
+    ----------
+    classes : sequence of int, optional
+        Class ids to evaluate (default: all real classes; the null class id may be included).
+
+    Returns
+    -------
+    errors : ndarray (n, budget, k)
+        Mean squared noise-prediction error; NaN where a (trial, class) was not evaluated.
+    spent : ndarray (n,)
+        Noise predictions spent per cell.
+    """
+    import torch
+
+    from napari_cytodiffusion.core.model.diffusion import to_model_range
+
+    if strategy not in ("adaptive", "exhaustive"):
+        raise ValueError(f"Unknown strategy {strategy!r}; use 'adaptive' or 'exhaustive'.")
+    crops = np.asarray(crops, np.float32)
+    if crops.ndim != 4 or crops.shape[1:] != (model.image_size, model.image_size, 3):
+        raise ValueError(
+            f"Expected crops of shape (n, {model.image_size}, {model.image_size}, 3), "
+            f"got {crops.shape}."
+        )
+    budget = int(min(max(budget, 1), MAX_TRIALS))
+    class_ids = np.arange(model.num_classes) if classes is None else np.asarray(classes)
+    batch_size = batch_size or (16384 if model.device.type == "cuda" else 64)
+    n, k = len(crops), len(class_ids)
+    x0 = to_model_range(torch.from_numpy(crops).permute(0, 3, 1, 2)).to(model.device)
+    generator = torch.Generator().manual_seed(int(seed))
+    size = model.image_size
+    noise = torch.randn((budget, 3, size, size), generator=generator).to(model.device)
+    timesteps = trial_timesteps(budget)
+    errors = np.full((n, budget, k), np.nan, np.float32)
+    alive = np.ones((n, k), bool)
+    spent = np.zeros(n, np.int64)
+    exhaustive = strategy == "exhaustive"
+    stages = (budget,) if exhaustive else _stage_ends(budget)
+    trial, done = 0, 0
+    for stop in stages:
+        cells = np.arange(n) if trial == 0 else np.flatnonzero(alive.sum(axis=1) > 1)
+        if len(cells) == 0:
+            break
+        jobs = np.array(
+            [(i, j, c) for i in cells for j in range(trial, stop) for c in np.flatnonzero(alive[i])]
+        )
+        # The total grows as stages are added; it is exact once the last stage has started.
+        total = done + len(jobs) + (0 if stop == stages[-1] else len(cells))
+        for start in range(0, len(jobs), batch_size):
+            chunk = jobs[start : start + batch_size]
+            errors[chunk[:, 0], chunk[:, 1], chunk[:, 2]] = _evaluate(
+                model, x0, noise, timesteps, chunk, class_ids
+            )
+            done += len(chunk)
+            report(progress, done, total)
+        np.add.at(spent, jobs[:, 0], 1)
+        trial = stop
+        if not exhaustive:
+            alive = prune(model, errors[:, :trial], alive)
+    return errors, spent
+
+
+def _stage_ends(budget):
+    return tuple(end for end in STAGE_ENDS if end < budget) + (budget,)
+
+
+def replay_adaptive(model, errors):
+    """The adaptive strategy's choices, replayed on errors of an exhaustive run.
+
+    Gives exactly the errors an adaptive run with the same seed would have computed (the
+    shared noise makes each (cell, trial, class) error independent of the others), which lets
+    the calibration be fitted without running the network again.
+    """
+    n, budget, k = errors.shape
+    out = np.full_like(errors, np.nan)
+    alive = np.ones((n, k), bool)
+    spent = np.zeros(n, np.int64)
+    trial = 0
+    for stop in _stage_ends(budget):
+        cells = np.arange(n) if trial == 0 else np.flatnonzero(alive.sum(axis=1) > 1)
+        if len(cells) == 0:
+            break
+        mask = np.zeros((n, k), bool)
+        mask[cells] = alive[cells]
+        window = np.where(mask[:, None, :], errors[:, trial:stop], np.nan)
+        out[:, trial:stop] = window
+        spent += mask.sum(axis=1) * (stop - trial)
+        trial = stop
+        alive = prune(model, out[:, :trial], alive)
+    return out, spent
+
+
+def _evaluate(model, x0, noise, timesteps, jobs, class_ids):
+    """Errors of (cell, trial, class) jobs; the encoder runs once per (cell, trial)."""
+    import torch
+
+    from napari_cytodiffusion.core.model.diffusion import add_noise
+
+    pairs, rows = np.unique(jobs[:, :2], axis=0, return_inverse=True)
+    device = model.device
+    cells = torch.from_numpy(pairs[:, 0]).to(device)
+    trials = torch.from_numpy(pairs[:, 1]).to(device)
+    t = torch.from_numpy(timesteps).to(device)[trials]
+    eps = noise[trials]
+    rows = torch.from_numpy(rows.reshape(-1)).to(device)
+    labels = torch.from_numpy(class_ids[jobs[:, 2]]).to(device)
+    with torch.inference_mode(), _autocast(device):
+        x = _orient(x0[cells], pairs[:, 1])
+        h, skips, t_emb = model.unet.encode(add_noise(x, t, eps, model.alpha_bars), t)
+        predicted = model.unet.decode((h[rows], [s[rows] for s in skips], t_emb[rows]), labels)
+        error = ((predicted.float() - eps[rows].float()) ** 2).mean(dim=(1, 2, 3))
+    return error.cpu().numpy()
+
+
+def _orient(x, trials):
+    """Show each trial the cell in one of its 8 rotations and reflections.
+
+    A cell has no up or down, and the model was trained on every orientation; varying it
+    across trials makes their errors less correlated, so each trial adds more evidence.
+    """
+    import torch
+
+    out = torch.empty_like(x)
+    views = trials % 8
+    for view in np.unique(views):
+        index = torch.from_numpy(np.flatnonzero(views == view)).to(x.device)
+        oriented = torch.rot90(x[index], int(view % 4), dims=(2, 3))
+        out[index] = oriented.flip(3) if view >= 4 else oriented
+    return out
+
+
+def _autocast(device):
+    import contextlib
+
+    import torch
+
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def normalised_scores(model, errors):
+    """Errors in units of the per-timestep spread, minus each class's calibrated bias.
+
+    Some class-conditional denoisers are simply better than others on every cell (the
+    platelet one mostly sees background); the bias, fitted on the validation split, removes
+    that head start so that only the fit to this cell counts.
+    """
+    calibration = model.calibration or {}
+    scale = timestep_scale(model, trial_timesteps(errors.shape[1]))
+    scores = errors / scale[None, :, None]
+    bias = calibration.get("class_bias")
+    if bias is not None and len(bias) == errors.shape[2]:
+        scores = scores - np.asarray(bias, np.float32)[None, None, :]
+    return scores
+
+
+def prune(model, errors, alive):
+    """Drop classes significantly worse than each cell's best over the shared trials.
+
+    After normalisation a paired difference has about unit spread per trial, so the sum over
+    ``t`` trials has ``sqrt(t)``; classes more than ``PRUNE_Z`` of those behind are dropped.
+    """
+    scores = normalised_scores(model, errors)
+    trials = errors.shape[1]
+    totals = np.where(alive, np.nansum(scores, axis=1), np.inf)
+    best = totals.min(axis=1, keepdims=True)
+    z = (totals - best) / np.sqrt(trials)
+    return alive & (z <= PRUNE_Z)
+
+
+def timestep_scale(model, timesteps):
+    """Spread of paired class differences at each timestep (from the model's calibration).
+
+    Without a calibration the spread of the errors themselves is used, which ranks classes
+    the same way but prunes less sharply.
+    """
+    calibration = model.calibration or {}
+    grid = calibration.get("timestep_grid")
+    if not grid:
+        return np.ones(len(timesteps), np.float32)
+    values = np.interp(timesteps, grid, np.log(calibration["timestep_sd"]))
+    return np.exp(values).astype(np.float32)
+
+
+def evidence(model, errors):
+    """Evidence against each class: its mean excess score over the best class per trial.
+
+    Classes are compared on the trials both were evaluated on (a pruned class has fewer).
+    The best class is the one with the lowest mean score among those evaluated on the most
+    trials. Returns (evidence (n, k) with 0 on the best class, best class ids (n,)).
+    """
+    scores = normalised_scores(model, errors)
+    counts = np.sum(~np.isnan(scores), axis=1)
+    means = np.nanmean(scores, axis=1)
+    survivors = counts == counts.max(axis=1, keepdims=True)
+    best = np.argmin(np.where(survivors, means, np.inf), axis=1)
+    rows = np.arange(len(errors))
+    excess = scores - scores[rows, :, best][:, :, None]
+    return np.clip(np.nanmean(excess, axis=1), 0, None), best
+
+
+def calls_from_errors(model, errors, spent, uncertainty_threshold=None, anomaly_threshold=None):
+    """Turn paired errors into labels, calibrated probabilities, uncertainty and anomaly scores."""
+    calibration = model.calibration or {}
+    # Evidence is in per-trial standard deviations; the fitted inverse temperature turns it
+    # into log-odds. Without calibration one SD of mean excess counts as one nat.
+    temperature = float(calibration.get("inverse_temperature", 1.0))
+    if uncertainty_threshold is None:
+        uncertainty_threshold = float(calibration.get("uncertainty_threshold", 0.3))
+    if anomaly_threshold is None:
+        anomaly_threshold = float(calibration.get("anomaly_threshold", 3.0))
+    against, best = evidence(model, errors)
+    logits = -against * temperature
+    probabilities = np.exp(logits - logits.max(axis=1, keepdims=True))
+    probabilities /= probabilities.sum(axis=1, keepdims=True)
+    k = probabilities.shape[1]
+    entropy = -np.sum(probabilities * np.log(np.clip(probabilities, 1e-12, None)), axis=1)
+    uncertainty = entropy / np.log(k)
+    anomaly = anomaly_scores(model, errors, best)
+    calls = []
+    for i in range(len(errors)):
+        calls.append(
+            CellCall(
+                label=model.classes[best[i]],
+                probabilities={
+                    c: float(p) for c, p in zip(model.classes, probabilities[i], strict=True)
+                },
+                uncertainty=float(uncertainty[i]),
+                anomaly_score=float(anomaly[i]),
+                needs_review=bool(
+                    uncertainty[i] > uncertainty_threshold or anomaly[i] > anomaly_threshold
+                ),
+                unet_evals=int(spent[i]),
+                evidence={c: float(e) for c, e in zip(model.classes, against[i], strict=True)},
+            )
+        )
+    return calls
+
+
+def anomaly_scores(model, errors, best):
+    """Excess log error of the best class over validation cells of that class, in SDs.
+
+    A cell the model knows is explained by its class about as well as the validation cells of
+    that class were; a cell unlike any training class (a blast, a cell from a very different
+    stain) is explained worse by every class, its best one included.
+    """
+    calibration = model.calibration or {}
+    rows = np.arange(len(errors))
+    best_errors = errors[rows, :, best]  # (n, trials)
+    timesteps = trial_timesteps(errors.shape[1])
+    grid = calibration.get("timestep_grid")
+    if not grid or "class_log_error_mean" not in calibration:
+        return np.zeros(len(errors))
+    means = np.array(calibration["class_log_error_mean"])[best]  # (n, grid)
+    sds = np.array(calibration["class_log_error_sd"])[best]
+    z = np.full(best_errors.shape, np.nan)
+    for j, t in enumerate(timesteps):
+        mean_t = np.array([np.interp(t, grid, m) for m in means])
+        sd_t = np.array([np.interp(t, grid, s) for s in sds])
+        z[:, j] = (np.log(best_errors[:, j]) - mean_t) / sd_t
+    return np.nanmean(z, axis=1)

@@ -1,0 +1,454 @@
+"""Counterfactual explanations: what would have to change for the model to call a cell X.
+
+Heat map. The cell is noised with the same noise and timestep for every class (a paired
+trial), and the model predicts the noise under each class. Where the prediction for the
+target class differs from the prediction for the cell's current class, the model "sees" the
+cell differently depending on the class: those pixels are what it would change. The
+per-pixel difference is averaged over trials (so differences that are consistent across noise
+draws survive and random ones cancel), and its length over the colour channels is the map.
+
+Counterfactual image. The cell is noised part of the way (by default to 60 % of the schedule)
+and denoised under the target class with classifier-free guidance: what survives the noise
+(pose, size, neighbours) stays, the class-specific detail is redrawn as the target. Optionally
+the noising is replaced by deterministic DDIM inversion under the current class, which keeps
+more of the cell and gives subtler edits.
+
+Everything here works on 64-px normalised crops (``crop_cell`` / ``normalised_cell``); use
+``crops.crop_placement`` and ``crops.crop_to_image`` to put the results back on the smear.
+"""
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from napari_cytodiffusion.core.classes import CLASSES, canonical_class
+from napari_cytodiffusion.core.progress import report
+
+# Heat-map trials sample timesteps in this band: below it the prediction differences are
+# pixel noise, above it the cell is gone and the class prior paints a generic cell.
+TRIAL_TIMESTEPS = (100, 600)
+DEFAULT_TRIALS = 24
+TRIAL_CHUNK = 4  # trials per network call: a progress report (and a chance to cancel) each
+DEFAULT_STRENGTH = 0.6
+DEFAULT_EDIT_GUIDANCE = 3.0
+
+
+@dataclass
+class CellExplanation:
+    """Heat maps of one cell towards every class.
+
+    Attributes
+    ----------
+    maps : ndarray float32 (classes, size, size)
+        ``maps[k]``: how much the model's view of each pixel changes from the source class to
+        class ``k`` (zero for the source itself), in model noise units.
+    errors : ndarray float32 (classes,)
+        Mean paired denoising error under each class (lower fits better).
+    source : str
+        The class the maps start from (given, or the best-fitting class).
+    predicted : str
+        The class with the lowest paired error over these trials: a quick call, not the
+        calibrated classifier's.
+    """
+
+    maps: np.ndarray
+    errors: np.ndarray
+    source: str
+    predicted: str
+    classes: tuple = CLASSES
+
+    def map_for(self, target):
+        return self.maps[self.classes.index(canonical_class(target))]
+
+
+@dataclass
+class CellSite:
+    """Where a cell lies in its image, and the scale and colour it is cropped at.
+
+    Attributes
+    ----------
+    centre : (float, float)
+        Cell centre (row, col) in image pixels.
+    rbc_diameter : float
+        The image's red-cell diameter in pixels.
+    background : ndarray
+        The image's background colour (white balance reference).
+    """
+
+    centre: tuple
+    rbc_diameter: float
+    background: np.ndarray
+
+    def crop(self, rgb, size=64):
+        """The normalised crop the model sees (as ``crop_cell`` makes it)."""
+        from napari_cytodiffusion.core.crops import crop_cell
+
+        return crop_cell(rgb, self.centre, self.rbc_diameter, size, background=self.background)
+
+    def placement(self, size=64):
+        """(origin (row, col), step) of a ``size`` crop: see ``crops.crop_placement``."""
+        from napari_cytodiffusion.core.crops import crop_placement
+
+        return crop_placement(self.centre, self.rbc_diameter, size)
+
+    def to_image(self, values, image_shape):
+        """Crop-space values resampled onto the image grid (NaN outside the crop)."""
+        from napari_cytodiffusion.core.crops import crop_to_image
+
+        return crop_to_image(values, image_shape, self.centre, self.rbc_diameter)
+
+
+def central_cell_site(rgb, rbc_diameter=None):
+    """The cell a single-cell image is about, found as ``datasets.normalised_cell`` finds it.
+
+    ``rgb`` is a float RGB image (``image.to_rgb_float``); the red-cell diameter is estimated
+    from the image when not given.
+    """
+    from napari_cytodiffusion.core.crops import locate_central_cell
+    from napari_cytodiffusion.core.scale import background_colour, estimate_rbc_diameter
+
+    rbc_diameter = float(rbc_diameter or estimate_rbc_diameter(rgb))
+    background = background_colour(rgb)
+    return CellSite(locate_central_cell(rgb, rbc_diameter, background), rbc_diameter, background)
+
+
+def model_crop_site(size=64):
+    """The site of an image that already is a model crop: cropping it changes nothing."""
+    from napari_cytodiffusion.core.crops import FIELD_OF_VIEW_RBC, REFERENCE_BACKGROUND
+
+    centre = ((size - 1) / 2, (size - 1) / 2)
+    return CellSite(centre, size / FIELD_OF_VIEW_RBC, REFERENCE_BACKGROUND.copy())
+
+
+def labelled_cell_site(rgb, labels, cell_id, rbc_diameter=None):
+    """The cell with value ``cell_id`` in a labels image of the same shape as ``rgb``.
+
+    Raises
+    ------
+    ValueError
+        If no pixel carries ``cell_id`` or the shapes differ.
+    """
+    from scipy import ndimage as ndi
+
+    from napari_cytodiffusion.core.scale import background_colour, estimate_rbc_diameter
+
+    labels = np.asarray(labels)
+    if labels.shape != rgb.shape[:2]:
+        raise ValueError(
+            f"The labels {labels.shape} and the image {rgb.shape[:2]} differ in shape; pick the "
+            "labels layer that was made from this image."
+        )
+    mask = labels == int(cell_id)
+    if not mask.any():
+        raise ValueError(f"No cell with label {cell_id}: click a cell or give an existing id.")
+    rbc_diameter = float(rbc_diameter or estimate_rbc_diameter(rgb))
+    return CellSite(tuple(ndi.center_of_mass(mask)), rbc_diameter, background_colour(rgb))
+
+
+def _crop_tensor(crops, device):
+    import torch
+
+    from napari_cytodiffusion.core.model.diffusion import to_model_range
+
+    crops = np.asarray(crops, np.float32)
+    if crops.ndim != 4 or crops.shape[-1] != 3:
+        raise ValueError(
+            f"Expected RGB crops of shape (n, size, size, 3), got {crops.shape}; "
+            "make them with crop_cell or normalised_cell."
+        )
+    return to_model_range(torch.from_numpy(crops).permute(0, 3, 1, 2).to(device))
+
+
+def _check_size(model, crops):
+    if crops.shape[1:3] != (model.image_size, model.image_size):
+        raise ValueError(
+            f"The model works on {model.image_size}-px crops, got {crops.shape[1:3]}; make the "
+            f"crop with crop_cell(..., size={model.image_size})."
+        )
+
+
+def explain_cell(model, crop, source=None, trials=DEFAULT_TRIALS, seed=0, progress=None):
+    """Heat maps of one cell (a float (size, size, 3) crop in [0, 1]) towards every class.
+
+    Parameters
+    ----------
+    model : DiffusionModel
+    crop : ndarray
+        Normalised crop, as made by ``crop_cell`` or ``normalised_cell``.
+    source : str, optional
+        The cell's current class (for example the classifier's call); the class with the
+        lowest paired error is used when not given.
+    trials : int
+        Paired noise draws; the maps' noise falls as 1 / sqrt(trials).
+    seed : int
+        Seed of the noise and timesteps: same seed, same maps.
+    progress : callable, optional
+        Called with (done, total) trials.
+
+    Returns
+    -------
+    CellExplanation
+    """
+    return explain_cells(model, np.asarray(crop)[None], [source], trials, seed, progress)[0]
+
+
+def explain_cells(model, crops, sources=None, trials=DEFAULT_TRIALS, seed=0, progress=None):
+    """:func:`explain_cell` for a stack of crops (n, size, size, 3); ``sources`` per cell."""
+    import torch
+
+    from napari_cytodiffusion.core.model.diffusion import add_noise
+    from napari_cytodiffusion.core.model.unet import repeat_encoded
+
+    crops = np.asarray(crops, np.float32)
+    x0 = _crop_tensor(crops, model.device)
+    _check_size(model, crops)
+    sources = [None] * len(crops) if sources is None else list(sources)
+    if len(sources) != len(crops):
+        raise ValueError(f"Got {len(sources)} source classes for {len(crops)} crops.")
+    trials = max(1, int(trials))
+    classes = tuple(model.classes)
+    k = len(classes)
+    all_classes = torch.arange(k, device=model.device)
+    generator = torch.Generator().manual_seed(int(seed))
+    low, high = TRIAL_TIMESTEPS
+    # Stratified timesteps: every part of the band is visited even with few trials.
+    times = (
+        low
+        + (torch.arange(trials) + torch.rand(trials, generator=generator)) / trials * (high - low)
+    ).long()
+    noise = torch.randn((trials, *x0.shape[1:]), generator=generator).to(model.device)
+    times = times.to(model.device)
+    chunks = [
+        range(start, min(start + TRIAL_CHUNK, trials)) for start in range(0, trials, TRIAL_CHUNK)
+    ]
+    results = []
+    with torch.no_grad():
+        for i in range(len(crops)):
+            # Predictions are summed per class; the mean difference between classes is linear.
+            summed = torch.zeros((k, *x0.shape[1:]), device=model.device)
+            squared_error = torch.zeros(k, device=model.device)
+            for c, chunk in enumerate(chunks):
+                t, eps = times[chunk], noise[chunk]
+                noisy = add_noise(
+                    x0[i : i + 1].expand(len(chunk), -1, -1, -1), t, eps, model.alpha_bars
+                )
+                encoded = model.unet.encode(noisy, t)
+                predicted = model.unet.decode(
+                    repeat_encoded(encoded, k), all_classes.repeat(len(chunk))
+                )
+                predicted = predicted.float().view(len(chunk), k, *x0.shape[1:])
+                summed += predicted.sum(dim=0)
+                squared_error += ((predicted - eps[:, None]) ** 2).mean(dim=(2, 3, 4)).sum(dim=0)
+                report(progress, i * len(chunks) + c + 1, len(crops) * len(chunks))
+            errors = (squared_error / trials).cpu().numpy().astype(np.float32)
+            best = classes[int(np.argmin(errors))]
+            source = canonical_class(sources[i]) if sources[i] is not None else best
+            mean_change = (summed - summed[classes.index(source)]) / trials
+            maps = mean_change.pow(2).sum(dim=1).sqrt().cpu().numpy().astype(np.float32)
+            results.append(CellExplanation(maps, errors, source, best, classes))
+    return results
+
+
+def counterfactual_image(
+    model,
+    crop,
+    target,
+    source=None,
+    strength=DEFAULT_STRENGTH,
+    steps=20,
+    guidance=DEFAULT_EDIT_GUIDANCE,
+    method="noise",
+    seed=0,
+    progress=None,
+):
+    """The cell edited towards ``target`` by partial noising and guided denoising.
+
+    Parameters
+    ----------
+    crop : ndarray float (size, size, 3) in [0, 1]
+    target : str
+        Class to edit towards.
+    source : str, optional
+        The cell's current class; needed only by ``method="invert"``.
+    strength : float in (0, 1]
+        How far into the noise the edit goes (fraction of the schedule): small keeps the cell
+        as it is, large lets the target class redraw more of it.
+    steps : int
+        Sampler steps over the full schedule; an edit uses ``strength`` of them (at least 2).
+    guidance : float
+        Classifier-free guidance towards ``target``.
+    method : {"noise", "invert"}
+        ``noise``: add seeded noise up to ``strength`` (SDEdit; visible edits).
+        ``invert``: run the deterministic sampler backwards under ``source`` instead (keeps
+        the cell's own texture and background; subtler edits, twice the evaluations).
+    seed : int
+        Noise seed for ``method="noise"``.
+    progress : callable, optional
+        Called with (done, total) network evaluations.
+
+    Returns
+    -------
+    ndarray float32 (size, size, 3) in [0, 1]
+    """
+    import torch
+
+    from napari_cytodiffusion.core.generation import cell_noise, denoise, invert
+    from napari_cytodiffusion.core.model.diffusion import NUM_TIMESTEPS, add_noise
+
+    if not 0 < strength <= 1:
+        raise ValueError(f"strength must be in (0, 1], got {strength}.")
+    if method not in ("noise", "invert"):
+        raise ValueError(f"Unknown method {method!r}; use 'noise' or 'invert'.")
+    if method == "invert" and source is None:
+        raise ValueError("method='invert' needs the cell's current class (source).")
+    crops = np.asarray(crop, np.float32)[None]
+    _check_size(model, crops)
+    x0 = _crop_tensor(crops, model.device)
+    classes = tuple(model.classes)
+    target_id = torch.tensor([classes.index(canonical_class(target))], device=model.device)
+    t_start = int(round(strength * (NUM_TIMESTEPS - 1)))
+    edit_steps = max(2, int(round(steps * strength)))
+    offset = edit_steps if method == "invert" else 0
+    total = offset + edit_steps
+    if method == "invert":
+        source_id = torch.tensor([classes.index(canonical_class(source))], device=model.device)
+        noisy = invert(
+            model.unet,
+            x0,
+            source_id,
+            model.alpha_bars,
+            t_start,
+            edit_steps,
+            lambda done, _: report(progress, done, total),
+        )
+    else:
+        t = torch.tensor([t_start], device=model.device)
+        noisy = add_noise(
+            x0, t, cell_noise([seed], model.image_size, model.device), model.alpha_bars
+        )
+    edited = denoise(
+        model.unet,
+        noisy,
+        target_id,
+        model.alpha_bars,
+        edit_steps,
+        guidance,
+        t_start=t_start,
+        progress=lambda done, _: report(progress, offset + done, total),
+    )
+    return ((edited[0] + 1) / 2).clamp(0, 1).permute(1, 2, 0).cpu().numpy().astype(np.float32)
+
+
+def mean_map_grid(model, crops, sources=None, trials=DEFAULT_TRIALS, seed=0, progress=None):
+    """Class x class grid of mean heat maps over a set of cells.
+
+    Cells are grouped by their source class (given, or the best-fitting class); row ``s``,
+    column ``t`` of the grid is the mean map from ``s`` towards ``t`` over the cells of ``s``.
+    Crops are centred on their cell, so the mean maps show where the change typically lies.
+
+    Returns
+    -------
+    grid : ndarray float32 (classes, classes, size, size)
+        NaN for rows with no cells.
+    counts : ndarray int (classes,)
+        Cells per source class.
+    mean_crops : ndarray float32 (classes, size, size, 3)
+        Mean crop per source class (NaN where there are none), for context in figures.
+    """
+    crops = np.asarray(crops, np.float32)
+    explanations = explain_cells(model, crops, sources, trials, seed, progress)
+    classes = tuple(model.classes)
+    k, size = len(classes), crops.shape[1]
+    grid = np.full((k, k, size, size), np.nan, np.float32)
+    mean_crops = np.full((k, size, size, 3), np.nan, np.float32)
+    counts = np.zeros(k, int)
+    rows = np.array([classes.index(e.source) for e in explanations])
+    for s in range(k):
+        members = np.flatnonzero(rows == s)
+        counts[s] = len(members)
+        if len(members):
+            grid[s] = np.mean([explanations[i].maps for i in members], axis=0)
+            mean_crops[s] = crops[members].mean(axis=0)
+    return grid, counts, mean_crops
+
+
+def cell_maps_figure(crop, explanation, counterfactuals=None):
+    """Matplotlib figure: the cell, then its heat map towards every class side by side.
+
+    ``counterfactuals`` (optional dict class -> edited crop) adds a second row of edits.
+    All maps share one colour scale so their strengths compare. Save with
+    ``figure.savefig(path)``.
+    """
+    from matplotlib.figure import Figure
+
+    classes = explanation.classes
+    rows = 2 if counterfactuals else 1
+    figure = Figure(figsize=(1.6 * (len(classes) + 1), 1.8 * rows + 0.4), dpi=100)
+    axes = figure.subplots(rows, len(classes) + 1, squeeze=False)
+    vmax = float(np.nanmax(explanation.maps)) or 1.0
+    axes[0, 0].imshow(np.clip(crop, 0, 1))
+    axes[0, 0].set_title(f"cell\n({explanation.source})", fontsize=8)
+    for k, name in enumerate(classes, 1):
+        axes[0, k].imshow(crop.mean(axis=-1), cmap="gray", vmin=0, vmax=1)
+        axes[0, k].imshow(explanation.maps[k - 1], cmap="magma", vmin=0, vmax=vmax, alpha=0.75)
+        short = name.replace("immature_granulocyte", "immature gran.")
+        axes[0, k].set_title(f"-> {short}\nerr {explanation.errors[k - 1]:.4f}", fontsize=7)
+        if rows == 2:
+            edited = counterfactuals.get(name)
+            if edited is not None:
+                axes[1, k].imshow(np.clip(edited, 0, 1))
+    if rows == 2:
+        axes[1, 0].imshow(np.clip(crop, 0, 1))
+        axes[1, 0].set_title("edits", fontsize=8)
+    for axis in axes.ravel():
+        axis.set_axis_off()
+    figure.suptitle("What would change for the model to call this cell each class", fontsize=9)
+    figure.tight_layout()
+    return figure
+
+
+def grid_figure(grid, counts, mean_crops, classes=CLASSES):
+    """Matplotlib figure of the class x class mean-map grid from :func:`mean_map_grid`.
+
+    Rows: the cells' current class (with the number of cells); columns: target class. Each
+    panel is the mean map over the mean cell in grey; one colour scale for the whole grid.
+    """
+    from matplotlib.figure import Figure
+
+    k = len(classes)
+    figure = Figure(figsize=(1.3 * k + 1.2, 1.3 * k + 0.8), dpi=100)
+    axes = figure.subplots(k, k, squeeze=False)
+    finite = grid[np.isfinite(grid)]
+    vmax = float(finite.max()) if finite.size else 1.0
+    for s in range(k):
+        for t in range(k):
+            axis = axes[s, t]
+            axis.set_xticks([])
+            axis.set_yticks([])
+            if counts[s] and s != t:
+                axis.imshow(mean_crops[s].mean(axis=-1), cmap="gray", vmin=0, vmax=1)
+                axis.imshow(grid[s, t], cmap="magma", vmin=0, vmax=vmax or 1.0, alpha=0.75)
+            if s == 0:
+                axis.set_title(classes[t].replace("_", "\n"), fontsize=7)
+            if t == 0:
+                axis.set_ylabel(f"{classes[s]}\n(n={counts[s]})".replace("_", "\n"), fontsize=7)
+    figure.suptitle(
+        "Mean counterfactual heat maps: current class (rows) -> target (columns)", fontsize=9
+    )
+    figure.tight_layout()
+    return figure
+
+
+def heat_overlay(rgb, heat, opacity=0.6):
+    """``rgb`` with ``heat`` (NaN where undefined) blended on top in the magma colour map."""
+    from matplotlib import colormaps
+
+    rgb = np.asarray(rgb, np.float32)[..., :3]
+    inside = np.isfinite(heat)
+    if not inside.any():
+        return rgb.copy()
+    level = np.where(inside, heat, 0) / (float(np.nanmax(heat)) or 1.0)
+    colours = colormaps["magma"](level)[..., :3].astype(np.float32)
+    # Opacity follows the heat, so the cell shows through where nothing would change.
+    weight = opacity * np.sqrt(np.clip(level, 0, 1))[..., None]
+    return (1 - weight) * rgb + weight * colours

@@ -1,0 +1,323 @@
+"""A blinded Turing test: can an expert tell real cells from synthetic ones?
+
+A panel holds N real cells and N synthetic cells of the same classes (one synthetic cell per
+real one, so the class mix is identical and class gives nothing away), shuffled with a seed.
+Real and synthetic cells go through the same last steps (background white balance, 8-bit
+quantisation, same crop size and scale), so only the cells themselves differ.
+
+The expert answers "real" or "synthetic" for each cell. Accuracy 0.5 is chance; the score gives
+a 95 % Clopper-Pearson interval and a one-sided binomial test of "better than chance", overall,
+per class and per truth (real / synthetic).
+"""
+
+import csv
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from napari_cytodiffusion.core.progress import report
+
+REAL, SYNTHETIC = "real", "synthetic"
+ANSWER_WORDS = {
+    "real": REAL,
+    "r": REAL,
+    "synthetic": SYNTHETIC,
+    "s": SYNTHETIC,
+    "fake": SYNTHETIC,
+    "generated": SYNTHETIC,
+}
+KEY_COLUMNS = ("item", "file", "truth", "label", "origin")
+ANSWER_COLUMNS = ("item", "file", "answer", "seconds")
+SCORE_COLUMNS = ("group", "n", "correct", "accuracy", "ci_low", "ci_high", "p_value")
+ALPHA = 0.05
+
+
+@dataclass
+class Panel:
+    """A shuffled, blinded set of real and synthetic cells.
+
+    Attributes
+    ----------
+    images : ndarray float32 (n, size, size, 3)
+        The cells in the order they are shown.
+    key : list of dict
+        Per item (same order): item (1-based), file, truth ("real" / "synthetic"), label,
+        origin (the real cell's file, or the synthetic cell's seed).
+    """
+
+    images: np.ndarray
+    key: list
+    seed: int
+
+    def __len__(self):
+        return len(self.key)
+
+
+def select_real_cells(data, n, seed=0, split=None):
+    """Pick ``n`` labelled cell images at random (seeded) from a class-folder tree or CSV.
+
+    ``split`` ("train", "val" or "test") keeps only that split of a splits CSV; evaluate on
+    ``test`` cells, which the model never saw.
+
+    Returns
+    -------
+    list of datasets.Record
+    """
+    from napari_cytodiffusion.core.datasets import list_labelled_images
+
+    records = list_labelled_images(data)
+    if split is not None:
+        records = [r for r in records if r.split == split]
+    if len(records) < n:
+        raise ValueError(f"Asked for {n} real cells but {data} holds only {len(records)}.")
+    chosen = np.random.default_rng(seed).choice(len(records), size=n, replace=False)
+    return [records[i] for i in sorted(chosen)]
+
+
+def normalise_real_cells(records, size=64, rbc_diameter=None, progress=None):
+    """Normalised crops (n, size, size, 3) of single-cell images, as the model sees cells."""
+    from napari_cytodiffusion.core.datasets import normalised_cell
+    from napari_cytodiffusion.core.io import read_image
+
+    crops = []
+    for done, record in enumerate(records, 1):
+        crops.append(normalised_cell(read_image(record.path), size, rbc_diameter))
+        report(progress, done, len(records))
+    return np.stack(crops).astype(np.float32)
+
+
+def build_panel(real, real_labels, synthetic, synthetic_labels, seed=0, origins=None):
+    """Shuffle real and synthetic crops into a :class:`Panel` after the same last steps.
+
+    Parameters
+    ----------
+    real, synthetic : ndarray float (n, size, size, 3) in [0, 1]
+    real_labels, synthetic_labels : sequence of str
+    seed : int
+        Seed of the shuffle.
+    origins : dict, optional
+        ``{"real": [...], "synthetic": [...]}``: where each cell came from, kept in the key.
+    """
+    from napari_cytodiffusion.core.generation import balance_background
+
+    real, synthetic = np.asarray(real, np.float32), np.asarray(synthetic, np.float32)
+    if real.shape[1:] != synthetic.shape[1:]:
+        raise ValueError(
+            f"Real cells {real.shape[1:]} and synthetic cells {synthetic.shape[1:]} differ in "
+            "size; normalise both to the model's crop size."
+        )
+    images = np.concatenate([real, synthetic])
+    # Same white balance and 8-bit quantisation for both, so neither shows a tell-tale.
+    images = np.round(balance_background(images) * 255) / 255
+    truths = [REAL] * len(real) + [SYNTHETIC] * len(synthetic)
+    labels = list(real_labels) + list(synthetic_labels)
+    origins = origins or {}
+    sources = list(origins.get(REAL, [""] * len(real))) + list(
+        origins.get(SYNTHETIC, [""] * len(synthetic))
+    )
+    order = np.random.default_rng(seed).permutation(len(images))
+    key = [
+        {
+            "item": item,
+            "file": f"item_{item:03d}.png",
+            "truth": truths[i],
+            "label": labels[i],
+            "origin": str(sources[i]),
+        }
+        for item, i in enumerate(order, 1)
+    ]
+    return Panel(images=images[order].astype(np.float32), key=key, seed=int(seed))
+
+
+def make_panel(
+    model,
+    real,
+    real_labels,
+    seed=0,
+    steps=None,
+    guidance=None,
+    origins=None,
+    progress=None,
+):
+    """Generate one synthetic cell per real cell (same class) and build the blinded panel.
+
+    ``steps`` and ``guidance`` default to the generator's defaults.
+    """
+    from napari_cytodiffusion.core import generation
+
+    cells = generation.generate_cells(
+        model,
+        list(real_labels),
+        steps=steps or generation.DEFAULT_STEPS,
+        guidance=guidance or generation.DEFAULT_GUIDANCE,
+        seed=seed,
+        progress=progress,
+    )
+    origins = {
+        REAL: origins or [""] * len(real_labels),
+        SYNTHETIC: [f"seed {s}" for s in cells.seeds],
+    }
+    return build_panel(real, real_labels, cells.images, cells.labels, seed, origins)
+
+
+def normalise_answer(answer):
+    """'real' / 'synthetic' from the ways people write them; None for a blank answer."""
+    text = str(answer or "").strip().lower()
+    if not text:
+        return None
+    if text not in ANSWER_WORDS:
+        raise ValueError(f"Answer {answer!r} is neither real (R) nor synthetic (S).")
+    return ANSWER_WORDS[text]
+
+
+def binomial_summary(correct, n):
+    """Accuracy, 95 % Clopper-Pearson interval and one-sided p-value against chance (0.5)."""
+    from scipy.stats import binomtest
+
+    if n == 0:
+        nan = float("nan")
+        return {
+            "n": 0,
+            "correct": 0,
+            "accuracy": nan,
+            "ci_low": nan,
+            "ci_high": nan,
+            "p_value": nan,
+        }
+    interval = binomtest(correct, n, 0.5).proportion_ci(0.95, method="exact")
+    return {
+        "n": int(n),
+        "correct": int(correct),
+        "accuracy": correct / n,
+        "ci_low": float(interval.low),
+        "ci_high": float(interval.high),
+        "p_value": float(binomtest(correct, n, 0.5, alternative="greater").pvalue),
+    }
+
+
+def score(answers, key):
+    """Score answers against the key.
+
+    Parameters
+    ----------
+    answers : dict or list of dict
+        ``{item: answer}`` or rows with ``item`` and ``answer`` columns; answers as accepted by
+        :func:`normalise_answer`. Unanswered items are left out of the score and counted.
+    key : list of dict
+        Rows with ``item``, ``truth`` and ``label``.
+
+    Returns
+    -------
+    dict
+        ``overall``, ``by_class`` and ``by_truth`` (each a :func:`binomial_summary`),
+        ``better_than_chance`` (one-sided p < 0.05), ``unanswered``.
+    """
+    if not isinstance(answers, dict):
+        answers = {int(row["item"]): row.get("answer") for row in answers}
+    answers = {int(item): normalise_answer(answer) for item, answer in answers.items()}
+    known = {int(row["item"]) for row in key}
+    unknown = sorted(set(answers) - known)
+    if unknown:
+        raise ValueError(f"Answers for items not in the key: {unknown[:10]}; wrong key file?")
+    answered = [row for row in key if answers.get(int(row["item"])) is not None]
+    hits = {int(row["item"]): answers[int(row["item"])] == row["truth"] for row in answered}
+
+    def summary(rows):
+        return binomial_summary(sum(hits[int(r["item"])] for r in rows), len(rows))
+
+    overall = summary(answered)
+    return {
+        "overall": overall,
+        "better_than_chance": bool(overall["n"] and overall["p_value"] < ALPHA),
+        "by_class": {
+            label: summary([r for r in answered if r["label"] == label])
+            for label in sorted({r["label"] for r in answered})
+        },
+        "by_truth": {
+            truth: summary([r for r in answered if r["truth"] == truth])
+            for truth in (REAL, SYNTHETIC)
+        },
+        "unanswered": len(key) - len(answered),
+    }
+
+
+def score_rows(result):
+    """The score as CSV rows: overall, then per truth, then per class."""
+    rows = [{"group": "overall", **result["overall"]}]
+    rows += [{"group": f"truth={t}", **s} for t, s in result["by_truth"].items()]
+    rows += [{"group": f"class={c}", **s} for c, s in result["by_class"].items()]
+    return rows
+
+
+def score_text(result):
+    """A short human-readable report of a score."""
+    overall = result["overall"]
+    if not overall["n"]:
+        return "No answers to score."
+    verdict = (
+        "better than chance: the expert can tell them apart"
+        if result["better_than_chance"]
+        else "not better than chance"
+    )
+    lines = [
+        f"accuracy {overall['accuracy']:.3f} ({overall['correct']}/{overall['n']}), "
+        f"95% CI {overall['ci_low']:.3f}-{overall['ci_high']:.3f}",
+        f"one-sided p = {overall['p_value']:.3g}: {verdict}",
+    ]
+    for label, s in result["by_class"].items():
+        lines.append(
+            f"  {label}: {s['accuracy']:.2f} ({s['correct']}/{s['n']}), "
+            f"CI {s['ci_low']:.2f}-{s['ci_high']:.2f}"
+        )
+    if result["unanswered"]:
+        lines.append(f"  {result['unanswered']} item(s) unanswered, not scored")
+    return "\n".join(lines)
+
+
+def write_csv(path, rows, columns):
+    """Write dict rows with the given columns (extra keys are ignored)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def read_csv(path, required):
+    """Read dict rows, checking that the ``required`` columns are there."""
+    with open(path, newline="") as handle:
+        reader = csv.DictReader(handle)
+        missing = set(required) - set(reader.fieldnames or ())
+        if missing:
+            raise ValueError(f"{path} lacks the column(s) {sorted(missing)}.")
+        return list(reader)
+
+
+def export_panel(panel, out_dir):
+    """Write a panel for an expert and its key, kept apart.
+
+    ``out_dir/panel/`` holds the shuffled images and an ``answers.csv`` to fill in (answer:
+    real or synthetic); hand that folder to the expert. ``out_dir/key.csv`` is the key: keep
+    it away from the expert and score with ``turing score``.
+
+    Returns
+    -------
+    (panel folder, key path)
+    """
+    from PIL import Image
+
+    from napari_cytodiffusion.core.generation import to_uint8
+
+    folder = Path(out_dir) / "panel"
+    folder.mkdir(parents=True, exist_ok=True)
+    for image, row in zip(panel.images, panel.key, strict=True):
+        Image.fromarray(to_uint8(image)).save(folder / row["file"])
+    template = [
+        {"item": r["item"], "file": r["file"], "answer": "", "seconds": ""} for r in panel.key
+    ]
+    write_csv(folder / "answers.csv", template, ANSWER_COLUMNS)
+    key_path = write_csv(Path(out_dir) / "key.csv", panel.key, KEY_COLUMNS)
+    return folder, key_path

@@ -1,0 +1,273 @@
+"""Named diffusion models: the shipped default, downloadable ones, and users' own files.
+
+The registry (``models/registry.json`` in the package) lists every named model with its file
+name, sha256, download address, classes, image size and version; ``default`` names the model
+shipped inside the package, which needs no network. Other models are downloaded with pooch
+into a cache folder:
+
+* ``NAPARI_CYTODIFFUSION_CACHE`` replaces the cache folder
+  (default: ``pooch.os_cache("napari-cytodiffusion")``);
+* ``NAPARI_CYTODIFFUSION_MODEL_URL`` replaces the download address with a mirror that serves
+  the files under their registry names (``<URL>/<file>``).
+
+Every registry file is checked against its sha256 each time it is used, the shipped one too.
+A file that does not match is never replaced or deleted here: the user decides what to do
+with it. A user's own model file is given by its path and loaded as it is. Loading never
+unpickles (see :func:`napari_cytodiffusion.core.model.checkpoint.load_model_file`).
+"""
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+MODELS_DIR = Path(__file__).resolve().parents[1] / "models"
+REGISTRY_PATH = MODELS_DIR / "registry.json"
+CACHE_ENV = "NAPARI_CYTODIFFUSION_CACHE"
+URL_ENV = "NAPARI_CYTODIFFUSION_MODEL_URL"
+DEFAULT_NAME = "default"
+_ENTRY_FIELDS = ("name", "file", "sha256", "url", "classes", "image_size", "version")
+
+
+class WeightsError(ValueError):
+    """A model that cannot be found, downloaded or trusted; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """One named model of the registry."""
+
+    name: str
+    file: str
+    sha256: str
+    url: str | None
+    classes: tuple
+    image_size: int
+    version: str
+    description: str = ""
+    default: bool = False
+
+
+def read_registry(path=None):
+    """Return the registry as (name of the default model, list of :class:`ModelEntry`)."""
+    path = Path(path or REGISTRY_PATH)
+    try:
+        registry = json.loads(path.read_text())
+        default = registry[DEFAULT_NAME]
+        entries = []
+        for item in registry["models"]:
+            missing = [key for key in _ENTRY_FIELDS if key not in item]
+            if missing:
+                raise KeyError(", ".join(missing))
+            entries.append(
+                ModelEntry(
+                    name=item["name"],
+                    file=item["file"],
+                    sha256=item["sha256"].lower(),
+                    url=item["url"],
+                    classes=tuple(item["classes"]),
+                    image_size=int(item["image_size"]),
+                    version=str(item["version"]),
+                    description=item.get("description", ""),
+                    default=item["name"] == default,
+                )
+            )
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise WeightsError(
+            f"The model registry {path} is unreadable or incomplete ({error}); "
+            "reinstall napari-cytodiffusion."
+        ) from error
+    return default, entries
+
+
+def list_models():
+    """Return every registry model as a :class:`ModelEntry`, the default one first."""
+    _, entries = read_registry()
+    return sorted(entries, key=lambda entry: not entry.default)
+
+
+def find_model(name):
+    """Return the registry entry called ``name`` (``default`` included), or None."""
+    default, entries = read_registry()
+    name = default if name == DEFAULT_NAME else name
+    return next((entry for entry in entries if entry.name == name), None)
+
+
+def cache_dir():
+    """The folder downloaded models are kept in (``NAPARI_CYTODIFFUSION_CACHE`` overrides it)."""
+    override = os.environ.get(CACHE_ENV)
+    if override:
+        return Path(override).expanduser()
+    import pooch
+
+    return Path(pooch.os_cache("napari-cytodiffusion"))
+
+
+def download_url(entry):
+    """The address ``entry`` is downloaded from: the mirror of ``NAPARI_CYTODIFFUSION_MODEL_URL``
+    when set, else the registry's own, or None when there is neither."""
+    mirror = os.environ.get(URL_ENV)
+    if mirror:
+        return f"{mirror.rstrip('/')}/{entry.file}"
+    return entry.url
+
+
+def local_file(entry):
+    """Where ``entry`` is on this machine, shipped or cached, or None if it is not here yet."""
+    shipped = MODELS_DIR / entry.file
+    if shipped.is_file():
+        return shipped
+    cached = cache_dir() / entry.file
+    return cached if cached.is_file() else None
+
+
+def location(entry):
+    """``shipped``, ``cached`` or ``download``: where ``entry`` would be loaded from."""
+    path = local_file(entry)
+    if path is None:
+        return "download"
+    return "shipped" if path.parent == MODELS_DIR else "cached"
+
+
+def file_sha256(path):
+    """The hex sha256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def verify_sha256(path, entry):
+    """Raise :class:`WeightsError` unless the file at ``path`` has ``entry``'s sha256."""
+    found = file_sha256(path)
+    if found != entry.sha256:
+        raise WeightsError(
+            f"{path} does not match the sha256 of model {entry.name!r}: expected "
+            f"{entry.sha256}, found {found}. The file was left untouched; it may be damaged or "
+            "a different version. Delete it to download it again (reinstall the package if it "
+            "is the shipped file), or load it as your own model by its path. If you re-exported "
+            "it on purpose, record its new hash with "
+            "`napari-cytodiffusion models hash FILE --update`."
+        )
+
+
+def model_path(name_or_path="default", progress=None):
+    """Return the local path of a registry model (downloading it if needed) or of a user's file.
+
+    Parameters
+    ----------
+    name_or_path : str or Path
+        A registry name (``default`` for the shipped model) or the path of a model file.
+    progress : callable, optional
+        Called as ``progress(bytes_done, bytes_total)`` while downloading; raising
+        :class:`~napari_cytodiffusion.core.progress.Cancelled` from it stops the download and
+        leaves no file behind.
+
+    Raises
+    ------
+    WeightsError
+        For an unknown name, a sha256 mismatch, or a failed download.
+    """
+    entry = find_model(str(name_or_path))
+    if entry is None:
+        path = Path(name_or_path).expanduser()
+        if path.is_file():
+            return path
+        names = ", ".join([DEFAULT_NAME] + [e.name for e in list_models()])
+        raise WeightsError(
+            f"{name_or_path!r} is neither a model name ({names}) nor an existing model file."
+        )
+    path = local_file(entry)
+    if path is None:
+        path = _download(entry, cache_dir() / entry.file, progress)
+    verify_sha256(path, entry)
+    return path
+
+
+def load_model(name_or_path="default", device="auto", progress=None):
+    """Load a registry model or a user's model file, ready to use on ``device``.
+
+    ``progress`` reports a download as in :func:`model_path`.
+
+    Returns
+    -------
+    napari_cytodiffusion.core.model.checkpoint.DiffusionModel
+    """
+    from napari_cytodiffusion.core.model.checkpoint import load_model_file
+
+    path = model_path(name_or_path, progress)
+    entry = find_model(str(name_or_path))
+    return load_model_file(path, device, name=entry.name if entry else str(path))
+
+
+def update_registry_hash(path):
+    """Record the sha256 of ``path`` in the registry entry with the same file name.
+
+    For maintainers after re-exporting a model file. Returns (entry name, new sha256).
+    """
+    path = Path(path)
+    registry = json.loads(REGISTRY_PATH.read_text())
+    for item in registry["models"]:
+        if item["file"] == path.name:
+            item["sha256"] = file_sha256(path)
+            REGISTRY_PATH.write_text(json.dumps(registry, indent=2) + "\n")
+            return item["name"], item["sha256"]
+    raise WeightsError(f"No registry model has the file name {path.name!r}; see {REGISTRY_PATH}.")
+
+
+class _DownloadProgress:
+    """The tqdm-like object pooch updates, forwarded to a ``progress(done, total)`` callback."""
+
+    def __init__(self, progress):
+        self._progress = progress
+        self._done = 0
+        self.total = 0
+
+    def update(self, size):
+        self._done += size
+        done = min(self._done, self.total) if self.total else self._done
+        self._progress(done, self.total)
+
+    def reset(self):
+        self._done = 0
+
+    def close(self):
+        pass
+
+
+def _download(entry, target, progress):
+    """Download ``entry`` to ``target`` through a temporary file that pooch removes on failure."""
+    import pooch
+
+    url = download_url(entry)
+    if not url:
+        raise WeightsError(
+            f"Model {entry.name!r} ({entry.file}) is not on this machine and the registry gives "
+            f"no address for it; set {URL_ENV} to a mirror that serves {entry.file}."
+        )
+    downloader = pooch.HTTPDownloader(
+        progressbar=_DownloadProgress(progress) if progress else False,
+        chunk_size=1 << 16,
+        timeout=60,
+    )
+    try:
+        pooch.retrieve(
+            url,
+            known_hash=f"sha256:{entry.sha256}",
+            fname=entry.file,
+            path=target.parent,
+            downloader=downloader,
+        )
+    except ValueError as error:  # pooch reports a hash mismatch as ValueError
+        raise WeightsError(
+            f"The download of {entry.file} from {url} does not match its sha256: expected "
+            f"{entry.sha256}. Nothing was saved; the server holds a different file."
+        ) from error
+    except OSError as error:  # requests' errors are OSErrors
+        raise WeightsError(
+            f"Could not download {entry.file} from {url}: {error}. Nothing was saved. Check "
+            f"the network, or set {URL_ENV} to a mirror that serves {entry.file}."
+        ) from error
+    return target

@@ -1,0 +1,73 @@
+"""Shared fixtures: where the real data lives, and the shipped model loaded once."""
+
+from pathlib import Path
+
+import pytest
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def _require(path):
+    if not path.exists():
+        pytest.skip(f"needs the shared data set at {path}, which is absent on this machine")
+    return path
+
+
+@pytest.fixture(scope="session")
+def pbc_dir():
+    """PBC single-cell images with splits.csv (skips when ../shared/data is absent)."""
+    return _require(SHARED_DATA / "pbc")
+
+
+@pytest.fixture(scope="session")
+def cbc_dir():
+    """CBC smear fields with VOC boxes (skips when ../shared/data is absent)."""
+    return _require(SHARED_DATA / "cbc")
+
+
+@pytest.fixture(scope="session")
+def wbc_masks_dir():
+    """WBC segmentation data set 1 with masks (skips when ../shared/data is absent)."""
+    return _require(SHARED_DATA / "segmentation_wbc_dataset1")
+
+
+@pytest.fixture(scope="session")
+def default_model():
+    """The shipped default diffusion model on the CPU, loaded once per test session."""
+    from napari_cytodiffusion.core.model.checkpoint import load_model_file
+
+    path = Path(__file__).resolve().parents[1] / "src/napari_cytodiffusion/models"
+    return load_model_file(next(path.glob("*.pt")), device="cpu", name="default")
+
+
+@pytest.fixture(scope="session")
+def synthetic_rbc_diameter():
+    """Red-cell diameter (px) of the images of ``synthetic_cells_dir``."""
+    return 18.0
+
+
+@pytest.fixture(scope="session")
+def synthetic_cells_dir(tmp_path_factory, synthetic_rbc_diameter):
+    """A tiny folder of class subfolders with drawn cells (nucleus size differs by class).
+
+    For training tests that need no data set.
+    """
+    import numpy as np
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("synthetic_cells")
+    rng = np.random.default_rng(0)
+    rows, cols = np.mgrid[:96, :96]
+    for label, nucleus_radius in (("lymphocyte", 12), ("neutrophil", 6)):
+        (root / label).mkdir()
+        for i in range(6):
+            image = np.empty((96, 96, 3))
+            image[:] = (0.96, 0.9, 0.82)
+            for r, c in rng.uniform(0, 96, (6, 2)):
+                red_cell = (rows - r) ** 2 + (cols - c) ** 2 < (synthetic_rbc_diameter / 2) ** 2
+                image[red_cell] = (0.85, 0.55, 0.55)
+            r, c = 48 + rng.uniform(-3, 3, 2)
+            image[(rows - r) ** 2 + (cols - c) ** 2 < 16**2] = (0.8, 0.7, 0.8)
+            image[(rows - r) ** 2 + (cols - c) ** 2 < nucleus_radius**2] = (0.45, 0.25, 0.6)
+            Image.fromarray((image * 255).astype(np.uint8)).save(root / label / f"{label}_{i}.png")
+    return root

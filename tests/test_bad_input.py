@@ -1,0 +1,104 @@
+"""Bad input never crashes: a clear message (exception, stderr + exit 2, or a notification)."""
+
+import numpy as np
+import pytest
+
+from napari_cytodiffusion._sample_data import sample_path
+from napari_cytodiffusion.cli import main
+from napari_cytodiffusion.core.image import ImageError
+from napari_cytodiffusion.core.segmentation import segment_smear
+
+RGB = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+
+
+@pytest.mark.parametrize(
+    ("image", "message"),
+    [
+        (RGB[..., 0], "grayscale"),
+        (np.stack([RGB] * 4), "pick one plane"),
+        (np.full((64, 64, 3), 200, np.uint8), "blank"),
+        (np.where(RGB > 250, np.nan, RGB / 255.0), "NaN"),
+        (np.zeros((0, 0, 3), np.uint8), "too small"),
+        (RGB > 128, "boolean"),
+    ],
+)
+def test_core_rejects_unusable_images(image, message):
+    with pytest.raises(ImageError, match=message):
+        segment_smear(image)
+
+
+def test_core_rejects_implausible_diameter():
+    with pytest.raises(ValueError, match="red-cell diameter"):
+        segment_smear(RGB, rbc_diameter=-5)
+
+
+def test_smear_without_cells_gives_empty_result():
+    slide = np.full((200, 300, 3), 230, np.uint8)
+    slide += np.random.default_rng(1).integers(0, 4, slide.shape, dtype=np.uint8)
+    result = segment_smear(slide, rbc_diameter=30)
+    assert result.count("wbc") == 0 and result.wbc_labels.max() == 0
+    assert list(result.table("wbc").columns) == list(result.features.columns)
+
+
+def test_cli_reports_missing_and_unreadable_files_and_goes_on(tmp_path, capsys):
+    broken = tmp_path / "broken.png"
+    broken.write_text("not an image")
+    gray = tmp_path / "gray.png"
+    from PIL import Image
+
+    Image.fromarray(RGB[..., 0]).save(gray)
+    good = str(sample_path("pbc_lymphocyte"))
+    code = main(["segment", str(tmp_path / "missing.png"), str(broken), str(gray), good, "--json"])
+    captured = capsys.readouterr()
+    assert code == 2
+    assert "No such file" in captured.err
+    assert "Cannot read" in captured.err and "broken.png" in captured.err
+    assert "grayscale" in captured.err
+    assert "3 of 4 images could not be segmented" in captured.err
+    assert '"n_wbc": 1' in captured.out  # the good file was still processed
+
+
+def test_cli_usage_error_exits_2(capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["segment"])
+    assert stop.value.code == 2
+
+
+@pytest.fixture
+def errors(monkeypatch):
+    """Collect the widget's error notifications instead of showing them."""
+    messages = []
+    monkeypatch.setattr(
+        "napari_cytodiffusion._widgets._segment.show_error", lambda text: messages.append(text)
+    )
+    monkeypatch.setattr("napari.utils.notifications.show_error", lambda text: messages.append(text))
+    return messages
+
+
+def test_widget_refuses_wrong_layers(make_napari_viewer, errors):
+    from napari_cytodiffusion._widgets._segment import SegmentWidget
+
+    viewer = make_napari_viewer()
+    widget = SegmentWidget(viewer)
+    labels = viewer.add_labels(np.zeros((32, 32), np.uint32), name="mask")
+    gray = viewer.add_image(RGB[..., 0], name="gray")
+    assert widget.start(None) is None
+    assert widget.start(labels) is None
+    assert widget.start(gray) is None
+    assert "Open a blood-smear image" in errors[0]
+    assert "Labels layer" in errors[1]
+    assert "not an RGB colour image" in errors[2]
+    assert len(viewer.layers) == 2
+
+
+def test_widget_reports_core_errors_without_adding_layers(make_napari_viewer, qtbot, errors):
+    from napari_cytodiffusion._widgets._segment import SegmentWidget
+
+    viewer = make_napari_viewer()
+    widget = SegmentWidget(viewer)
+    blank = viewer.add_image(np.full((64, 64, 3), 200, np.uint8), name="blank", rgb=True)
+    worker = widget.start(blank)
+    qtbot.waitUntil(lambda: not widget.runner.running, timeout=20000)
+    assert worker is not None
+    assert any("blank" in message for message in errors)
+    assert len(viewer.layers) == 1

@@ -1,0 +1,213 @@
+"""Counterfactual heat maps and edits, and their placement back on the source image."""
+
+import numpy as np
+import pytest
+from PIL import Image
+from scipy import ndimage as ndi
+
+from napari_cytodiffusion import cli
+from napari_cytodiffusion.core import counterfactual
+from napari_cytodiffusion.core.classes import CLASSES
+from napari_cytodiffusion.core.crops import (
+    FIELD_OF_VIEW_RBC,
+    REFERENCE_BACKGROUND,
+    crop_cell,
+    crop_placement,
+    crop_to_image,
+)
+from napari_cytodiffusion.core.generation import generate_cells
+
+
+@pytest.fixture(scope="module")
+def cell(default_model):
+    """A neutrophil crop (synthetic, so the test needs no data set)."""
+    return generate_cells(default_model, "neutrophil", 1, steps=4, seed=3).images[0]
+
+
+@pytest.fixture(scope="module")
+def explanation(default_model, cell):
+    return counterfactual.explain_cell(default_model, cell, trials=4, seed=1)
+
+
+def test_placement_matches_where_crop_cell_samples():
+    image = np.zeros((200, 300, 3), np.float32)
+    image[...] = REFERENCE_BACKGROUND
+    image[90, 160] = 0.0  # one dark pixel
+    centre, rbc = (100.0, 150.0), 12.8  # 2.5 * 12.8 / 64 = 0.5 source px per crop px
+    crop = crop_cell(image, centre, rbc, 64, background=REFERENCE_BACKGROUND)
+    (row0, col0), step = crop_placement(centre, rbc, 64)
+    assert step == pytest.approx(FIELD_OF_VIEW_RBC * rbc / 64)
+    # Bilinear sampling spreads the dot over a symmetric tent: its centroid is the dot.
+    i, j = ndi.center_of_mass(REFERENCE_BACKGROUND.sum() - crop.sum(axis=-1))
+    assert (row0 + i * step, col0 + j * step) == (pytest.approx(90), pytest.approx(160))
+
+
+def test_crop_values_go_back_to_their_image_pixels():
+    centre, rbc, shape = (75.0, 85.0), 51.2, (150, 170)  # two source px per crop px
+    values = np.zeros((64, 64), np.float32)
+    values[10, 40] = 1.0
+    back = crop_to_image(values, shape, centre, rbc)
+    (row0, col0), step = crop_placement(centre, rbc, 64)
+    assert back.shape == shape
+    assert np.unravel_index(np.nanargmax(back), shape) == (row0 + 10 * step, col0 + 40 * step)
+    inside = np.isfinite(back)
+    rows, cols = np.flatnonzero(inside.any(axis=1)), np.flatnonzero(inside.any(axis=0))
+    assert rows[0] == pytest.approx(row0, abs=1) and rows[-1] == pytest.approx(
+        row0 + 63 * step, abs=1
+    )
+    assert cols[0] == pytest.approx(col0, abs=1) and cols[-1] == pytest.approx(
+        col0 + 63 * step, abs=1
+    )
+    rgb = crop_to_image(np.ones((64, 64, 3)), shape, centre, rbc)
+    assert rgb.shape == (*shape, 3) and np.nanmin(rgb) == 1.0
+
+
+def test_a_model_crop_is_its_own_crop(cell):
+    site = counterfactual.model_crop_site(64)
+    np.testing.assert_array_equal(site.crop(cell, 64), cell)
+
+
+def test_labelled_cell_site_is_the_label_centroid():
+    rgb = np.full((80, 90, 3), 0.9, np.float32)
+    labels = np.zeros((80, 90), np.uint16)
+    labels[20:31, 40:61] = 7
+    site = counterfactual.labelled_cell_site(rgb, labels, 7, rbc_diameter=10.0)
+    assert site.centre == (pytest.approx(25.0), pytest.approx(50.0))
+    assert site.rbc_diameter == 10.0
+    with pytest.raises(ValueError, match="No cell with label 3"):
+        counterfactual.labelled_cell_site(rgb, labels, 3, rbc_diameter=10.0)
+    with pytest.raises(ValueError, match="differ in shape"):
+        counterfactual.labelled_cell_site(rgb, labels[:10], 7, rbc_diameter=10.0)
+
+
+def test_maps_towards_every_class(explanation):
+    assert explanation.maps.shape == (len(CLASSES), 64, 64)
+    assert explanation.errors.shape == (len(CLASSES),)
+    assert (
+        explanation.source == explanation.predicted == CLASSES[int(np.argmin(explanation.errors))]
+    )
+    assert np.all(explanation.map_for(explanation.source) == 0)
+    others = [explanation.map_for(c) for c in CLASSES if c != explanation.source]
+    assert all(m.max() > 0 for m in others)
+
+
+def test_same_seed_same_maps_and_a_given_source_is_kept(default_model, cell, explanation):
+    again = counterfactual.explain_cell(default_model, cell, trials=4, seed=1)
+    np.testing.assert_allclose(again.maps, explanation.maps, atol=1e-5)
+    given = counterfactual.explain_cell(default_model, cell, source="lymphocyte", trials=4, seed=1)
+    assert given.source == "lymphocyte"
+    np.testing.assert_allclose(given.errors, explanation.errors, atol=1e-6)
+    assert np.all(given.map_for("lymphocyte") == 0)
+
+
+def test_reports_progress_per_chunk_of_trials(default_model, cell):
+    calls = []
+    counterfactual.explain_cell(
+        default_model, cell, trials=6, progress=lambda d, t: calls.append((d, t))
+    )
+    assert calls == [(1, 2), (2, 2)]
+
+
+def test_counterfactual_image(default_model, cell):
+    edited = counterfactual.counterfactual_image(default_model, cell, "eosinophil", steps=6, seed=2)
+    assert edited.shape == (64, 64, 3) and edited.dtype == np.float32
+    assert 0 <= edited.min() and edited.max() <= 1
+    again = counterfactual.counterfactual_image(default_model, cell, "eosinophil", steps=6, seed=2)
+    np.testing.assert_allclose(again, edited, atol=1e-5)
+    # A weak edit keeps the cell: closer to the input than a strong one.
+    weak = counterfactual.counterfactual_image(
+        default_model, cell, "eosinophil", strength=0.2, steps=6
+    )
+    strong = counterfactual.counterfactual_image(
+        default_model, cell, "eosinophil", strength=0.9, steps=6
+    )
+    assert np.abs(weak - cell).mean() < np.abs(strong - cell).mean()
+
+
+def test_inversion_edit_needs_the_current_class(default_model, cell):
+    with pytest.raises(ValueError, match="current class"):
+        counterfactual.counterfactual_image(default_model, cell, "eosinophil", method="invert")
+    edited = counterfactual.counterfactual_image(
+        default_model,
+        cell,
+        "neutrophil",
+        "neutrophil",
+        strength=0.3,
+        steps=6,
+        guidance=1.0,
+        method="invert",
+    )
+    # Inverting and denoising under the same class gives the cell back.
+    assert np.abs(edited - cell).mean() < 0.03
+    with pytest.raises(ValueError, match="strength"):
+        counterfactual.counterfactual_image(default_model, cell, "eosinophil", strength=0)
+
+
+def test_mean_map_grid_groups_cells_by_source(default_model, cell):
+    crops = np.stack([cell, cell[::-1], cell[:, ::-1]])
+    grid, counts, mean_crops = counterfactual.mean_map_grid(
+        default_model, crops, ["neutrophil", "neutrophil", "monocyte"], trials=2
+    )
+    n, m = CLASSES.index("neutrophil"), CLASSES.index("monocyte")
+    assert grid.shape == (8, 8, 64, 64)
+    assert counts[n] == 2 and counts[m] == 1 and counts.sum() == 3
+    assert np.isnan(grid[CLASSES.index("basophil")]).all()
+    assert np.all(grid[n, n] == 0) and grid[n, m].max() > 0
+    np.testing.assert_allclose(mean_crops[n], (cell + cell[::-1]) / 2, atol=1e-6)
+
+
+def test_figures_render(explanation, cell, tmp_path):
+    figure = counterfactual.cell_maps_figure(cell, explanation, {"eosinophil": cell})
+    figure.savefig(tmp_path / "cell.png")
+    grid = np.random.default_rng(0).random((8, 8, 64, 64)).astype(np.float32)
+    counts = np.array([0, 1, 2, 0, 0, 0, 3, 0])
+    counterfactual.grid_figure(grid, counts, np.zeros((8, 64, 64, 3))).savefig(
+        tmp_path / "grid.png"
+    )
+    assert Image.open(tmp_path / "cell.png").size[0] > Image.open(tmp_path / "cell.png").size[1]
+    assert Image.open(tmp_path / "grid.png").size[0] > 600
+
+
+def test_heat_overlay_leaves_pixels_outside_the_crop_alone():
+    rgb = np.full((20, 20, 3), 0.5, np.float32)
+    heat = np.full((20, 20), np.nan, np.float32)
+    heat[5:10, 5:10] = np.linspace(0, 1, 25).reshape(5, 5)
+    out = counterfactual.heat_overlay(rgb, heat)
+    np.testing.assert_array_equal(out[0], rgb[0])
+    assert not np.allclose(out[9, 9], rgb[9, 9])
+
+
+def test_counterfactual_command(cell, tmp_path, capsys):
+    # A single-cell image: the synthetic cell on a wider background, as a PNG.
+    image = np.broadcast_to(REFERENCE_BACKGROUND, (120, 120, 3)).copy()
+    image[28:92, 28:92] = cell
+    path = tmp_path / "cell.png"
+    Image.fromarray((image * 255).astype(np.uint8)).save(path)
+    out = tmp_path / "out"
+    argv = ["counterfactual", str(path), "--target", "eosinophil", "--out", str(out)]
+    options = ["--trials", "2", "--steps", "4", "--rbc-diameter", "25.6", "--device", "cpu"]
+    assert cli.main(argv + options) == 0
+    heat = np.load(out / "heatmap.npy")
+    assert heat.shape == (120, 120)
+    # One image pixel per crop pixel at this red-cell diameter: a 64 x 64 footprint.
+    assert np.isfinite(heat).sum() == pytest.approx(64 * 64, rel=0.05)
+    assert np.load(out / "heatmap_crop.npy").shape == (64, 64)
+    assert np.load(out / "counterfactual.npy").shape == (64, 64, 3)
+    for name in ("heatmap.png", "counterfactual.png", "cell.png", "maps_all_classes.png"):
+        assert (out / name).is_file()
+    assert "-> eosinophil" in capsys.readouterr().out
+
+
+def test_counterfactual_command_needs_both_segment_and_cell_id(tmp_path, capsys):
+    argv = [
+        "counterfactual",
+        "x.png",
+        "--target",
+        "eosinophil",
+        "--out",
+        str(tmp_path),
+        "--cell-id",
+        "3",
+    ]
+    assert cli.main(argv) == cli.USAGE_ERROR
+    assert "--segment and --cell-id go together" in capsys.readouterr().err

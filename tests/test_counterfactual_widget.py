@@ -1,0 +1,117 @@
+"""The "Counterfactuals" widget: click a cell, get maps placed over it; grids as figures."""
+
+from types import SimpleNamespace
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from napari_cytodiffusion._widgets._counterfactual import CounterfactualWidget, FigureDock
+from napari_cytodiffusion.core.crops import REFERENCE_BACKGROUND, crop_placement
+from napari_cytodiffusion.core.generation import generate_cells
+
+PIXEL = 0.5  # world units per image pixel, to check that layer scales compose
+RBC = 51.2  # red-cell diameter in image pixels: 2 image pixels per crop pixel
+
+
+@pytest.fixture(scope="module")
+def cells(default_model):
+    return generate_cells(default_model, ["neutrophil", "lymphocyte"], steps=3, seed=5).images
+
+
+def _smear(cell):
+    """A 'smear' holding one cell, twice the model's scale, and its labels (cell id 5)."""
+    image = np.broadcast_to(REFERENCE_BACKGROUND, (200, 240, 3)).copy()
+    image[40:168, 60:188] = cell.repeat(2, axis=0).repeat(2, axis=1)
+    rows, cols = np.ogrid[:200, :240]
+    labels = (((rows - 104) ** 2 + (cols - 124) ** 2) < 30**2).astype(np.uint16) * 5
+    return image, labels
+
+
+def _widget(make_napari_viewer, **values):
+    viewer = make_napari_viewer()
+    widget = CounterfactualWidget(viewer)
+    viewer.window.add_dock_widget(widget)
+    widget._trials.value = 4
+    widget._device.value = "cpu"
+    for name, value in values.items():
+        getattr(widget, f"_{name}").value = value
+    return viewer, widget
+
+
+def test_click_a_cell_and_get_maps_over_it(make_napari_viewer, qtbot, cells):
+    image, labels = _smear(cells[0])
+    viewer, widget = _widget(make_napari_viewer, rbc_diameter=RBC, target="eosinophil")
+    viewer.add_image(image, name="smear", scale=(PIXEL, PIXEL), translate=(10, 20))
+    labels_layer = viewer.add_labels(labels, name="cells", scale=(PIXEL, PIXEL), translate=(10, 20))
+    widget._image.value = viewer.layers["smear"]
+    widget._labels.value = labels_layer
+    click = SimpleNamespace(
+        position=(10 + 104 * PIXEL, 20 + 124 * PIXEL), view_direction=None, dims_displayed=[0, 1]
+    )
+    for callback in labels_layer.mouse_drag_callbacks:
+        callback(labels_layer, click)
+    assert widget._cell_id.value == 5
+
+    widget._explain.native.click()
+    qtbot.waitUntil(lambda: len(viewer.layers) == 4, timeout=60_000)
+    qtbot.waitUntil(lambda: not widget._runner.running, timeout=10_000)
+    edited, heat = viewer.layers[2], viewer.layers[3]
+    assert edited.name.startswith("counterfactual cell 5") and edited.name.endswith("-> eosinophil")
+    assert heat.name.startswith("heat map cell 5") and heat.data.shape == (64, 64)
+    assert edited.rgb and edited.data.shape == (64, 64, 3)
+    (row0, col0), step = crop_placement(heat.metadata["centre"], RBC, 64)
+    assert heat.metadata["centre"] == (pytest.approx(104, abs=0.5), pytest.approx(124, abs=0.5))
+    for layer in (edited, heat):
+        np.testing.assert_allclose(layer.scale, [PIXEL * step] * 2)
+        np.testing.assert_allclose(layer.translate, [10 + PIXEL * row0, 20 + PIXEL * col0])
+    # The crop's centre pixel lands on the cell's centre in world coordinates.
+    centre_world = np.asarray(heat.translate) + np.asarray(heat.scale) * 31.5
+    np.testing.assert_allclose(centre_world, [10 + 104 * PIXEL, 20 + 124 * PIXEL], atol=0.5 * PIXEL)
+    assert heat.metadata["target"] == "eosinophil" and set(heat.metadata["errors"]) >= {"monocyte"}
+
+
+def test_a_missing_cell_is_explained_before_any_work(make_napari_viewer, cells, monkeypatch):
+    errors = []
+    monkeypatch.setattr("napari.utils.notifications.show_error", errors.append)
+    image, labels = _smear(cells[0])
+    viewer, widget = _widget(make_napari_viewer, cell_id=9)
+    widget._image.value = viewer.add_image(image)
+    widget._labels.value = viewer.add_labels(labels)
+    widget._explain.native.click()
+    assert not widget._runner.running and "No cell 9" in errors[-1]
+
+
+def test_grid_of_a_stack_of_cells_as_a_figure(make_napari_viewer, qtbot, cells, tmp_path):
+    viewer, widget = _widget(make_napari_viewer, trials=2)
+    features = pd.DataFrame({"index": [0, 1], "label": ["neutrophil", "lymphocyte"]})
+    widget._image.value = viewer.add_image(cells, rgb=True, metadata={"features": features})
+    widget._grid.native.click()
+    qtbot.waitUntil(lambda: not widget._runner.running, timeout=60_000)
+    docks = [d for d in viewer.window.dock_widgets.values() if isinstance(d, FigureDock)]
+    assert len(docks) == 1 and "2 cells" in widget._status.value
+    titles = [text.get_text() for axis in docks[0].figure.axes for text in [axis.yaxis.label]]
+    assert any(t.startswith("neutrophil\n(n=1)") for t in titles)
+    docks[0].save(tmp_path / "grid.png")
+    assert (tmp_path / "grid.png").stat().st_size > 10_000
+    assert len(viewer.layers) == 1
+
+
+def test_all_classes_figure_for_a_single_cell_image(make_napari_viewer, qtbot, cells):
+    viewer, widget = _widget(make_napari_viewer, trials=2, strength=0.1)
+    widget._image.value = viewer.add_image(cells[1], rgb=True)
+    widget._all_classes.native.click()
+    qtbot.waitUntil(lambda: not widget._runner.running, timeout=120_000)
+    docks = [d for d in viewer.window.dock_widgets.values() if isinstance(d, FigureDock)]
+    assert len(docks) == 1
+    assert len(docks[0].figure.axes) == 2 * 9
+
+
+def test_cancel_adds_no_layer(make_napari_viewer, qtbot, cells):
+    viewer, widget = _widget(make_napari_viewer, trials=400)
+    widget._image.value = viewer.add_image(cells[0], rgb=True)
+    widget._explain.native.click()
+    qtbot.waitUntil(lambda: widget._runner._state["done"] > 0, timeout=60_000)
+    widget._cancel.native.click()
+    qtbot.waitUntil(lambda: not widget._runner.running, timeout=10_000)
+    assert len(viewer.layers) == 1 and widget._status.value == "cancelled"

@@ -1,0 +1,150 @@
+"""Synthetic cells: reproducible per-cell seeds, the samplers' accuracy, files written."""
+
+import csv
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from napari_cytodiffusion import cli
+from napari_cytodiffusion.core import generation
+from napari_cytodiffusion.core.crops import REFERENCE_BACKGROUND
+from napari_cytodiffusion.core.model.diffusion import cosine_alpha_bars
+
+
+@pytest.fixture(scope="module")
+def two_cells(default_model):
+    return generation.generate_cells(default_model, "lymphocyte", 2, steps=3, seed=7)
+
+
+def test_cells_have_the_model_shape_and_their_metadata(two_cells, default_model):
+    assert two_cells.images.shape == (2, 64, 64, 3)
+    assert two_cells.images.dtype == np.float32
+    assert 0 <= two_cells.images.min() and two_cells.images.max() <= 1
+    assert two_cells.labels == ["lymphocyte", "lymphocyte"]
+    assert two_cells.seeds == [7, 8]
+    assert (two_cells.steps, two_cells.guidance, two_cells.sampler) == (3, 2.0, "dpm++2m")
+    assert two_cells.model_name == default_model.name
+    assert np.abs(two_cells.images[0] - two_cells.images[1]).mean() > 0.02
+
+
+def test_same_seed_same_cells_and_each_cell_has_its_own_seed(two_cells, default_model):
+    again = generation.generate_cells(default_model, "lymphocyte", 2, steps=3, seed=7, batch_size=1)
+    np.testing.assert_allclose(again.images, two_cells.images, atol=2e-3)
+    second_alone = generation.generate_cells(default_model, "lymphocyte", 1, steps=3, seed=8)
+    np.testing.assert_allclose(second_alone.images[0], two_cells.images[1], atol=2e-3)
+
+
+def test_one_class_per_cell(default_model):
+    cells = generation.generate_cells(default_model, ["ig", "platelet"], steps=1, seed=0)
+    assert cells.labels == ["immature_granulocyte", "platelet"]
+
+
+@pytest.mark.parametrize(
+    "label, n, message",
+    [
+        ("lymphocyte", None, "number of cells"),
+        ("blast", 2, "Unknown cell class"),
+        ([], None, "No classes"),
+    ],
+)
+def test_bad_requests_are_explained(default_model, label, n, message):
+    with pytest.raises(ValueError, match=message):
+        generation.generate_cells(default_model, label, n, steps=1)
+
+
+def test_sampling_times_are_even_in_log_snr():
+    alpha_bars = cosine_alpha_bars()
+    times = generation.sampling_times(alpha_bars, 999, 10)
+    assert times[0] == 999 and times[-1] == 0 and len(times) == 11
+    assert torch.all(times[1:] < times[:-1])
+    log_snr = 0.5 * torch.log(alpha_bars[times] / (1 - alpha_bars[times]))
+    gaps = log_snr[1:] - log_snr[:-1]
+    assert gaps.std() / gaps.mean() < 0.1
+
+
+class GaussianDenoiser(torch.nn.Module):
+    """The exact noise predictor for data ~ N(0, spread^2): the sampler's answer is known."""
+
+    num_classes = 1
+
+    def __init__(self, alpha_bars, spread):
+        super().__init__()
+        self.alpha_bars, self.spread = alpha_bars, spread
+
+    def forward(self, x, t, y):
+        a = self.alpha_bars[t].view(-1, 1, 1, 1)
+        return (1 - a).sqrt() * x / (a * self.spread**2 + 1 - a)
+
+
+@pytest.mark.parametrize("sampler", generation.SAMPLERS)
+def test_samplers_solve_the_flow_of_a_known_distribution(sampler):
+    alpha_bars, spread = cosine_alpha_bars(), 0.2
+    noise = torch.randn((4, 3, 8, 8), generator=torch.Generator().manual_seed(0))
+    a_top = alpha_bars[999]
+    exact = noise * spread / (a_top * spread**2 + 1 - a_top).sqrt()
+    model = GaussianDenoiser(alpha_bars, spread)
+    error = {}
+    for steps in (5, 20, 200):
+        x = generation.denoise(
+            model, noise, torch.zeros(4, dtype=torch.long), alpha_bars, steps, 1.0, sampler
+        )
+        error[steps] = float((x - exact).abs().max())
+    assert error[200] < error[20] < error[5]
+    assert error[200] < 0.02
+
+
+def test_the_second_order_sampler_is_more_accurate_per_step():
+    alpha_bars, spread = cosine_alpha_bars(), 0.2
+    noise = torch.randn((4, 3, 8, 8), generator=torch.Generator().manual_seed(1))
+    a_top = alpha_bars[999]
+    exact = noise * spread / (a_top * spread**2 + 1 - a_top).sqrt()
+    model, classes = GaussianDenoiser(alpha_bars, spread), torch.zeros(4, dtype=torch.long)
+    errors = {
+        sampler: float(
+            (generation.denoise(model, noise, classes, alpha_bars, 8, 1.0, sampler) - exact)
+            .abs()
+            .max()
+        )
+        for sampler in generation.SAMPLERS
+    }
+    assert errors["dpm++2m"] < errors["ddim"] / 2
+
+
+def test_background_balance_reaches_the_reference_colour():
+    crop = np.full((1, 64, 64, 3), [0.7, 0.8, 0.9], np.float32)
+    crop[0, 20:40, 20:40] = [0.3, 0.2, 0.5]
+    balanced = generation.balance_background(crop)
+    np.testing.assert_allclose(balanced[0, 0, 0], REFERENCE_BACKGROUND, atol=1e-5)
+
+
+def test_saved_cells_and_metadata(two_cells, tmp_path):
+    path = generation.save_cells(two_cells, tmp_path)
+    rows = list(csv.DictReader(open(path)))
+    assert [r["file"] for r in rows] == ["lymphocyte_0000.png", "lymphocyte_0001.png"]
+    assert [r["seed"] for r in rows] == ["7", "8"]
+    assert {(r["label"], r["steps"], r["guidance"], r["sampler"]) for r in rows} == {
+        ("lymphocyte", "3", "2.0", "dpm++2m")
+    }
+    assert rows[0]["model"] == two_cells.model_name
+    saved = np.asarray(Image.open(tmp_path / rows[1]["file"]))
+    np.testing.assert_array_equal(saved, generation.to_uint8(two_cells.images[1]))
+
+
+def test_generate_command_writes_pngs_and_metadata(tmp_path, capsys):
+    out = tmp_path / "cells"
+    argv = ["generate", "--label", "platelet", "-n", "2", "--steps", "2", "--seed", "3"]
+    assert cli.main([*argv, "--device", "cpu", "--out", str(out)]) == 0
+    rows = list(csv.DictReader(open(out / "metadata.csv")))
+    assert [(r["label"], r["seed"], r["steps"]) for r in rows] == [
+        ("platelet", "3", "2"),
+        ("platelet", "4", "2"),
+    ]
+    assert all((out / r["file"]).is_file() for r in rows)
+    assert "2 platelet cells" in capsys.readouterr().out
+
+
+def test_generate_command_rejects_an_unknown_class(tmp_path, capsys):
+    assert cli.main(["generate", "--label", "blast", "--out", str(tmp_path)]) == cli.USAGE_ERROR
+    assert "Unknown cell class 'blast'" in capsys.readouterr().err

@@ -1,0 +1,148 @@
+"""The segmentation core on real smear images (the bundled samples and the shared CBC data)."""
+
+import numpy as np
+import pytest
+
+from napari_cytodiffusion._sample_data import sample_path
+from napari_cytodiffusion.core.io import read_image
+from napari_cytodiffusion.core.progress import Cancelled
+from napari_cytodiffusion.core.segmentation import FEATURE_COLUMNS, segment_smear
+
+# White-cell boxes of the CBC sample field (BloodImage_00010, VOC annotation), end-exclusive.
+CBC_SAMPLE_WBC_BOXES = [[229, 23, 421, 204], [253, 239, 470, 510]]
+
+
+def box_iou(a, b):
+    rows = max(0, min(a[2], b[2]) - max(a[0], b[0]))
+    cols = max(0, min(a[3], b[3]) - max(a[1], b[1]))
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - rows * cols
+    return rows * cols / union
+
+
+@pytest.fixture(scope="module")
+def cbc_field():
+    return read_image(sample_path("cbc_monocyte_eosinophil"))
+
+
+@pytest.fixture(scope="module")
+def cbc_result(cbc_field):
+    return segment_smear(cbc_field)
+
+
+def test_finds_each_annotated_white_cell_once(cbc_result):
+    boxes = cbc_result.boxes("wbc")
+    assert len(boxes) == 2
+    for truth in CBC_SAMPLE_WBC_BOXES:
+        assert max(box_iou(box, truth) for box in boxes) >= 0.5
+
+
+def test_red_cells_and_scale_are_plausible(cbc_result):
+    # The field shows about 25 red cells (16 annotated); red cells here are 80-95 px across.
+    assert 15 <= cbc_result.count("rbc") <= 40
+    assert 65 <= cbc_result.rbc_diameter <= 100
+
+
+def test_features_describe_the_labels(cbc_field, cbc_result):
+    features = cbc_result.features
+    assert tuple(features.columns) == FEATURE_COLUMNS
+    for kind, labels in (
+        ("wbc", cbc_result.wbc_labels),
+        ("rbc", cbc_result.rbc_labels),
+        ("platelet", cbc_result.platelet_labels),
+    ):
+        assert labels.dtype == np.uint32 and labels.shape == cbc_field.shape[:2]
+        table = cbc_result.table(kind)
+        assert sorted(table["index"]) == [v for v in np.unique(labels) if v]
+        for row in table.itertuples():
+            mask = labels == row.index
+            rows, cols = np.nonzero(mask)
+            assert row.area == mask.sum()
+            assert (row.bbox_min_row, row.bbox_max_row) == (rows.min(), rows.max() + 1)
+            assert (row.bbox_min_col, row.bbox_max_col) == (cols.min(), cols.max() + 1)
+            assert row.centroid_row == pytest.approx(rows.mean())
+            assert row.centroid_col == pytest.approx(cols.mean())
+            assert row.mean_r == pytest.approx(cbc_field[mask][:, 0].mean() / 255, abs=1e-4)
+    wbc = cbc_result.table("wbc")
+    assert ((wbc["nucleus_fraction"] > 0.2) & (wbc["nucleus_fraction"] < 0.9)).all()
+    nuclei = cbc_result.nucleus_labels
+    assert np.all(np.isin(nuclei[nuclei > 0], wbc["index"]))
+    assert np.all(cbc_result.wbc_labels[nuclei > 0] == nuclei[nuclei > 0])
+
+
+def test_cell_types_do_not_overlap(cbc_result):
+    wbc, rbc = cbc_result.wbc_labels > 0, cbc_result.rbc_labels > 0
+    assert not np.any(wbc & rbc)
+    assert not np.any(wbc & (cbc_result.platelet_labels > 0))
+
+
+def test_same_cells_in_any_dtype_and_with_alpha(cbc_field, cbc_result):
+    alpha = np.full(cbc_field.shape[:2] + (1,), 255, np.uint8)
+    variants = [
+        cbc_field.astype(np.uint16) * 257,
+        cbc_field.astype(np.float32) / 255,
+        np.concatenate([cbc_field, alpha], axis=-1),
+    ]
+    for image in variants:
+        result = segment_smear(image, rbc_diameter=cbc_result.rbc_diameter)
+        assert result.count("wbc") == cbc_result.count("wbc")
+        same = np.mean((result.wbc_labels > 0) == (cbc_result.wbc_labels > 0))
+        assert same > 0.99
+
+
+def test_single_cell_field_with_given_scale():
+    result = segment_smear(read_image(sample_path("pbc_lymphocyte")), rbc_diameter=29)
+    assert result.count("wbc") == 1
+    cell = result.table("wbc").iloc[0]
+    # The lymphocyte sits in the middle of the 160 x 160 field and is about 1.2 red cells wide.
+    assert abs(cell.centroid_row - 80) < 15 and abs(cell.centroid_col - 80) < 15
+    assert 25 <= cell.equivalent_diameter <= 45
+    assert result.count("platelet") >= 1
+    assert result.count("rbc") >= 8
+
+
+def test_tiles_count_each_cell_once(cbc_field):
+    mosaic = np.concatenate([cbc_field, cbc_field[:, ::-1]], axis=1)  # 480 x 1280
+    whole = segment_smear(mosaic, rbc_diameter=80, tile_size=4096)
+    tiled = segment_smear(mosaic, rbc_diameter=80, tile_size=256)  # cores 480 px: 3 tiles
+    assert tiled.count("wbc") == whole.count("wbc") == 4
+    for box in whole.boxes("wbc"):
+        assert max(box_iou(box, other) for other in tiled.boxes("wbc")) > 0.9
+    assert abs(tiled.count("rbc") - whole.count("rbc")) <= 0.1 * whole.count("rbc")
+
+
+def test_progress_reports_and_cancel_stops(cbc_field):
+    calls = []
+    segment_smear(
+        cbc_field, rbc_diameter=80, progress=lambda done, total: calls.append((done, total))
+    )
+    assert len(calls) >= 5
+    assert calls[-1][0] == calls[-1][1]
+    assert all(0 <= done <= total for done, total in calls)
+
+    seen = []
+
+    def stop_at_third(done, total):
+        seen.append(done)
+        if len(seen) == 3:
+            raise Cancelled()
+
+    with pytest.raises(Cancelled):
+        segment_smear(cbc_field, progress=stop_at_third)
+
+
+def test_cbc_fields_against_annotation(cbc_dir):
+    """Two CBC training fields: the annotated white cells are found (IoU >= 0.5)."""
+    import xml.etree.ElementTree as ElementTree
+
+    for name in ("BloodImage_00001", "BloodImage_00002"):
+        image = read_image(cbc_dir / "train" / "images" / f"{name}.jpg")
+        root = ElementTree.parse(cbc_dir / "train" / "annotations" / f"{name}.xml").getroot()
+        truth = [
+            [int(float(o.find("bndbox").find(k).text)) for k in ("ymin", "xmin", "ymax", "xmax")]
+            for o in root.iter("object")
+            if o.find("name").text == "WBC"
+        ]
+        boxes = segment_smear(image).boxes("wbc")
+        assert len(boxes) == len(truth)
+        for box in truth:
+            assert max(box_iou(box, found) for found in boxes) >= 0.5

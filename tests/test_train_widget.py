@@ -1,0 +1,74 @@
+"""The "Train / adapt model" widget: trains on a folder of class subfolders showing the loss,
+and a cancelled run leaves a checkpoint that the next run resumes."""
+
+import torch
+
+from napari_cytodiffusion._widgets import _train
+from napari_cytodiffusion._widgets._train import TrainWidget
+from napari_cytodiffusion.core.model.checkpoint import load_model_file
+
+
+def _widget(make_napari_viewer, folder, out, rbc_diameter, steps, from_default):
+    viewer = make_napari_viewer()
+    widget = TrainWidget(viewer)
+    viewer.window.add_dock_widget(widget)
+    widget._data.value = folder
+    widget._out.value = out
+    widget._steps.value = steps
+    widget._batch_size.value = 2
+    widget._device.value = "cpu"
+    widget._rbc_diameter.value = rbc_diameter
+    widget._from_default.value = from_default
+    return viewer, widget
+
+
+def test_fine_tuning_the_default_model(
+    make_napari_viewer, qtbot, synthetic_cells_dir, synthetic_rbc_diameter, tmp_path, monkeypatch
+):
+    infos = []
+    monkeypatch.setattr(_train, "show_info", infos.append)
+    out = tmp_path / "lab.ckpt"
+    viewer, widget = _widget(
+        make_napari_viewer, synthetic_cells_dir, out, synthetic_rbc_diameter, 3, True
+    )
+    widget._run.native.click()
+    assert widget._runner.running
+    qtbot.waitUntil(lambda: "done" in widget._status.value, timeout=120_000)
+    qtbot.waitUntil(lambda: not widget._runner.running, timeout=10_000)
+
+    assert torch.load(out, weights_only=True)["step"] == 3
+    assert load_model_file(out, "cpu").image_size == 64
+    assert "done: step 3, loss" in widget._status.value
+    assert "step 3, loss" in infos[-1] and str(out) in infos[-1]
+    assert len(viewer.layers) == 0
+
+
+def test_cancel_saves_and_the_next_run_resumes(
+    make_napari_viewer, qtbot, synthetic_cells_dir, synthetic_rbc_diameter, tmp_path
+):
+    out = tmp_path / "scratch.ckpt"
+    _, widget = _widget(
+        make_napari_viewer, synthetic_cells_dir, out, synthetic_rbc_diameter, 10_000, False
+    )
+    widget._run.native.click()
+    # The label shows the running loss while training goes.
+    qtbot.waitUntil(lambda: "loss" in widget._status.value, timeout=120_000)
+    widget._cancel.native.click()
+    qtbot.waitUntil(lambda: not widget._runner.running, timeout=30_000)
+    assert "cancelled" in widget._status.value and "stopped at step" in widget._status.value
+    stopped_at = torch.load(out, weights_only=True)["step"]
+    assert 0 < stopped_at < 10_000
+
+    widget._steps.value = stopped_at + 1
+    widget._run.native.click()
+    qtbot.waitUntil(lambda: not widget._runner.running, timeout=120_000)
+    assert torch.load(out, weights_only=True)["step"] == stopped_at + 1
+
+
+def test_a_missing_folder_is_explained(make_napari_viewer, tmp_path, monkeypatch):
+    errors = []
+    monkeypatch.setattr(_train, "show_error", errors.append)
+    _, widget = _widget(make_napari_viewer, tmp_path / "nowhere", tmp_path / "x.ckpt", 0, 1, True)
+    widget._run.native.click()
+    assert not widget._runner.running
+    assert "cell folder" in errors[-1]

@@ -1,0 +1,157 @@
+"""The blinded Turing test: panel building, exporting and the scoring maths."""
+
+import csv
+
+import numpy as np
+import pytest
+from scipy.stats import beta
+
+from napari_cytodiffusion import cli
+from napari_cytodiffusion.core import turing
+
+
+def _crops(n, value):
+    crops = np.full((n, 64, 64, 3), 0.9, np.float32)
+    crops[:, 20:44, 20:44] = value  # a "cell" on background
+    return crops
+
+
+def _panel(seed=0):
+    real, synthetic = _crops(3, 0.2), _crops(3, 0.4)
+    labels = ["lymphocyte", "monocyte", "lymphocyte"]
+    origins = {"real": ["a.jpg", "b.jpg", "c.jpg"], "synthetic": ["seed 0", "seed 1", "seed 2"]}
+    return turing.build_panel(real, labels, synthetic, labels, seed, origins)
+
+
+def test_panel_is_shuffled_by_its_seed_and_keeps_the_key():
+    panel = _panel(seed=4)
+    assert len(panel) == 6 and panel.images.shape == (6, 64, 64, 3)
+    assert [row["item"] for row in panel.key] == [1, 2, 3, 4, 5, 6]
+    assert sorted(row["truth"] for row in panel.key) == ["real"] * 3 + ["synthetic"] * 3
+    assert [row["truth"] for row in panel.key] == [row["truth"] for row in _panel(seed=4).key]
+    orders = {tuple(row["origin"] for row in _panel(seed=s).key) for s in range(6)}
+    assert len(orders) > 1
+    for image, row in zip(panel.images, panel.key, strict=True):
+        # Each image is the cell its key row names: the real ones are darker here.
+        assert (image[32, 32].mean() < 0.3) == (row["truth"] == "real")
+        assert (row["origin"].endswith(".jpg")) == (row["truth"] == "real")
+
+
+def test_real_and_synthetic_get_the_same_background_and_quantisation():
+    panel = _panel()
+    backgrounds = panel.images[:, 2, 2]
+    np.testing.assert_allclose(backgrounds, backgrounds[0][None].repeat(6, 0))
+    np.testing.assert_allclose(panel.images * 255, np.round(panel.images * 255), atol=1e-3)
+
+
+def test_panel_sizes_must_match():
+    with pytest.raises(ValueError, match="differ in size"):
+        turing.build_panel(_crops(1, 0.2), ["lymphocyte"], np.zeros((1, 32, 32, 3)), ["lymphocyte"])
+
+
+def _key(truths, labels):
+    return [
+        {"item": i, "truth": t, "label": lab}
+        for i, (t, lab) in enumerate(zip(truths, labels, strict=True), 1)
+    ]
+
+
+def test_score_maths_on_known_answers():
+    truths = ["real", "synthetic"] * 5
+    labels = ["lymphocyte"] * 6 + ["monocyte"] * 4
+    key = _key(truths, labels)
+    # Right on the first 8 items, wrong on the last 2.
+    answers = {row["item"]: row["truth"] if row["item"] <= 8 else "real" for row in key}
+    answers[10] = "real"  # truth synthetic: wrong
+    answers[9] = "synthetic"  # truth real: wrong
+    result = turing.score(answers, key)
+    overall = result["overall"]
+    assert (overall["n"], overall["correct"], overall["accuracy"]) == (10, 8, 0.8)
+    # Clopper-Pearson from the beta distribution, and P(X >= 8) for X ~ Bin(10, 1/2) = 56 / 1024.
+    assert overall["ci_low"] == pytest.approx(beta.ppf(0.025, 8, 3))
+    assert overall["ci_high"] == pytest.approx(beta.ppf(0.975, 9, 2))
+    assert overall["p_value"] == pytest.approx(56 / 1024)
+    assert result["better_than_chance"] is False
+    assert result["by_class"]["lymphocyte"]["accuracy"] == 1.0
+    assert result["by_class"]["monocyte"]["correct"] == 2
+    assert (
+        result["by_truth"]["real"]["correct"] == 4
+        and result["by_truth"]["synthetic"]["correct"] == 4
+    )
+    assert result["unanswered"] == 0
+
+
+def test_a_perfect_expert_beats_chance_and_blanks_are_not_scored():
+    key = _key(["real", "synthetic"] * 10, ["neutrophil"] * 20)
+    rows = [{"item": str(r["item"]), "answer": "R" if r["truth"] == "real" else "s"} for r in key]
+    rows[0]["answer"] = ""
+    result = turing.score(rows, key)
+    assert result["overall"]["n"] == 19 and result["unanswered"] == 1
+    assert result["overall"]["p_value"] == pytest.approx(0.5**19)
+    assert result["better_than_chance"] is True
+    assert "better than chance" in turing.score_text(result)
+
+
+def test_bad_answers_are_explained():
+    key = _key(["real"], ["neutrophil"])
+    with pytest.raises(ValueError, match="neither real"):
+        turing.score({1: "maybe"}, key)
+    with pytest.raises(ValueError, match="not in the key"):
+        turing.score({1: "real", 7: "fake"}, key)
+
+
+def test_export_keeps_the_key_out_of_the_panel_folder(tmp_path):
+    panel = _panel()
+    folder, key_path = turing.export_panel(panel, tmp_path)
+    assert sorted(p.name for p in folder.iterdir()) == ["answers.csv"] + [
+        f"item_00{i}.png" for i in range(1, 7)
+    ]
+    template = list(csv.DictReader(open(folder / "answers.csv")))
+    assert [r["answer"] for r in template] == [""] * 6
+    assert "truth" not in template[0]
+    assert key_path.parent == tmp_path
+    assert [r["truth"] for r in csv.DictReader(open(key_path))] == [r["truth"] for r in panel.key]
+
+
+def test_make_panel_generates_one_synthetic_cell_per_real_cell(default_model):
+    panel = turing.make_panel(
+        default_model, _crops(2, 0.2), ["platelet", "basophil"], seed=1, steps=1
+    )
+    synthetic = [row for row in panel.key if row["truth"] == "synthetic"]
+    assert sorted(row["label"] for row in synthetic) == ["basophil", "platelet"]
+    assert {row["origin"] for row in synthetic} == {"seed 1", "seed 2"}
+
+
+def test_turing_commands(pbc_dir, tmp_path, capsys):
+    out = tmp_path / "test"
+    make = ["turing", "make", "--real", str(pbc_dir / "splits.csv"), "--split", "test", "--n", "2"]
+    assert (
+        cli.main(
+            [*make, "--steps", "1", "--rbc-diameter", "29", "--device", "cpu", "--out", str(out)]
+        )
+        == 0
+    )
+    key = list(csv.DictReader(open(out / "key.csv")))
+    assert len(key) == 4 and len(list((out / "panel").glob("*.png"))) == 4
+    answers = out / "answers.csv"
+    with open(answers, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["item", "answer"])
+        writer.writeheader()
+        writer.writerows({"item": r["item"], "answer": r["truth"]} for r in key)
+    capsys.readouterr()
+    score_csv = tmp_path / "score.csv"
+    assert (
+        cli.main(["turing", "score", str(answers), str(out / "key.csv"), "--out", str(score_csv)])
+        == 0
+    )
+    assert "accuracy 1.000 (4/4)" in capsys.readouterr().out
+    rows = list(csv.DictReader(open(score_csv)))
+    assert rows[0]["group"] == "overall" and rows[0]["p_value"] == str(0.5**4)
+
+
+def test_turing_score_rejects_missing_files(tmp_path, capsys):
+    assert (
+        cli.main(["turing", "score", str(tmp_path / "a.csv"), str(tmp_path / "k.csv")])
+        == cli.USAGE_ERROR
+    )
+    assert "No such file" in capsys.readouterr().err

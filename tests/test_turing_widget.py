@@ -1,0 +1,88 @@
+"""The "Turing test" widget: a blinded panel answered with buttons and keys, then scored."""
+
+import csv
+
+import numpy as np
+import pandas as pd
+
+from napari_cytodiffusion._widgets._turing import TEST_LAYER, TuringWidget
+
+
+def _real_cells():
+    crops = np.full((3, 64, 64, 3), 0.9, np.float32)
+    crops[:, 16:48, 16:48] = [0.4, 0.2, 0.6]
+    return crops
+
+
+def _widget(make_napari_viewer, tmp_path, count):
+    viewer = make_napari_viewer()
+    widget = TuringWidget(viewer)
+    viewer.window.add_dock_widget(widget)
+    features = pd.DataFrame({"index": [0, 1, 2], "label": ["platelet", "platelet", "basophil"]})
+    layer = viewer.add_image(_real_cells(), rgb=True, name="real", metadata={"features": features})
+    widget._source.value = "image layer"
+    widget._layer.value = layer
+    widget._count.value = count
+    widget._steps.value = 1
+    widget._device.value = "cpu"
+    if tmp_path is not None:
+        widget._out.value = tmp_path
+    return viewer, widget
+
+
+def test_blinded_panel_answered_with_buttons_and_keys(make_napari_viewer, qtbot, tmp_path):
+    viewer, widget = _widget(make_napari_viewer, tmp_path, 2)
+    widget._build.native.click()
+    qtbot.waitUntil(lambda: widget.testing, timeout=60_000)
+    assert TEST_LAYER in viewer.layers and viewer.layers[TEST_LAYER].data.shape == (64, 64, 3)
+    assert "cell 1 of 4" in widget._progress.value
+    key = widget._panel.key
+    press = viewer.window._qt_viewer._key_map_handler.press_key  # what a key press does
+    widget._real.native.click()
+    press("S")
+    assert "cell 3 of 4" in widget._progress.value
+    assert list(tmp_path.iterdir()) == []  # nothing, and no key, written before the end
+    press("R")
+    widget._synthetic.native.click()
+    assert not widget.testing
+    press("R")  # unbound again after the test: nothing happens
+
+    answers_file = next(tmp_path.glob("turing_answers_*.csv"))
+    answers = list(csv.DictReader(open(answers_file)))
+    assert [a["answer"] for a in answers] == ["real", "synthetic", "real", "synthetic"]
+    assert [a["truth"] for a in answers] == [row["truth"] for row in key]
+    assert all(float(a["seconds"]) >= 0 for a in answers)
+    correct = sum(a["answer"] == a["truth"] for a in answers)
+    score = list(csv.DictReader(open(next(tmp_path.glob("turing_score_*.csv")))))
+    assert score[0]["group"] == "overall" and int(score[0]["correct"]) == correct
+    assert len(list(csv.DictReader(open(next(tmp_path.glob("turing_key_*.csv")))))) == 4
+    assert f"({correct}/4)" in widget._result.value
+
+
+def test_the_real_cells_keep_their_classes(make_napari_viewer, qtbot, tmp_path):
+    _, widget = _widget(make_napari_viewer, tmp_path, 3)
+    widget._build.native.click()
+    qtbot.waitUntil(lambda: widget.testing, timeout=60_000)
+    labels = sorted(row["label"] for row in widget._panel.key)
+    assert labels == ["basophil"] * 2 + ["platelet"] * 4
+
+
+def test_needs_a_results_folder(make_napari_viewer, monkeypatch):
+    errors = []
+    monkeypatch.setattr("napari.utils.notifications.show_error", errors.append)
+    _, widget = _widget(make_napari_viewer, None, 2)
+    widget._build.native.click()
+    assert not widget._runner.running and "results folder" in errors[-1]
+
+
+def test_too_few_real_cells_is_reported_not_raised(
+    make_napari_viewer, qtbot, tmp_path, monkeypatch
+):
+    errors = []
+    monkeypatch.setattr("napari.utils.notifications.show_error", errors.append)
+    viewer, widget = _widget(make_napari_viewer, tmp_path, 5)
+    widget._build.native.click()
+    qtbot.waitUntil(lambda: not widget._runner.running, timeout=30_000)
+    assert widget._progress.value == "failed" and not widget.testing
+    assert "Asked for 5 real cells but the layer holds 3" in errors[-1]
+    assert TEST_LAYER not in viewer.layers
