@@ -6,10 +6,11 @@ Three parts, each writing benchmarks/results/classification_<part>.json:
     Metrics of the H100 run made by ``gpu_classify_generate.py`` (its output folder DIR):
     the live adaptive run and the exhaustive reference on all 2,470 test cells, both turned
     into calls with the calibration shipped in the model, plus the GPU throughput.
-``cpu --n N``
+``cpu --n N [--scale shared|per-image]``
     End to end on this machine's CPU: N test images read from disk, the central cell located
-    and normalised (red-cell scale estimated from each image), classified adaptively; seconds
-    per cell and the same metrics.
+    and normalised, classified adaptively, one at a time; seconds per cell and the same
+    metrics. The red-cell scale is estimated once for the batch (``shared``, what the CLI
+    does for single-cell images) or from each image alone (``per-image``).
 ``shift --n N``
     Cells unlike the training data: white cells of another hospital (CBC test fields, cut at
     their annotated boxes) and of another microscope and stain (segmentation_wbc_dataset1),
@@ -68,16 +69,18 @@ def _test_records(n, seed=0):
 def cpu(args):
     import torch
 
-    from napari_cytodiffusion.core.analysis import classify_image
+    from napari_cytodiffusion.core.analysis import classify_image, shared_rbc_diameter
     from napari_cytodiffusion.core.io import read_image
 
     torch.set_num_threads(args.threads)
     model = load_model("default", device="cpu")
     records = _test_records(args.n)
+    # "shared": one scale for the batch, as the CLI does for single-cell images of one scanner.
+    scale = shared_rbc_diameter([r.path for r in records]) if args.scale == "shared" else None
     calls, seconds = [], []
     for record in records:
         started = time.perf_counter()
-        result = classify_image(read_image(record.path), model, segment=False)
+        result = classify_image(read_image(record.path), model, segment=False, rbc_diameter=scale)
         seconds.append(time.perf_counter() - started)
         calls.extend(result.calls)
     report = call_metrics(calls, [r.label for r in records], CLASSES)
@@ -86,8 +89,9 @@ def cpu(args):
         seconds_per_cell_median=float(np.median(seconds)),
         seconds_per_cell_p90=float(np.percentile(seconds, 90)),
         torch_threads=args.threads,
-        note="One cell at a time, end to end (read, locate, normalise with an estimated "
-        "red-cell scale, classify adaptively), on this machine's CPU.",
+        red_cell_scale=args.scale if scale is None else f"shared: {scale:.1f} px",
+        note="One cell at a time, end to end (read, locate, normalise, classify "
+        "adaptively), on this machine's CPU (2 cores).",
     )
     return report
 
@@ -186,9 +190,12 @@ def main():
         p = sub.add_parser(name)
         p.add_argument("--n", type=int, default=200)
         p.add_argument("--threads", type=int, default=2)
+    cpu_parser = sub.choices["cpu"]
+    cpu_parser.add_argument("--scale", choices=["per-image", "shared"], default="shared")
     args = parser.parse_args()
     report = {"h100": h100, "cpu": cpu, "shift": shift}[args.part](args)
-    out = RESULTS / f"classification_{args.part}.json"
+    suffix = f"_{args.scale}" if args.part == "cpu" else ""
+    out = RESULTS / f"classification_{args.part}{suffix}.json"
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2))
 

@@ -9,7 +9,8 @@ benchmarks/pack_eval_crops.py). Writes to DIR:
 
 * ``{split}_exhaustive.npz``: errors (n, 64 trials, 9) for the 8 classes and the null class,
   labels; the reference strategy, and on val the data the calibration is fitted on.
-* ``calibration.json``: the calibration fitted on the val split's exhaustive errors.
+* ``calibration.json`` (with ``--fit-calibration``): the calibration fitted on the val split's
+  exhaustive errors.
 * ``{split}_adaptive.npz``: errors and evaluations spent by the adaptive strategy, run live
   with that calibration.
 * ``gpu_results.json``: cells per second for both strategies and for generation.
@@ -24,9 +25,10 @@ import numpy as np
 import torch
 
 from napari_cytodiffusion.core.calibration import fit_calibration
+from napari_cytodiffusion.core.classes import CLASSES
 from napari_cytodiffusion.core.classify import class_errors
+from napari_cytodiffusion.core.generation import generate_cells
 from napari_cytodiffusion.core.model.checkpoint import load_model_file
-from napari_cytodiffusion.core.model.diffusion import ddim_sample
 
 
 def timed(function):
@@ -46,6 +48,13 @@ def main():
     parser.add_argument("--out", required=True)
     parser.add_argument("--limit", type=int, help="cells per split (for a quick check)")
     parser.add_argument("--budget", type=int, default=64)
+    parser.add_argument(
+        "--fit-calibration",
+        action="store_true",
+        help="fit the calibration on the val split's exhaustive errors and use it (how the "
+        "shipped calibration was made); by default the model's own calibration is used",
+    )
+    parser.add_argument("--splits", default="val,test")
     args = parser.parse_args()
     out = Path(args.out)
     model = load_model_file(args.model, device="cuda")
@@ -53,7 +62,7 @@ def main():
     results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
     warm = data["crops"][:64].astype(np.float32) / 255
     class_errors(model, warm, "adaptive", budget=4)
-    for split in ("val", "test"):
+    for split in args.splits.split(","):
         keep = np.flatnonzero(data["splits"] == split)[: args.limit]
         crops = data["crops"][keep].astype(np.float32) / 255
         labels = data["labels"][keep]
@@ -73,7 +82,7 @@ def main():
                 "mean_unet_evals": float(spent.mean()),
             }
             print(split, strategy, results[f"{split}_{strategy}"], flush=True)
-            if split == "val" and strategy == "exhaustive":
+            if split == "val" and strategy == "exhaustive" and args.fit_calibration:
                 calibration = fit_calibration(model, errors[:, :, : model.num_classes], labels)
                 (out / "calibration.json").write_text(json.dumps(calibration))
     # Slide scale: the test cells four times over (new noise each time), as one batch of work.
@@ -89,19 +98,14 @@ def main():
     }
     print("slide adaptive", results["slide_adaptive"], flush=True)
     for count in (8, 1024):
-        labels = torch.arange(count, device="cuda") % model.num_classes
-        generator = torch.Generator(device="cuda").manual_seed(0)
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            ddim_sample(model.unet, labels[:8], steps=2, alpha_bars=model.alpha_bars)
-            _, seconds = timed(
-                lambda g=generator, y=labels: ddim_sample(
-                    model.unet, y, steps=20, guidance=2.0, generator=g, alpha_bars=model.alpha_bars
-                )
-            )
+        labels = [CLASSES[i % len(CLASSES)] for i in range(count)]
+        generate_cells(model, labels[:8], steps=2)  # warm-up
+        cells, seconds = timed(lambda y=labels: generate_cells(model, y, batch_size=1024))
         results[f"generate_{count}"] = {
             "cells": count,
-            "steps": 20,
-            "guidance": 2.0,
+            "steps": cells.steps,
+            "guidance": cells.guidance,
+            "sampler": cells.sampler,
             "seconds": seconds,
             "cells_per_second": count / seconds,
         }

@@ -26,9 +26,13 @@ while widget._runner.running or widget.class_layer is None:
 for _ in range(20):
     app.processEvents()
 widget.class_layer.contour = 3  # outlines in the class colour keep the cell visible
-if widget._flagged.count():
-    widget._flagged.setCurrentRow(0)
 viewer.layers.selection.active = widget.class_layer
+viewer.reset_view()
+for toast in app.allWidgets():  # the PyQt5 deprecation toast would hide part of the canvas
+    if type(toast).__name__ == "NapariQtNotification":
+        toast.close()
+for _ in range(20):
+    app.processEvents()
 
 out.parent.mkdir(parents=True, exist_ok=True)
 import imageio.v3 as iio  # noqa: E402

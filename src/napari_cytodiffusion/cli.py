@@ -403,18 +403,30 @@ def _add_classify(subparsers):
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     parser.add_argument("--strategy", default="adaptive", choices=["adaptive", "exhaustive"])
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--rbc-diameter", type=float, help="red-cell diameter in pixels")
+    parser.add_argument(
+        "--rbc-diameter",
+        type=float,
+        help="red-cell diameter in pixels; by default estimated per smear, or once for a "
+        "batch of three or more single-cell images (one scanner)",
+    )
     parser.add_argument("--json", action="store_true", help="one JSON object per cell")
 
 
 def _classify(args):
     import json
 
-    from napari_cytodiffusion.core.analysis import classify_image, differential_count
+    from napari_cytodiffusion.core.analysis import (
+        classify_image,
+        differential_count,
+        shared_rbc_diameter,
+    )
     from napari_cytodiffusion.core.image import ImageError
     from napari_cytodiffusion.core.io import InputFileError, read_image
 
     model = _load_model(args.model, args.device)
+    scale = args.rbc_diameter
+    if scale is None and not args.segment and len(args.paths) >= 3:
+        scale = shared_rbc_diameter(args.paths)  # one scanner: one scale for all images
     failed = 0
     for path in args.paths:
         try:
@@ -422,7 +434,7 @@ def _classify(args):
                 read_image(path),
                 model,
                 segment=args.segment,
-                rbc_diameter=args.rbc_diameter,
+                rbc_diameter=scale,
                 strategy=args.strategy,
                 seed=args.seed,
             )

@@ -23,6 +23,7 @@ from napari.layers import Image, Labels
 from napari.utils.notifications import show_error, show_info
 from qtpy.QtWidgets import QFileDialog, QListWidget, QTableWidget, QTableWidgetItem
 
+from napari_cytodiffusion._widgets._common import available_devices, load_shared_model
 from napari_cytodiffusion._widgets._runner import TaskRunner
 from napari_cytodiffusion.core.classes import CLASSES
 
@@ -35,18 +36,6 @@ CLASS_COLOURS = dict(
     )
 )
 NO_LABELS = "(segment the image first)"
-
-
-def available_devices():
-    """The devices this machine can run the model on, ``auto`` first."""
-    import torch
-
-    devices = ["auto", "cpu"]
-    if torch.cuda.is_available():
-        devices.append("cuda")
-    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-        devices.append("mps")
-    return devices
 
 
 class ClassifyWidget(Container):
@@ -111,7 +100,6 @@ class ClassifyWidget(Container):
         self._export.changed.connect(self._ask_export_path)
         self._uncertainty.changed.connect(self._update_review)
         self._anomaly.changed.connect(self._update_review)
-        self._models = {}  # (name, device) -> loaded model, so reruns start at once
         self.class_layer = None
         self._review_layer = None
         self._thresholds_from_model = False
@@ -158,12 +146,8 @@ class ClassifyWidget(Container):
     def _work(self, data, settings, progress):
         """Runs in the worker thread: load the model (once) and classify."""
         from napari_cytodiffusion.core.analysis import classify_image
-        from napari_cytodiffusion.core.weights import load_model
 
-        key = (settings["model"], settings["device"])
-        if key not in self._models:
-            self._models[key] = load_model(key[0], key[1], progress=progress)
-        model = self._models[key]
+        model = load_shared_model(settings["model"], settings["device"], progress)
         result = classify_image(
             data,
             model,
@@ -265,7 +249,7 @@ class ClassifyWidget(Container):
             size=size,
             face_color="transparent",
             border_color="red",
-            border_width=0.04,
+            border_width=0.025,
             features=review_features,
         )
         self._flagged_rows = list(

@@ -26,8 +26,8 @@ from magicgui.widgets import (
 )
 from qtpy.QtWidgets import QFileDialog, QPushButton, QVBoxLayout, QWidget
 
-from napari_cytodiffusion._widgets._generate import (
-    DEVICES,
+from napari_cytodiffusion._widgets._common import (
+    available_devices,
     failure_reporter,
     load_shared_model,
     show_cancelled,
@@ -98,7 +98,7 @@ class CounterfactualWidget(Container):
             tooltip="0: from the layer's metadata (rbc_diameter) or estimated from the image.",
         )
         self._model = LineEdit(value="default", label="model", tooltip="model name or file")
-        self._device = ComboBox(choices=DEVICES, value="auto", label="device")
+        self._device = ComboBox(choices=available_devices(), value="auto", label="device")
         self._explain = PushButton(text="Explain cell")
         self._all_classes = PushButton(text="All classes")
         self._grid = PushButton(text="Grid of all cells")

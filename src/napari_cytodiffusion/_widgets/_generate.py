@@ -5,48 +5,20 @@ Adds one image stack layer per run, named after the class; the layer's metadata 
 be made again from its seed.
 """
 
-import threading
 import time
 
 import pandas as pd
 from magicgui.widgets import ComboBox, Container, FloatSpinBox, Label, LineEdit, PushButton, SpinBox
 
+from napari_cytodiffusion._widgets._common import (
+    available_devices,
+    failure_reporter,
+    load_shared_model,
+    show_cancelled,
+)
 from napari_cytodiffusion._widgets._runner import TaskRunner
 from napari_cytodiffusion.core import generation
 from napari_cytodiffusion.core.classes import CLASSES
-
-DEVICES = ("auto", "cpu", "cuda", "mps")
-_MODELS = {}
-_MODELS_LOCK = threading.Lock()
-
-
-def failure_reporter(label):
-    """An ``on_error`` for TaskRunner: the message as a notification, "failed" in ``label``."""
-
-    def report(message):
-        from napari.utils.notifications import show_error
-
-        label.value = "failed"
-        show_error(message)
-
-    return report
-
-
-def show_cancelled(runner, label):
-    """Connect to a Cancel button: says so in ``label`` when there is work to cancel."""
-    if runner.running:
-        label.value = "cancelled"
-
-
-def load_shared_model(name_or_path="default", device="auto"):
-    """Load a model once per (name, device) for all widgets; safe to call from workers."""
-    from napari_cytodiffusion.core.weights import load_model
-
-    key = (str(name_or_path).strip() or "default", str(device))
-    with _MODELS_LOCK:
-        if key not in _MODELS:
-            _MODELS[key] = load_model(key[0], device)
-        return _MODELS[key]
 
 
 class GenerateWidget(Container):
@@ -79,7 +51,7 @@ class GenerateWidget(Container):
             choices=generation.SAMPLERS, value=generation.DEFAULT_SAMPLER, label="sampler"
         )
         self._model = LineEdit(value="default", label="model", tooltip="model name or file")
-        self._device = ComboBox(choices=DEVICES, value="auto", label="device")
+        self._device = ComboBox(choices=available_devices(), value="auto", label="device")
         self._run = PushButton(text="Generate")
         self._cancel = PushButton(text="Cancel")
         self._status = Label(value="")

@@ -22,11 +22,11 @@ from napari.utils.notifications import show_error, show_info
 from qtpy.QtCore import QTimer
 from qtpy.QtWidgets import QSizePolicy
 
+from napari_cytodiffusion._widgets._common import available_devices
 from napari_cytodiffusion._widgets._runner import TaskRunner
 from napari_cytodiffusion.core.classes import CLASSES
 from napari_cytodiffusion.core.progress import Cancelled
 
-DEVICES = ("auto", "cpu", "cuda", "mps")
 IMAGE_SIZE = 64
 
 
@@ -59,7 +59,7 @@ class TrainWidget(Container):
             label="learning rate",
             tooltip="Peak learning rate; 1e-4 suits fine-tuning, 3e-4 training from scratch.",
         )
-        self._device = ComboBox(choices=DEVICES, value="auto", label="device")
+        self._device = ComboBox(choices=available_devices(), value="auto", label="device")
         self._rbc_diameter = FloatSpinBox(
             value=0.0,
             min=0.0,

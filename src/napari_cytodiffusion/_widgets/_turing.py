@@ -24,8 +24,8 @@ from magicgui.widgets import (
     create_widget,
 )
 
-from napari_cytodiffusion._widgets._generate import (
-    DEVICES,
+from napari_cytodiffusion._widgets._common import (
+    available_devices,
     failure_reporter,
     load_shared_model,
     show_cancelled,
@@ -75,7 +75,7 @@ class TuringWidget(Container):
             value=generation.DEFAULT_GUIDANCE, min=1.0, max=10.0, step=0.5, label="guidance"
         )
         self._model = LineEdit(value="default", label="model", tooltip="model name or file")
-        self._device = ComboBox(choices=DEVICES, value="auto", label="device")
+        self._device = ComboBox(choices=available_devices(), value="auto", label="device")
         self._out = FileEdit(mode="d", label="results folder", tooltip="Where the CSVs go.")
         self._build = PushButton(text="Build panel and start")
         self._cancel = PushButton(text="Cancel")

@@ -134,6 +134,34 @@ def classify_image(
     return ImageClassification(calls, cell_ids, centres, crops, float(scale), segmentation)
 
 
+def shared_rbc_diameter(paths, most=25):
+    """One red-cell scale for single-cell images from the same scanner.
+
+    A single-cell field holds few red cells beside a large white one, so a per-image estimate
+    sometimes lands on the white cell (about twice the red-cell size) or on a red cell's pale
+    centre (about half). All images of one scanner share one scale, so the median over up to
+    ``most`` of them is robust to those misses. Unreadable files are skipped here (they are
+    reported when classified).
+
+    Returns
+    -------
+    float or None
+        None if no file could be measured.
+    """
+    from napari_cytodiffusion.core.image import ImageError, to_rgb_float
+    from napari_cytodiffusion.core.io import InputFileError, read_image
+    from napari_cytodiffusion.core.scale import estimate_rbc_diameter
+
+    step = max(1, len(paths) // most)
+    estimates = []
+    for path in list(paths)[::step][:most]:
+        try:
+            estimates.append(estimate_rbc_diameter(to_rgb_float(read_image(path))))
+        except (ImageError, InputFileError):
+            continue
+    return float(np.median(estimates)) if estimates else None
+
+
 def _phase(progress, start, end, resolution=1000):
     """Map a sub-task's (done, total) onto [start, end] of one progress bar of 1000 ticks."""
     if progress is None:

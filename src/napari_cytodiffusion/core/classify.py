@@ -116,7 +116,7 @@ def classify_crops(
     budget : int
         Most trials per class (at most ``MAX_TRIALS``).
     batch_size : int, optional
-        Noise predictions per network call; by default 64 on a CPU, 16384 on a GPU.
+        Noise predictions per network call; by default 64 on a CPU, 4096 on a GPU.
     uncertainty_threshold, anomaly_threshold : float, optional
         Review thresholds; the model's calibrated values when not given.
     progress : callable, optional
@@ -173,7 +173,7 @@ def class_errors(
         )
     budget = int(min(max(budget, 1), MAX_TRIALS))
     class_ids = np.arange(model.num_classes) if classes is None else np.asarray(classes)
-    batch_size = batch_size or (16384 if model.device.type == "cuda" else 64)
+    batch_size = batch_size or (4096 if model.device.type == "cuda" else 64)
     n, k = len(crops), len(class_ids)
     x0 = to_model_range(torch.from_numpy(crops).permute(0, 3, 1, 2)).to(model.device)
     generator = torch.Generator().manual_seed(int(seed))
@@ -243,7 +243,7 @@ def _evaluate(model, x0, noise, timesteps, jobs, class_ids):
     """Errors of (cell, trial, class) jobs; the encoder runs once per (cell, trial)."""
     import torch
 
-    from napari_cytodiffusion.core.model.diffusion import add_noise
+    from napari_cytodiffusion.core.model.diffusion import add_noise, autocast
 
     pairs, rows = np.unique(jobs[:, :2], axis=0, return_inverse=True)
     device = model.device
@@ -253,7 +253,7 @@ def _evaluate(model, x0, noise, timesteps, jobs, class_ids):
     eps = noise[trials]
     rows = torch.from_numpy(rows.reshape(-1)).to(device)
     labels = torch.from_numpy(class_ids[jobs[:, 2]]).to(device)
-    with torch.inference_mode(), _autocast(device):
+    with torch.inference_mode(), autocast(device):
         x = _orient(x0[cells], pairs[:, 1])
         h, skips, t_emb = model.unet.encode(add_noise(x, t, eps, model.alpha_bars), t)
         predicted = model.unet.decode((h[rows], [s[rows] for s in skips], t_emb[rows]), labels)
@@ -276,16 +276,6 @@ def _orient(x, trials):
         oriented = torch.rot90(x[index], int(view % 4), dims=(2, 3))
         out[index] = oriented.flip(3) if view >= 4 else oriented
     return out
-
-
-def _autocast(device):
-    import contextlib
-
-    import torch
-
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 def normalised_scores(model, errors):

@@ -108,7 +108,7 @@ def denoise(
     """
     import torch
 
-    from napari_cytodiffusion.core.model.diffusion import NUM_TIMESTEPS
+    from napari_cytodiffusion.core.model.diffusion import NUM_TIMESTEPS, autocast
 
     if sampler not in SAMPLERS:
         raise ValueError(f"Unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}.")
@@ -123,7 +123,7 @@ def denoise(
     signal, noise = alphas.sqrt(), (1 - alphas).sqrt()
     log_snr = torch.log(signal / noise.clamp_min(1e-12))
     previous_x0, previous_h = None, None
-    with torch.no_grad(), _autocast(x.device):
+    with torch.no_grad(), autocast(x.device):
         for i in range(steps):
             eps = guided_noise(unet, x, times[i], class_ids, guidance)
             x0 = ((x - noise[i] * eps) / signal[i]).clamp(-1, 1)
@@ -143,17 +143,6 @@ def denoise(
             x = x.float()
             report(progress, i + 1, steps)
     return x
-
-
-def _autocast(device):
-    """bfloat16 on CUDA (the network only; the solver's arithmetic stays in float32/64)."""
-    import contextlib
-
-    import torch
-
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 def sampling_times(alpha_bars, top, steps):

@@ -91,9 +91,10 @@ def estimate_rbc_diameter(rgb, progress=None):
     distance R inwards (against its gradient), all meet at the cell's centre. The radius at
     which these votes pile up most tightly, relative to votes cast sideways (which never pile
     up), is the red-cell radius. This works for filled cells, for pale-centred rings, and for
-    overlapping clumps, where the edges are still arcs of the cells' own circles. White cells
-    (the stained blobs holding a nucleus) are left out. Large images are measured on a few
-    windows of the densest parts of the smear.
+    overlapping clumps, where the edges are still arcs of the cells' own circles. A second
+    pass, near the first answer, leaves out the white cells (the stained blobs around the
+    nuclei), which can outvote the red cells in a single-cell image. Large images are measured
+    on the four most stained 1024-px windows; the median is returned.
 
     The result is in the units the shipped model was trained with: the estimate's median over
     PBC training images (30.8 px at the stain-density half-maximum edge) is scaled to the 29 px
@@ -154,7 +155,8 @@ def _radial_symmetry_diameter(rgb, tried):
     nuclei = nucleus_mask(rgb, background)
     labels, count = ndi.label(nuclei)
     sizes = ndi.sum(nuclei, labels, np.arange(1, count + 1))
-    big = np.isin(labels, 1 + np.flatnonzero(sizes >= np.pi * (0.15 * 2 * first) ** 2))
+    # Nuclei at least 0.3 red-cell diameters across (first is a radius).
+    big = np.isin(labels, 1 + np.flatnonzero(sizes >= np.pi * (0.3 * first) ** 2))
     blobs, _ = ndi.label(density > _otsu_threshold(density[~nuclei]))
     white = np.isin(blobs, np.unique(blobs[big])[1:]) | big
     white &= ndi.distance_transform_edt(~big) <= 1.4 * first

@@ -46,7 +46,6 @@ NUCLEUS_GAP = 0.25  # nucleus fragments closer than this belong to one cell (neu
 MIN_WBC_NUCLEUS = 0.5  # equivalent diameter of the smallest nucleus of a nucleated cell
 MIN_PLATELET = 0.12  # smaller nucleus-coloured specks are dust or stain precipitate
 MAX_CYTOPLASM = 0.8  # widest cytoplasm rim around a nucleus
-MAX_WBC_RADIUS = 1.4  # farthest a white cell reaches from its nucleus centre
 MIN_RBC_AREA = 0.2  # red-cell fragments smaller than this fraction of a red cell are dropped
 MIN_EDGE_WBC_AREA = 1.0  # visible area, in red-cell areas, of a white cell cut by the image edge
 MERGE_SOLIDITY = 0.9  # two halves of one cell make a union at least this convex
@@ -91,11 +90,16 @@ class SmearSegmentation:
 
     def table(self, cell_type):
         """The features of one cell type (``"wbc"``, ``"rbc"`` or ``"platelet"``)."""
-        rows = self.features[self.features["cell_type"] == cell_type]
-        return rows.reset_index(drop=True)
+        return self.features[self._rows(cell_type)].reset_index(drop=True)
 
     def count(self, cell_type):
-        return int((self.features["cell_type"] == cell_type).sum())
+        """The number of cells of one type."""
+        return int(self._rows(cell_type).sum())
+
+    def _rows(self, cell_type):
+        if cell_type not in CELL_TYPES:
+            raise ValueError(f"Unknown cell type {cell_type!r}; use one of {CELL_TYPES}.")
+        return self.features["cell_type"] == cell_type
 
     def boxes(self, cell_type="wbc"):
         """Bounding boxes ``[min_row, min_col, max_row, max_col]`` (end-exclusive) as ints."""
@@ -127,7 +131,8 @@ def segment_smear(image, rbc_diameter=None, progress=None, tile_size=DEFAULT_TIL
         Called as ``progress(done, total)`` several times per second of work; raise
         ``progress.Cancelled`` from it to stop.
     tile_size : int
-        Side of the square tiles that large images are cut into (plus an overlap).
+        Side of the square tiles that large images are cut into, each with an overlap of two
+        red-cell diameters (tiles are made at least three overlaps wide).
     workers : int, optional
         Tiles processed at once (threads); default: the CPU count, at most 4.
 
@@ -279,7 +284,7 @@ class _TileWork:
         diameter = constants.rbc_diameter
         self.tracker.check()
         density = _density(_smooth(self.rgb, diameter / 50), constants.background)
-        wbc, nuclei, platelets = _white_cells(self.rgb, density, constants, self.tracker)
+        wbc, nuclei, platelets = _white_cells(density, constants, self.tracker)
         self.tracker.step()
         rbc = _red_cells(density, wbc, platelets, constants, self.tracker)
         self.tracker.step()
@@ -342,7 +347,7 @@ def _smooth(rgb, sigma):
 # ----------------------------------------------------------------------------- white cells
 
 
-def _white_cells(rgb, density, constants, tracker):
+def _white_cells(density, constants, tracker):
     """Return (wbc labels, nucleus labels, platelet labels) of one tile."""
     diameter = constants.rbc_diameter
     score = _purple(density)
@@ -357,7 +362,7 @@ def _white_cells(rgb, density, constants, tracker):
     markers = _relabel(np.where(is_wbc[groups] & nuclei, groups, 0))
     cytoplasm = _cytoplasm_like(density, nuclei, markers, constants)
     tracker.check()
-    wbc = _grow_cells(markers, nuclei, cytoplasm, diameter)
+    wbc = _grow_cells(markers, cytoplasm, diameter)
     # Platelet-sized nucleus fragments inside or against a white cell are part of it.
     platelet_groups = np.where(is_platelet[groups] & nuclei, groups, 0)
     touching = np.unique(platelet_groups[ndi.binary_dilation(wbc > 0)])
@@ -452,7 +457,7 @@ def _cytoplasm_like(density, nuclei, markers, constants):
     return np.argmin(distances, axis=0) == 1
 
 
-def _grow_cells(markers, nuclei, cytoplasm, diameter):
+def _grow_cells(markers, cytoplasm, diameter):
     """Grow each white-cell nucleus into the cytoplasm-like pixels around it.
 
     Touching cells are split between their nuclei.

@@ -80,8 +80,6 @@ def load_model_file(path, device="cpu", name=None):
     )
     unet.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in weights.items()})
     unet.eval().requires_grad_(False).to(device)
-    if device.type == "cuda":
-        unet = unet.to(memory_format=torch.channels_last)  # faster bfloat16 convolutions
     classes = tuple(state.get("classes", CLASSES))
     return DiffusionModel(
         unet=unet,

@@ -21,6 +21,15 @@ def add_noise(x0, t, noise, alpha_bars):
     return a.sqrt() * x0 + (1 - a).sqrt() * noise
 
 
+def autocast(device):
+    """bfloat16 autocast for the network on CUDA; a no-op elsewhere (CPUs run float32)."""
+    import contextlib
+
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
 def to_model_range(images):
     """Map uint8 or [0, 1] float images (batch, 3, H, W) to the model's [-1, 1]."""
     if images.dtype == torch.uint8:
