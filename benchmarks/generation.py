@@ -37,7 +37,7 @@ from napari_cytodiffusion.core import generation
 from napari_cytodiffusion.core.classes import CLASSES
 from napari_cytodiffusion.core.datasets import list_labelled_images, load_pack
 from napari_cytodiffusion.core.model.checkpoint import load_model_file
-from napari_cytodiffusion.core.model.diffusion import ddim_sample
+from napari_cytodiffusion.core.model.diffusion import NUM_TIMESTEPS
 from napari_cytodiffusion.core.turing import normalise_real_cells
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,6 +60,29 @@ def environment():
         "load_average_at_start": os.getloadavg()[0],
         "torch": torch.__version__,
     }
+
+
+@torch.no_grad()
+def ddim_sample(model, class_ids, steps, guidance, generator, alpha_bars, x_start=None):
+    """The plain baseline the samplers are compared with: DDIM, uniform in t, full CFG.
+
+    Runs the whole network twice per step (class and null) and returns model-range images.
+    """
+    n, size = class_ids.shape[0], model.config["image_size"]
+    times = torch.linspace(NUM_TIMESTEPS - 1, 0, steps + 1).round().long()
+    x = torch.randn((n, 3, size, size), generator=generator) if x_start is None else x_start
+    null = torch.full_like(class_ids, model.num_classes)
+    for i in range(steps):
+        t, t_next = times[i], times[i + 1]
+        both = model(torch.cat([x, x]), t.repeat(2 * n), torch.cat([class_ids, null])).float()
+        eps_class, eps_null = both.chunk(2)
+        eps = eps_null + guidance * (eps_class - eps_null)
+        a = alpha_bars[t]
+        a_next = alpha_bars[t_next] if i < steps - 1 else torch.ones(())
+        x0 = ((x - (1 - a).sqrt() * eps) / a.sqrt()).clamp(-1, 1)
+        eps = (x - a.sqrt() * x0) / (1 - a).sqrt()
+        x = a_next.sqrt() * x0 + (1 - a_next).sqrt() * eps
+    return x
 
 
 def part_speed(model, args):

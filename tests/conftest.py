@@ -34,10 +34,9 @@ def wbc_masks_dir():
 @pytest.fixture(scope="session")
 def default_model():
     """The shipped default diffusion model on the CPU, loaded once per test session."""
-    from napari_cytodiffusion.core.model.checkpoint import load_model_file
+    from napari_cytodiffusion.core.weights import load_model
 
-    path = Path(__file__).resolve().parents[1] / "src/napari_cytodiffusion/models"
-    return load_model_file(next(path.glob("*.pt")), device="cpu", name="default")
+    return load_model("default", device="cpu")
 
 
 @pytest.fixture(scope="session")

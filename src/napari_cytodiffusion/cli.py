@@ -63,14 +63,16 @@ def _train(args):
         records = [r for r in records if r.split in ("train", "val")]
         pack = Path(args.out).with_suffix(".cells.npz")
         if not pack.exists():
-            bar = _terminal_bar(len(records), "normalising cells")
+            bar = _progress_bar("normalising cells")
             pack_cells(records, pack, args.resolution, args.rbc_diameter, progress=bar)
     init = None
     if args.init and not args.resume:
         from napari_cytodiffusion.core.weights import model_path
 
-        init = model_path(args.init, progress=_download_bar(f"downloading {args.init}"))
-    bar = _terminal_bar(args.steps, "training")
+        init = model_path(
+            args.init, progress=_progress_bar(f"downloading {args.init}", in_bytes=True)
+        )
+    bar = _progress_bar("training")
     summary = training.train(
         pack,
         args.out,
@@ -88,21 +90,6 @@ def _train(args):
         log=lambda message: print(message, file=sys.stderr),
     )
     print(f"step {summary['step']} saved to {args.out} ({summary['seconds']:.0f} s)")
-
-
-def _terminal_bar(total, description):
-    """Return a progress callback drawing a tqdm bar on stderr."""
-    from tqdm import tqdm
-
-    bar = tqdm(total=total, desc=description, file=sys.stderr, mininterval=1.0)
-
-    def update(done, _total=None, postfix=None):
-        bar.n = done
-        if postfix:
-            bar.set_postfix_str(postfix, refresh=False)
-        bar.refresh() if done >= bar.total else bar.update(0)
-
-    return update
 
 
 def _add_models(subparsers):
@@ -143,10 +130,16 @@ def _models(args):
             )
     elif args.models_command == "download":
         for name in args.names:
-            path = weights.model_path(name, progress=_download_bar(f"downloading {name}"))
+            path = weights.model_path(
+                name, progress=_progress_bar(f"downloading {name}", in_bytes=True)
+            )
             print(f"{name}: {path}")
     elif args.models_command == "path":
-        print(weights.model_path(args.name, progress=_download_bar(f"downloading {args.name}")))
+        print(
+            weights.model_path(
+                args.name, progress=_progress_bar(f"downloading {args.name}", in_bytes=True)
+            )
+        )
     elif not Path(args.file).is_file():
         raise UsageError(f"No such file: {args.file}")
     elif args.update:
@@ -154,31 +147,6 @@ def _models(args):
         print(f"{name}: sha256 {sha256} recorded in {weights.REGISTRY_PATH}")
     else:
         print(weights.file_sha256(args.file))
-
-
-def _download_bar(description):
-    """Return a ``progress(done, total)`` callback drawing a byte-count bar on stderr."""
-    from tqdm import tqdm
-
-    bars = []
-
-    def update(done, total):
-        if not bars:
-            bars.append(
-                tqdm(
-                    total=total or None,
-                    desc=description,
-                    file=sys.stderr,
-                    unit="B",
-                    unit_scale=True,
-                    mininterval=0.5,
-                )
-            )
-        bars[0].update(done - bars[0].n)
-        if total and done >= total:
-            bars[0].close()
-
-    return update
 
 
 def _add_generate(subparsers):
@@ -215,7 +183,7 @@ def _generate(args):
     if args.n < 1 or args.steps < 1:
         raise UsageError("-n and --steps must be at least 1.")
     model = _load_model(args.model, args.device)
-    bar = _counting_bar(f"generating {args.n} {label}")
+    bar = _progress_bar(f"generating {args.n} {label}")
     started = time.perf_counter()
     cells = generation.generate_cells(
         model,
@@ -372,7 +340,7 @@ def _turing(args):
         raise UsageError(f"No such folder or file: {args.real}")
     records = turing.select_real_cells(args.real, args.n, args.seed, args.split)
     real = turing.normalise_real_cells(
-        records, rbc_diameter=args.rbc_diameter, progress=_counting_bar("normalising real cells")
+        records, rbc_diameter=args.rbc_diameter, progress=_progress_bar("normalising real cells")
     )
     model = _load_model(args.model, args.device)
     labels = [r.label for r in records]
@@ -384,7 +352,7 @@ def _turing(args):
         args.steps,
         args.guidance,
         origins=[str(r.path) for r in records],
-        progress=_counting_bar("generating synthetic cells"),
+        progress=_progress_bar("generating synthetic cells"),
     )
     folder, key = turing.export_panel(panel, args.out)
     print(f"{len(panel)} cells in {folder} (give this folder to the expert); key: {key}")
@@ -465,23 +433,9 @@ def _classify(args):
 def _load_model(name_or_path, device):
     from napari_cytodiffusion.core.weights import load_model
 
-    return load_model(name_or_path, device, progress=_download_bar(f"downloading {name_or_path}"))
-
-
-def _counting_bar(description):
-    """Return a ``progress(done, total)`` callback drawing a bar on stderr; total comes with it."""
-    from tqdm import tqdm
-
-    bars = []
-
-    def update(done, total):
-        if not bars:
-            bars.append(tqdm(total=total, desc=description, file=sys.stderr, mininterval=1.0))
-        bars[0].update(done - bars[0].n)
-        if done >= total:
-            bars[0].close()
-
-    return update
+    return load_model(
+        name_or_path, device, progress=_progress_bar(f"downloading {name_or_path}", in_bytes=True)
+    )
 
 
 def _add_segment(subparsers):
@@ -553,6 +507,34 @@ def _write_segmentation(result, stem):
     ):
         tifffile.imwrite(f"{stem}_{kind}_labels.tif", labels.astype("uint32"), compression="zlib")
     result.features.to_csv(f"{stem}_cells.csv", index=False)
+
+
+def _progress_bar(description, in_bytes=False):
+    """Return a ``progress(done, total, postfix=None)`` callback drawing a bar on stderr.
+
+    The bar is made at the first call, when the total is known (a download's size, a task's
+    steps); ``in_bytes`` shows sizes in bytes.
+    """
+    from tqdm import tqdm
+
+    bars = []
+
+    def update(done, total, postfix=None):
+        if not bars:
+            units = {"unit": "B", "unit_scale": True} if in_bytes else {}
+            bars.append(
+                tqdm(
+                    total=total or None, desc=description, file=sys.stderr, mininterval=0.5, **units
+                )
+            )
+        bar = bars[0]
+        if postfix:
+            bar.set_postfix_str(postfix, refresh=False)
+        bar.update(done - bar.n)
+        if total and done >= total:
+            bar.close()
+
+    return update
 
 
 COMMANDS = {

@@ -16,7 +16,7 @@ temperature fitted on the validation split turns them into calibrated probabilit
 """
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -78,7 +78,6 @@ class CellCall:
     needs_review: bool
     unet_evals: int
     seconds: float = 0.0
-    evidence: dict = field(default_factory=dict)
 
     def as_dict(self):
         return {
@@ -371,7 +370,6 @@ def calls_from_errors(model, errors, spent, uncertainty_threshold=None, anomaly_
                     uncertainty[i] > uncertainty_threshold or anomaly[i] > anomaly_threshold
                 ),
                 unet_evals=int(spent[i]),
-                evidence={c: float(e) for c, e in zip(model.classes, against[i], strict=True)},
             )
         )
     return calls
@@ -391,11 +389,8 @@ def anomaly_scores(model, errors, best):
     grid = calibration.get("timestep_grid")
     if not grid or "class_log_error_mean" not in calibration:
         return np.zeros(len(errors))
-    means = np.array(calibration["class_log_error_mean"])[best]  # (n, grid)
-    sds = np.array(calibration["class_log_error_sd"])[best]
-    z = np.full(best_errors.shape, np.nan)
-    for j, t in enumerate(timesteps):
-        mean_t = np.array([np.interp(t, grid, m) for m in means])
-        sd_t = np.array([np.interp(t, grid, s) for s in sds])
-        z[:, j] = (np.log(best_errors[:, j]) - mean_t) / sd_t
+    # The reference of every class at every trial's timestep, (classes, trials).
+    means = np.array([np.interp(timesteps, grid, m) for m in calibration["class_log_error_mean"]])
+    sds = np.array([np.interp(timesteps, grid, s) for s in calibration["class_log_error_sd"]])
+    z = (np.log(best_errors) - means[best]) / sds[best]
     return np.nanmean(z, axis=1)

@@ -14,26 +14,10 @@ from pathlib import Path
 import numpy as np
 
 from napari_cytodiffusion.core.classes import CLASSES
-from napari_cytodiffusion.core.model.checkpoint import MODEL_FORMAT
+from napari_cytodiffusion.core.model.checkpoint import MODEL_FORMAT, resolve_device
 from napari_cytodiffusion.core.progress import Cancelled
 
 DEFAULT_CHANNELS = (64, 128, 192)
-
-
-def resolve_device(device="auto"):
-    """Return a torch device: ``auto`` picks CUDA, then MPS, then CPU."""
-    import torch
-
-    if device in (None, "auto"):
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("CUDA was requested but no CUDA GPU is available; use --device cpu.")
-    return device
 
 
 def augment(batch, out_size, generator, colour_jitter=0.06, zoom=0.12, shift=0.06):

@@ -46,6 +46,22 @@ class DiffusionModel:
         return len(self.classes)
 
 
+def resolve_device(device="auto"):
+    """Return a torch device: ``auto`` picks CUDA, then MPS, then CPU."""
+    import torch
+
+    if device in (None, "auto"):
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("CUDA was requested but no CUDA GPU is available; use --device cpu.")
+    return device
+
+
 def load_model_file(path, device="cpu", name=None):
     """Load a model file written by ``export_model`` or a training checkpoint.
 
@@ -60,7 +76,6 @@ def load_model_file(path, device="cpu", name=None):
 
     from napari_cytodiffusion.core.model.diffusion import cosine_alpha_bars
     from napari_cytodiffusion.core.model.unet import CellUNet
-    from napari_cytodiffusion.core.training import resolve_device
 
     device = resolve_device(device)
     try:
