@@ -26,17 +26,15 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
+from _common import DATA, RESULTS, pbc_records  # noqa: E402
 from _metrics import auroc, call_metrics  # noqa: E402
 
 from napari_cytodiffusion.core.classes import CLASSES  # noqa: E402
-from napari_cytodiffusion.core.weights import load_model  # noqa: E402
-
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-RESULTS = Path(__file__).parent / "results"
+from napari_cytodiffusion.core.model.weights import load_model  # noqa: E402
 
 
 def h100(args):
-    from napari_cytodiffusion.core.classify import calls_from_errors
+    from napari_cytodiffusion.core.model.classifier import calls_from_errors
 
     model = load_model("default", device="cpu")
     folder = Path(args.folder)
@@ -59,9 +57,7 @@ def h100(args):
 
 
 def _test_records(n, seed=0):
-    from napari_cytodiffusion.core.datasets import list_labelled_images
-
-    records = [r for r in list_labelled_images(DATA / "pbc" / "splits.csv") if r.split == "test"]
+    records = pbc_records("test")
     rng = np.random.default_rng(seed)
     return [records[i] for i in sorted(rng.choice(len(records), n, replace=False))]
 
@@ -69,8 +65,8 @@ def _test_records(n, seed=0):
 def cpu(args):
     import torch
 
-    from napari_cytodiffusion.core.analysis import classify_image, shared_rbc_diameter
     from napari_cytodiffusion.core.io import read_image
+    from napari_cytodiffusion.core.tasks.classify import classify, shared_rbc_diameter
 
     torch.set_num_threads(args.threads)
     model = load_model("default", device="cpu")
@@ -80,7 +76,7 @@ def cpu(args):
     calls, seconds = [], []
     for record in records:
         started = time.perf_counter()
-        result = classify_image(read_image(record.path), model, segment=False, rbc_diameter=scale)
+        result = classify(read_image(record.path), model, segment=False, rbc_diameter=scale)
         seconds.append(time.perf_counter() - started)
         calls.extend(result.calls)
     report = call_metrics(calls, [r.label for r in records], CLASSES)
@@ -100,10 +96,10 @@ def _cbc_cells(limit):
     """White cells of the CBC test fields, cut at the centre of their annotated boxes."""
     import xml.etree.ElementTree as ET
 
-    from napari_cytodiffusion.core.crops import crop_cell
-    from napari_cytodiffusion.core.image import to_rgb_float
     from napari_cytodiffusion.core.io import read_image
-    from napari_cytodiffusion.core.scale import background_colour, estimate_rbc_diameter
+    from napari_cytodiffusion.core.smear.crops import crop_cell
+    from napari_cytodiffusion.core.smear.image import to_rgb_float
+    from napari_cytodiffusion.core.smear.scale import background_colour, estimate_rbc_diameter
 
     crops = []
     for xml in sorted((DATA / "cbc" / "test" / "annotations").glob("*.xml")):
@@ -124,8 +120,8 @@ def _cbc_cells(limit):
 
 
 def _other_microscope_cells(limit):
-    from napari_cytodiffusion.core.datasets import normalised_cell
     from napari_cytodiffusion.core.io import read_image
+    from napari_cytodiffusion.core.smear.crops import normalised_cell
 
     files = sorted((DATA / "segmentation_wbc_dataset1").glob("*_image.png"))[:limit]
     return np.stack([normalised_cell(read_image(f), 64) for f in files])
@@ -134,9 +130,9 @@ def _other_microscope_cells(limit):
 def shift(args):
     import torch
 
-    from napari_cytodiffusion.core.classify import classify_crops
-    from napari_cytodiffusion.core.datasets import normalised_cell
     from napari_cytodiffusion.core.io import read_image
+    from napari_cytodiffusion.core.model.classifier import classify_crops
+    from napari_cytodiffusion.core.smear.crops import normalised_cell
 
     torch.set_num_threads(args.threads)
     model = load_model("default", device="cpu")

@@ -22,12 +22,9 @@ import numpy as np
 import torch
 
 from napari_cytodiffusion.core.datasets import load_pack
-from napari_cytodiffusion.core.model.diffusion import (
-    NUM_TIMESTEPS,
-    paired_denoising_errors,
-    to_model_range,
-)
-from napari_cytodiffusion.core.weights import file_sha256, load_model, model_path
+from napari_cytodiffusion.core.model.batches import paired_predictions
+from napari_cytodiffusion.core.model.diffusion import NUM_TIMESTEPS, add_noise, to_model_range
+from napari_cytodiffusion.core.model.weights import file_sha256, load_model, model_path
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -57,11 +54,10 @@ def measure(model, x0, labels, bins, batch_size, seed):
     for start in range(0, len(x0), batch_size):
         part = slice(start, start + batch_size)
         candidates = torch.stack([labels[part], null[part]], dim=1)
-        errors.append(
-            paired_denoising_errors(
-                model.unet, x0[part], t[part], noise[part], candidates, model.alpha_bars
-            )
-        )
+        noisy = add_noise(x0[part], t[part], noise[part], model.alpha_bars)
+        with torch.no_grad():
+            predicted = paired_predictions(model.unet, noisy, t[part], candidates)
+        errors.append(((predicted - noise[part][:, None]) ** 2).mean(dim=(2, 3, 4)))
     return t, torch.cat(errors).numpy()
 
 

@@ -27,29 +27,26 @@ import argparse
 import json
 import os
 import platform
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from napari_cytodiffusion.core import generation
-from napari_cytodiffusion.core.classes import CLASSES
-from napari_cytodiffusion.core.datasets import list_labelled_images, load_pack
-from napari_cytodiffusion.core.model.checkpoint import load_model_file
-from napari_cytodiffusion.core.model.diffusion import NUM_TIMESTEPS
-from napari_cytodiffusion.core.turing import normalise_real_cells
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import REPO, RESULTS, pbc_records  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
-MODEL = ROOT / "src/napari_cytodiffusion/models/cytodiffusion-pbc64-v1.pt"
-PBC = ROOT.parent / "shared/data/pbc"
-PACK = ROOT / "work_data/pbc_train_val_64.npz"
-RESULTS = ROOT / "benchmarks/results"
+from napari_cytodiffusion.core.classes import CLASSES  # noqa: E402
+from napari_cytodiffusion.core.datasets import load_pack  # noqa: E402
+from napari_cytodiffusion.core.model import generation, sampling  # noqa: E402
+from napari_cytodiffusion.core.model.diffusion import NUM_TIMESTEPS  # noqa: E402
+from napari_cytodiffusion.core.model.weights import load_model  # noqa: E402
+from napari_cytodiffusion.core.turing import normalise_real_cells  # noqa: E402
+
+MODEL = "cytodiffusion-pbc64-v1"  # loaded through the registry, so its sha256 is checked
+PACK = REPO / "work_data/pbc_train_val_64.npz"
 PBC_RBC_DIAMETER = 29.0  # the red-cell diameter PBC's 160-px images were packed with
-
-
-def load_model():
-    return load_model_file(MODEL, "cpu", name="cytodiffusion-pbc64-v1")
 
 
 def environment():
@@ -118,10 +115,10 @@ def part_steps(model, args):
     """RMSE to a converged reference, per sampler and step count, from the same noise."""
     n = 16
     class_ids = torch.arange(n) % len(CLASSES)
-    noise = generation.cell_noise(range(n), model.image_size)
+    noise = sampling.cell_noise(range(n), model.image_size)
 
     def run(steps, sampler):
-        x = generation.denoise(
+        x = sampling.denoise(
             model.unet, noise.clone(), class_ids, model.alpha_bars, steps, 2.0, sampler
         )
         return (x + 1) / 2
@@ -129,7 +126,7 @@ def part_steps(model, args):
     reference = run(200, "dpm++2m")
     rows = []
     for steps in (5, 8, 10, 15, 20, 30, 50):
-        for sampler in generation.SAMPLERS:
+        for sampler in sampling.SAMPLERS:
             error = float((run(steps, sampler) - reference).pow(2).mean().sqrt())
             rows.append({"sampler": sampler, "steps": steps, "rmse_to_converged": error})
             print(rows[-1], flush=True)
@@ -168,7 +165,7 @@ def real_test_cells(per_class, cache):
     if path.exists():
         with np.load(path) as data:
             return data["images"], data["labels"]
-    records = [r for r in list_labelled_images(PBC / "splits.csv") if r.split == "test"]
+    records = pbc_records("test")
     rng = np.random.default_rng(0)
     chosen = []
     for label in CLASSES:
@@ -233,7 +230,7 @@ def part_realism(model, args):
         "per_class": args.per_class,
         "steps": args.steps,
         "guidance": args.guidance,
-        "sampler": generation.DEFAULT_SAMPLER,
+        "sampler": sampling.DEFAULT_SAMPLER,
         "seconds_per_synthetic_cell": seconds,
         "one_nn_accuracy": {},
     }
@@ -252,10 +249,11 @@ def part_baselines(model, args):
     """The same 1-NN test between real test cells and real *training* cells, as they are and
     as the model saw them in training (randomly augmented): what a perfect generator of the
     training distribution would score."""
-    from napari_cytodiffusion.core.training import augment
+    from napari_cytodiffusion.core.model.training import augment
 
     real, real_labels = real_test_cells(args.per_class, args.cache)
-    images, labels, _, _ = load_pack(PACK, splits=("train",))
+    pack = load_pack(PACK, splits=("train",))
+    images, labels = pack.images, pack.labels
     rng = np.random.default_rng(1)
     chosen = np.concatenate(
         [
@@ -340,7 +338,7 @@ def nearest_distances(queries, reference, exclude_self=False, chunk=256):
 
 
 def part_memorisation(model, args):
-    images, labels, splits, _ = load_pack(PACK, splits=("train",))
+    images = load_pack(PACK, splits=("train",)).images
     offset = (images.shape[1] - 64) // 2
     train = images[:, offset : offset + 64, offset : offset + 64].astype(np.float32) / 255
     train32 = train.reshape(len(train), 32, 2, 32, 2, 3).mean(axis=(2, 4))
@@ -397,11 +395,11 @@ def _closest_pairs_figure(synthetic, train, distances, index, labels):
         "The 8 synthetic cells closest to a training cell (top) and that training cell", fontsize=9
     )
     figure.tight_layout()
-    figure.savefig(ROOT / "docs/images/generation_memorisation.png", dpi=100)
+    figure.savefig(REPO / "docs/images/generation_memorisation.png", dpi=100)
 
 
 def part_fidelity(model, args):
-    from napari_cytodiffusion.core.classify import classify_crops
+    from napari_cytodiffusion.core.model.classifier import classify_crops
 
     synthetic, labels, _ = synthetic_cells(
         model, args.per_class, args.steps, args.guidance, args.cache
@@ -435,133 +433,145 @@ def write_markdown(results):
         "Made by `benchmarks/generation.py`; raw numbers in generation.json.",
         "",
     ]
-    if "speed" in results:
-        speed = results["speed"]
-        env = speed["environment"]
-        lines += [
-            "## Speed (8 cells, guidance 2)",
-            "",
-            f"CPU: {env['cores']} cores shared with other jobs (load average "
-            f"{env['load_average_at_start']:.1f} at start), {env['torch_threads']} torch threads.",
-            "",
-            "| sampler | steps | seconds for 8 cells | seconds per cell |",
-            "|---|---|---|---|",
-        ]
-        for r in speed["runs"]:
-            seconds = r["seconds_8_cells"]
-            lines.append(f"| {r['sampler']} | {r['steps']} | {seconds:.2f} | {seconds / 8:.2f} |")
-        lines.append("")
-    if "steps" in results:
-        steps = results["steps"]
-        samplers = list(dict.fromkeys(r["sampler"] for r in steps["runs"]))
-        counts = sorted({r["steps"] for r in steps["runs"]})
-        table = {(r["sampler"], r["steps"]): r["rmse_to_converged"] for r in steps["runs"]}
-        lines += [
-            "## Accuracy versus steps",
-            "",
-            f"RMSE (pixel units, [0, 1]) of {steps['cells']} cells to the converged ODE solution "
-            f"({steps['reference']}) from the same noise; lower is better.",
-            "",
-            "| steps | " + " | ".join(samplers) + " |",
-            "|---" * (len(samplers) + 1) + "|",
-        ]
-        for n in counts:
-            lines.append(f"| {n} | " + " | ".join(f"{table[(s, n)]:.4f}" for s in samplers) + " |")
-        lines.append("")
-    if "realism" in results:
-        realism = results["realism"]
-        spaces = list(realism["one_nn_accuracy"])
-        lines += [
-            "## Realism: 1-NN two-sample test (leave-one-out)",
-            "",
-            f"{realism['per_class']} real PBC test cells and {realism['per_class']} synthetic "
-            f"cells per class ({realism['sampler']}, {realism['steps']} steps, "
-            f"guidance {realism['guidance']}). "
-            "0.5 = indistinguishable; target <= 0.65.",
-            "",
-            "| class | " + " | ".join(spaces) + " |",
-            "|---" * (len(spaces) + 1) + "|",
-        ]
-        for label in [*CLASSES, "mean"]:
-            lines.append(
-                f"| {label} | "
-                + " | ".join(f"{realism['one_nn_accuracy'][s][label]:.3f}" for s in spaces)
-                + " |"
-            )
-        lines.append("")
-    if "baselines" in results:
-        b = results["baselines"]["one_nn_accuracy"]
-        lines += [
-            "## Realism baselines: real test cells against real training cells",
-            "",
-            "The same 1-NN test with training cells in place of synthetic ones: as they are, and "
-            "randomly augmented as in training (rotation, flip, zoom, shift, colour jitter), the "
-            "distribution the model learned. A perfect generator would score the latter.",
-            "",
-            "| compared with | pixels_16x16 | unet_encoder |",
-            "|---|---|---|",
-        ]
-        for name, spaces in b.items():
-            pixels, encoder = spaces["pixels_16x16"]["mean"], spaces["unet_encoder"]["mean"]
-            lines.append(f"| {name} | {pixels:.3f} | {encoder:.3f} |")
-        lines.append("")
-    if "guidance" in results:
-        g = results["guidance"]
-        lines += [
-            "## Realism versus guidance",
-            "",
-            f"Mean 1-NN accuracy over the classes ({g['per_class']} real and synthetic cells per "
-            f"class, {g['steps']} steps); seconds per cell on one shared CPU thread.",
-            "",
-            "| guidance | pixels_16x16 | unet_encoder | seconds per cell |",
-            "|---|---|---|---|",
-        ]
-        for r in g["runs"]:
-            lines.append(
-                f"| {r['guidance']} | {r['pixels_16x16']:.3f} | {r['unet_encoder']:.3f} | "
-                f"{r['seconds_per_cell']:.2f} |"
-            )
-        lines.append("")
-    if "memorisation" in results:
-        m = results["memorisation"]
-        lines += [
-            "## Memorisation",
-            "",
-            f"Distance: {m['space']}. {m['synthetic_cells']} synthetic cells against all "
-            f"{m['training_crops']} training crops; train-to-train from {m['train_sample']} "
-            "training crops.",
-            "",
-            "| nearest-neighbour distance | p1 | p5 | p50 | p95 |",
-            "|---|---|---|---|---|",
-        ]
-        for key in ("synthetic_to_train_nn", "train_to_train_nn"):
-            p = m[key]
-            lines.append(
-                f"| {key} | {p['p1']:.4f} | {p['p5']:.4f} | {p['p50']:.4f} | {p['p95']:.4f} |"
-            )
-        lines += [
-            "",
-            f"Median ratio synthetic/train: {m['ratio_of_medians']:.2f}; synthetic cells closer "
-            "to a training cell than 1 % of training cells are to each other: "
-            f"{m['synthetic_below_train_1st_percentile']} of {m['synthetic_cells']}; exact "
-            f"duplicates among training crops in the sample: "
-            f"{m['train_to_train_exact_duplicates']}.",
-            "",
-        ]
-    if "fidelity" in results:
-        f = results["fidelity"]
-        lines += [
-            "## Class fidelity",
-            "",
-            f"{f['classifier']} on {f['cells_per_class']} generated cells per class: "
-            f"accuracy {f['accuracy']:.3f} (target >= 0.90).",
-            "",
-            "| class | accuracy |",
-            "|---|---|",
-        ]
-        lines += [f"| {c} | {a:.2f} |" for c, a in f["accuracy_by_class"].items()]
-        lines.append("")
+    for part, section in SECTIONS.items():
+        if part in results:
+            lines += section(results[part]) + [""]
     (RESULTS / "generation.md").write_text("\n".join(lines))
+
+
+def _table(header, rows):
+    """Markdown table lines from a header and rows of cells."""
+    lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
+    return lines + ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+
+
+def _speed_section(speed):
+    env = speed["environment"]
+    rows = [
+        (r["sampler"], r["steps"], f"{r['seconds_8_cells']:.2f}", f"{r['seconds_8_cells'] / 8:.2f}")
+        for r in speed["runs"]
+    ]
+    return [
+        "## Speed (8 cells, guidance 2)",
+        "",
+        f"CPU: {env['cores']} cores shared with other jobs (load average "
+        f"{env['load_average_at_start']:.1f} at start), {env['torch_threads']} torch threads.",
+        "",
+        *_table(("sampler", "steps", "seconds for 8 cells", "seconds per cell"), rows),
+    ]
+
+
+def _steps_section(steps):
+    samplers = list(dict.fromkeys(r["sampler"] for r in steps["runs"]))
+    counts = sorted({r["steps"] for r in steps["runs"]})
+    table = {(r["sampler"], r["steps"]): r["rmse_to_converged"] for r in steps["runs"]}
+    rows = [(n, *(f"{table[(s, n)]:.4f}" for s in samplers)) for n in counts]
+    return [
+        "## Accuracy versus steps",
+        "",
+        f"RMSE (pixel units, [0, 1]) of {steps['cells']} cells to the converged ODE solution "
+        f"({steps['reference']}) from the same noise; lower is better.",
+        "",
+        *_table(("steps", *samplers), rows),
+    ]
+
+
+def _realism_section(realism):
+    spaces = list(realism["one_nn_accuracy"])
+    rows = [
+        (label, *(f"{realism['one_nn_accuracy'][s][label]:.3f}" for s in spaces))
+        for label in [*CLASSES, "mean"]
+    ]
+    return [
+        "## Realism: 1-NN two-sample test (leave-one-out)",
+        "",
+        f"{realism['per_class']} real PBC test cells and {realism['per_class']} synthetic "
+        f"cells per class ({realism['sampler']}, {realism['steps']} steps, "
+        f"guidance {realism['guidance']}). 0.5 = indistinguishable; target <= 0.65.",
+        "",
+        *_table(("class", *spaces), rows),
+    ]
+
+
+def _baselines_section(baselines):
+    rows = [
+        (name, f"{s['pixels_16x16']['mean']:.3f}", f"{s['unet_encoder']['mean']:.3f}")
+        for name, s in baselines["one_nn_accuracy"].items()
+    ]
+    return [
+        "## Realism baselines: real test cells against real training cells",
+        "",
+        "The same 1-NN test with training cells in place of synthetic ones: as they are, and "
+        "randomly augmented as in training (rotation, flip, zoom, shift, colour jitter), the "
+        "distribution the model learned. A perfect generator would score the latter.",
+        "",
+        *_table(("compared with", "pixels_16x16", "unet_encoder"), rows),
+    ]
+
+
+def _guidance_section(guidance):
+    rows = [
+        (
+            r["guidance"],
+            f"{r['pixels_16x16']:.3f}",
+            f"{r['unet_encoder']:.3f}",
+            f"{r['seconds_per_cell']:.2f}",
+        )
+        for r in guidance["runs"]
+    ]
+    return [
+        "## Realism versus guidance",
+        "",
+        f"Mean 1-NN accuracy over the classes ({guidance['per_class']} real and synthetic cells "
+        f"per class, {guidance['steps']} steps); seconds per cell on one shared CPU thread.",
+        "",
+        *_table(("guidance", "pixels_16x16", "unet_encoder", "seconds per cell"), rows),
+    ]
+
+
+def _memorisation_section(m):
+    rows = [
+        (key, *(f"{m[key][p]:.4f}" for p in ("p1", "p5", "p50", "p95")))
+        for key in ("synthetic_to_train_nn", "train_to_train_nn")
+    ]
+    return [
+        "## Memorisation",
+        "",
+        f"Distance: {m['space']}. {m['synthetic_cells']} synthetic cells against all "
+        f"{m['training_crops']} training crops; train-to-train from {m['train_sample']} "
+        "training crops.",
+        "",
+        *_table(("nearest-neighbour distance", "p1", "p5", "p50", "p95"), rows),
+        "",
+        f"Median ratio synthetic/train: {m['ratio_of_medians']:.2f}; synthetic cells closer "
+        "to a training cell than 1 % of training cells are to each other: "
+        f"{m['synthetic_below_train_1st_percentile']} of {m['synthetic_cells']}; exact "
+        f"duplicates among training crops in the sample: "
+        f"{m['train_to_train_exact_duplicates']}.",
+    ]
+
+
+def _fidelity_section(f):
+    rows = [(c, f"{a:.2f}") for c, a in f["accuracy_by_class"].items()]
+    return [
+        "## Class fidelity",
+        "",
+        f"{f['classifier']} on {f['cells_per_class']} generated cells per class: "
+        f"accuracy {f['accuracy']:.3f} (target >= 0.90).",
+        "",
+        *_table(("class", "accuracy"), rows),
+    ]
+
+
+SECTIONS = {
+    "speed": _speed_section,
+    "steps": _steps_section,
+    "realism": _realism_section,
+    "baselines": _baselines_section,
+    "guidance": _guidance_section,
+    "memorisation": _memorisation_section,
+    "fidelity": _fidelity_section,
+}
 
 
 PARTS = {
@@ -581,8 +591,8 @@ def main():
     parser.add_argument(
         "--per-class", type=int, default=50, help="real and synthetic cells per class"
     )
-    parser.add_argument("--steps", type=int, default=generation.DEFAULT_STEPS)
-    parser.add_argument("--guidance", type=float, default=generation.DEFAULT_GUIDANCE)
+    parser.add_argument("--steps", type=int, default=sampling.DEFAULT_STEPS)
+    parser.add_argument("--guidance", type=float, default=sampling.DEFAULT_GUIDANCE)
     parser.add_argument(
         "--train-sample", type=int, default=1000, help="training crops for train-train NN"
     )
@@ -591,7 +601,7 @@ def main():
     parser.add_argument("--cache", default="/tmp/cytodiffusion_generation_bench")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    model = load_model()
+    model = load_model(MODEL, device="cpu")
     path = RESULTS / "generation.json"
     results = json.loads(path.read_text()) if path.exists() else {}
     for name in args.parts.split(","):

@@ -24,11 +24,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from napari_cytodiffusion.core.calibration import fit_calibration
 from napari_cytodiffusion.core.classes import CLASSES
-from napari_cytodiffusion.core.classify import class_errors
-from napari_cytodiffusion.core.generation import generate_cells
+from napari_cytodiffusion.core.model.calibration import fit_calibration
 from napari_cytodiffusion.core.model.checkpoint import load_model_file
+from napari_cytodiffusion.core.model.classifier import class_errors
+from napari_cytodiffusion.core.model.generation import generate_cells
 
 
 def timed(function):

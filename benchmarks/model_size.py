@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from napari_cytodiffusion.core.weights import load_model
+from napari_cytodiffusion.core.model.weights import load_model
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ENCODER_MODULES = ("time_mlp", "stem", "down", "downsample")

@@ -24,9 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-DATA = REPO.parent / "shared" / "data"
-RESULTS = REPO / "benchmarks" / "results"
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import DATA, RESULTS  # noqa: E402
 
 
 def read_rgb(path):
@@ -71,7 +70,7 @@ def match_boxes(predicted, truth, threshold=0.5):
 
 
 def cbc_benchmark(split, limit=None):
-    from napari_cytodiffusion.core.segmentation import segment_smear
+    from napari_cytodiffusion.core.smear.segmentation import segment_smear
 
     images = sorted((DATA / "cbc" / split / "images").glob("*.jpg"))[:limit]
     tp = n_pred = n_true = 0
@@ -145,7 +144,7 @@ def dice(a, b):
 
 
 def wbc1_benchmark(limit=None, rbc_diameter=None):
-    from napari_cytodiffusion.core.segmentation import segment_smear
+    from napari_cytodiffusion.core.smear.segmentation import segment_smear
 
     folder = DATA / "segmentation_wbc_dataset1"
     images = sorted(folder.glob("*_image.png"))[:limit]
@@ -179,7 +178,7 @@ def wbc1_benchmark(limit=None, rbc_diameter=None):
 SPEED_SCRIPT = """
 import json, resource, sys, time
 import numpy as np
-from napari_cytodiffusion.core.segmentation import segment_smear
+from napari_cytodiffusion.core.smear.segmentation import segment_smear
 mosaic = np.load(sys.argv[1])
 start = time.perf_counter()
 result = segment_smear(mosaic, workers=int(sys.argv[2]))

@@ -1,7 +1,7 @@
 """Training throughput in images per second: measured here on the CPU, and read from the log of
 the H100 run that trained the shipped model.
 
-The CPU figure times the real training loop (:func:`napari_cytodiffusion.core.training.train`:
+The CPU figure times the real training loop (:func:`napari_cytodiffusion.core.model.training.train`:
 augmentation, forward, backward, optimiser and EMA update) at the default configuration, batch
 32 at 64 px, on a small train-only pack of PBC cells, between the progress reports of the first
 and the last step (the first step, which warms up, is left out).
@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from napari_cytodiffusion.core.datasets import list_labelled_images, pack_cells
-from napari_cytodiffusion.core.training import DEFAULT_CHANNELS, train
+from napari_cytodiffusion.core.model.training import DEFAULT_CHANNELS, train
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"

@@ -34,7 +34,7 @@ def wbc_masks_dir():
 @pytest.fixture(scope="session")
 def default_model():
     """The shipped default diffusion model on the CPU, loaded once per test session."""
-    from napari_cytodiffusion.core.weights import load_model
+    from napari_cytodiffusion.core.model.weights import load_model
 
     return load_model("default", device="cpu")
 

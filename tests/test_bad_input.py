@@ -5,8 +5,8 @@ import pytest
 
 from napari_cytodiffusion._sample_data import sample_path
 from napari_cytodiffusion.cli import main
-from napari_cytodiffusion.core.image import ImageError
-from napari_cytodiffusion.core.segmentation import segment_smear
+from napari_cytodiffusion.core.smear.image import ImageError
+from napari_cytodiffusion.core.smear.segmentation import segment_smear
 
 RGB = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
 

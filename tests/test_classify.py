@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from napari_cytodiffusion.core.classify import (
+from napari_cytodiffusion.core.model.classifier import (
     MAX_TRIALS,
     TIMESTEP_RANGE,
     class_errors,
@@ -24,8 +24,8 @@ EXAMPLES = {
 
 @pytest.fixture(scope="module")
 def pbc_crops(pbc_dir):
-    from napari_cytodiffusion.core.datasets import normalised_cell
     from napari_cytodiffusion.core.io import read_image
+    from napari_cytodiffusion.core.smear.crops import normalised_cell
 
     crops = [normalised_cell(read_image(pbc_dir / path), 64, 29.0) for path in EXAMPLES.values()]
     return np.stack(crops), list(EXAMPLES)
@@ -91,7 +91,7 @@ def test_wrong_crops_are_refused_with_a_clear_message(default_model):
 def test_calibration_is_fitted_from_validation_errors(default_model):
     import copy
 
-    from napari_cytodiffusion.core.calibration import fit_calibration
+    from napari_cytodiffusion.core.model.calibration import fit_calibration
 
     rng = np.random.default_rng(0)
     labels = np.repeat(np.arange(8), 12)
@@ -107,12 +107,10 @@ def test_calibration_is_fitted_from_validation_errors(default_model):
 
 
 def test_single_cell_image_is_classified_end_to_end(default_model, pbc_dir):
-    from napari_cytodiffusion.core.analysis import calls_table, classify_image
     from napari_cytodiffusion.core.io import read_image
+    from napari_cytodiffusion.core.tasks.classify import calls_table, classify
 
-    result = classify_image(
-        read_image(pbc_dir / EXAMPLES["lymphocyte"]), default_model, segment=False
-    )
+    result = classify(read_image(pbc_dir / EXAMPLES["lymphocyte"]), default_model, segment=False)
     assert result.cell_ids == [None] and len(result.calls) == 1
     assert result.calls[0].label == "lymphocyte"
     assert 25 < result.rbc_diameter < 33  # PBC's red cells are about 29 px
@@ -122,30 +120,32 @@ def test_single_cell_image_is_classified_end_to_end(default_model, pbc_dir):
 
 
 def test_a_batch_of_single_cell_images_shares_one_scale(pbc_dir):
-    from napari_cytodiffusion.core.analysis import shared_rbc_diameter
-    from napari_cytodiffusion.core.image import to_rgb_float
     from napari_cytodiffusion.core.io import read_image
-    from napari_cytodiffusion.core.scale import estimate_rbc_diameter
+    from napari_cytodiffusion.core.smear.image import to_rgb_float
+    from napari_cytodiffusion.core.smear.scale import estimate_rbc_diameter
+    from napari_cytodiffusion.core.tasks.classify import shared_rbc_diameter
 
-    # A large eosinophil outvotes the red cells of its own image (a known miss)...
+    # A large eosinophil once outvoted the red cells of its own image (an estimate above
+    # 45 px); with one chromatin measure shared by the scale estimate and the segmentation,
+    # its white cell is left out of the vote and the red cells are measured.
     eosinophil = pbc_dir / EXAMPLES["eosinophil"]
-    assert estimate_rbc_diameter(to_rgb_float(read_image(eosinophil))) > 45
-    # ...but the median over images of the same scanner is right.
+    assert 25 < estimate_rbc_diameter(to_rgb_float(read_image(eosinophil))) < 33
+    # The median over images of the same scanner is right.
     paths = [pbc_dir / path for path in EXAMPLES.values()] + [pbc_dir / "missing.jpg"]
     assert 26 < shared_rbc_diameter(paths) < 32
 
 
 def test_given_labels_are_classified_at_their_centroids(default_model, pbc_dir):
-    from napari_cytodiffusion.core.analysis import classify_image, differential_count
     from napari_cytodiffusion.core.io import read_image
+    from napari_cytodiffusion.core.tasks.classify import classify, differential_count
 
     image = read_image(pbc_dir / EXAMPLES["lymphocyte"])
     labels = np.zeros(image.shape[:2], np.uint32)
     labels[60:100, 60:100] = 7  # the central lymphocyte
-    result = classify_image(image, default_model, labels=labels, rbc_diameter=29.0)
+    result = classify(image, default_model, labels=labels, rbc_diameter=29.0)
     assert result.cell_ids == [7]
     np.testing.assert_allclose(result.centres[0], [79.5, 79.5])
     counts = differential_count([c.label for c in result.calls], default_model.classes)
     assert counts["count"].sum() == 1 and counts["percent"].max() == 100.0
     with pytest.raises(ValueError, match="do not match"):
-        classify_image(image, default_model, labels=labels[:10])
+        classify(image, default_model, labels=labels[:10])

@@ -6,16 +6,19 @@ from PIL import Image
 from scipy import ndimage as ndi
 
 from napari_cytodiffusion import cli
-from napari_cytodiffusion.core import counterfactual
 from napari_cytodiffusion.core.classes import CLASSES
-from napari_cytodiffusion.core.crops import (
+from napari_cytodiffusion.core.model import counterfactual
+from napari_cytodiffusion.core.model.generation import generate_cells
+from napari_cytodiffusion.core.smear.crops import (
     FIELD_OF_VIEW_RBC,
     REFERENCE_BACKGROUND,
     crop_cell,
     crop_placement,
     crop_to_image,
+    labelled_cell_sites,
+    model_crop_site,
 )
-from napari_cytodiffusion.core.generation import generate_cells
+from napari_cytodiffusion.core.smear.prepare import PreparedSmear
 
 
 @pytest.fixture(scope="module")
@@ -63,21 +66,22 @@ def test_crop_values_go_back_to_their_image_pixels():
 
 
 def test_a_model_crop_is_its_own_crop(cell):
-    site = counterfactual.model_crop_site(64)
+    site = model_crop_site(64)
     np.testing.assert_array_equal(site.crop(cell, 64), cell)
 
 
 def test_labelled_cell_site_is_the_label_centroid():
     rgb = np.full((80, 90, 3), 0.9, np.float32)
+    smear = PreparedSmear(rgb, np.full(3, 0.9, np.float32), 10.0)
     labels = np.zeros((80, 90), np.uint16)
     labels[20:31, 40:61] = 7
-    site = counterfactual.labelled_cell_site(rgb, labels, 7, rbc_diameter=10.0)
+    (site,) = labelled_cell_sites(smear, labels, [7])
     assert site.centre == (pytest.approx(25.0), pytest.approx(50.0))
     assert site.rbc_diameter == 10.0
     with pytest.raises(ValueError, match="No cell with label 3"):
-        counterfactual.labelled_cell_site(rgb, labels, 3, rbc_diameter=10.0)
+        labelled_cell_sites(smear, labels, [3])
     with pytest.raises(ValueError, match="differ in shape"):
-        counterfactual.labelled_cell_site(rgb, labels[:10], 7, rbc_diameter=10.0)
+        labelled_cell_sites(smear, labels[:10], [7])
 
 
 def test_maps_towards_every_class(explanation):
@@ -161,7 +165,7 @@ def test_figures_render(explanation, cell, tmp_path):
     figure.savefig(tmp_path / "cell.png")
     grid = np.random.default_rng(0).random((8, 8, 64, 64)).astype(np.float32)
     counts = np.array([0, 1, 2, 0, 0, 0, 3, 0])
-    counterfactual.grid_figure(grid, counts, np.zeros((8, 64, 64, 3))).savefig(
+    counterfactual.grid_figure(grid, counts, np.zeros((8, 64, 64, 3)), CLASSES).savefig(
         tmp_path / "grid.png"
     )
     assert Image.open(tmp_path / "cell.png").size[0] > Image.open(tmp_path / "cell.png").size[1]

@@ -7,8 +7,8 @@ import pandas as pd
 import pytest
 
 from napari_cytodiffusion._widgets._counterfactual import CounterfactualWidget, FigureDock
-from napari_cytodiffusion.core.crops import REFERENCE_BACKGROUND, crop_placement
-from napari_cytodiffusion.core.generation import generate_cells
+from napari_cytodiffusion.core.model.generation import generate_cells
+from napari_cytodiffusion.core.smear.crops import REFERENCE_BACKGROUND, crop_placement
 
 PIXEL = 0.5  # world units per image pixel, to check that layer scales compose
 RBC = 51.2  # red-cell diameter in image pixels: 2 image pixels per crop pixel

@@ -8,9 +8,9 @@ import torch
 from PIL import Image
 
 from napari_cytodiffusion import cli
-from napari_cytodiffusion.core import generation
-from napari_cytodiffusion.core.crops import REFERENCE_BACKGROUND
+from napari_cytodiffusion.core.model import generation, sampling
 from napari_cytodiffusion.core.model.diffusion import cosine_alpha_bars
+from napari_cytodiffusion.core.smear.crops import REFERENCE_BACKGROUND
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +56,7 @@ def test_bad_requests_are_explained(default_model, label, n, message):
 
 def test_sampling_times_are_even_in_log_snr():
     alpha_bars = cosine_alpha_bars()
-    times = generation.sampling_times(alpha_bars, 999, 10)
+    times = sampling.sampling_times(alpha_bars, 999, 10)
     assert times[0] == 999 and times[-1] == 0 and len(times) == 11
     assert torch.all(times[1:] < times[:-1])
     log_snr = 0.5 * torch.log(alpha_bars[times] / (1 - alpha_bars[times]))
@@ -78,7 +78,7 @@ class GaussianDenoiser(torch.nn.Module):
         return (1 - a).sqrt() * x / (a * self.spread**2 + 1 - a)
 
 
-@pytest.mark.parametrize("sampler", generation.SAMPLERS)
+@pytest.mark.parametrize("sampler", sampling.SAMPLERS)
 def test_samplers_solve_the_flow_of_a_known_distribution(sampler):
     alpha_bars, spread = cosine_alpha_bars(), 0.2
     noise = torch.randn((4, 3, 8, 8), generator=torch.Generator().manual_seed(0))
@@ -87,7 +87,7 @@ def test_samplers_solve_the_flow_of_a_known_distribution(sampler):
     model = GaussianDenoiser(alpha_bars, spread)
     error = {}
     for steps in (5, 20, 200):
-        x = generation.denoise(
+        x = sampling.denoise(
             model, noise, torch.zeros(4, dtype=torch.long), alpha_bars, steps, 1.0, sampler
         )
         error[steps] = float((x - exact).abs().max())
@@ -103,11 +103,11 @@ def test_the_second_order_sampler_is_more_accurate_per_step():
     model, classes = GaussianDenoiser(alpha_bars, spread), torch.zeros(4, dtype=torch.long)
     errors = {
         sampler: float(
-            (generation.denoise(model, noise, classes, alpha_bars, 8, 1.0, sampler) - exact)
+            (sampling.denoise(model, noise, classes, alpha_bars, 8, 1.0, sampler) - exact)
             .abs()
             .max()
         )
-        for sampler in generation.SAMPLERS
+        for sampler in sampling.SAMPLERS
     }
     assert errors["dpm++2m"] < errors["ddim"] / 2
 

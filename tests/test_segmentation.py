@@ -6,7 +6,7 @@ import pytest
 from napari_cytodiffusion._sample_data import sample_path
 from napari_cytodiffusion.core.io import read_image
 from napari_cytodiffusion.core.progress import Cancelled
-from napari_cytodiffusion.core.segmentation import FEATURE_COLUMNS, segment_smear
+from napari_cytodiffusion.core.smear.segmentation import FEATURE_COLUMNS, segment_smear
 
 # White-cell boxes of the CBC sample field (BloodImage_00010, VOC annotation), end-exclusive.
 CBC_SAMPLE_WBC_BOXES = [[229, 23, 421, 204], [253, 239, 470, 510]]

@@ -10,9 +10,9 @@ from napari_cytodiffusion.cli import main
 from napari_cytodiffusion.core.classes import CLASSES
 from napari_cytodiffusion.core.datasets import list_labelled_images, pack_cells
 from napari_cytodiffusion.core.model.checkpoint import load_model_file
+from napari_cytodiffusion.core.model.training import export_model, train
 from napari_cytodiffusion.core.model.unet import CellUNet
 from napari_cytodiffusion.core.progress import Cancelled
-from napari_cytodiffusion.core.training import export_model, train
 
 TINY = {"channels": (16, 32, 32), "batch_size": 8, "device": "cpu", "log": lambda _: None}
 
@@ -65,7 +65,7 @@ def test_training_lowers_the_loss(trained):
 def test_cancel_saves_a_checkpoint_that_resumes_exactly(tiny_pack, tmp_path):
     straight, stopped = tmp_path / "straight.ckpt", tmp_path / "stopped.ckpt"
 
-    def cancel_at_step_3(step, _total, _loss):
+    def cancel_at_step_3(step, _total):
         if step == 3:
             raise Cancelled()
 

@@ -10,12 +10,12 @@ import pytest
 import torch
 
 from napari_cytodiffusion.cli import main
-from napari_cytodiffusion.core import weights
 from napari_cytodiffusion.core.classes import CLASSES
 from napari_cytodiffusion.core.datasets import list_labelled_images, pack_cells
+from napari_cytodiffusion.core.model import weights
 from napari_cytodiffusion.core.model.checkpoint import MODEL_FORMAT, ModelFileError
+from napari_cytodiffusion.core.model.training import export_model, train
 from napari_cytodiffusion.core.progress import Cancelled
-from napari_cytodiffusion.core.training import export_model, train
 
 SERVED_NAME = "tiny-test"
 SERVED_FILE = "tiny-test-v1.pt"

@@ -17,7 +17,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from segmentation import DATA, read_rgb, voc_boxes  # noqa: E402
 
-from napari_cytodiffusion.core.segmentation import segment_smear  # noqa: E402
+from napari_cytodiffusion.core.smear.segmentation import segment_smear  # noqa: E402
 
 FIELDS = ("BloodImage_00005", "BloodImage_00058")
 

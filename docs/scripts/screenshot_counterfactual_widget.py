@@ -23,7 +23,7 @@ from qtpy.QtWidgets import QApplication
 from napari_cytodiffusion._widgets._counterfactual import CounterfactualWidget, FigureDock
 from napari_cytodiffusion.core.datasets import list_labelled_images
 from napari_cytodiffusion.core.io import read_image
-from napari_cytodiffusion.core.segmentation import segment_smear
+from napari_cytodiffusion.core.smear.segmentation import segment_smear
 from napari_cytodiffusion.core.turing import normalise_real_cells
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -24,7 +24,9 @@ def _add_train(subparsers):
     )
     parser.add_argument("data", metavar="DATA")
     parser.add_argument("--out", required=True, metavar="MODEL", help="checkpoint to write")
-    parser.add_argument("--resolution", type=int, default=64, help="model image size (px)")
+    parser.add_argument(
+        "--resolution", type=int, help="model image size in px (default: the --init model's, or 64)"
+    )
     parser.add_argument("--steps", type=int, default=20000)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--lr", type=float, default=3e-4)
@@ -50,43 +52,33 @@ def _add_train(subparsers):
 def _train(args):
     from pathlib import Path
 
-    from napari_cytodiffusion.core import training
-    from napari_cytodiffusion.core.datasets import list_labelled_images, pack_cells
+    from napari_cytodiffusion.core.tasks.train import TrainRequest, train_model
 
-    data = Path(args.data)
-    if not data.exists():
-        raise UsageError(f"No such file or folder: {data}")
-    if data.suffix.lower() == ".npz":
-        pack = data
-    else:
-        records = list_labelled_images(data)
-        records = [r for r in records if r.split in ("train", "val")]
-        pack = Path(args.out).with_suffix(".cells.npz")
-        if not pack.exists():
-            bar = _progress_bar("normalising cells")
-            pack_cells(records, pack, args.resolution, args.rbc_diameter, progress=bar)
-    init = None
-    if args.init and not args.resume:
-        from napari_cytodiffusion.core.weights import model_path
-
-        init = model_path(
-            args.init, progress=_progress_bar(f"downloading {args.init}", in_bytes=True)
-        )
-    bar = _progress_bar("training")
-    summary = training.train(
-        pack,
-        args.out,
+    try:
+        channels = tuple(int(c) for c in args.channels.split(","))
+    except ValueError as error:
+        raise UsageError(f"--channels must be integers separated by commas: {error}") from None
+    request = TrainRequest(
+        data=Path(args.data),
+        out=Path(args.out),
         steps=args.steps,
         batch_size=args.batch_size,
         lr=args.lr,
         device=args.device,
         seed=args.seed,
-        resume=args.resume,
-        init=init,
-        channels=[int(c) for c in args.channels.split(",")],
-        image_size=args.resolution,
+        resume=Path(args.resume) if args.resume else None,
+        init=args.init,
+        rbc_diameter=args.rbc_diameter,
+        channels=channels,
+        resolution=args.resolution,
         time_limit=args.time_limit,
-        progress=lambda step, total, loss: bar(step, total, f"loss {loss:.4f}"),
+    )
+    bar = _progress_bar("training")
+    losses = {}
+    summary = train_model(
+        request,
+        progress=lambda done, total: bar(done, total, losses.get("text")),
+        on_loss=lambda step, loss: losses.update(text=f"step {step}, loss {loss:.4f}"),
         log=lambda message: print(message, file=sys.stderr),
     )
     print(f"step {summary['step']} saved to {args.out} ({summary['seconds']:.0f} s)")
@@ -117,7 +109,7 @@ def _add_models(subparsers):
 def _models(args):
     from pathlib import Path
 
-    from napari_cytodiffusion.core import weights
+    from napari_cytodiffusion.core.model import weights
 
     if args.models_command == "list":
         print(f"{'name':<34} {'version':<8} {'size':<5} {'where':<10} description")
@@ -150,8 +142,7 @@ def _models(args):
 
 
 def _add_generate(subparsers):
-    from napari_cytodiffusion.core import generation
-    from napari_cytodiffusion.core.classes import CLASSES
+    from napari_cytodiffusion.core.model import sampling
 
     parser = subparsers.add_parser(
         "generate",
@@ -160,49 +151,35 @@ def _add_generate(subparsers):
         "N PNG files and metadata.csv (file, label, seed, steps, guidance, model, sampler) to "
         "DIR; a cell's seed regenerates it alone with -n 1 --seed SEED.",
     )
-    parser.add_argument("--label", required=True, metavar="CLASS", help=", ".join(CLASSES))
+    parser.add_argument("--label", required=True, metavar="CLASS", help=_class_help())
     parser.add_argument("-n", type=int, default=8, help="number of cells (default 8)")
-    parser.add_argument("--steps", type=int, default=generation.DEFAULT_STEPS)
-    parser.add_argument("--guidance", type=float, default=generation.DEFAULT_GUIDANCE)
-    parser.add_argument(
-        "--sampler", choices=generation.SAMPLERS, default=generation.DEFAULT_SAMPLER
-    )
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--model", default="default", help="model name or file")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+    parser.add_argument("--steps", type=int, default=sampling.DEFAULT_STEPS)
+    parser.add_argument("--guidance", type=float, default=sampling.DEFAULT_GUIDANCE)
+    parser.add_argument("--sampler", choices=sampling.SAMPLERS, default=sampling.DEFAULT_SAMPLER)
+    _add_model_arguments(parser)
     parser.add_argument("--out", required=True, metavar="DIR")
 
 
 def _generate(args):
-    import time
+    from napari_cytodiffusion.core.tasks import generate as task
 
-    from napari_cytodiffusion.core import generation
-    from napari_cytodiffusion.core.classes import canonical_class
-
-    label = canonical_class(args.label)
-    if args.n < 1 or args.steps < 1:
-        raise UsageError("-n and --steps must be at least 1.")
     model = _load_model(args.model, args.device)
-    bar = _progress_bar(f"generating {args.n} {label}")
-    started = time.perf_counter()
-    cells = generation.generate_cells(
+    cells = task.generate(
         model,
-        label,
+        args.label,
         args.n,
         steps=args.steps,
         guidance=args.guidance,
         seed=args.seed,
         sampler=args.sampler,
-        progress=bar,
+        progress=_progress_bar(f"generating {args.n} {args.label}"),
     )
-    seconds = time.perf_counter() - started
-    path = generation.save_cells(cells, args.out)
-    print(f"{args.n} {label} cells in {seconds:.1f} s ({seconds / args.n:.2f} s per cell): {path}")
+    path = task.save_cells(cells, args.out)
+    print(f"{task.summary(cells)}: {path}")
 
 
 def _add_counterfactual(subparsers):
-    from napari_cytodiffusion.core import counterfactual
-    from napari_cytodiffusion.core.classes import CLASSES
+    from napari_cytodiffusion.core.model import counterfactual
 
     parser = subparsers.add_parser(
         "counterfactual",
@@ -210,11 +187,11 @@ def _add_counterfactual(subparsers):
         description="Heat map of what the model would change to call the cell TARGET, and the "
         "cell edited towards TARGET. IMAGE is a single-cell image, or a smear with --segment "
         "--cell-id. Writes to DIR: heatmap.png (over the image), heatmap.npy (image pixels, "
-        "NaN outside the crop), heatmap_crop.npy, cell.png, counterfactual.png/.npy (64-px "
+        "NaN outside the crop), heatmap_crop.npy, cell.png, counterfactual.png/.npy (model "
         "crops) and maps_all_classes.png (the maps towards every class).",
     )
     parser.add_argument("image", metavar="IMAGE")
-    parser.add_argument("--target", required=True, metavar="CLASS", help=", ".join(CLASSES))
+    parser.add_argument("--target", required=True, metavar="CLASS", help=_class_help())
     parser.add_argument(
         "--source",
         metavar="CLASS",
@@ -227,11 +204,9 @@ def _add_counterfactual(subparsers):
     parser.add_argument("--trials", type=int, default=counterfactual.DEFAULT_TRIALS)
     parser.add_argument("--strength", type=float, default=counterfactual.DEFAULT_STRENGTH)
     parser.add_argument("--guidance", type=float, default=counterfactual.DEFAULT_EDIT_GUIDANCE)
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--method", choices=("noise", "invert"), default="noise")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--model", default="default", help="model name or file")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+    parser.add_argument("--steps", type=int, default=counterfactual.DEFAULT_EDIT_STEPS)
+    parser.add_argument("--method", choices=counterfactual.EDIT_METHODS, default="noise")
+    _add_model_arguments(parser)
 
 
 def _counterfactual(args):
@@ -240,56 +215,42 @@ def _counterfactual(args):
     import numpy as np
     from PIL import Image
 
-    from napari_cytodiffusion.core import counterfactual
-    from napari_cytodiffusion.core.classes import canonical_class
-    from napari_cytodiffusion.core.generation import to_uint8
-    from napari_cytodiffusion.core.image import to_rgb_float
     from napari_cytodiffusion.core.io import read_image
+    from napari_cytodiffusion.core.model.counterfactual import heat_overlay
+    from napari_cytodiffusion.core.model.generation import to_uint8
+    from napari_cytodiffusion.core.smear.image import to_rgb_float
+    from napari_cytodiffusion.core.tasks.explain import ExplainRequest, explain
 
-    target = canonical_class(args.target)
-    source = canonical_class(args.source) if args.source else None
     if args.segment != (args.cell_id is not None):
         raise UsageError("--segment and --cell-id go together: segment the smear, pick a cell.")
-    rgb = to_rgb_float(read_image(args.image))
-    if args.segment:
-        from napari_cytodiffusion.core.segmentation import segment_smear
-
-        found = segment_smear(rgb, args.rbc_diameter)
-        site = counterfactual.labelled_cell_site(
-            rgb, found.wbc_labels, args.cell_id, found.rbc_diameter
-        )
-    else:
-        site = counterfactual.central_cell_site(rgb, args.rbc_diameter)
-    model = _load_model(args.model, args.device)
-    crop = site.crop(rgb, model.image_size)
-    explanation = counterfactual.explain_cell(model, crop, source, args.trials, args.seed)
-    edited = counterfactual.counterfactual_image(
-        model,
-        crop,
-        target,
-        explanation.source,
-        args.strength,
-        args.steps,
-        args.guidance,
-        args.method,
-        args.seed,
+    image = read_image(args.image)
+    request = ExplainRequest(
+        target=args.target,
+        cell_id=args.cell_id,
+        segment=args.segment,
+        source=args.source,
+        trials=args.trials,
+        strength=args.strength,
+        steps=args.steps,
+        guidance=args.guidance,
+        method=args.method,
+        seed=args.seed,
+        rbc_diameter=args.rbc_diameter,
     )
+    model = _load_model(args.model, args.device)
+    result = explain(image, model, request, progress=_progress_bar("explaining the cell"))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    heat_crop = explanation.map_for(target)
-    heat = site.to_image(heat_crop, rgb.shape)
-    np.save(out / "heatmap_crop.npy", heat_crop)
+    heat = result.heat_on_image()
+    np.save(out / "heatmap_crop.npy", result.heat_crop)
     np.save(out / "heatmap.npy", heat)
-    np.save(out / "counterfactual.npy", edited)
-    Image.fromarray(to_uint8(crop)).save(out / "cell.png")
-    Image.fromarray(to_uint8(edited)).save(out / "counterfactual.png")
-    Image.fromarray(to_uint8(counterfactual.heat_overlay(rgb, heat))).save(out / "heatmap.png")
-    figure = counterfactual.cell_maps_figure(crop, explanation, {target: edited})
-    figure.savefig(out / "maps_all_classes.png")
-    print(
-        f"cell at ({site.centre[0]:.0f}, {site.centre[1]:.0f}): {explanation.source} -> {target} "
-        f"(best fit in these trials: {explanation.predicted}); results in {out}"
-    )
+    np.save(out / "counterfactual.npy", result.edited)
+    Image.fromarray(to_uint8(result.crop)).save(out / "cell.png")
+    Image.fromarray(to_uint8(result.edited)).save(out / "counterfactual.png")
+    overlay = heat_overlay(to_rgb_float(image), heat)
+    Image.fromarray(to_uint8(overlay)).save(out / "heatmap.png")
+    result.figure().savefig(out / "maps_all_classes.png")
+    print(f"{result.summary()}; results in {out}")
 
 
 def _add_turing(subparsers):
@@ -307,11 +268,9 @@ def _add_turing(subparsers):
     make.add_argument("--out", required=True, metavar="DIR")
     make.add_argument("--split", choices=("train", "val", "test"), help="split of a splits CSV")
     make.add_argument("--rbc-diameter", type=float, help="red-cell diameter of the real images")
-    make.add_argument("--seed", type=int, default=0, help="seeds the choice, cells and shuffle")
     make.add_argument("--steps", type=int, help="sampler steps (default: the generator's)")
     make.add_argument("--guidance", type=float, help="guidance (default: the generator's)")
-    make.add_argument("--model", default="default", help="model name or file")
-    make.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+    _add_model_arguments(make, seed_help="seeds the choice, cells and shuffle")
     score = actions.add_parser("score", help="score answers against the key")
     score.add_argument("answers", metavar="ANSWERS.csv")
     score.add_argument("key", metavar="KEY.csv")
@@ -322,38 +281,34 @@ def _turing(args):
     from pathlib import Path
 
     from napari_cytodiffusion.core import turing
+    from napari_cytodiffusion.core.tasks.turing import (
+        TuringRequest,
+        make_turing_panel,
+        score_turing_test,
+    )
 
     if args.turing_command == "score":
         for path in (args.answers, args.key):
             if not Path(path).is_file():
                 raise UsageError(f"No such file: {path}")
-        answers = turing.read_csv(args.answers, ("item", "answer"))
-        key = turing.read_csv(args.key, ("item", "truth", "label"))
-        result = turing.score(answers, key)
+        result = score_turing_test(args.answers, args.key)
         print(turing.score_text(result))
         if args.out:
             turing.write_csv(args.out, turing.score_rows(result), turing.SCORE_COLUMNS)
         return
-    if args.n < 1:
-        raise UsageError("--n must be at least 1.")
     if not Path(args.real).exists():
         raise UsageError(f"No such folder or file: {args.real}")
-    records = turing.select_real_cells(args.real, args.n, args.seed, args.split)
-    real = turing.normalise_real_cells(
-        records, rbc_diameter=args.rbc_diameter, progress=_progress_bar("normalising real cells")
+    request = TuringRequest(
+        n=args.n,
+        folder=Path(args.real),
+        split=args.split,
+        seed=args.seed,
+        steps=args.steps,
+        guidance=args.guidance,
+        rbc_diameter=args.rbc_diameter,
     )
     model = _load_model(args.model, args.device)
-    labels = [r.label for r in records]
-    panel = turing.make_panel(
-        model,
-        real,
-        labels,
-        args.seed,
-        args.steps,
-        args.guidance,
-        origins=[str(r.path) for r in records],
-        progress=_progress_bar("generating synthetic cells"),
-    )
+    panel = make_turing_panel(model, request, progress=_progress_bar("building the panel"))
     folder, key = turing.export_panel(panel, args.out)
     print(f"{len(panel)} cells in {folder} (give this folder to the expert); key: {key}")
 
@@ -367,10 +322,7 @@ def _add_classify(subparsers):
     )
     parser.add_argument("paths", nargs="+", metavar="PATH")
     parser.add_argument("--segment", action="store_true", help="PATH is a smear field")
-    parser.add_argument("--model", default="default", help="registry name or model file")
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     parser.add_argument("--strategy", default="adaptive", choices=["adaptive", "exhaustive"])
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--rbc-diameter",
         type=float,
@@ -378,18 +330,15 @@ def _add_classify(subparsers):
         "batch of three or more single-cell images (one scanner)",
     )
     parser.add_argument("--json", action="store_true", help="one JSON object per cell")
+    _add_model_arguments(parser)
 
 
 def _classify(args):
     import json
 
-    from napari_cytodiffusion.core.analysis import (
-        classify_image,
-        differential_count,
-        shared_rbc_diameter,
-    )
-    from napari_cytodiffusion.core.image import ImageError
     from napari_cytodiffusion.core.io import InputFileError, read_image
+    from napari_cytodiffusion.core.smear.image import ImageError
+    from napari_cytodiffusion.core.tasks.classify import classify, shared_rbc_diameter
 
     model = _load_model(args.model, args.device)
     scale = args.rbc_diameter
@@ -398,7 +347,7 @@ def _classify(args):
     failed = 0
     for path in args.paths:
         try:
-            result = classify_image(
+            result = classify(
                 read_image(path),
                 model,
                 segment=args.segment,
@@ -421,17 +370,29 @@ def _classify(args):
                     f"uncertainty {call.uncertainty:.3f}, anomaly {call.anomaly_score:.2f}){flag}"
                 )
         if args.segment and not args.json:
-            counts = differential_count([c.label for c in result.calls], model.classes)
             print(f"{path}: {len(result.calls)} white cells")
-            print(counts.to_string(index=False, float_format="%.1f"))
+            print(result.differential().to_string(index=False, float_format="%.1f"))
     if failed:
         print(f"{failed} of {len(args.paths)} files could not be classified", file=sys.stderr)
         return USAGE_ERROR
     return 0
 
 
+def _add_model_arguments(parser, seed_help=None):
+    """--model, --device and --seed, the same for every command that runs the model."""
+    parser.add_argument("--model", default="default", help="registry name or model file")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+    parser.add_argument("--seed", type=int, default=0, help=seed_help)
+
+
+def _class_help():
+    from napari_cytodiffusion.core.model.weights import model_classes
+
+    return "one of the model's classes (default model: " + ", ".join(model_classes()) + ")"
+
+
 def _load_model(name_or_path, device):
-    from napari_cytodiffusion.core.weights import load_model
+    from napari_cytodiffusion.core.model.weights import load_model
 
     return load_model(
         name_or_path, device, progress=_progress_bar(f"downloading {name_or_path}", in_bytes=True)
@@ -463,9 +424,9 @@ def _segment(args):
     import json
     from pathlib import Path
 
-    from napari_cytodiffusion.core.image import ImageError
     from napari_cytodiffusion.core.io import InputFileError, read_image
-    from napari_cytodiffusion.core.segmentation import segment_smear
+    from napari_cytodiffusion.core.smear.image import ImageError
+    from napari_cytodiffusion.core.tasks.segment import segment, write_segmentation
 
     out = Path(args.out) if args.out else None
     if out is not None:
@@ -473,40 +434,21 @@ def _segment(args):
     failed = 0
     for path in args.images:
         try:
-            result = segment_smear(read_image(path), rbc_diameter=args.rbc_diameter)
+            result = segment(read_image(path), rbc_diameter=args.rbc_diameter)
         except (ImageError, InputFileError, ValueError) as error:
             print(f"napari-cytodiffusion segment: {path}: {error}", file=sys.stderr)
             failed += 1
             continue
         if out is not None:
-            _write_segmentation(result, out / Path(path).stem)
-        counts = {f"n_{kind}": result.count(kind) for kind in ("wbc", "rbc", "platelet")}
+            write_segmentation(result, out / Path(path).stem)
         if args.json:
-            record = {"file": str(path), **counts, "wbc_boxes": result.boxes("wbc")}
-            print(json.dumps(record), flush=True)
+            print(json.dumps({"file": str(path), **result.record()}), flush=True)
         else:
-            print(
-                f"{path}: {counts['n_wbc']} white cells, {counts['n_rbc']} red cells, "
-                f"{counts['n_platelet']} platelets (red-cell diameter "
-                f"{result.rbc_diameter:.1f} px)",
-                flush=True,
-            )
+            print(f"{path}: {result.summary()}", flush=True)
     if failed:
         print(f"{failed} of {len(args.images)} images could not be segmented", file=sys.stderr)
         return USAGE_ERROR
     return 0
-
-
-def _write_segmentation(result, stem):
-    import tifffile
-
-    for kind, labels in (
-        ("wbc", result.wbc_labels),
-        ("rbc", result.rbc_labels),
-        ("platelet", result.platelet_labels),
-    ):
-        tifffile.imwrite(f"{stem}_{kind}_labels.tif", labels.astype("uint32"), compression="zlib")
-    result.features.to_csv(f"{stem}_cells.csv", index=False)
 
 
 def _progress_bar(description, in_bytes=False):
@@ -561,8 +503,8 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    from napari_cytodiffusion.core.image import ImageError
     from napari_cytodiffusion.core.io import InputFileError
+    from napari_cytodiffusion.core.smear.image import ImageError
 
     try:
         return COMMANDS[args.command][1](args) or 0

@@ -9,33 +9,33 @@ legend, the differential count and the flagged cells; clicking one centres the v
 from pathlib import Path
 
 import numpy as np
-from magicgui.widgets import (
-    CheckBox,
-    ComboBox,
-    Container,
-    FloatSpinBox,
-    Label,
-    LineEdit,
-    PushButton,
-    SpinBox,
-)
+from magicgui.widgets import CheckBox, ComboBox, Container, FloatSpinBox, Label, PushButton
 from napari.layers import Image, Labels
 from napari.utils.notifications import show_error, show_info
 from qtpy.QtWidgets import QFileDialog, QListWidget, QTableWidget, QTableWidgetItem
 
-from napari_cytodiffusion._widgets._common import available_devices, load_shared_model
-from napari_cytodiffusion._widgets._runner import TaskRunner
-from napari_cytodiffusion.core.classes import CLASSES
+from napari_cytodiffusion._widgets._common import ModelFields, RunRow
 
-# Colour-blind-friendly class colours (Okabe-Ito and Tol), one per class in CLASSES order.
-CLASS_COLOURS = dict(
-    zip(
-        CLASSES,
-        ("#0072B2", "#E69F00", "#CC79A7", "#D55E00", "#56B4E9", "#009E73", "#F0E442", "#999999"),
-        strict=True,
-    )
-)
+# Colour-blind-friendly colours (Okabe-Ito and Tol) for the standard classes; other classes
+# take the remaining colours of the palette in turn.
+KNOWN_COLOURS = {
+    "basophil": "#0072B2",
+    "eosinophil": "#E69F00",
+    "erythroblast": "#CC79A7",
+    "immature_granulocyte": "#D55E00",
+    "lymphocyte": "#56B4E9",
+    "monocyte": "#009E73",
+    "neutrophil": "#F0E442",
+    "platelet": "#999999",
+}
+SPARE_COLOURS = ("#882255", "#44AA99", "#117733", "#332288", "#AA4499", "#DDCC77", "#88CCEE")
 NO_LABELS = "(segment the image first)"
+
+
+def class_colours(classes):
+    """{class: colour} for a model's classes."""
+    spare = iter(SPARE_COLOURS * (1 + len(classes) // len(SPARE_COLOURS)))
+    return {name: KNOWN_COLOURS.get(name) or next(spare) for name in classes}
 
 
 class ClassifyWidget(Container):
@@ -55,22 +55,39 @@ class ClassifyWidget(Container):
             text="single-cell image (classify the central cell)",
             tooltip="For PBC / CellaVision-style images centred on one cell.",
         )
-        self._model = LineEdit(value="default", label="model", tooltip="registry name or file")
-        self._device = ComboBox(label="device", choices=available_devices(), value="auto")
+        self._fields = ModelFields()
+        self._device, self._seed = self._fields.device, self._fields.seed
         self._device_used = Label(value="")
-        self._strategy = ComboBox(label="strategy", choices=["adaptive", "exhaustive"])
-        self._seed = SpinBox(label="seed", value=0, min=0, max=2**31 - 1)
+        self._strategy = ComboBox(
+            label="strategy",
+            choices=["adaptive", "exhaustive"],
+            tooltip="adaptive: drop clearly worse classes early (about 12x faster); "
+            "exhaustive: every trial for every class.",
+        )
         self._uncertainty = FloatSpinBox(
-            label="review if uncertainty >", value=0.12, min=0.0, max=1.0, step=0.01
+            label="review if uncertainty >",
+            value=0.12,
+            min=0.0,
+            max=1.0,
+            step=0.01,
+            tooltip="Cells more uncertain than this are flagged (the model's calibrated "
+            "threshold after the first run).",
         )
         self._anomaly = FloatSpinBox(
-            label="review if anomaly score >", value=2.2, min=-10.0, max=100.0, step=0.1
+            label="review if anomaly score >",
+            value=2.2,
+            min=-10.0,
+            max=100.0,
+            step=0.1,
+            tooltip="Cells less like any known class than this are flagged.",
         )
-        self._run = PushButton(text="Classify")
-        self._cancel = PushButton(text="Cancel")
-        self._export = PushButton(text="Export CSV…", enabled=False)
-        self._legend = Label(value=_legend_html())
-        self._summary = QTableWidget(len(CLASSES), 3)
+        row = RunRow("Classifying cells", "Classify")
+        self._run, self._cancel, self._runner = row.buttons[0], row.cancel, row.runner
+        self._export = PushButton(
+            text="Export CSV…", enabled=False, tooltip="Save the per-cell table."
+        )
+        self._legend = Label(value=_legend_html(self._fields.classes()))
+        self._summary = QTableWidget(0, 3)
         self._summary.setHorizontalHeaderLabels(["class", "count", "%"])
         self._summary.verticalHeader().setVisible(False)
         self._flagged = QListWidget()
@@ -81,21 +98,18 @@ class ClassifyWidget(Container):
                 self._image,
                 self._labels,
                 self._single,
-                self._model,
-                self._device,
+                *self._fields.widgets,
                 self._device_used,
                 self._strategy,
-                self._seed,
                 self._uncertainty,
                 self._anomaly,
-                Container(widgets=[self._run, self._cancel], layout="horizontal", labels=False),
+                row,
                 self._legend,
                 self._export,
             ]
         )
         self.native.layout().addWidget(self._summary)
         self.native.layout().addWidget(self._flagged)
-        self._runner = TaskRunner(self._run, self._cancel, "Classifying cells")
         self._run.changed.connect(self._start)
         self._export.changed.connect(self._ask_export_path)
         self._uncertainty.changed.connect(self._update_review)
@@ -127,8 +141,7 @@ class ClassifyWidget(Container):
             return
         labels_layer = None if self._labels.value == NO_LABELS else self._labels.value
         settings = {
-            "model": self._model.value.strip() or "default",
-            "device": self._device.value,
+            "model": self._fields.choice(),
             "segment": not self._single.value,
             "labels": None if labels_layer is None else np.asarray(labels_layer.data),
             "rbc_diameter": (labels_layer.metadata.get("rbc_diameter") if labels_layer else None),
@@ -145,10 +158,10 @@ class ClassifyWidget(Container):
 
     def _work(self, data, settings, progress):
         """Runs in the worker thread: load the model (once) and classify."""
-        from napari_cytodiffusion.core.analysis import classify_image
+        from napari_cytodiffusion.core.tasks.classify import classify
 
-        model = load_shared_model(settings["model"], settings["device"], progress)
-        result = classify_image(
+        model = settings["model"].load(progress)
+        result = classify(
             data,
             model,
             segment=settings["segment"],
@@ -178,17 +191,16 @@ class ClassifyWidget(Container):
             show_info("No white cells were found in this image; nothing to classify.")
             return
         table = result.table()
-        labels = _cell_labels(image, labels_layer, result)
-        if result.cell_ids == [None]:
-            table["index"] = 1  # the single cell is label 1 of its disc
+        labels = result.cell_labels()
+        if labels_layer is not None:
+            labels = labels.copy()  # the class layer must not share the user's labels
         name = image.name
         placement = {"scale": image.scale[:2], "translate": image.translate[:2]}
+        palette = class_colours(result.classes)
+        self._legend.value = _legend_html(result.classes)
         colours = {None: "transparent", 0: "transparent"}
         colours.update(
-            {
-                int(i): CLASS_COLOURS.get(c, "white")
-                for i, c in zip(table["index"], table["label"], strict=True)
-            }
+            {int(i): palette[c] for i, c in zip(table["index"], table["label"], strict=True)}
         )
         self.class_layer = self._viewer.add_labels(
             labels,
@@ -213,7 +225,7 @@ class ClassifyWidget(Container):
         layer.colorbar.visible = True
         self._review_layer = None  # a new result gets its own markers layer
         self._update_review()
-        self._show_summary(table, model.classes)
+        self._show_summary(result.differential())
         self._export.enabled = True
         flagged = int(table["needs_review"].sum())
         show_info(f"Classified {len(table)} white cells; {flagged} need review.")
@@ -267,10 +279,7 @@ class ClassifyWidget(Container):
             layer.translate[:2]
         )
 
-    def _show_summary(self, table, classes):
-        from napari_cytodiffusion.core.analysis import differential_count
-
-        counts = differential_count(table["label"], classes)
+    def _show_summary(self, counts):
         self._summary.setRowCount(len(counts))
         for row, (name, count, percent) in enumerate(counts.itertuples(index=False)):
             for column, text in enumerate((name, str(count), f"{percent:.1f}")):
@@ -299,18 +308,6 @@ class ClassifyWidget(Container):
         show_info(f"Saved {len(self.class_layer.features)} cells to {path}")
 
 
-def _cell_labels(image, labels_layer, result):
-    """The instance labels the class layer shows: given, segmented, or a disc for one cell."""
-    if labels_layer is not None:
-        return np.asarray(labels_layer.data).copy()
-    if result.segmentation is not None:
-        return result.segmentation.wbc_labels
-    rows, cols = np.asarray(image.data).shape[:2]
-    (r, c), radius = result.centres[0], 0.9 * result.rbc_diameter
-    yy, xx = np.ogrid[:rows, :cols]
-    return (((yy - r) ** 2 + (xx - c) ** 2) <= radius**2).astype(np.uint32)
-
-
 def _fill(labels, cell_ids, values):
     """Image with every cell's pixels set to its value (NaN-free: 0 outside cells)."""
     lookup = np.zeros(int(labels.max()) + 1, np.float32)
@@ -333,9 +330,9 @@ def _reason(row, uncertainty_threshold, anomaly_threshold):
     return ", ".join(reasons)
 
 
-def _legend_html():
+def _legend_html(classes):
     items = [
         f'<span style="color:{colour}">&#9632;</span> {name.replace("_", " ")}'
-        for name, colour in CLASS_COLOURS.items()
+        for name, colour in class_colours(classes).items()
     ]
     return "<br>".join(items)

@@ -4,7 +4,7 @@ Pick a cell by clicking it in a labels layer of white cells (or type its id; wit
 layer the image is taken as a single-cell image), choose a target class, and:
 
 * Explain cell: adds the heat map towards the target and the counterfactual image as layers
-  placed exactly over the cell in the image (a 64-px crop scaled and translated onto it);
+  placed exactly over the cell in the image (a model crop scaled and translated onto it);
 * All classes: a figure of the cell's maps and edits towards every class;
 * Grid of all cells: a figure of the class x class mean maps over every labelled cell (or
   every plane of an image stack).
@@ -14,27 +14,11 @@ Figures open in a dock with a "Save PNG..." button.
 
 import napari
 import numpy as np
-from magicgui.widgets import (
-    ComboBox,
-    Container,
-    FloatSpinBox,
-    Label,
-    LineEdit,
-    PushButton,
-    SpinBox,
-    create_widget,
-)
+from magicgui.widgets import ComboBox, Container, FloatSpinBox, SpinBox, create_widget
 from qtpy.QtWidgets import QFileDialog, QPushButton, QVBoxLayout, QWidget
 
-from napari_cytodiffusion._widgets._common import (
-    available_devices,
-    failure_reporter,
-    load_shared_model,
-    show_cancelled,
-)
-from napari_cytodiffusion._widgets._runner import TaskRunner
-from napari_cytodiffusion.core import counterfactual
-from napari_cytodiffusion.core.classes import CLASSES
+from napari_cytodiffusion._widgets._common import ModelFields, RunRow, rbc_diameter_field
+from napari_cytodiffusion.core.model import counterfactual
 
 AUTO = "auto"
 
@@ -45,7 +29,11 @@ class CounterfactualWidget(Container):
     def __init__(self, napari_viewer):
         super().__init__()
         self._viewer = napari_viewer
-        self._image = create_widget(annotation=napari.layers.Image, label="image")
+        self._image = create_widget(
+            annotation=napari.layers.Image,
+            label="image",
+            options={"tooltip": "The smear, a single-cell image, or a stack of cells"},
+        )
         self._labels = create_widget(
             annotation=napari.layers.Labels | None,
             label="cells (labels)",
@@ -58,14 +46,21 @@ class CounterfactualWidget(Container):
             label="cell id",
             tooltip="Click a cell in the labels layer (select that layer first) or type its id.",
         )
+        self._fields = ModelFields(seed_tooltip="Seed of the noise: same seed, same maps.")
+        classes = self._fields.classes()
         self._source = ComboBox(
-            choices=(AUTO, *CLASSES),
+            choices=(AUTO, *classes),
             value=AUTO,
             label="current class",
             tooltip="auto: the labels layer's 'label' feature for this cell if there is one, "
             "else the class that fits the cell best in these trials.",
         )
-        self._target = ComboBox(choices=CLASSES, value="monocyte", label="target class")
+        self._target = ComboBox(
+            choices=classes,
+            value="monocyte" if "monocyte" in classes else classes[0],
+            label="target class",
+            tooltip="The class to explain and edit towards.",
+        )
         self._trials = SpinBox(
             value=counterfactual.DEFAULT_TRIALS,
             min=1,
@@ -81,34 +76,38 @@ class CounterfactualWidget(Container):
             label="edit strength",
             tooltip="How far into the noise the edit goes: more changes the cell more.",
         )
+        self._steps = SpinBox(
+            value=counterfactual.DEFAULT_EDIT_STEPS,
+            min=1,
+            max=500,
+            label="edit steps",
+            tooltip="Sampler steps over the whole schedule; an edit uses its strength's share.",
+        )
+        self._method = ComboBox(
+            choices=counterfactual.EDIT_METHODS,
+            value="noise",
+            label="edit method",
+            tooltip="noise: noise the cell and redraw it (visible edits); invert: run the "
+            "sampler backwards from the cell first (keeps more of the cell).",
+        )
         self._guidance = FloatSpinBox(
             value=counterfactual.DEFAULT_EDIT_GUIDANCE,
             min=1.0,
             max=10.0,
             step=0.5,
             label="guidance",
+            tooltip="How strongly the edit follows the target class.",
         )
-        self._seed = SpinBox(value=0, min=0, max=2**31 - 1, label="seed")
-        self._rbc_diameter = FloatSpinBox(
-            value=0.0,
-            min=0.0,
-            max=1000.0,
-            step=0.5,
-            label="red-cell diameter (px)",
-            tooltip="0: from the layer's metadata (rbc_diameter) or estimated from the image.",
+        self._rbc_diameter = rbc_diameter_field(
+            "0: from the layer's metadata (rbc_diameter) or estimated from the image."
         )
-        self._model = LineEdit(value="default", label="model", tooltip="model name or file")
-        self._device = ComboBox(choices=available_devices(), value="auto", label="device")
-        self._explain = PushButton(text="Explain cell")
-        self._all_classes = PushButton(text="All classes")
-        self._grid = PushButton(text="Grid of all cells")
-        self._cancel = PushButton(text="Cancel")
-        self._buttons = Container(
-            widgets=[self._explain, self._all_classes, self._grid],
-            layout="horizontal",
-            labels=False,
-        )
-        self._status = Label(value="")
+        self._model, self._device, self._seed = self._fields.widgets
+        row = RunRow("Counterfactuals", "Explain cell", "All classes", "Grid of all cells")
+        self._explain, self._all_classes, self._grid = row.buttons
+        self._cancel, self._status, self._runner = row.cancel, row.status, row.runner
+        self._explain.tooltip = "Heat map and edit towards the target, placed over the cell."
+        self._all_classes.tooltip = "A figure of the cell's maps and edits towards every class."
+        self._grid.tooltip = "A figure of the mean maps over every labelled cell or plane."
         self.extend(
             [
                 self._image,
@@ -118,21 +117,17 @@ class CounterfactualWidget(Container):
                 self._target,
                 self._trials,
                 self._strength,
+                self._steps,
+                self._method,
                 self._guidance,
-                self._seed,
                 self._rbc_diameter,
-                self._model,
-                self._device,
-                self._buttons,
-                self._cancel,
-                self._status,
+                *self._fields.widgets,
+                row,
             ]
         )
-        self._runner = TaskRunner(self._buttons, self._cancel, "Counterfactuals")
         self._explain.changed.connect(self._start_explain)
         self._all_classes.changed.connect(self._start_all_classes)
         self._grid.changed.connect(self._start_grid)
-        self._cancel.changed.connect(lambda: show_cancelled(self._runner, self._status))
         self._clicked_layer = None
         self._labels.changed.connect(self._watch_clicks)
         for event in (napari_viewer.layers.events.inserted, napari_viewer.layers.events.removed):
@@ -165,91 +160,124 @@ class CounterfactualWidget(Container):
 
     # --- running ------------------------------------------------------------------------------
 
-    def _request(self, for_one_cell):
-        """What the worker needs, read on the main thread; None (after a message) if unusable."""
+    def _request(self, all_targets=False):
+        """(image, request) for one cell, read on the main thread; None after a message."""
         from napari.utils.notifications import show_error
 
-        image = self._image.value
+        from napari_cytodiffusion.core.tasks.explain import ExplainRequest
+
+        image, labels = self._image.value, self._labels.value
         if image is None:
             show_error("Add or choose an image layer first.")
             return None
-        labels = self._labels.value
-        if labels is not None and for_one_cell and not np.any(labels.data == self._cell_id.value):
+        cell_id = self._cell_id.value
+        if labels is not None and (cell_id < 1 or not np.any(labels.data == cell_id)):
             show_error(
-                f"No cell {self._cell_id.value} in {labels.name}: click a cell in the labels "
-                "layer (select that layer first) or type an existing id."
+                f"No cell {cell_id} in {labels.name}: click a cell in the labels layer (select "
+                "that layer first) or type an existing id (0 is the background)."
             )
             return None
-        plane = _current_plane(self._viewer, image)
+        index, plane = (cell_id, None) if labels is not None else _plane(self._viewer, image)
+        source = None if self._source.value == AUTO else self._source.value
+        if source is None:
+            layer = labels if labels is not None else image
+            source = self._known_labels(layer).get(index)
+        request = ExplainRequest(
+            target=self._target.value,
+            cell_id=cell_id if labels is not None else None,
+            labels=None if labels is None else np.asarray(labels.data),
+            source=source,
+            trials=self._trials.value,
+            strength=self._strength.value,
+            steps=self._steps.value,
+            guidance=self._guidance.value,
+            method=self._method.value,
+            seed=self._seed.value,
+            rbc_diameter=self._rbc_diameter.value or _rbc_from_metadata(labels, image),
+            all_targets=all_targets,
+        )
+        data = np.asarray(image.data) if plane is None else plane
+        return data, request
+
+    def _known_labels(self, layer):
+        """{index: class} of the layer's 'label' feature, for the model's classes only."""
+        classes = set(self._target.choices)
         return {
-            "image": np.asarray(image.data[plane] if plane is not None else image.data),
-            "labels": None if labels is None else np.asarray(labels.data),
-            "features": _features(labels) if labels is not None else _features(image),
-            "cell_id": self._cell_id.value,
-            "source": None if self._source.value == AUTO else self._source.value,
-            "target": self._target.value,
-            "trials": self._trials.value,
-            "strength": self._strength.value,
-            "guidance": self._guidance.value,
-            "seed": self._seed.value,
-            "rbc_diameter": self._rbc_diameter.value or _rbc_from_metadata(labels, image),
-            "model": self._model.value,
-            "device": self._device.value,
-            "layer": image,
-            "stack": image.data if _is_stack(image) and labels is None else None,
+            index: name
+            for index, name in _labels_by_index(_features(layer)).items()
+            if name in classes
         }
 
     def _start(self, job, on_result, text):
-        request = self._request(for_one_cell=job is not _grid_job)
-        if request is None:
-            return
         self._status.value = text
-        self._runner.start(
-            lambda progress: job(request, progress), on_result, failure_reporter(self._status)
-        )
+        self._runner.start(job, on_result)
 
     def _start_explain(self):
-        self._start(_explain_job, self._add_layers, "explaining the cell ...")
+        picked = self._request()
+        if picked is not None:
+            job = _explain_job(*picked, self._fields.choice())
+            self._start(job, self._add_layers, "explaining the cell ...")
 
     def _start_all_classes(self):
-        self._start(_all_classes_job, self._show_figure, "maps towards every class ...")
+        picked = self._request(all_targets=True)
+        if picked is not None:
+            job = _explain_job(*picked, self._fields.choice())
+            self._start(job, self._show_cell_figure, "maps towards every class ...")
 
     def _start_grid(self):
-        self._start(_grid_job, self._show_figure, "mean maps over all cells ...")
+        from napari.utils.notifications import show_error
+
+        image, labels = self._image.value, self._labels.value
+        if image is None:
+            show_error("Add or choose an image layer first.")
+            return
+        data = np.asarray(image.data) if labels is not None or _is_stack(image) else None
+        if data is None:
+            show_error(
+                "A grid needs a set of cells: a labels layer of the image's cells, or an image "
+                "stack of single cells."
+            )
+            return
+        fixed = None if self._source.value == AUTO else self._source.value
+        sources = fixed or self._known_labels(labels if labels is not None else image)
+        options = {
+            "labels": None if labels is None else np.asarray(labels.data),
+            "sources": sources,
+            "trials": self._trials.value,
+            "seed": self._seed.value,
+            "rbc_diameter": self._rbc_diameter.value or _rbc_from_metadata(labels, image),
+        }
+        job = _grid_job(data, options, self._fields.choice())
+        self._start(job, self._show_grid_figure, "mean maps over all cells ...")
 
     # --- results ------------------------------------------------------------------------------
 
     def _add_layers(self, result):
-        request, site, explanation, edited = (
-            result["request"],
-            result["site"],
-            result["explanation"],
-            result["edited"],
-        )
-        layer = request["layer"]
-        origin, step = site.placement(edited.shape[0])
-        scale = np.asarray(layer.scale[-2:]) * step
-        translate = np.asarray(layer.translate[-2:]) + np.asarray(layer.scale[-2:]) * origin
-        what = f"cell {request['cell_id']}" if request["labels"] is not None else "cell"
-        name = f"{what} {explanation.source} -> {request['target']}"
+        image = self._image.value
+        origin, step = result.placement()
+        pixel = np.asarray(image.scale[-2:])
+        scale = pixel * step
+        translate = np.asarray(image.translate[-2:]) + pixel * origin
+        maps = result.maps
         details = {
-            "cell_id": request["cell_id"],
-            "source": explanation.source,
-            "target": request["target"],
-            "best_fit": explanation.predicted,
-            "errors": dict(zip(explanation.classes, explanation.errors.tolist(), strict=True)),
-            "centre": site.centre,
-            "rbc_diameter": site.rbc_diameter,
+            "cell_id": result.cell_id,
+            "source": maps.source,
+            "target": result.target,
+            "best_fit": maps.predicted,
+            "errors": dict(zip(maps.classes, maps.errors.tolist(), strict=True)),
+            "centre": result.site.centre,
+            "rbc_diameter": result.site.rbc_diameter,
         }
+        name = result.title()
         self._viewer.add_image(
-            edited,
+            result.edited,
             rgb=True,
             name=f"counterfactual {name}",
             scale=scale,
             translate=translate,
             metadata=details,
         )
-        heat = explanation.map_for(request["target"])
+        heat = result.heat_crop
         self._viewer.add_image(
             heat,
             name=f"heat map {name}",
@@ -260,12 +288,15 @@ class CounterfactualWidget(Container):
             contrast_limits=(0.0, float(heat.max()) or 1.0),
             metadata=details,
         )
-        self._status.value = (
-            f"{name}: maps added (best fit in these trials: {explanation.predicted})"
-        )
+        self._status.value = f"{name}: maps added (best fit in these trials: {maps.predicted})"
 
-    def _show_figure(self, result):
-        figure, title, area = result
+    def _show_cell_figure(self, result):
+        self._show_figure(result.figure(), f"Counterfactuals: {result.maps.source} cell", "bottom")
+
+    def _show_grid_figure(self, grid):
+        self._show_figure(grid.figure(), f"Counterfactual grid ({grid.cells} cells)", "right")
+
+    def _show_figure(self, figure, title, area):
         dock = FigureDock(figure)
         self._viewer.window.add_dock_widget(dock, name=title, area=area, tabify=False)
         self._status.value = f"{title}: figure added (Save PNG... in its panel)"
@@ -304,12 +335,13 @@ def _is_stack(layer):
     return layer.rgb and layer.ndim == 3
 
 
-def _current_plane(viewer, layer):
-    """Index of the displayed plane of an image stack; None if the layer is not a stack."""
+def _plane(viewer, layer):
+    """(index, data) of the displayed plane of an image stack; (None, None) for an image."""
     if not _is_stack(layer):
-        return None
+        return None, None
     axis = viewer.dims.ndim - layer.ndim
-    return int(np.clip(viewer.dims.current_step[axis], 0, layer.data.shape[0] - 1))
+    index = int(np.clip(viewer.dims.current_step[axis], 0, layer.data.shape[0] - 1))
+    return index, np.asarray(layer.data[index])
 
 
 def _features(layer):
@@ -327,118 +359,28 @@ def _rbc_from_metadata(*layers):
     return None
 
 
-def _label_of(features, index):
-    """The 'label' feature of the cell with this index, if the table has one."""
+def _labels_by_index(features):
+    """{index: class} from a feature table's 'index' and 'label' columns (empty if absent)."""
     if features is None or "label" not in features or "index" not in features:
-        return None
-    rows = features[features["index"] == index]
-    return str(rows["label"].iloc[0]) if len(rows) and rows["label"].iloc[0] in CLASSES else None
+        return {}
+    return {
+        int(i): str(label) for i, label in zip(features["index"], features["label"], strict=True)
+    }
 
 
-def _cell(request):
-    """(site, rgb) of the requested cell: a labelled cell, or the image's central cell."""
-    from napari_cytodiffusion.core.image import to_rgb_float
+def _explain_job(image, request, model_choice):
+    def job(progress):
+        from napari_cytodiffusion.core.tasks.explain import explain
 
-    rgb = to_rgb_float(request["image"])
-    if request["labels"] is not None:
-        site = counterfactual.labelled_cell_site(
-            rgb, request["labels"], request["cell_id"], request["rbc_diameter"]
-        )
-    else:
-        site = _single_cell_site(rgb, request["rbc_diameter"])
-    return site, rgb
+        return explain(image, model_choice.load(), request, progress)
+
+    return job
 
 
-def _single_cell_site(rgb, rbc_diameter, size=64):
-    """A model-sized image is taken as a crop already (generated or exported cells)."""
-    if rgb.shape[:2] == (size, size):
-        return counterfactual.model_crop_site(size)
-    return counterfactual.central_cell_site(rgb, rbc_diameter)
+def _grid_job(data, options, model_choice):
+    def job(progress):
+        from napari_cytodiffusion.core.tasks.explain import explain_grid
 
+        return explain_grid(data, model_choice.load(), progress=progress, **options)
 
-def _explain_job(request, progress):
-    model = load_shared_model(request["model"], request["device"])
-    site, rgb = _cell(request)
-    crop = site.crop(rgb, model.image_size)
-    source = request["source"] or _label_of(request["features"], request["cell_id"])
-    explanation = counterfactual.explain_cell(
-        model, crop, source, request["trials"], request["seed"], progress
-    )
-    edited = counterfactual.counterfactual_image(
-        model,
-        crop,
-        request["target"],
-        explanation.source,
-        request["strength"],
-        guidance=request["guidance"],
-        seed=request["seed"],
-        progress=progress,
-    )
-    return {"request": request, "site": site, "explanation": explanation, "edited": edited}
-
-
-def _all_classes_job(request, progress):
-    model = load_shared_model(request["model"], request["device"])
-    site, rgb = _cell(request)
-    crop = site.crop(rgb, model.image_size)
-    source = request["source"] or _label_of(request["features"], request["cell_id"])
-    explanation = counterfactual.explain_cell(
-        model, crop, source, request["trials"], request["seed"], progress
-    )
-    edits = {}
-    for target in model.classes:
-        edits[target] = counterfactual.counterfactual_image(
-            model,
-            crop,
-            target,
-            explanation.source,
-            request["strength"],
-            guidance=request["guidance"],
-            seed=request["seed"],
-            progress=progress,
-        )
-    figure = counterfactual.cell_maps_figure(crop, explanation, edits)
-    return figure, f"Counterfactuals: {explanation.source} cell", "bottom"
-
-
-def _grid_job(request, progress):
-    model = load_shared_model(request["model"], request["device"])
-    crops, sources = _cell_set(request, model.image_size)
-    grid, counts, mean_crops = counterfactual.mean_map_grid(
-        model, crops, sources, request["trials"], request["seed"], progress
-    )
-    figure = counterfactual.grid_figure(grid, counts, mean_crops, model.classes)
-    return figure, f"Counterfactual grid ({len(crops)} cells)", "right"
-
-
-def _cell_set(request, size):
-    """Crops and current classes of every labelled cell, or of every plane of a stack."""
-    from napari_cytodiffusion.core.image import to_rgb_float
-
-    features = request["features"]
-    fixed = request["source"]
-    if request["labels"] is not None:
-        rgb = to_rgb_float(request["image"])
-        ids = np.unique(request["labels"])
-        ids = ids[ids > 0]
-        if not len(ids):
-            raise ValueError("The labels layer holds no cells.")
-        rbc = request["rbc_diameter"]
-        crops, sources = [], []
-        for cell_id in ids:
-            site = counterfactual.labelled_cell_site(rgb, request["labels"], cell_id, rbc)
-            rbc = site.rbc_diameter  # estimate once for the whole image
-            crops.append(site.crop(rgb, size))
-            sources.append(fixed or _label_of(features, int(cell_id)))
-        return np.stack(crops), sources
-    if request["stack"] is None:
-        raise ValueError(
-            "A grid needs a set of cells: a labels layer of the image's cells, or an image "
-            "stack of single cells."
-        )
-    crops, sources = [], []
-    for index, plane in enumerate(np.asarray(request["stack"])):
-        rgb = to_rgb_float(plane)
-        crops.append(_single_cell_site(rgb, request["rbc_diameter"], size).crop(rgb, size))
-        sources.append(fixed or _label_of(features, index))
-    return np.stack(crops), sources
+    return job

@@ -23,12 +23,15 @@ class TaskRunner:
         Disabled / enabled while work runs. ``cancel_button`` is wired to :meth:`cancel`.
     description : str
         Text shown on the napari progress bar.
+    status : magicgui Label, optional
+        Set to "cancelled" or "failed" when the work ends that way.
     """
 
-    def __init__(self, run_button, cancel_button, description):
+    def __init__(self, run_button, cancel_button, description, status=None):
         self._run_button = run_button
         self._cancel_button = cancel_button
         self._description = description
+        self._status = status
         self._cancel = threading.Event()
         self._state = {"done": 0, "total": 0}
         self._timer = QTimer()
@@ -84,17 +87,25 @@ class TaskRunner:
         total = self._state["total"]
         if total and self._bar.total != total:
             self._bar.total = total
-        self._bar.n = min(self._state["done"], total) if total else 0
-        self._bar.refresh()
+        done = min(self._state["done"], total) if total else 0
+        if done != self._bar.n:
+            # update() is what moves the activity dock's bar; setting n only changes its text.
+            self._bar.update(done - self._bar.n)
 
     def _failed(self, error, on_error):
         from napari.utils.notifications import show_error, show_info
 
         if isinstance(error, Cancelled):
+            self._set_status("cancelled")
             show_info(f"{self._description}: cancelled; nothing was added.")
             return
+        self._set_status("failed")
         message = f"{self._description} failed: {error}"
         (on_error or show_error)(message)
+
+    def _set_status(self, text):
+        if self._status is not None:
+            self._status.value = text
 
     def _finished(self):
         self._timer.stop()

@@ -6,11 +6,11 @@ of platelets, all aligned with the image layer.
 """
 
 import numpy as np
-from magicgui.widgets import ComboBox, Container, FloatSpinBox, Label, PushButton
+from magicgui.widgets import ComboBox, Container
 from napari.layers import Image
 from napari.utils.notifications import show_error, show_info
 
-from napari_cytodiffusion._widgets._runner import TaskRunner
+from napari_cytodiffusion._widgets._common import RunRow, rbc_diameter_field
 
 
 class SegmentWidget(Container):
@@ -19,28 +19,17 @@ class SegmentWidget(Container):
     def __init__(self, napari_viewer):
         super().__init__()
         self._viewer = napari_viewer
-        self._image = ComboBox(label="image", choices=self._image_layers)
-        self._diameter = FloatSpinBox(
-            label="red-cell diameter (px)",
-            value=0.0,
-            min=0.0,
-            max=1000.0,
-            step=1.0,
-            tooltip="Typical red-cell diameter in pixels; 0 = estimate it from the image. "
-            "Every size threshold scales with it.",
+        self._image = ComboBox(
+            label="image", choices=self._image_layers, tooltip="The RGB image of the smear."
         )
-        self._run = PushButton(text="Segment")
-        self._cancel = PushButton(text="Cancel")
-        self._summary = Label(value="")
-        self.extend(
-            [
-                self._image,
-                self._diameter,
-                Container(widgets=[self._run, self._cancel], layout="horizontal", labels=False),
-                self._summary,
-            ]
+        self._diameter = rbc_diameter_field(
+            "Typical red-cell diameter in pixels; 0 = estimate it from the image. Every size "
+            "threshold scales with it."
         )
-        self._runner = TaskRunner(self._run, self._cancel, "Segmenting cells")
+        row = RunRow("Segmenting cells", "Segment")
+        self._run, self._cancel, self._summary = row.buttons[0], row.cancel, row.status
+        self._runner = row.runner
+        self.extend([self._image, self._diameter, row])
         self._run.changed.connect(lambda *_: self.start(self._image.value))
         for event in (napari_viewer.layers.events.inserted, napari_viewer.layers.events.removed):
             event.connect(lambda *_: self.reset_choices())
@@ -73,16 +62,16 @@ class SegmentWidget(Container):
         diameter = self._diameter.value or None
 
         def work(progress):
-            from napari_cytodiffusion.core.segmentation import segment_smear
+            from napari_cytodiffusion.core.tasks.segment import segment
 
-            return segment_smear(np.asarray(data), rbc_diameter=diameter, progress=progress)
+            return segment(np.asarray(data), rbc_diameter=diameter, progress=progress)
 
         self._summary.value = ""
         return self._runner.start(work, lambda result: self._show(layer, result))
 
-    def _show(self, image, result):
+    def _show(self, image, found):
         """Add the result layers, replacing those of an earlier run on the same image."""
-        name = image.name
+        result, name = found.segmentation, image.name
         placement = {"scale": image.scale[-2:], "translate": image.translate[-2:]}
         for suffix in ("white cells", "red cells", "platelets"):
             if f"{name} {suffix}" in self._viewer.layers:
@@ -115,9 +104,5 @@ class SegmentWidget(Container):
             **placement,
         )
         self._viewer.layers.selection.active = wbc
-        counts = {kind: result.count(kind) for kind in ("wbc", "rbc", "platelet")}
-        self._summary.value = (
-            f"{counts['wbc']} white cells, {counts['rbc']} red cells, {counts['platelet']} "
-            f"platelets; red-cell diameter {result.rbc_diameter:.1f} px"
-        )
+        self._summary.value = found.summary()
         show_info(f"Segmented '{name}': {self._summary.value}.")

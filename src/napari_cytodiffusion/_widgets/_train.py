@@ -8,26 +8,12 @@ so training the same output file again resumes it.
 
 from pathlib import Path
 
-from magicgui.widgets import (
-    CheckBox,
-    ComboBox,
-    Container,
-    FileEdit,
-    FloatSpinBox,
-    Label,
-    PushButton,
-    SpinBox,
-)
+from magicgui.widgets import CheckBox, Container, FileEdit, FloatSpinBox, SpinBox
 from napari.utils.notifications import show_error, show_info
 from qtpy.QtCore import QTimer
-from qtpy.QtWidgets import QSizePolicy
 
-from napari_cytodiffusion._widgets._common import available_devices
-from napari_cytodiffusion._widgets._runner import TaskRunner
-from napari_cytodiffusion.core.classes import CLASSES
+from napari_cytodiffusion._widgets._common import RunRow, device_field, rbc_diameter_field
 from napari_cytodiffusion.core.progress import Cancelled
-
-IMAGE_SIZE = 64
 
 
 class TrainWidget(Container):
@@ -39,8 +25,8 @@ class TrainWidget(Container):
         self._data = FileEdit(
             mode="d",
             label="cell folder",
-            tooltip=f"A folder with one subfolder of single-cell images per class "
-            f"({', '.join(CLASSES)}).",
+            tooltip="A folder with one subfolder of single-cell images per class, named after "
+            "the model's classes (other folders are listed and left out).",
         )
         self._out = FileEdit(
             mode="w",
@@ -49,8 +35,17 @@ class TrainWidget(Container):
             tooltip="Checkpoint to write. If it exists and 'resume' is ticked, training "
             "continues from it.",
         )
-        self._steps = SpinBox(value=2000, min=1, max=1_000_000, step=100, label="steps")
-        self._batch_size = SpinBox(value=32, min=1, max=4096, label="batch size")
+        self._steps = SpinBox(
+            value=2000,
+            min=1,
+            max=1_000_000,
+            step=100,
+            label="steps",
+            tooltip="Optimiser steps in all (counting those of a resumed run).",
+        )
+        self._batch_size = SpinBox(
+            value=32, min=1, max=4096, label="batch size", tooltip="Cells per optimiser step."
+        )
         self._lr = FloatSpinBox(
             value=1e-4,
             min=1e-5,
@@ -59,23 +54,24 @@ class TrainWidget(Container):
             label="learning rate",
             tooltip="Peak learning rate; 1e-4 suits fine-tuning, 3e-4 training from scratch.",
         )
-        self._device = ComboBox(choices=available_devices(), value="auto", label="device")
-        self._rbc_diameter = FloatSpinBox(
-            value=0.0,
-            min=0.0,
-            max=1000.0,
-            step=0.5,
-            label="red-cell diameter (px)",
-            tooltip="Red-cell diameter in the images (one scanner); 0 estimates it per image.",
+        self._device = device_field()
+        self._rbc_diameter = rbc_diameter_field(
+            "Red-cell diameter in the images (one scanner); 0 estimates it per image."
         )
-        self._from_default = CheckBox(value=True, text="start from the default model's weights")
-        self._resume = CheckBox(value=True, text="resume the output file if it exists")
-        self._run = PushButton(text="Train")
-        self._cancel = PushButton(text="Cancel")
-        self._status = Label(value="")
-        # Long log lines (paths) wrap or clip instead of widening the dock.
-        self._status.native.setWordWrap(True)
-        self._status.native.setSizePolicy(QSizePolicy.Ignored, QSizePolicy.Preferred)
+        self._from_default = CheckBox(
+            value=True,
+            text="start from the default model's weights",
+            tooltip="Adapt the shipped model (its classes and resolution) instead of training "
+            "a new one from scratch.",
+        )
+        self._resume = CheckBox(
+            value=True,
+            text="resume the output file if it exists",
+            tooltip="Continue a cancelled or finished run written to the same file.",
+        )
+        row = RunRow("Training the diffusion model", "Train")
+        self._run, self._cancel, self._status = row.buttons[0], row.cancel, row.status
+        self._runner = row.runner
         self.extend(
             [
                 self._data,
@@ -87,11 +83,9 @@ class TrainWidget(Container):
                 self._rbc_diameter,
                 self._from_default,
                 self._resume,
-                Container(widgets=[self._run, self._cancel], layout="horizontal", labels=False),
-                self._status,
+                row,
             ]
         )
-        self._runner = TaskRunner(self._run, self._cancel, "Training the diffusion model")
         self._run.changed.connect(self._start)
         # Written by the worker thread, shown by a main-thread timer (Qt is main-thread only).
         self._progress_text = {"status": "", "log": ""}
@@ -100,35 +94,43 @@ class TrainWidget(Container):
         self._timer.timeout.connect(self._show_progress)
 
     def _start(self):
+        from napari_cytodiffusion.core.tasks.train import TrainRequest
+
         data, out = Path(self._data.value), Path(self._out.value)
         if not data.is_dir():
             show_error(
-                "Choose the cell folder: one subfolder of single-cell images per class "
-                f"({', '.join(CLASSES)})."
+                "Choose the cell folder: one subfolder of single-cell images per class, named "
+                "after the model's classes."
             )
             return
         if str(self._out.value) in ("", ".") or out.is_dir():
             show_error("Choose the output file the trained model is written to (.ckpt).")
             return
         resume = out if self._resume.value and out.is_file() else None
-        options = {
-            "steps": self._steps.value,
-            "batch_size": self._batch_size.value,
-            "lr": self._lr.value,
-            "device": self._device.value,
-            "resume": resume,
-        }
-        rbc_diameter = self._rbc_diameter.value or None
-        from_default = self._from_default.value and resume is None
+        request = TrainRequest(
+            data=data,
+            out=out,
+            steps=self._steps.value,
+            batch_size=self._batch_size.value,
+            lr=self._lr.value,
+            device=self._device.value,
+            resume=resume,
+            init="default" if self._from_default.value and resume is None else None,
+            rbc_diameter=self._rbc_diameter.value or None,
+        )
         self._progress_text.update(status="starting", log="")
         self._runner.start(
-            lambda progress: _train(
-                data, out, rbc_diameter, from_default, options, self._progress_text, progress
-            ),
+            lambda progress: _train(request, self._progress_text, progress),
             lambda summary: self._finished(out, summary),
+            self._failed,
         )
         # Only now: the timer stops itself when it finds no work running.
         self._timer.start()
+
+    def _failed(self, message):
+        self._progress_text["status"] = f"failed: {message}"
+        self._show_progress()
+        show_error(message)
 
     def _show_progress(self):
         text = self._progress_text["status"]
@@ -158,47 +160,18 @@ class TrainWidget(Container):
         show_info(f"Training reached {losses}. The model is {out}; give this path as the model.")
 
 
-def _train(data, out, rbc_diameter, from_default, options, text, progress):
-    """Worker: normalise the folder's cells once, then train; ``text`` shows the progress.
+def _train(request, text, progress):
+    """Worker: train, showing the step, the loss and the log in ``text``.
 
     Returns None when cancelled, after training saved its checkpoint: a cancel is an
     outcome here, not an error to report.
     """
+    from napari_cytodiffusion.core.tasks.train import train_model
+
+    def on_loss(step, loss):
+        text["status"] = f"step {step}/{request.steps}, loss {loss:.4f}"
+
     try:
-        return _prepare_and_train(data, out, rbc_diameter, from_default, options, text, progress)
+        return train_model(request, progress, on_loss, log=lambda line: text.update(log=line))
     except Cancelled:
         return None
-
-
-def _prepare_and_train(data, out, rbc_diameter, from_default, options, text, progress):
-    from napari_cytodiffusion.core.datasets import list_labelled_images, pack_cells
-    from napari_cytodiffusion.core.training import train
-    from napari_cytodiffusion.core.weights import model_path
-
-    pack = out.with_suffix(".cells.npz")  # the same file the `train` command writes and reuses
-    if not pack.exists():
-        records = [r for r in list_labelled_images(data) if r.split in ("train", "val")]
-
-        def packing(done, total):
-            text["status"] = f"normalising cells {done}/{total}"
-            progress(done, total)
-
-        pack_cells(records, pack, IMAGE_SIZE, rbc_diameter, progress=packing)
-    init = None
-    if from_default:
-        text["status"] = "checking the default weights"
-        init = model_path("default")
-
-    def training(step, steps, loss):
-        text["status"] = f"step {step}/{steps}, loss {loss:.4f}"
-        progress(step, steps)
-
-    return train(
-        pack,
-        out,
-        init=init,
-        image_size=IMAGE_SIZE,
-        progress=training,
-        log=lambda message: text.update(log=message),
-        **options,
-    )

@@ -16,23 +16,19 @@ from magicgui.widgets import (
     ComboBox,
     Container,
     FileEdit,
-    FloatSpinBox,
     Label,
-    LineEdit,
     PushButton,
     SpinBox,
     create_widget,
 )
 
 from napari_cytodiffusion._widgets._common import (
-    available_devices,
-    failure_reporter,
-    load_shared_model,
-    show_cancelled,
+    ModelFields,
+    RunRow,
+    rbc_diameter_field,
+    sampler_fields,
 )
-from napari_cytodiffusion._widgets._runner import TaskRunner
-from napari_cytodiffusion.core import generation, turing
-from napari_cytodiffusion.core.classes import CLASSES
+from napari_cytodiffusion.core import turing
 
 FOLDER, LAYER = "folder", "image layer"
 TEST_LAYER = "Turing test"
@@ -44,11 +40,20 @@ class TuringWidget(Container):
     def __init__(self, napari_viewer):
         super().__init__()
         self._viewer = napari_viewer
-        self._source = ComboBox(choices=(FOLDER, LAYER), value=FOLDER, label="real cells from")
+        self._fields = ModelFields(
+            seed_tooltip="Seeds the choice of cells, the synthetic cells and the shuffle."
+        )
+        classes = self._fields.classes()
+        self._source = ComboBox(
+            choices=(FOLDER, LAYER),
+            value=FOLDER,
+            label="real cells from",
+            tooltip="A folder of class subfolders, or an image layer (a stack of cells).",
+        )
         self._folder = FileEdit(
             mode="d",
             label="real cell folder",
-            tooltip=f"One subfolder of single-cell images per class ({', '.join(CLASSES)}).",
+            tooltip=f"One subfolder of single-cell images per class ({', '.join(classes)}).",
         )
         self._layer = create_widget(
             annotation=napari.layers.Image,
@@ -56,30 +61,20 @@ class TuringWidget(Container):
             options={"tooltip": "An image stack of single cells, or one single-cell image."},
         )
         self._layer_class = ComboBox(
-            choices=CLASSES,
+            choices=classes,
             label="class of layer cells",
             tooltip="Used when the layer has no 'label' feature (metadata['features']).",
         )
-        self._count = SpinBox(value=20, min=1, max=10_000, label="real cells (N)")
-        self._rbc_diameter = FloatSpinBox(
-            value=0.0,
-            min=0.0,
-            max=1000.0,
-            step=0.5,
-            label="red-cell diameter (px)",
-            tooltip="Of the real images; 0 estimates it per image.",
+        self._count = SpinBox(
+            value=20, min=1, max=10_000, label="real cells (N)", tooltip="As many are generated."
         )
-        self._seed = SpinBox(value=0, min=0, max=2**31 - 1, label="seed")
-        self._steps = SpinBox(value=generation.DEFAULT_STEPS, min=1, max=500, label="sampler steps")
-        self._guidance = FloatSpinBox(
-            value=generation.DEFAULT_GUIDANCE, min=1.0, max=10.0, step=0.5, label="guidance"
-        )
-        self._model = LineEdit(value="default", label="model", tooltip="model name or file")
-        self._device = ComboBox(choices=available_devices(), value="auto", label="device")
+        self._rbc_diameter = rbc_diameter_field("Of the real images; 0 estimates it per image.")
+        self._steps, self._guidance = sampler_fields("the synthetic cells")
+        self._model, self._device, self._seed = self._fields.widgets
         self._out = FileEdit(mode="d", label="results folder", tooltip="Where the CSVs go.")
-        self._build = PushButton(text="Build panel and start")
-        self._cancel = PushButton(text="Cancel")
-        self._progress = Label(value="")
+        row = RunRow("Building the Turing test panel", "Build panel and start")
+        self._build, self._cancel, self._progress = row.buttons[0], row.cancel, row.status
+        self._runner = row.runner
         self._real = PushButton(text="Real (R)")
         self._synthetic = PushButton(text="Synthetic (S)")
         self._answer_row = Container(
@@ -94,21 +89,16 @@ class TuringWidget(Container):
                 self._layer_class,
                 self._count,
                 self._rbc_diameter,
-                self._seed,
                 self._steps,
                 self._guidance,
-                self._model,
-                self._device,
+                *self._fields.widgets,
                 self._out,
-                Container(widgets=[self._build, self._cancel], layout="horizontal", labels=False),
-                self._progress,
+                row,
                 self._answer_row,
                 self._result,
             ]
         )
-        self._runner = TaskRunner(self._build, self._cancel, "Building the Turing test panel")
         self._build.changed.connect(self._start)
-        self._cancel.changed.connect(lambda: show_cancelled(self._runner, self._progress))
         self._real.changed.connect(lambda: self.answer(turing.REAL))
         self._synthetic.changed.connect(lambda: self.answer(turing.SYNTHETIC))
         self._source.changed.connect(self._show_source)
@@ -132,6 +122,8 @@ class TuringWidget(Container):
     def _start(self):
         from napari.utils.notifications import show_error
 
+        from napari_cytodiffusion.core.tasks.turing import TuringRequest, make_turing_panel
+
         if self.testing:
             show_error("A test is running: answer it to the end first.")
             return
@@ -139,36 +131,32 @@ class TuringWidget(Container):
         if str(self._out.value) in ("", "."):
             show_error("Choose the results folder the answers, key and score are written to.")
             return
-        options = {
-            "n": self._count.value,
-            "seed": self._seed.value,
-            "steps": self._steps.value,
-            "guidance": self._guidance.value,
-            "rbc_diameter": self._rbc_diameter.value or None,
-            "model": self._model.value,
-            "device": self._device.value,
-        }
+        request = TuringRequest(
+            n=self._count.value,
+            seed=self._seed.value,
+            steps=self._steps.value,
+            guidance=self._guidance.value,
+            rbc_diameter=self._rbc_diameter.value or None,
+        )
         if self._source.value == FOLDER:
-            folder = Path(self._folder.value)
-            if not folder.is_dir():
+            request.folder = Path(self._folder.value)
+            if not request.folder.is_dir():
                 show_error("Choose the folder of real cells (one subfolder per class).")
                 return
-            real = {"folder": folder}
         else:
             layer = self._layer.value
             if layer is None:
                 show_error("Choose the image layer holding the real cells.")
                 return
-            real = {
-                "images": _layer_cells(layer),
-                "labels": _layer_labels(layer, self._layer_class.value),
-            }
+            request.images = _layer_cells(layer)
+            request.labels = _layer_labels(layer, self._layer_class.value)
+            request.images_name = "the layer"
+        choice = self._fields.choice()
         self._progress.value = "building the panel ..."
         self._result.value = ""
         self._runner.start(
-            lambda progress: _build_panel(real, options, progress),
+            lambda progress: make_turing_panel(choice.load(), request, progress),
             lambda panel: self._begin(panel, out),
-            failure_reporter(self._progress),
         )
 
     # --- running the test -----------------------------------------------------------------------
@@ -266,46 +254,3 @@ def _layer_labels(layer, fallback):
     if table is not None and "label" in table and len(table) == count:
         return [str(label) for label in table["label"]]
     return [fallback] * count
-
-
-def _build_panel(real, options, progress):
-    """Worker: pick and normalise the real cells, generate as many synthetic, shuffle."""
-    size = 64
-    if "folder" in real:
-        records = turing.select_real_cells(real["folder"], options["n"], options["seed"])
-        images = turing.normalise_real_cells(records, size, options["rbc_diameter"], progress)
-        labels, origins = [r.label for r in records], [str(r.path) for r in records]
-    else:
-        if len(real["images"]) < options["n"]:
-            raise ValueError(
-                f"Asked for {options['n']} real cells but the layer holds {len(real['images'])}."
-            )
-        images = _normalise_layer_cells(real["images"], options["rbc_diameter"], size)
-        labels = list(real["labels"])
-        chosen = np.random.default_rng(options["seed"]).permutation(len(images))[: options["n"]]
-        images, labels = images[chosen], [labels[i] for i in chosen]
-        origins = [f"layer plane {i}" for i in chosen]
-    model = load_shared_model(options["model"], options["device"])
-    return turing.make_panel(
-        model,
-        images,
-        labels,
-        options["seed"],
-        options["steps"],
-        options["guidance"],
-        origins=origins,
-        progress=progress,
-    )
-
-
-def _normalise_layer_cells(images, rbc_diameter, size):
-    """Model-sized planes are crops already; larger single-cell images are normalised."""
-    from napari_cytodiffusion.core.datasets import normalised_cell
-    from napari_cytodiffusion.core.image import to_rgb_float
-
-    crops = []
-    for image in images:
-        rgb = to_rgb_float(image)
-        same = rgb.shape[:2] == (size, size)
-        crops.append(rgb if same else normalised_cell(rgb, size, rbc_diameter))
-    return np.stack(crops).astype(np.float32)

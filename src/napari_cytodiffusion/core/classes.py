@@ -1,4 +1,9 @@
-"""The cell classes the model knows, with the exact names used everywhere."""
+"""Cell class names: the shipped model's classes, and matching names written other ways.
+
+A loaded model carries its own ``classes``; everything that depends on them takes them from
+the model. ``CLASSES`` is the standard set, used only where no model exists yet (training a
+new model from scratch, or help texts).
+"""
 
 CLASSES = (
     "basophil",
@@ -15,16 +20,23 @@ CLASSES = (
 CLASS_ALIASES = {"ig": "immature_granulocyte"}
 
 
-def canonical_class(name):
-    """Return the canonical class name for ``name`` (case-insensitive, aliases resolved).
+def canonical_class(name, classes=CLASSES):
+    """Return the name in ``classes`` that ``name`` means (case-insensitive, aliases resolved).
+
+    Examples
+    --------
+    >>> canonical_class("IG")
+    'immature_granulocyte'
+    >>> canonical_class("blast", ("blast", "neutrophil"))
+    'blast'
 
     Raises
     ------
     ValueError
-        If ``name`` is not a known class or alias.
+        If ``name`` is not one of ``classes`` or an alias of one.
     """
     key = str(name).strip().lower()
     key = CLASS_ALIASES.get(key, key)
-    if key not in CLASSES:
-        raise ValueError(f"Unknown cell class {name!r}; expected one of: {', '.join(CLASSES)}.")
+    if key not in classes:
+        raise ValueError(f"Unknown cell class {name!r}; expected one of: {', '.join(classes)}.")
     return key

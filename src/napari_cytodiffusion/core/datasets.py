@@ -21,6 +21,8 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
 SPLITS = ("train", "val", "test")
 # Crops are packed wider than the model's field of view so that rotations stay inside them.
 PACK_MARGIN = 1.375
+# Changes whenever packing would give other crops for the same images, so caches go stale.
+PACK_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -30,11 +32,35 @@ class Record:
     split: str
 
 
-def list_labelled_images(data, val_fraction=0.1):
+@dataclass
+class PackedCells:
+    """The crops of a packed dataset, decoded.
+
+    Attributes
+    ----------
+    images : ndarray uint8 (n, s, s, 3)
+        Crops ``PACK_MARGIN`` times wider than the model's input.
+    labels : ndarray int (n,)
+        Index of each crop's class in ``classes``.
+    splits : ndarray of str (n,)
+    image_size : int
+        The model input size the crops were packed for.
+    classes : tuple of str
+    """
+
+    images: np.ndarray
+    labels: np.ndarray
+    splits: np.ndarray
+    image_size: int
+    classes: tuple
+
+
+def list_labelled_images(data, val_fraction=0.1, classes=CLASSES):
     """List the labelled images of a class-folder tree or a splits CSV.
 
     In a folder tree without split information, a fixed ``val_fraction`` of each class (chosen
     by a hash of the file name, so it never changes between runs) is held out as ``val``.
+    Folders whose name is not one of ``classes`` are skipped (see :func:`unknown_folders`).
 
     Raises
     ------
@@ -43,20 +69,40 @@ def list_labelled_images(data, val_fraction=0.1):
     """
     data = Path(data)
     if data.is_file() and data.suffix.lower() == ".csv":
-        records = _records_from_csv(data)
+        records = _records_from_csv(data, classes)
     elif data.is_dir():
-        records = _records_from_folders(data, val_fraction)
+        records = _records_from_folders(data, val_fraction, classes)
     else:
         raise ValueError(f"{data} is neither a folder of class subfolders nor a CSV file.")
     if not records:
         raise ValueError(
             f"No labelled images found in {data}. Expected subfolders named after the classes "
-            f"({', '.join(CLASSES)}) or a CSV with file, label and split columns."
+            f"({', '.join(classes)}) or a CSV with file, label and split columns."
         )
     return records
 
 
-def _records_from_csv(path):
+def unknown_folders(data, classes=CLASSES):
+    """Names of the subfolders of ``data`` that are not a class (and so are left out)."""
+    data = Path(data)
+    if not data.is_dir():
+        return []
+    names = []
+    for folder in sorted(p for p in data.iterdir() if p.is_dir()):
+        try:
+            canonical_class(folder.name, classes)
+        except ValueError:
+            names.append(folder.name)
+    return names
+
+
+def class_counts(records, classes=CLASSES):
+    """{class: number of records} in ``classes`` order, for every split together."""
+    labels = [record.label for record in records]
+    return {name: labels.count(name) for name in classes}
+
+
+def _records_from_csv(path, classes):
     records = []
     with open(path, newline="") as handle:
         reader = csv.DictReader(handle)
@@ -67,15 +113,16 @@ def _records_from_csv(path):
             split = (row.get("split") or "train").strip()
             if split not in SPLITS:
                 continue  # e.g. PBC's "exclude"
-            records.append(Record(path.parent / row["file"], canonical_class(row["label"]), split))
+            label = canonical_class(row["label"], classes)
+            records.append(Record(path.parent / row["file"], label, split))
     return records
 
 
-def _records_from_folders(root, val_fraction):
+def _records_from_folders(root, val_fraction, classes):
     records = []
     for folder in sorted(p for p in root.iterdir() if p.is_dir()):
         try:
-            label = canonical_class(folder.name)
+            label = canonical_class(folder.name, classes)
         except ValueError:
             continue
         for file in sorted(folder.iterdir()):
@@ -86,32 +133,47 @@ def _records_from_folders(root, val_fraction):
     return records
 
 
-def normalised_cell(image, size, rbc_diameter=None, field_of_view=None):
-    """Centre the cell of a single-cell image and normalise its scale and colour.
+def pack_cache_path(out, records, image_size, rbc_diameter=None):
+    """Where the packed crops of ``records`` for the model file ``out`` are cached.
 
-    Returns a float (size, size, 3) crop; see :mod:`napari_cytodiffusion.core.crops`.
+    The name holds a digest of every image's path, class, split, size and modification time
+    and of the packing settings, so adding, removing or editing an image gives a new name:
+    a cache can never be stale.
     """
-    from napari_cytodiffusion.core.crops import FIELD_OF_VIEW_RBC, crop_cell, locate_central_cell
-    from napari_cytodiffusion.core.image import to_rgb_float
-    from napari_cytodiffusion.core.scale import background_colour, estimate_rbc_diameter
-
-    rgb = to_rgb_float(image)
-    if rbc_diameter is None:
-        rbc_diameter = estimate_rbc_diameter(rgb)
-    background = background_colour(rgb)
-    centre = locate_central_cell(rgb, rbc_diameter, background)
-    return crop_cell(
-        rgb,
-        centre,
-        rbc_diameter,
-        size=size,
-        field_of_view=field_of_view or FIELD_OF_VIEW_RBC,
-        background=background,
-    )
+    digest = hashlib.sha256(f"{PACK_VERSION} {image_size} {rbc_diameter}".encode())
+    for record in sorted(records, key=lambda r: str(r.path)):
+        try:
+            stat = Path(record.path).stat()
+            stamp = f"{stat.st_size} {stat.st_mtime_ns}"
+        except OSError:
+            stamp = "missing"
+        digest.update(f"\n{record.path} {record.label} {record.split} {stamp}".encode())
+    out = Path(out)
+    return out.with_name(f"{out.stem}.cells-{digest.hexdigest()[:12]}.npz")
 
 
-def pack_cells(records, out_path, image_size=64, rbc_diameter=None, quality=92, progress=None):
+def remove_other_packs(pack):
+    """Delete the caches of earlier contents beside ``pack`` (same output, other digest)."""
+    pack = Path(pack)
+    prefix = pack.name.split(".cells-")[0] + ".cells-"
+    for other in pack.parent.glob(f"{prefix}*.npz"):
+        if other != pack:
+            other.unlink(missing_ok=True)
+
+
+def pack_cells(
+    records,
+    out_path,
+    image_size=64,
+    rbc_diameter=None,
+    quality=92,
+    progress=None,
+    classes=CLASSES,
+):
     """Normalise every record's cell and save the crops in one ``.npz`` file.
+
+    The file is written under a temporary name and renamed when complete, so an interrupted
+    run never leaves a partial pack under the final name.
 
     Parameters
     ----------
@@ -124,44 +186,66 @@ def pack_cells(records, out_path, image_size=64, rbc_diameter=None, quality=92, 
         when not given.
     progress : callable, optional
         Called with (done, total).
+    classes : sequence of str
+        The classes the labels index into (the model's classes).
+
+    Raises
+    ------
+    ValueError
+        Naming the image, for an image that cannot be read or used.
     """
     from PIL import Image
 
-    from napari_cytodiffusion.core.crops import FIELD_OF_VIEW_RBC
-    from napari_cytodiffusion.core.io import read_image
+    from napari_cytodiffusion.core.io import InputFileError, read_image
+    from napari_cytodiffusion.core.smear.crops import FIELD_OF_VIEW_RBC, normalised_cell
+    from napari_cytodiffusion.core.smear.image import ImageError
 
+    classes = tuple(classes)
     size = int(round(image_size * PACK_MARGIN))
     blobs, offsets = [], [0]
     for done, record in enumerate(records, 1):
-        crop = normalised_cell(
-            read_image(record.path), size, rbc_diameter, FIELD_OF_VIEW_RBC * PACK_MARGIN
-        )
+        try:
+            crop = normalised_cell(
+                read_image(record.path), size, rbc_diameter, FIELD_OF_VIEW_RBC * PACK_MARGIN
+            )
+        except (ImageError, InputFileError) as error:
+            raise ValueError(f"{record.path}: {error}") from error
         buffer = io.BytesIO()
         Image.fromarray((crop * 255 + 0.5).astype(np.uint8)).save(buffer, "JPEG", quality=quality)
         blobs.append(np.frombuffer(buffer.getvalue(), np.uint8))
         offsets.append(offsets[-1] + len(blobs[-1]))
         if progress is not None:
             progress(done, len(records))
-    np.savez(
-        out_path,
-        jpeg=np.concatenate(blobs),
-        offsets=np.array(offsets, np.int64),
-        labels=np.array([CLASSES.index(r.label) for r in records], np.int64),
-        splits=np.array([SPLITS.index(r.split) for r in records], np.int64),
-        files=np.array([str(r.path) for r in records]),
-        classes=np.array(CLASSES),
-        image_size=np.array(image_size),
-    )
+    out_path = Path(out_path)
+    partial = out_path.with_name(out_path.name + ".partial")
+    with open(partial, "wb") as handle:
+        np.savez(
+            handle,
+            jpeg=np.concatenate(blobs),
+            offsets=np.array(offsets, np.int64),
+            labels=np.array([classes.index(r.label) for r in records], np.int64),
+            splits=np.array([SPLITS.index(r.split) for r in records], np.int64),
+            files=np.array([str(r.path) for r in records]),
+            classes=np.array(classes),
+            image_size=np.array(image_size),
+        )
+    partial.replace(out_path)
 
 
 def load_pack(path, splits=("train", "val")):
-    """Decode a packed dataset: returns (images uint8 (n, s, s, 3), labels, split names)."""
+    """Decode the crops of the given splits of a packed dataset.
+
+    Returns
+    -------
+    PackedCells
+    """
     from PIL import Image
 
     with np.load(path, allow_pickle=False) as pack:
         jpeg, offsets = pack["jpeg"], pack["offsets"]
         labels, split_ids = pack["labels"], pack["splits"]
         image_size = int(pack["image_size"])
+        classes = tuple(str(c) for c in pack["classes"])
     keep = np.flatnonzero(np.isin(split_ids, [SPLITS.index(s) for s in splits]))
     images = np.stack(
         [
@@ -170,4 +254,4 @@ def load_pack(path, splits=("train", "val")):
         ]
     )
     names = np.array(SPLITS)[split_ids[keep]]
-    return images, labels[keep], names, image_size
+    return PackedCells(images, labels[keep], names, image_size, classes)

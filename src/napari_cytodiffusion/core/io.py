@@ -1,5 +1,7 @@
-"""Reading images from disk with messages a user can act on."""
+"""Reading images from disk with messages a user can act on, and writing files safely."""
 
+import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -33,3 +35,20 @@ def read_image(path):
             return np.asarray(image)
     except Exception as error:  # any decoder failure means the same thing to the user
         raise InputFileError(f"Cannot read {path} as an image: {error}") from error
+
+
+@contextmanager
+def atomic_write(path):
+    """Yield a temporary path beside ``path``; it becomes ``path`` only if the block succeeds.
+
+    A crash or error mid-write leaves any earlier file at ``path`` untouched and no partial
+    file under the final name. The temporary name keeps the suffix, so writers that choose
+    the format by extension still work.
+    """
+    path = Path(path)
+    partial = path.with_name(f".{path.stem}.{os.getpid()}.partial{path.suffix}")
+    try:
+        yield partial
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)

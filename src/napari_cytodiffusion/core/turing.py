@@ -54,36 +54,55 @@ class Panel:
         return len(self.key)
 
 
-def select_real_cells(data, n, seed=0, split=None):
+def choose(count, n, seed=0):
+    """Indices of ``n`` of ``count`` items, chosen at random (seeded), in ascending order.
+
+    Raises
+    ------
+    ValueError
+        If there are fewer than ``n`` items.
+    """
+    if count < n:
+        raise ValueError(f"Asked for {n} items but there are only {count}.")
+    return sorted(int(i) for i in np.random.default_rng(seed).choice(count, size=n, replace=False))
+
+
+def select_real_cells(data, n, seed=0, split=None, classes=None):
     """Pick ``n`` labelled cell images at random (seeded) from a class-folder tree or CSV.
 
     ``split`` ("train", "val" or "test") keeps only that split of a splits CSV; evaluate on
-    ``test`` cells, which the model never saw.
+    ``test`` cells, which the model never saw. ``classes`` are the model's classes (the
+    standard ones when not given).
 
     Returns
     -------
     list of datasets.Record
     """
+    from napari_cytodiffusion.core.classes import CLASSES
     from napari_cytodiffusion.core.datasets import list_labelled_images
 
-    records = list_labelled_images(data)
+    records = list_labelled_images(data, classes=classes or CLASSES)
     if split is not None:
         records = [r for r in records if r.split == split]
     if len(records) < n:
         raise ValueError(f"Asked for {n} real cells but {data} holds only {len(records)}.")
-    chosen = np.random.default_rng(seed).choice(len(records), size=n, replace=False)
-    return [records[i] for i in sorted(chosen)]
+    return [records[i] for i in choose(len(records), n, seed)]
 
 
-def normalise_real_cells(records, size=64, rbc_diameter=None, progress=None):
-    """Normalised crops (n, size, size, 3) of single-cell images, as the model sees cells."""
-    from napari_cytodiffusion.core.datasets import normalised_cell
+def normalise_real_cells(cells, size, rbc_diameter=None, progress=None):
+    """Normalised crops (n, size, size, 3) of single-cell images, as the model sees cells.
+
+    ``cells`` holds image arrays or :class:`~napari_cytodiffusion.core.datasets.Record`s (read
+    from disk); a ``size`` x ``size`` image is taken as a crop already.
+    """
     from napari_cytodiffusion.core.io import read_image
+    from napari_cytodiffusion.core.smear.crops import single_cell_crop
 
     crops = []
-    for done, record in enumerate(records, 1):
-        crops.append(normalised_cell(read_image(record.path), size, rbc_diameter))
-        report(progress, done, len(records))
+    for done, cell in enumerate(cells, 1):
+        image = read_image(cell.path) if hasattr(cell, "path") else cell
+        crops.append(single_cell_crop(image, size, rbc_diameter))
+        report(progress, done, len(cells))
     return np.stack(crops).astype(np.float32)
 
 
@@ -99,7 +118,7 @@ def build_panel(real, real_labels, synthetic, synthetic_labels, seed=0, origins=
     origins : dict, optional
         ``{"real": [...], "synthetic": [...]}``: where each cell came from, kept in the key.
     """
-    from napari_cytodiffusion.core.generation import balance_background
+    from napari_cytodiffusion.core.model.generation import balance_background
 
     real, synthetic = np.asarray(real, np.float32), np.asarray(synthetic, np.float32)
     if real.shape[1:] != synthetic.shape[1:]:
@@ -144,13 +163,13 @@ def make_panel(
 
     ``steps`` and ``guidance`` default to the generator's defaults.
     """
-    from napari_cytodiffusion.core import generation
+    from napari_cytodiffusion.core.model import generation, sampling
 
     cells = generation.generate_cells(
         model,
         list(real_labels),
-        steps=steps or generation.DEFAULT_STEPS,
-        guidance=guidance or generation.DEFAULT_GUIDANCE,
+        steps=steps or sampling.DEFAULT_STEPS,
+        guidance=guidance or sampling.DEFAULT_GUIDANCE,
         seed=seed,
         progress=progress,
     )
@@ -309,7 +328,7 @@ def export_panel(panel, out_dir):
     """
     from PIL import Image
 
-    from napari_cytodiffusion.core.generation import to_uint8
+    from napari_cytodiffusion.core.model.generation import to_uint8
 
     folder = Path(out_dir) / "panel"
     folder.mkdir(parents=True, exist_ok=True)

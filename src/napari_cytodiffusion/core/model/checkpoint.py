@@ -86,16 +86,21 @@ def load_model_file(path, device="cpu", name=None):
         ) from error
     if not isinstance(state, dict) or state.get("format") != MODEL_FORMAT:
         raise ModelFileError(f"{path} is not a napari-cytodiffusion model file.")
-    config = json.loads(state["config"])
-    weights = state.get("state_dict") or state["ema"]
-    unet = CellUNet(
-        num_classes=config["num_classes"],
-        channels=tuple(config["channels"]),
-        image_size=config["image_size"],
-    )
-    unet.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in weights.items()})
+    config, weights, classes = _contents(path, state)
+    try:
+        unet = CellUNet(
+            num_classes=config["num_classes"],
+            channels=tuple(config["channels"]),
+            image_size=config["image_size"],
+        )
+        unet.load_state_dict(
+            {k: v.float() if v.is_floating_point() else v for k, v in weights.items()}
+        )
+    except (RuntimeError, TypeError, ValueError, AttributeError) as error:
+        raise ModelFileError(
+            f"{path}: the weights do not fit the model it describes ({error})."
+        ) from error
     unet.eval().requires_grad_(False).to(device)
-    classes = tuple(state.get("classes", CLASSES))
     return DiffusionModel(
         unet=unet,
         classes=classes,
@@ -106,3 +111,23 @@ def load_model_file(path, device="cpu", name=None):
         metadata=json.loads(state.get("metadata") or "{}"),
         name=name or str(path),
     )
+
+
+def _contents(path, state):
+    """(config, weights, classes) of a model file's state, checked for what loading needs."""
+    try:
+        config = json.loads(state["config"])
+        weights = state.get("state_dict") or state["ema"]
+        size, count = int(config["image_size"]), int(config["num_classes"])
+        levels = len(config["channels"])
+        classes = tuple(str(name) for name in state.get("classes", CLASSES))
+    except (KeyError, TypeError, ValueError) as error:
+        raise ModelFileError(
+            f"{path} is an incomplete napari-cytodiffusion model file (missing or bad {error})."
+        ) from error
+    if size < 2**levels or size % 2**levels or count < 1 or len(classes) != count:
+        raise ModelFileError(
+            f"{path} describes an impossible model ({size}-px images, {count} classes named "
+            f"{len(classes)} times)."
+        )
+    return config, weights, classes

@@ -1,4 +1,4 @@
-"""Noise schedule, bfloat16 autocast, and the paired denoising error of a batch of cells."""
+"""Noise schedule, noising, bfloat16 autocast and the model's value range."""
 
 import math
 
@@ -35,35 +35,3 @@ def to_model_range(images):
     if images.dtype == torch.uint8:
         images = images.float() / 255.0
     return images * 2 - 1
-
-
-@torch.no_grad()
-def paired_denoising_errors(model, x0, t, noise, class_ids, alpha_bars, reduce=True):
-    """Denoising error of every image under every candidate class, with shared noise.
-
-    Parameters
-    ----------
-    model : CellUNet
-    x0 : Tensor (n, 3, H, W)
-        Clean images in model range.
-    t : LongTensor (n,)
-        One timestep per image.
-    noise : Tensor (n, 3, H, W)
-        One noise draw per image, shared by all its candidate classes.
-    class_ids : LongTensor (n, k)
-        Candidate classes per image.
-    reduce : bool
-        Mean squared error per (image, class) if True, else the per-pixel squared error.
-
-    Returns
-    -------
-    Tensor (n, k) or (n, k, 3, H, W)
-    """
-    n, k = class_ids.shape
-    encoded = model.encode(add_noise(x0, t, noise, alpha_bars), t)
-    from napari_cytodiffusion.core.model.unet import repeat_encoded
-
-    predicted = model.decode(repeat_encoded(encoded, k), class_ids.reshape(-1)).float()
-    error = (predicted - noise.float().repeat_interleave(k, 0)) ** 2
-    error = error.view(n, k, *error.shape[1:])
-    return error.mean(dim=(2, 3, 4)) if reduce else error

@@ -163,11 +163,7 @@ class CellUNet(nn.Module):
         return self.decode(self.encode(x, t), y)
 
 
-def repeat_encoded(encoded, repeats):
-    """Repeat each item of an :meth:`CellUNet.encode` result ``repeats`` times (interleaved)."""
+def select_encoded(encoded, rows):
+    """The items ``rows`` (a LongTensor, repeats allowed) of an :meth:`CellUNet.encode` result."""
     h, skips, t_emb = encoded
-    return (
-        h.repeat_interleave(repeats, 0),
-        [s.repeat_interleave(repeats, 0) for s in skips],
-        t_emb.repeat_interleave(repeats, 0),
-    )
+    return h[rows], [s[rows] for s in skips], t_emb[rows]

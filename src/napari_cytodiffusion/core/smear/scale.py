@@ -10,6 +10,12 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from napari_cytodiffusion.core.progress import report
+from napari_cytodiffusion.core.smear.stain import (
+    nucleus_mask,
+    optical_density,
+    otsu_threshold,
+    total_density,
+)
 
 # Working resolution for the estimates: enough to resolve red cells, cheap on huge fields.
 _WORK_PIXELS = 1_000_000
@@ -33,49 +39,15 @@ def background_colour(rgb):
     return np.median(bright, axis=0).astype(np.float32)
 
 
-def stain_density(rgb, background=None):
-    """Per-pixel optical density relative to the background (0 on background, larger on stain)."""
-    if background is None:
-        background = background_colour(rgb)
-    ratio = np.clip(rgb, 1e-3, None) / np.clip(background, 1e-3, None)
-    return np.clip(-np.log(ratio), 0.0, None).sum(axis=-1)
-
-
-def foreground_mask(rgb, background=None):
-    """Boolean mask of everything stained (cells of all kinds) against the background."""
-    from skimage.filters import threshold_otsu
-
-    if background is None:
-        background = background_colour(rgb)
-    density = stain_density(rgb, background)
-    # Nuclei are far darker than red cells; leave them out of the threshold so that the
-    # faint red cells are not lumped in with the background.
-    nuclei = nucleus_mask(rgb, background)
-    pale = density[~nuclei] if (~nuclei).sum() > 16 else density.ravel()
-    threshold = max(threshold_otsu(pale), 0.08)
-    return (density > threshold) | nuclei
-
-
-def nucleus_mask(rgb, background=None):
-    """Boolean mask of nuclei and platelets, which Romanowsky stains turn blue to purple.
-
-    Red cells pass red light and absorb blue; nuclei absorb red. The red minus half the blue
-    optical density is therefore high on nuclei and near zero on red cells and background,
-    across the stains and microscopes we have seen.
-    """
-    if background is None:
-        background = background_colour(rgb)
-    density = -np.log(np.clip(rgb, 1e-3, None) / np.clip(background, 1e-3, None))
-    return (density[..., 0] - 0.5 * density[..., 2]) > 0.3
-
-
-def estimate_rbc_diameter(rgb, progress=None):
+def estimate_rbc_diameter(rgb, background=None, progress=None):
     """Estimate the median red-cell diameter of a smear in pixels.
 
     Parameters
     ----------
     rgb : ndarray
-        Float RGB image in [0, 1] (see :func:`napari_cytodiffusion.core.image.to_rgb_float`).
+        Float RGB image in [0, 1] (see :func:`~napari_cytodiffusion.core.smear.image.to_rgb_float`).
+    background : array of 3 floats, optional
+        The image's background colour (:func:`background_colour`); measured when not given.
     progress : callable, optional
         Called as ``progress(done, total)`` after every radius tried; raise
         ``progress.Cancelled`` from it to stop.
@@ -107,7 +79,10 @@ def estimate_rbc_diameter(rgb, progress=None):
         def tried(done, number=number):
             report(progress, number * _RADII_TRIED + done, len(windows) * _RADII_TRIED)
 
-        estimates.append(_radial_symmetry_diameter(rgb[window], tried))
+        # A window's own background, unless the window is the whole image.
+        whole = len(windows) == 1 and background is not None
+        local = background if whole else background_colour(rgb[window])
+        estimates.append(_radial_symmetry_diameter(rgb[window], local, tried))
     return float(np.median(estimates) * _CALIBRATION)
 
 
@@ -128,7 +103,7 @@ def _scale_windows(rgb, count=4):
     starts_r = np.linspace(0, rows - side_r, max(1, int(np.ceil(rows / side_r)))).astype(int)
     starts_c = np.linspace(0, cols - side_c, max(1, int(np.ceil(cols / side_c)))).astype(int)
     small, factor = _downsample(rgb)
-    density = stain_density(small, background_colour(small))
+    density = total_density(optical_density(small, background_colour(small)))
     candidates = []
     for r0 in starts_r:
         for c0 in starts_c:
@@ -141,23 +116,23 @@ def _scale_windows(rgb, count=4):
     return [window for _, window in candidates[:count]]
 
 
-def _radial_symmetry_diameter(rgb, tried):
+def _radial_symmetry_diameter(rgb, background, tried):
     if min(rgb.shape[:2]) < 4 * _VOTE_RADIUS:
         return float(min(rgb.shape[:2]) / 4)
-    background = background_colour(rgb)
-    density = ndi.gaussian_filter(stain_density(rgb, background), 1.0)
+    channels = optical_density(rgb, background)
+    density = ndi.gaussian_filter(total_density(channels), 1.0)
     radii = np.geomspace(4.0, min(rgb.shape[:2]) / 3, _RADII_TRIED)
     everyone = np.ones(density.shape, bool)
     first = _best_radius(density, everyone, radii, lambda done: tried(done // 2))
     # Second look without the white cells, which in a single-cell image can outvote the red
     # cells: the stained blob around every nucleus bigger than a platelet is left out, as far
     # as a white cell reaches.
-    nuclei = nucleus_mask(rgb, background)
+    nuclei = nucleus_mask(channels)
     labels, count = ndi.label(nuclei)
     sizes = ndi.sum(nuclei, labels, np.arange(1, count + 1))
     # Nuclei at least 0.3 red-cell diameters across (first is a radius).
     big = np.isin(labels, 1 + np.flatnonzero(sizes >= np.pi * (0.3 * first) ** 2))
-    blobs, _ = ndi.label(density > _otsu_threshold(density[~nuclei]))
+    blobs, _ = ndi.label(density > otsu_threshold(density[~nuclei], default=0.1))
     white = np.isin(blobs, np.unique(blobs[big])[1:]) | big
     white &= ndi.distance_transform_edt(~big) <= 1.4 * first
     voters = ~ndi.binary_dilation(white, iterations=3)
@@ -172,12 +147,6 @@ def _radial_symmetry_diameter(rgb, tried):
         return 2 * first
     second = _best_radius(density, voters, near, lambda done: tried((_RADII_TRIED + done) // 2))
     return 2 * second
-
-
-def _otsu_threshold(values):
-    from skimage.filters import threshold_otsu
-
-    return threshold_otsu(values) if values.size > 16 and np.ptp(values) > 0 else 0.1
 
 
 def _best_radius(density, voters, radii, tried):

@@ -20,7 +20,14 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage as ndi
 
-from napari_cytodiffusion.core.scale import background_colour, estimate_rbc_diameter
+from napari_cytodiffusion.core.smear.prepare import prepare_smear
+from napari_cytodiffusion.core.smear.stain import (
+    NUCLEUS_SCORE,
+    nucleus_score,
+    optical_density,
+    otsu_threshold,
+    total_density,
+)
 
 CELL_TYPES = ("wbc", "rbc", "platelet")
 FEATURE_COLUMNS = (
@@ -52,9 +59,8 @@ MERGE_SOLIDITY = 0.9  # two halves of one cell make a union at least this convex
 MAX_WBC_DIAMETER = 3.2  # largest white cell (a big monocyte), in red-cell diameters
 STAR_LIMIT = 1.3  # a white cell's edge is at most this times its median radius from its centre
 NUCLEUS_LEVEL = 0.35  # nucleus edge: this far from the cytoplasm to the chromatin stain level
-# Green-minus-blue density of nuclei: always above the lower bound; the upper bound keeps the
-# pale edges of very dark nuclei (which push Otsu's threshold up) inside.
-MIN_NUCLEUS_THRESHOLD = 0.35
+# The chromatin threshold is at least the always-nucleus score; the upper bound keeps the pale
+# edges of very dark nuclei (which push Otsu's threshold up) inside.
 MAX_NUCLEUS_THRESHOLD = 0.7
 # Tiles: the halo must hold a whole cell whose centroid is in the tile's core.
 HALO_RBC = 2.0
@@ -74,10 +80,8 @@ class SmearSegmentation:
     features : pandas.DataFrame
         One row per cell of every type (see ``FEATURE_COLUMNS``); ``index`` is the cell's
         label value in the labels array of its ``cell_type``.
-    rbc_diameter : float
-        Red-cell diameter in pixels (given or estimated), the scale of every crop.
-    background : ndarray
-        RGB colour of the empty slide, in [0, 1].
+    smear : PreparedSmear
+        The image it was made from, with its scale and background.
     """
 
     wbc_labels: np.ndarray
@@ -85,8 +89,17 @@ class SmearSegmentation:
     rbc_labels: np.ndarray
     platelet_labels: np.ndarray
     features: object
-    rbc_diameter: float
-    background: np.ndarray
+    smear: object
+
+    @property
+    def rbc_diameter(self):
+        """Red-cell diameter in pixels (given or estimated), the scale of every crop."""
+        return self.smear.rbc_diameter
+
+    @property
+    def background(self):
+        """RGB colour of the empty slide, in [0, 1]."""
+        return self.smear.background
 
     def table(self, cell_type):
         """The features of one cell type (``"wbc"``, ``"rbc"`` or ``"platelet"``)."""
@@ -123,10 +136,12 @@ def segment_smear(image, rbc_diameter=None, progress=None, tile_size=DEFAULT_TIL
 
     Parameters
     ----------
-    image : array-like
-        RGB or RGBA image, any size, uint8 / uint16 / float (see ``image.to_rgb_float``).
+    image : array-like or PreparedSmear
+        RGB or RGBA image, any size, uint8 / uint16 / float (see ``image.to_rgb_float``), or
+        the smear prepared once by :func:`~napari_cytodiffusion.core.smear.prepare.prepare_smear`.
     rbc_diameter : float, optional
-        Red-cell diameter in pixels. Estimated from the image when None or 0.
+        Red-cell diameter in pixels. Estimated from the image when None or 0 (and not
+        already known to a prepared smear).
     progress : callable, optional
         Called as ``progress(done, total)`` several times per second of work; raise
         ``progress.Cancelled`` from it to stop.
@@ -147,25 +162,18 @@ def segment_smear(image, rbc_diameter=None, progress=None, tile_size=DEFAULT_TIL
     ValueError
         If ``rbc_diameter`` or ``tile_size`` is not a sensible positive number.
     """
-    from napari_cytodiffusion.core.image import to_rgb_float
-
-    rgb = to_rgb_float(image)
-    if rbc_diameter is not None and rbc_diameter != 0 and not 3 <= rbc_diameter <= 1000:
-        raise ValueError(
-            f"rbc_diameter={rbc_diameter} px is implausible; give the red-cell diameter in "
-            "pixels (3 to 1000), or 0 / None to estimate it from the image."
-        )
     if tile_size < 256:
         raise ValueError(f"tile_size must be at least 256 pixels, got {tile_size}.")
     tracker = _ProgressTracker(progress)
     tracker.check()
-    constants = _smear_constants(rgb, rbc_diameter or None, tracker)
+    smear = prepare_smear(image, rbc_diameter, progress=lambda *_: tracker.check())
+    constants = _smear_constants(smear)
     halo = int(np.ceil(HALO_RBC * constants.rbc_diameter))
     # Tiles larger than their halo, so that not too much work is done twice.
-    tiles = _tiles(rgb.shape[:2], max(tile_size, 3 * halo), halo)
+    tiles = _tiles(smear.shape, max(tile_size, 3 * halo), halo)
     tracker.total = len(tiles) * _TileWork.STEPS + 1
-    results = _run_tiles(rgb, tiles, constants, tracker, workers)
-    segmentation = _assemble(rgb, results, constants, tracker)
+    results = _run_tiles(smear.rgb, tiles, constants, tracker, workers)
+    segmentation = _assemble(smear, results, tracker)
     tracker.step()
     return segmentation
 
@@ -192,43 +200,26 @@ class _ProgressTracker:
                 self._progress(min(self.done, self.total), self.total)
 
 
-def _smear_constants(rgb, rbc_diameter, tracker):
-    background = background_colour(rgb)
-    if rbc_diameter is None:
-        rbc_diameter = estimate_rbc_diameter(rgb, progress=lambda *_: tracker.check())
-    density = _density(_sample(rgb), background)
-    score = _purple(density)
-    total = density.sum(axis=-1)
-    nuclei = score > MIN_NUCLEUS_THRESHOLD
-    stain = _otsu(total[~nuclei], default=0.1)
+def _smear_constants(smear):
+    density = optical_density(_sample(smear.rgb), smear.background)
+    score = nucleus_score(density)
+    total = total_density(density)
+    nuclei = score > NUCLEUS_SCORE
+    stain = otsu_threshold(total[~nuclei], default=0.1)
     # Chromatin against everything else stained; never below the always-nucleus level.
-    chromatin = _otsu(score[total > stain], default=MIN_NUCLEUS_THRESHOLD)
+    chromatin = otsu_threshold(score[total > stain], default=NUCLEUS_SCORE)
     return _SmearConstants(
-        rbc_diameter=float(rbc_diameter),
-        background=background,
+        rbc_diameter=smear.rbc_diameter,
+        background=smear.background,
         stain_threshold=float(np.clip(stain, 0.08, 0.6)),
-        nucleus_threshold=float(np.clip(chromatin, MIN_NUCLEUS_THRESHOLD, MAX_NUCLEUS_THRESHOLD)),
+        nucleus_threshold=float(np.clip(chromatin, NUCLEUS_SCORE, MAX_NUCLEUS_THRESHOLD)),
     )
-
-
-def _otsu(values, default):
-    from skimage.filters import threshold_otsu
-
-    if values.size < 16 or np.ptp(values) <= 0:
-        return default
-    return float(threshold_otsu(values))
 
 
 def _sample(rgb, pixels=4_000_000):
     """A strided view of at most ``pixels`` pixels, for image-wide statistics."""
     step = max(1, int(np.ceil(np.sqrt(rgb.shape[0] * rgb.shape[1] / pixels))))
     return rgb[::step, ::step]
-
-
-def _density(rgb, background):
-    """Per-channel optical density relative to the background (0 on the empty slide)."""
-    ratio = np.clip(rgb, 1e-3, None) / np.clip(background, 1e-3, None)
-    return np.clip(-np.log(ratio), 0.0, None)
 
 
 # ----------------------------------------------------------------------------- tiles
@@ -283,7 +274,7 @@ class _TileWork:
         constants = self.constants
         diameter = constants.rbc_diameter
         self.tracker.check()
-        density = _density(_smooth(self.rgb, diameter / 50), constants.background)
+        density = optical_density(_smooth(self.rgb, diameter / 50), constants.background)
         wbc, nuclei, platelets = _white_cells(density, constants, self.tracker)
         self.tracker.step()
         rbc = _red_cells(density, wbc, platelets, constants, self.tracker)
@@ -350,7 +341,7 @@ def _smooth(rgb, sigma):
 def _white_cells(density, constants, tracker):
     """Return (wbc labels, nucleus labels, platelet labels) of one tile."""
     diameter = constants.rbc_diameter
-    score = _purple(density)
+    score = nucleus_score(density)
     nuclei = _nuclei(score, constants)
     groups = _group_fragments(nuclei, diameter)
     tracker.check()
@@ -370,15 +361,6 @@ def _white_cells(density, constants, tracker):
     platelets = _relabel(platelet_groups)
     nucleus = _cell_nuclei(score, wbc, constants)
     return wbc, nucleus, platelets
-
-
-def _purple(density):
-    """Nucleus stain score: green minus blue optical density.
-
-    Romanowsky-stained chromatin absorbs green and passes blue; haemoglobin absorbs both, and
-    the background neither, so nuclei (and platelets) stand out at any stain intensity.
-    """
-    return density[..., 1] - density[..., 2]
 
 
 def _nuclei(score, constants):
@@ -438,7 +420,7 @@ def _cytoplasm_like(density, nuclei, markers, constants):
     nuclei, red cells from stained pixels far from any nucleus, background is zero density.
     """
     diameter = constants.rbc_diameter
-    total = density.sum(axis=-1)
+    total = total_density(density)
     stained = total > constants.stain_threshold
     if markers.max() == 0:
         return np.zeros_like(stained)
@@ -576,7 +558,7 @@ def _red_cells(density, wbc, platelets, constants, tracker):
 
     diameter = constants.rbc_diameter
     rbc_area = np.pi * diameter**2 / 4
-    mask = density.sum(axis=-1) > constants.stain_threshold
+    mask = total_density(density) > constants.stain_threshold
     mask &= ~ndi.binary_dilation((wbc > 0) | (platelets > 0), iterations=2)
     mask = remove_small_holes(mask, max_size=int(0.4 * rbc_area))
     mask = ndi.binary_opening(mask, iterations=max(1, int(diameter / 25)))
@@ -605,11 +587,11 @@ def _red_cells(density, wbc, platelets, constants, tracker):
 # ----------------------------------------------------------------------------- assembly
 
 
-def _assemble(rgb, results, constants, tracker):
+def _assemble(smear, results, tracker):
     """Paste every tile's own cells into whole-image label arrays and measure them."""
     import pandas as pd
 
-    shape = rgb.shape[:2]
+    rgb, shape = smear.rgb, smear.shape
     arrays = {name: np.zeros(shape, np.uint32) for name in ("wbc", "nucleus", "rbc", "platelet")}
     offsets = {"wbc": 0, "rbc": 0, "platelet": 0}
     for origin, wbc, nuclei, rbc, platelets in results:
@@ -631,8 +613,7 @@ def _assemble(rgb, results, constants, tracker):
         rbc_labels=arrays["rbc"],
         platelet_labels=arrays["platelet"],
         features=features,
-        rbc_diameter=constants.rbc_diameter,
-        background=constants.background,
+        smear=smear,
     )
 
 

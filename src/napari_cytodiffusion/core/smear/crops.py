@@ -5,12 +5,17 @@ CellaVision-style single-cell image or a training folder: centred, resampled so 
 diameter spans a fixed number of model pixels, and with the background white-balanced to a
 reference colour. That keeps absolute cell size (a key cue: lymphocyte versus monocyte) while
 removing the microscope's magnification and the lamp's colour.
+
+A :class:`CellSite` says where one cell is and how it is cropped; it also maps results made
+on the crop (heat maps, edited cells) back onto the image.
 """
+
+from dataclasses import dataclass
 
 import numpy as np
 from scipy import ndimage as ndi
 
-from napari_cytodiffusion.core.scale import background_colour, nucleus_mask
+from napari_cytodiffusion.core.smear.stain import nucleus_mask
 
 # Field of view of a model crop, in red-cell diameters: the largest monocytes still fit.
 FIELD_OF_VIEW_RBC = 2.5
@@ -18,14 +23,107 @@ FIELD_OF_VIEW_RBC = 2.5
 REFERENCE_BACKGROUND = np.array([0.98, 0.89, 0.80], np.float32)
 
 
-def locate_central_cell(rgb, rbc_diameter, background=None):
+@dataclass
+class CellSite:
+    """Where a cell lies in its image, and the scale and colour it is cropped at.
+
+    Attributes
+    ----------
+    centre : (float, float)
+        Cell centre (row, col) in image pixels.
+    rbc_diameter : float
+        The image's red-cell diameter in pixels.
+    background : ndarray
+        The image's background colour (white balance reference).
+    field_of_view : float
+        Side of the crop in red-cell diameters.
+    """
+
+    centre: tuple
+    rbc_diameter: float
+    background: np.ndarray
+    field_of_view: float = FIELD_OF_VIEW_RBC
+
+    def crop(self, rgb, size):
+        """The normalised ``size`` x ``size`` crop of this cell (see :func:`crop_cell`)."""
+        return crop_cell(
+            rgb, self.centre, self.rbc_diameter, size, self.field_of_view, self.background
+        )
+
+    def placement(self, size):
+        """(origin (row, col), step) of a ``size`` crop: see :func:`crop_placement`."""
+        return crop_placement(self.centre, self.rbc_diameter, size, self.field_of_view)
+
+    def to_image(self, values, image_shape):
+        """Crop-space values resampled onto the image grid (NaN outside the crop)."""
+        return crop_to_image(
+            values, image_shape, self.centre, self.rbc_diameter, self.field_of_view
+        )
+
+
+def central_cell_site(smear, field_of_view=FIELD_OF_VIEW_RBC):
+    """The site of the cell a single-cell image is about (see :func:`locate_central_cell`)."""
+    centre = locate_central_cell(smear)
+    return CellSite(centre, smear.rbc_diameter, smear.background, field_of_view)
+
+
+def labelled_cell_sites(smear, labels, cell_ids=None):
+    """Sites of labelled cells, each at its label's centroid.
+
+    Parameters
+    ----------
+    smear : PreparedSmear
+    labels : ndarray
+        Instance labels of the smear's shape.
+    cell_ids : sequence of int, optional
+        The cells wanted; every label when not given.
+
+    Raises
+    ------
+    ValueError
+        If the shapes differ, or a wanted cell id is 0 or absent from ``labels``.
+    """
+    labels = np.asarray(labels)
+    if labels.shape != smear.shape:
+        raise ValueError(
+            f"The labels {labels.shape} do not match the image {smear.shape}: they differ in "
+            "shape. Pick the labels layer that was made from this image."
+        )
+    present = np.unique(labels)
+    present = present[present != 0]
+    if cell_ids is None:
+        cell_ids = present
+    missing = sorted(set(int(i) for i in cell_ids) - set(int(i) for i in present))
+    if missing:
+        raise ValueError(
+            f"No cell with label {missing[0]}: click a cell or give an existing id "
+            "(0 is the background)."
+        )
+    ids = [int(i) for i in cell_ids]
+    centres = np.array(ndi.center_of_mass(labels > 0, labels, ids)).reshape(-1, 2)
+    return [CellSite(tuple(c), smear.rbc_diameter, smear.background) for c in centres]
+
+
+def model_crop_site(size):
+    """The site of an image that already is a model crop: cropping it changes nothing."""
+    centre = ((size - 1) / 2, (size - 1) / 2)
+    return CellSite(centre, size / FIELD_OF_VIEW_RBC, REFERENCE_BACKGROUND.copy())
+
+
+def is_model_crop(image, size):
+    """True for a ``size`` x ``size`` image: a crop already (generated or exported cells)."""
+    return tuple(np.shape(image)[:2]) == (size, size)
+
+
+def locate_central_cell(smear):
     """Return the (row, col) centre of the nucleated cell or platelet nearest the image centre.
 
     Nucleus fragments closer than a third of a red cell are merged first, so the lobes of a
     neutrophil count as one cell. Falls back to the image centre if nothing is stained.
     """
-    nuclei = nucleus_mask(rgb, background)
-    centre = np.array(rgb.shape[:2], float) / 2
+    rbc_diameter = smear.rbc_diameter
+    nuclei = nucleus_mask(smear.density)
+    centre = np.array(smear.shape, float) / 2
     if nuclei.sum() < 4:
         return tuple(centre)
     grown = ndi.binary_dilation(nuclei, iterations=max(1, int(rbc_diameter / 3)))
@@ -42,7 +140,37 @@ def locate_central_cell(rgb, rbc_diameter, background=None):
     return tuple(centroids[nearest])
 
 
-def crop_cell(rgb, centre, rbc_diameter, size=64, field_of_view=FIELD_OF_VIEW_RBC, background=None):
+def normalised_cell(image, size, rbc_diameter=None, field_of_view=FIELD_OF_VIEW_RBC):
+    """The central cell of a single-cell image, centred and normalised in scale and colour.
+
+    Parameters
+    ----------
+    image : array-like or PreparedSmear
+    size : int
+        Side of the crop in pixels.
+    rbc_diameter : float, optional
+        Red-cell diameter in pixels; estimated from the image when not given.
+
+    Returns
+    -------
+    ndarray float32 (size, size, 3)
+    """
+    from napari_cytodiffusion.core.smear.prepare import prepare_smear
+
+    smear = prepare_smear(image, rbc_diameter)
+    return central_cell_site(smear, field_of_view).crop(smear.rgb, size)
+
+
+def single_cell_crop(image, size, rbc_diameter=None):
+    """:func:`normalised_cell`, except that a ``size`` x ``size`` image is a crop already."""
+    from napari_cytodiffusion.core.smear.image import to_rgb_float
+
+    if is_model_crop(image, size):
+        return to_rgb_float(image)
+    return normalised_cell(image, size, rbc_diameter)
+
+
+def crop_cell(rgb, centre, rbc_diameter, size, field_of_view=FIELD_OF_VIEW_RBC, background=None):
     """Cut a ``size`` x ``size`` crop centred on ``centre``, normalised in scale and colour.
 
     Parameters
@@ -66,6 +194,8 @@ def crop_cell(rgb, centre, rbc_diameter, size=64, field_of_view=FIELD_OF_VIEW_RB
         float32 (size, size, 3) in [0, 1]. Outside the image is filled by reflection.
     """
     if background is None:
+        from napari_cytodiffusion.core.smear.scale import background_colour
+
         background = background_colour(rgb)
     step = field_of_view * rbc_diameter / size  # source pixels per output pixel
     offsets = (np.arange(size) - (size - 1) / 2) * step
@@ -100,7 +230,7 @@ def _window(rgb, r0, c0, side):
     return rgb[np.ix_(rows, cols)]
 
 
-def crop_placement(centre, rbc_diameter, size=64, field_of_view=FIELD_OF_VIEW_RBC):
+def crop_placement(centre, rbc_diameter, size, field_of_view=FIELD_OF_VIEW_RBC):
     """Where a ``crop_cell`` crop lies in its source image.
 
     Crop pixel (i, j) was sampled at source (row0 + i * step, col0 + j * step). For napari,

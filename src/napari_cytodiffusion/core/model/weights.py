@@ -22,7 +22,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-MODELS_DIR = Path(__file__).resolve().parents[1] / "models"
+MODELS_DIR = Path(__file__).resolve().parents[2] / "models"
 REGISTRY_PATH = MODELS_DIR / "registry.json"
 CACHE_ENV = "NAPARI_CYTODIFFUSION_CACHE"
 URL_ENV = "NAPARI_CYTODIFFUSION_MODEL_URL"
@@ -200,6 +200,25 @@ def load_model(name_or_path="default", device="auto", progress=None):
     path = model_path(name_or_path, progress)
     entry = find_model(str(name_or_path))
     return load_model_file(path, device, name=entry.name if entry else str(path))
+
+
+def model_classes(name_or_path="default"):
+    """The classes of a registry model or a model file, without loading its network.
+
+    Returns None when ``name_or_path`` is neither (the caller asks again once it is valid).
+    """
+    entry = find_model(str(name_or_path))
+    if entry is not None:
+        return entry.classes
+    path = Path(name_or_path).expanduser()
+    if not path.is_file():
+        return None
+    from napari_cytodiffusion.core.model.checkpoint import ModelFileError, load_model_file
+
+    try:
+        return load_model_file(path, "cpu").classes
+    except ModelFileError:
+        return None
 
 
 def update_registry_hash(path):

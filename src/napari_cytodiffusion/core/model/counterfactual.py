@@ -13,15 +13,15 @@ and denoised under the target class with classifier-free guidance: what survives
 the noising is replaced by deterministic DDIM inversion under the current class, which keeps
 more of the cell and gives subtler edits.
 
-Everything here works on 64-px normalised crops (``crop_cell`` / ``normalised_cell``); use
-``crops.crop_placement`` and ``crops.crop_to_image`` to put the results back on the smear.
+Everything here works on normalised model crops (``smear.crops``); a ``CellSite`` puts the
+results back on the smear.
 """
 
 from dataclasses import dataclass
 
 import numpy as np
 
-from napari_cytodiffusion.core.classes import CLASSES, canonical_class
+from napari_cytodiffusion.core.classes import canonical_class
 from napari_cytodiffusion.core.progress import report
 
 # Heat-map trials sample timesteps in this band: below it the prediction differences are
@@ -31,6 +31,8 @@ DEFAULT_TRIALS = 24
 TRIAL_CHUNK = 4  # trials per network call: a progress report (and a chance to cancel) each
 DEFAULT_STRENGTH = 0.6
 DEFAULT_EDIT_GUIDANCE = 3.0
+DEFAULT_EDIT_STEPS = 20
+EDIT_METHODS = ("noise", "invert")
 
 
 @dataclass
@@ -49,122 +51,24 @@ class CellExplanation:
     predicted : str
         The class with the lowest paired error over these trials: a quick call, not the
         calibrated classifier's.
+    classes : tuple of str
+        The model's classes, in the order of ``maps`` and ``errors``.
     """
 
     maps: np.ndarray
     errors: np.ndarray
     source: str
     predicted: str
-    classes: tuple = CLASSES
+    classes: tuple
 
     def map_for(self, target):
-        return self.maps[self.classes.index(canonical_class(target))]
+        return self.maps[self.classes.index(canonical_class(target, self.classes))]
 
 
-@dataclass
-class CellSite:
-    """Where a cell lies in its image, and the scale and colour it is cropped at.
-
-    Attributes
-    ----------
-    centre : (float, float)
-        Cell centre (row, col) in image pixels.
-    rbc_diameter : float
-        The image's red-cell diameter in pixels.
-    background : ndarray
-        The image's background colour (white balance reference).
-    """
-
-    centre: tuple
-    rbc_diameter: float
-    background: np.ndarray
-
-    def crop(self, rgb, size=64):
-        """The normalised crop the model sees (as ``crop_cell`` makes it)."""
-        from napari_cytodiffusion.core.crops import crop_cell
-
-        return crop_cell(rgb, self.centre, self.rbc_diameter, size, background=self.background)
-
-    def placement(self, size=64):
-        """(origin (row, col), step) of a ``size`` crop: see ``crops.crop_placement``."""
-        from napari_cytodiffusion.core.crops import crop_placement
-
-        return crop_placement(self.centre, self.rbc_diameter, size)
-
-    def to_image(self, values, image_shape):
-        """Crop-space values resampled onto the image grid (NaN outside the crop)."""
-        from napari_cytodiffusion.core.crops import crop_to_image
-
-        return crop_to_image(values, image_shape, self.centre, self.rbc_diameter)
-
-
-def central_cell_site(rgb, rbc_diameter=None):
-    """The cell a single-cell image is about, found as ``datasets.normalised_cell`` finds it.
-
-    ``rgb`` is a float RGB image (``image.to_rgb_float``); the red-cell diameter is estimated
-    from the image when not given.
-    """
-    from napari_cytodiffusion.core.crops import locate_central_cell
-    from napari_cytodiffusion.core.scale import background_colour, estimate_rbc_diameter
-
-    rbc_diameter = float(rbc_diameter or estimate_rbc_diameter(rgb))
-    background = background_colour(rgb)
-    return CellSite(locate_central_cell(rgb, rbc_diameter, background), rbc_diameter, background)
-
-
-def model_crop_site(size=64):
-    """The site of an image that already is a model crop: cropping it changes nothing."""
-    from napari_cytodiffusion.core.crops import FIELD_OF_VIEW_RBC, REFERENCE_BACKGROUND
-
-    centre = ((size - 1) / 2, (size - 1) / 2)
-    return CellSite(centre, size / FIELD_OF_VIEW_RBC, REFERENCE_BACKGROUND.copy())
-
-
-def labelled_cell_site(rgb, labels, cell_id, rbc_diameter=None):
-    """The cell with value ``cell_id`` in a labels image of the same shape as ``rgb``.
-
-    Raises
-    ------
-    ValueError
-        If no pixel carries ``cell_id`` or the shapes differ.
-    """
-    from scipy import ndimage as ndi
-
-    from napari_cytodiffusion.core.scale import background_colour, estimate_rbc_diameter
-
-    labels = np.asarray(labels)
-    if labels.shape != rgb.shape[:2]:
-        raise ValueError(
-            f"The labels {labels.shape} and the image {rgb.shape[:2]} differ in shape; pick the "
-            "labels layer that was made from this image."
-        )
-    mask = labels == int(cell_id)
-    if not mask.any():
-        raise ValueError(f"No cell with label {cell_id}: click a cell or give an existing id.")
-    rbc_diameter = float(rbc_diameter or estimate_rbc_diameter(rgb))
-    return CellSite(tuple(ndi.center_of_mass(mask)), rbc_diameter, background_colour(rgb))
-
-
-def _crop_tensor(crops, device):
-    import torch
-
-    from napari_cytodiffusion.core.model.diffusion import to_model_range
-
-    crops = np.asarray(crops, np.float32)
-    if crops.ndim != 4 or crops.shape[-1] != 3:
-        raise ValueError(
-            f"Expected RGB crops of shape (n, size, size, 3), got {crops.shape}; "
-            "make them with crop_cell or normalised_cell."
-        )
-    return to_model_range(torch.from_numpy(crops).permute(0, 3, 1, 2).to(device))
-
-
-def _check_size(model, crops):
-    if crops.shape[1:3] != (model.image_size, model.image_size):
-        raise ValueError(
-            f"The model works on {model.image_size}-px crops, got {crops.shape[1:3]}; make the "
-            f"crop with crop_cell(..., size={model.image_size})."
-        )
+def edit_evaluations(strength, steps, method):
+    """Network evaluations one edit costs (for sharing a progress bar between steps)."""
+    edit_steps = max(2, int(round(steps * strength)))
+    return 2 * edit_steps if method == "invert" else edit_steps
 
 
 def explain_cell(model, crop, source=None, trials=DEFAULT_TRIALS, seed=0, progress=None):
@@ -196,19 +100,16 @@ def explain_cells(model, crops, sources=None, trials=DEFAULT_TRIALS, seed=0, pro
     """:func:`explain_cell` for a stack of crops (n, size, size, 3); ``sources`` per cell."""
     import torch
 
+    from napari_cytodiffusion.core.model.batches import crops_to_tensor, paired_predictions
     from napari_cytodiffusion.core.model.diffusion import add_noise
-    from napari_cytodiffusion.core.model.unet import repeat_encoded
 
-    crops = np.asarray(crops, np.float32)
-    x0 = _crop_tensor(crops, model.device)
-    _check_size(model, crops)
-    sources = [None] * len(crops) if sources is None else list(sources)
-    if len(sources) != len(crops):
-        raise ValueError(f"Got {len(sources)} source classes for {len(crops)} crops.")
+    x0 = crops_to_tensor(crops, model)
+    sources = [None] * len(x0) if sources is None else list(sources)
+    if len(sources) != len(x0):
+        raise ValueError(f"Got {len(sources)} source classes for {len(x0)} crops.")
     trials = max(1, int(trials))
     classes = tuple(model.classes)
     k = len(classes)
-    all_classes = torch.arange(k, device=model.device)
     generator = torch.Generator().manual_seed(int(seed))
     low, high = TRIAL_TIMESTEPS
     # Stratified timesteps: every part of the band is visited even with few trials.
@@ -223,7 +124,7 @@ def explain_cells(model, crops, sources=None, trials=DEFAULT_TRIALS, seed=0, pro
     ]
     results = []
     with torch.no_grad():
-        for i in range(len(crops)):
+        for i in range(len(x0)):
             # Predictions are summed per class; the mean difference between classes is linear.
             summed = torch.zeros((k, *x0.shape[1:]), device=model.device)
             squared_error = torch.zeros(k, device=model.device)
@@ -232,17 +133,14 @@ def explain_cells(model, crops, sources=None, trials=DEFAULT_TRIALS, seed=0, pro
                 noisy = add_noise(
                     x0[i : i + 1].expand(len(chunk), -1, -1, -1), t, eps, model.alpha_bars
                 )
-                encoded = model.unet.encode(noisy, t)
-                predicted = model.unet.decode(
-                    repeat_encoded(encoded, k), all_classes.repeat(len(chunk))
-                )
-                predicted = predicted.float().view(len(chunk), k, *x0.shape[1:])
+                every_class = torch.arange(k, device=model.device).expand(len(chunk), k)
+                predicted = paired_predictions(model.unet, noisy, t, every_class)
                 summed += predicted.sum(dim=0)
                 squared_error += ((predicted - eps[:, None]) ** 2).mean(dim=(2, 3, 4)).sum(dim=0)
-                report(progress, i * len(chunks) + c + 1, len(crops) * len(chunks))
+                report(progress, i * len(chunks) + c + 1, len(x0) * len(chunks))
             errors = (squared_error / trials).cpu().numpy().astype(np.float32)
             best = classes[int(np.argmin(errors))]
-            source = canonical_class(sources[i]) if sources[i] is not None else best
+            source = canonical_class(sources[i], classes) if sources[i] is not None else best
             mean_change = (summed - summed[classes.index(source)]) / trials
             maps = mean_change.pow(2).sum(dim=1).sqrt().cpu().numpy().astype(np.float32)
             results.append(CellExplanation(maps, errors, source, best, classes))
@@ -255,7 +153,7 @@ def counterfactual_image(
     target,
     source=None,
     strength=DEFAULT_STRENGTH,
-    steps=20,
+    steps=DEFAULT_EDIT_STEPS,
     guidance=DEFAULT_EDIT_GUIDANCE,
     method="noise",
     seed=0,
@@ -292,26 +190,27 @@ def counterfactual_image(
     """
     import torch
 
-    from napari_cytodiffusion.core.generation import cell_noise, denoise, invert
+    from napari_cytodiffusion.core.model.batches import crops_to_tensor, tensor_to_crops
     from napari_cytodiffusion.core.model.diffusion import NUM_TIMESTEPS, add_noise
+    from napari_cytodiffusion.core.model.sampling import cell_noise, denoise, invert
 
     if not 0 < strength <= 1:
         raise ValueError(f"strength must be in (0, 1], got {strength}.")
-    if method not in ("noise", "invert"):
+    if method not in EDIT_METHODS:
         raise ValueError(f"Unknown method {method!r}; use 'noise' or 'invert'.")
     if method == "invert" and source is None:
         raise ValueError("method='invert' needs the cell's current class (source).")
-    crops = np.asarray(crop, np.float32)[None]
-    _check_size(model, crops)
-    x0 = _crop_tensor(crops, model.device)
+    x0 = crops_to_tensor(np.asarray(crop, np.float32)[None], model)
     classes = tuple(model.classes)
-    target_id = torch.tensor([classes.index(canonical_class(target))], device=model.device)
+    target_id = torch.tensor([classes.index(canonical_class(target, classes))], device=model.device)
     t_start = int(round(strength * (NUM_TIMESTEPS - 1)))
     edit_steps = max(2, int(round(steps * strength)))
     offset = edit_steps if method == "invert" else 0
     total = offset + edit_steps
     if method == "invert":
-        source_id = torch.tensor([classes.index(canonical_class(source))], device=model.device)
+        source_id = torch.tensor(
+            [classes.index(canonical_class(source, classes))], device=model.device
+        )
         noisy = invert(
             model.unet,
             x0,
@@ -336,7 +235,7 @@ def counterfactual_image(
         t_start=t_start,
         progress=lambda done, _: report(progress, offset + done, total),
     )
-    return ((edited[0] + 1) / 2).clamp(0, 1).permute(1, 2, 0).cpu().numpy().astype(np.float32)
+    return tensor_to_crops(edited)[0]
 
 
 def mean_map_grid(model, crops, sources=None, trials=DEFAULT_TRIALS, seed=0, progress=None):
@@ -407,7 +306,7 @@ def cell_maps_figure(crop, explanation, counterfactuals=None):
     return figure
 
 
-def grid_figure(grid, counts, mean_crops, classes=CLASSES):
+def grid_figure(grid, counts, mean_crops, classes):
     """Matplotlib figure of the class x class mean-map grid from :func:`mean_map_grid`.
 
     Rows: the cells' current class (with the number of cells); columns: target class. Each

@@ -1,33 +1,40 @@
-"""Classifying the white cells of an image: segmentation or central-cell location, crops,
-diffusion classification, and the per-cell table every face of the plugin shows.
+"""Classify cells: every white cell of a smear, or the central cell of a single-cell image.
+
+The image is prepared once, its white cells found (segmented, given as labels, or the central
+cell), cropped as the model was trained, and classified by the diffusion classifier. The
+result holds the per-cell table every face shows.
 """
 
 from dataclasses import dataclass
 
 import numpy as np
 
-from napari_cytodiffusion.core.classify import classify_crops
+from napari_cytodiffusion.core.progress import phases
 
-# Share of the progress bar given to segmentation; classification takes the rest.
-_SEGMENTATION_SHARE = 0.15
+# Shares of the progress bar: scale estimate, segmentation, classification.
+_PROGRESS_WEIGHTS = (0.05, 0.10, 0.85)
 
 
 @dataclass
-class ImageClassification:
+class Classification:
     """The white cells of one image and their calls.
 
     Attributes
     ----------
     calls : list of CellCall
     cell_ids : list of int or None
-        Label value of each call's cell in ``segmentation.wbc_labels``; None for a
-        single-cell image.
+        Label value of each call's cell; None for the central cell of a single-cell image.
     centres : ndarray (n, 2)
         (row, col) centre of each classified cell in the image.
     crops : ndarray (n, size, size, 3)
         What the model saw.
-    rbc_diameter : float
-        The scale used for the crops, in pixels.
+    smear : PreparedSmear
+        The image, its background and the red-cell scale the crops were made at.
+    classes : tuple of str
+        The model's classes.
+    labels : ndarray or None
+        The instance labels the cell ids refer to (given or segmented); None for a single
+        cell (see :meth:`cell_labels`).
     segmentation : SmearSegmentation or None
     """
 
@@ -35,15 +42,41 @@ class ImageClassification:
     cell_ids: list
     centres: np.ndarray
     crops: np.ndarray
-    rbc_diameter: float
+    smear: object
+    classes: tuple
+    labels: np.ndarray | None = None
     segmentation: object = None
 
+    @property
+    def rbc_diameter(self):
+        return self.smear.rbc_diameter
+
+    @property
+    def single_cell(self):
+        return self.cell_ids == [None]
+
     def table(self):
-        """One row per cell: see :func:`calls_table`."""
-        return calls_table(self.calls, self.cell_ids, self.centres)
+        """One row per cell (see :func:`calls_table`); ``index`` is its value in
+        :meth:`cell_labels` (1 for the single cell of a single-cell image)."""
+        ids = [1] if self.single_cell else self.cell_ids
+        return calls_table(self.calls, ids, self.centres)
+
+    def differential(self):
+        """Number and percentage of cells per class: see :func:`differential_count`."""
+        return differential_count([call.label for call in self.calls], self.classes)
+
+    def cell_labels(self):
+        """Instance labels of the classified cells: given, segmented, or a disc of label 1
+        around the central cell of a single-cell image."""
+        if self.labels is not None:
+            return self.labels
+        rows, cols = self.smear.shape
+        (r, c), radius = self.centres[0], 0.9 * self.rbc_diameter
+        yy, xx = np.ogrid[:rows, :cols]
+        return (((yy - r) ** 2 + (xx - c) ** 2) <= radius**2).astype(np.uint32)
 
 
-def classify_image(
+def classify(
     image,
     model,
     segment=True,
@@ -60,7 +93,7 @@ def classify_image(
 
     Parameters
     ----------
-    image : array-like
+    image : array-like or PreparedSmear
         RGB(A) image of any dtype.
     model : DiffusionModel
     segment : bool
@@ -73,53 +106,43 @@ def classify_image(
         each label is cut out around its centroid. Overrides ``segment``.
     rbc_diameter : float, optional
         Red-cell diameter in pixels; estimated from the image when not given.
+    strategy, seed, uncertainty_threshold, anomaly_threshold
+        See :func:`~napari_cytodiffusion.core.model.classifier.classify_crops`.
     progress : callable, optional
         ``progress(done, total)``; raise ``Cancelled`` from it to stop.
 
     Returns
     -------
-    ImageClassification
+    Classification
     """
-    from napari_cytodiffusion.core.crops import crop_cell, locate_central_cell
-    from napari_cytodiffusion.core.image import to_rgb_float
-    from napari_cytodiffusion.core.scale import background_colour, estimate_rbc_diameter
+    from napari_cytodiffusion.core.model.classifier import classify_crops
+    from napari_cytodiffusion.core.smear import crops as cropping
+    from napari_cytodiffusion.core.smear.prepare import prepare_smear
+    from napari_cytodiffusion.core.smear.segmentation import segment_smear
 
-    rgb = to_rgb_float(image)
-    size = model.image_size
-    start = 0.0  # where classification begins on the progress bar
+    scaling, segmenting, classifying = phases(progress, _PROGRESS_WEIGHTS)
+    if segmentation is not None:
+        smear = segmentation.smear
+    else:
+        smear = prepare_smear(image, rbc_diameter, scaling)
     if labels is not None:
         labels = np.asarray(labels)
-        if labels.shape != rgb.shape[:2]:
-            raise ValueError(
-                f"The labels ({labels.shape}) do not match the image ({rgb.shape[:2]}); "
-                "choose the labels layer made for this image."
-            )
-        from scipy import ndimage as ndi
-
+        sites = cropping.labelled_cell_sites(smear, labels)
         cell_ids = [int(v) for v in np.unique(labels) if v != 0]
-        centres = np.array(ndi.center_of_mass(labels > 0, labels, cell_ids)).reshape(-1, 2)
-        scale = rbc_diameter or estimate_rbc_diameter(rgb)
-        background = background_colour(rgb)
     elif segment or segmentation is not None:
         if segmentation is None:
-            from napari_cytodiffusion.core.segmentation import segment_smear
-
-            segmentation = segment_smear(
-                rgb, rbc_diameter, progress=_phase(progress, 0.0, _SEGMENTATION_SHARE)
-            )
-            start = _SEGMENTATION_SHARE
-        wbc = segmentation.table("wbc")
+            segmentation = segment_smear(smear, progress=segmenting)
+        labels, wbc = segmentation.wbc_labels, segmentation.table("wbc")
         cell_ids = wbc["index"].astype(int).tolist()
-        centres = wbc[["centroid_row", "centroid_col"]].to_numpy(float).reshape(-1, 2)
-        scale, background = segmentation.rbc_diameter, segmentation.background
+        centres = wbc[["centroid_row", "centroid_col"]].to_numpy(float)
+        sites = [cropping.CellSite(tuple(c), smear.rbc_diameter, smear.background) for c in centres]
     else:
-        scale = rbc_diameter or estimate_rbc_diameter(rgb)
-        background = background_colour(rgb)
-        cell_ids = [None]
-        centres = np.array([locate_central_cell(rgb, scale, background)])
-    crops = np.zeros((len(centres), size, size, 3), np.float32)
-    for i, centre in enumerate(centres):
-        crops[i] = crop_cell(rgb, centre, scale, size, background=background)
+        sites, cell_ids = [cropping.central_cell_site(smear)], [None]
+    centres = np.array([site.centre for site in sites], float).reshape(-1, 2)
+    size = model.image_size
+    crops = np.zeros((len(sites), size, size, 3), np.float32)
+    for i, site in enumerate(sites):
+        crops[i] = site.crop(smear.rgb, size)
     calls = []
     if len(crops):
         calls = classify_crops(
@@ -129,9 +152,11 @@ def classify_image(
             seed=seed,
             uncertainty_threshold=uncertainty_threshold,
             anomaly_threshold=anomaly_threshold,
-            progress=_phase(progress, start, 1.0),
+            progress=classifying,
         )
-    return ImageClassification(calls, cell_ids, centres, crops, float(scale), segmentation)
+    return Classification(
+        calls, cell_ids, centres, crops, smear, tuple(model.classes), labels, segmentation
+    )
 
 
 def shared_rbc_diameter(paths, most=25):
@@ -148,38 +173,26 @@ def shared_rbc_diameter(paths, most=25):
     float or None
         None if no file could be measured.
     """
-    from napari_cytodiffusion.core.image import ImageError, to_rgb_float
     from napari_cytodiffusion.core.io import InputFileError, read_image
-    from napari_cytodiffusion.core.scale import estimate_rbc_diameter
+    from napari_cytodiffusion.core.smear.image import ImageError
+    from napari_cytodiffusion.core.smear.prepare import prepare_smear
 
     step = max(1, len(paths) // most)
     estimates = []
     for path in list(paths)[::step][:most]:
         try:
-            estimates.append(estimate_rbc_diameter(to_rgb_float(read_image(path))))
+            estimates.append(prepare_smear(read_image(path)).rbc_diameter)
         except (ImageError, InputFileError):
             continue
     return float(np.median(estimates)) if estimates else None
 
 
-def _phase(progress, start, end, resolution=1000):
-    """Map a sub-task's (done, total) onto [start, end] of one progress bar of 1000 ticks."""
-    if progress is None:
-        return None
-
-    def report(done, total):
-        fraction = done / total if total else 0.0
-        progress(int(resolution * (start + (end - start) * fraction)), resolution)
-
-    return report
-
-
 def calls_table(calls, cell_ids=None, centres=None):
     """Per-cell results as a pandas DataFrame.
 
-    Columns: ``index`` (the cell's label value, or 0 for a single-cell image), ``label``,
-    ``p_<class>`` for every class, ``uncertainty``, ``anomaly_score``, ``needs_review``,
-    ``unet_evals``, and ``centroid_row`` / ``centroid_col`` when ``centres`` is given.
+    Columns: ``index`` (the cell's label value, 0 where not given), ``label``, ``p_<class>``
+    for every class, ``uncertainty``, ``anomaly_score``, ``needs_review``, ``unet_evals``,
+    and ``centroid_row`` / ``centroid_col`` when ``centres`` is given.
     """
     import pandas as pd
 

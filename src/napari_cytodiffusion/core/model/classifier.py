@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from napari_cytodiffusion.core.progress import report
+from napari_cytodiffusion.core.progress import forward_only, report
 
 MAX_TRIALS = 64
 DEFAULT_BUDGET = 64  # trials per class at most
@@ -108,7 +108,7 @@ def classify_crops(
     ----------
     model : DiffusionModel
     crops : ndarray (n, size, size, 3)
-        Float RGB crops in [0, 1] made by :func:`~napari_cytodiffusion.core.crops.crop_cell`.
+        Float RGB crops in [0, 1] made by :func:`~napari_cytodiffusion.core.smear.crops.crop_cell`.
     strategy : {"adaptive", "exhaustive"}
     seed : int
         Seeds the shared noise; the same seed gives the same calls.
@@ -119,7 +119,7 @@ def classify_crops(
     uncertainty_threshold, anomaly_threshold : float, optional
         Review thresholds; the model's calibrated values when not given.
     progress : callable, optional
-        ``progress(done, total)`` in noise predictions; raise ``Cancelled`` from it to stop.
+        ``progress(done, total)``; raise ``Cancelled`` from it to stop.
 
     Returns
     -------
@@ -160,21 +160,15 @@ def class_errors(
     """
     import torch
 
-    from napari_cytodiffusion.core.model.diffusion import to_model_range
+    from napari_cytodiffusion.core.model.batches import crops_to_tensor
 
     if strategy not in ("adaptive", "exhaustive"):
         raise ValueError(f"Unknown strategy {strategy!r}; use 'adaptive' or 'exhaustive'.")
-    crops = np.asarray(crops, np.float32)
-    if crops.ndim != 4 or crops.shape[1:] != (model.image_size, model.image_size, 3):
-        raise ValueError(
-            f"Expected crops of shape (n, {model.image_size}, {model.image_size}, 3), "
-            f"got {crops.shape}."
-        )
+    x0 = crops_to_tensor(crops, model)
     budget = int(min(max(budget, 1), MAX_TRIALS))
     class_ids = np.arange(model.num_classes) if classes is None else np.asarray(classes)
     batch_size = batch_size or (4096 if model.device.type == "cuda" else 64)
-    n, k = len(crops), len(class_ids)
-    x0 = to_model_range(torch.from_numpy(crops).permute(0, 3, 1, 2)).to(model.device)
+    n, k = len(x0), len(class_ids)
     generator = torch.Generator().manual_seed(int(seed))
     size = model.image_size
     noise = torch.randn((budget, 3, size, size), generator=generator).to(model.device)
@@ -184,6 +178,7 @@ def class_errors(
     spent = np.zeros(n, np.int64)
     exhaustive = strategy == "exhaustive"
     stages = (budget,) if exhaustive else _stage_ends(budget)
+    progress = forward_only(progress)  # the total grows as stages are added
     trial, done = 0, 0
     for stop in stages:
         cells = np.arange(n) if trial == 0 else np.flatnonzero(alive.sum(axis=1) > 1)
@@ -205,6 +200,7 @@ def class_errors(
         trial = stop
         if not exhaustive:
             alive = prune(model, errors[:, :trial], alive)
+    report(progress, 1, 1)
     return errors, spent
 
 
@@ -242,6 +238,7 @@ def _evaluate(model, x0, noise, timesteps, jobs, class_ids):
     """Errors of (cell, trial, class) jobs; the encoder runs once per (cell, trial)."""
     import torch
 
+    from napari_cytodiffusion.core.model.batches import class_predictions
     from napari_cytodiffusion.core.model.diffusion import add_noise, autocast
 
     pairs, rows = np.unique(jobs[:, :2], axis=0, return_inverse=True)
@@ -254,8 +251,8 @@ def _evaluate(model, x0, noise, timesteps, jobs, class_ids):
     labels = torch.from_numpy(class_ids[jobs[:, 2]]).to(device)
     with torch.inference_mode(), autocast(device):
         x = _orient(x0[cells], pairs[:, 1])
-        h, skips, t_emb = model.unet.encode(add_noise(x, t, eps, model.alpha_bars), t)
-        predicted = model.unet.decode((h[rows], [s[rows] for s in skips], t_emb[rows]), labels)
+        noisy = add_noise(x, t, eps, model.alpha_bars)
+        predicted = class_predictions(model.unet, noisy, t, rows, labels)
         error = ((predicted.float() - eps[rows].float()) ** 2).mean(dim=(1, 2, 3))
     return error.cpu().numpy()
 

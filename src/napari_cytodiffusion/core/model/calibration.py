@@ -12,7 +12,7 @@ validation cells (never on test cells), and stored inside the model file:
 
 import numpy as np
 
-from napari_cytodiffusion.core.classify import (
+from napari_cytodiffusion.core.model.classifier import (
     anomaly_scores,
     evidence,
     replay_adaptive,
@@ -32,7 +32,7 @@ def fit_calibration(model, errors, labels):
     model : DiffusionModel
         Its ``calibration`` is replaced by the fitted one (and also returned).
     errors : ndarray (n, trials, k)
-        Paired errors of :func:`~napari_cytodiffusion.core.classify.class_errors` with the
+        Paired errors of :func:`~napari_cytodiffusion.core.model.classifier.class_errors` with the
         ``exhaustive`` strategy for the ``k`` real classes.
     labels : ndarray (n,)
         True class ids.
@@ -71,7 +71,7 @@ def _fit_class_bias(model, errors, labels):
     """Per-class offsets (platelet fixed at 0) maximising class-balanced likelihood."""
     from scipy.optimize import minimize
 
-    from napari_cytodiffusion.core.classify import normalised_scores
+    from napari_cytodiffusion.core.model.classifier import normalised_scores
 
     means = np.nanmean(normalised_scores(model, errors), axis=1)
     means = means - means.mean(axis=1, keepdims=True)

@@ -1,0 +1,384 @@
+"""Training the class-conditional diffusion model on packed, normalised cells.
+
+Runs on CPU or CUDA. On CUDA the whole training set lives on the GPU as uint8 and is
+augmented there (rotation by any angle, flips, mild zoom and shift, colour jitter for stain
+differences), in bfloat16 autocast. Checkpoints hold only tensors and plain values, so they
+load with ``torch.load(weights_only=True)``; training resumes exactly from them.
+"""
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from napari_cytodiffusion.core.model.checkpoint import MODEL_FORMAT, resolve_device
+from napari_cytodiffusion.core.progress import Cancelled, report
+
+DEFAULT_CHANNELS = (64, 128, 192)
+
+
+def augment(batch, out_size, generator, colour_jitter=0.06, zoom=0.12, shift=0.06):
+    """Random morphology-preserving views of a uint8 batch (n, s, s, 3) -> float (n, 3, o, o).
+
+    The output is the centre ``out_size`` of a randomly rotated, flipped, zoomed and shifted
+    copy; the packed crops are wider than the output, so rotated corners stay in the image.
+    """
+    import torch
+    from torch.nn import functional as F
+
+    n, size = batch.shape[0], batch.shape[1]
+    device = batch.device
+    x = batch.permute(0, 3, 1, 2).float() / 255.0
+
+    def uniform(low, high):
+        return torch.rand(n, device=device, generator=generator) * (high - low) + low
+
+    angle = uniform(0, 2 * math.pi)
+    scale = torch.exp(uniform(-zoom, zoom)) * out_size / size
+    flip = torch.where(torch.rand(n, device=device, generator=generator) < 0.5, -1.0, 1.0)
+    cos, sin = angle.cos() * scale, angle.sin() * scale
+    theta = torch.stack(
+        [
+            torch.stack([cos * flip, -sin, uniform(-shift, shift)], 1),
+            torch.stack([sin * flip, cos, uniform(-shift, shift)], 1),
+        ],
+        1,
+    )
+    grid = F.affine_grid(theta, (n, 3, out_size, out_size), align_corners=False)
+    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+    # Stain and lamp differences: per-channel gain, a little contrast and gamma.
+    gain = 1 + colour_jitter * (2 * torch.rand(n, 3, 1, 1, device=device, generator=generator) - 1)
+    gamma = torch.exp(uniform(-colour_jitter, colour_jitter)).view(n, 1, 1, 1)
+    return (x.clamp(1e-4, 1) ** gamma * gain).clamp(0, 1)
+
+
+def build_model(num_classes, channels=DEFAULT_CHANNELS, image_size=64):
+    """A fresh CellUNet for ``num_classes`` real classes."""
+    from napari_cytodiffusion.core.model.unet import CellUNet
+
+    return CellUNet(num_classes=num_classes, channels=tuple(channels), image_size=image_size)
+
+
+@dataclass
+class _TrainingSet:
+    """Packed crops on the training device, with the split indices and sampling weights."""
+
+    images: object
+    labels: object
+    train_index: object
+    val_index: np.ndarray
+    weights: object
+    classes: tuple
+
+
+def _training_set(data, image_size, device):
+    import torch
+
+    from napari_cytodiffusion.core.datasets import load_pack
+
+    pack = load_pack(data)
+    if pack.image_size != image_size:
+        raise ValueError(f"{data} was packed for {pack.image_size}-px models, not {image_size} px.")
+    train_index = np.flatnonzero(pack.splits == "train")
+    # Square-root class balancing: rare classes are seen more often without overfitting them.
+    counts = np.bincount(pack.labels[train_index], minlength=len(pack.classes)).astype(float)
+    weights = 1 / np.sqrt(np.maximum(counts[pack.labels[train_index]], 1))
+    return _TrainingSet(
+        images=torch.from_numpy(pack.images).to(device),
+        labels=torch.from_numpy(pack.labels).to(device),
+        train_index=torch.from_numpy(train_index).to(device),
+        val_index=np.flatnonzero(pack.splits == "val"),
+        weights=torch.tensor(weights, device=device),
+        classes=pack.classes,
+    )
+
+
+class _Run:
+    """The state of one training run: networks, optimiser, random stream, step and history."""
+
+    def __init__(self, classes, channels, image_size, lr, seed, device):
+        import torch
+
+        self.classes = tuple(classes)
+        self.device = device
+        self.model = build_model(len(classes), channels, image_size).to(device)
+        self.ema = build_model(len(classes), channels, image_size).to(device)
+        self.ema.load_state_dict(self.model.state_dict())
+        self.ema.requires_grad_(False)
+        self.optimiser = torch.optim.AdamW(self.model.parameters(), lr=lr, weight_decay=0.01)
+        self.generator = torch.Generator(device=device).manual_seed(seed)
+        self.step = 0
+        self.history = {"train_loss": [], "val_loss": []}
+
+    def resume(self, path):
+        import torch
+
+        state = torch.load(path, map_location=self.device, weights_only=True)
+        self.model.load_state_dict(state["model"])
+        self.ema.load_state_dict(state["ema"])
+        self.optimiser.load_state_dict(state["optimizer"])
+        self.generator.set_state(state["generator"].cpu())
+        self.step = int(state["step"])
+        self.history = json.loads(state["history"])
+
+    def save(self, out):
+        """Write a resumable checkpoint under a temporary name, then rename it into place."""
+        import torch
+
+        state = {
+            "format": MODEL_FORMAT,
+            "config": json.dumps(self.ema.config),
+            "classes": list(self.classes),
+            "model": self.model.state_dict(),
+            "ema": self.ema.state_dict(),
+            "optimizer": self.optimiser.state_dict(),
+            "generator": self.generator.get_state(),
+            "step": self.step,
+            "history": json.dumps(self.history),
+        }
+        partial = Path(str(out) + ".tmp")
+        torch.save(state, partial)
+        partial.replace(out)
+
+    def update_ema(self, decay):
+        import torch
+
+        with torch.no_grad():
+            for p_ema, p in zip(self.ema.parameters(), self.model.parameters(), strict=True):
+                p_ema.lerp_(p, 1 - decay)
+
+
+def train(
+    data,
+    out,
+    steps=20000,
+    batch_size=128,
+    lr=3e-4,
+    device="auto",
+    seed=0,
+    resume=None,
+    init=None,
+    channels=DEFAULT_CHANNELS,
+    image_size=64,
+    ema_decay=0.9995,
+    class_dropout=0.1,
+    time_limit=None,
+    checkpoint_every=1000,
+    validate_every=1000,
+    progress=None,
+    on_loss=None,
+    log=print,
+):
+    """Train (or resume training) the diffusion model and write checkpoints to ``out``.
+
+    Parameters
+    ----------
+    data : path
+        A packed ``.npz`` from :func:`napari_cytodiffusion.core.datasets.pack_cells`; the
+        model learns the pack's classes.
+    out : path
+        Checkpoint file to write (and overwrite) as training goes.
+    steps : int
+        Total optimiser steps (counting those of a resumed checkpoint).
+    resume : path, optional
+        Checkpoint to continue from.
+    init : path, optional
+        Model file whose weights start a new run (fine-tuning a lab's own stain or scanner);
+        ignored when resuming. Its classes, channels and image size must match.
+    time_limit : float, optional
+        Seconds after which training saves and stops, to fit a job's wall-clock limit.
+    progress : callable, optional
+        ``progress(step, steps)`` every few steps; raising
+        :class:`~napari_cytodiffusion.core.progress.Cancelled` from it stops training. On a
+        cancel (or Ctrl-C) the checkpoint is saved first, so the run can be resumed, and the
+        exception re-raised.
+    on_loss : callable, optional
+        ``on_loss(step, mean training loss)`` whenever the loss is read.
+    log : callable
+        Receives one line of text per validation, resume or stop.
+
+    Returns
+    -------
+    dict
+        The final training state summary: step, losses, validation history.
+    """
+    import torch
+
+    from napari_cytodiffusion.core.model.diffusion import cosine_alpha_bars
+
+    started = time.time()
+    device = resolve_device(device)
+    torch.manual_seed(seed)
+    cells = _training_set(data, image_size, device)
+    run = _Run(cells.classes, channels, image_size, lr, seed, device)
+    if resume:
+        run.resume(resume)
+        log(f"resumed from {resume} at step {run.step}")
+    elif init:
+        load_initial_weights(run.model, run.ema, init, cells.classes)
+        log(f"starting from the weights of {init}")
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        run.model = run.model.to(memory_format=torch.channels_last)
+    alpha_bars = cosine_alpha_bars(device=device)
+    running, seen_since = 0.0, 0
+    run.model.train()
+    try:
+        while run.step < steps:
+            loss = _training_step(run, cells, alpha_bars, steps, batch_size, lr, class_dropout)
+            run.update_ema(min(ema_decay, (1 + run.step) / (10 + run.step)))
+            run.step += 1
+            # Reading the loss synchronises with the GPU, so only do it now and then.
+            if run.step % 50 == 0 or device.type == "cpu":
+                running += loss.item()
+                seen_since += 1
+                if on_loss is not None:
+                    on_loss(run.step, running / seen_since)
+                report(progress, run.step, steps)
+            if run.step % validate_every == 0 or run.step == steps:
+                run.history["train_loss"].append([run.step, running / max(seen_since, 1)])
+                running, seen_since = 0.0, 0
+                _validate(run, cells, image_size, started, log)
+            if run.step % checkpoint_every == 0:
+                run.save(out)
+            if time_limit is not None and time.time() - started > time_limit:
+                log(f"time limit reached at step {run.step}")
+                break
+    except (Cancelled, KeyboardInterrupt):
+        run.save(out)
+        log(f"stopped at step {run.step}; saved to {out}, continue with resume")
+        raise
+    run.save(out)
+    return {"step": run.step, "history": run.history, "seconds": time.time() - started}
+
+
+def _training_step(run, cells, alpha_bars, steps, batch_size, lr, class_dropout):
+    """One optimiser step on a class-balanced, augmented batch; returns the loss tensor."""
+    import torch
+
+    from napari_cytodiffusion.core.model.diffusion import NUM_TIMESTEPS, add_noise, to_model_range
+
+    device, generator = run.device, run.generator
+    picks = torch.multinomial(cells.weights, batch_size, replacement=True, generator=generator)
+    index = cells.train_index[picks]
+    image_size = run.model.config["image_size"]
+    x0 = to_model_range(augment(cells.images[index], image_size, generator))
+    y = cells.labels[index].clone()
+    dropped = torch.rand(batch_size, device=device, generator=generator) < class_dropout
+    y[dropped] = len(run.classes)  # the null class, for classifier-free guidance
+    t = torch.randint(0, NUM_TIMESTEPS, (batch_size,), device=device, generator=generator)
+    noise = torch.randn(x0.shape, device=device, generator=generator)
+    xt = add_noise(x0, t, noise, alpha_bars)
+    if device.type == "cuda":
+        xt = xt.contiguous(memory_format=torch.channels_last)
+    for group in run.optimiser.param_groups:
+        group["lr"] = _learning_rate(run.step, steps, lr)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        loss = torch.nn.functional.mse_loss(run.model(xt, t, y).float(), noise)
+    run.optimiser.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(run.model.parameters(), 1.0)
+    run.optimiser.step()
+    return loss
+
+
+def _learning_rate(step, steps, peak):
+    """Linear warm-up, then cosine decay to a tenth of the peak rate at ``steps``."""
+    warmup = min(1.0, (step + 1) / 500)
+    decay_to = 0.1 + 0.45 * (1 + math.cos(math.pi * min(step / steps, 1.0)))
+    return peak * warmup * decay_to
+
+
+def _validate(run, cells, image_size, started, log):
+    if not len(cells.val_index):
+        return
+    import torch
+
+    index = torch.from_numpy(cells.val_index).to(run.device)
+    val = validation_loss(run.ema, cells.images[index], cells.labels[index], image_size)
+    run.history["val_loss"].append([run.step, val])
+    log(
+        f"step {run.step}: train loss {run.history['train_loss'][-1][1]:.4f}, "
+        f"val loss {val:.4f}, {time.time() - started:.0f} s"
+    )
+
+
+def load_initial_weights(model, ema, path, classes):
+    """Copy the weights of the model file at ``path`` into ``model`` and ``ema``."""
+    from napari_cytodiffusion.core.model.checkpoint import load_model_file
+
+    start = load_model_file(path, "cpu")
+    architecture = ("num_classes", "channels", "image_size")
+    if tuple(start.classes) != tuple(classes) or any(
+        start.unet.config[key] != model.config[key] for key in architecture
+    ):
+        raise ValueError(
+            f"{path} holds a model with channels {start.unet.config['channels']}, image size "
+            f"{start.image_size} and classes {', '.join(start.classes)}; to start from it, train "
+            f"with the same channels, resolution and classes (this run: channels "
+            f"{model.config['channels']}, {model.config['image_size']} px, classes "
+            f"{', '.join(classes)})."
+        )
+    weights = start.unet.state_dict()
+    model.load_state_dict(weights)
+    ema.load_state_dict(weights)
+
+
+def validation_loss(model, images, labels, image_size, max_images=512, seed=1234):
+    """Mean denoising loss on (up to ``max_images``) validation crops with fixed noise."""
+    import torch
+
+    from napari_cytodiffusion.core.model.diffusion import (
+        NUM_TIMESTEPS,
+        add_noise,
+        cosine_alpha_bars,
+        to_model_range,
+    )
+
+    device = images.device
+    generator = torch.Generator(device=device).manual_seed(seed)
+    images, labels = images[:max_images], labels[:max_images]
+    offset = (images.shape[1] - image_size) // 2
+    x0 = to_model_range(
+        images[:, offset : offset + image_size, offset : offset + image_size].permute(0, 3, 1, 2)
+    )
+    alpha_bars = cosine_alpha_bars(device=device)
+    t = torch.randint(0, NUM_TIMESTEPS, (len(x0),), device=device, generator=generator)
+    noise = torch.randn(x0.shape, device=device, generator=generator)
+    was_training = model.training
+    model.eval()
+    losses = []
+    with torch.no_grad():
+        for start in range(0, len(x0), 128):
+            part = slice(start, start + 128)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                pred = model(
+                    add_noise(x0[part], t[part], noise[part], alpha_bars), t[part], labels[part]
+                )
+            losses.append(((pred.float() - noise[part]) ** 2).mean(dim=(1, 2, 3)))
+    model.train(was_training)
+    return float(torch.cat(losses).mean())
+
+
+def export_model(checkpoint, out_path, metadata=None, calibration=None):
+    """Write the EMA weights of a training checkpoint as a small float16 model file."""
+    import torch
+
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    model_file = {
+        "format": MODEL_FORMAT,
+        "version": 1,
+        "config": state["config"],
+        "classes": list(state["classes"]),
+        "state_dict": {
+            k: v.half() if v.is_floating_point() else v for k, v in state["ema"].items()
+        },
+        "step": int(state["step"]),
+        "history": state["history"],
+        "metadata": json.dumps(metadata or {}),
+        "calibration": json.dumps(calibration or {}),
+    }
+    torch.save(model_file, out_path)

@@ -1,0 +1,1 @@
+"""Image-side building blocks: image -> prepared smear -> cells -> normalised crops."""

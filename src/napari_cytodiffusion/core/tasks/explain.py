@@ -1,0 +1,321 @@
+"""Explain a cell: counterfactual heat maps and edits towards another class.
+
+One cell (a labelled cell of a smear, a cell picked after segmenting, the central cell of a
+single-cell image, or an image that is a model crop already) is cropped as the classifier
+sees it; the heat maps say where the model would change it to call it another class, and the
+edits show the cell changed that way. :func:`explain_grid` summarises many cells as a class x
+class grid of mean maps.
+"""
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from napari_cytodiffusion.core.model.counterfactual import (
+    DEFAULT_EDIT_GUIDANCE,
+    DEFAULT_EDIT_STEPS,
+    DEFAULT_STRENGTH,
+    DEFAULT_TRIALS,
+    EDIT_METHODS,
+)
+from napari_cytodiffusion.core.progress import phases
+
+
+@dataclass
+class ExplainRequest:
+    """What to explain and how.
+
+    Attributes
+    ----------
+    target : str
+        The class to explain towards and edit towards.
+    cell_id : int, optional
+        The cell's label value in ``labels`` (or in the segmentation with ``segment``).
+    labels : ndarray, optional
+        White-cell instance labels of the image's shape.
+    segment : bool
+        Segment the image first and take cell ``cell_id`` of its white cells.
+    source : str, optional
+        The cell's current class; the best fit in these trials when not given.
+    all_targets : bool
+        Edit towards every class, not only ``target`` (for the all-classes figure).
+    """
+
+    target: str
+    cell_id: int | None = None
+    labels: np.ndarray | None = None
+    segment: bool = False
+    source: str | None = None
+    trials: int = DEFAULT_TRIALS
+    strength: float = DEFAULT_STRENGTH
+    steps: int = DEFAULT_EDIT_STEPS
+    guidance: float = DEFAULT_EDIT_GUIDANCE
+    method: str = "noise"
+    seed: int = 0
+    rbc_diameter: float | None = None
+    all_targets: bool = False
+
+
+@dataclass
+class Explanation:
+    """Heat maps and edits of one cell, and where the cell lies in its image.
+
+    Attributes
+    ----------
+    site : CellSite
+    crop : ndarray (size, size, 3)
+        The cell as the model sees it.
+    maps : CellExplanation
+        Heat maps towards every class, the paired errors, source and best fit.
+    edits : dict
+        Class name -> the crop edited towards that class.
+    target : str
+    image_shape : tuple
+        (rows, cols) of the image the cell came from.
+    cell_id : int or None
+    """
+
+    site: object
+    crop: np.ndarray
+    maps: object
+    edits: dict
+    target: str
+    image_shape: tuple
+    cell_id: int | None = None
+
+    @property
+    def heat_crop(self):
+        """The heat map towards the target, at the crop's pixels."""
+        return self.maps.map_for(self.target)
+
+    @property
+    def edited(self):
+        """The crop edited towards the target."""
+        return self.edits[self.target]
+
+    def heat_on_image(self):
+        """The heat map resampled onto the image's pixels (NaN outside the crop)."""
+        return self.site.to_image(self.heat_crop, self.image_shape)
+
+    def placement(self):
+        """(origin (row, col), step) of the crop in the image: see ``crops.crop_placement``."""
+        return self.site.placement(self.crop.shape[0])
+
+    def title(self):
+        what = "cell" if self.cell_id is None else f"cell {self.cell_id}"
+        return f"{what} {self.maps.source} -> {self.target}"
+
+    def summary(self):
+        """One line: the change explained, and the best fit over these trials."""
+        (row, col) = self.site.centre
+        return (
+            f"cell at ({row:.0f}, {col:.0f}): {self.maps.source} -> {self.target} "
+            f"(best fit in these trials: {self.maps.predicted})"
+        )
+
+    def figure(self):
+        """The cell's maps towards every class, with the edits made (matplotlib Figure)."""
+        from napari_cytodiffusion.core.model.counterfactual import cell_maps_figure
+
+        return cell_maps_figure(self.crop, self.maps, self.edits)
+
+
+def explain(image, model, request, progress=None):
+    """Heat maps of one cell towards every class, and its edit towards ``request.target``.
+
+    Parameters
+    ----------
+    image : array-like
+        The smear or single-cell image (RGB(A), any dtype); a ``model.image_size`` square
+        image is taken as a model crop already.
+    model : DiffusionModel
+    request : ExplainRequest
+    progress : callable, optional
+        ``progress(done, total)`` over the whole task; raise ``Cancelled`` to stop.
+
+    Returns
+    -------
+    Explanation
+    """
+    from napari_cytodiffusion.core.model import counterfactual
+
+    _validate_request(request, model)
+    site, crop, shape = _locate(image, model, request)
+    targets = model.classes if request.all_targets else (_canonical(request.target, model),)
+    edit_cost = counterfactual.edit_evaluations(request.strength, request.steps, request.method)
+    explaining, *editing = phases(
+        progress, [request.trials * (len(model.classes) + 1)] + [3 * edit_cost] * len(targets)
+    )
+    maps = counterfactual.explain_cell(
+        model, crop, request.source, request.trials, request.seed, explaining
+    )
+    edits = {}
+    for target, step in zip(targets, editing, strict=True):
+        edits[target] = counterfactual.counterfactual_image(
+            model,
+            crop,
+            target,
+            maps.source,
+            request.strength,
+            request.steps,
+            request.guidance,
+            request.method,
+            request.seed,
+            step,
+        )
+    target = _canonical(request.target, model)
+    return Explanation(site, crop, maps, edits, target, shape, request.cell_id)
+
+
+@dataclass
+class ExplanationGrid:
+    """Class x class mean heat maps over a set of cells.
+
+    Attributes
+    ----------
+    grid : ndarray (classes, classes, size, size)
+        Row: the cells' current class; column: the target. NaN for rows with no cells.
+    counts : ndarray (classes,)
+        Cells per current class.
+    mean_crops : ndarray (classes, size, size, 3)
+    classes : tuple of str
+    """
+
+    grid: np.ndarray
+    counts: np.ndarray
+    mean_crops: np.ndarray
+    classes: tuple = field(default_factory=tuple)
+
+    @property
+    def cells(self):
+        return int(self.counts.sum())
+
+    def figure(self):
+        from napari_cytodiffusion.core.model.counterfactual import grid_figure
+
+        return grid_figure(self.grid, self.counts, self.mean_crops, self.classes)
+
+
+def explain_grid(
+    image,
+    model,
+    labels=None,
+    sources=None,
+    trials=DEFAULT_TRIALS,
+    seed=0,
+    rbc_diameter=None,
+    progress=None,
+):
+    """Mean heat maps over every labelled cell of a smear, or every image of a stack.
+
+    Parameters
+    ----------
+    image : array-like
+        A smear (with ``labels``) or a stack (n, rows, cols, 3) of single-cell images.
+    model : DiffusionModel
+    labels : ndarray, optional
+        White-cell instance labels of the smear.
+    sources : str or dict, optional
+        The cells' current classes: one class for all, or {cell id or plane index: class}
+        (missing or None: the best fit in these trials).
+    trials, seed : int
+    rbc_diameter : float, optional
+    progress : callable, optional
+
+    Returns
+    -------
+    ExplanationGrid
+    """
+    from napari_cytodiffusion.core.model import counterfactual
+
+    if not trials >= 1:
+        raise ValueError(f"trials must be at least 1, got {trials}.")
+    crops, keys = _cell_set(image, model, labels, rbc_diameter)
+    if isinstance(sources, dict) or sources is None:
+        chosen = [(sources or {}).get(key) for key in keys]
+    else:
+        chosen = [sources] * len(keys)
+    chosen = [None if name is None else _canonical(name, model) for name in chosen]
+    grid, counts, mean_crops = counterfactual.mean_map_grid(
+        model, crops, chosen, trials, seed, progress
+    )
+    return ExplanationGrid(grid, counts, mean_crops, tuple(model.classes))
+
+
+def _cell_set(image, model, labels, rbc_diameter):
+    """Crops of every labelled cell of a smear, or of every plane of a stack, and their keys."""
+    from napari_cytodiffusion.core.smear import crops as cropping
+    from napari_cytodiffusion.core.smear.prepare import prepare_smear
+
+    size = model.image_size
+    image = np.asarray(image)
+    if labels is not None:
+        smear = prepare_smear(image, rbc_diameter)
+        sites = cropping.labelled_cell_sites(smear, labels)
+        if not sites:
+            raise ValueError("The labels layer holds no cells.")
+        keys = [int(v) for v in np.unique(labels) if v != 0]
+        return np.stack([site.crop(smear.rgb, size) for site in sites]), keys
+    if image.ndim != 4:
+        raise ValueError(
+            "A grid needs a set of cells: a labels layer of the image's cells, or an image "
+            "stack of single cells."
+        )
+    crops = [cropping.single_cell_crop(plane, size, rbc_diameter) for plane in image]
+    return np.stack(crops), list(range(len(crops)))
+
+
+def _locate(image, model, request):
+    """(site, crop, image shape) of the requested cell."""
+    from napari_cytodiffusion.core.smear import crops as cropping
+    from napari_cytodiffusion.core.smear.image import to_rgb_float
+    from napari_cytodiffusion.core.smear.prepare import prepare_smear
+
+    size = model.image_size
+    if request.labels is None and not request.segment and cropping.is_model_crop(image, size):
+        return cropping.model_crop_site(size), to_rgb_float(image), (size, size)
+    smear = prepare_smear(image, request.rbc_diameter)
+    labels = request.labels
+    if request.segment:
+        from napari_cytodiffusion.core.smear.segmentation import segment_smear
+
+        labels = segment_smear(smear).wbc_labels
+    if labels is None:
+        site = cropping.central_cell_site(smear)
+    else:
+        site = cropping.labelled_cell_sites(smear, labels, [request.cell_id])[0]
+    return site, site.crop(smear.rgb, size), smear.shape
+
+
+def _canonical(name, model):
+    from napari_cytodiffusion.core.classes import canonical_class
+
+    return canonical_class(name, model.classes)
+
+
+def _validate_request(request, model):
+    """Check every field before any work, with a message naming the field."""
+    _canonical(request.target, model)
+    if request.source is not None:
+        _canonical(request.source, model)
+    picks = request.labels is not None or request.segment
+    if picks and (request.cell_id is None or int(request.cell_id) < 1):
+        raise ValueError(
+            f"cell id {request.cell_id} is not a cell: give the label value of a white cell "
+            "(1 or more; 0 is the background)."
+        )
+    if request.labels is not None and request.segment:
+        raise ValueError("Give labels or segment the image, not both.")
+    checks = (
+        ("trials", request.trials >= 1, "at least 1"),
+        ("steps", request.steps >= 1, "at least 1"),
+        ("strength", 0 < request.strength <= 1, "in (0, 1]"),
+        ("guidance", np.isfinite(request.guidance) and request.guidance >= 0, "finite, >= 0"),
+    )
+    for name, ok, allowed in checks:
+        if not ok:
+            raise ValueError(f"{name} must be {allowed}, got {getattr(request, name)}.")
+    if request.method not in EDIT_METHODS:
+        raise ValueError(
+            f"method must be one of {', '.join(EDIT_METHODS)}, got {request.method!r}."
+        )

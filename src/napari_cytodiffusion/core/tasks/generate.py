@@ -1,0 +1,56 @@
+"""Generate cells: synthetic cells of the model's classes, each reproducible from its seed."""
+
+import numpy as np
+
+from napari_cytodiffusion.core.model.generation import generate_cells, save_cells
+from napari_cytodiffusion.core.model.sampling import (
+    DEFAULT_GUIDANCE,
+    DEFAULT_SAMPLER,
+    DEFAULT_STEPS,
+    SAMPLERS,
+)
+
+# Most cells one request makes: 10,000 cells of 64 px are 0.5 GB of float images.
+MAX_CELLS = 10_000
+
+__all__ = ["generate", "save_cells", "summary", "MAX_CELLS"]
+
+
+def generate(
+    model,
+    label,
+    n=None,
+    steps=DEFAULT_STEPS,
+    guidance=DEFAULT_GUIDANCE,
+    seed=0,
+    sampler=DEFAULT_SAMPLER,
+    progress=None,
+):
+    """Generate ``n`` synthetic cells of class ``label`` (or one cell per class in a list).
+
+    Arguments are checked first, with a message naming the one that is wrong; see
+    :func:`~napari_cytodiffusion.core.model.generation.generate_cells` for their meaning.
+
+    Returns
+    -------
+    SyntheticCells
+        With the seconds the generation took.
+    """
+    count = n if isinstance(label, str) else len(label)
+    if count is not None and not 1 <= count <= MAX_CELLS:
+        raise ValueError(f"The number of cells must be 1 to {MAX_CELLS}, got {count}.")
+    if steps < 1:
+        raise ValueError(f"steps must be at least 1, got {steps}.")
+    if not (np.isfinite(guidance) and guidance >= 0):
+        raise ValueError(f"guidance must be a finite number >= 0 (1 = none), got {guidance}.")
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}.")
+    return generate_cells(model, label, n, steps, guidance, seed, sampler, progress=progress)
+
+
+def summary(cells):
+    """One line: how many cells of which class, and how fast."""
+    kinds = sorted(set(cells.labels))
+    what = kinds[0] if len(kinds) == 1 else "mixed"
+    per_cell = cells.seconds / max(len(cells), 1)
+    return f"{len(cells)} {what} cells in {cells.seconds:.1f} s ({per_cell:.2f} s per cell)"

@@ -1,0 +1,99 @@
+"""Segment cells: every white cell, red cell and platelet of a smear image."""
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from napari_cytodiffusion.core.smear.segmentation import CELL_TYPES, DEFAULT_TILE, segment_smear
+
+OUTPUT_SUFFIXES = tuple(f"_{kind}_labels.tif" for kind in CELL_TYPES) + ("_cells.csv",)
+
+
+@dataclass
+class Segmented:
+    """The cells of one smear and what the faces show of them.
+
+    Attributes
+    ----------
+    segmentation : SmearSegmentation
+        Labels, features, and the prepared smear (``segmentation.smear``).
+    """
+
+    segmentation: object
+
+    @property
+    def smear(self):
+        return self.segmentation.smear
+
+    def counts(self):
+        """{"wbc": n, "rbc": n, "platelet": n}."""
+        return {kind: self.segmentation.count(kind) for kind in CELL_TYPES}
+
+    def summary(self):
+        """One line: the counts and the scale."""
+        counts = self.counts()
+        return (
+            f"{counts['wbc']} white cells, {counts['rbc']} red cells, {counts['platelet']} "
+            f"platelets (red-cell diameter {self.segmentation.rbc_diameter:.1f} px)"
+        )
+
+    def record(self):
+        """The counts and the white-cell boxes as plain values (for JSON)."""
+        counts = {f"n_{kind}": n for kind, n in self.counts().items()}
+        return {**counts, "wbc_boxes": self.segmentation.boxes("wbc")}
+
+
+def segment(image, rbc_diameter=None, tile_size=DEFAULT_TILE, progress=None):
+    """Find the white cells, red cells and platelets of a smear image.
+
+    Parameters
+    ----------
+    image : array-like or PreparedSmear
+        RGB(A) image of any dtype.
+    rbc_diameter : float, optional
+        Red-cell diameter in pixels; estimated from the image when None or 0.
+    tile_size : int
+        Side of the tiles large images are processed in.
+    progress : callable, optional
+        ``progress(done, total)``; raise ``Cancelled`` from it to stop.
+
+    Returns
+    -------
+    Segmented
+
+    Examples
+    --------
+    >>> from napari_cytodiffusion._sample_data import sample_path
+    >>> from napari_cytodiffusion.core.io import read_image
+    >>> found = segment(read_image(sample_path("cbc_monocyte_eosinophil")))
+    >>> found.counts()["wbc"]
+    2
+    """
+    return Segmented(segment_smear(image, rbc_diameter, progress, tile_size))
+
+
+def write_segmentation(result, stem):
+    """Write ``STEM_{wbc,rbc,platelet}_labels.tif`` (uint32) and ``STEM_cells.csv``.
+
+    Each file is written under a temporary name and renamed when complete. Returns the paths
+    written.
+    """
+    import tifffile
+
+    from napari_cytodiffusion.core.io import atomic_write
+
+    segmentation = result.segmentation
+    arrays = {
+        "wbc": segmentation.wbc_labels,
+        "rbc": segmentation.rbc_labels,
+        "platelet": segmentation.platelet_labels,
+    }
+    paths = []
+    for kind, labels in arrays.items():
+        path = Path(f"{stem}_{kind}_labels.tif")
+        with atomic_write(path) as partial:
+            tifffile.imwrite(partial, labels.astype("uint32"), compression="zlib")
+        paths.append(path)
+    path = Path(f"{stem}_cells.csv")
+    with atomic_write(path) as partial:
+        segmentation.features.to_csv(partial, index=False)
+    return [*paths, path]

@@ -1,0 +1,180 @@
+"""Train or adapt the model: normalise a folder of labelled cells once, then train on it.
+
+The normalised crops are cached beside the output under a name that is a digest of the
+folder's content, so the cache is reused while the images are unchanged and can never be
+stale after images are added, removed or edited.
+"""
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from napari_cytodiffusion.core.model.training import DEFAULT_CHANNELS
+from napari_cytodiffusion.core.progress import phases
+
+# Relative cost of normalising one image and of one training step, to share the bar.
+_PACK_COST, _STEP_COST = 1, 4
+
+
+@dataclass
+class TrainRequest:
+    """A training or fine-tuning run.
+
+    Attributes
+    ----------
+    data : path
+        A folder of class subfolders, a CSV with file, label and split columns, or a packed
+        ``.npz``.
+    out : path
+        The checkpoint to write (a model file any widget or command loads by its path).
+    init : str, optional
+        Name or path of a model whose weights start the run (adapting it); its classes and
+        resolution are then used. Ignored with ``resume``.
+    resume : path, optional
+        A checkpoint to continue.
+    rbc_diameter : float, optional
+        Red-cell diameter of the images in pixels (one scanner); estimated per image if None.
+    resolution : int, optional
+        Model image size for a new model (default 64; taken from ``init`` or ``resume``).
+    """
+
+    data: Path
+    out: Path
+    steps: int = 20000
+    batch_size: int = 128
+    lr: float = 3e-4
+    device: str = "auto"
+    seed: int = 0
+    resume: Path | None = None
+    init: str | None = None
+    rbc_diameter: float | None = None
+    channels: tuple = DEFAULT_CHANNELS
+    resolution: int | None = None
+    time_limit: float | None = None
+
+
+def train_model(request, progress=None, on_loss=None, log=print):
+    """Normalise the labelled cells (once) and train; see :class:`TrainRequest`.
+
+    Parameters
+    ----------
+    request : TrainRequest
+    progress : callable, optional
+        ``progress(done, total)`` over normalising and training; raising ``Cancelled`` stops
+        the run, after training saved a checkpoint that ``resume`` continues.
+    on_loss : callable, optional
+        ``on_loss(step, loss)`` while training.
+    log : callable
+        Receives lines about the data (cells per class, folders left out) and training.
+
+    Returns
+    -------
+    dict
+        ``step``, ``history``, ``seconds`` (see ``training.train``) and ``pack``, the path of
+        the normalised cells used.
+    """
+    from napari_cytodiffusion.core.model import training
+
+    _validate_request(request)
+    init = _init_path(request)
+    classes, resolution = _model_shape(request, init)
+    pack, records = _pack_for(request, classes, resolution, log)
+    packing, stepping = phases(
+        progress, [_PACK_COST * len(records), _STEP_COST * max(request.steps, 1)]
+    )
+    if records:
+        from napari_cytodiffusion.core import datasets
+
+        log(f"normalising {len(records)} cells into {pack.name}")
+        datasets.pack_cells(
+            records, pack, resolution, request.rbc_diameter, progress=packing, classes=classes
+        )
+        datasets.remove_other_packs(pack)
+    summary = training.train(
+        pack,
+        request.out,
+        steps=request.steps,
+        batch_size=request.batch_size,
+        lr=request.lr,
+        device=request.device,
+        seed=request.seed,
+        resume=request.resume,
+        init=init,
+        channels=request.channels,
+        image_size=resolution,
+        time_limit=request.time_limit,
+        progress=stepping,
+        on_loss=on_loss,
+        log=log,
+    )
+    return {**summary, "pack": pack}
+
+
+def _validate_request(request):
+    checks = (
+        ("steps", request.steps >= 0, "0 or more"),
+        ("batch_size", request.batch_size >= 1, "at least 1"),
+        ("lr", 0 < request.lr < 1, "between 0 and 1"),
+        ("channels", all(int(c) >= 4 for c in request.channels), "4 or more per level"),
+    )
+    for name, ok, allowed in checks:
+        if not ok:
+            raise ValueError(f"{name} must be {allowed}, got {getattr(request, name)}.")
+    if request.resolution is not None and (
+        request.resolution < 8 or request.resolution % 2 ** len(request.channels)
+    ):
+        raise ValueError(
+            f"resolution must be a positive multiple of {2 ** len(request.channels)} px, got "
+            f"{request.resolution}."
+        )
+    if not Path(request.data).exists():
+        raise ValueError(f"No such file or folder: {request.data}")
+    if request.resume is not None and not Path(request.resume).is_file():
+        raise ValueError(f"No checkpoint to resume at {request.resume}.")
+    if not Path(request.out).parent.is_dir():
+        raise ValueError(f"The folder of the output {request.out} does not exist; create it first.")
+
+
+def _init_path(request):
+    """The sha256-checked file of the model to start from, or None."""
+    if not request.init or request.resume:
+        return None
+    from napari_cytodiffusion.core.model.weights import model_path
+
+    return model_path(request.init)
+
+
+def _model_shape(request, init):
+    """(classes, resolution) of the model this run trains."""
+    from napari_cytodiffusion.core.classes import CLASSES
+
+    start = request.resume or init
+    if start is None:
+        return CLASSES, request.resolution or 64
+    from napari_cytodiffusion.core.model.checkpoint import load_model_file
+
+    model = load_model_file(start, "cpu")
+    return tuple(model.classes), request.resolution or model.image_size
+
+
+def _pack_for(request, classes, resolution, log):
+    """(pack path, records still to pack): a given pack, a cached one, or one to make."""
+    from napari_cytodiffusion.core import datasets
+
+    data = Path(request.data)
+    if data.suffix.lower() == ".npz":
+        return data, []
+    records = datasets.list_labelled_images(data, classes=classes)
+    records = [r for r in records if r.split in ("train", "val")]
+    skipped = datasets.unknown_folders(data, classes)
+    if skipped:
+        log(
+            f"warning: folders that are not classes of this model were left out: "
+            f"{', '.join(skipped)} (classes: {', '.join(classes)})"
+        )
+    counts = datasets.class_counts(records, classes)
+    log("cells per class: " + ", ".join(f"{name} {n}" for name, n in counts.items()))
+    pack = datasets.pack_cache_path(request.out, records, resolution, request.rbc_diameter)
+    if pack.is_file():
+        log(f"using the normalised cells in {pack.name} (the folder is unchanged)")
+        return pack, []
+    return pack, records

@@ -1,0 +1,103 @@
+"""Turing test: a blinded panel of real and synthetic cells, and its scoring."""
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from napari_cytodiffusion.core import turing
+from napari_cytodiffusion.core.progress import phases
+
+# Shares of the progress bar: normalising the real cells, generating the synthetic ones.
+_PROGRESS_WEIGHTS = (1, 4)
+
+
+@dataclass
+class TuringRequest:
+    """Where the real cells come from and how the synthetic ones are made.
+
+    Give either ``folder`` (class subfolders, or a CSV with file, label and split columns)
+    or ``images`` with one class per image in ``labels``.
+
+    Attributes
+    ----------
+    n : int
+        Real cells in the panel (as many synthetic ones are made).
+    split : str, optional
+        Keep only this split of a splits CSV ("test": cells the model never saw).
+    seed : int
+        Seeds the choice of real cells, the synthetic cells and the shuffle.
+    steps, guidance : optional
+        Sampler settings; the generator's defaults when not given.
+    rbc_diameter : float, optional
+        Red-cell diameter of the real images; estimated per image when not given.
+    images_name : str
+        What ``images`` are called in messages and in the key's origins.
+    """
+
+    n: int
+    folder: Path | None = None
+    split: str | None = None
+    images: np.ndarray | None = None
+    labels: list | None = None
+    seed: int = 0
+    steps: int | None = None
+    guidance: float | None = None
+    rbc_diameter: float | None = None
+    images_name: str = "the image stack"
+
+
+def make_turing_panel(model, request, progress=None):
+    """Pick and normalise the real cells, generate as many synthetic ones, shuffle them.
+
+    Returns
+    -------
+    turing.Panel
+    """
+    if request.n < 1:
+        raise ValueError(f"The panel needs at least 1 real cell, got n = {request.n}.")
+    normalising, generating = phases(progress, _PROGRESS_WEIGHTS)
+    if request.folder is not None:
+        records = turing.select_real_cells(
+            request.folder, request.n, request.seed, request.split, model.classes
+        )
+        cells, labels = records, [r.label for r in records]
+        origins = [str(r.path) for r in records]
+    else:
+        count, name = len(request.images), request.images_name
+        if count < request.n:
+            raise ValueError(f"Asked for {request.n} real cells but {name} holds {count}.")
+        chosen = turing.choose(count, request.n, request.seed)
+        cells = [request.images[i] for i in chosen]
+        labels = [_model_class(request.labels[i], model) for i in chosen]
+        origins = [f"{name}, plane {i}" for i in chosen]
+    real = turing.normalise_real_cells(cells, model.image_size, request.rbc_diameter, normalising)
+    return turing.make_panel(
+        model,
+        real,
+        labels,
+        request.seed,
+        request.steps,
+        request.guidance,
+        origins=origins,
+        progress=generating,
+    )
+
+
+def score_turing_test(answers_path, key_path):
+    """Score an expert's answers file against the key file (both CSV).
+
+    Returns
+    -------
+    dict
+        See :func:`napari_cytodiffusion.core.turing.score`.
+    """
+    answers = turing.read_csv(answers_path, ("item", "answer"))
+    key = turing.read_csv(key_path, ("item", "truth", "label"))
+    return turing.score(answers, key)
+
+
+def _model_class(name, model):
+    from napari_cytodiffusion.core.classes import canonical_class
+
+    return canonical_class(name, model.classes)

@@ -1,0 +1,154 @@
+"""The task layer: one call per user action, the model's own classes, one progress bar,
+a prepared smear passed on, and a training cache that cannot go stale."""
+
+import shutil
+
+import numpy as np
+import pytest
+
+from napari_cytodiffusion import core
+from napari_cytodiffusion._sample_data import sample_path
+from napari_cytodiffusion.core.io import read_image
+from napari_cytodiffusion.core.progress import phases
+from napari_cytodiffusion.core.smear.prepare import prepare_smear
+
+TINY = {"steps": 1, "batch_size": 2, "device": "cpu", "channels": (8, 16, 16)}
+
+
+def test_phases_share_one_bar_that_only_moves_forward():
+    seen = []
+    first, second = phases(lambda done, total: seen.append((done, total)), [1, 3])
+    for done in (1, 2):
+        first(done, 2)
+    for done in (1, 2, 3):
+        second(done, 3)
+    assert [done for done, _ in seen] == sorted(done for done, _ in seen)
+    assert seen[-1] == (1000, 1000) and seen[1] == (250, 1000)
+
+
+def test_a_prepared_smear_is_measured_once_and_reused():
+    image = read_image(sample_path("cbc_lymphocyte"))
+    smear = prepare_smear(image)
+    assert 65 < smear.rbc_diameter < 100 and smear.rgb.dtype == np.float32
+    assert prepare_smear(smear) is smear  # nothing is measured again
+    found = core.segment(smear)
+    assert found.smear is smear and found.counts()["wbc"] == 1
+    assert "1 white cells" in found.summary() and len(found.record()["wbc_boxes"]) == 1
+    with pytest.raises(ValueError, match="implausible"):
+        prepare_smear(image, rbc_diameter=float("inf"))
+
+
+def test_classify_a_smear_reports_cells_of_the_model_classes(default_model):
+    image = read_image(sample_path("cbc_lymphocyte"))
+    seen = []
+    result = core.classify(image, default_model, seed=0, progress=lambda d, t: seen.append(d))
+    assert len(result.calls) == 1 and result.classes == default_model.classes
+    table = result.table()
+    assert list(table["index"]) == result.cell_ids
+    assert np.all(result.cell_labels() == result.segmentation.wbc_labels)
+    assert result.differential()["count"].sum() == 1
+    assert seen == sorted(seen) and seen[-1] == 1000
+
+
+def test_explain_refuses_the_background_and_runs_one_bar(default_model):
+    cell = core.generate(default_model, "lymphocyte", 1, steps=2, seed=4).images[0]
+    labels = np.zeros((64, 64), np.uint32)
+    request = core.ExplainRequest(target="monocyte", cell_id=0, labels=labels)
+    with pytest.raises(ValueError, match="0 is the background"):
+        core.explain(cell, default_model, request)
+    with pytest.raises(ValueError, match="Unknown cell class 'blast'"):
+        core.explain(cell, default_model, core.ExplainRequest(target="blast"))
+    with pytest.raises(ValueError, match="guidance"):
+        core.explain(cell, default_model, core.ExplainRequest("monocyte", guidance=np.nan))
+    seen = []
+    request = core.ExplainRequest(target="monocyte", trials=2, steps=4, strength=0.5)
+    result = core.explain(cell, default_model, request, lambda done, _: seen.append(done))
+    assert seen == sorted(seen) and seen[-1] == 1000  # explaining then editing: one bar
+    assert result.edited.shape == (64, 64, 3) and result.heat_crop.shape == (64, 64)
+    assert result.cell_id is None and "-> monocyte" in result.summary()
+
+
+def test_generate_checks_its_arguments(default_model):
+    for kwargs, message in (
+        ({"n": 0}, "number of cells"),
+        ({"n": 1, "steps": 0}, "steps"),
+        ({"n": 1, "guidance": float("inf")}, "guidance"),
+        ({"n": 1, "sampler": "euler"}, "sampler"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            core.generate(default_model, "platelet", **kwargs)
+
+
+def test_turing_panel_from_an_image_stack(default_model):
+    crops = np.full((3, 64, 64, 3), 0.9, np.float32)
+    crops[:, 20:44, 20:44] = [0.4, 0.2, 0.6]
+    request = core.TuringRequest(n=2, images=crops, labels=["platelet", "ig", "basophil"])
+    panel = core.make_turing_panel(default_model, request)
+    assert len(panel) == 4
+    real = [row for row in panel.key if row["truth"] == "real"]
+    assert all(row["origin"].startswith("the image stack, plane") for row in real)
+    too_many = core.TuringRequest(n=5, images=crops, labels=["platelet"] * 3)
+    with pytest.raises(ValueError, match="Asked for 5 real cells but the image stack holds 3"):
+        core.make_turing_panel(default_model, too_many)
+
+
+def test_a_model_of_other_classes_trains_generates_and_classifies(
+    synthetic_cells_dir, synthetic_rbc_diameter, tmp_path
+):
+    """Nothing assumes the eight PBC classes: a two-class model works end to end."""
+    from napari_cytodiffusion.core import datasets
+    from napari_cytodiffusion.core.model.checkpoint import load_model_file
+    from napari_cytodiffusion.core.model.classifier import classify_crops
+    from napari_cytodiffusion.core.model.training import train
+
+    classes = ("lymphocyte", "neutrophil")
+    records = datasets.list_labelled_images(synthetic_cells_dir, classes=classes)
+    pack = tmp_path / "two.npz"
+    datasets.pack_cells(records, pack, 32, synthetic_rbc_diameter, classes=classes)
+    train(pack, tmp_path / "two.ckpt", image_size=32, log=lambda _: None, **TINY)
+    model = load_model_file(tmp_path / "two.ckpt", "cpu")
+    assert model.classes == classes and model.image_size == 32
+    cells = core.generate(model, "neutrophil", 2, steps=2)
+    assert cells.images.shape == (2, 32, 32, 3)
+    calls = classify_crops(model, cells.images, budget=2)
+    assert {call.label for call in calls} <= set(classes)
+    assert set(calls[0].probabilities) == set(classes)
+
+
+def test_training_cache_follows_the_folder_content(
+    synthetic_cells_dir, synthetic_rbc_diameter, tmp_path
+):
+    folder = tmp_path / "cells"
+    shutil.copytree(synthetic_cells_dir, folder)
+    (folder / "smudge").mkdir()  # not a class of the model: listed, left out
+    lines = []
+    request = core.TrainRequest(
+        data=folder,
+        out=tmp_path / "lab.ckpt",
+        rbc_diameter=synthetic_rbc_diameter,
+        **TINY,
+    )
+    first = core.train_model(request, log=lines.append)
+    assert any("smudge" in line for line in lines)
+    assert any(line.startswith("cells per class:") and "lymphocyte 6" in line for line in lines)
+    again = core.train_model(request, log=lines.append)
+    assert again["pack"] == first["pack"]  # unchanged folder: the cache is reused
+    from napari_cytodiffusion.core.datasets import load_pack
+
+    cells_before = len(load_pack(first["pack"]).labels)
+    extra = folder / "lymphocyte" / "lymphocyte_extra.png"
+    shutil.copy(folder / "lymphocyte" / "lymphocyte_0.png", extra)
+    changed = core.train_model(request, log=lines.append)
+    assert changed["pack"] != first["pack"] and not first["pack"].exists()
+    assert len(load_pack(changed["pack"]).labels) == cells_before + 1
+
+
+def test_train_reports_progress_as_done_and_total(synthetic_cells_dir, tmp_path):
+    seen = []
+    request = core.TrainRequest(
+        data=synthetic_cells_dir, out=tmp_path / "x.ckpt", rbc_diameter=18, **TINY
+    )
+    core.train_model(request, progress=lambda done, total: seen.append((done, total)))
+    assert seen and all(total == 1000 for _, total in seen) and seen[-1][0] == 1000
+    with pytest.raises(ValueError, match="folder of the output"):
+        core.train_model(core.TrainRequest(data=synthetic_cells_dir, out=tmp_path / "no/x.ckpt"))
