@@ -70,3 +70,25 @@ def synthetic_cells_dir(tmp_path_factory, synthetic_rbc_diameter):
             image[(rows - r) ** 2 + (cols - c) ** 2 < nucleus_radius**2] = (0.45, 0.25, 0.6)
             Image.fromarray((image * 255).astype(np.uint8)).save(root / label / f"{label}_{i}.png")
     return root
+
+
+@pytest.fixture
+def cancel_latency(qtbot):
+    """Press a widget's Cancel; returns the seconds until its work has stopped."""
+    import time
+
+    def press(widget):
+        started = time.perf_counter()
+        widget._cancel.native.click()
+        qtbot.waitUntil(lambda: not widget._runner.running, timeout=30_000)
+        seconds = time.perf_counter() - started
+        print(f"cancel latency, {type(widget).__name__}: {seconds:.2f} s")  # shown with -s
+        return seconds
+
+    return press
+
+
+@pytest.fixture(scope="session")
+def phone_dir():
+    """Phone-camera smear fields with YOLO white-cell boxes (skips when absent)."""
+    return _require(SHARED_DATA / "wbc_smartphone_pig")

@@ -96,6 +96,29 @@ def test_widget_adds_class_uncertainty_and_review_layers(classify_widget, pbc_di
     assert csv.read_text().splitlines()[0].startswith("index,label,p_basophil")
 
 
+def test_white_cells_are_offered_only_from_layers_that_fit_the_image(classify_widget):
+    from napari_cytodiffusion._widgets._classify import NO_LABELS
+
+    viewer, widget = classify_widget
+    smear = viewer.add_image(np.zeros((40, 50, 3), np.uint8), name="smear", rgb=True)
+    other = viewer.add_image(np.zeros((30, 30, 3), np.uint8), name="other", rgb=True)
+    drawn = viewer.add_labels(np.zeros((40, 50), np.uint32), name="drawn by hand")
+    viewer.add_labels(np.zeros((30, 30), np.uint32), name="other's cells")
+    viewer.add_labels(
+        np.zeros((40, 50), np.uint32), name="red", metadata={"source": "smear", "cells": "red"}
+    )
+    viewer.add_labels(np.zeros((40, 50), np.uint32), name="classes", metadata={"class": True})
+    white = viewer.add_labels(
+        np.zeros((40, 50), np.uint32), name="white", metadata={"source": "smear", "cells": "white"}
+    )
+    widget._image.value = smear
+    assert set(widget._labels.choices) == {white, NO_LABELS, drawn}
+    assert widget._labels.value is white  # Segment cells' white cells for this image
+    widget._image.value = other
+    assert set(widget._labels.choices) == {NO_LABELS, viewer.layers["other's cells"]}
+    assert widget._labels.value == NO_LABELS
+
+
 def test_widget_refuses_a_grayscale_layer_and_adds_nothing(classify_widget, monkeypatch):
     from napari_cytodiffusion._widgets import _classify
 
@@ -109,7 +132,9 @@ def test_widget_refuses_a_grayscale_layer_and_adds_nothing(classify_widget, monk
     assert [layer.name for layer in viewer.layers] == ["gray"]
 
 
-def test_cancel_stops_the_work_and_adds_no_layer(classify_widget, pbc_dir, qtbot):
+def test_cancel_stops_the_work_within_a_second_and_adds_no_layer(
+    classify_widget, pbc_dir, qtbot, cancel_latency
+):
     from napari_cytodiffusion.core.io import read_image
 
     viewer, widget = classify_widget
@@ -117,9 +142,11 @@ def test_cancel_stops_the_work_and_adds_no_layer(classify_widget, pbc_dir, qtbot
     widget.reset_choices()
     widget._image.value = image
     widget._single.value = True
+    widget._device.value = "cpu"
     widget._strategy.value = "exhaustive"  # long enough to cancel midway
     widget._run.native.click()
-    widget._cancel.native.click()
-    qtbot.waitUntil(lambda: not widget._runner.running, timeout=30_000)
-    assert widget.class_layer is None
+    # Into the network calls (the bar's last 85 %), where a cancel waits for the current one.
+    qtbot.waitUntil(lambda: widget._runner._state["done"] > 200, timeout=60_000)
+    assert cancel_latency(widget) < 1.0
+    assert widget.class_layer is None and widget._status.value == "cancelled"
     assert [layer.name for layer in viewer.layers] == ["cell"]

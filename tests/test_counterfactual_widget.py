@@ -75,11 +75,20 @@ def test_a_missing_cell_is_explained_before_any_work(make_napari_viewer, cells, 
     errors = []
     monkeypatch.setattr("napari.utils.notifications.show_error", errors.append)
     image, labels = _smear(cells[0])
-    viewer, widget = _widget(make_napari_viewer, cell_id=9)
+    viewer, widget = _widget(make_napari_viewer)
     widget._image.value = viewer.add_image(image)
-    widget._labels.value = viewer.add_labels(labels)
+    labels_layer = viewer.add_labels(labels)
+    widget._labels.value = labels_layer
+    labels_layer.selected_label = 5  # the cell id follows the layer's selected cell
+    assert widget._cell_id.value == 5
+    for cell_id in (9, 0):
+        widget._cell_id.value = cell_id
+        widget._explain.native.click()
+        assert not widget._runner.running and f"No cell {cell_id}" in errors[-1]
+    widget._labels.value = viewer.add_labels(labels[:100])  # another image's labels
+    widget._cell_id.value = 5
     widget._explain.native.click()
-    assert not widget._runner.running and "No cell 9" in errors[-1]
+    assert not widget._runner.running and "not of the shape" in errors[-1]
 
 
 def test_grid_of_a_stack_of_cells_as_a_figure(make_napari_viewer, qtbot, cells, tmp_path):
@@ -107,11 +116,35 @@ def test_all_classes_figure_for_a_single_cell_image(make_napari_viewer, qtbot, c
     assert len(docks[0].figure.axes) == 2 * 9
 
 
-def test_cancel_adds_no_layer(make_napari_viewer, qtbot, cells):
-    viewer, widget = _widget(make_napari_viewer, trials=400)
+def test_cancel_within_a_second_adds_no_layer(make_napari_viewer, qtbot, cells, cancel_latency):
+    viewer, widget = _widget(make_napari_viewer, trials=400, source="neutrophil")
     widget._image.value = viewer.add_image(cells[0], rgb=True)
     widget._explain.native.click()
     qtbot.waitUntil(lambda: widget._runner._state["done"] > 0, timeout=60_000)
-    widget._cancel.native.click()
-    qtbot.waitUntil(lambda: not widget._runner.running, timeout=10_000)
+    assert cancel_latency(widget) < 1.0
     assert len(viewer.layers) == 1 and widget._status.value == "cancelled"
+
+
+def test_a_cell_of_a_generated_grid_is_explained_over_its_tile(
+    make_napari_viewer, qtbot, cells, monkeypatch
+):
+    from napari_cytodiffusion._widgets._grid import add_grid, add_tiles, tile
+
+    errors = []
+    monkeypatch.setattr("napari.utils.notifications.show_error", errors.append)
+    viewer, widget = _widget(make_napari_viewer, trials=2, steps=4, source="lymphocyte")
+    features = pd.DataFrame({"index": [0, 1], "label": ["neutrophil", "lymphocyte"]})
+    tiled = tile(cells)
+    grid = add_grid(viewer, tiled, "synthetic", features)
+    tiles = add_tiles(viewer, grid, tiled, features)
+    widget._image.value = grid
+    widget._labels.value = tiles
+    tiles.selected_label = 2  # what clicking the second cell does
+    widget._explain.native.click()
+    qtbot.waitUntil(lambda: not widget._runner.running, timeout=60_000)
+    heat = viewer.layers[-1]
+    assert heat.name == "heat map cell lymphocyte -> monocyte"
+    np.testing.assert_allclose(heat.translate, np.asarray(grid.translate) + [0, 64 + 4])
+    widget._cell_id.value = 3
+    widget._explain.native.click()
+    assert not widget._runner.running and "No cell 3 in the grid" in errors[-1]

@@ -66,6 +66,12 @@ def test_explain_refuses_the_background_and_runs_one_bar(default_model):
     assert seen == sorted(seen) and seen[-1] == 1000  # explaining then editing: one bar
     assert result.edited.shape == (64, 64, 3) and result.heat_crop.shape == (64, 64)
     assert result.cell_id is None and "-> monocyte" in result.summary()
+    # With no current class given, it is the classifier's call, and the summary says so.
+    assert result.call is not None and result.maps.source == result.call.label
+    assert f"{result.call.label}: the classifier's call, p = " in result.summary()
+    request = core.ExplainRequest("monocyte", source="ig", trials=2, steps=2, strength=0.5)
+    given = core.explain(cell, default_model, request)
+    assert given.call is None and "immature_granulocyte: as given" in given.source_note()
 
 
 def test_generate_checks_its_arguments(default_model):

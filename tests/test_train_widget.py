@@ -1,5 +1,8 @@
-"""The "Train / adapt model" widget: trains on a folder of class subfolders showing the loss,
-and a cancelled run leaves a checkpoint that the next run resumes."""
+"""The "Train / adapt model" widget: trains on a folder of class subfolders showing the counts
+and the loss, warns about folders it leaves out, and a cancelled run leaves a checkpoint that
+the next run resumes."""
+
+import shutil
 
 import torch
 
@@ -25,12 +28,14 @@ def _widget(make_napari_viewer, folder, out, rbc_diameter, steps, from_default):
 def test_fine_tuning_the_default_model(
     make_napari_viewer, qtbot, synthetic_cells_dir, synthetic_rbc_diameter, tmp_path, monkeypatch
 ):
-    infos = []
+    infos, warnings = [], []
     monkeypatch.setattr(_train, "show_info", infos.append)
+    monkeypatch.setattr(_train, "show_warning", warnings.append)
+    folder = tmp_path / "cells"
+    shutil.copytree(synthetic_cells_dir, folder)
+    shutil.copytree(folder / "lymphocyte", folder / "blasts")  # not a class of the model
     out = tmp_path / "lab.ckpt"
-    viewer, widget = _widget(
-        make_napari_viewer, synthetic_cells_dir, out, synthetic_rbc_diameter, 3, True
-    )
+    viewer, widget = _widget(make_napari_viewer, folder, out, synthetic_rbc_diameter, 3, True)
     widget._run.native.click()
     assert widget._runner.running
     qtbot.waitUntil(lambda: "done" in widget._status.value, timeout=120_000)
@@ -38,13 +43,15 @@ def test_fine_tuning_the_default_model(
 
     assert torch.load(out, weights_only=True)["step"] == 3
     assert load_model_file(out, "cpu").image_size == 64
-    assert "done: step 3, loss" in widget._status.value
+    assert widget._status.value.startswith("done: step 3, loss")
     assert "step 3, loss" in infos[-1] and str(out) in infos[-1]
+    assert "lymphocyte 6" in widget._counts.value and "neutrophil 6" in widget._counts.value
+    assert len(warnings) == 1 and "blasts" in warnings[0] and "blasts" in widget._counts.value
     assert len(viewer.layers) == 0
 
 
 def test_cancel_saves_and_the_next_run_resumes(
-    make_napari_viewer, qtbot, synthetic_cells_dir, synthetic_rbc_diameter, tmp_path
+    make_napari_viewer, qtbot, synthetic_cells_dir, synthetic_rbc_diameter, tmp_path, cancel_latency
 ):
     out = tmp_path / "scratch.ckpt"
     _, widget = _widget(
@@ -52,10 +59,10 @@ def test_cancel_saves_and_the_next_run_resumes(
     )
     widget._run.native.click()
     # The label shows the running loss while training goes.
-    qtbot.waitUntil(lambda: "loss" in widget._status.value, timeout=120_000)
-    widget._cancel.native.click()
-    qtbot.waitUntil(lambda: not widget._runner.running, timeout=30_000)
-    assert "cancelled" in widget._status.value and "stopped at step" in widget._status.value
+    qtbot.waitUntil(lambda: "loss" in widget._details.value, timeout=120_000)
+    assert cancel_latency(widget) < 1.0  # the checkpoint saved included
+    assert widget._status.value.startswith("cancelled")
+    assert "stopped at step" in widget._details.value
     stopped_at = torch.load(out, weights_only=True)["step"]
     assert 0 < stopped_at < 10_000
 
@@ -72,3 +79,16 @@ def test_a_missing_folder_is_explained(make_napari_viewer, tmp_path, monkeypatch
     widget._run.native.click()
     assert not widget._runner.running
     assert "cell folder" in errors[-1]
+
+
+def test_a_failed_run_says_why(
+    make_napari_viewer, qtbot, synthetic_cells_dir, tmp_path, monkeypatch
+):
+    errors = []
+    monkeypatch.setattr(_train, "show_error", errors.append)
+    out = tmp_path / "missing" / "x.ckpt"
+    _, widget = _widget(make_napari_viewer, synthetic_cells_dir, out, 0, 1, False)
+    widget._run.native.click()
+    qtbot.waitUntil(lambda: not widget._runner.running, timeout=30_000)
+    assert widget._status.value.startswith("failed: ") and "does not exist" in widget._status.value
+    assert "does not exist" in errors[-1]

@@ -83,6 +83,16 @@ def test_too_few_real_cells_is_reported_not_raised(
     viewer, widget = _widget(make_napari_viewer, tmp_path, 5)
     widget._build.native.click()
     qtbot.waitUntil(lambda: not widget._runner.running, timeout=30_000)
-    assert widget._progress.value == "failed" and not widget.testing
+    assert widget._progress.value.startswith("failed") and not widget.testing
     assert "Asked for 5 real cells but the layer holds 3" in errors[-1]
+    assert TEST_LAYER not in viewer.layers
+
+
+def test_cancel_within_a_second_starts_no_test(make_napari_viewer, qtbot, tmp_path, cancel_latency):
+    viewer, widget = _widget(make_napari_viewer, tmp_path, 3)
+    widget._steps.value = 200  # generating the synthetic cells: the long part
+    widget._build.native.click()
+    qtbot.waitUntil(lambda: widget._runner._state["done"] > 250, timeout=60_000)
+    assert cancel_latency(widget) < 1.0
+    assert widget._progress.value == "cancelled" and not widget.testing
     assert TEST_LAYER not in viewer.layers

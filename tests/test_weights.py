@@ -220,7 +220,7 @@ class Payload:
 def test_a_file_with_pickled_objects_is_refused(tmp_path):
     path = tmp_path / "unsafe.pt"
     torch.save({"format": MODEL_FORMAT, "config": "{}", "payload": Payload()}, path)
-    with pytest.raises(ModelFileError):
+    with pytest.raises(ModelFileError, match="could run code"):
         weights.load_model(path, device="cpu")
 
 

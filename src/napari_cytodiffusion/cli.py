@@ -6,6 +6,7 @@ Problems with the user's input are reported on stderr with exit code 2, never as
 """
 
 import argparse
+import os
 import sys
 
 USAGE_ERROR = 2
@@ -13,6 +14,17 @@ USAGE_ERROR = 2
 
 class UsageError(Exception):
     """Input the command cannot use; the message tells the user what to do."""
+
+
+def _seed(text):
+    """An argparse type: a seed from 0 to 2**63 - 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if not 0 <= value < 2**63:
+        raise argparse.ArgumentTypeError(f"{value} is not a seed from 0 to 2**63 - 1")
+    return value
 
 
 def _add_train(subparsers):
@@ -31,7 +43,7 @@ def _add_train(subparsers):
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=_seed, default=0)
     parser.add_argument("--resume", metavar="CKPT", help="continue from this checkpoint")
     parser.add_argument(
         "--init",
@@ -51,6 +63,8 @@ def _add_train(subparsers):
 
 def _train(args):
     from pathlib import Path
+
+    from tqdm import tqdm
 
     from napari_cytodiffusion.core.tasks.train import TrainRequest, train_model
 
@@ -79,7 +93,7 @@ def _train(args):
         request,
         progress=lambda done, total: bar(done, total, losses.get("text")),
         on_loss=lambda step, loss: losses.update(text=f"step {step}, loss {loss:.4f}"),
-        log=lambda message: print(message, file=sys.stderr),
+        log=lambda message: tqdm.write(message, file=sys.stderr),  # above the bar
     )
     print(f"step {summary['step']} saved to {args.out} ({summary['seconds']:.0f} s)")
 
@@ -174,7 +188,10 @@ def _generate(args):
         sampler=args.sampler,
         progress=_progress_bar(f"generating {args.n} {args.label}"),
     )
-    path = task.save_cells(cells, args.out)
+    from napari_cytodiffusion.core.io import exclusive_folder
+
+    with exclusive_folder(args.out):
+        path = task.save_cells(cells, args.out)
     print(f"{task.summary(cells)}: {path}")
 
 
@@ -195,7 +212,7 @@ def _add_counterfactual(subparsers):
     parser.add_argument(
         "--source",
         metavar="CLASS",
-        help="the cell's current class (default: the class that fits it best in these trials)",
+        help="the cell's current class (default: the classifier's call)",
     )
     parser.add_argument("--out", required=True, metavar="DIR")
     parser.add_argument("--segment", action="store_true", help="IMAGE is a smear: segment it")
@@ -205,7 +222,13 @@ def _add_counterfactual(subparsers):
     parser.add_argument("--strength", type=float, default=counterfactual.DEFAULT_STRENGTH)
     parser.add_argument("--guidance", type=float, default=counterfactual.DEFAULT_EDIT_GUIDANCE)
     parser.add_argument("--steps", type=int, default=counterfactual.DEFAULT_EDIT_STEPS)
-    parser.add_argument("--method", choices=counterfactual.EDIT_METHODS, default="noise")
+    parser.add_argument(
+        "--method",
+        choices=counterfactual.EDIT_METHODS,
+        default=counterfactual.DEFAULT_EDIT_METHOD,
+        help="invert: keep the cell, change what the target class changes (default); noise: "
+        "redraw the cell from partial noise",
+    )
     _add_model_arguments(parser)
 
 
@@ -215,7 +238,7 @@ def _counterfactual(args):
     import numpy as np
     from PIL import Image
 
-    from napari_cytodiffusion.core.io import read_image
+    from napari_cytodiffusion.core.io import atomic_write, exclusive_folder, read_image
     from napari_cytodiffusion.core.model.counterfactual import heat_overlay
     from napari_cytodiffusion.core.model.generation import to_uint8
     from napari_cytodiffusion.core.smear.image import to_rgb_float
@@ -240,16 +263,21 @@ def _counterfactual(args):
     model = _load_model(args.model, args.device)
     result = explain(image, model, request, progress=_progress_bar("explaining the cell"))
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     heat = result.heat_on_image()
-    np.save(out / "heatmap_crop.npy", result.heat_crop)
-    np.save(out / "heatmap.npy", heat)
-    np.save(out / "counterfactual.npy", result.edited)
-    Image.fromarray(to_uint8(result.crop)).save(out / "cell.png")
-    Image.fromarray(to_uint8(result.edited)).save(out / "counterfactual.png")
     overlay = heat_overlay(to_rgb_float(image), heat)
-    Image.fromarray(to_uint8(overlay)).save(out / "heatmap.png")
-    result.figure().savefig(out / "maps_all_classes.png")
+    writers = {
+        "heatmap_crop.npy": lambda path: np.save(path, result.heat_crop),
+        "heatmap.npy": lambda path: np.save(path, heat),
+        "counterfactual.npy": lambda path: np.save(path, result.edited),
+        "cell.png": lambda path: Image.fromarray(to_uint8(result.crop)).save(path),
+        "counterfactual.png": lambda path: Image.fromarray(to_uint8(result.edited)).save(path),
+        "heatmap.png": lambda path: Image.fromarray(to_uint8(overlay)).save(path),
+        "maps_all_classes.png": lambda path: result.figure().savefig(path),
+    }
+    with exclusive_folder(out):
+        for name, write in writers.items():
+            with atomic_write(out / name) as partial:
+                write(partial)
     print(f"{result.summary()}; results in {out}")
 
 
@@ -309,7 +337,10 @@ def _turing(args):
     )
     model = _load_model(args.model, args.device)
     panel = make_turing_panel(model, request, progress=_progress_bar("building the panel"))
-    folder, key = turing.export_panel(panel, args.out)
+    from napari_cytodiffusion.core.io import exclusive_folder
+
+    with exclusive_folder(args.out):
+        folder, key = turing.export_panel(panel, args.out)
     print(f"{len(panel)} cells in {folder} (give this folder to the expert); key: {key}")
 
 
@@ -382,7 +413,7 @@ def _add_model_arguments(parser, seed_help=None):
     """--model, --device and --seed, the same for every command that runs the model."""
     parser.add_argument("--model", default="default", help="registry name or model file")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
-    parser.add_argument("--seed", type=int, default=0, help=seed_help)
+    parser.add_argument("--seed", type=_seed, default=0, help=seed_help)
 
 
 def _class_help():
@@ -421,32 +452,106 @@ def _add_segment(subparsers):
 
 
 def _segment(args):
+    import contextlib
     import json
     from pathlib import Path
 
-    from napari_cytodiffusion.core.io import InputFileError, read_image
+    from napari_cytodiffusion.core.io import InputFileError, exclusive_folder, read_image
     from napari_cytodiffusion.core.smear.image import ImageError
     from napari_cytodiffusion.core.tasks.segment import segment, write_segmentation
 
     out = Path(args.out) if args.out else None
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
+    stems = [Path(path).stem for path in args.images]
     failed = 0
-    for path in args.images:
-        try:
-            result = segment(read_image(path), rbc_diameter=args.rbc_diameter)
-        except (ImageError, InputFileError, ValueError) as error:
-            print(f"napari-cytodiffusion segment: {path}: {error}", file=sys.stderr)
-            failed += 1
-            continue
-        if out is not None:
-            write_segmentation(result, out / Path(path).stem)
-        if args.json:
-            print(json.dumps({"file": str(path), **result.record()}), flush=True)
-        else:
-            print(f"{path}: {result.summary()}", flush=True)
+    with exclusive_folder(out) if out is not None else contextlib.nullcontext():
+        for path, stem in zip(args.images, stems, strict=True):
+            try:
+                if out is not None and stems.count(stem) > 1:
+                    raise ValueError(
+                        f"another image of this call has the name {stem!r} too, and its "
+                        f"results would overwrite these in {out}; segment it separately"
+                    )
+                result = segment(read_image(path), rbc_diameter=args.rbc_diameter)
+            except (ImageError, InputFileError, ValueError) as error:
+                print(f"napari-cytodiffusion segment: {path}: {error}", file=sys.stderr)
+                failed += 1
+                continue
+            if out is not None:
+                write_segmentation(result, out / stem)
+            if args.json:
+                print(json.dumps({"file": str(path), **result.record()}), flush=True)
+            else:
+                print(f"{path}: {result.summary()}", flush=True)
     if failed:
         print(f"{failed} of {len(args.images)} images could not be segmented", file=sys.stderr)
+        return USAGE_ERROR
+    return 0
+
+
+def _add_analyze(subparsers):
+    from napari_cytodiffusion.core.tasks.analyze import ANALYSIS_TILE
+
+    parser = subparsers.add_parser(
+        "analyze",
+        help="segment, classify and triage whole smears, many at a time",
+        description="Analyse smears of any size (images, large or pyramidal TIFFs, OME-Zarr; "
+        "a folder stands for its images) on a dask.distributed cluster. Writes DIR/<smear>/: "
+        "cells.csv, differential.csv, triage.json, report.html; and DIR/summary.csv. Finished "
+        "smears are skipped, so a stopped run continues where it was.",
+    )
+    parser.add_argument("paths", nargs="+", metavar="PATH")
+    parser.add_argument("--out", required=True, metavar="DIR")
+    parser.add_argument("--model", default="default", help="registry name or model file")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (on workers)")
+    parser.add_argument("--scheduler", metavar="ADDRESS", help="a running dask scheduler")
+    parser.add_argument(
+        "--workers", type=int, help="worker processes of the local cluster (default: cores, <= 4)"
+    )
+    parser.add_argument("--rbc-diameter", type=float, help="red-cell diameter in pixels")
+    parser.add_argument("--tile-size", type=int, default=ANALYSIS_TILE, help="tile side (px)")
+    parser.add_argument("--seed", type=_seed, default=0)
+
+
+def _analyze(args):
+    from tqdm import tqdm
+
+    from napari_cytodiffusion.core.tasks.analyze import BatchRequest, analyze_files
+
+    if args.workers is not None and args.workers < 1:
+        raise UsageError("--workers must be at least 1.")
+    if args.tile_size < 256:
+        raise UsageError("--tile-size must be at least 256 pixels.")
+    bar = _progress_bar("analysing tiles")
+
+    def finished(name, analysis, error):
+        # tqdm.write keeps the line above the progress bar instead of through it.
+        if error is not None:
+            tqdm.write(f"napari-cytodiffusion analyze: {name}: {error}", file=sys.stderr)
+            return
+        flagged = int(analysis.cells["needs_review"].sum())
+        tqdm.write(
+            f"{name}: {analysis.decision} ({len(analysis.cells)} white cells, {flagged} "
+            f"flagged) -> {args.out}/{name}/report.html",
+            file=sys.stdout,
+        )
+
+    request = BatchRequest(
+        paths=args.paths,
+        out=args.out,
+        model=args.model,
+        device=args.device,
+        scheduler=args.scheduler,
+        workers=args.workers,
+        rbc_diameter=args.rbc_diameter,
+        tile_size=args.tile_size,
+        seed=args.seed,
+    )
+    result = analyze_files(request, progress=bar, on_smear=finished)
+    for name in result.skipped:
+        print(f"{name}: finished before, skipped")
+    print(f"summary: {result.summary}")
+    if result.failed:
+        print(f"{len(result.failed)} smear(s) failed", file=sys.stderr)
         return USAGE_ERROR
     return 0
 
@@ -487,6 +592,7 @@ COMMANDS = {
     "generate": (_add_generate, _generate),
     "counterfactual": (_add_counterfactual, _counterfactual),
     "turing": (_add_turing, _turing),
+    "analyze": (_add_analyze, _analyze),
 }
 
 
@@ -494,6 +600,9 @@ def build_parser():
     parser = argparse.ArgumentParser(
         prog="napari-cytodiffusion",
         description="Blood-smear analysis with a class-conditional diffusion model.",
+    )
+    parser.add_argument(
+        "--debug", action="store_true", help="show the full traceback of an error (for bugs)"
     )
     subparsers = parser.add_subparsers(dest="command", required=True)
     for add, _ in COMMANDS.values():
@@ -503,14 +612,30 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    from napari_cytodiffusion.core.io import InputFileError
-    from napari_cytodiffusion.core.smear.image import ImageError
-
     try:
         return COMMANDS[args.command][1](args) or 0
-    except (UsageError, ImageError, InputFileError, ValueError, RuntimeError) as error:
-        print(f"napari-cytodiffusion {args.command}: error: {error}", file=sys.stderr)
-        return USAGE_ERROR
+    except BrokenPipeError:
+        # The reader went away (``| head``): stop quietly, as other command-line tools do.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except (UsageError, ValueError, RuntimeError, OSError, MemoryError) as error:
+        if args.debug:
+            raise
+        print(f"napari-cytodiffusion {args.command}: error: {_describe(error)}", file=sys.stderr)
+        return USAGE_ERROR
+
+
+def _describe(error):
+    """One line a user can act on, for the errors a user can cause."""
+    if isinstance(error, MemoryError):
+        return "not enough memory for this request; ask for less (fewer cells, a smaller image)."
+    if (
+        isinstance(error, OSError)
+        and error.filename
+        and not str(error).startswith(("No such", "Cannot read"))
+    ):
+        return f"{error.filename}: {error.strerror or error}"
+    return str(error).splitlines()[0] if str(error) else type(error).__name__

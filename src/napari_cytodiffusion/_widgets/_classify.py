@@ -1,63 +1,56 @@
 """The Classify widget: diffusion classification of every white cell of the open smear.
 
-Adds, all at once when the work is done: a Labels layer coloured by class (per-cell results
-in its ``features``, shown on hover), an uncertainty layer (each cell filled with its
-uncertainty, with a colour bar) and markers on the cells that need review. The dock shows the
-legend, the differential count and the flagged cells; clicking one centres the view on it.
+Adds, all at once when the work is done: a Labels layer outlining each cell in its class's
+colour (filled on request; per-cell results in its ``features``, shown on hover), an
+uncertainty layer (each cell filled with its uncertainty, with a colour bar) and markers on
+the cells that need review. The dock shows the legend, the differential count and the
+flagged cells; clicking one centres the view on it.
+
+The white-cell list offers only Labels layers of the chosen image's shape, never a class or
+red-cell layer, and picks the white cells that Segment cells made for that image.
 """
 
 from pathlib import Path
 
 import numpy as np
-from magicgui.widgets import CheckBox, ComboBox, Container, FloatSpinBox, Label, PushButton
+from magicgui.widgets import CheckBox, ComboBox, FloatSpinBox, Label, PushButton
 from napari.layers import Image, Labels
 from napari.utils.notifications import show_error, show_info
 from qtpy.QtWidgets import QFileDialog, QListWidget, QTableWidget, QTableWidgetItem
 
-from napari_cytodiffusion._widgets._common import ModelFields, RunRow
+from napari_cytodiffusion._widgets._common import DockForm, ModelFields, RunRow, StatusLabel
+from napari_cytodiffusion.core.report import class_colours
 
-# Colour-blind-friendly colours (Okabe-Ito and Tol) for the standard classes; other classes
-# take the remaining colours of the palette in turn.
-KNOWN_COLOURS = {
-    "basophil": "#0072B2",
-    "eosinophil": "#E69F00",
-    "erythroblast": "#CC79A7",
-    "immature_granulocyte": "#D55E00",
-    "lymphocyte": "#56B4E9",
-    "monocyte": "#009E73",
-    "neutrophil": "#F0E442",
-    "platelet": "#999999",
-}
-SPARE_COLOURS = ("#882255", "#44AA99", "#117733", "#332288", "#AA4499", "#DDCC77", "#88CCEE")
-NO_LABELS = "(segment the image first)"
+NO_LABELS = "none: segment the image first"
+# Rows of the differential table visible without scrolling.
+TABLE_ROWS = 8
+# Filled classes stay see-through so the cells show; outlines are drawn opaque.
+FILL_OPACITY, OUTLINE_OPACITY = 0.5, 1.0
 
 
-def class_colours(classes):
-    """{class: colour} for a model's classes."""
-    spare = iter(SPARE_COLOURS * (1 + len(classes) // len(SPARE_COLOURS)))
-    return {name: KNOWN_COLOURS.get(name) or next(spare) for name in classes}
-
-
-class ClassifyWidget(Container):
+class ClassifyWidget(DockForm):
     """Classify the white cells of a smear (or the central cell of a single-cell image)."""
 
     def __init__(self, napari_viewer):
         super().__init__()
         self._viewer = napari_viewer
-        self._image = ComboBox(label="image", choices=self._image_layers)
+        self._image = ComboBox(
+            label="image", choices=self._image_layers, tooltip="The RGB image of the smear."
+        )
         self._labels = ComboBox(
             label="white cells",
             choices=self._labels_layers,
-            tooltip="A Labels layer of white cells (from Segment cells); without one the "
-            "image is segmented first.",
+            tooltip="Labels layers of the image's shape: by default the white cells Segment "
+            "cells made for this image; 'none' segments the image first.",
         )
         self._single = CheckBox(
-            text="single-cell image (classify the central cell)",
-            tooltip="For PBC / CellaVision-style images centred on one cell.",
+            text="single-cell image",
+            tooltip="Classify only the central cell: for PBC / CellaVision-style images centred "
+            "on one cell.",
         )
         self._fields = ModelFields()
         self._device, self._seed = self._fields.device, self._fields.seed
-        self._device_used = Label(value="")
+        self._device_used = StatusLabel()
         self._strategy = ComboBox(
             label="strategy",
             choices=["adaptive", "exhaustive"],
@@ -65,7 +58,7 @@ class ClassifyWidget(Container):
             "exhaustive: every trial for every class.",
         )
         self._uncertainty = FloatSpinBox(
-            label="review if uncertainty >",
+            label="flag uncertainty >",
             value=0.12,
             min=0.0,
             max=1.0,
@@ -74,59 +67,100 @@ class ClassifyWidget(Container):
             "threshold after the first run).",
         )
         self._anomaly = FloatSpinBox(
-            label="review if anomaly score >",
+            label="flag anomaly >",
             value=2.2,
             min=-10.0,
             max=100.0,
             step=0.1,
             tooltip="Cells less like any known class than this are flagged.",
         )
+        self._fill = CheckBox(
+            text="fill classes",
+            tooltip="Fill each cell with its class colour instead of outlining it.",
+        )
         row = RunRow("Classifying cells", "Classify")
         self._run, self._cancel, self._runner = row.buttons[0], row.cancel, row.runner
+        self._status = row.status
+        self._run.tooltip = "Classify every white cell of the image (or its central cell)."
         self._export = PushButton(
             text="Export CSV…", enabled=False, tooltip="Save the per-cell table."
         )
         self._legend = Label(value=_legend_html(self._fields.classes()))
+        self._legend.tooltip = "Class colours of the class layer."
         self._summary = QTableWidget(0, 3)
         self._summary.setHorizontalHeaderLabels(["class", "count", "%"])
         self._summary.verticalHeader().setVisible(False)
+        self._summary.setToolTip("The differential count of the last run.")
+        self._summary.setMinimumHeight(_rows_height(self._summary, TABLE_ROWS))
         self._flagged = QListWidget()
         self._flagged.setToolTip("Cells that need review; click one to centre the view on it.")
+        self._flagged.setMinimumHeight(_rows_height(self._flagged, 4))
         self._flagged.currentRowChanged.connect(self._go_to_flagged)
-        self.extend(
-            [
-                self._image,
-                self._labels,
-                self._single,
-                *self._fields.widgets,
-                self._device_used,
-                self._strategy,
-                self._uncertainty,
-                self._anomaly,
-                row,
-                self._legend,
-                self._export,
-            ]
+        self.add(
+            self._image,
+            self._labels,
+            self._single,
+            *self._fields.widgets,
+            self._device_used,
+            self._strategy,
+            self._uncertainty,
+            self._anomaly,
+            row,
+            self._fill,
+            self._legend,
+            self._export,
+            self._summary,
+            self._flagged,
         )
-        self.native.layout().addWidget(self._summary)
-        self.native.layout().addWidget(self._flagged)
         self._run.changed.connect(self._start)
         self._export.changed.connect(self._ask_export_path)
         self._uncertainty.changed.connect(self._update_review)
         self._anomaly.changed.connect(self._update_review)
+        self._fill.changed.connect(self._show_fill)
+        self._image.changed.connect(self._pick_segmented)
         self.class_layer = None
         self._review_layer = None
         self._thresholds_from_model = False
         self._flagged_rows = []
-        for event in (napari_viewer.layers.events.inserted, napari_viewer.layers.events.removed):
-            event.connect(lambda *_: self.reset_choices())
+        napari_viewer.layers.events.inserted.connect(self._layer_added)
+        napari_viewer.layers.events.removed.connect(lambda *_: self.reset_choices())
 
     def _image_layers(self, _=None):
         return [layer for layer in self._viewer.layers if isinstance(layer, Image)]
 
     def _labels_layers(self, _=None):
-        layers = [layer for layer in self._viewer.layers if isinstance(layer, Labels)]
-        return [NO_LABELS] + [layer for layer in layers if "class" not in layer.metadata]
+        """Labels layers that can be white cells of the chosen image: its shape, no class or
+        red-cell layers (those Segment cells made for this image are picked by default)."""
+        image = self._image.value
+        if image is None:
+            return [NO_LABELS]
+        shape = tuple(image.data.shape[:2])
+        usable = [
+            layer
+            for layer in self._viewer.layers
+            if isinstance(layer, Labels)
+            and tuple(layer.data.shape) == shape
+            and "class" not in layer.metadata
+            and layer.metadata.get("cells", "white") == "white"
+        ]
+        return [NO_LABELS, *usable]
+
+    def _layer_added(self, event):
+        self.reset_choices()
+        if _segmented_from(event.value, self._image.value):
+            self._labels.value = event.value
+
+    def _pick_segmented(self, *_):
+        """A new image gets its own white cells from Segment cells, or none."""
+        self._labels.reset_choices()
+        mine = [c for c in self._labels.choices if _segmented_from(c, self._image.value)]
+        self._labels.value = mine[0] if mine else NO_LABELS
+
+    def _show_fill(self, *_):
+        layer = self.class_layer
+        if layer is not None and layer in self._viewer.layers:
+            layer.contour = 0 if self._fill.value else layer.metadata["contour"]
+            layer.opacity = FILL_OPACITY if self._fill.value else OUTLINE_OPACITY
 
     def _start(self):
         image = self._image.value
@@ -140,6 +174,12 @@ class ClassifyWidget(Container):
             )
             return
         labels_layer = None if self._labels.value == NO_LABELS else self._labels.value
+        if labels_layer is not None and labels_layer.data.shape != image.data.shape[:2]:
+            show_error(
+                f"'{labels_layer.name}' ({labels_layer.data.shape}) is not of the shape of "
+                f"'{image.name}' ({image.data.shape[:2]}): choose the image's white cells."
+            )
+            return
         settings = {
             "model": self._fields.choice(),
             "segment": not self._single.value,
@@ -150,70 +190,52 @@ class ClassifyWidget(Container):
             "uncertainty_threshold": self._uncertainty.value,
             "anomaly_threshold": self._anomaly.value,
         }
-        data = np.asarray(image.data)
+        data = image.data
         self._runner.start(
-            lambda progress: self._work(data, settings, progress),
+            lambda progress: _work(data, settings, progress),
             lambda result: self._show(image, labels_layer, result),
+            text=f"classifying {image.name}",
         )
-
-    def _work(self, data, settings, progress):
-        """Runs in the worker thread: load the model (once) and classify."""
-        from napari_cytodiffusion.core.tasks.classify import classify
-
-        model = settings["model"].load(progress)
-        result = classify(
-            data,
-            model,
-            segment=settings["segment"],
-            labels=settings["labels"],
-            rbc_diameter=settings["rbc_diameter"],
-            strategy=settings["strategy"],
-            seed=settings["seed"],
-            uncertainty_threshold=settings["uncertainty_threshold"],
-            anomaly_threshold=settings["anomaly_threshold"],
-            progress=progress,
-        )
-        return model, result
 
     def _show(self, image, labels_layer, outcome):
-        """Main thread: turn the result into layers and the summary, all at once."""
-        model, result = outcome
+        """Main thread: add the layers prepared by the worker, one per turn of the event loop
+        (see ``_runner``)."""
+        model, result, layers = outcome
         self._device_used.value = f"ran on: {model.device}"
         if not self._thresholds_from_model:
             # Start from the thresholds calibrated with the model; the user may change them.
             self._thresholds_from_model = True
             calibration = model.calibration or {}
-            self._uncertainty.value = calibration.get(
-                "uncertainty_threshold", self._uncertainty.value
-            )
-            self._anomaly.value = calibration.get("anomaly_threshold", self._anomaly.value)
-        if not result.calls:
+            with self._uncertainty.changed.blocked(), self._anomaly.changed.blocked():
+                self._uncertainty.value = calibration.get(
+                    "uncertainty_threshold", self._uncertainty.value
+                )
+                self._anomaly.value = calibration.get("anomaly_threshold", self._anomaly.value)
+        if layers is None:
+            self._status.value = "done: no white cells found"
             show_info("No white cells were found in this image; nothing to classify.")
             return
-        table = result.table()
-        labels = result.cell_labels()
-        if labels_layer is not None:
-            labels = labels.copy()  # the class layer must not share the user's labels
         name = image.name
         placement = {"scale": image.scale[:2], "translate": image.translate[:2]}
-        palette = class_colours(result.classes)
         self._legend.value = _legend_html(result.classes)
-        colours = {None: "transparent", 0: "transparent"}
-        colours.update(
-            {int(i): palette[c] for i, c in zip(table["index"], table["label"], strict=True)}
-        )
+        contour = layers["contour"]
         self.class_layer = self._viewer.add_labels(
-            labels,
+            layers["labels"],
             name=f"{name} classes",
-            features=table,
-            colormap=_direct_colormap(colours),
-            metadata={"class": True, "rbc_diameter": result.rbc_diameter, "model": model.name},
-            opacity=0.5,
+            features=layers["table"],
+            colormap=layers["colormap"],
+            metadata={
+                "class": True,
+                "rbc_diameter": result.rbc_diameter,
+                "model": model.name,
+                "contour": contour,
+            },
             **placement,
         )
-        uncertainty = _fill(labels, table["index"], table["uncertainty"])
+        self._show_fill()
+        yield
         layer = self._viewer.add_image(
-            uncertainty,
+            layers["uncertainty"],
             name=f"{name} uncertainty",
             colormap="inferno",
             contrast_limits=(0.0, 1.0),
@@ -223,11 +245,16 @@ class ClassifyWidget(Container):
             **placement,
         )
         layer.colorbar.visible = True
+        if labels_layer is not None and labels_layer in self._viewer.layers:
+            labels_layer.visible = False  # its fill would hide the class outlines
+        yield
         self._review_layer = None  # a new result gets its own markers layer
         self._update_review()
         self._show_summary(result.differential())
         self._export.enabled = True
+        table = self.class_layer.features
         flagged = int(table["needs_review"].sum())
+        self._status.value = f"done: {len(table)} white cells, {flagged} need review"
         show_info(f"Classified {len(table)} white cells; {flagged} need review.")
 
     def _update_review(self, *_):
@@ -306,6 +333,64 @@ class ClassifyWidget(Container):
             return
         self.class_layer.features.to_csv(Path(path), index=False)
         show_info(f"Saved {len(self.class_layer.features)} cells to {path}")
+
+
+def _work(data, settings, progress):
+    """Worker thread: load the model (once), classify, and prepare the layers' data, so the
+    main thread only adds them."""
+    from napari_cytodiffusion.core.tasks.classify import classify
+
+    model = settings["model"].load(progress)
+    result = classify(
+        np.asarray(data),
+        model,
+        segment=settings["segment"],
+        labels=settings["labels"],
+        rbc_diameter=settings["rbc_diameter"],
+        strategy=settings["strategy"],
+        seed=settings["seed"],
+        uncertainty_threshold=settings["uncertainty_threshold"],
+        anomaly_threshold=settings["anomaly_threshold"],
+        progress=progress,
+    )
+    if not result.calls:
+        return model, result, None
+    table = result.table()
+    labels = result.cell_labels()
+    if settings["labels"] is not None:
+        labels = labels.copy()  # the class layer must not share the user's labels
+    palette = class_colours(result.classes)
+    colours = {None: "transparent", 0: "transparent"}
+    colours.update(
+        {int(i): palette[c] for i, c in zip(table["index"], table["label"], strict=True)}
+    )
+    layers = {
+        "labels": labels,
+        "table": table,
+        "colormap": _direct_colormap(colours),
+        "uncertainty": _fill(labels, table["index"], table["uncertainty"]),
+        # Outlines a sixteenth of a red cell wide: visible without hiding the cell.
+        "contour": max(1, int(round(result.rbc_diameter / 16))),
+    }
+    return model, result, layers
+
+
+def _segmented_from(layer, image):
+    """Whether ``layer`` holds the white cells Segment cells made for ``image``."""
+    return (
+        isinstance(layer, Labels)
+        and image is not None
+        and layer.metadata.get("source") == image.name
+        and layer.metadata.get("cells", "white") == "white"
+    )
+
+
+def _rows_height(view, rows):
+    """Height of a table or list showing ``rows`` rows and its header."""
+    header = view.horizontalHeader().sizeHint().height() if hasattr(view, "horizontalHeader") else 0
+    row = view.verticalHeader().defaultSectionSize() if hasattr(view, "verticalHeader") else 0
+    row = row or view.fontMetrics().height() + 6
+    return header + rows * row + 2 * view.frameWidth() + 2
 
 
 def _fill(labels, cell_ids, values):

@@ -2,15 +2,23 @@
 (buttons, Cancel, a status line) with its task runner, and one loaded model per
 (name, device) for all widgets."""
 
-import threading
 from dataclasses import dataclass
 
-from magicgui.widgets import ComboBox, Container, FloatSpinBox, Label, LineEdit, PushButton, SpinBox
+from magicgui.widgets import (
+    ComboBox,
+    Container,
+    FileEdit,
+    FloatSpinBox,
+    Label,
+    LineEdit,
+    PushButton,
+    SpinBox,
+)
+from qtpy.QtCore import QSize, Qt
+from qtpy.QtGui import QKeySequence
+from qtpy.QtWidgets import QComboBox, QFrame, QScrollArea, QShortcut, QSizePolicy, QWidget
 
 from napari_cytodiffusion._widgets._runner import TaskRunner
-
-_MODELS = {}
-_MODELS_LOCK = threading.Lock()
 
 
 def available_devices():
@@ -25,20 +33,6 @@ def available_devices():
     return devices
 
 
-def load_shared_model(name_or_path="default", device="auto", progress=None):
-    """Load a model once per (name, device) for all widgets; safe to call from workers.
-
-    ``progress`` reports a download (see ``core.model.weights.model_path``).
-    """
-    from napari_cytodiffusion.core.model.weights import load_model
-
-    key = (str(name_or_path).strip() or "default", str(device))
-    with _MODELS_LOCK:
-        if key not in _MODELS:
-            _MODELS[key] = load_model(key[0], device, progress=progress)
-        return _MODELS[key]
-
-
 @dataclass(frozen=True)
 class ModelChoice:
     """The model a run uses, read from the fields on the main thread."""
@@ -48,7 +42,9 @@ class ModelChoice:
 
     def load(self, progress=None):
         """The loaded model (shared by all widgets); call it in the worker."""
-        return load_shared_model(self.name, self.device, progress)
+        from napari_cytodiffusion.core.model.weights import shared_model
+
+        return shared_model(self.name, self.device, progress)
 
 
 def device_field():
@@ -116,19 +112,118 @@ class ModelFields:
         return model_classes(self.choice().name) or model_classes("default")
 
 
+class DockForm(Container):
+    """A dock widget whose fields scroll instead of stretching the window.
+
+    Subclasses add their fields to ``self.form``. The dock keeps the form's minimum width;
+    status lines wrap inside it (see :class:`StatusLabel`) and combo boxes elide long layer
+    names, so no text widens the dock. (napari docks ``.native``, which for magicgui's own
+    ``scrollable`` containers is the inner widget: the scroll area is built here instead.)
+    """
+
+    def __init__(self):
+        super().__init__(labels=False)
+        self.form = Container()
+        self.form.native.layout().setAlignment(Qt.AlignTop)  # rows stay packed when docks grow
+        self._scroll = _FormScrollArea()
+        self._scroll.setFrameShape(QFrame.NoFrame)
+        self._scroll.setWidget(self.form.native)
+        self.native.layout().addWidget(self._scroll)
+        self.native.layout().setContentsMargins(0, 0, 0, 0)
+
+    def reset_choices(self, *_):
+        self.form.reset_choices()
+
+    def add(self, *widgets):
+        """Append widgets to the form, eliding long combo-box texts.
+
+        Labelled magicgui fields share the label column; Qt widgets and unlabelled rows
+        (button rows, status lines) span the whole width instead of being pushed right of it.
+        A :class:`RunRow` gets the shortcuts: Ctrl+Return presses its first button, Escape
+        its Cancel.
+        """
+        for widget in widgets:
+            if isinstance(widget, RunRow):
+                self.shortcut("Ctrl+Return", widget.buttons[0])
+                self.shortcut("Escape", widget.cancel)
+            if isinstance(widget, QWidget):
+                self.form.native.layout().addWidget(widget)
+            elif isinstance(widget, Container | Label) and not widget.label:
+                self.form.native.layout().addWidget(widget.native)
+            else:
+                self.form.append(widget)
+            if isinstance(widget, FileEdit):
+                widget.choose_btn.text = "Browse…"  # not "Choose directory": narrower
+                widget.choose_btn.tooltip = widget.tooltip
+        for combo in self.form.native.findChildren(QComboBox):
+            combo.setSizeAdjustPolicy(QComboBox.AdjustToMinimumContentsLengthWithIcon)
+            combo.setMinimumContentsLength(8)
+
+    def shortcut(self, keys, button):
+        """Press ``button`` with ``keys`` (e.g. "Ctrl+Return") while focus is in this dock."""
+        sequence = QKeySequence(keys)
+        shortcut = QShortcut(sequence, self.native)
+        shortcut.setContext(Qt.WidgetWithChildrenShortcut)
+        shortcut.activated.connect(lambda: button.enabled and button.native.click())
+        button.tooltip = f"{button.tooltip or button.text} ({sequence.toString()})"
+
+
+class _FormScrollArea(QScrollArea):
+    """Scrolls vertically; as wide as the form needs, never narrower."""
+
+    def __init__(self):
+        super().__init__()
+        self.setWidgetResizable(True)
+        self.setHorizontalScrollBarPolicy(Qt.ScrollBarAlwaysOff)
+
+    def minimumSizeHint(self):
+        inner = self.widget().minimumSizeHint() if self.widget() else QSize(0, 0)
+        return QSize(inner.width() + self.verticalScrollBar().sizeHint().width(), 90)
+
+    def sizeHint(self):
+        inner = self.widget().sizeHint() if self.widget() else QSize(0, 0)
+        return QSize(self.minimumSizeHint().width(), inner.height())
+
+
+class StatusLabel(Label):
+    """A status line that wraps within its dock instead of widening it; its tooltip always
+    holds the full text."""
+
+    def __init__(self, value=""):
+        super().__init__(value=value)
+        self.native.setWordWrap(True)
+        self.native.setSizePolicy(QSizePolicy.Ignored, QSizePolicy.Preferred)
+
+    @property
+    def value(self):
+        return Label.value.fget(self)
+
+    @value.setter
+    def value(self, text):
+        Label.value.fset(self, text)
+        self.tooltip = text
+
+
 class RunRow(Container):
     """Run buttons, a Cancel button and a status line, driven by one :class:`TaskRunner`.
 
-    The status line wraps instead of widening the dock; Cancel is wired here, once.
+    Buttons sit two to a row so a row never widens the dock; Cancel is wired here, once.
     """
 
     def __init__(self, description, *texts):
         self.buttons = [PushButton(text=text) for text in texts]
-        self.cancel = PushButton(text="Cancel", tooltip="Stop the running work; nothing is added.")
-        self.status = Label(value="")
-        _wrap(self.status)
-        row = Container(widgets=[*self.buttons, self.cancel], layout="horizontal", labels=False)
-        super().__init__(widgets=[row, self.status], labels=False)
+        self.cancel = PushButton(
+            text="Cancel", tooltip="Stop the running work within a second; nothing is added."
+        )
+        self.status = StatusLabel()
+        buttons = [*self.buttons, self.cancel]
+        rows = [
+            Container(widgets=buttons[i : i + 2], layout="horizontal", labels=False)
+            for i in range(0, len(buttons), 2)
+        ]
+        for row in rows:
+            row.margins = (0, 0, 0, 0)
+        super().__init__(widgets=[*rows, self.status], labels=False)
         self.runner = TaskRunner(
             self.buttons[0] if len(self.buttons) == 1 else _Group(self.buttons),
             self.cancel,
@@ -151,11 +246,3 @@ class _Group:
     def enabled(self, value):
         for button in self._buttons:
             button.enabled = value
-
-
-def _wrap(label):
-    """Let a status label wrap instead of widening its dock."""
-    from qtpy.QtWidgets import QSizePolicy
-
-    label.native.setWordWrap(True)
-    label.native.setSizePolicy(QSizePolicy.Ignored, QSizePolicy.Preferred)

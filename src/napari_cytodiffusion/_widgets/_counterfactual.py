@@ -1,7 +1,8 @@
 """The "Counterfactuals" widget: what would have to change for the model to call a cell X.
 
-Pick a cell by clicking it in a labels layer of white cells (or type its id; with no labels
-layer the image is taken as a single-cell image), choose a target class, and:
+Pick a cell by clicking it in a labels layer of white cells (the cell id follows the layer's
+selected label; with no labels layer the image is taken as a single-cell image), choose a
+target class, and:
 
 * Explain cell: adds the heat map towards the target and the counterfactual image as layers
   placed exactly over the cell in the image (a model crop scaled and translated onto it);
@@ -14,16 +15,17 @@ Figures open in a dock with a "Save PNG..." button.
 
 import napari
 import numpy as np
-from magicgui.widgets import ComboBox, Container, FloatSpinBox, SpinBox, create_widget
+from magicgui.widgets import ComboBox, FloatSpinBox, SpinBox, create_widget
 from qtpy.QtWidgets import QFileDialog, QPushButton, QVBoxLayout, QWidget
 
-from napari_cytodiffusion._widgets._common import ModelFields, RunRow, rbc_diameter_field
+from napari_cytodiffusion._widgets._common import DockForm, ModelFields, RunRow, rbc_diameter_field
+from napari_cytodiffusion._widgets._grid import layer_cells, tile_origin
 from napari_cytodiffusion.core.model import counterfactual
 
 AUTO = "auto"
 
 
-class CounterfactualWidget(Container):
+class CounterfactualWidget(DockForm):
     """Heat maps and counterfactual images for a selected cell, and class x class grids."""
 
     def __init__(self, napari_viewer):
@@ -40,11 +42,12 @@ class CounterfactualWidget(Container):
             options={"tooltip": "White-cell labels of the image; none: a single-cell image"},
         )
         self._cell_id = SpinBox(
-            value=0,
+            value=1,
             min=0,
             max=2**31 - 1,
             label="cell id",
-            tooltip="Click a cell in the labels layer (select that layer first) or type its id.",
+            tooltip="The labels layer's selected cell: click a cell (select that layer first), "
+            "pick one in Classify's review list, or type its id.",
         )
         self._fields = ModelFields(seed_tooltip="Seed of the noise: same seed, same maps.")
         classes = self._fields.classes()
@@ -52,8 +55,8 @@ class CounterfactualWidget(Container):
             choices=(AUTO, *classes),
             value=AUTO,
             label="current class",
-            tooltip="auto: the labels layer's 'label' feature for this cell if there is one, "
-            "else the class that fits the cell best in these trials.",
+            tooltip="auto: the labels layer's 'label' feature for this cell if there is one "
+            "(what Classify cells wrote), else the classifier's call on the cell.",
         )
         self._target = ComboBox(
             choices=classes,
@@ -85,10 +88,11 @@ class CounterfactualWidget(Container):
         )
         self._method = ComboBox(
             choices=counterfactual.EDIT_METHODS,
-            value="noise",
+            value=counterfactual.DEFAULT_EDIT_METHOD,
             label="edit method",
-            tooltip="noise: noise the cell and redraw it (visible edits); invert: run the "
-            "sampler backwards from the cell first (keeps more of the cell).",
+            tooltip="invert: run the sampler backwards under the cell's class, then forwards "
+            "under the target (keeps the cell; the edit towards its own class is the cell); "
+            "noise: noise the cell and redraw it (freer edits that redraw the whole cell).",
         )
         self._guidance = FloatSpinBox(
             value=counterfactual.DEFAULT_EDIT_GUIDANCE,
@@ -96,7 +100,8 @@ class CounterfactualWidget(Container):
             max=10.0,
             step=0.5,
             label="guidance",
-            tooltip="How strongly the edit follows the target class.",
+            tooltip="How strongly the edit follows the target class (from the cell's own "
+            "class with invert, from no class with noise).",
         )
         self._rbc_diameter = rbc_diameter_field(
             "0: from the layer's metadata (rbc_diameter) or estimated from the image."
@@ -108,22 +113,20 @@ class CounterfactualWidget(Container):
         self._explain.tooltip = "Heat map and edit towards the target, placed over the cell."
         self._all_classes.tooltip = "A figure of the cell's maps and edits towards every class."
         self._grid.tooltip = "A figure of the mean maps over every labelled cell or plane."
-        self.extend(
-            [
-                self._image,
-                self._labels,
-                self._cell_id,
-                self._source,
-                self._target,
-                self._trials,
-                self._strength,
-                self._steps,
-                self._method,
-                self._guidance,
-                self._rbc_diameter,
-                *self._fields.widgets,
-                row,
-            ]
+        self.add(
+            self._image,
+            self._labels,
+            self._cell_id,
+            self._source,
+            self._target,
+            self._trials,
+            self._strength,
+            self._steps,
+            self._method,
+            self._guidance,
+            self._rbc_diameter,
+            *self._fields.widgets,
+            row,
         )
         self._explain.changed.connect(self._start_explain)
         self._all_classes.changed.connect(self._start_all_classes)
@@ -138,14 +141,22 @@ class CounterfactualWidget(Container):
     # --- picking a cell ---------------------------------------------------------------------
 
     def _watch_clicks(self, *_):
-        if (
-            self._clicked_layer is not None
-            and self._pick in self._clicked_layer.mouse_drag_callbacks
-        ):
-            self._clicked_layer.mouse_drag_callbacks.remove(self._pick)
+        """Follow the chosen labels layer: clicks on it and its selected label pick the cell."""
+        old = self._clicked_layer
+        if old is not None:
+            if self._pick in old.mouse_drag_callbacks:
+                old.mouse_drag_callbacks.remove(self._pick)
+            old.events.selected_label.disconnect(self._follow_selected)
         self._clicked_layer = self._labels.value
         if self._clicked_layer is not None:
             self._clicked_layer.mouse_drag_callbacks.append(self._pick)
+            self._clicked_layer.events.selected_label.connect(self._follow_selected)
+            self._follow_selected()
+
+    def _follow_selected(self, *_):
+        layer = self._clicked_layer
+        if layer is not None and layer.selected_label:
+            self._cell_id.value = int(layer.selected_label)
 
     def _pick(self, layer, event):
         value = layer.get_value(
@@ -155,22 +166,29 @@ class CounterfactualWidget(Container):
             world=True,
         )
         if value:
-            self._cell_id.value = int(value)
+            layer.selected_label = int(value)  # _follow_selected sets the cell id
             self._status.value = f"cell {int(value)} selected"
 
     # --- running ------------------------------------------------------------------------------
 
     def _request(self, all_targets=False):
-        """(image, request) for one cell, read on the main thread; None after a message."""
+        """(cell image, request, offset) for one cell, read on the main thread; None after a
+        message. ``offset`` is where the cell image lies in the layer (a grid's tile)."""
         from napari.utils.notifications import show_error
-
-        from napari_cytodiffusion.core.tasks.explain import ExplainRequest
 
         image, labels = self._image.value, self._labels.value
         if image is None:
             show_error("Add or choose an image layer first.")
             return None
         cell_id = self._cell_id.value
+        if "grid" in image.metadata or (labels is not None and labels.metadata.get("tiles")):
+            return self._grid_cell_request(image, cell_id, all_targets)
+        if labels is not None and labels.data.shape != image.data.shape[: labels.ndim]:
+            show_error(
+                f"'{labels.name}' ({labels.data.shape}) is not of the shape of '{image.name}' "
+                f"({image.data.shape[:2]}): choose the white cells of this image."
+            )
+            return None
         if labels is not None and (cell_id < 1 or not np.any(labels.data == cell_id)):
             show_error(
                 f"No cell {cell_id} in {labels.name}: click a cell in the labels layer (select "
@@ -178,26 +196,55 @@ class CounterfactualWidget(Container):
             )
             return None
         index, plane = (cell_id, None) if labels is not None else _plane(self._viewer, image)
-        source = None if self._source.value == AUTO else self._source.value
-        if source is None:
-            layer = labels if labels is not None else image
-            source = self._known_labels(layer).get(index)
-        request = ExplainRequest(
-            target=self._target.value,
+        request = self._explain_request(
+            labels if labels is not None else image,
+            index,
+            all_targets,
             cell_id=cell_id if labels is not None else None,
             labels=None if labels is None else np.asarray(labels.data),
-            source=source,
+            rbc_diameter=self._rbc_diameter.value or _rbc_from_metadata(labels, image),
+        )
+        data = np.asarray(image.data) if plane is None else plane
+        return data, request, (0, 0)
+
+    def _grid_cell_request(self, image, cell_id, all_targets):
+        """(cell, request, offset) for cell ``cell_id`` (its tile number) of a grid."""
+        from napari.utils.notifications import show_error
+
+        if "grid" not in image.metadata:
+            show_error(
+                f"The tiles layer '{self._labels.value.name}' numbers the cells of a grid: "
+                "choose that grid as the image."
+            )
+            return None
+        cells = layer_cells(image)
+        if not 1 <= cell_id <= len(cells):
+            show_error(
+                f"No cell {cell_id} in the grid '{image.name}': its cells are 1 to "
+                f"{len(cells)} (click one in its tiles layer, or type its number)."
+            )
+            return None
+        request = self._explain_request(image, cell_id - 1, all_targets)
+        return cells[cell_id - 1], request, tile_origin(image.metadata["grid"], cell_id - 1)
+
+    def _explain_request(self, layer, index, all_targets, **where):
+        """The request for the cell ``index`` of ``layer`` (its current class from the
+        layer's features unless chosen), with the fields' settings."""
+        from napari_cytodiffusion.core.tasks.explain import ExplainRequest
+
+        source = None if self._source.value == AUTO else self._source.value
+        return ExplainRequest(
+            target=self._target.value,
+            source=source or self._known_labels(layer).get(index),
             trials=self._trials.value,
             strength=self._strength.value,
             steps=self._steps.value,
             guidance=self._guidance.value,
             method=self._method.value,
             seed=self._seed.value,
-            rbc_diameter=self._rbc_diameter.value or _rbc_from_metadata(labels, image),
             all_targets=all_targets,
+            **where,
         )
-        data = np.asarray(image.data) if plane is None else plane
-        return data, request
 
     def _known_labels(self, layer):
         """{index: class} of the layer's 'label' feature, for the model's classes only."""
@@ -209,20 +256,24 @@ class CounterfactualWidget(Container):
         }
 
     def _start(self, job, on_result, text):
-        self._status.value = text
-        self._runner.start(job, on_result)
+        self._runner.start(job, on_result, text=text)
 
     def _start_explain(self):
         picked = self._request()
         if picked is not None:
-            job = _explain_job(*picked, self._fields.choice())
-            self._start(job, self._add_layers, "explaining the cell ...")
+            data, request, offset = picked
+            image = self._image.value
+            job = _explain_job(data, request, self._fields.choice())
+            self._start(
+                job, lambda result: self._add_layers(result, image, offset), "explaining the cell"
+            )
 
     def _start_all_classes(self):
         picked = self._request(all_targets=True)
         if picked is not None:
-            job = _explain_job(*picked, self._fields.choice())
-            self._start(job, self._show_cell_figure, "maps towards every class ...")
+            data, request, _ = picked
+            job = _explain_job(data, request, self._fields.choice())
+            self._start(job, self._show_cell_figure, "maps towards every class")
 
     def _start_grid(self):
         from napari.utils.notifications import show_error
@@ -231,11 +282,16 @@ class CounterfactualWidget(Container):
         if image is None:
             show_error("Add or choose an image layer first.")
             return
-        data = np.asarray(image.data) if labels is not None or _is_stack(image) else None
-        if data is None:
+        if labels is not None and labels.metadata.get("tiles"):
+            labels = None  # a grid's tiles number its cells; the grid is the set itself
+        if labels is not None:
+            data = np.asarray(image.data)
+        elif _is_stack(image) or "grid" in image.metadata:
+            data = layer_cells(image)
+        else:
             show_error(
-                "A grid needs a set of cells: a labels layer of the image's cells, or an image "
-                "stack of single cells."
+                "A grid needs a set of cells: a labels layer of the image's cells, a grid from "
+                "Generate cells, or an image stack of single cells."
             )
             return
         fixed = None if self._source.value == AUTO else self._source.value
@@ -248,22 +304,22 @@ class CounterfactualWidget(Container):
             "rbc_diameter": self._rbc_diameter.value or _rbc_from_metadata(labels, image),
         }
         job = _grid_job(data, options, self._fields.choice())
-        self._start(job, self._show_grid_figure, "mean maps over all cells ...")
+        self._start(job, self._show_grid_figure, "mean maps over all cells")
 
     # --- results ------------------------------------------------------------------------------
 
-    def _add_layers(self, result):
-        image = self._image.value
+    def _add_layers(self, result, image, offset):
         origin, step = result.placement()
         pixel = np.asarray(image.scale[-2:])
         scale = pixel * step
-        translate = np.asarray(image.translate[-2:]) + pixel * origin
+        translate = np.asarray(image.translate[-2:]) + pixel * (np.asarray(origin) + offset)
         maps = result.maps
         details = {
             "cell_id": result.cell_id,
             "source": maps.source,
             "target": result.target,
             "best_fit": maps.predicted,
+            "source_note": result.source_note(),
             "errors": dict(zip(maps.classes, maps.errors.tolist(), strict=True)),
             "centre": result.site.centre,
             "rbc_diameter": result.site.rbc_diameter,
@@ -277,6 +333,7 @@ class CounterfactualWidget(Container):
             translate=translate,
             metadata=details,
         )
+        yield  # one layer per turn of the event loop (see _runner)
         heat = result.heat_crop
         self._viewer.add_image(
             heat,
@@ -288,18 +345,19 @@ class CounterfactualWidget(Container):
             contrast_limits=(0.0, float(heat.max()) or 1.0),
             metadata=details,
         )
-        self._status.value = f"{name}: maps added (best fit in these trials: {maps.predicted})"
+        self._status.value = f"done: {name} ({result.source_note()})"
 
     def _show_cell_figure(self, result):
-        self._show_figure(result.figure(), f"Counterfactuals: {result.maps.source} cell", "bottom")
+        title = f"Counterfactuals: {result.maps.source} cell"
+        self._show_figure(result.figure(), title, "bottom", f" ({result.source_note()})")
 
     def _show_grid_figure(self, grid):
         self._show_figure(grid.figure(), f"Counterfactual grid ({grid.cells} cells)", "right")
 
-    def _show_figure(self, figure, title, area):
+    def _show_figure(self, figure, title, area, note=""):
         dock = FigureDock(figure)
         self._viewer.window.add_dock_widget(dock, name=title, area=area, tabify=False)
-        self._status.value = f"{title}: figure added (Save PNG... in its panel)"
+        self._status.value = f"done: {title}{note}; Save PNG... in its panel"
 
 
 class FigureDock(QWidget):
@@ -310,9 +368,11 @@ class FigureDock(QWidget):
 
         super().__init__(parent)
         self.figure = figure
+        self._size = figure.get_size_inches().copy()  # before the dock resizes it
         self.canvas = FigureCanvasQTAgg(figure)
         self.canvas.setMinimumSize(320, 240)
         self._save = QPushButton("Save PNG...")
+        self._save.setToolTip("Save the figure as a PNG file (150 dpi).")
         self._save.clicked.connect(self._ask_and_save)
         layout = QVBoxLayout(self)
         layout.addWidget(self.canvas)
@@ -326,7 +386,11 @@ class FigureDock(QWidget):
     def save(self, path):
         from napari.utils.notifications import show_info
 
+        # At the figure's own size: the dock may have squeezed it on screen.
+        shown = self.figure.get_size_inches().copy()
+        self.figure.set_size_inches(self._size, forward=False)
         self.figure.savefig(path, dpi=150)
+        self.figure.set_size_inches(shown, forward=False)
         show_info(f"Figure saved to {path}")
 
 

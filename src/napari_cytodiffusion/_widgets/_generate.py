@@ -1,18 +1,20 @@
 """The "Generate cells" widget: synthetic cells of one class on demand.
 
-Adds one image stack layer per run, named after the class; the layer's metadata holds a
-``features`` table (index, label, seed, steps, guidance, sampler, model) so that any cell can
-be made again from its seed.
+Adds one grid of cells per run, named after the class, beside what the viewer shows (at the
+smear's scale when it is known; see ``_grid``), and a tiles layer over it whose features
+(class, seed, steps, guidance, sampler, model) show on hover, so that any cell can be made
+again from its seed. The grid's metadata holds the same ``features`` table.
 """
 
-from magicgui.widgets import ComboBox, Container, SpinBox
+from magicgui.widgets import ComboBox, SpinBox
 
-from napari_cytodiffusion._widgets._common import ModelFields, RunRow, sampler_fields
+from napari_cytodiffusion._widgets._common import DockForm, ModelFields, RunRow, sampler_fields
+from napari_cytodiffusion._widgets._grid import add_grid, add_tiles, tile
 from napari_cytodiffusion.core.model import sampling
 
 
-class GenerateWidget(Container):
-    """Class, number of cells, sampler steps, guidance and seed -> an image stack layer."""
+class GenerateWidget(DockForm):
+    """Class, number of cells, sampler steps, guidance and seed -> a grid of cells."""
 
     def __init__(self, napari_viewer):
         super().__init__()
@@ -41,16 +43,15 @@ class GenerateWidget(Container):
         row = RunRow("Generating cells", "Generate")
         self._run, self._cancel, self._status = row.buttons[0], row.cancel, row.status
         self._runner = row.runner
-        self.extend(
-            [
-                self._label,
-                self._count,
-                self._steps,
-                self._guidance,
-                self._sampler,
-                *self._fields.widgets,
-                row,
-            ]
+        self._run.tooltip = "Generate the cells; they appear as a grid beside the smear."
+        self.add(
+            self._label,
+            self._count,
+            self._steps,
+            self._guidance,
+            self._sampler,
+            *self._fields.widgets,
+            row,
         )
         self._run.changed.connect(self._start)
 
@@ -64,22 +65,23 @@ class GenerateWidget(Container):
             "sampler": self._sampler.value,
         }
         choice = self._fields.choice()
-        self._status.value = f"generating {options['n']} {options['label']} ..."
 
         def job(progress):
             from napari_cytodiffusion.core.tasks.generate import generate
 
-            return generate(choice.load(), progress=progress, **options)
+            cells = generate(choice.load(), progress=progress, **options)
+            return cells, tile(cells.images), cells.features()
 
-        self._runner.start(job, self._add_layer)
+        text = f"generating {options['n']} {options['label']}"
+        self._runner.start(job, self._add_layers, text=text)
 
-    def _add_layer(self, cells):
+    def _add_layers(self, result):
+        """Main thread: the grid, then (in the next turn of the event loop) its tiles."""
         from napari_cytodiffusion.core.tasks.generate import summary
 
-        self._viewer.add_image(
-            cells.images,
-            rgb=True,
-            name=f"synthetic {cells.labels[0]}",
-            metadata={"features": cells.features(), "synthetic": True},
-        )
-        self._status.value = summary(cells)
+        cells, tiled, features = result
+        name = f"synthetic {cells.labels[0]}"
+        grid = add_grid(self._viewer, tiled, name, features, {"synthetic": True})
+        yield
+        add_tiles(self._viewer, grid, tiled, features)
+        self._status.value = f"done: {summary(cells)}"

@@ -2,16 +2,31 @@
 
 The core reports progress through a plain callback from the worker thread. That callback only
 stores the numbers (and raises ``Cancelled`` once Cancel was pressed); a timer on the main
-thread moves them onto the napari progress bar, because Qt objects must not be touched from
-other threads. Results come back to the main thread in one piece, so layers are only ever
-added whole: a cancel or an error adds nothing.
+thread moves them onto the napari progress bar and the widget's status line, because Qt
+objects must not be touched from other threads. Results come back to the main thread in one
+piece, so layers are only ever added whole: a cancel or an error adds nothing.
+
+Adding a layer costs napari a noticeable time on the main thread (its controls, its visual,
+a redraw). A result handler that is a generator adds one layer per ``yield``, each in its own
+turn of the event loop, so the viewer keeps drawing between them; the work counts as running
+until the last one is added.
+
+The status line always ends in ``done...``, ``cancelled`` or ``failed: <reason>``.
 """
 
+import inspect
 import threading
+import time
 
+from napari.qt.threading import create_worker
+from napari.utils import cancelable_progress
 from qtpy.QtCore import QTimer
 
 from napari_cytodiffusion.core.progress import Cancelled
+
+# Fraction of the work and seconds that must have passed before a time estimate is shown:
+# earlier ones mostly measure start-up (model loading, the first network call).
+_ETA_AFTER_FRACTION, _ETA_AFTER_SECONDS = 0.03, 1.0
 
 
 class TaskRunner:
@@ -24,7 +39,8 @@ class TaskRunner:
     description : str
         Text shown on the napari progress bar.
     status : magicgui Label, optional
-        Set to "cancelled" or "failed" when the work ends that way.
+        Shows the work's progress and time left while it runs, then ``done`` (which the
+        result handler usually extends), ``cancelled`` or ``failed: <reason>``.
     """
 
     def __init__(self, run_button, cancel_button, description, status=None):
@@ -38,6 +54,11 @@ class TaskRunner:
         self._timer.setInterval(100)
         self._timer.timeout.connect(self._refresh)
         self._bar = None
+        self._text = description
+        self._started = 0.0
+        self._ended = False
+        self._steps = None
+        self._worker_done = False
         self.worker = None
         _connect(cancel_button, self.cancel)
         _set_enabled(cancel_button, False)
@@ -46,24 +67,26 @@ class TaskRunner:
     def running(self):
         return self.worker is not None
 
-    def start(self, function, on_result, on_error=None):
+    def start(self, function, on_result, on_error=None, text=None):
         """Run ``function(progress)`` in a thread; ``on_result(result)`` runs on the main thread.
 
-        ``on_error(message)`` defaults to a napari error notification.
+        ``on_error(message)`` defaults to a napari error notification; ``text`` (default: the
+        description) starts the status line while the work runs.
         """
-        from napari.qt.threading import create_worker
-        from napari.utils import progress
-
         if self.running:
             return None
         self._cancel.clear()
         self._state.update(done=0, total=0)
-        self._bar = progress(total=0, desc=self._description)
+        self._text, self._ended, self._worker_done = text or self._description, False, False
+        self._started = time.perf_counter()
+        self._set_status(f"{self._text} ...")
+        # A cancelable bar: the activity dock shows a Cancel button on it too (see _refresh).
+        self._bar = cancelable_progress(total=0, desc=self._description)
         # Errors are reported by _failed; napari would otherwise raise them again.
         self.worker = create_worker(
             function, self._report, _start_thread=False, _ignore_errors=True
         )
-        self.worker.returned.connect(on_result)
+        self.worker.returned.connect(lambda result: self._returned(result, on_result))
         self.worker.errored.connect(lambda error: self._failed(error, on_error))
         self.worker.finished.connect(self._finished)
         _set_enabled(self._run_button, False)
@@ -74,7 +97,9 @@ class TaskRunner:
 
     def cancel(self):
         """Ask the running work to stop at its next progress report."""
-        self._cancel.set()
+        if self.running:
+            self._cancel.set()
+            self._set_status("cancelling ...")
 
     def _report(self, done, total, *_):
         self._state.update(done=done, total=total)
@@ -82,8 +107,10 @@ class TaskRunner:
             raise Cancelled()
 
     def _refresh(self):
-        if self._bar is None:
+        if self._bar is None or self._ended:
             return
+        if self._bar.is_canceled:  # the activity dock's Cancel only sets this flag
+            self.cancel()
         total = self._state["total"]
         if total and self._bar.total != total:
             self._bar.total = total
@@ -91,15 +118,50 @@ class TaskRunner:
         if done != self._bar.n:
             # update() is what moves the activity dock's bar; setting n only changes its text.
             self._bar.update(done - self._bar.n)
+        if not self._cancel.is_set():
+            self._set_status(self._progress_text(done, total))
+
+    def _progress_text(self, done, total):
+        """``text: 40 %, about 12 s left`` (the estimate once it means something)."""
+        if not total:
+            return f"{self._text} ..."
+        fraction = done / total
+        text = f"{self._text}: {100 * fraction:.0f} %"
+        elapsed = time.perf_counter() - self._started
+        if fraction >= _ETA_AFTER_FRACTION and elapsed >= _ETA_AFTER_SECONDS:
+            text += f", about {duration_text(elapsed * (1 - fraction) / fraction)} left"
+        return text
+
+    def _returned(self, result, on_result):
+        self._ended = True
+        self._set_status("done")
+        steps = on_result(result)
+        if inspect.isgenerator(steps):
+            self._steps = steps
+            QTimer.singleShot(0, self._next_step)
+
+    def _next_step(self):
+        """Run the result handler up to its next ``yield``; come back in the next turn."""
+        try:
+            next(self._steps)
+        except BaseException as error:
+            self._steps = None
+            if self._worker_done:
+                self._finished()
+            if not isinstance(error, StopIteration):
+                raise
+            return
+        QTimer.singleShot(0, self._next_step)
 
     def _failed(self, error, on_error):
         from napari.utils.notifications import show_error, show_info
 
+        self._ended = True
         if isinstance(error, Cancelled):
             self._set_status("cancelled")
             show_info(f"{self._description}: cancelled; nothing was added.")
             return
-        self._set_status("failed")
+        self._set_status(f"failed: {error}")
         message = f"{self._description} failed: {error}"
         (on_error or show_error)(message)
 
@@ -108,6 +170,9 @@ class TaskRunner:
             self._status.value = text
 
     def _finished(self):
+        self._worker_done = True
+        if self._steps is not None:
+            return  # the last layers are still being added; _next_step ends the work
         self._timer.stop()
         if self._bar is not None:
             self._bar.close()
@@ -115,6 +180,16 @@ class TaskRunner:
         self.worker = None
         _set_enabled(self._run_button, True)
         _set_enabled(self._cancel_button, False)
+
+
+def duration_text(seconds):
+    """``"under 1 s"``, ``"12 s"`` or ``"3 min 5 s"``."""
+    if seconds < 1:
+        return "under 1 s"
+    if seconds < 60:
+        return f"{seconds:.0f} s"
+    minutes, rest = divmod(int(round(seconds)), 60)
+    return f"{minutes} min {rest} s" if minutes < 60 else f"{minutes // 60} h {minutes % 60} min"
 
 
 def _set_enabled(button, enabled):

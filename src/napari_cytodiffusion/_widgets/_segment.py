@@ -2,18 +2,20 @@
 
 Adds, all at once when the work is done: a Labels layer of white cells whose ``features`` (one
 row per cell, ``index`` = label) show on hover, a Labels layer of red cells and a Points layer
-of platelets, all aligned with the image layer.
+of platelets, all aligned with the image layer. The Labels layers' metadata names the image
+they were made for (``source``) and their cells (``cells``: white or red), which is how
+Classify cells picks the right white cells.
 """
 
 import numpy as np
-from magicgui.widgets import ComboBox, Container
+from magicgui.widgets import ComboBox
 from napari.layers import Image
 from napari.utils.notifications import show_error, show_info
 
-from napari_cytodiffusion._widgets._common import RunRow, rbc_diameter_field
+from napari_cytodiffusion._widgets._common import DockForm, RunRow, rbc_diameter_field
 
 
-class SegmentWidget(Container):
+class SegmentWidget(DockForm):
     """Segment the cells of a blood-smear image layer."""
 
     def __init__(self, napari_viewer):
@@ -29,7 +31,8 @@ class SegmentWidget(Container):
         row = RunRow("Segmenting cells", "Segment")
         self._run, self._cancel, self._summary = row.buttons[0], row.cancel, row.status
         self._runner = row.runner
-        self.extend([self._image, self._diameter, row])
+        self._run.tooltip = "Find the white cells, red cells and platelets of the image."
+        self.add(self._image, self._diameter, row)
         self._run.changed.connect(lambda *_: self.start(self._image.value))
         for event in (napari_viewer.layers.events.inserted, napari_viewer.layers.events.removed):
             event.connect(lambda *_: self.reset_choices())
@@ -66,11 +69,13 @@ class SegmentWidget(Container):
 
             return segment(np.asarray(data), rbc_diameter=diameter, progress=progress)
 
-        self._summary.value = ""
-        return self._runner.start(work, lambda result: self._show(layer, result))
+        return self._runner.start(
+            work, lambda result: self._show(layer, result), text=f"segmenting {layer.name}"
+        )
 
     def _show(self, image, found):
-        """Add the result layers, replacing those of an earlier run on the same image."""
+        """Add the result layers, replacing those of an earlier run on the same image; one
+        layer per turn of the event loop (see ``_runner``)."""
         result, name = found.segmentation, image.name
         placement = {"scale": image.scale[-2:], "translate": image.translate[-2:]}
         for suffix in ("white cells", "red cells", "platelets"):
@@ -81,10 +86,12 @@ class SegmentWidget(Container):
             result.rbc_labels,
             name=f"{name} red cells",
             features=result.table("rbc"),
+            metadata={"source": name, "cells": "red"},
             opacity=0.35,
             visible=True,
             **placement,
         )
+        yield
         self._viewer.add_points(
             platelets[["centroid_row", "centroid_col"]].to_numpy(float),
             name=f"{name} platelets",
@@ -95,14 +102,15 @@ class SegmentWidget(Container):
             border_width=0.15,
             **placement,
         )
+        yield
         wbc = self._viewer.add_labels(
             result.wbc_labels,
             name=f"{name} white cells",
             features=result.table("wbc"),
             opacity=0.6,
-            metadata={"rbc_diameter": result.rbc_diameter, "source": name},
+            metadata={"rbc_diameter": result.rbc_diameter, "source": name, "cells": "white"},
             **placement,
         )
         self._viewer.layers.selection.active = wbc
-        self._summary.value = found.summary()
-        show_info(f"Segmented '{name}': {self._summary.value}.")
+        self._summary.value = f"done: {found.summary()}"
+        show_info(f"Segmented '{name}': {found.summary()}.")

@@ -4,19 +4,29 @@ Starting from the default model's weights adapts it to another stain or scanner 
 steps than training from scratch. The run writes a training checkpoint, which other widgets
 and the CLI load by its path like any model file. A cancelled run saves its checkpoint first,
 so training the same output file again resumes it.
+
+Before the first step the dock lists the cells found per class, and a warning names the
+subfolders left out (not classes of the model). The status line ends in done, cancelled or
+failed with the reason; a second line shows the step, the loss and the last log line.
 """
 
 from pathlib import Path
 
-from magicgui.widgets import CheckBox, Container, FileEdit, FloatSpinBox, SpinBox
-from napari.utils.notifications import show_error, show_info
+from magicgui.widgets import CheckBox, FileEdit, FloatSpinBox, SpinBox
+from napari.utils.notifications import show_error, show_info, show_warning
 from qtpy.QtCore import QTimer
 
-from napari_cytodiffusion._widgets._common import RunRow, device_field, rbc_diameter_field
+from napari_cytodiffusion._widgets._common import (
+    DockForm,
+    RunRow,
+    StatusLabel,
+    device_field,
+    rbc_diameter_field,
+)
 from napari_cytodiffusion.core.progress import Cancelled
 
 
-class TrainWidget(Container):
+class TrainWidget(DockForm):
     """Train or fine-tune the diffusion model on a folder of class subfolders."""
 
     def __init__(self, napari_viewer):
@@ -72,23 +82,26 @@ class TrainWidget(Container):
         row = RunRow("Training the diffusion model", "Train")
         self._run, self._cancel, self._status = row.buttons[0], row.cancel, row.status
         self._runner = row.runner
-        self.extend(
-            [
-                self._data,
-                self._out,
-                self._steps,
-                self._batch_size,
-                self._lr,
-                self._device,
-                self._rbc_diameter,
-                self._from_default,
-                self._resume,
-                row,
-            ]
+        self._run.tooltip = "Normalise the cells (once per folder content), then train."
+        self._counts = StatusLabel()
+        self._details = StatusLabel()
+        self.add(
+            self._data,
+            self._out,
+            self._steps,
+            self._batch_size,
+            self._lr,
+            self._device,
+            self._rbc_diameter,
+            self._from_default,
+            self._resume,
+            row,
+            self._counts,
+            self._details,
         )
         self._run.changed.connect(self._start)
         # Written by the worker thread, shown by a main-thread timer (Qt is main-thread only).
-        self._progress_text = {"status": "", "log": ""}
+        self._progress_text = _progress_text()
         self._timer = QTimer(self.native)  # dies with the widget
         self._timer.setInterval(200)
         self._timer.timeout.connect(self._show_progress)
@@ -118,60 +131,77 @@ class TrainWidget(Container):
             init="default" if self._from_default.value and resume is None else None,
             rbc_diameter=self._rbc_diameter.value or None,
         )
-        self._progress_text.update(status="starting", log="")
+        self._progress_text = _progress_text()
+        self._counts.value = self._details.value = ""
         self._runner.start(
             lambda progress: _train(request, self._progress_text, progress),
             lambda summary: self._finished(out, summary),
-            self._failed,
+            show_error,
+            text="training",
         )
         # Only now: the timer stops itself when it finds no work running.
         self._timer.start()
 
-    def _failed(self, message):
-        self._progress_text["status"] = f"failed: {message}"
-        self._show_progress()
-        show_error(message)
-
     def _show_progress(self):
-        text = self._progress_text["status"]
-        if self._progress_text["log"]:
-            text += "\n" + self._progress_text["log"]
-        self._status.value = text
+        """Main thread: the counts, new warnings, and the step, loss and last log line."""
+        text = self._progress_text
+        if text["counts"]:
+            self._counts.value = text["counts"]
+        while text["warnings"]:
+            show_warning(text["warnings"].pop(0))
+        self._details.value = "\n".join(line for line in (text["loss"], text["log"]) if line)
         if not self._runner.running:
             self._timer.stop()
 
     def _finished(self, out, summary):
+        self._show_progress()
         if summary is None:
             if out.is_file():
-                self._progress_text["status"] = "cancelled; Train again to resume"
+                self._status.value = "cancelled; Train again to resume"
                 message = f"Training cancelled; {out} holds the last step. Train again to resume."
             else:
-                self._progress_text["status"] = "cancelled"
+                self._status.value = "cancelled"
                 message = "Training cancelled before its first step; nothing was written."
-            self._show_progress()
             show_info(message)
             return
         history = summary["history"]
         losses = f"step {summary['step']}, loss {history['train_loss'][-1][1]:.4f}"
         if history["val_loss"]:
             losses += f", validation loss {history['val_loss'][-1][1]:.4f}"
-        self._progress_text["status"] = f"done: {losses}"
-        self._show_progress()
+        self._status.value = f"done: {losses}"
         show_info(f"Training reached {losses}. The model is {out}; give this path as the model.")
 
 
+def _progress_text():
+    return {"counts": "", "warnings": [], "loss": "", "log": ""}
+
+
 def _train(request, text, progress):
-    """Worker: train, showing the step, the loss and the log in ``text``.
+    """Worker: train, recording the counts, warnings, step, loss and log in ``text``.
 
     Returns None when cancelled, after training saved its checkpoint: a cancel is an
     outcome here, not an error to report.
     """
     from napari_cytodiffusion.core.tasks.train import train_model
 
+    def on_data(counts, skipped):
+        found = ", ".join(f"{name.replace('_', ' ')} {n}" for name, n in counts.items())
+        text["counts"] = f"cells per class: {found} ({sum(counts.values())} in all)"
+        if skipped:
+            text["counts"] += f"; left out (not classes of the model): {', '.join(skipped)}"
+            text["warnings"].append(
+                f"Training leaves out the folders {', '.join(skipped)}: they are not classes "
+                f"of the model ({', '.join(counts)})."
+            )
+        if not any(counts.values()):
+            raise ValueError(f"No cell images in the class folders of {request.data}.")
+
     def on_loss(step, loss):
-        text["status"] = f"step {step}/{request.steps}, loss {loss:.4f}"
+        text["loss"] = f"step {step}/{request.steps}, loss {loss:.4f}"
 
     try:
-        return train_model(request, progress, on_loss, log=lambda line: text.update(log=line))
+        return train_model(
+            request, progress, on_loss, log=lambda line: text.update(log=line), on_data=on_data
+        )
     except Cancelled:
         return None

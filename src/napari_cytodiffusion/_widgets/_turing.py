@@ -2,7 +2,8 @@
 
 Build a blinded panel from N real cells (a folder of class subfolders, or an image layer) and
 N synthetic cells of the same classes, then answer Real (R) or Synthetic (S) for one cell at a
-time. The key is held only in memory until the last answer; then the score (accuracy with a
+time. Each cell is shown beside the smear (if one is open), with the view zoomed onto it.
+The key is held only in memory until the last answer; then the score (accuracy with a
 95 % Clopper-Pearson interval, per class too, and a one-sided test against chance) is shown,
 and answers with timings, the key and the score are written as CSV files.
 """
@@ -11,30 +12,24 @@ import time
 from pathlib import Path
 
 import napari
-import numpy as np
-from magicgui.widgets import (
-    ComboBox,
-    Container,
-    FileEdit,
-    Label,
-    PushButton,
-    SpinBox,
-    create_widget,
-)
+from magicgui.widgets import ComboBox, Container, FileEdit, PushButton, SpinBox, create_widget
 
 from napari_cytodiffusion._widgets._common import (
+    DockForm,
     ModelFields,
     RunRow,
+    StatusLabel,
     rbc_diameter_field,
     sampler_fields,
 )
+from napari_cytodiffusion._widgets._grid import beside, focus, layer_cells
 from napari_cytodiffusion.core import turing
 
 FOLDER, LAYER = "folder", "image layer"
 TEST_LAYER = "Turing test"
 
 
-class TuringWidget(Container):
+class TuringWidget(DockForm):
     """Blinded real-versus-synthetic panel, answered one cell at a time."""
 
     def __init__(self, napari_viewer):
@@ -58,7 +53,10 @@ class TuringWidget(Container):
         self._layer = create_widget(
             annotation=napari.layers.Image,
             label="real cell layer",
-            options={"tooltip": "An image stack of single cells, or one single-cell image."},
+            options={
+                "tooltip": "Single cells: a grid from Generate cells, an image stack, or one "
+                "single-cell image."
+            },
         )
         self._layer_class = ComboBox(
             choices=classes,
@@ -75,28 +73,29 @@ class TuringWidget(Container):
         row = RunRow("Building the Turing test panel", "Build panel and start")
         self._build, self._cancel, self._progress = row.buttons[0], row.cancel, row.status
         self._runner = row.runner
-        self._real = PushButton(text="Real (R)")
-        self._synthetic = PushButton(text="Synthetic (S)")
+        self._build.tooltip = "Build the blinded panel, then show its first cell."
+        self._real = PushButton(text="Real (R)", tooltip="The cell shown is real (key R).")
+        self._synthetic = PushButton(
+            text="Synthetic (S)", tooltip="The cell shown is synthetic (key S)."
+        )
         self._answer_row = Container(
             widgets=[self._real, self._synthetic], layout="horizontal", labels=False
         )
-        self._result = Label(value="")
-        self.extend(
-            [
-                self._source,
-                self._folder,
-                self._layer,
-                self._layer_class,
-                self._count,
-                self._rbc_diameter,
-                self._steps,
-                self._guidance,
-                *self._fields.widgets,
-                self._out,
-                row,
-                self._answer_row,
-                self._result,
-            ]
+        self._result = StatusLabel()
+        self.add(
+            self._source,
+            self._folder,
+            self._layer,
+            self._layer_class,
+            self._count,
+            self._rbc_diameter,
+            self._steps,
+            self._guidance,
+            *self._fields.widgets,
+            self._out,
+            row,
+            self._answer_row,
+            self._result,
         )
         self._build.changed.connect(self._start)
         self._real.changed.connect(lambda: self.answer(turing.REAL))
@@ -148,15 +147,15 @@ class TuringWidget(Container):
             if layer is None:
                 show_error("Choose the image layer holding the real cells.")
                 return
-            request.images = _layer_cells(layer)
-            request.labels = _layer_labels(layer, self._layer_class.value)
+            request.images = layer_cells(layer)
+            request.labels = _layer_labels(layer, len(request.images), self._layer_class.value)
             request.images_name = "the layer"
         choice = self._fields.choice()
-        self._progress.value = "building the panel ..."
         self._result.value = ""
         self._runner.start(
             lambda progress: make_turing_panel(choice.load(), request, progress),
             lambda panel: self._begin(panel, out),
+            text="building the panel",
         )
 
     # --- running the test -----------------------------------------------------------------------
@@ -167,7 +166,10 @@ class TuringWidget(Container):
 
     def _begin(self, panel, out):
         self._panel, self._out_dir, self._answers = panel, out, []
-        layer = self._viewer.add_image(panel.images[0], rgb=True, name=TEST_LAYER)
+        scale, translate = beside(self._viewer, panel.images.shape[1])
+        layer = self._viewer.add_image(
+            panel.images[0], rgb=True, name=TEST_LAYER, scale=scale, translate=translate
+        )
         self._viewer.layers.selection.active = layer
         for key, answer in (("r", turing.REAL), ("s", turing.SYNTHETIC)):
             self._previous_keys[key] = self._viewer.bind_key(
@@ -180,7 +182,7 @@ class TuringWidget(Container):
         index = len(self._answers)
         layer = self._viewer.layers[TEST_LAYER]
         layer.data = self._panel.images[index]
-        self._viewer.reset_view()
+        focus(self._viewer, layer)
         self._progress.value = f"cell {index + 1} of {len(self._panel)}: real or synthetic?"
         self._shown_at = time.perf_counter()
 
@@ -241,15 +243,8 @@ def save_results(folder, answers, key, result):
     )
 
 
-def _layer_cells(layer):
-    """The layer's images as a stack (n, rows, cols, 3 or 4)."""
-    data = np.asarray(layer.data)
-    return data[None] if layer.ndim == 2 else data
-
-
-def _layer_labels(layer, fallback):
+def _layer_labels(layer, count, fallback):
     """Per-cell classes from the layer's ``metadata['features']['label']``, else ``fallback``."""
-    count = 1 if layer.ndim == 2 else layer.data.shape[0]
     table = layer.metadata.get("features")
     if table is not None and "label" in table and len(table) == count:
         return [str(label) for label in table["label"]]

@@ -7,7 +7,6 @@ stores the crops as JPEG bytes in one ``.npz`` (no pickled objects) that is smal
 move to a GPU machine.
 """
 
-import csv
 import hashlib
 import io
 from dataclasses import dataclass
@@ -103,18 +102,15 @@ def class_counts(records, classes=CLASSES):
 
 
 def _records_from_csv(path, classes):
+    from napari_cytodiffusion.core.io import read_table
+
     records = []
-    with open(path, newline="") as handle:
-        reader = csv.DictReader(handle)
-        missing = {"file", "label"} - set(reader.fieldnames or ())
-        if missing:
-            raise ValueError(f"{path} lacks the column(s) {sorted(missing)}.")
-        for row in reader:
-            split = (row.get("split") or "train").strip()
-            if split not in SPLITS:
-                continue  # e.g. PBC's "exclude"
-            label = canonical_class(row["label"], classes)
-            records.append(Record(path.parent / row["file"], label, split))
+    for row in read_table(path, ("file", "label")):
+        split = (row.get("split") or "train").strip()
+        if split not in SPLITS:
+            continue  # e.g. PBC's "exclude"
+        label = canonical_class(row["label"], classes)
+        records.append(Record(path.parent / row["file"], label, split))
     return records
 
 
@@ -241,11 +237,17 @@ def load_pack(path, splits=("train", "val")):
     """
     from PIL import Image
 
-    with np.load(path, allow_pickle=False) as pack:
-        jpeg, offsets = pack["jpeg"], pack["offsets"]
-        labels, split_ids = pack["labels"], pack["splits"]
-        image_size = int(pack["image_size"])
-        classes = tuple(str(c) for c in pack["classes"])
+    try:
+        with np.load(path, allow_pickle=False) as pack:
+            jpeg, offsets = pack["jpeg"], pack["offsets"]
+            labels, split_ids = pack["labels"], pack["splits"]
+            image_size = int(pack["image_size"])
+            classes = tuple(str(c) for c in pack["classes"])
+    except Exception as error:  # a damaged or foreign file means the same to the user
+        raise ValueError(
+            f"{path} is not a dataset packed by napari-cytodiffusion ({error}); give the "
+            "folder of labelled cells instead."
+        ) from error
     keep = np.flatnonzero(np.isin(split_ids, [SPLITS.index(s) for s in splits]))
     images = np.stack(
         [

@@ -23,10 +23,10 @@ def read_image(path):
     if not path.is_file():
         raise InputFileError(f"No such file: {path}")
     try:
-        if path.suffix.lower() in (".tif", ".tiff"):
+        if path.suffix.lower() in (".tif", ".tiff") and not _is_cmyk_tiff(path):
             import tifffile
 
-            return np.asarray(tifffile.imread(path))
+            return _channels_last(np.asarray(tifffile.imread(path)))
         from PIL import Image
 
         with Image.open(path) as image:
@@ -35,6 +35,120 @@ def read_image(path):
             return np.asarray(image)
     except Exception as error:  # any decoder failure means the same thing to the user
         raise InputFileError(f"Cannot read {path} as an image: {error}") from error
+
+
+def _is_cmyk_tiff(path):
+    """A CMYK (separated) TIFF, which Pillow converts to RGB; tifffile would give CMYK."""
+    import tifffile
+
+    with tifffile.TiffFile(path) as tiff:
+        return tiff.pages[0].photometric == tifffile.PHOTOMETRIC.SEPARATED
+
+
+# TIFFs larger than this many pixels are opened lazily instead of being read whole.
+LAZY_PIXELS = 16_000_000
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+
+
+def open_image(path):
+    """An image of any size as an array read only where it is sliced.
+
+    Large TIFFs (tiled, pyramidal: the full-resolution level) and OME-Zarr folders are opened
+    lazily through zarr, so a whole-slide scan is never loaded at once; other images are read
+    whole (:func:`read_image`). Planar (channels-first) images come back channels-last.
+
+    Raises
+    ------
+    InputFileError
+        If the path does not exist or is not a readable image.
+    """
+    path = Path(path)
+    try:
+        if path.is_dir():
+            return _channels_last(_ome_zarr_level0(path))
+        if path.suffix.lower() in (".tif", ".tiff") and path.is_file():
+            import tifffile
+
+            with tifffile.TiffFile(path) as tiff:
+                shape = tiff.series[0].shape
+            if int(np.prod(shape)) > 3 * LAZY_PIXELS:
+                import zarr
+
+                store = tifffile.imread(path, aszarr=True, level=0)
+                return _channels_last(zarr.open(store, mode="r"))
+    except InputFileError:
+        raise
+    except Exception as error:  # any decoder failure means the same thing to the user
+        raise InputFileError(f"Cannot read {path} as an image: {error}") from error
+    return _channels_last(read_image(path))
+
+
+def _ome_zarr_level0(path):
+    """The full-resolution array of an OME-Zarr image (or a plain zarr array)."""
+    import zarr
+
+    if not (
+        (path / ".zattrs").exists() or (path / "zarr.json").exists() or (path / ".zarray").exists()
+    ):
+        raise InputFileError(f"{path} is a folder, not an image or an OME-Zarr image.")
+    node = zarr.open(path, mode="r")
+    if hasattr(node, "shape"):
+        return node
+    multiscales = node.attrs.get("multiscales") or node.attrs.get("ome", {}).get("multiscales")
+    if not multiscales:
+        raise InputFileError(f"{path} is a zarr group without OME multiscales.")
+    return node[multiscales[0]["datasets"][0]["path"]]
+
+
+def _channels_last(array):
+    """Leading single axes dropped and (3 or 4, rows, cols) made (rows, cols, channels),
+    lazily for arrays not in memory."""
+    shape = tuple(array.shape)
+    planar = len(shape) >= 3 and shape[-3] in (3, 4) and shape[-1] not in (3, 4)
+    if len(shape) <= 3 and not planar:
+        return array
+    if isinstance(array, np.ndarray):
+        array = array.reshape([n for n in shape[:-3] if n != 1] + list(shape[-3:]))
+        return np.moveaxis(array, -3, -1) if planar else array
+    import dask.array as da
+
+    lazy = da.from_zarr(array) if not isinstance(array, da.Array) else array
+    lazy = lazy.reshape([n for n in shape[:-3] if n != 1] + list(shape[-3:]))
+    return da.moveaxis(lazy, -3, -1) if planar else lazy
+
+
+def read_table(path, required=()):
+    """Rows of a CSV file as dicts, as spreadsheets write them.
+
+    A byte-order mark is dropped, ``;`` or tab separators are recognised, and column names are
+    stripped of spaces.
+
+    Raises
+    ------
+    ValueError
+        Naming the file (and line), if it cannot be read or lacks a ``required`` column.
+    """
+    import csv
+
+    path = Path(path)
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as handle:
+            text = handle.read()
+    except (OSError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path}: cannot read it as a CSV text file ({error}).") from error
+    first = text.split("\n", 1)[0]
+    delimiter = max((",", ";", "\t"), key=first.count)
+    csv.field_size_limit(1 << 24)
+    reader = csv.DictReader(text.splitlines(), delimiter=delimiter)
+    try:
+        rows = [{(k or "").strip(): v for k, v in row.items()} for row in reader]
+    except csv.Error as error:
+        raise ValueError(f"{path}, line {reader.line_num}: {error}") from error
+    columns = {(name or "").strip() for name in reader.fieldnames or ()}
+    missing = set(required) - columns
+    if missing:
+        raise ValueError(f"{path} lacks the column(s) {sorted(missing)}.")
+    return rows
 
 
 @contextmanager
@@ -52,3 +166,52 @@ def atomic_write(path):
         os.replace(partial, path)
     finally:
         partial.unlink(missing_ok=True)
+
+
+class FolderBusyError(OSError):
+    """Another run is writing into the same output folder."""
+
+
+@contextmanager
+def exclusive_folder(folder):
+    """Hold ``folder`` for this process while writing into it; another run is refused.
+
+    A lock file names the process; a lock left by a process that no longer runs (killed) is
+    taken over.
+
+    Raises
+    ------
+    FolderBusyError
+        If another running process holds the folder.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = folder / ".napari-cytodiffusion.lock"
+    for _ in range(2):
+        try:
+            handle = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            break
+        except FileExistsError:
+            if _alive(lock):
+                raise FolderBusyError(
+                    f"{folder} is being written by another napari-cytodiffusion run (process "
+                    f"{lock.read_text().strip()}); wait for it, or choose another folder."
+                ) from None
+            lock.unlink(missing_ok=True)  # left by a run that was killed
+    else:
+        raise FolderBusyError(f"Could not lock {folder}; try again.")
+    os.write(handle, str(os.getpid()).encode())
+    os.close(handle)
+    try:
+        yield folder
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+def _alive(lock):
+    try:
+        pid = int(lock.read_text().strip())
+        os.kill(pid, 0)
+    except (OSError, ValueError):
+        return False
+    return True

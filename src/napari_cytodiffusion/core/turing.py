@@ -233,17 +233,18 @@ def score(answers, key):
         ``better_than_chance`` (one-sided p < 0.05), ``unanswered``.
     """
     if not isinstance(answers, dict):
-        answers = {int(row["item"]): row.get("answer") for row in answers}
-    answers = {int(item): normalise_answer(answer) for item, answer in answers.items()}
-    known = {int(row["item"]) for row in key}
+        answers = _by_item([(row["item"], row.get("answer")) for row in answers], "answers")
+    answers = {_item(item): normalise_answer(answer) for item, answer in answers.items()}
+    key = _checked_key(key)
+    known = {row["item"] for row in key}
     unknown = sorted(set(answers) - known)
     if unknown:
         raise ValueError(f"Answers for items not in the key: {unknown[:10]}; wrong key file?")
-    answered = [row for row in key if answers.get(int(row["item"])) is not None]
-    hits = {int(row["item"]): answers[int(row["item"])] == row["truth"] for row in answered}
+    answered = [row for row in key if answers.get(row["item"]) is not None]
+    hits = {row["item"]: answers[row["item"]] == row["truth"] for row in answered}
 
     def summary(rows):
-        return binomial_summary(sum(hits[int(r["item"])] for r in rows), len(rows))
+        return binomial_summary(sum(hits[r["item"]] for r in rows), len(rows))
 
     overall = summary(answered)
     return {
@@ -259,6 +260,43 @@ def score(answers, key):
         },
         "unanswered": len(key) - len(answered),
     }
+
+
+def _item(value):
+    """An item number, from however a spreadsheet wrote it ("7", " 7 ", "7.0")."""
+    try:
+        number = float(str(value).strip())
+    except ValueError:
+        raise ValueError(f"Item {value!r} is not an item number.") from None
+    if not number.is_integer() or number < 1:
+        raise ValueError(f"Item {value!r} is not an item number (1, 2, 3, ...).")
+    return int(number)
+
+
+def _by_item(pairs, what):
+    """{item: value}, refusing an item given twice with different values."""
+    out = {}
+    for item, value in pairs:
+        item = _item(item)
+        if item in out and normalise_answer(out[item]) != normalise_answer(value):
+            raise ValueError(f"Item {item} appears twice in the {what} with different values.")
+        out[item] = value
+    return out
+
+
+def _checked_key(key):
+    """Key rows with integer items and canonical truths; each item once."""
+    rows, seen = [], set()
+    for row in key:
+        item = _item(row["item"])
+        if item in seen:
+            raise ValueError(f"Item {item} appears twice in the key; the key is damaged.")
+        seen.add(item)
+        truth = normalise_answer(row["truth"])
+        if truth is None:
+            raise ValueError(f"Item {item} of the key has no truth (real or synthetic).")
+        rows.append({**row, "item": item, "truth": truth})
+    return rows
 
 
 def score_rows(result):
@@ -295,10 +333,12 @@ def score_text(result):
 
 
 def write_csv(path, rows, columns):
-    """Write dict rows with the given columns (extra keys are ignored)."""
+    """Write dict rows with the given columns (extra keys are ignored), atomically."""
+    from napari_cytodiffusion.core.io import atomic_write
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as handle:
+    with atomic_write(path) as partial, open(partial, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
@@ -306,13 +346,13 @@ def write_csv(path, rows, columns):
 
 
 def read_csv(path, required):
-    """Read dict rows, checking that the ``required`` columns are there."""
-    with open(path, newline="") as handle:
-        reader = csv.DictReader(handle)
-        missing = set(required) - set(reader.fieldnames or ())
-        if missing:
-            raise ValueError(f"{path} lacks the column(s) {sorted(missing)}.")
-        return list(reader)
+    """Read dict rows, checking that the ``required`` columns are there.
+
+    Accepts what spreadsheets write: a byte-order mark, and ``;`` as the separator.
+    """
+    from napari_cytodiffusion.core.io import read_table
+
+    return read_table(path, required)
 
 
 def export_panel(panel, out_dir):
@@ -328,12 +368,14 @@ def export_panel(panel, out_dir):
     """
     from PIL import Image
 
+    from napari_cytodiffusion.core.io import atomic_write
     from napari_cytodiffusion.core.model.generation import to_uint8
 
     folder = Path(out_dir) / "panel"
     folder.mkdir(parents=True, exist_ok=True)
     for image, row in zip(panel.images, panel.key, strict=True):
-        Image.fromarray(to_uint8(image)).save(folder / row["file"])
+        with atomic_write(folder / row["file"]) as partial:
+            Image.fromarray(to_uint8(image)).save(partial)
     template = [
         {"item": r["item"], "file": r["file"], "answer": "", "seconds": ""} for r in panel.key
     ]

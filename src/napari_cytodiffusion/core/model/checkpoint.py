@@ -72,18 +72,12 @@ def load_model_file(path, device="cpu", name=None):
     ModelFileError
         If the file is not a napari-cytodiffusion model.
     """
-    import torch
 
     from napari_cytodiffusion.core.model.diffusion import cosine_alpha_bars
     from napari_cytodiffusion.core.model.unet import CellUNet
 
     device = resolve_device(device)
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        raise ModelFileError(
-            f"{path} is not a readable napari-cytodiffusion model: {error}"
-        ) from error
+    state = read_state(path)
     if not isinstance(state, dict) or state.get("format") != MODEL_FORMAT:
         raise ModelFileError(f"{path} is not a napari-cytodiffusion model file.")
     config, weights, classes = _contents(path, state)
@@ -111,6 +105,34 @@ def load_model_file(path, device="cpu", name=None):
         metadata=json.loads(state.get("metadata") or "{}"),
         name=name or str(path),
     )
+
+
+def read_state(path):
+    """A model or checkpoint file's contents, read without running any code in it.
+
+    Raises
+    ------
+    ModelFileError
+        If the file is missing, damaged, or holds Python objects beyond tensors and plain
+        values (a pickle, which could run code: it is refused, never loaded).
+    """
+    import pickle
+
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise ModelFileError(
+            f"{path} holds Python objects beyond tensors and plain values; it was not loaded, "
+            "because loading such a file could run code. Use a model file written by "
+            "napari-cytodiffusion (train, or a registry model)."
+        ) from error
+    except Exception as error:
+        first = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise ModelFileError(
+            f"{path} is not a readable napari-cytodiffusion model: {first}"
+        ) from error
 
 
 def _contents(path, state):

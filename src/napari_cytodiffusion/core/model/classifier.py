@@ -29,6 +29,7 @@ DEFAULT_BUDGET = 64  # trials per class at most
 STAGE_ENDS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 PRUNE_Z = 1.5  # classes this many standard errors worse than the best are dropped (tuned on val)
 TIMESTEP_RANGE = (40, 900)  # small t is all texture, t near T is all noise
+CPU_BATCH = 16  # noise predictions per network call on a CPU
 
 
 def trial_timesteps(count=MAX_TRIALS):
@@ -115,7 +116,7 @@ def classify_crops(
     budget : int
         Most trials per class (at most ``MAX_TRIALS``).
     batch_size : int, optional
-        Noise predictions per network call; by default 64 on a CPU, 4096 on a GPU.
+        Noise predictions per network call; by default 16 on a CPU, 4096 on a GPU.
     uncertainty_threshold, anomaly_threshold : float, optional
         Review thresholds; the model's calibrated values when not given.
     progress : callable, optional
@@ -167,7 +168,10 @@ def class_errors(
     x0 = crops_to_tensor(crops, model)
     budget = int(min(max(budget, 1), MAX_TRIALS))
     class_ids = np.arange(model.num_classes) if classes is None else np.asarray(classes)
-    batch_size = batch_size or (4096 if model.device.type == "cuda" else 64)
+    # On a CPU, small calls keep progress (and so Cancel) coming: on one thread of a 2-core
+    # machine a call of 16 takes 0.24 s against 1.3 s for 64, and is not slower overall (an
+    # exhaustive cell in 7.8 s against 10.5 s).
+    batch_size = batch_size or (4096 if model.device.type == "cuda" else CPU_BATCH)
     n, k = len(x0), len(class_ids)
     generator = torch.Generator().manual_seed(int(seed))
     size = model.image_size

@@ -7,11 +7,15 @@ cell differently depending on the class: those pixels are what it would change. 
 per-pixel difference is averaged over trials (so differences that are consistent across noise
 draws survive and random ones cancel), and its length over the colour channels is the map.
 
-Counterfactual image. The cell is noised part of the way (by default to 60 % of the schedule)
-and denoised under the target class with classifier-free guidance: what survives the noise
-(pose, size, neighbours) stays, the class-specific detail is redrawn as the target. Optionally
-the noising is replaced by deterministic DDIM inversion under the current class, which keeps
-more of the cell and gives subtler edits.
+Counterfactual image (``method="invert"``, the default). The cell is run backwards through the
+deterministic DDIM sampler under its own class, to 60 % of the schedule by default, and then
+forwards again through the same sampler under the target class, with guidance that
+extrapolates from the cell's own class towards the target. Denoising under the cell's own
+class is the exact mirror of the inversion, so the edit towards the cell's own class gives
+the cell back (up to the solver's error): everything an edit changes is what the target class
+changes. ``method="noise"`` (SDEdit) instead adds seeded noise and redraws the cell under the
+target with classifier-free guidance: freer edits that also redraw what the class does not
+decide (pose, nucleus shape), so even the edit towards its own class is another cell.
 
 Everything here works on normalised model crops (``smear.crops``); a ``CellSite`` puts the
 results back on the smear.
@@ -32,7 +36,9 @@ TRIAL_CHUNK = 4  # trials per network call: a progress report (and a chance to c
 DEFAULT_STRENGTH = 0.6
 DEFAULT_EDIT_GUIDANCE = 3.0
 DEFAULT_EDIT_STEPS = 20
-EDIT_METHODS = ("noise", "invert")
+EDIT_METHODS = ("invert", "noise")
+DEFAULT_EDIT_METHOD = "invert"
+INVERSION_REFINEMENTS = 1  # fixed-point iterations per inversion step (see sampling.invert)
 
 
 @dataclass
@@ -68,7 +74,7 @@ class CellExplanation:
 def edit_evaluations(strength, steps, method):
     """Network evaluations one edit costs (for sharing a progress bar between steps)."""
     edit_steps = max(2, int(round(steps * strength)))
-    return 2 * edit_steps if method == "invert" else edit_steps
+    return (2 + INVERSION_REFINEMENTS) * edit_steps if method == "invert" else edit_steps
 
 
 def explain_cell(model, crop, source=None, trials=DEFAULT_TRIALS, seed=0, progress=None):
@@ -155,11 +161,12 @@ def counterfactual_image(
     strength=DEFAULT_STRENGTH,
     steps=DEFAULT_EDIT_STEPS,
     guidance=DEFAULT_EDIT_GUIDANCE,
-    method="noise",
+    method=DEFAULT_EDIT_METHOD,
     seed=0,
     progress=None,
 ):
-    """The cell edited towards ``target`` by partial noising and guided denoising.
+    """The cell edited towards ``target``: inverted (or noised) part of the way, then
+    denoised under the target class.
 
     Parameters
     ----------
@@ -167,18 +174,19 @@ def counterfactual_image(
     target : str
         Class to edit towards.
     source : str, optional
-        The cell's current class; needed only by ``method="invert"``.
+        The cell's current class; needed by ``method="invert"``.
     strength : float in (0, 1]
         How far into the noise the edit goes (fraction of the schedule): small keeps the cell
         as it is, large lets the target class redraw more of it.
     steps : int
         Sampler steps over the full schedule; an edit uses ``strength`` of them (at least 2).
     guidance : float
-        Classifier-free guidance towards ``target``.
-    method : {"noise", "invert"}
-        ``noise``: add seeded noise up to ``strength`` (SDEdit; visible edits).
-        ``invert``: run the deterministic sampler backwards under ``source`` instead (keeps
-        the cell's own texture and background; subtler edits, twice the evaluations).
+        Guidance towards ``target``: from ``source`` with ``invert``, from the null class
+        with ``noise``.
+    method : {"invert", "noise"}
+        ``invert``: run the DDIM sampler backwards under ``source`` and forwards under
+        ``target`` (keeps the cell: towards ``source`` it gives the cell back; twice the
+        evaluations). ``noise``: add seeded noise up to ``strength`` and redraw (SDEdit).
     seed : int
         Noise seed for ``method="noise"``.
     progress : callable, optional
@@ -197,7 +205,7 @@ def counterfactual_image(
     if not 0 < strength <= 1:
         raise ValueError(f"strength must be in (0, 1], got {strength}.")
     if method not in EDIT_METHODS:
-        raise ValueError(f"Unknown method {method!r}; use 'noise' or 'invert'.")
+        raise ValueError(f"Unknown method {method!r}; use one of {', '.join(EDIT_METHODS)}.")
     if method == "invert" and source is None:
         raise ValueError("method='invert' needs the cell's current class (source).")
     x0 = crops_to_tensor(np.asarray(crop, np.float32)[None], model)
@@ -205,9 +213,12 @@ def counterfactual_image(
     target_id = torch.tensor([classes.index(canonical_class(target, classes))], device=model.device)
     t_start = int(round(strength * (NUM_TIMESTEPS - 1)))
     edit_steps = max(2, int(round(steps * strength)))
-    offset = edit_steps if method == "invert" else 0
+    offset = (1 + INVERSION_REFINEMENTS) * edit_steps if method == "invert" else 0
     total = offset + edit_steps
+    sampler, source_id = "dpm++2m", None
     if method == "invert":
+        # DDIM both ways over the same timesteps, so that the way back mirrors the way in.
+        sampler = "ddim"
         source_id = torch.tensor(
             [classes.index(canonical_class(source, classes))], device=model.device
         )
@@ -219,6 +230,7 @@ def counterfactual_image(
             t_start,
             edit_steps,
             lambda done, _: report(progress, done, total),
+            refinements=INVERSION_REFINEMENTS,
         )
     else:
         t = torch.tensor([t_start], device=model.device)
@@ -232,8 +244,10 @@ def counterfactual_image(
         model.alpha_bars,
         edit_steps,
         guidance,
+        sampler,
         t_start=t_start,
         progress=lambda done, _: report(progress, offset + done, total),
+        reference_ids=source_id,
     )
     return tensor_to_crops(edited)[0]
 
@@ -282,7 +296,9 @@ def cell_maps_figure(crop, explanation, counterfactuals=None):
 
     classes = explanation.classes
     rows = 2 if counterfactuals else 1
-    figure = Figure(figsize=(1.6 * (len(classes) + 1), 1.8 * rows + 0.4), dpi=100)
+    # Constrained layout keeps the title above the column headers.
+    figure = Figure(figsize=(1.6 * (len(classes) + 1), 1.8 * rows + 0.6), dpi=100)
+    figure.set_layout_engine("constrained")
     axes = figure.subplots(rows, len(classes) + 1, squeeze=False)
     vmax = float(np.nanmax(explanation.maps)) or 1.0
     axes[0, 0].imshow(np.clip(crop, 0, 1))
@@ -302,7 +318,6 @@ def cell_maps_figure(crop, explanation, counterfactuals=None):
     for axis in axes.ravel():
         axis.set_axis_off()
     figure.suptitle("What would change for the model to call this cell each class", fontsize=9)
-    figure.tight_layout()
     return figure
 
 

@@ -182,11 +182,16 @@ def balance_background(crops):
 
 
 def save_cells(cells, out_dir, prefix=None):
-    """Write each cell as a PNG and a ``metadata.csv`` next to them; returns the CSV path.
+    """Write each cell as a PNG and list it in ``metadata.csv`` beside them.
 
-    The CSV has one row per cell: file, label, seed, steps, guidance, model, sampler.
+    The CSV has one row per cell file in the folder (file, label, seed, steps, guidance,
+    model, sampler): rows of earlier runs are kept, rows of files written again are replaced.
+    Every file is written under a temporary name and renamed when complete. Returns the CSV
+    path.
     """
     from PIL import Image
+
+    from napari_cytodiffusion.core.io import atomic_write, read_table
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -195,12 +200,17 @@ def save_cells(cells, out_dir, prefix=None):
         0, "file", [f"{prefix or label}_{i:04d}.png" for i, label in enumerate(cells.labels)]
     )
     for name, image in zip(table["file"], cells.images, strict=True):
-        Image.fromarray(to_uint8(image)).save(out_dir / name)
+        with atomic_write(out_dir / name) as partial:
+            Image.fromarray(to_uint8(image)).save(partial)
     path = out_dir / METADATA_FILE
-    with open(path, "w", newline="") as handle:
+    written = set(table["file"])
+    earlier = read_table(path) if path.is_file() else []
+    rows = [row for row in earlier if row.get("file") not in written]
+    rows += table.to_dict("records")
+    with atomic_write(path) as partial, open(partial, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=METADATA_COLUMNS, extrasaction="ignore")
         writer.writeheader()
-        writer.writerows(table.to_dict("records"))
+        writer.writerows(rows)
     return path
 
 

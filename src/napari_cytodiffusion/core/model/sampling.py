@@ -13,8 +13,13 @@ DEFAULT_STEPS = 15
 DEFAULT_GUIDANCE = 2.0
 
 
-def guided_noise(unet, x, t, class_ids, guidance):
-    """Classifier-free guided noise prediction at one timestep ``t`` (a 0-d LongTensor)."""
+def guided_noise(unet, x, t, class_ids, guidance, reference_ids=None):
+    """Classifier-free guided noise prediction at one timestep ``t`` (a 0-d LongTensor).
+
+    Guidance extrapolates from the prediction under ``reference_ids`` (default: the null
+    class) towards the one under ``class_ids``. With the cell's own class as reference, an
+    edit towards that same class is its plain prediction, whatever the guidance.
+    """
     import torch
 
     from napari_cytodiffusion.core.model.batches import paired_predictions
@@ -23,10 +28,11 @@ def guided_noise(unet, x, t, class_ids, guidance):
     t_batch = t.reshape(1).expand(n)
     if guidance == 1.0:
         return unet(x, t_batch, class_ids).float()
-    null = torch.full_like(class_ids, unet.num_classes)
-    both = paired_predictions(unet, x, t_batch, torch.stack([class_ids, null], 1))
-    eps_class, eps_null = both.unbind(1)
-    return eps_null + guidance * (eps_class - eps_null)
+    if reference_ids is None:
+        reference_ids = torch.full_like(class_ids, unet.num_classes)
+    both = paired_predictions(unet, x, t_batch, torch.stack([class_ids, reference_ids], 1))
+    eps_class, eps_reference = both.unbind(1)
+    return eps_reference + guidance * (eps_class - eps_reference)
 
 
 def denoise(
@@ -39,6 +45,7 @@ def denoise(
     sampler=DEFAULT_SAMPLER,
     t_start=None,
     progress=None,
+    reference_ids=None,
 ):
     """Integrate the probability-flow ODE from noisy ``x`` at ``t_start`` down to clean images.
 
@@ -59,6 +66,8 @@ def denoise(
         Timestep ``x`` is at; the last timestep when not given.
     progress : callable, optional
         Called with (step, steps); may raise ``Cancelled``.
+    reference_ids : LongTensor (n,), optional
+        What guidance extrapolates from (see :func:`guided_noise`); the null class if None.
 
     Returns
     -------
@@ -83,7 +92,7 @@ def denoise(
     previous_x0, previous_h = None, None
     with torch.no_grad(), autocast(x.device):
         for i in range(steps):
-            eps = guided_noise(unet, x, times[i], class_ids, guidance)
+            eps = guided_noise(unet, x, times[i], class_ids, guidance, reference_ids)
             x0 = ((x - noise[i] * eps) / signal[i]).clamp(-1, 1)
             if i == steps - 1:
                 x = x0
@@ -125,26 +134,38 @@ def sampling_times(alpha_bars, top, steps):
     return torch.tensor(times, dtype=torch.long)
 
 
-def invert(unet, x0, class_ids, alpha_bars, t_end, steps, progress=None):
+def invert(unet, x0, class_ids, alpha_bars, t_end, steps, progress=None, refinements=1):
     """Run deterministic DDIM backwards: clean images ``x0`` to their noisy latents at ``t_end``.
 
-    Denoising the result under the same class gives ``x0`` back (up to solver error); under
-    another class it gives the same cell edited towards that class.
+    The mirror of :func:`denoise` with ``sampler="ddim"`` over the same timesteps: denoising
+    the result under the same class gives ``x0`` back; under another class it gives the same
+    cell edited towards that class. Plain inversion predicts each step's noise at its start,
+    while denoising predicts it at the other end; ``refinements`` fixed-point iterations per
+    step re-predict it there, which brings the round trip's error from about 4/255 to under
+    1/255 (one iteration) at one more network call per step each.
+
+    ``progress`` is called with (done, total) network calls.
     """
     import torch
 
     times = sampling_times(alpha_bars, int(t_end), steps).flip(0).to(x0.device)
     steps = len(times) - 1
-    alphas = alpha_bars.to(x0.device)[times]
-    x = x0
+    alphas = alpha_bars.to(x0.device)[times].double()
+    alphas[0] = 1.0  # x0 is clean, as denoise's last step assumes
+    calls = steps * (1 + refinements)
+    x = x0.double()
     with torch.no_grad():
         for i in range(steps):
-            eps = guided_noise(unet, x, times[i], class_ids, 1.0)
             a, a_next = alphas[i], alphas[i + 1]
-            clean = (x - (1 - a).sqrt() * eps) / a.sqrt()
-            x = a_next.sqrt() * clean + (1 - a_next).sqrt() * eps
-            report(progress, i + 1, steps)
-    return x
+            clean_x, at = x, times[i]
+            for k in range(1 + refinements):
+                eps = guided_noise(unet, clean_x.float(), at, class_ids, 1.0).double()
+                next_x = a_next.sqrt() * (x - (1 - a).sqrt() * eps) / a.sqrt()
+                next_x = next_x + (1 - a_next).sqrt() * eps
+                clean_x, at = next_x, times[i + 1]
+                report(progress, i * (1 + refinements) + k + 1, calls)
+            x = next_x
+    return x.float()
 
 
 def cell_noise(seeds, size, device="cpu"):

@@ -114,9 +114,11 @@ class _Run:
         self.history = {"train_loss": [], "val_loss": []}
 
     def resume(self, path):
-        import torch
+        from napari_cytodiffusion.core.model.checkpoint import ModelFileError, read_state
 
-        state = torch.load(path, map_location=self.device, weights_only=True)
+        state = read_state(path)
+        if not all(key in state for key in ("model", "ema", "optimizer", "generator", "step")):
+            raise ModelFileError(f"{path} is a model file, not a training checkpoint to resume.")
         self.model.load_state_dict(state["model"])
         self.ema.load_state_dict(state["ema"])
         self.optimiser.load_state_dict(state["optimizer"])

@@ -19,6 +19,7 @@ unpickles (see :func:`napari_cytodiffusion.core.model.checkpoint.load_model_file
 import hashlib
 import json
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -202,6 +203,22 @@ def load_model(name_or_path="default", device="auto", progress=None):
     return load_model_file(path, device, name=entry.name if entry else str(path))
 
 
+_SHARED = {}
+_SHARED_LOCK = threading.Lock()
+
+
+def shared_model(name_or_path="default", device="auto", progress=None):
+    """:func:`load_model`, loaded once per (name, device) in this process and then shared.
+
+    For the widgets, and for the workers of a dask cluster, which keep the model between tiles.
+    """
+    key = (str(name_or_path).strip() or DEFAULT_NAME, str(device))
+    with _SHARED_LOCK:
+        if key not in _SHARED:
+            _SHARED[key] = load_model(key[0], device, progress)
+        return _SHARED[key]
+
+
 def model_classes(name_or_path="default"):
     """The classes of a registry model or a model file, without loading its network.
 
@@ -265,6 +282,11 @@ def _download(entry, target, progress):
         raise WeightsError(
             f"Model {entry.name!r} ({entry.file}) is not on this machine and the registry gives "
             f"no address for it; set {URL_ENV} to a mirror that serves {entry.file}."
+        )
+    if not url.startswith(("https://", "http://")):
+        raise WeightsError(
+            f"Cannot download {entry.file} from {url!r}: only http:// and https:// addresses "
+            f"are supported. Check {URL_ENV} or the registry."
         )
     downloader = pooch.HTTPDownloader(
         progressbar=_DownloadProgress(progress) if progress else False,

@@ -1,6 +1,14 @@
-"""Checking and converting user images into the float RGB arrays the core works on."""
+"""Checking user images and reading them as float RGB in [0, 1], whole or window by window.
+
+:class:`SmearPixels` wraps an image of any dtype (a numpy array, or any lazily sliced array
+such as a memory-mapped TIFF, zarr or dask array) and converts only the windows that are read,
+so a large smear is never converted to float all at once.
+"""
 
 import numpy as np
+
+# Image-wide checks and the intensity scale are read off at most this many sampled pixels.
+_SAMPLE_PIXELS = 1_000_000
 
 
 class ImageError(ValueError):
@@ -17,36 +25,199 @@ def to_rgb_float(image):
     ImageError
         If the image is not 2-D RGB(A), is empty, contains NaN or infinity, or is blank.
     """
-    image = np.asarray(image)
-    if image.ndim == 2:
+    return np.asarray(SmearPixels(image))
+
+
+class SmearPixels:
+    """Read-only float32 RGB view of an image: ``pixels[rows, cols]`` converts that window.
+
+    Parameters
+    ----------
+    image : array-like
+        RGB(A) image of shape (rows, cols, 3 or 4), any dtype; numpy arrays and lazy arrays
+        (anything with ``shape``, ``dtype`` and numpy-style slicing) are read only where
+        indexed.
+
+    Raises
+    ------
+    ImageError
+        If the image is not 2-D RGB(A), is empty, contains NaN or infinity, or is blank.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> image = np.zeros((20, 30, 3), np.uint8)
+    >>> image[5:10, 5:10] = 255
+    >>> pixels = SmearPixels(image)
+    >>> pixels.shape, pixels[5:7, 5:7].max(), pixels[0, 0].tolist()
+    ((20, 30, 3), 1.0, [0.0, 0.0, 0.0])
+    """
+
+    dtype = np.dtype(np.float32)
+    ndim = 3
+
+    def __init__(self, image):
+        if not (hasattr(image, "shape") and hasattr(image, "dtype")):
+            image = np.asarray(image)
+        _validate_layout(image.shape, image.dtype)
+        self._data = image
+        self._overview = None
+        self.shape = (int(image.shape[0]), int(image.shape[1]), 3)
+        sample = self.sample_raw()
+        # An array in memory is checked whole (one NaN must not slip through); a lazy one
+        # by its sample here, and window by window as it is read.
+        if isinstance(image, np.ndarray) and np.issubdtype(image.dtype, np.floating):
+            _check_finite(image[..., :3])
+        self._top = _intensity_top(image.dtype, sample)
+        if float(self._convert(sample).std()) < 1e-3:
+            raise ImageError("The image is blank (one flat colour): there are no cells to find.")
+
+    def sample_raw(self, pixels=_SAMPLE_PIXELS):
+        """A strided sample of the raw RGB values (at most about ``pixels`` pixels)."""
+        step = max(1, int(np.ceil(np.sqrt(self.shape[0] * self.shape[1] / pixels))))
+        return np.asarray(self._data[::step, ::step, :3])
+
+    @property
+    def top(self):
+        """The raw value that maps to 1.0."""
+        return self._top
+
+    def read_raw(self, rows, cols):
+        """Raw RGB values of a window (``rows`` and ``cols`` are slices, integers, or index
+        arrays as made by ``np.ix_``)."""
+        if isinstance(rows, np.ndarray) or isinstance(cols, np.ndarray):
+            # Read the bounding window once (lazy arrays slice, not fancy-index), then pick.
+            rows, cols = np.asarray(rows), np.asarray(cols)
+            r0, c0 = int(rows.min()), int(cols.min())
+            block = np.asarray(self._data[r0 : int(rows.max()) + 1, c0 : int(cols.max()) + 1, :3])
+            return block[rows - r0, cols - c0]
+        return np.asarray(self._data[rows, cols, :3])
+
+    @classmethod
+    def trusted(cls, image, top):
+        """A view of an image already checked, with its known intensity ``top`` (no reading)."""
+        pixels = object.__new__(cls)
+        pixels._data, pixels._top, pixels._overview = image, float(top), None
+        pixels.shape = (int(image.shape[0]), int(image.shape[1]), 3)
+        return pixels
+
+    def region(self, rows, cols):
+        """The pixels of a window (slices), read into memory, converted as this image is."""
+        return SmearPixels.trusted(self.read_raw(rows, cols), self._top)
+
+    def overview(self, pixels=1_000_000):
+        """(the image shrunk to at most ``pixels`` pixels by block means, the factor used).
+
+        Computed once and kept: the background, the scale and the segmentation share it.
+        """
+        factor = max(1, int(np.ceil(np.sqrt(self.shape[0] * self.shape[1] / pixels))))
+        if self._overview is None or self._overview[1] != factor:
+            self._overview = (self.block_means(factor), factor)
+        return self._overview
+
+    def block_means(self, factor, band_rows=2048):
+        """The image shrunk by an integer ``factor``: the mean of each factor x factor block.
+
+        Blocks at the bottom and right edges average the pixels they hold. Read in bands of
+        rows, so memory stays bounded for any image size. Returns float32 (ceil(rows /
+        factor), ceil(cols / factor), 3) in [0, 1].
+        """
+        factor = int(factor)
+        if factor <= 1:
+            return self[:, :]
+        rows, cols = self.shape[:2]
+        out = np.empty((-(-rows // factor), -(-cols // factor), 3), np.float32)
+        band = max(1, band_rows // factor) * factor
+        for r0 in range(0, rows, band):
+            raw = self.read_raw(slice(r0, min(r0 + band, rows)), slice(None))
+            means = _block_sums(raw, factor) / _block_counts(raw.shape[:2], factor)[..., None]
+            out[r0 // factor : r0 // factor + len(means)] = self._convert(means)
+        return out
+
+    def __getitem__(self, index):
+        index = index if isinstance(index, tuple) else (index,)
+        spatial = tuple(index[:2]) + (slice(None),) * (2 - len(index[:2]))
+        out = self._convert(self.read_raw(*spatial))
+        return out[(Ellipsis, *index[2:])] if len(index) > 2 else out
+
+    def __array__(self, dtype=None, copy=None):
+        out = self[:, :]
+        return out if dtype is None else out.astype(dtype)
+
+    def _convert(self, raw):
+        out = raw.astype(np.float32)
+        if np.issubdtype(raw.dtype, np.floating):
+            _check_finite(out)
+        if self._top != 1.0:
+            out /= self._top
+        return np.clip(out, 0.0, 1.0, out=out)
+
+
+def _validate_layout(shape, dtype):
+    if len(shape) == 2:
         raise ImageError(
             "This is a grayscale image; blood-smear analysis needs an RGB colour image "
             "(shape rows x cols x 3)."
         )
-    if image.ndim != 3 or image.shape[-1] not in (3, 4):
+    if len(shape) != 3 or shape[-1] not in (3, 4):
         raise ImageError(
             "Expected an RGB or RGBA image of shape (rows, cols, 3 or 4), got shape "
-            f"{image.shape}. For a stack, pick one plane first."
+            f"{tuple(shape)}. For a stack, pick one plane first."
         )
-    if image.shape[0] < 8 or image.shape[1] < 8:
-        raise ImageError(f"The image is too small ({image.shape[0]} x {image.shape[1]} pixels).")
-    rgb = image[..., :3]
-    if np.issubdtype(rgb.dtype, np.bool_):
+    if shape[0] < 8 or shape[1] < 8:
+        raise ImageError(f"The image is too small ({shape[0]} x {shape[1]} pixels).")
+    if np.issubdtype(dtype, np.bool_):
         raise ImageError("Got a boolean mask where an RGB image is needed.")
-    if np.issubdtype(rgb.dtype, np.integer):
-        top = 255.0 if rgb.dtype.itemsize == 1 else float(max(int(rgb.max()), 1))
-        if rgb.dtype == np.uint16 and rgb.max() > 4095:
-            top = 65535.0
-        elif rgb.dtype == np.uint16:
-            top = 4095.0 if rgb.max() > 255 else 255.0
-        out = rgb.astype(np.float32) / top
-    else:
-        out = rgb.astype(np.float32)
-        if not np.isfinite(out).all():
-            raise ImageError("The image contains NaN or infinite values; fill or mask them first.")
-        if out.max() > 1.0:
-            out = out / (255.0 if out.max() <= 255.0 else float(out.max()))
-    out = np.clip(out, 0.0, 1.0)
-    if float(out.std()) < 1e-3:
-        raise ImageError("The image is blank (one flat colour): there are no cells to find.")
-    return out
+
+
+def _intensity_top(dtype, values):
+    """The raw value that means full intensity, from the dtype and the values' range.
+
+    The range is read off the brightest 0.01 % but one, so a single hot or corrupt pixel
+    (1e38 in a float file, 65535 in a 12-bit camera's image) does not darken the whole image.
+    """
+    if np.issubdtype(dtype, np.integer) and np.dtype(dtype).itemsize == 1:
+        return 255.0
+    flat = np.asarray(values).reshape(-1)
+    if np.issubdtype(dtype, np.floating):
+        _check_finite(flat)
+    highest = float(np.percentile(flat, 99.99)) if flat.size > 10_000 else float(flat.max())
+    if np.issubdtype(dtype, np.integer):
+        if dtype == np.uint16:
+            return 65535.0 if highest > 4095 else 4095.0 if highest > 255 else 255.0
+        return float(max(highest, 1))
+    if highest <= 1.0:
+        return 1.0
+    return 255.0 if highest <= 255.0 else highest
+
+
+def _check_finite(values):
+    if not np.isfinite(values).all():
+        raise ImageError("The image contains NaN or infinite values; fill or mask them first.")
+
+
+def _block_sums(raw, factor):
+    """Sums of the factor x factor blocks of (rows, cols, 3) values; edge blocks are partial."""
+    accumulator = np.float64 if np.issubdtype(raw.dtype, np.floating) else np.uint32
+    rows, cols = raw.shape[:2]
+    whole_r, whole_c = rows // factor, cols // factor
+    cut_r, cut_c = whole_r * factor, whole_c * factor
+    sums = np.zeros((-(-rows // factor), -(-cols // factor), 3), accumulator)
+    body = raw[:cut_r, :cut_c].reshape(whole_r, factor, whole_c, factor, 3)
+    sums[:whole_r, :whole_c] = body.sum(axis=(1, 3), dtype=accumulator)
+    if cut_c < cols:
+        right = raw[:cut_r, cut_c:].reshape(whole_r, factor, cols - cut_c, 3)
+        sums[:whole_r, -1] = right.sum(axis=(1, 2), dtype=accumulator)
+    if cut_r < rows:
+        bottom = raw[cut_r:, :cut_c].reshape(rows - cut_r, whole_c, factor, 3)
+        sums[-1, :whole_c] = bottom.sum(axis=(0, 2), dtype=accumulator)
+    if cut_r < rows and cut_c < cols:
+        sums[-1, -1] = raw[cut_r:, cut_c:].reshape(-1, 3).sum(axis=0, dtype=accumulator)
+    return sums
+
+
+def _block_counts(shape, factor):
+    """Pixels in each factor x factor block of an image of ``shape`` (rows, cols)."""
+    rows = np.minimum(factor, shape[0] - np.arange(0, shape[0], factor))
+    cols = np.minimum(factor, shape[1] - np.arange(0, shape[1], factor))
+    return np.outer(rows, cols)

@@ -10,7 +10,7 @@ from functools import cached_property
 
 import numpy as np
 
-from napari_cytodiffusion.core.smear.image import to_rgb_float
+from napari_cytodiffusion.core.smear.image import SmearPixels
 from napari_cytodiffusion.core.smear.scale import background_colour, estimate_rbc_diameter
 from napari_cytodiffusion.core.smear.stain import optical_density
 
@@ -24,8 +24,9 @@ class PreparedSmear:
 
     Attributes
     ----------
-    rgb : ndarray float32 (rows, cols, 3)
-        The image in [0, 1].
+    rgb : SmearPixels or ndarray
+        The image as float32 RGB in [0, 1]: indexing it (``rgb[rows, cols]``) converts only
+        that window, so large images are never converted whole.
     background : ndarray float32 (3,)
         Colour of the empty slide.
     rbc_diameter : float
@@ -44,7 +45,7 @@ class PreparedSmear:
     @cached_property
     def density(self):
         """Per-channel optical density against the background, computed on first use."""
-        return optical_density(self.rgb, self.background)
+        return optical_density(np.asarray(self.rgb), self.background)
 
 
 def prepare_smear(image, rbc_diameter=None, progress=None):
@@ -77,7 +78,7 @@ def prepare_smear(image, rbc_diameter=None, progress=None):
     >>> image = np.full((64, 64, 3), 230, np.uint8)
     >>> image[20:40, 20:40] = (120, 60, 150)
     >>> smear = prepare_smear(image, rbc_diameter=12)
-    >>> smear.rbc_diameter, smear.rgb.dtype
+    >>> smear.rbc_diameter, smear.rgb[20:22, 20:22].dtype
     (12.0, dtype('float32'))
     """
     _validate_rbc_diameter(rbc_diameter)
@@ -85,11 +86,11 @@ def prepare_smear(image, rbc_diameter=None, progress=None):
         if not rbc_diameter:
             return image
         return PreparedSmear(image.rgb, image.background, float(rbc_diameter))
-    rgb = to_rgb_float(image)
-    background = background_colour(rgb)
+    pixels = image if isinstance(image, SmearPixels) else SmearPixels(image)
+    background = background_colour(pixels)
     if not rbc_diameter:
-        rbc_diameter = estimate_rbc_diameter(rgb, background, progress)
-    return PreparedSmear(rgb, background, float(rbc_diameter))
+        rbc_diameter = estimate_rbc_diameter(pixels, background, progress)
+    return PreparedSmear(pixels, background, float(rbc_diameter))
 
 
 def _validate_rbc_diameter(rbc_diameter):

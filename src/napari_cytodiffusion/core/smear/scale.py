@@ -6,34 +6,41 @@ magnification. The brightest, least stained part of the field is the background 
 illumination colour.
 """
 
+import os
+
 import numpy as np
 from scipy import ndimage as ndi
 
 from napari_cytodiffusion.core.progress import report
+from napari_cytodiffusion.core.smear.image import SmearPixels
 from napari_cytodiffusion.core.smear.stain import (
     nucleus_mask,
     optical_density,
     otsu_threshold,
     total_density,
+    vignette,
 )
 
-# Working resolution for the estimates: enough to resolve red cells, cheap on huge fields.
-_WORK_PIXELS = 1_000_000
+# Image-wide colour statistics are read off an overview of at most this many pixels.
+_OVERVIEW_PIXELS = 1_000_000
 
 
-def _downsample(rgb):
-    factor = max(1, int(np.ceil(np.sqrt(rgb.shape[0] * rgb.shape[1] / _WORK_PIXELS))))
-    if factor == 1:
-        return rgb, 1
-    rows = rgb.shape[0] // factor * factor
-    cols = rgb.shape[1] // factor * factor
-    small = rgb[:rows, :cols].reshape(rows // factor, factor, cols // factor, factor, 3)
-    return small.mean(axis=(1, 3)), factor
+def overview(rgb):
+    """(image shrunk to at most a megapixel by block means, the integer factor used).
+
+    ``rgb`` is a float RGB array or a :class:`~napari_cytodiffusion.core.smear.image.SmearPixels`
+    view, which is read band by band.
+    """
+    if rgb.shape[0] * rgb.shape[1] <= _OVERVIEW_PIXELS:
+        return np.asarray(rgb), 1
+    if not isinstance(rgb, SmearPixels):
+        rgb = SmearPixels(rgb)
+    return rgb.overview(_OVERVIEW_PIXELS)
 
 
 def background_colour(rgb):
     """Return the RGB colour of the empty background of a float RGB smear image."""
-    small, _ = _downsample(rgb)
+    small, _ = overview(rgb)
     brightness = small.sum(axis=-1)
     bright = small[brightness >= np.percentile(brightness, 80)]
     return np.median(bright, axis=0).astype(np.float32)
@@ -65,24 +72,32 @@ def estimate_rbc_diameter(rgb, background=None, progress=None):
     up), is the red-cell radius. This works for filled cells, for pale-centred rings, and for
     overlapping clumps, where the edges are still arcs of the cells' own circles. A second
     pass, near the first answer, leaves out the white cells (the stained blobs around the
-    nuclei), which can outvote the red cells in a single-cell image. Large images are measured
-    on the four most stained 1024-px windows; the median is returned.
+    nuclei), which can outvote the red cells in a single-cell image. Images over 1.5
+    megapixels are measured on the three most stained 512-px windows; the median is returned.
 
     The result is in the units the shipped model was trained with: the estimate's median over
     PBC training images (30.8 px at the stain-density half-maximum edge) is scaled to the 29 px
     used there, so a crop of any smear covers the same field in micrometres as a PBC crop.
     """
-    windows = _scale_windows(rgb)
-    estimates = []
-    for number, window in enumerate(windows):
+    from concurrent.futures import ThreadPoolExecutor
 
-        def tried(done, number=number):
-            report(progress, number * _RADII_TRIED + done, len(windows) * _RADII_TRIED)
+    windows = _scale_windows(rgb)
+    done = [0] * len(windows)
+
+    def measure(number):
+        def tried(count):
+            done[number] = count
+            report(progress, sum(done), len(windows) * _RADII_TRIED)
 
         # A window's own background, unless the window is the whole image.
+        pixels = np.asarray(rgb[windows[number]])
         whole = len(windows) == 1 and background is not None
-        local = background if whole else background_colour(rgb[window])
-        estimates.append(_radial_symmetry_diameter(rgb[window], local, tried))
+        local = background if whole else background_colour(pixels)
+        return _radial_symmetry_diameter(pixels, local, tried)
+
+    # Windows are measured side by side: numpy and scipy release the GIL in their loops.
+    with ThreadPoolExecutor(max_workers=min(len(windows), os.cpu_count() or 1)) as pool:
+        estimates = list(pool.map(measure, range(len(windows))))
     return float(np.median(estimates) * _CALIBRATION)
 
 
@@ -91,18 +106,19 @@ _CALIBRATION = 29.0 / 30.8
 # Votes are cast on a copy of the image scaled so that the radius tried spans this many pixels.
 _VOTE_RADIUS = 6.0
 _RADII_TRIED = 48
-_WINDOW = 1024
+_WHOLE_IMAGE_PIXELS = 1_500_000
+_WINDOW = 512
 
 
-def _scale_windows(rgb, count=4):
+def _scale_windows(rgb, count=3):
     """The whole image if small, else the ``count`` most stained of a grid of windows."""
     rows, cols = rgb.shape[:2]
-    if rows * cols <= 1.5 * _WINDOW**2:
+    if rows * cols <= _WHOLE_IMAGE_PIXELS:
         return [(slice(None), slice(None))]
     side_r, side_c = min(rows, _WINDOW), min(cols, _WINDOW)
     starts_r = np.linspace(0, rows - side_r, max(1, int(np.ceil(rows / side_r)))).astype(int)
     starts_c = np.linspace(0, cols - side_c, max(1, int(np.ceil(cols / side_c)))).astype(int)
-    small, factor = _downsample(rgb)
+    small, factor = overview(rgb)
     density = total_density(optical_density(small, background_colour(small)))
     candidates = []
     for r0 in starts_r:
@@ -122,8 +138,8 @@ def _radial_symmetry_diameter(rgb, background, tried):
     channels = optical_density(rgb, background)
     density = ndi.gaussian_filter(total_density(channels), 1.0)
     radii = np.geomspace(4.0, min(rgb.shape[:2]) / 3, _RADII_TRIED)
-    everyone = np.ones(density.shape, bool)
-    first = _best_radius(density, everyone, radii, lambda done: tried(done // 2))
+    in_field = _in_field(channels)
+    first = _best_radius(density, in_field, radii, lambda done: tried(done // 2))
     # Second look without the white cells, which in a single-cell image can outvote the red
     # cells: the stained blob around every nucleus bigger than a platelet is left out, as far
     # as a white cell reaches.
@@ -135,8 +151,8 @@ def _radial_symmetry_diameter(rgb, background, tried):
     blobs, _ = ndi.label(density > otsu_threshold(density[~nuclei], default=0.1))
     white = np.isin(blobs, np.unique(blobs[big])[1:]) | big
     white &= ndi.distance_transform_edt(~big) <= 1.4 * first
-    voters = ~ndi.binary_dilation(white, iterations=3)
-    if voters.mean() < 0.25 or voters.all():
+    voters = ~ndi.binary_dilation(white, iterations=3) & in_field
+    if voters.mean() < 0.25 or not white.any():
         tried(_RADII_TRIED)
         return 2 * first
     # Red cells are smaller than the white cells they might have been mistaken for, and not
@@ -147,6 +163,15 @@ def _radial_symmetry_diameter(rgb, background, tried):
         return 2 * first
     second = _best_radius(density, voters, near, lambda done: tried((_RADII_TRIED + done) // 2))
     return 2 * second
+
+
+def _in_field(density):
+    """Pixels away from a photo's black vignette, whose edge, one huge circle, would outvote
+    the cells."""
+    black = vignette(density)
+    if not black.any():
+        return np.ones(black.shape, bool)
+    return ndi.distance_transform_edt(~black) > 2 * _VOTE_RADIUS
 
 
 def _best_radius(density, voters, radii, tried):

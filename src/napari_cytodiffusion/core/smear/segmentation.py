@@ -20,13 +20,15 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage as ndi
 
-from napari_cytodiffusion.core.smear.prepare import prepare_smear
+from napari_cytodiffusion.core.smear.image import SmearPixels
+from napari_cytodiffusion.core.smear.prepare import PreparedSmear, prepare_smear
 from napari_cytodiffusion.core.smear.stain import (
     NUCLEUS_SCORE,
     nucleus_score,
     optical_density,
     otsu_threshold,
     total_density,
+    vignette,
 )
 
 CELL_TYPES = ("wbc", "rbc", "platelet")
@@ -62,9 +64,19 @@ NUCLEUS_LEVEL = 0.35  # nucleus edge: this far from the cytoplasm to the chromat
 # The chromatin threshold is at least the always-nucleus score; the upper bound keeps the pale
 # edges of very dark nuclei (which push Otsu's threshold up) inside.
 MAX_NUCLEUS_THRESHOLD = 0.7
+# In a crowded field (at least CROWDED_FIELD cells' worth of stain) the stained pixels are
+# mostly red cells, and chromatin must score at least RED_CELL_RATIO times their typical
+# score: with some stains (Wright, phone photos) the red cells are purple too.
+CROWDED_FIELD = 60
+RED_CELL_RATIO = 4.0
+# Pale parts of a nucleus joined to its darker parts count down to this share of the threshold.
+NUCLEUS_HYSTERESIS = 0.8
 # Tiles: the halo must hold a whole cell whose centroid is in the tile's core.
 HALO_RBC = 2.0
-DEFAULT_TILE = 1024
+DEFAULT_TILE = 512
+# Cells are found at a working resolution where a red cell spans about this many pixels (an
+# integer shrinking factor, never enlarging): finer detail only adds noise and time.
+WORKING_RBC = 20.0
 
 
 @dataclass
@@ -167,15 +179,34 @@ def segment_smear(image, rbc_diameter=None, progress=None, tile_size=DEFAULT_TIL
     tracker = _ProgressTracker(progress)
     tracker.check()
     smear = prepare_smear(image, rbc_diameter, progress=lambda *_: tracker.check())
-    constants = _smear_constants(smear)
+    factor = working_factor(smear.rbc_diameter)
+    work = _working_smear(smear, factor)
+    constants = _smear_constants(work)
     halo = int(np.ceil(HALO_RBC * constants.rbc_diameter))
     # Tiles larger than their halo, so that not too much work is done twice.
-    tiles = _tiles(smear.shape, max(tile_size, 3 * halo), halo)
-    tracker.total = len(tiles) * _TileWork.STEPS + 1
-    results = _run_tiles(smear.rgb, tiles, constants, tracker, workers)
-    segmentation = _assemble(smear, results, tracker)
+    tiles = _tiles(work.shape, max(tile_size, 3 * halo), halo)
+    tracker.total = len(tiles) * _TileWork.STEPS + 2
+    results = _run_tiles(work.rgb, tiles, constants, tracker, workers)
+    arrays = _paste_tiles(work.shape, results)
+    if factor > 1:
+        arrays = _full_resolution(arrays, smear, factor, constants)
+    tracker.step()
+    segmentation = _assemble(smear, arrays, tracker)
     tracker.step()
     return segmentation
+
+
+def working_factor(rbc_diameter):
+    """The integer factor a smear is shrunk by to find its cells (see ``WORKING_RBC``)."""
+    return max(1, int(rbc_diameter // WORKING_RBC))
+
+
+def _working_smear(smear, factor):
+    """The smear at the working resolution (the smear itself when ``factor`` is 1)."""
+    if factor == 1:
+        return smear
+    pixels = smear.rgb if isinstance(smear.rgb, SmearPixels) else SmearPixels(smear.rgb)
+    return PreparedSmear(pixels.block_means(factor), smear.background, smear.rbc_diameter / factor)
 
 
 class _ProgressTracker:
@@ -202,24 +233,36 @@ class _ProgressTracker:
 
 def _smear_constants(smear):
     density = optical_density(_sample(smear.rgb), smear.background)
+    density = density[~vignette(density)]  # the field of view only
     score = nucleus_score(density)
     total = total_density(density)
     nuclei = score > NUCLEUS_SCORE
     stain = otsu_threshold(total[~nuclei], default=0.1)
+    stain = float(np.clip(stain, 0.08, 0.6))
     # Chromatin against everything else stained; never below the always-nucleus level.
-    chromatin = otsu_threshold(score[total > stain], default=NUCLEUS_SCORE)
+    stained = score[total > stain]
+    chromatin = otsu_threshold(stained, default=NUCLEUS_SCORE)
+    chromatin = float(np.clip(chromatin, NUCLEUS_SCORE, MAX_NUCLEUS_THRESHOLD))
+    cell_area = np.pi / 4 * (smear.rbc_diameter / _sample_step(smear.shape)) ** 2
+    if stained.size >= CROWDED_FIELD * cell_area:
+        chromatin = max(chromatin, RED_CELL_RATIO * float(np.median(stained)))
     return _SmearConstants(
         rbc_diameter=smear.rbc_diameter,
         background=smear.background,
-        stain_threshold=float(np.clip(stain, 0.08, 0.6)),
-        nucleus_threshold=float(np.clip(chromatin, NUCLEUS_SCORE, MAX_NUCLEUS_THRESHOLD)),
+        stain_threshold=stain,
+        nucleus_threshold=chromatin,
     )
 
 
-def _sample(rgb, pixels=4_000_000):
-    """A strided view of at most ``pixels`` pixels, for image-wide statistics."""
-    step = max(1, int(np.ceil(np.sqrt(rgb.shape[0] * rgb.shape[1] / pixels))))
+def _sample(rgb):
+    """A strided view of the image, for image-wide statistics."""
+    step = _sample_step(rgb.shape)
     return rgb[::step, ::step]
+
+
+def _sample_step(shape, pixels=4_000_000):
+    """The stride of :func:`_sample`: at most ``pixels`` pixels are sampled."""
+    return max(1, int(np.ceil(np.sqrt(shape[0] * shape[1] / pixels))))
 
 
 # ----------------------------------------------------------------------------- tiles
@@ -266,7 +309,7 @@ class _TileWork:
     def __init__(self, rgb, tile, constants, tracker):
         self.core, self.window = tile
         self.image_shape = rgb.shape[:2]
-        self.rgb = rgb[self.window]
+        self.image = rgb
         self.constants = constants
         self.tracker = tracker
 
@@ -274,10 +317,12 @@ class _TileWork:
         constants = self.constants
         diameter = constants.rbc_diameter
         self.tracker.check()
-        density = optical_density(_smooth(self.rgb, diameter / 50), constants.background)
-        wbc, nuclei, platelets = _white_cells(density, constants, self.tracker)
+        rgb = np.asarray(self.image[self.window])  # read (and converted) only now
+        density = optical_density(_smooth(rgb, diameter / 50), constants.background)
+        outside = _outside_field(density, diameter)
+        wbc, nuclei, platelets = _white_cells(density, outside, constants, self.tracker)
         self.tracker.step()
-        rbc = _red_cells(density, wbc, platelets, constants, self.tracker)
+        rbc = _red_cells(density, wbc, platelets, outside, constants, self.tracker)
         self.tracker.step()
         wbc = self._without_edge_slivers(wbc)
         origin = (self.window[0].start, self.window[1].start)
@@ -338,11 +383,22 @@ def _smooth(rgb, sigma):
 # ----------------------------------------------------------------------------- white cells
 
 
-def _white_cells(density, constants, tracker):
+def _outside_field(density, diameter):
+    """The black vignette of a photo through the eyepiece, and a red cell around it.
+
+    No cell is looked for there: its dark edge would pass for stained cells.
+    """
+    black = vignette(density)
+    if not black.any():
+        return black
+    return ndi.distance_transform_edt(~black) <= diameter
+
+
+def _white_cells(density, outside, constants, tracker):
     """Return (wbc labels, nucleus labels, platelet labels) of one tile."""
     diameter = constants.rbc_diameter
     score = nucleus_score(density)
-    nuclei = _nuclei(score, constants)
+    nuclei = _nuclei(score, constants) & ~outside
     groups = _group_fragments(nuclei, diameter)
     tracker.check()
     sizes = np.sqrt(4 / np.pi * ndi.sum(nuclei, groups, np.arange(1, groups.max() + 1)))
@@ -365,10 +421,12 @@ def _white_cells(density, constants, tracker):
 
 def _nuclei(score, constants):
     """Nucleus and platelet pixels, without specks smaller than a platelet."""
+    from skimage.filters import apply_hysteresis_threshold
     from skimage.morphology import remove_small_objects
 
     diameter = constants.rbc_diameter
-    mask = score > constants.nucleus_threshold
+    threshold = constants.nucleus_threshold
+    mask = apply_hysteresis_threshold(score, NUCLEUS_HYSTERESIS * threshold, threshold)
     mask = ndi.binary_opening(mask, iterations=max(1, int(diameter / 40)))
     return remove_small_objects(mask, max_size=int((MIN_PLATELET * diameter) ** 2 * np.pi / 4))
 
@@ -550,8 +608,9 @@ def _star_shape(mask, centre, rays=72):
 # ----------------------------------------------------------------------------- red cells
 
 
-def _red_cells(density, wbc, platelets, constants, tracker):
-    """Split the stained pixels that are neither white cells nor platelets into red cells."""
+def _red_cells(density, wbc, platelets, outside, constants, tracker):
+    """Split the stained pixels that are neither white cells nor platelets (nor outside the
+    field of view) into red cells."""
     from skimage.feature import peak_local_max
     from skimage.morphology import remove_small_holes, remove_small_objects
     from skimage.segmentation import watershed
@@ -559,7 +618,7 @@ def _red_cells(density, wbc, platelets, constants, tracker):
     diameter = constants.rbc_diameter
     rbc_area = np.pi * diameter**2 / 4
     mask = total_density(density) > constants.stain_threshold
-    mask &= ~ndi.binary_dilation((wbc > 0) | (platelets > 0), iterations=2)
+    mask &= ~ndi.binary_dilation((wbc > 0) | (platelets > 0), iterations=2) & ~outside
     mask = remove_small_holes(mask, max_size=int(0.4 * rbc_area))
     mask = ndi.binary_opening(mask, iterations=max(1, int(diameter / 25)))
     mask = remove_small_objects(mask, max_size=int(MIN_RBC_AREA * rbc_area))
@@ -587,11 +646,8 @@ def _red_cells(density, wbc, platelets, constants, tracker):
 # ----------------------------------------------------------------------------- assembly
 
 
-def _assemble(smear, results, tracker):
-    """Paste every tile's own cells into whole-image label arrays and measure them."""
-    import pandas as pd
-
-    rgb, shape = smear.rgb, smear.shape
+def _paste_tiles(shape, results):
+    """Every tile's own cells pasted into whole-image label arrays, numbered 1..n per type."""
     arrays = {name: np.zeros(shape, np.uint32) for name in ("wbc", "nucleus", "rbc", "platelet")}
     offsets = {"wbc": 0, "rbc": 0, "platelet": 0}
     for origin, wbc, nuclei, rbc, platelets in results:
@@ -601,10 +657,52 @@ def _assemble(smear, results, tracker):
         _paste(arrays["nucleus"][window], nuclei, start)
         offsets["rbc"] = _paste(arrays["rbc"][window], rbc, offsets["rbc"])
         offsets["platelet"] = _paste(arrays["platelet"][window], platelets, offsets["platelet"])
+    return arrays
+
+
+def _full_resolution(arrays, smear, factor, constants):
+    """Working-resolution labels at the image's resolution.
+
+    Red cells and platelets are enlarged pixel for pixel. Each white cell's outline is
+    smoothed at full resolution, and its nucleus is found again there, from the chromatin
+    score of its own pixels, so that the nucleus keeps its shape.
+    """
+    shape = smear.shape
+    full = {name: _enlarge(arrays[name], factor, shape) for name in ("rbc", "platelet")}
+    wbc, nuclei = np.zeros(shape, np.uint32), np.zeros(shape, np.uint32)
+    for index, box in enumerate(ndi.find_objects(arrays["wbc"]), 1):
+        if box is None:
+            continue
+        work = tuple(slice(max(0, b.start - 1), b.stop + 1) for b in box)
+        window = tuple(
+            slice(w.start * factor, min(n, w.stop * factor))
+            for w, n in zip(work, shape, strict=True)
+        )
+        own = _enlarge(arrays["wbc"][work] == index, factor, wbc[window].shape)
+        cell = ndi.gaussian_filter(own.astype(np.float32), factor / 2) > 0.5
+        cell &= wbc[window] == 0
+        wbc[window][cell] = index
+        rgb = np.asarray(smear.rgb[window])
+        density = optical_density(_smooth(rgb, smear.rbc_diameter / 50), smear.background)
+        score = nucleus_score(density)
+        own_nucleus = _cell_nuclei(score, np.where(cell, index, 0).astype(np.uint32), constants)
+        nuclei[window][own_nucleus == index] = index
+    return {**full, "wbc": wbc, "nucleus": nuclei}
+
+
+def _enlarge(labels, factor, shape):
+    """``labels`` enlarged ``factor`` times pixel for pixel, cut to ``shape``."""
+    return labels.repeat(factor, axis=0).repeat(factor, axis=1)[: shape[0], : shape[1]]
+
+
+def _assemble(smear, arrays, tracker):
+    """Measure the cells of the whole-image label arrays."""
+    import pandas as pd
+
     tables = [
-        _measure(arrays["wbc"], rgb, "wbc", tracker, arrays["nucleus"]),
-        _measure(arrays["rbc"], rgb, "rbc", tracker),
-        _measure(arrays["platelet"], rgb, "platelet", tracker),
+        _measure(arrays["wbc"], smear.rgb, "wbc", tracker, arrays["nucleus"]),
+        _measure(arrays["rbc"], smear.rgb, "rbc", tracker),
+        _measure(arrays["platelet"], smear.rgb, "platelet", tracker),
     ]
     features = pd.concat(tables, ignore_index=True)
     return SmearSegmentation(

@@ -8,6 +8,8 @@ import numpy as np
 
 # Green-minus-blue optical density above which a pixel is chromatin whatever the smear.
 NUCLEUS_SCORE = 0.35
+# The black vignette of a photo through the eyepiece: this dark in every channel.
+VIGNETTE_DENSITY = 1.5
 
 
 def optical_density(rgb, background):
@@ -45,6 +47,23 @@ def nucleus_score(density):
 def nucleus_mask(density, threshold=NUCLEUS_SCORE):
     """Boolean mask of nuclei and platelets from an :func:`optical_density` image."""
     return nucleus_score(density) > threshold
+
+
+def vignette(density):
+    """Pixels of the black vignette around a photo's field of view.
+
+    The vignette is dark and grey (about as dark in every channel) and reaches the image
+    border; a very dark nucleus is purple (far less dense in blue) and lies inside the field.
+    """
+    from scipy import ndimage as ndi
+
+    darkest, palest = density.max(axis=-1), density.min(axis=-1)
+    black = (palest > VIGNETTE_DENSITY) & (darkest - palest < 0.5 * darkest)
+    if not black.any():
+        return black
+    regions, _ = ndi.label(black)
+    border = np.concatenate([regions[0], regions[-1], regions[:, 0], regions[:, -1]])
+    return np.isin(regions, np.unique(border[border > 0]))
 
 
 def otsu_threshold(values, default):

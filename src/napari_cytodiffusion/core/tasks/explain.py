@@ -13,12 +13,16 @@ import numpy as np
 
 from napari_cytodiffusion.core.model.counterfactual import (
     DEFAULT_EDIT_GUIDANCE,
+    DEFAULT_EDIT_METHOD,
     DEFAULT_EDIT_STEPS,
     DEFAULT_STRENGTH,
     DEFAULT_TRIALS,
     EDIT_METHODS,
 )
 from napari_cytodiffusion.core.progress import phases
+
+# Network evaluations of a typical adaptive call of one cell, to share the progress bar.
+_CALL_COST = 48
 
 
 @dataclass
@@ -36,7 +40,7 @@ class ExplainRequest:
     segment : bool
         Segment the image first and take cell ``cell_id`` of its white cells.
     source : str, optional
-        The cell's current class; the best fit in these trials when not given.
+        The cell's current class; the classifier's call (``classify_crops``) when not given.
     all_targets : bool
         Edit towards every class, not only ``target`` (for the all-classes figure).
     """
@@ -50,7 +54,7 @@ class ExplainRequest:
     strength: float = DEFAULT_STRENGTH
     steps: int = DEFAULT_EDIT_STEPS
     guidance: float = DEFAULT_EDIT_GUIDANCE
-    method: str = "noise"
+    method: str = DEFAULT_EDIT_METHOD
     seed: int = 0
     rbc_diameter: float | None = None
     all_targets: bool = False
@@ -73,6 +77,8 @@ class Explanation:
     image_shape : tuple
         (rows, cols) of the image the cell came from.
     cell_id : int or None
+    call : CellCall or None
+        The classifier's call that gave the current class (None when it was given).
     """
 
     site: object
@@ -82,6 +88,7 @@ class Explanation:
     target: str
     image_shape: tuple
     cell_id: int | None = None
+    call: object = None
 
     @property
     def heat_crop(self):
@@ -105,12 +112,25 @@ class Explanation:
         what = "cell" if self.cell_id is None else f"cell {self.cell_id}"
         return f"{what} {self.maps.source} -> {self.target}"
 
+    def source_note(self):
+        """Where the current class came from, and whether the maps' quick best fit (the
+        lowest paired error over these trials) disagrees with it."""
+        source = self.maps.source
+        if self.call is not None:
+            p = self.call.probabilities[source]
+            note = f"{source}: the classifier's call, p = {p:.2f}"
+        else:
+            note = f"{source}: as given"
+        if self.maps.predicted != source:
+            note += f"; the quick best fit of these trials, {self.maps.predicted}, disagrees"
+        return note
+
     def summary(self):
-        """One line: the change explained, and the best fit over these trials."""
+        """One line: the change explained, and where its current class came from."""
         (row, col) = self.site.centre
         return (
             f"cell at ({row:.0f}, {col:.0f}): {self.maps.source} -> {self.target} "
-            f"(best fit in these trials: {self.maps.predicted})"
+            f"({self.source_note()})"
         )
 
     def figure(self):
@@ -138,16 +158,23 @@ def explain(image, model, request, progress=None):
     Explanation
     """
     from napari_cytodiffusion.core.model import counterfactual
+    from napari_cytodiffusion.core.model.classifier import classify_crops
 
     _validate_request(request, model)
     site, crop, shape = _locate(image, model, request)
     targets = model.classes if request.all_targets else (_canonical(request.target, model),)
     edit_cost = counterfactual.edit_evaluations(request.strength, request.steps, request.method)
-    explaining, *editing = phases(
-        progress, [request.trials * (len(model.classes) + 1)] + [3 * edit_cost] * len(targets)
+    calling = _CALL_COST * (request.source is None)
+    classifying, explaining, *editing = phases(
+        progress,
+        [calling, request.trials * (len(model.classes) + 1)] + [3 * edit_cost] * len(targets),
     )
+    call, source = None, request.source
+    if source is None:
+        call = classify_crops(model, crop[None], seed=request.seed, progress=classifying)[0]
+        source = call.label
     maps = counterfactual.explain_cell(
-        model, crop, request.source, request.trials, request.seed, explaining
+        model, crop, source, request.trials, request.seed, explaining
     )
     edits = {}
     for target, step in zip(targets, editing, strict=True):
@@ -164,7 +191,7 @@ def explain(image, model, request, progress=None):
             step,
         )
     target = _canonical(request.target, model)
-    return Explanation(site, crop, maps, edits, target, shape, request.cell_id)
+    return Explanation(site, crop, maps, edits, target, shape, request.cell_id, call)
 
 
 @dataclass

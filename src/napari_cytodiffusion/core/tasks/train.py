@@ -52,7 +52,7 @@ class TrainRequest:
     time_limit: float | None = None
 
 
-def train_model(request, progress=None, on_loss=None, log=print):
+def train_model(request, progress=None, on_loss=None, log=print, on_data=None):
     """Normalise the labelled cells (once) and train; see :class:`TrainRequest`.
 
     Parameters
@@ -65,6 +65,9 @@ def train_model(request, progress=None, on_loss=None, log=print):
         ``on_loss(step, loss)`` while training.
     log : callable
         Receives lines about the data (cells per class, folders left out) and training.
+    on_data : callable, optional
+        ``on_data(counts, skipped)`` once the folder is listed, before any training:
+        {class: cells} and the names of the subfolders left out (not classes of the model).
 
     Returns
     -------
@@ -77,7 +80,7 @@ def train_model(request, progress=None, on_loss=None, log=print):
     _validate_request(request)
     init = _init_path(request)
     classes, resolution = _model_shape(request, init)
-    pack, records = _pack_for(request, classes, resolution, log)
+    pack, records = _pack_for(request, classes, resolution, log, on_data)
     packing, stepping = phases(
         progress, [_PACK_COST * len(records), _STEP_COST * max(request.steps, 1)]
     )
@@ -156,7 +159,7 @@ def _model_shape(request, init):
     return tuple(model.classes), request.resolution or model.image_size
 
 
-def _pack_for(request, classes, resolution, log):
+def _pack_for(request, classes, resolution, log, on_data=None):
     """(pack path, records still to pack): a given pack, a cached one, or one to make."""
     from napari_cytodiffusion.core import datasets
 
@@ -173,6 +176,8 @@ def _pack_for(request, classes, resolution, log):
         )
     counts = datasets.class_counts(records, classes)
     log("cells per class: " + ", ".join(f"{name} {n}" for name, n in counts.items()))
+    if on_data is not None:
+        on_data(counts, skipped)
     pack = datasets.pack_cache_path(request.out, records, resolution, request.rbc_diameter)
     if pack.is_file():
         log(f"using the normalised cells in {pack.name} (the folder is unchanged)")

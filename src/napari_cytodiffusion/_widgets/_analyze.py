@@ -1,0 +1,127 @@
+"""The "Analyze smear" widget: the batch analysis of ``napari-cytodiffusion analyze`` on the
+open image, however large.
+
+The image is read lazily (a multiscale or dask layer is never loaded whole), cut into tiles,
+and every white cell segmented, classified and flagged; the smear's files and its HTML report
+are written to the results folder (the report opens in the browser), and two Points layers
+are added: the white cells outlined in the colour of their class (per-cell results in
+``features``, on hover), and red rings on the cells to review.
+"""
+
+from pathlib import Path
+
+import numpy as np
+from magicgui.widgets import CheckBox, ComboBox, FileEdit
+from napari.layers import Image
+from napari.utils.notifications import show_error, show_info
+
+from napari_cytodiffusion._widgets._common import DockForm, ModelFields, RunRow
+
+
+class AnalyzeWidget(DockForm):
+    """Triage one smear: counts, flags and a report a person can act on."""
+
+    def __init__(self, napari_viewer):
+        super().__init__()
+        self._viewer = napari_viewer
+        self._image = ComboBox(
+            label="image",
+            choices=self._image_layers,
+            tooltip="The RGB smear, of any size (multiscale and dask layers are read lazily).",
+        )
+        self._out = FileEdit(
+            mode="d",
+            label="results folder",
+            tooltip="The smear's cells.csv, differential.csv, triage.json and report.html go "
+            "into a folder named after the layer here.",
+        )
+        self._open = CheckBox(
+            value=True,
+            text="open the report when done",
+            tooltip="Show report.html in the web browser when the analysis ends.",
+        )
+        self._fields = ModelFields(seed_tooltip="Same seed, same calls.")
+        row = RunRow("Analysing the smear", "Analyze")
+        self._run, self._cancel, self._status = row.buttons[0], row.cancel, row.status
+        self._runner = row.runner
+        self._run.tooltip = "Segment, classify and triage every white cell of the image."
+        self.add(self._image, self._out, self._open, *self._fields.widgets, row)
+        self._run.changed.connect(self._start)
+        for event in (napari_viewer.layers.events.inserted, napari_viewer.layers.events.removed):
+            event.connect(lambda *_: self.reset_choices())
+        self.analysis = None
+
+    def _image_layers(self, _=None):
+        return [layer for layer in self._viewer.layers if isinstance(layer, Image) and layer.rgb]
+
+    def _start(self):
+        layer = self._image.value
+        if layer is None:
+            show_error("Open an RGB smear image first: Analyze works on an RGB image layer.")
+            return
+        if str(self._out.value) in ("", "."):
+            show_error("Choose the results folder the report is written to.")
+            return
+        data = layer.data[0] if layer.multiscale else layer.data
+        folder = Path(self._out.value) / layer.name
+        choice, seed = self._fields.choice(), self._fields.seed.value
+
+        def job(progress):
+            from napari_cytodiffusion.core.report import write_smear
+            from napari_cytodiffusion.core.tasks.analyze import analyze_smear
+
+            analysis = analyze_smear(data, choice.load(), layer.name, seed=seed, progress=progress)
+            return analysis, write_smear(analysis, folder), _cell_points(analysis)
+
+        self._runner.start(job, lambda result: self._show(layer, *result), text="analysing")
+
+    def _show(self, layer, analysis, report, points):
+        """Main thread: the layers, the status, and the report in the browser."""
+        self.analysis = analysis
+        placement = {"scale": layer.scale[-2:], "translate": layer.translate[-2:]}
+        cells, review = points
+        self._viewer.add_points(name=f"{layer.name} cells", **cells, **placement)
+        self._viewer.add_points(name=f"{layer.name} needs review", **review, **placement)
+        flagged = int(analysis.cells["needs_review"].sum())
+        self._status.value = (
+            f"{analysis.decision}: {len(analysis.cells)} white cells, {flagged} flagged. "
+            f"Report: {report}"
+        )
+        show_info(f"{layer.name}: {analysis.decision}; the report is {report}")
+        if self._open.value:
+            import webbrowser
+
+            webbrowser.open(Path(report).resolve().as_uri())
+
+
+def _cell_points(analysis):
+    """Points-layer arguments for every white cell and for the flagged ones (worker side)."""
+    from napari_cytodiffusion.core.report import class_colours
+
+    cells = analysis.cells
+    centres = cells[["centroid_row", "centroid_col"]].to_numpy(float).reshape(-1, 2)
+    sizes = np.maximum(
+        cells["bbox_max_row"] - cells["bbox_min_row"], cells["bbox_max_col"] - cells["bbox_min_col"]
+    ).to_numpy(float)
+    colours = class_colours(analysis.classes)
+    outline = [colours[label] for label in cells["label"]]
+    everyone = {
+        "data": centres,
+        "features": cells,
+        "size": sizes if len(sizes) else 10,
+        "face_color": "transparent",
+        "border_color": outline if outline else "white",
+        "border_width": 0.05,
+        "symbol": "disc",
+    }
+    flagged = cells["needs_review"].to_numpy(bool)
+    review = {
+        "data": centres[flagged],
+        "features": cells[flagged].reset_index(drop=True),
+        "size": 1.3 * sizes[flagged] if flagged.any() else 10,
+        "face_color": "transparent",
+        "border_color": "red",
+        "border_width": 0.05,
+        "symbol": "disc",
+    }
+    return everyone, review

@@ -1,0 +1,129 @@
+"""Showing sets of single cells beside the smear instead of on top of it.
+
+A stack of cells added as an image stack sits on the smear's top-left corner at its own pixel
+size and adds a slider to the whole viewer. Instead the cells are tiled into one 2D grid image
+placed to the right of everything already in the viewer, at the smear's scale when it is
+known (a model crop spans ``FIELD_OF_VIEW_RBC`` red-cell diameters), with a Labels layer of
+the tiles whose features (class, seed, ...) show on hover. The grid's metadata keeps its
+layout, so the cells can be cut out again (:func:`layer_cells`).
+"""
+
+import numpy as np
+
+GAP = 4  # pixels between tiles, in crop pixels
+MARGIN = 0.05  # space between the grid and what is already shown, as a fraction of its width
+
+
+def tile(images, columns=None, gap=GAP):
+    """Tile ``images`` (n, size, size, 3) row by row.
+
+    Returns
+    -------
+    grid : ndarray (rows, cols, 3)
+        White between tiles.
+    tiles : ndarray int32 (rows, cols)
+        Tile ``i`` (0-based) holds ``i + 1``; 0 between tiles.
+    layout : dict
+        ``columns``, ``size``, ``gap`` and ``count``, for :func:`untile`.
+    """
+    images = np.asarray(images)
+    count, size = len(images), images.shape[1]
+    columns = columns or int(np.ceil(np.sqrt(count)))
+    layout = {"columns": columns, "size": size, "gap": gap, "count": count}
+    rows, step = -(-count // columns), size + gap
+    grid = np.ones((rows * step - gap, columns * step - gap, images.shape[-1]), images.dtype)
+    tiles = np.zeros(grid.shape[:2], np.int32)
+    for i, image in enumerate(images):
+        r, c = tile_origin(layout, i)
+        grid[r : r + size, c : c + size] = image
+        tiles[r : r + size, c : c + size] = i + 1
+    return grid, tiles, layout
+
+
+def tile_origin(layout, index):
+    """(row, col) of the top-left pixel of tile ``index`` (0-based) in its grid."""
+    r, c = divmod(index, layout["columns"])
+    step = layout["size"] + layout["gap"]
+    return r * step, c * step
+
+
+def untile(grid, layout):
+    """The images of a grid made by :func:`tile`, as a stack (n, size, size, channels)."""
+    size = layout["size"]
+    origins = [tile_origin(layout, i) for i in range(layout["count"])]
+    return np.stack([grid[r : r + size, c : c + size] for r, c in origins])
+
+
+def layer_cells(layer):
+    """The single cells an image layer holds: a grid's tiles, a stack's planes, or the image."""
+    data = np.asarray(layer.data)
+    if "grid" in layer.metadata:
+        return untile(data, layer.metadata["grid"])
+    return data[None] if layer.ndim == 2 else data
+
+
+def beside(viewer, size):
+    """(scale, translate) for a grid of ``size``-px crops right of everything shown.
+
+    The crops get the smear's scale when a layer's metadata gives its red-cell diameter (as
+    Segment cells' and Classify cells' layers do), else one world unit per crop pixel.
+    """
+    from napari_cytodiffusion.core.smear.crops import FIELD_OF_VIEW_RBC
+
+    scale = 1.0
+    for layer in viewer.layers:
+        diameter = layer.metadata.get("rbc_diameter")
+        if diameter:
+            scale = FIELD_OF_VIEW_RBC * float(diameter) * float(layer.scale[-1]) / size
+            break
+    if len(viewer.layers) == 0:
+        return (scale, scale), (0.0, 0.0)
+    low, high = np.asarray(viewer.layers.extent.world)[:, -2:]
+    width = high[1] - low[1]
+    return (scale, scale), (float(low[0]), float(high[1] + MARGIN * max(width, 1.0)))
+
+
+def add_grid(viewer, tiled, name, features, metadata=None):
+    """Add a grid made by :func:`tile` (in the worker: it copies every cell) beside what is
+    shown; ``features`` (one row per cell) go in its metadata. Returns the layer."""
+    grid, _, layout = tiled
+    scale, translate = beside(viewer, layout["size"])
+    return viewer.add_image(
+        grid,
+        rgb=True,
+        name=name,
+        metadata={**(metadata or {}), "features": features, "grid": layout},
+        scale=scale,
+        translate=translate,
+    )
+
+
+def add_tiles(viewer, grid_layer, tiled, features):
+    """Add the tiles layer of a grid on top of it: hovering a cell shows its ``features``."""
+    # Labels features are keyed by label value in "index": the tile number, 1 up.
+    table = features.rename(columns={"index": "cell"})
+    table.insert(0, "index", np.arange(1, len(table) + 1))
+    tiles_layer = viewer.add_labels(
+        tiled[1],
+        name=f"{grid_layer.name} tiles",
+        features=table,
+        opacity=0.4,
+        metadata={"tiles": True},
+        scale=grid_layer.scale,
+        translate=grid_layer.translate,
+    )
+    tiles_layer.contour = 1  # outline the tiles; the cells stay visible
+    viewer.layers.selection.active = tiles_layer  # hover shows the active layer's features
+    return tiles_layer
+
+
+def focus(viewer, layer):
+    """Centre the camera on a 2D ``layer`` and zoom so that it fills the canvas.
+
+    (``viewer.fit_to_view(layers=...)`` fails when another layer has more dimensions.)
+    """
+    (top, left), (bottom, right) = np.asarray(layer.extent.world)[:, -2:]
+    canvas = getattr(viewer, "canvas", None)  # napari >= 0.9; older ones keep it private
+    height, width = canvas.size if canvas is not None else viewer._canvas_size
+    viewer.camera.center = ((top + bottom) / 2, (left + right) / 2)
+    viewer.camera.zoom = 0.95 * min(height / (bottom - top), width / (right - left))

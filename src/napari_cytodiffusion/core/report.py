@@ -1,0 +1,207 @@
+"""The files of an analysed smear, and the self-contained HTML report a person reads.
+
+``DIR/<smear>/`` holds ``cells.csv`` (one row per white cell), ``differential.csv``,
+``triage.json`` and ``report.html``; ``done.json`` is written last and marks the folder
+finished. Every file is written under a temporary name and renamed when complete, so a run
+killed at any moment leaves no half-written file under a final name, and a folder without
+``done.json`` is simply analysed again.
+"""
+
+import base64
+import html
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+
+from napari_cytodiffusion.core.io import atomic_write
+
+FINISHED = "done.json"
+SUMMARY = "summary.csv"
+# Bump when the files a smear gets change, so older results are made again.
+OUTPUT_VERSION = 1
+
+
+def fingerprint(source):
+    """What identifies an input for resuming: its path, size and modification time."""
+    source = Path(source)
+    stat = source.stat()
+    return {
+        "source": str(source.resolve()),
+        "size": stat.st_size,
+        "mtime_ns": stat.st_mtime_ns,
+        "version": OUTPUT_VERSION,
+    }
+
+
+def finished(folder, source):
+    """True if ``folder`` holds complete results of ``source`` as it is now."""
+    marker = Path(folder) / FINISHED
+    try:
+        return json.loads(marker.read_text()) == fingerprint(source)
+    except (OSError, ValueError):
+        return False
+
+
+def write_smear(analysis, folder, source=None):
+    """Write every file of one analysed smear into ``folder``; ``done.json`` last.
+
+    Returns the path of the HTML report.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    with atomic_write(folder / "cells.csv") as partial:
+        analysis.cells.to_csv(partial, index=False)
+    with atomic_write(folder / "differential.csv") as partial:
+        analysis.differential().to_csv(partial, index=False)
+    _write_text(folder / "triage.json", json.dumps(analysis.summary(), indent=1))
+    report = folder / "report.html"
+    _write_text(report, report_html(analysis))
+    if source is not None:
+        _write_text(folder / FINISHED, json.dumps(fingerprint(source)))
+    return report
+
+
+def write_summary_rows(out_dir, rows):
+    """``DIR/summary.csv``: one row per smear (decision, reasons, counts, differential)."""
+    import pandas as pd
+
+    path = Path(out_dir) / SUMMARY
+    with atomic_write(path) as partial:
+        pd.DataFrame(rows).to_csv(partial, index=False)
+    return path
+
+
+def summary_rows(out_dir):
+    """The triage rows of every finished smear folder under ``out_dir``, by name."""
+    rows = []
+    for marker in sorted(Path(out_dir).glob(f"*/{FINISHED}")):
+        try:
+            rows.append(json.loads((marker.parent / "triage.json").read_text()))
+        except (OSError, ValueError):
+            continue
+    return rows
+
+
+def _write_text(path, text):
+    with atomic_write(path) as partial:
+        Path(partial).write_text(text, encoding="utf-8")
+
+
+def report_html(analysis):
+    """A self-contained HTML page: triage, counts, differential plot, overview, flagged cells."""
+    title = html.escape(analysis.name)
+    decision = analysis.decision.upper()
+    reasons = "".join(f"<li>{html.escape(r)}</li>" for r in analysis.reasons) or (
+        "<li>nothing needs a person's eyes</li>"
+    )
+    counts = analysis.differential()
+    rows = "".join(
+        f"<tr><td>{html.escape(c)}</td><td>{n}</td><td>{p:.1f}</td></tr>"
+        for c, n, p in counts.itertuples(index=False)
+    )
+    found = analysis.counts
+    plot, overview = _png(_differential_plot(counts)), _png(_overview(analysis))
+    return f"""<!DOCTYPE html>
+<html><head><meta charset="utf-8"><title>{title}: napari-cytodiffusion report</title>
+<style>body{{font-family:sans-serif;margin:2em;max-width:1100px}}
+.review{{color:#b00020}}.release{{color:#1b5e20}}table{{border-collapse:collapse}}
+td,th{{border:1px solid #ccc;padding:2px 8px;text-align:right}}
+figure{{display:inline-block;margin:4px;text-align:center;font-size:11px;width:140px}}
+img.cell{{width:128px;height:128px;image-rendering:pixelated}}</style></head>
+<body><h1>{title}</h1>
+<h2 class="{analysis.decision}">{decision}</h2><ul>{reasons}</ul>
+<p>{len(analysis.cells)} white cells classified, {int(analysis.cells["needs_review"].sum())}
+flagged; {found["rbc"]} red cells and {found["platelet"]} platelets found. Image
+{analysis.shape[1]} x {analysis.shape[0]} px, red-cell diameter {analysis.rbc_diameter:.1f} px.</p>
+<h2>Differential count</h2><table><tr><th>class</th><th>count</th><th>%</th></tr>{rows}</table>
+<p><img alt="differential" src="data:image/png;base64,{plot}"></p>
+<h2>The smear</h2><p>White cells outlined in the colour of their class; flagged cells in red.</p>
+<p><img alt="overview" style="max-width:100%" src="data:image/png;base64,{overview}"></p>
+<h2>Flagged cells</h2>{_contact_sheet(analysis)}
+<p style="color:#666">Made by napari-cytodiffusion. Calls and flags support, and do not
+replace, a person's review.</p></body></html>
+"""
+
+
+def _contact_sheet(analysis):
+    if not analysis.flagged_crops:
+        return "<p>No cell was flagged.</p>"
+    cells = analysis.cells.set_index("id")
+    figures = []
+    for cell_id, crop in analysis.flagged_crops.items():
+        row = cells.loc[cell_id]
+        caption = html.escape(f"cell {cell_id}: {row['label']}; {row['why']}")
+        figures.append(
+            f'<figure><img class="cell" src="data:image/png;base64,{_png(crop)}">'
+            f"<figcaption>{caption}</figcaption></figure>"
+        )
+    return "".join(figures)
+
+
+def _overview(analysis):
+    """The overview image with every white cell's box drawn in its class colour."""
+    from PIL import Image, ImageDraw
+
+    colours = class_colours(analysis.classes)
+    image = Image.fromarray(analysis.overview)
+    draw = ImageDraw.Draw(image)
+    factor = analysis.overview_factor
+    width = max(1, int(round(image.width / 400)))
+    for row in analysis.cells.itertuples():
+        box = [
+            row.bbox_min_col / factor,
+            row.bbox_min_row / factor,
+            row.bbox_max_col / factor,
+            row.bbox_max_row / factor,
+        ]
+        colour = "#ff0000" if row.needs_review else colours.get(row.label, "#ffffff")
+        draw.ellipse(box, outline=colour, width=width)
+    return np.asarray(image)
+
+
+def _differential_plot(counts):
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(6, 2.6), dpi=100)
+    axis = figure.subplots()
+    colours = class_colours(tuple(counts["class"]))
+    axis.barh(counts["class"], counts["percent"], color=[colours[c] for c in counts["class"]])
+    axis.set_xlabel("% of white cells")
+    axis.invert_yaxis()
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    from PIL import Image
+
+    return np.asarray(Image.open(io.BytesIO(buffer.getvalue())).convert("RGB"))
+
+
+def _png(image):
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.asarray(image)).save(buffer, "PNG")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+# Colour-blind-friendly colours (Okabe-Ito and Tol) for the standard classes; other classes
+# take the remaining colours of the palette in turn.
+KNOWN_COLOURS = {
+    "basophil": "#0072B2",
+    "eosinophil": "#E69F00",
+    "erythroblast": "#CC79A7",
+    "immature_granulocyte": "#D55E00",
+    "lymphocyte": "#56B4E9",
+    "monocyte": "#009E73",
+    "neutrophil": "#F0E442",
+    "platelet": "#999999",
+}
+SPARE_COLOURS = ("#882255", "#44AA99", "#117733", "#332288", "#AA4499", "#DDCC77", "#88CCEE")
+
+
+def class_colours(classes):
+    """{class: colour} for a model's classes, the same in the viewer and the report."""
+    spare = iter(SPARE_COLOURS * (1 + len(classes) // len(SPARE_COLOURS)))
+    return {name: KNOWN_COLOURS.get(name) or next(spare) for name in classes}

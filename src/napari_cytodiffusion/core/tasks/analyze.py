@@ -1,0 +1,570 @@
+"""Analyze smears: find, classify and flag every white cell, and decide what needs a person.
+
+One pipeline serves a single field, a whole-slide scan and a batch of smears. A smear is read
+lazily (:class:`~napari_cytodiffusion.core.smear.image.SmearPixels`), its background and scale
+are measured once on an overview, and it is cut into large overlapping tiles. Each tile is
+segmented and its white cells classified on their own; a cell belongs to the tile holding its
+centroid, so it is counted once. Only the per-cell table and the crops of flagged cells are
+kept, so memory depends on the tile size, not on the image size. Tiles run in threads, or on a
+dask.distributed cluster (see :func:`analyze_files`).
+"""
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from napari_cytodiffusion.core.progress import phases, report
+
+# Tiles of the full-resolution image each analysed on their own (pixels per side).
+ANALYSIS_TILE = 4096
+# A differential needs at least this many white cells (the usual manual count).
+MIN_CELLS = 100
+# A smear goes to review when more than this share of its calls is flagged.
+REVIEW_SHARE = 0.10
+# The median anomaly score of a smear's cells above which its stain or scanner is unlike the
+# training smears (PBC test cells: 0.17; other hospitals' CBC cells: 1.4; another microscope
+# and stain: 2.3). A smear-level stand-in until a dedicated domain-shift score exists.
+SHIFT_MEDIAN_ANOMALY = 1.0
+UNCERTAIN, UNUSUAL = "uncertain", "unlike any known class"
+
+
+@dataclass
+class SmearAnalysis:
+    """Everything the report and the viewer show of one smear.
+
+    Attributes
+    ----------
+    cells : pandas.DataFrame
+        One row per white cell: ``id``, centroid, bounding box, ``label``, ``p_<class>``,
+        ``uncertainty``, ``anomaly_score``, ``needs_review`` and ``why``.
+    counts : dict
+        Cells found of each type: ``wbc``, ``rbc``, ``platelet``.
+    flagged_crops : dict
+        Cell id -> uint8 crop (what the model saw) of every flagged cell.
+    overview : ndarray uint8
+        The smear shrunk to at most a megapixel, and ``overview_factor`` its shrinking factor.
+    decision, reasons
+        The triage: ``"release"`` or ``"review"``, and why.
+    """
+
+    name: str
+    shape: tuple
+    rbc_diameter: float
+    classes: tuple
+    cells: object
+    counts: dict
+    flagged_crops: dict
+    overview: np.ndarray
+    overview_factor: int
+    decision: str = "release"
+    reasons: list = field(default_factory=list)
+
+    def differential(self):
+        """Number and percentage of white cells per class."""
+        from napari_cytodiffusion.core.tasks.classify import differential_count
+
+        return differential_count(self.cells["label"], self.classes)
+
+    def summary(self):
+        """One row for the summary table across smears."""
+        row = {
+            "smear": self.name,
+            "decision": self.decision,
+            "reasons": "; ".join(self.reasons),
+            "white_cells": len(self.cells),
+            "flagged": int(self.cells["needs_review"].sum()) if len(self.cells) else 0,
+            "red_cells": self.counts["rbc"],
+            "platelets": self.counts["platelet"],
+            "rbc_diameter_px": round(self.rbc_diameter, 2),
+        }
+        for name, percent in zip(self.classes, self.differential()["percent"], strict=True):
+            row[f"percent_{name}"] = round(float(percent), 2)
+        return row
+
+
+def analyze_smear(
+    image,
+    model,
+    name="smear",
+    rbc_diameter=None,
+    tile_size=ANALYSIS_TILE,
+    strategy="adaptive",
+    seed=0,
+    progress=None,
+):
+    """Segment, classify and triage one smear of any size, in this process.
+
+    Parameters
+    ----------
+    image : array-like
+        RGB(A) image of any dtype and size; a lazily sliced array (zarr, dask, memory-mapped
+        TIFF) is read tile by tile (see :func:`~napari_cytodiffusion.core.io.open_image`).
+    model : DiffusionModel
+    name : str
+        The smear's name in the report.
+    rbc_diameter : float, optional
+        Red-cell diameter in pixels; estimated from the image when not given.
+    tile_size : int
+        Side of the tiles analysed one at a time, in pixels.
+    progress : callable, optional
+        ``progress(done, total)``; raise ``Cancelled`` from it to stop.
+
+    Returns
+    -------
+    SmearAnalysis
+    """
+    measuring, analysing = phases(progress, [1, 9])
+    prepared = prepare(image, rbc_diameter, measuring)
+    info = describe(prepared, tile_size)
+    parts = []
+    for done, tile in enumerate(info.tiles, 1):
+        parts.append(analyze_tile(prepared, tile, model, strategy, seed))
+        report(analysing, done, len(info.tiles))
+    return assemble(name, info, parts, model)
+
+
+def prepare(image, rbc_diameter=None, progress=None):
+    """The smear with its background and scale, read lazily (see ``prepare_smear``)."""
+    from napari_cytodiffusion.core.smear.image import SmearPixels
+    from napari_cytodiffusion.core.smear.prepare import prepare_smear
+
+    pixels = image if isinstance(image, SmearPixels) else SmearPixels(image)
+    return prepare_smear(pixels, rbc_diameter, progress)
+
+
+@dataclass
+class SmearInfo:
+    """What the tiles of a smear share, measured once: scale, colours, tiles, overview."""
+
+    shape: tuple
+    background: np.ndarray
+    rbc_diameter: float
+    top: float
+    tiles: list
+    overview: np.ndarray
+    overview_factor: int
+
+
+def describe(smear, tile_size=ANALYSIS_TILE):
+    """The :class:`SmearInfo` of a prepared smear: its tiles reach two red cells further."""
+    from napari_cytodiffusion.core.smear.segmentation import HALO_RBC, _tiles
+
+    halo = int(np.ceil(HALO_RBC * smear.rbc_diameter))
+    overview, factor = smear.rgb.overview()
+    return SmearInfo(
+        shape=tuple(smear.shape),
+        background=smear.background,
+        rbc_diameter=float(smear.rbc_diameter),
+        top=smear.rgb.top,
+        tiles=_tiles(smear.shape, max(tile_size, 3 * halo), halo),
+        overview=(np.clip(overview, 0, 1) * 255 + 0.5).astype(np.uint8),
+        overview_factor=int(factor),
+    )
+
+
+@dataclass
+class TilePart:
+    """What one tile contributes: its own white cells (table, calls), crops, counts."""
+
+    cells: object
+    calls: list
+    crops: np.ndarray
+    counts: dict
+
+
+def analyze_tile(smear, tile, model, strategy="adaptive", seed=0):
+    """Segment one tile and classify the white cells whose centroid lies in its core."""
+    from napari_cytodiffusion.core.model.classifier import classify_crops
+    from napari_cytodiffusion.core.smear.crops import CellSite
+    from napari_cytodiffusion.core.smear.prepare import PreparedSmear
+    from napari_cytodiffusion.core.smear.segmentation import segment_smear
+
+    core, window = tile
+    part = PreparedSmear(smear.rgb.region(*window), smear.background, smear.rbc_diameter)
+    found = segment_smear(part)
+    origin = np.array([window[0].start, window[1].start], float)
+    counts, tables = {}, {}
+    for kind in ("wbc", "rbc", "platelet"):
+        table = found.table(kind)
+        centre = table[["centroid_row", "centroid_col"]].to_numpy(float) + origin
+        own = _inside(centre, core)
+        tables[kind], counts[kind] = table[own].reset_index(drop=True), int(own.sum())
+    cells = _global_coordinates(tables["wbc"], origin)
+    size = model.image_size
+    crops = np.zeros((len(cells), size, size, 3), np.float32)
+    for i, row in enumerate(tables["wbc"].itertuples()):
+        site = CellSite((row.centroid_row, row.centroid_col), smear.rbc_diameter, smear.background)
+        crops[i] = site.crop(part.rgb, size)
+    calls = classify_crops(model, crops, strategy=strategy, seed=seed) if len(crops) else []
+    return TilePart(cells, calls, (crops * 255 + 0.5).astype(np.uint8), counts)
+
+
+def _inside(centres, core):
+    rows, cols = centres[:, 0], centres[:, 1]
+    return (
+        (rows >= core[0].start)
+        & (rows < core[0].stop)
+        & (cols >= core[1].start)
+        & (cols < core[1].stop)
+    )
+
+
+def _global_coordinates(table, origin):
+    """A white-cell feature table moved from tile to image coordinates."""
+    table = table.copy()
+    for column in ("centroid_row", "bbox_min_row", "bbox_max_row"):
+        table[column] = table[column] + origin[0]
+    for column in ("centroid_col", "bbox_min_col", "bbox_max_col"):
+        table[column] = table[column] + origin[1]
+    return table
+
+
+def assemble(name, info, parts, model):
+    """One :class:`SmearAnalysis` from the tiles' parts (in tile order), with its triage."""
+    import pandas as pd
+
+    from napari_cytodiffusion.core.tasks.classify import calls_table
+
+    calibration = model.calibration or {}
+    limits = (
+        float(calibration.get("uncertainty_threshold", 0.3)),
+        float(calibration.get("anomaly_threshold", 3.0)),
+    )
+    tables, calls, crops = [], [], []
+    for part in parts:
+        tables.append(part.cells)
+        calls += part.calls
+        crops += list(part.crops)
+    features = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame()
+    cells = _cell_rows(features, calls_table(calls), limits)
+    flagged = {
+        int(cell_id): crop
+        for cell_id, crop, review in zip(cells["id"], crops, cells["needs_review"], strict=True)
+        if review
+    }
+    counts = {kind: sum(part.counts[kind] for part in parts) for kind in ("wbc", "rbc", "platelet")}
+    analysis = SmearAnalysis(
+        name=name,
+        shape=info.shape,
+        rbc_diameter=info.rbc_diameter,
+        classes=tuple(model.classes),
+        cells=cells,
+        counts=counts,
+        flagged_crops=flagged,
+        overview=info.overview,
+        overview_factor=info.overview_factor,
+    )
+    analysis.decision, analysis.reasons = triage(cells)
+    return analysis
+
+
+CELL_COLUMNS = (
+    "id",
+    "centroid_row",
+    "centroid_col",
+    "bbox_min_row",
+    "bbox_min_col",
+    "bbox_max_row",
+    "bbox_max_col",
+)
+
+
+def _cell_rows(features, calls, limits):
+    """The per-cell table: position, call, probabilities, flags and why."""
+    import pandas as pd
+
+    if not len(calls):
+        columns = [*CELL_COLUMNS, "label", "uncertainty", "anomaly_score", "needs_review", "why"]
+        return pd.DataFrame(columns=columns)
+    cells = features[list(CELL_COLUMNS[1:])].reset_index(drop=True)
+    cells.insert(0, "id", np.arange(1, len(cells) + 1))
+    calls = calls.drop(columns=["index", "unet_evals"])
+    cells = pd.concat([cells, calls.reset_index(drop=True)], axis=1)
+    cells["why"] = [
+        _why(u, a, limits)
+        for u, a in zip(cells["uncertainty"], cells["anomaly_score"], strict=True)
+    ]
+    return cells
+
+
+def _why(uncertainty, anomaly, limits):
+    reasons = []
+    if uncertainty > limits[0]:
+        reasons.append(f"{UNCERTAIN} ({uncertainty:.2f})")
+    if anomaly > limits[1]:
+        reasons.append(f"{UNUSUAL} (anomaly {anomaly:.1f})")
+    return "; ".join(reasons)
+
+
+def triage(cells):
+    """("release" or "review", reasons) for a smear's per-cell table.
+
+    A smear needs a person when too few white cells were counted for a differential, when any
+    cell is unlike every known class (a blast, say), when more than ``REVIEW_SHARE`` of the
+    calls are flagged, or when its cells as a whole look unlike the training smears.
+    """
+    reasons = []
+    count = len(cells)
+    if count < MIN_CELLS:
+        reasons.append(f"too few white cells counted: {count} (a differential needs {MIN_CELLS})")
+    if count:
+        unusual = int(cells["why"].str.contains(UNUSUAL).sum())
+        if unusual:
+            reasons.append(
+                f"{unusual} cell(s) unlike any known class: possible blasts or other abnormal cells"
+            )
+        flagged = int(cells["needs_review"].sum())
+        if flagged > REVIEW_SHARE * count:
+            reasons.append(f"{flagged} of {count} calls flagged ({100 * flagged / count:.0f} %)")
+        median = float(np.median(cells["anomaly_score"]))
+        if median > SHIFT_MEDIAN_ANOMALY:
+            reasons.append(
+                f"unfamiliar stain or scanner: the cells score {median:.1f} on the anomaly "
+                "scale (median), unlike the training smears; review, or adapt the model"
+            )
+    return ("review" if reasons else "release"), reasons
+
+
+# ----------------------------------------------------------------------------- many smears
+
+
+@dataclass
+class BatchRequest:
+    """A batch analysis: the smears, where the results go, and where the work runs.
+
+    Attributes
+    ----------
+    paths : list of path
+        Image files, OME-Zarr folders, or folders of images (their images, not recursively).
+    out : path
+        Results folder: ``OUT/<smear>/`` per smear and ``OUT/summary.csv``.
+    scheduler : str, optional
+        Address of a running dask scheduler; a local cluster of ``workers`` processes when
+        not given.
+    """
+
+    paths: list
+    out: object
+    model: str = "default"
+    device: str = "auto"
+    scheduler: str | None = None
+    workers: int | None = None
+    rbc_diameter: float | None = None
+    tile_size: int = ANALYSIS_TILE
+    strategy: str = "adaptive"
+    seed: int = 0
+
+
+@dataclass
+class BatchResult:
+    """Which smears were analysed now, skipped as finished, or failed (with the reason)."""
+
+    analysed: list = field(default_factory=list)
+    skipped: list = field(default_factory=list)
+    failed: dict = field(default_factory=dict)
+    summary: object = None
+
+
+def image_sources(paths):
+    """Image files and OME-Zarr folders of ``paths`` (a plain folder stands for its images).
+
+    Raises
+    ------
+    ValueError
+        If a path does not exist or nothing analysable is found.
+    """
+    from pathlib import Path
+
+    from napari_cytodiffusion.core.io import IMAGE_SUFFIXES
+
+    sources = []
+    for path in map(Path, paths):
+        if not path.exists():
+            raise ValueError(f"No such file or folder: {path}")
+        if path.is_dir() and not _is_zarr(path):
+            inside = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+            sources += inside + sorted(p for p in path.iterdir() if p.is_dir() and _is_zarr(p))
+        else:
+            sources.append(path)
+    if not sources:
+        raise ValueError(f"No images found in {', '.join(map(str, paths))}.")
+    return sources
+
+
+def _is_zarr(path):
+    return any((path / name).exists() for name in (".zattrs", "zarr.json", ".zarray"))
+
+
+def result_names(sources):
+    """Results folder names: the file name, kept whole (a.png and a.jpg do not collide)."""
+    names, seen = [], {}
+    for source in sources:
+        name = source.name
+        seen[name] = seen.get(name, 0) + 1
+        names.append(name if seen[name] == 1 else f"{name}-{seen[name]}")
+    return names
+
+
+def measure_file(path, rbc_diameter=None, tile_size=ANALYSIS_TILE):
+    """Open a smear file lazily and measure what its tiles share (runs on a worker)."""
+    from napari_cytodiffusion.core.io import open_image
+
+    return describe(prepare(open_image(path), rbc_diameter), tile_size)
+
+
+def analyze_file_tile(path, info, tile, model, device, strategy, seed, threads=None):
+    """Analyse one tile of a smear file (runs on a worker, which keeps the model loaded)."""
+    from napari_cytodiffusion.core.io import open_image
+    from napari_cytodiffusion.core.model.weights import shared_model
+    from napari_cytodiffusion.core.smear.image import SmearPixels
+    from napari_cytodiffusion.core.smear.prepare import PreparedSmear
+
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    pixels = SmearPixels.trusted(open_image(path), info.top)
+    smear = PreparedSmear(pixels, info.background, info.rbc_diameter)
+    return analyze_tile(smear, tile, shared_model(model, device), strategy, seed)
+
+
+def analyze_files(request, progress=None, on_smear=None):
+    """Analyse many smears on a dask.distributed cluster; finished smears are skipped.
+
+    Every smear is measured on a worker, then its tiles are spread over the workers (each
+    loads the model once); when all tiles of a smear are back they are put together in tile
+    order and the smear's files are written (see :mod:`napari_cytodiffusion.core.report`).
+    A smear that fails is reported and the others go on.
+
+    Parameters
+    ----------
+    request : BatchRequest
+    progress : callable, optional
+        ``progress(done, total)`` in tiles (the total grows as smears are measured).
+    on_smear : callable, optional
+        ``on_smear(name, analysis_or_None, error_or_None)`` as each smear ends.
+
+    Returns
+    -------
+    BatchResult
+    """
+    from pathlib import Path
+
+    from napari_cytodiffusion.core.io import exclusive_folder
+
+    sources = image_sources(request.paths)
+    with exclusive_folder(request.out) as out:
+        return _analyze_sources(request, sources, Path(out), progress, on_smear)
+
+
+def _analyze_sources(request, sources, out, progress, on_smear):
+    from napari_cytodiffusion.core import report as files
+    from napari_cytodiffusion.core.model.weights import shared_model
+
+    result = BatchResult()
+    todo = []
+    for source, name in zip(sources, result_names(sources), strict=True):
+        if files.finished(out / name, source):
+            result.skipped.append(name)
+        else:
+            todo.append((source, name))
+    if todo:
+        model = shared_model(request.model, "cpu")  # classes and calibration, for assembling
+        with _client(request) as (client, threads):
+            _run_batch(client, threads, request, model, todo, out, result, progress, on_smear)
+    result.summary = files.write_summary_rows(out, files.summary_rows(out))
+    return result
+
+
+def _client(request):
+    """A context manager giving (dask client, torch threads per worker task)."""
+    import contextlib
+    import os
+
+    from distributed import Client, LocalCluster
+
+    @contextlib.contextmanager
+    def connect():
+        if request.scheduler:
+            with Client(request.scheduler) as client:
+                yield client, None
+            return
+        workers = request.workers or max(1, min(4, os.cpu_count() or 1))
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        with (
+            LocalCluster(
+                n_workers=workers,
+                threads_per_worker=1,
+                processes=True,
+                host="127.0.0.1",
+                dashboard_address=None,
+            ) as cluster,
+            Client(cluster) as client,
+        ):
+            yield client, threads
+
+    return connect()
+
+
+def _run_batch(client, threads, request, model, todo, out, result, progress, on_smear):
+    from distributed import as_completed
+
+    from napari_cytodiffusion.core import report as files
+
+    pending, jobs, smears = as_completed(), {}, {}
+    total = [0, 0]  # tiles done, tiles known
+    for source, name in todo:
+        future = client.submit(
+            measure_file, str(source), request.rbc_diameter, request.tile_size, pure=False
+        )
+        smears[name] = {"source": source, "parts": {}, "info": None}
+        jobs[future.key] = (name, None)
+        pending.add(future)
+    for future in pending:
+        name, index = jobs.pop(future.key)
+        smear = smears[name]
+        if name in result.failed:
+            continue
+        if future.status == "error":
+            _fail(name, future.exception(), result, on_smear)
+            continue
+        if index is None:
+            smear["info"] = info = future.result()
+            total[1] += len(info.tiles)
+            for number, tile in enumerate(info.tiles):
+                task = client.submit(
+                    analyze_file_tile,
+                    str(smear["source"]),
+                    info,
+                    tile,
+                    request.model,
+                    request.device,
+                    request.strategy,
+                    request.seed,
+                    threads,
+                    pure=False,
+                )
+                jobs[task.key] = (name, number)
+                pending.add(task)
+            continue
+        smear["parts"][index] = future.result()
+        total[0] += 1
+        report(progress, total[0], total[1])
+        if len(smear["parts"]) == len(smear["info"].tiles):
+            parts = [smear["parts"][i] for i in range(len(smear["parts"]))]
+            try:
+                analysis = assemble(name, smear["info"], parts, model)
+                files.write_smear(analysis, out / name, smear["source"])
+            except Exception as error:  # a smear that cannot be written fails alone
+                _fail(name, error, result, on_smear)
+                continue
+            result.analysed.append(name)
+            smears[name] = None  # its tiles are no longer needed
+            if on_smear is not None:
+                on_smear(name, analysis, None)
+
+
+def _fail(name, error, result, on_smear):
+    result.failed[name] = str(error)
+    if on_smear is not None:
+        on_smear(name, None, error)

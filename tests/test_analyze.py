@@ -1,0 +1,151 @@
+"""Analysing smears: tiles counted once, lazily read images, triage, reports, a resumable
+batch on a dask LocalCluster, and the command and widget over the same pipeline."""
+
+import json
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from napari_cytodiffusion._sample_data import sample_path
+from napari_cytodiffusion.cli import main
+from napari_cytodiffusion.core import report
+from napari_cytodiffusion.core.io import open_image, read_image
+from napari_cytodiffusion.core.tasks.analyze import (
+    BatchRequest,
+    analyze_files,
+    analyze_smear,
+    triage,
+)
+
+COLUMNS = ["id", "centroid_row", "centroid_col", "bbox_min_row", "bbox_max_col", "label"]
+
+
+@pytest.fixture(scope="module")
+def field_analysis(default_model):
+    return analyze_smear(read_image(sample_path("cbc_lymphocyte")), default_model, "cbc")
+
+
+def test_one_field_gives_cells_counts_and_a_triage(field_analysis, default_model):
+    cells = field_analysis.cells
+    assert len(cells) == 1 and set(COLUMNS) <= set(cells.columns)
+    assert {f"p_{c}" for c in default_model.classes} <= set(cells.columns)
+    assert {"uncertainty", "anomaly_score", "needs_review", "why"} <= set(cells.columns)
+    assert field_analysis.counts["rbc"] > 5 and field_analysis.counts["wbc"] == 1
+    assert field_analysis.differential()["count"].sum() == 1
+    assert field_analysis.decision == "review"
+    assert any("too few white cells" in reason for reason in field_analysis.reasons)
+
+
+def test_tiles_count_each_cell_once(default_model):
+    field = read_image(sample_path("cbc_lymphocyte"))
+    mosaic = np.concatenate([field, field[:, ::-1], field], axis=1)  # 480 x 1920
+    whole = analyze_smear(mosaic, default_model, rbc_diameter=80, tile_size=4096)
+    tiled = analyze_smear(mosaic, default_model, rbc_diameter=80, tile_size=600)
+    assert len(whole.cells) == len(tiled.cells) == 3
+    np.testing.assert_allclose(
+        np.sort(whole.cells["centroid_col"]), np.sort(tiled.cells["centroid_col"]), atol=2
+    )
+    # Each tile sets its own stain thresholds, so red-cell counts may differ a little.
+    assert abs(whole.counts["rbc"] - tiled.counts["rbc"]) <= 0.15 * whole.counts["rbc"]
+
+
+def test_a_large_tiff_is_read_lazily(tmp_path):
+    import tifffile
+
+    field = read_image(sample_path("cbc_lymphocyte"))
+    big = np.tile(field, (9, 9, 1))  # 4320 x 5760: opened through zarr, not read whole
+    tifffile.imwrite(tmp_path / "slide.tif", big, tile=(512, 512), compression="zlib")
+    lazy = open_image(tmp_path / "slide.tif")
+    assert not isinstance(lazy, np.ndarray) and lazy.shape == big.shape
+    np.testing.assert_array_equal(np.asarray(lazy[1000:1010, 2000:2010]), big[1000:1010, 2000:2010])
+
+
+def test_triage_reasons():
+    rows = {"needs_review": [False] * 150, "anomaly_score": [0.0] * 150, "why": [""] * 150}
+    assert triage(pd.DataFrame(rows)) == ("release", [])
+    rows["why"][3], rows["needs_review"][3] = "unlike any known class (anomaly 4.0)", True
+    decision, reasons = triage(pd.DataFrame(rows))
+    assert decision == "review" and "possible blasts" in reasons[0]
+    shifted = {**rows, "anomaly_score": [2.0] * 150}
+    assert any("unfamiliar stain" in r for r in triage(pd.DataFrame(shifted))[1])
+
+
+def test_report_files_are_written_atomically(field_analysis, tmp_path, monkeypatch):
+    folder = tmp_path / "cbc"
+    source = sample_path("cbc_lymphocyte")
+    page = report.write_smear(field_analysis, folder, source)
+    # The differential plot, the overview, and one image per flagged cell.
+    images = 2 + len(field_analysis.flagged_crops)
+    assert page.read_text().count("data:image/png;base64,") == images
+    assert report.finished(folder, source)
+    written = {p.name for p in folder.iterdir()}
+    assert written == {"cells.csv", "differential.csv", "triage.json", "report.html", "done.json"}
+    # A crash while writing the report leaves the earlier files and no "finished" marker.
+    (folder / "done.json").unlink()
+    before = (folder / "report.html").read_bytes()
+
+    def crash(_):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(report, "report_html", crash)
+    with pytest.raises(OSError, match="disk full"):
+        report.write_smear(field_analysis, folder, source)
+    assert (folder / "report.html").read_bytes() == before
+    assert not report.finished(folder, source)
+    assert not [p for p in folder.iterdir() if "partial" in p.name]
+
+
+def test_batch_on_a_local_cluster_resumes_and_reports_failures(tmp_path):
+    smears = tmp_path / "smears"
+    smears.mkdir()
+    for name in ("pbc_lymphocyte", "cbc_lymphocyte"):
+        shutil.copy(sample_path(name), smears / f"{name}.jpg")
+    (smears / "broken.png").write_bytes(b"not an image")
+    out = tmp_path / "out"
+    ended = []
+    request = BatchRequest(paths=[smears], out=out, workers=1)
+    result = analyze_files(request, on_smear=lambda name, a, e: ended.append((name, e is None)))
+    assert sorted(result.analysed) == ["cbc_lymphocyte.jpg", "pbc_lymphocyte.jpg"]
+    assert "broken.png" in result.failed and ("broken.png", False) in ended
+    summary = pd.read_csv(out / "summary.csv")
+    assert sorted(summary["smear"]) == ["cbc_lymphocyte.jpg", "pbc_lymphocyte.jpg"]
+    triage_row = json.loads((out / "pbc_lymphocyte.jpg" / "triage.json").read_text())
+    assert triage_row["white_cells"] == 1
+    again = analyze_files(request)
+    assert sorted(again.skipped) == ["cbc_lymphocyte.jpg", "pbc_lymphocyte.jpg"]
+    assert not again.analysed and "broken.png" in again.failed
+
+
+def test_analyze_command(tmp_path, capsys):
+    out = tmp_path / "out"
+    code = main(
+        ["analyze", str(sample_path("pbc_lymphocyte")), "--out", str(out), "--workers", "1"]
+    )
+    captured = capsys.readouterr()
+    assert code == 0
+    assert "pbc_lymphocyte.jpg: review (1 white cells" in captured.out
+    assert (out / "pbc_lymphocyte.jpg" / "report.html").is_file()
+    assert main(["analyze", str(tmp_path / "missing.png"), "--out", str(out)]) == 2
+    assert "No such file" in capsys.readouterr().err
+
+
+def test_widget_analyses_the_open_image(make_napari_viewer, qtbot, tmp_path):
+    from napari_cytodiffusion._widgets._analyze import AnalyzeWidget
+
+    viewer = make_napari_viewer()
+    viewer.add_image(read_image(sample_path("cbc_lymphocyte")), name="field", rgb=True)
+    widget = AnalyzeWidget(viewer)
+    viewer.window.add_dock_widget(widget)
+    widget._out.value = tmp_path
+    widget._open.value = False
+    widget._fields.device.value = "cpu"
+    widget._run.native.click()
+    qtbot.waitUntil(lambda: widget.analysis is not None, timeout=120_000)
+    qtbot.waitUntil(lambda: not widget._runner.running, timeout=10_000)
+    assert [layer.name for layer in viewer.layers] == ["field", "field cells", "field needs review"]
+    cells = viewer.layers["field cells"]
+    assert len(cells.data) == 1 and "label" in cells.features
+    assert (tmp_path / "field" / "report.html").is_file()
+    assert "report" in widget._status.value.lower()
