@@ -147,12 +147,16 @@ def part_kill(args):
         for field in fields:
             (smears / field.name).write_bytes(field.read_bytes())
         reference = Path(folder) / "reference"
+        started = time.perf_counter()
         _command(smears, reference)
+        reference_seconds = time.perf_counter() - started
         killed = Path(folder) / "killed"
         kills, checks = 0, []
         while True:
             process = _command(smears, killed, wait=False)
-            delay = rng.uniform(2, args.kill_after)
+            # Kill within the first half of a full run: late enough to catch smears being
+            # written, early enough that most runs are interrupted.
+            delay = rng.uniform(3, max(4, reference_seconds / 2))
             try:
                 process.wait(timeout=delay)
                 break
@@ -164,6 +168,7 @@ def part_kill(args):
         same = _same_outputs(reference, killed)
     return {
         "smears": len(fields),
+        "uninterrupted_seconds": round(reference_seconds, 1),
         "kills": kills,
         "finished_folders_intact_after_every_kill": all(checks),
         "outputs_identical_to_uninterrupted_run": same,
@@ -277,7 +282,6 @@ def main():
     parser.add_argument("--parts", default="memory,workers,kill", help=",".join(PARTS))
     parser.add_argument("--side", type=int, default=5000, help="slide side for 'workers'")
     parser.add_argument("--smears", type=int, default=20)
-    parser.add_argument("--kill-after", type=float, default=40.0, help="latest kill (s)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cache", default="/tmp/cytodiffusion_analysis_bench")
     args = parser.parse_args()

@@ -361,12 +361,19 @@ def _add_classify(subparsers):
         "batch of three or more single-cell images (one scanner)",
     )
     parser.add_argument("--json", action="store_true", help="one JSON object per cell")
+    parser.add_argument(
+        "--ignore-annotations",
+        action="store_true",
+        help="do not apply the annotations saved beside a smear (PATH.annotations.json); by "
+        "default a person's labels are kept over the model's",
+    )
     _add_model_arguments(parser)
 
 
 def _classify(args):
     import json
 
+    from napari_cytodiffusion.core.annotations import load_annotations
     from napari_cytodiffusion.core.io import InputFileError, read_image
     from napari_cytodiffusion.core.smear.image import ImageError
     from napari_cytodiffusion.core.tasks.classify import classify, shared_rbc_diameter
@@ -378,6 +385,9 @@ def _classify(args):
     failed = 0
     for path in args.paths:
         try:
+            annotations = None
+            if args.segment and not args.ignore_annotations:
+                annotations = load_annotations(path)
             result = classify(
                 read_image(path),
                 model,
@@ -385,20 +395,27 @@ def _classify(args):
                 rbc_diameter=scale,
                 strategy=args.strategy,
                 seed=args.seed,
+                annotations=annotations,
             )
         except (ImageError, InputFileError, ValueError) as error:
             print(f"napari-cytodiffusion classify: {path}: {error}", file=sys.stderr)
             failed += 1
             continue
-        for cell, call in zip(result.cell_ids, result.calls, strict=True):
+        for cell, call, human in zip(result.cell_ids, result.calls, result.annotated, strict=True):
             if args.json:
-                print(json.dumps({"file": str(path), "cell": cell, **call.as_dict()}), flush=True)
+                record = {"file": str(path), "cell": cell, **call.as_dict()}
+                if human:
+                    record.update(label=human, predicted=call.label, annotated=human)
+                print(json.dumps(record), flush=True)
             else:
                 where = f"cell {cell}" if cell is not None else "central cell"
-                flag = "  NEEDS REVIEW" if call.needs_review else ""
+                flag = "  NEEDS REVIEW" if call.needs_review and not human else ""
+                person = f"{human} (annotated; model: " if human else ""
                 print(
-                    f"{path}  {where}: {call.label} (p={call.probabilities[call.label]:.3f}, "
-                    f"uncertainty {call.uncertainty:.3f}, anomaly {call.anomaly_score:.2f}){flag}"
+                    f"{path}  {where}: {person}{call.label} "
+                    f"(p={call.probabilities[call.label]:.3f}, uncertainty "
+                    f"{call.uncertainty:.3f}, anomaly {call.anomaly_score:.2f}){flag}"
+                    + (")" if human else "")
                 )
         if args.segment and not args.json:
             print(f"{path}: {len(result.calls)} white cells")
@@ -510,6 +527,11 @@ def _add_analyze(subparsers):
     parser.add_argument("--rbc-diameter", type=float, help="red-cell diameter in pixels")
     parser.add_argument("--tile-size", type=int, default=ANALYSIS_TILE, help="tile side (px)")
     parser.add_argument("--seed", type=_seed, default=0)
+    parser.add_argument(
+        "--ignore-annotations",
+        action="store_true",
+        help="do not apply the annotations saved beside a smear (PATH.annotations.json)",
+    )
 
 
 def _analyze(args):
@@ -543,6 +565,7 @@ def _analyze(args):
         scheduler=args.scheduler,
         workers=args.workers,
         rbc_diameter=args.rbc_diameter,
+        ignore_annotations=args.ignore_annotations,
         tile_size=args.tile_size,
         seed=args.seed,
     )
@@ -553,6 +576,137 @@ def _analyze(args):
     if result.failed:
         print(f"{len(result.failed)} smear(s) failed", file=sys.stderr)
         return USAGE_ERROR
+    return 0
+
+
+def _add_adapt(subparsers):
+    from napari_cytodiffusion.core.model.adaptation import ADAPT_STEPS
+
+    parser = subparsers.add_parser(
+        "adapt",
+        help="adapt a model to a lab's stain and scanner from a few labelled cells",
+        description="Adapt a model to a lab's cells (class subfolders, 5 to 50 cells per class): "
+        "a small part of it learns the lab's stain and scanner, then it is calibrated on "
+        "held-back cells and saved as a named local model that every command and widget offers.",
+    )
+    parser.add_argument("data", metavar="DATA", help="folder of class subfolders, or a CSV")
+    parser.add_argument("--base", default="default", help="model to start from (name or file)")
+    parser.add_argument("--out", required=True, metavar="NAME", help="name of the new model")
+    parser.add_argument("--steps", type=int, default=ADAPT_STEPS, help="adaptation steps")
+    parser.add_argument(
+        "--add-classes",
+        action="store_true",
+        help="subfolders that are not classes of the base model become new classes",
+    )
+    parser.add_argument("--rbc-diameter", type=float, help="red-cell diameter in pixels")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+    parser.add_argument("--seed", type=_seed, default=0)
+
+
+def _adapt(args):
+    from pathlib import Path
+
+    from napari_cytodiffusion.core.tasks.adapt import AdaptRequest
+
+    request = AdaptRequest(
+        data=Path(args.data),
+        name=args.out,
+        base=args.base,
+        steps=args.steps,
+        add_classes=args.add_classes,
+        device=args.device,
+        seed=args.seed,
+        rbc_diameter=args.rbc_diameter,
+    )
+    return _run_adapt(request, "adapting")
+
+
+def _run_adapt(request, description):
+    from napari_cytodiffusion.core.tasks.adapt import adapt_model
+
+    result = adapt_model(request, progress=_progress_bar(description), log=print)
+    print("\n".join(result.summary()))
+    return 0
+
+
+def _add_calibrate(subparsers):
+    parser = subparsers.add_parser(
+        "calibrate",
+        help="calibrate a model on a lab's labelled cells",
+        description="Fit a model's calibration (timestep spreads, class biases, temperature, "
+        "anomaly reference, review thresholds) on labelled cells, without changing its "
+        "weights, and save it as a named local model.",
+    )
+    parser.add_argument("model", metavar="MODEL", help="model name or file")
+    parser.add_argument("data", metavar="DATA", help="folder of class subfolders, or a CSV")
+    parser.add_argument(
+        "--out",
+        metavar="NAME",
+        help="name of the calibrated model (default: MODEL-calibrated, "
+        "or MODEL itself for a local model)",
+    )
+    parser.add_argument("--rbc-diameter", type=float, help="red-cell diameter in pixels")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+    parser.add_argument("--seed", type=_seed, default=0)
+
+
+def _calibrate(args):
+    from pathlib import Path
+
+    from napari_cytodiffusion.core.model.weights import find_model
+    from napari_cytodiffusion.core.tasks.adapt import AdaptRequest
+
+    name = args.out
+    if name is None:
+        entry = find_model(args.model)
+        name = entry.name if entry and entry.local else f"{Path(args.model).stem}-calibrated"
+    request = AdaptRequest(
+        data=Path(args.data),
+        name=name,
+        base=args.model,
+        steps=0,
+        device=args.device,
+        seed=args.seed,
+        rbc_diameter=args.rbc_diameter,
+    )
+    return _run_adapt(request, "calibrating")
+
+
+def _add_export_cells(subparsers):
+    parser = subparsers.add_parser(
+        "export-cells",
+        help="export annotated cells as a labelled dataset for train / adapt",
+        description="Write the cells people annotated in smears (IMAGE.annotations.json, saved "
+        "by the Annotate cells widget) into a class-folder dataset with a manifest.",
+    )
+    parser.add_argument("paths", nargs="+", metavar="IMAGE")
+    parser.add_argument("--out", required=True, metavar="DIR")
+    parser.add_argument("--model", default="default", help="the model the crops are made for")
+    parser.add_argument("--rbc-diameter", type=float, help="red-cell diameter in pixels")
+
+
+def _export_cells(args):
+    from napari_cytodiffusion.core.model.weights import find_model, model_path
+    from napari_cytodiffusion.core.tasks.annotate import export_annotated
+
+    entry = find_model(args.model)
+    if entry is not None:
+        size = entry.image_size
+    else:
+        from napari_cytodiffusion.core.model.checkpoint import load_model_file
+
+        size = load_model_file(model_path(args.model), "cpu").image_size
+    totals = {}
+    for path in args.paths:
+        written = export_annotated(path, args.out, size, rbc_diameter=args.rbc_diameter)
+        if not written:
+            print(f"{path}: no annotations (annotate it with the Annotate cells widget first)")
+        for name, count in written.items():
+            totals[name] = totals.get(name, 0) + count
+    print(
+        f"{sum(totals.values())} cells in {args.out}: "
+        + (", ".join(f"{name} {count}" for name, count in sorted(totals.items())) or "none")
+    )
     return 0
 
 
@@ -593,6 +747,9 @@ COMMANDS = {
     "counterfactual": (_add_counterfactual, _counterfactual),
     "turing": (_add_turing, _turing),
     "analyze": (_add_analyze, _analyze),
+    "adapt": (_add_adapt, _adapt),
+    "calibrate": (_add_calibrate, _calibrate),
+    "export-cells": (_add_export_cells, _export_cells),
 }
 
 

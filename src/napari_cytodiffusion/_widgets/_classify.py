@@ -26,6 +26,9 @@ NO_LABELS = "none: segment the image first"
 TABLE_ROWS = 8
 # Filled classes stay see-through so the cells show; outlines are drawn opaque.
 FILL_OPACITY, OUTLINE_OPACITY = 0.5, 1.0
+# Cells not yet reviewed by a person are drawn fainter than reviewed ones.
+UNREVIEWED_ALPHA = 0.6
+NOT_CELL_COLOUR = "#9e9e9e"  # artefact, unknown
 
 
 class ClassifyWidget(DockForm):
@@ -189,6 +192,8 @@ class ClassifyWidget(DockForm):
             "seed": self._seed.value,
             "uncertainty_threshold": self._uncertainty.value,
             "anomaly_threshold": self._anomaly.value,
+            # A person's corrections saved beside the image are kept over the model's calls.
+            "image_path": image_path(image),
         }
         data = image.data
         self._runner.start(
@@ -228,7 +233,11 @@ class ClassifyWidget(DockForm):
                 "class": True,
                 "rbc_diameter": result.rbc_diameter,
                 "model": model.name,
+                "classes": result.classes,
+                "image_size": model.image_size,
                 "contour": contour,
+                "source": image.name,
+                "path": image_path(image),
             },
             **placement,
         )
@@ -341,6 +350,11 @@ def _work(data, settings, progress):
     from napari_cytodiffusion.core.tasks.classify import classify
 
     model = settings["model"].load(progress)
+    annotations = None
+    if settings["segment"] and settings["image_path"] is not None:
+        from napari_cytodiffusion.core.annotations import load_annotations
+
+        annotations = load_annotations(settings["image_path"])
     result = classify(
         np.asarray(data),
         model,
@@ -351,6 +365,7 @@ def _work(data, settings, progress):
         seed=settings["seed"],
         uncertainty_threshold=settings["uncertainty_threshold"],
         anomaly_threshold=settings["anomaly_threshold"],
+        annotations=annotations,
         progress=progress,
     )
     if not result.calls:
@@ -359,11 +374,8 @@ def _work(data, settings, progress):
     labels = result.cell_labels()
     if settings["labels"] is not None:
         labels = labels.copy()  # the class layer must not share the user's labels
-    palette = class_colours(result.classes)
     colours = {None: "transparent", 0: "transparent"}
-    colours.update(
-        {int(i): palette[c] for i, c in zip(table["index"], table["label"], strict=True)}
-    )
+    colours.update(cell_colours(table, result.classes))
     layers = {
         "labels": labels,
         "table": table,
@@ -373,6 +385,27 @@ def _work(data, settings, progress):
         "contour": max(1, int(round(result.rbc_diameter / 16))),
     }
     return model, result, layers
+
+
+def image_path(layer):
+    """The file an image layer was opened from, or None (made in memory, a sample)."""
+    path = getattr(layer.source, "path", None)
+    return str(path) if path else None
+
+
+def cell_colours(table, classes):
+    """{cell index: colour}: each cell in the colour of its call (the person's where given);
+    reviewed cells opaque, the others translucent, so review progress shows at a glance."""
+    from napari.utils.colormaps.standardize_color import transform_color
+
+    palette = class_colours(classes)
+    reviewed = table["annotated"] != "" if "annotated" in table else [False] * len(table)
+    colours = {}
+    for index, label, done in zip(table["index"], table["label"], reviewed, strict=True):
+        rgba = transform_color(palette.get(label, NOT_CELL_COLOUR))[0].copy()
+        rgba[3] = 1.0 if done else UNREVIEWED_ALPHA
+        colours[int(index)] = rgba
+    return colours
 
 
 def _segmented_from(layer, image):

@@ -2,6 +2,7 @@
 (buttons, Cancel, a status line) with its task runner, and one loaded model per
 (name, device) for all widgets."""
 
+import weakref
 from dataclasses import dataclass
 
 from magicgui.widgets import (
@@ -10,7 +11,6 @@ from magicgui.widgets import (
     FileEdit,
     FloatSpinBox,
     Label,
-    LineEdit,
     PushButton,
     SpinBox,
 )
@@ -88,22 +88,51 @@ def sampler_fields(what="cells"):
     )
 
 
+MODEL_FILE = "model file…"
+_MODEL_FIELDS = weakref.WeakSet()
+
+
+def model_names(_=None):
+    """The named models offered in every widget: ``default``, the registry's, local ones."""
+    from napari_cytodiffusion.core.model.weights import WeightsError, list_models
+
+    try:
+        entries = list_models()
+    except WeightsError:
+        entries = []
+    others = [entry.name for entry in entries if not entry.default]
+    return ["default", *others, MODEL_FILE]
+
+
+def refresh_model_choices():
+    """Offer newly registered models (adapted, calibrated) in every open widget."""
+    for fields in list(_MODEL_FIELDS):
+        fields.model.reset_choices()
+
+
 class ModelFields:
     """The model, device and (optionally) seed fields, the same in every widget."""
 
     def __init__(self, seed=True, seed_tooltip="Same seed, same result."):
-        self.model = LineEdit(
-            value="default",
+        self.model = ComboBox(
             label="model",
-            tooltip="A model name from the registry (default: the shipped model) or the path "
-            "of a model file, such as one made by Train / adapt model.",
+            choices=model_names,
+            value="default",
+            tooltip="default: the shipped model; the registry's models; models adapted or "
+            "calibrated on this computer; or a model file (such as one made by Train model).",
         )
+        self.file = FileEdit(label="model file", mode="r", filter="*.pt", visible=False)
+        self.model.changed.connect(lambda value: setattr(self.file, "visible", value == MODEL_FILE))
         self.device = device_field()
         self.seed = SpinBox(label="seed", value=0, min=0, max=2**31 - 1, tooltip=seed_tooltip)
-        self.widgets = [self.model, self.device] + ([self.seed] if seed else [])
+        self.widgets = [self.model, self.file, self.device] + ([self.seed] if seed else [])
+        _MODEL_FIELDS.add(self)
 
     def choice(self):
-        return ModelChoice(self.model.value.strip() or "default", self.device.value)
+        name = self.model.value or "default"
+        if name == MODEL_FILE:
+            name = str(self.file.value)
+        return ModelChoice(name, self.device.value)
 
     def classes(self):
         """The chosen model's classes (the default model's while the field is not valid)."""

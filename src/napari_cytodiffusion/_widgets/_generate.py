@@ -39,7 +39,6 @@ class GenerateWidget(DockForm):
             label="sampler",
             tooltip="dpm++2m: second order, fewer steps for the same quality; ddim: first order.",
         )
-        self._model, self._device, self._seed = self._fields.widgets
         row = RunRow("Generating cells", "Generate")
         self._run, self._cancel, self._status = row.buttons[0], row.cancel, row.status
         self._runner = row.runner
@@ -61,7 +60,7 @@ class GenerateWidget(DockForm):
             "n": self._count.value,
             "steps": self._steps.value,
             "guidance": self._guidance.value,
-            "seed": self._seed.value,
+            "seed": self._fields.seed.value,
             "sampler": self._sampler.value,
         }
         choice = self._fields.choice()

@@ -68,7 +68,6 @@ class TuringWidget(DockForm):
         )
         self._rbc_diameter = rbc_diameter_field("Of the real images; 0 estimates it per image.")
         self._steps, self._guidance = sampler_fields("the synthetic cells")
-        self._model, self._device, self._seed = self._fields.widgets
         self._out = FileEdit(mode="d", label="results folder", tooltip="Where the CSVs go.")
         row = RunRow("Building the Turing test panel", "Build panel and start")
         self._build, self._cancel, self._progress = row.buttons[0], row.cancel, row.status
@@ -132,7 +131,7 @@ class TuringWidget(DockForm):
             return
         request = TuringRequest(
             n=self._count.value,
-            seed=self._seed.value,
+            seed=self._fields.seed.value,
             steps=self._steps.value,
             guidance=self._guidance.value,
             rbc_diameter=self._rbc_diameter.value or None,

@@ -26,9 +26,13 @@ PACK_VERSION = 2
 
 @dataclass(frozen=True)
 class Record:
+    """One labelled image; ``rbc_diameter`` is its known red-cell scale (from the manifest
+    of exported cells), None when it is to be estimated."""
+
     path: Path
     label: str
     split: str
+    rbc_diameter: float | None = None
 
 
 @dataclass
@@ -115,6 +119,7 @@ def _records_from_csv(path, classes):
 
 
 def _records_from_folders(root, val_fraction, classes):
+    scales = _manifest_scales(root)
     records = []
     for folder in sorted(p for p in root.iterdir() if p.is_dir()):
         try:
@@ -125,8 +130,24 @@ def _records_from_folders(root, val_fraction, classes):
             if file.suffix.lower() in IMAGE_SUFFIXES:
                 digest = hashlib.sha256(file.name.encode()).digest()
                 split = "val" if digest[0] / 256 < val_fraction else "train"
-                records.append(Record(file, label, split))
+                scale = scales.get(f"{folder.name}/{file.name}")
+                records.append(Record(file, label, split, scale))
     return records
+
+
+def _manifest_scales(root):
+    """{"<class>/<file>": red-cell diameter} from the manifest of exported annotated cells."""
+    from napari_cytodiffusion.core.annotations import MANIFEST
+    from napari_cytodiffusion.core.io import read_table
+
+    manifest = Path(root) / MANIFEST
+    if not manifest.is_file():
+        return {}
+    return {
+        row["file"]: float(row["rbc_diameter"])
+        for row in read_table(manifest, ("file", "rbc_diameter"))
+        if row.get("rbc_diameter")
+    }
 
 
 def pack_cache_path(out, records, image_size, rbc_diameter=None):
@@ -143,7 +164,9 @@ def pack_cache_path(out, records, image_size, rbc_diameter=None):
             stamp = f"{stat.st_size} {stat.st_mtime_ns}"
         except OSError:
             stamp = "missing"
-        digest.update(f"\n{record.path} {record.label} {record.split} {stamp}".encode())
+        digest.update(
+            f"\n{record.path} {record.label} {record.split} {record.rbc_diameter} {stamp}".encode()
+        )
     out = Path(out)
     return out.with_name(f"{out.stem}.cells-{digest.hexdigest()[:12]}.npz")
 
@@ -202,7 +225,10 @@ def pack_cells(
     for done, record in enumerate(records, 1):
         try:
             crop = normalised_cell(
-                read_image(record.path), size, rbc_diameter, FIELD_OF_VIEW_RBC * PACK_MARGIN
+                read_image(record.path),
+                size,
+                record.rbc_diameter or rbc_diameter,
+                FIELD_OF_VIEW_RBC * PACK_MARGIN,
             )
         except (ImageError, InputFileError) as error:
             raise ValueError(f"{record.path}: {error}") from error

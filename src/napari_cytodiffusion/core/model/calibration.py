@@ -24,8 +24,8 @@ MAX_REVIEW_FRACTION = 0.2
 ANOMALY_FALSE_ALARM = 0.01
 
 
-def fit_calibration(model, errors, labels):
-    """Fit the calibration from an exhaustive run on labelled validation cells.
+def fit_calibration(model, errors, labels, base=None):
+    """Fit the calibration from an exhaustive run on labelled cells.
 
     Parameters
     ----------
@@ -36,12 +36,21 @@ def fit_calibration(model, errors, labels):
         ``exhaustive`` strategy for the ``k`` real classes.
     labels : ndarray (n,)
         True class ids.
+    base : dict, optional
+        An earlier calibration of the same classes (the base model's, when adapting). A class
+        without cells here keeps its class bias and anomaly reference from it, so a lab that
+        has no basophils still gets basophil calls; without ``base`` every class needs cells.
 
     Returns
     -------
     dict
     """
     labels = np.asarray(labels)
+    k = errors.shape[2]
+    present = np.bincount(labels, minlength=k) > 0
+    if not present.all() and not (base or {}).get("class_bias"):
+        missing = np.flatnonzero(~present).tolist()
+        raise ValueError(f"Calibration needs cells of every class; none of class ids {missing}.")
     timesteps = trial_timesteps(errors.shape[1])
     order = np.argsort(timesteps)
     centred = errors - errors.mean(axis=2, keepdims=True)
@@ -51,24 +60,28 @@ def fit_calibration(model, errors, labels):
         "timestep_sd": spread[order].tolist(),
     }
     model.calibration = calibration
-    calibration["class_bias"] = _fit_class_bias(model, errors, labels).tolist()
+    calibration["class_bias"] = _fit_class_bias(model, errors, labels, base).tolist()
     adaptive, _ = replay_adaptive(model, errors)
     against, best = evidence(model, adaptive)
     calibration["inverse_temperature"] = _fit_inverse_temperature(against, labels)
-    calibration.update(_anomaly_reference(errors, labels, timesteps))
+    calibration.update(_anomaly_reference(errors, labels, timesteps, base))
     model.calibration = calibration
     probabilities = _softmax(-against * calibration["inverse_temperature"])
     uncertainty = _normalised_entropy(probabilities)
     calibration["uncertainty_threshold"] = _review_threshold(uncertainty, best == labels)
     anomaly = anomaly_scores(model, adaptive, best)
     calibration["anomaly_threshold"] = float(np.quantile(anomaly, 1 - ANOMALY_FALSE_ALARM))
-    calibration["fitted_on"] = f"{len(labels)} validation cells, {errors.shape[1]} trials"
+    calibration["fitted_on"] = f"{len(labels)} labelled cells, {errors.shape[1]} trials"
     model.calibration = calibration
     return calibration
 
 
-def _fit_class_bias(model, errors, labels):
-    """Per-class offsets (platelet fixed at 0) maximising class-balanced likelihood."""
+def _fit_class_bias(model, errors, labels, base=None):
+    """Per-class offsets maximising class-balanced likelihood.
+
+    One class with cells is the anchor (its offset fixed); classes without cells keep their
+    offsets from ``base`` relative to it.
+    """
     from scipy.optimize import minimize
 
     from napari_cytodiffusion.core.model.classifier import normalised_scores
@@ -76,15 +89,23 @@ def _fit_class_bias(model, errors, labels):
     means = np.nanmean(normalised_scores(model, errors), axis=1)
     means = means - means.mean(axis=1, keepdims=True)
     k = means.shape[1]
-    weights = 1.0 / np.bincount(labels, minlength=k)[labels]
+    counts = np.bincount(labels, minlength=k)
+    fitted_ids = np.flatnonzero(counts > 0)
+    anchor, free = fitted_ids[-1], fitted_ids[:-1]
+    bias = np.array(base["class_bias"], float) if base else np.zeros(k)
+    weights = 1.0 / counts[labels]
 
     def loss(params):
-        scale, bias = np.exp(params[0]), np.r_[params[1:], 0.0]
-        log_p = _log_softmax(-scale * (means - bias))
+        scale = np.exp(params[0])
+        trial = bias.copy()
+        trial[free] = params[1:]
+        log_p = _log_softmax(-scale * (means - trial))
         return -np.sum(weights * log_p[np.arange(len(labels)), labels]) / weights.sum()
 
-    fitted = minimize(loss, np.zeros(k), method="L-BFGS-B")
-    return np.r_[fitted.x[1:], 0.0]
+    start = np.r_[0.0, bias[free]]
+    fitted = minimize(loss, start, method="L-BFGS-B")
+    bias[free] = fitted.x[1:]
+    return bias - bias[anchor] if base is None else bias
 
 
 def _fit_inverse_temperature(against, labels):
@@ -97,16 +118,26 @@ def _fit_inverse_temperature(against, labels):
     return float(np.exp(minimize_scalar(loss, bounds=(-5, 5), method="bounded").x))
 
 
-def _anomaly_reference(errors, labels, timesteps):
-    """Mean and SD of the true class's log error per class and timestep, smoothed over t."""
+def _anomaly_reference(errors, labels, timesteps, base=None):
+    """Mean and SD of the true class's log error per class and timestep, smoothed over t.
+
+    A class without cells keeps ``base``'s reference, resampled onto this timestep grid.
+    """
     order = np.argsort(timesteps)
+    grid = timesteps[order]
     k = errors.shape[2]
     log_true = np.log(errors[np.arange(len(labels)), :, labels])  # (n, trials)
     means, sds = [], []
     for c in range(k):
         rows = log_true[labels == c][:, order]
-        means.append(_smooth(rows.mean(axis=0)).tolist())
-        sds.append(np.maximum(_smooth(rows.std(axis=0)), 1e-3).tolist())
+        if len(rows):
+            mean, sd = _smooth(rows.mean(axis=0)), np.maximum(_smooth(rows.std(axis=0)), 1e-3)
+        else:
+            old_grid = base["timestep_grid"]
+            mean = np.interp(grid, old_grid, base["class_log_error_mean"][c])
+            sd = np.interp(grid, old_grid, base["class_log_error_sd"][c])
+        means.append(mean.tolist())
+        sds.append(sd.tolist())
     return {"class_log_error_mean": means, "class_log_error_sd": sds}
 
 
@@ -137,19 +168,3 @@ def _softmax(z):
 
 def _normalised_entropy(p):
     return -np.sum(p * np.log(np.clip(p, 1e-12, None)), axis=1) / np.log(p.shape[1])
-
-
-def store_calibration(model_path, calibration, out_path=None, metadata=None):
-    """Write ``calibration`` (and optionally ``metadata``) into a model file.
-
-    The file is rewritten in place unless ``out_path`` is given; its weights are untouched.
-    """
-    import json
-
-    import torch
-
-    state = torch.load(model_path, map_location="cpu", weights_only=True)
-    state["calibration"] = json.dumps(calibration)
-    if metadata is not None:
-        state["metadata"] = json.dumps(metadata)
-    torch.save(state, out_path or model_path)

@@ -107,6 +107,30 @@ def load_model_file(path, device="cpu", name=None):
     )
 
 
+def save_model_file(model, path):
+    """Write a :class:`DiffusionModel` (float16 weights, classes, calibration, metadata) to
+    ``path`` atomically: an interrupted write leaves any earlier file there intact."""
+    import torch
+
+    from napari_cytodiffusion.core.io import atomic_write
+
+    weights = model.unet.state_dict()
+    contents = {
+        "format": MODEL_FORMAT,
+        "version": 1,
+        "config": json.dumps(model.unet.config),
+        "classes": list(model.classes),
+        "state_dict": {
+            key: value.detach().cpu().half() if value.is_floating_point() else value.cpu()
+            for key, value in weights.items()
+        },
+        "metadata": json.dumps(model.metadata),
+        "calibration": json.dumps(model.calibration),
+    }
+    with atomic_write(path) as partial:
+        torch.save(contents, partial)
+
+
 def read_state(path):
     """A model or checkpoint file's contents, read without running any code in it.
 

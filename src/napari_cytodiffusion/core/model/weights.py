@@ -12,7 +12,10 @@ into a cache folder:
 
 Every registry file is checked against its sha256 each time it is used, the shipped one too.
 A file that does not match is never replaced or deleted here: the user decides what to do
-with it. A user's own model file is given by its path and loaded as it is. Loading never
+with it. A user's own model file is given by its path and loaded as it is. Models a lab adapts
+or calibrates (``adapt``, ``calibrate``) are registered as *local* models: the file is kept in
+``<cache>/local/`` and listed, with its sha256, in ``<cache>/local/registry.json``, so every
+command and widget offers them by name and checks them like the others. Loading never
 unpickles (see :func:`napari_cytodiffusion.core.model.checkpoint.load_model_file`).
 """
 
@@ -29,6 +32,8 @@ CACHE_ENV = "NAPARI_CYTODIFFUSION_CACHE"
 URL_ENV = "NAPARI_CYTODIFFUSION_MODEL_URL"
 DEFAULT_NAME = "default"
 _ENTRY_FIELDS = ("name", "file", "sha256", "url", "classes", "image_size", "version")
+LOCAL_FOLDER = "local"
+_NAME_CHARACTERS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
 
 
 class WeightsError(ValueError):
@@ -48,6 +53,7 @@ class ModelEntry:
     version: str
     description: str = ""
     default: bool = False
+    local: bool = False
 
 
 def read_registry(path=None):
@@ -56,24 +62,7 @@ def read_registry(path=None):
     try:
         registry = json.loads(path.read_text())
         default = registry[DEFAULT_NAME]
-        entries = []
-        for item in registry["models"]:
-            missing = [key for key in _ENTRY_FIELDS if key not in item]
-            if missing:
-                raise KeyError(", ".join(missing))
-            entries.append(
-                ModelEntry(
-                    name=item["name"],
-                    file=item["file"],
-                    sha256=item["sha256"].lower(),
-                    url=item["url"],
-                    classes=tuple(item["classes"]),
-                    image_size=int(item["image_size"]),
-                    version=str(item["version"]),
-                    description=item.get("description", ""),
-                    default=item["name"] == default,
-                )
-            )
+        entries = [_entry(item, default) for item in registry["models"]]
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise WeightsError(
             f"The model registry {path} is unreadable or incomplete ({error}); "
@@ -82,17 +71,112 @@ def read_registry(path=None):
     return default, entries
 
 
+def _entry(item, default=None, local=False):
+    missing = [key for key in _ENTRY_FIELDS if key not in item]
+    if missing:
+        raise KeyError(", ".join(missing))
+    return ModelEntry(
+        name=item["name"],
+        file=item["file"],
+        sha256=item["sha256"].lower(),
+        url=item["url"],
+        classes=tuple(item["classes"]),
+        image_size=int(item["image_size"]),
+        version=str(item["version"]),
+        description=item.get("description", ""),
+        default=item["name"] == default,
+        local=local,
+    )
+
+
+def local_registry_path():
+    """The list of this machine's local models (adapted or calibrated by a lab)."""
+    return cache_dir() / LOCAL_FOLDER / "registry.json"
+
+
+def read_local_models():
+    """The local models as a list of :class:`ModelEntry` (empty when there are none)."""
+    path = local_registry_path()
+    if not path.is_file():
+        return []
+    try:
+        return [_entry(item, local=True) for item in json.loads(path.read_text())["models"]]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise WeightsError(
+            f"The list of local models {path} is unreadable ({error}); repair or delete it "
+            "(the model files beside it stay usable by their paths)."
+        ) from error
+
+
 def list_models():
-    """Return every registry model as a :class:`ModelEntry`, the default one first."""
+    """Return every named model as a :class:`ModelEntry`: the default one first, then the other
+    registry models, then local ones."""
     _, entries = read_registry()
-    return sorted(entries, key=lambda entry: not entry.default)
+    return sorted(entries, key=lambda entry: not entry.default) + read_local_models()
 
 
 def find_model(name):
-    """Return the registry entry called ``name`` (``default`` included), or None."""
+    """Return the entry of the model called ``name`` (``default`` included), or None."""
     default, entries = read_registry()
     name = default if name == DEFAULT_NAME else name
-    return next((entry for entry in entries if entry.name == name), None)
+    return next((entry for entry in entries + read_local_models() if entry.name == name), None)
+
+
+def check_local_name(name):
+    """Raise :class:`WeightsError` unless ``name`` can name a new local model.
+
+    A registry model's name (or ``default``) is refused; an existing local model of that
+    name is replaced by :func:`register_local_model`.
+    """
+    if not name or not set(name) <= _NAME_CHARACTERS or name.startswith("."):
+        raise WeightsError(
+            f"{name!r} cannot name a model: use letters, digits, '-', '_' and '.', for "
+            "example 'lab-a-adapted'."
+        )
+    default, entries = read_registry()
+    if name in {DEFAULT_NAME, default} | {entry.name for entry in entries}:
+        raise WeightsError(f"{name!r} is a model of the package; choose another name.")
+
+
+def register_local_model(model, name, description=""):
+    """Save ``model`` (a DiffusionModel) as the local model ``name`` and list it.
+
+    The file and the list are written under temporary names and renamed, so an interrupted
+    call leaves the earlier model of that name, if any, intact and listed.
+
+    Returns
+    -------
+    ModelEntry
+    """
+    from napari_cytodiffusion.core.io import atomic_write
+    from napari_cytodiffusion.core.model.checkpoint import save_model_file
+
+    check_local_name(name)
+    folder = local_registry_path().parent
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.pt"
+    save_model_file(model, path)
+    item = {
+        "name": name,
+        "file": path.name,
+        "sha256": file_sha256(path),
+        "url": None,
+        "classes": list(model.classes),
+        "image_size": model.image_size,
+        "version": "local",
+        "description": description,
+    }
+    others = [
+        {key: getattr(entry, key) for key in (*_ENTRY_FIELDS, "description")}
+        for entry in read_local_models()
+        if entry.name != name
+    ]
+    with atomic_write(local_registry_path()) as partial:
+        Path(partial).write_text(json.dumps({"models": [*others, item]}, indent=2) + "\n")
+    with _SHARED_LOCK:  # widgets must not keep using the model this one replaced
+        for key in [key for key in _SHARED if key[0] == name]:
+            del _SHARED[key]
+    return _entry(item, local=True)
 
 
 def cache_dir():
@@ -115,7 +199,10 @@ def download_url(entry):
 
 
 def local_file(entry):
-    """Where ``entry`` is on this machine, shipped or cached, or None if it is not here yet."""
+    """Where ``entry`` is on this machine, shipped, cached or local, or None if it is not here."""
+    if entry.local:
+        path = local_registry_path().parent / entry.file
+        return path if path.is_file() else None
     shipped = MODELS_DIR / entry.file
     if shipped.is_file():
         return shipped
@@ -124,8 +211,10 @@ def local_file(entry):
 
 
 def location(entry):
-    """``shipped``, ``cached`` or ``download``: where ``entry`` would be loaded from."""
+    """``shipped``, ``cached``, ``local`` or ``download``: where ``entry`` would be loaded from."""
     path = local_file(entry)
+    if entry.local:
+        return "local" if path else "missing"
     if path is None:
         return "download"
     return "shipped" if path.parent == MODELS_DIR else "cached"
@@ -181,6 +270,11 @@ def model_path(name_or_path="default", progress=None):
             f"{name_or_path!r} is neither a model name ({names}) nor an existing model file."
         )
     path = local_file(entry)
+    if path is None and entry.local:
+        raise WeightsError(
+            f"The file of local model {entry.name!r} ({entry.file}) is missing from "
+            f"{local_registry_path().parent}; adapt or calibrate it again."
+        )
     if path is None:
         path = _download(entry, cache_dir() / entry.file, progress)
     verify_sha256(path, entry)

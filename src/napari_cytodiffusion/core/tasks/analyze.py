@@ -63,7 +63,8 @@ class SmearAnalysis:
         """Number and percentage of white cells per class."""
         from napari_cytodiffusion.core.tasks.classify import differential_count
 
-        return differential_count(self.cells["label"], self.classes)
+        labels = [label for label in self.cells["label"] if label in self.classes]
+        return differential_count(labels, self.classes)
 
     def summary(self):
         """One row for the summary table across smears."""
@@ -90,6 +91,7 @@ def analyze_smear(
     tile_size=ANALYSIS_TILE,
     strategy="adaptive",
     seed=0,
+    annotations=None,
     progress=None,
 ):
     """Segment, classify and triage one smear of any size, in this process.
@@ -106,6 +108,9 @@ def analyze_smear(
         Red-cell diameter in pixels; estimated from the image when not given.
     tile_size : int
         Side of the tiles analysed one at a time, in pixels.
+    annotations : Annotations, optional
+        A person's review of this smear: their labels are kept over the model's and cells
+        they deleted are dropped (see :func:`apply_annotations`).
     progress : callable, optional
         ``progress(done, total)``; raise ``Cancelled`` from it to stop.
 
@@ -120,7 +125,7 @@ def analyze_smear(
     for done, tile in enumerate(info.tiles, 1):
         parts.append(analyze_tile(prepared, tile, model, strategy, seed))
         report(analysing, done, len(info.tiles))
-    return assemble(name, info, parts, model)
+    return assemble(name, info, parts, model, annotations)
 
 
 def prepare(image, rbc_diameter=None, progress=None):
@@ -219,8 +224,9 @@ def _global_coordinates(table, origin):
     return table
 
 
-def assemble(name, info, parts, model):
-    """One :class:`SmearAnalysis` from the tiles' parts (in tile order), with its triage."""
+def assemble(name, info, parts, model, annotations=None):
+    """One :class:`SmearAnalysis` from the tiles' parts (in tile order), with its triage;
+    ``annotations`` as in :func:`analyze_smear`."""
     import pandas as pd
 
     from napari_cytodiffusion.core.tasks.classify import calls_table
@@ -237,6 +243,8 @@ def assemble(name, info, parts, model):
         crops += list(part.crops)
     features = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame()
     cells = _cell_rows(features, calls_table(calls), limits)
+    if annotations is not None:
+        cells, crops = apply_annotations(cells, crops, annotations, info.rbc_diameter)
     flagged = {
         int(cell_id): crop
         for cell_id, crop, review in zip(cells["id"], crops, cells["needs_review"], strict=True)
@@ -285,6 +293,30 @@ def _cell_rows(features, calls, limits):
         for u, a in zip(cells["uncertainty"], cells["anomaly_score"], strict=True)
     ]
     return cells
+
+
+def apply_annotations(cells, crops, annotations, rbc_diameter):
+    """The per-cell table with a person's review applied: ``predicted`` (the model's call),
+    ``annotated`` (the person's, or ""), ``label`` the person's where given; reviewed cells
+    no longer need review; deleted cells are dropped (with their crops) and ids renumbered.
+    Cells are matched to annotations within half a red-cell diameter."""
+    from napari_cytodiffusion.core.annotations import DELETED, match_centres
+
+    centres = cells[["centroid_row", "centroid_col"]].to_numpy(float)
+    human = [h or "" for h in match_centres(centres, annotations, 0.5 * rbc_diameter)]
+    keep = np.array([h != DELETED for h in human], bool)
+    cells = cells[keep].reset_index(drop=True)
+    human = [h for h, k in zip(human, keep, strict=True) if k]
+    crops = [c for c, k in zip(crops, keep, strict=True) if k]
+    cells["id"] = np.arange(1, len(cells) + 1)
+    position = list(cells.columns).index("label")
+    cells.insert(position, "predicted", cells["label"])
+    cells.insert(position + 1, "annotated", human)
+    reviewed = cells["annotated"] != ""
+    cells.loc[reviewed, "label"] = cells.loc[reviewed, "annotated"]
+    cells.loc[reviewed, "needs_review"] = False
+    cells.loc[reviewed, "why"] = ""
+    return cells, crops
 
 
 def _why(uncertainty, anomaly, limits):
@@ -341,6 +373,9 @@ class BatchRequest:
     scheduler : str, optional
         Address of a running dask scheduler; a local cluster of ``workers`` processes when
         not given.
+    ignore_annotations : bool
+        Do not apply the annotations saved beside a smear (by default a person's labels are
+        kept over the model's).
     """
 
     paths: list
@@ -353,6 +388,7 @@ class BatchRequest:
     tile_size: int = ANALYSIS_TILE
     strategy: str = "adaptive"
     seed: int = 0
+    ignore_annotations: bool = False
 
 
 @dataclass
@@ -481,6 +517,7 @@ def _client(request):
     import contextlib
     import os
 
+    import dask
     from distributed import Client, LocalCluster
 
     @contextlib.contextmanager
@@ -491,7 +528,19 @@ def _client(request):
             return
         workers = request.workers or max(1, min(4, os.cpu_count() or 1))
         threads = max(1, (os.cpu_count() or 1) // workers)
+        # Dask starts its workers with one thread for the maths libraries and a fixed
+        # malloc trim threshold; a fixed threshold also freezes glibc's mmap threshold, so
+        # every tensor of the classifier's batches is mapped and faulted in afresh, which
+        # made a worker more than twice as slow as the same tile run in-process. Each worker
+        # here owns its share of the cores and keeps the default allocator.
+        environ = {
+            "distributed.nanny.pre-spawn-environ": {
+                name: str(threads)
+                for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+            }
+        }
         with (
+            dask.config.set(environ),
             LocalCluster(
                 n_workers=workers,
                 threads_per_worker=1,
@@ -553,7 +602,12 @@ def _run_batch(client, threads, request, model, todo, out, result, progress, on_
         if len(smear["parts"]) == len(smear["info"].tiles):
             parts = [smear["parts"][i] for i in range(len(smear["parts"]))]
             try:
-                analysis = assemble(name, smear["info"], parts, model)
+                from napari_cytodiffusion.core.annotations import load_annotations
+
+                annotations = (
+                    None if request.ignore_annotations else load_annotations(smear["source"])
+                )
+                analysis = assemble(name, smear["info"], parts, model, annotations)
                 files.write_smear(analysis, out / name, smear["source"])
             except Exception as error:  # a smear that cannot be written fails alone
                 _fail(name, error, result, on_smear)

@@ -33,9 +33,13 @@ class Classification:
     classes : tuple of str
         The model's classes.
     labels : ndarray or None
-        The instance labels the cell ids refer to (given or segmented); None for a single
-        cell (see :meth:`cell_labels`).
+        The instance labels the cell ids refer to (given or segmented, with annotations
+        applied); None for a single cell (see :meth:`cell_labels`).
     segmentation : SmearSegmentation or None
+    annotated : list of str
+        The person's label of each cell from the image's annotations ("" where none).
+    added : list of bool
+        Whether each cell was painted by a person (missed by the segmentation).
     """
 
     calls: list
@@ -46,6 +50,8 @@ class Classification:
     classes: tuple
     labels: np.ndarray | None = None
     segmentation: object = None
+    annotated: list | None = None
+    added: list | None = None
 
     @property
     def rbc_diameter(self):
@@ -57,13 +63,28 @@ class Classification:
 
     def table(self):
         """One row per cell (see :func:`calls_table`); ``index`` is its value in
-        :meth:`cell_labels` (1 for the single cell of a single-cell image)."""
+        :meth:`cell_labels` (1 for the single cell of a single-cell image). ``predicted`` is
+        the model's call, ``annotated`` the person's (or ""), and ``label`` the person's call
+        where there is one, else the model's."""
         ids = [1] if self.single_cell else self.cell_ids
-        return calls_table(self.calls, ids, self.centres)
+        table = calls_table(self.calls, ids, self.centres)
+        if len(table):
+            table.insert(2, "predicted", table["label"])
+            table.insert(3, "annotated", self.annotated or [""] * len(table))
+            table.insert(4, "added", self.added or [False] * len(table))
+            table["label"] = table["annotated"].where(table["annotated"] != "", table["predicted"])
+        return table
+
+    def final_labels(self):
+        """Each cell's call: the person's where annotated, else the model's."""
+        human = self.annotated or [""] * len(self.calls)
+        return [h or call.label for h, call in zip(human, self.calls, strict=True)]
 
     def differential(self):
-        """Number and percentage of cells per class: see :func:`differential_count`."""
-        return differential_count([call.label for call in self.calls], self.classes)
+        """Number and percentage of cells per class (annotated artefacts and unknown cells
+        left out): see :func:`differential_count`."""
+        labels = [label for label in self.final_labels() if label in self.classes]
+        return differential_count(labels, self.classes)
 
     def cell_labels(self):
         """Instance labels of the classified cells: given, segmented, or a disc of label 1
@@ -87,6 +108,7 @@ def classify(
     seed=0,
     uncertainty_threshold=None,
     anomaly_threshold=None,
+    annotations=None,
     progress=None,
 ):
     """Classify every white cell of a smear, or the central cell of a single-cell image.
@@ -108,6 +130,10 @@ def classify(
         Red-cell diameter in pixels; estimated from the image when not given.
     strategy, seed, uncertainty_threshold, anomaly_threshold
         See :func:`~napari_cytodiffusion.core.model.classifier.classify_crops`.
+    annotations : Annotations, optional
+        A person's review of this image (:mod:`~napari_cytodiffusion.core.annotations`):
+        deleted cells are dropped, painted cells added, and the person's labels kept over the
+        model's. Not used for a single-cell image.
     progress : callable, optional
         ``progress(done, total)``; raise ``Cancelled`` from it to stop.
 
@@ -138,6 +164,13 @@ def classify(
         sites = [cropping.CellSite(tuple(c), smear.rbc_diameter, smear.background) for c in centres]
     else:
         sites, cell_ids = [cropping.central_cell_site(smear)], [None]
+    human, added = {}, set()
+    if annotations is not None and labels is not None:
+        from napari_cytodiffusion.core.annotations import annotate_labels
+
+        labels, human, added = annotate_labels(labels, annotations)
+        cell_ids = [int(v) for v in np.unique(labels) if v != 0]
+        sites = cropping.labelled_cell_sites(smear, labels, cell_ids)
     centres = np.array([site.centre for site in sites], float).reshape(-1, 2)
     size = model.image_size
     crops = np.zeros((len(sites), size, size, 3), np.float32)
@@ -155,7 +188,16 @@ def classify(
             progress=classifying,
         )
     return Classification(
-        calls, cell_ids, centres, crops, smear, tuple(model.classes), labels, segmentation
+        calls,
+        cell_ids,
+        centres,
+        crops,
+        smear,
+        tuple(model.classes),
+        labels,
+        segmentation,
+        annotated=[human.get(cell, "") for cell in cell_ids],
+        added=[cell in added for cell in cell_ids],
     )
 
 

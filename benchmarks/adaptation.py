@@ -1,0 +1,223 @@
+"""What adapting buys on another lab's cells, and what it costs in the original domain.
+
+    python benchmarks/adaptation.py [--draws 3] [--k 5,10,25] [--pbc 200]
+
+On ``segmentation_wbc_dataset1`` (another microscope, camera and rapid stain; 5 classes):
+for K cells per class (at most half of a class, so every class keeps cells to score; the
+dataset's single basophil cannot be split and is left out) and several random draws, the
+lab's cells are written as class folders and the shipped model is adapted with the
+``adapt`` task exactly as a user runs it (300 steps, 30 % of the K cells held back for
+calibration). Every cell not drawn is then classified by the adapted model: balanced
+accuracy, accuracy of the calls left unflagged, share flagged, and the wall time of adapting
+(normalising, training, calibrating). The base model is scored on the same cells. The model
+adapted on the first draw of the largest K is also scored on a stratified sample of PBC test
+cells against the base model. Results: benchmarks/results/adaptation.json and .md.
+"""
+
+import argparse
+import csv
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import DATA, RESULTS, pbc_records  # noqa: E402
+from _metrics import balanced_accuracy  # noqa: E402
+
+DATASET = DATA / "segmentation_wbc_dataset1"
+NAMES = {1: "neutrophil", 2: "lymphocyte", 3: "monocyte", 4: "eosinophil", 5: "basophil"}
+
+
+def lab_cells():
+    """(paths, labels, normalised crops) of the dataset's cells, the basophil left out."""
+    from napari_cytodiffusion.core.io import read_image
+    from napari_cytodiffusion.core.smear.crops import normalised_cell
+
+    with open(DATASET / "class_labels.csv", newline="") as handle:
+        rows = [row for row in csv.reader(handle)][1:]
+    paths, labels = [], []
+    for image_id, label in rows:
+        if NAMES[int(label)] != "basophil":
+            paths.append(DATASET / f"{int(image_id):03d}_image.png")
+            labels.append(NAMES[int(label)])
+    crops = np.stack([normalised_cell(read_image(p), 64) for p in paths])
+    return paths, np.array(labels), crops
+
+
+def draw(labels, k, seed):
+    """Indices of K cells per class (at most half of each class) for adapting."""
+    rng = np.random.default_rng(seed)
+    picked = []
+    for name in sorted(set(labels)):
+        ids = rng.permutation(np.flatnonzero(labels == name))
+        picked += ids[: min(k, len(ids) // 2)].tolist()
+    return np.sort(picked)
+
+
+def score(model, crops, labels):
+    from napari_cytodiffusion.core.model.classifier import classify_crops
+
+    calls = classify_crops(model, crops)
+    predicted = np.array([call.label for call in calls])
+    kept = ~np.array([call.needs_review for call in calls])
+    correct = predicted == labels
+    return {
+        "cells": len(labels),
+        "balanced_accuracy": round(balanced_accuracy(labels, predicted, sorted(set(labels))), 4),
+        "accuracy": round(float(correct.mean()), 4),
+        "unflagged_accuracy": round(float(correct[kept].mean()), 4) if kept.any() else None,
+        "flagged_fraction": round(float(1 - kept.mean()), 4),
+    }
+
+
+def adapt_once(paths, labels, picked, name, seed):
+    from napari_cytodiffusion.core.tasks.adapt import AdaptRequest, adapt_model
+
+    with tempfile.TemporaryDirectory() as folder:
+        for i in picked:
+            target = Path(folder) / labels[i] / paths[i].name
+            target.parent.mkdir(exist_ok=True)
+            os.symlink(paths[i], target)
+        started = time.perf_counter()
+        result = adapt_model(AdaptRequest(folder, name, seed=seed, device="cpu"), log=lambda _: 0)
+        return result, time.perf_counter() - started
+
+
+def pbc_sample(n):
+    from napari_cytodiffusion.core.io import read_image
+    from napari_cytodiffusion.core.smear.crops import normalised_cell
+
+    records = pbc_records("test")
+    rng = np.random.default_rng(0)
+    classes = sorted({r.label for r in records})
+    per_class = max(1, n // len(classes))
+    chosen = []
+    for name in classes:
+        members = [r for r in records if r.label == name]
+        chosen += [members[i] for i in rng.permutation(len(members))[:per_class]]
+    crops = np.stack([normalised_cell(read_image(r.path), 64) for r in chosen])
+    return crops, np.array([r.label for r in chosen])
+
+
+def summarise(runs):
+    out = {}
+    for k in sorted({run["k"] for run in runs}):
+        chosen = [run for run in runs if run["k"] == k]
+        entry = {"draws": len(chosen)}
+        for key in ("balanced_accuracy", "unflagged_accuracy", "flagged_fraction", "seconds"):
+            values = np.array([run[key] for run in chosen if run[key] is not None], float)
+            entry[key] = {
+                "mean": round(float(values.mean()), 4),
+                "sd": round(float(values.std()), 4),
+            }
+        out[str(k)] = entry
+    return out
+
+
+def write_markdown(results):
+    lines = [
+        "# Adapting to another lab's cells",
+        "",
+        f"Data: `segmentation_wbc_dataset1` (another microscope and rapid stain), "
+        f"{results['lab_cells']} cells of 4 classes (the single basophil left out). "
+        f"Hardware: {results['environment']['cpu']}, {results['environment']['cores']} cores, "
+        "CPU only. Generated by `benchmarks/adaptation.py` on "
+        f"{results['date']}.",
+        "",
+        "| model | K per class | draws | balanced accuracy | unflagged accuracy | flagged | "
+        "adapt wall time (s) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    base = results["base"]
+    unflagged = base["unflagged_accuracy"] or float("nan")
+    lines.append(
+        f"| shipped (not adapted) | 0 | - | {base['balanced_accuracy']:.3f} | {unflagged:.3f} | "
+        f"{100 * base['flagged_fraction']:.0f}% | - |"
+    )
+    for k, entry in results["summary"].items():
+
+        def cell(key, scale=1.0, digits=3, entry=entry):
+            value = entry[key]
+            return f"{scale * value['mean']:.{digits}f} ± {scale * value['sd']:.{digits}f}"
+
+        lines.append(
+            f"| adapted | {k} | {entry['draws']} | {cell('balanced_accuracy')} | "
+            f"{cell('unflagged_accuracy')} | {cell('flagged_fraction', 100, 0)}% | "
+            f"{cell('seconds', 1, 0)} |"
+        )
+    pbc = results.get("pbc_test")
+    if pbc:
+        lines += [
+            "",
+            f"PBC test ({pbc['base']['cells']} cells, stratified): balanced accuracy "
+            f"{pbc['base']['balanced_accuracy']:.3f} shipped, "
+            f"{pbc['adapted']['balanced_accuracy']:.3f} after adapting to dataset1 "
+            f"(K = {pbc['k']}, first draw).",
+        ]
+    lines += [
+        "",
+        "K is capped at half of a class (eosinophils: 22 cells, so at most 11 adapt). Scored "
+        "cells are all cells not drawn; they differ between draws.",
+    ]
+    (RESULTS / "adaptation.md").write_text("\n".join(lines) + "\n")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--draws", type=int, default=3)
+    parser.add_argument("--k", default="5,10,25")
+    parser.add_argument("--pbc", type=int, default=200, help="PBC test cells (0: skip)")
+    args = parser.parse_args()
+    import torch
+
+    from napari_cytodiffusion.core.model.weights import CACHE_ENV, load_model
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    cache = tempfile.mkdtemp(prefix="adaptation_bench_")
+    os.environ[CACHE_ENV] = cache  # the adapted models are registered here, not in the user's
+    paths, labels, crops = lab_cells()
+    base = load_model("default", "cpu")
+    results = {
+        "lab_cells": len(labels),
+        "base": score(base, crops, labels),
+        "runs": [],
+        "environment": {"cpu": platform.machine(), "cores": os.cpu_count()},
+    }
+    print("base", results["base"], flush=True)
+    ks = [int(k) for k in args.k.split(",")]
+    for k in ks:
+        for seed in range(args.draws):
+            picked = draw(labels, k, seed)
+            name = f"dataset1-k{k}-draw{seed}"
+            result, seconds = adapt_once(paths, labels, picked, name, seed)
+            rest = np.setdiff1d(np.arange(len(labels)), picked)
+            measured = score(load_model(name, "cpu"), crops[rest], labels[rest])
+            run = {"k": k, "draw": seed, "adapted_cells": len(picked), "seconds": round(seconds, 1)}
+            run.update(measured)
+            run["held_back_balanced_accuracy"] = round(result.held_back_balanced_accuracy, 4)
+            results["runs"].append(run)
+            print(run, flush=True)
+    results["summary"] = summarise(results["runs"])
+    if args.pbc:
+        pbc_crops, pbc_labels = pbc_sample(args.pbc)
+        results["pbc_test"] = {
+            "k": max(ks),
+            "base": score(base, pbc_crops, pbc_labels),
+            "adapted": score(
+                load_model(f"dataset1-k{max(ks)}-draw0", "cpu"), pbc_crops, pbc_labels
+            ),
+        }
+        print(results["pbc_test"], flush=True)
+    results["date"] = time.strftime("%Y-%m-%d %H:%M")
+    (RESULTS / "adaptation.json").write_text(json.dumps(results, indent=1))
+    write_markdown(results)
+
+
+if __name__ == "__main__":
+    main()

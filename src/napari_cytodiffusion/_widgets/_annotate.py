@@ -1,0 +1,360 @@
+"""The Annotate cells widget: a person reviews and corrects the calls of a classes layer.
+
+Works on the classes layer that Classify cells made. Click a cell (pan/zoom mode) to select
+it, then give it a class from the list or with keys 1-9, or mark it artefact / unknown;
+delete a false detection; paint a missed cell and add it; undo. The person's label sits in
+the layer's ``features`` beside the model's (``annotated`` beside ``predicted``); reviewed
+cells are drawn opaque and marked. Every change is saved at once, atomically, beside the
+image (``<image>.annotations.json``), which Classify cells, ``classify`` and ``analyze``
+read again. *Export cells* writes the reviewed cells as a dataset for Train / Adapt.
+"""
+
+from pathlib import Path
+
+import numpy as np
+from magicgui.widgets import ComboBox, FileEdit, PushButton
+from napari.layers import Labels
+from napari.utils.notifications import show_error, show_info
+
+from napari_cytodiffusion._widgets._classify import _direct_colormap, cell_colours
+from napari_cytodiffusion._widgets._common import DockForm, StatusLabel
+from napari_cytodiffusion.core.annotations import ARTEFACT, DELETED, UNKNOWN
+
+NO_LAYER = "none: classify the image first"
+UNDO_DEPTH = 50
+
+
+class AnnotateWidget(DockForm):
+    """Review, correct and save the calls of a classes layer."""
+
+    def __init__(self, napari_viewer):
+        super().__init__()
+        self._viewer = napari_viewer
+        self._undo = []
+        self._bound = None
+        self._layer = ComboBox(
+            label="classes layer",
+            choices=self._class_layers,
+            tooltip="The classes layer made by Classify cells for the smear.",
+        )
+        self._class = ComboBox(label="class", choices=self._choices, tooltip="Keys 1-9 also.")
+        self._set = PushButton(text="Set class")
+        self._artefact = PushButton(text="Artefact")
+        self._unknown = PushButton(text="Unknown")
+        self._delete = PushButton(text="Delete cell")
+        self._paint = PushButton(text="Paint a missed cell")
+        self._add = PushButton(text="Add painted cell")
+        self._next = PushButton(text="Next flagged (N)")
+        self._undo_button = PushButton(text="Undo (U)")
+        self._dataset = FileEdit(label="dataset folder", mode="d")
+        self._export = PushButton(text="Export cells")
+        self._status = StatusLabel("select a cell: click it (pan/zoom mode)")
+        self._counter = StatusLabel("")
+        self.add(
+            self._layer,
+            self._class,
+            self._set,
+            self._artefact,
+            self._unknown,
+            self._delete,
+            self._paint,
+            self._add,
+            self._next,
+            self._undo_button,
+            self._counter,
+            self._status,
+            self._dataset,
+            self._export,
+        )
+        self._set.changed.connect(lambda *_: self.set_label(self._class.value))
+        self._artefact.changed.connect(lambda *_: self.set_label(ARTEFACT))
+        self._unknown.changed.connect(lambda *_: self.set_label(UNKNOWN))
+        self._delete.changed.connect(lambda *_: self.delete_cell())
+        self._paint.changed.connect(lambda *_: self.start_painting())
+        self._add.changed.connect(lambda *_: self.add_painted_cell())
+        self._next.changed.connect(lambda *_: self.next_flagged())
+        self._undo_button.changed.connect(lambda *_: self.undo())
+        self._export.changed.connect(lambda *_: self.export(self._dataset.value))
+        self._layer.changed.connect(self._attach)
+        for event in (napari_viewer.layers.events.inserted, napari_viewer.layers.events.removed):
+            event.connect(lambda *_: self.reset_choices())
+        self._attach(self._layer.value)
+
+    # ------------------------------------------------------------------ choices and binding
+
+    def _class_layers(self, _=None):
+        found = [
+            layer
+            for layer in self._viewer.layers
+            if isinstance(layer, Labels) and layer.metadata.get("class")
+        ]
+        return found or [NO_LAYER]
+
+    @property
+    def layer(self):
+        value = self._layer.value
+        return value if isinstance(value, Labels) else None
+
+    def _classes(self):
+        layer = self.layer
+        return tuple(layer.metadata.get("classes", ())) if layer is not None else ()
+
+    def _choices(self, _=None):
+        return list(self._classes()) or ["(no classes layer)"]
+
+    def _attach(self, layer):
+        """Bind keys and clicks to the chosen classes layer (and only to it)."""
+        if self._bound is not None:
+            self._bound.mouse_drag_callbacks[:] = [
+                callback for callback in self._bound.mouse_drag_callbacks
+                if callback is not self._on_click
+            ]
+        self._bound = None
+        self._undo.clear()
+        if not isinstance(layer, Labels):
+            return
+        self._class.reset_choices()
+        features = layer.features
+        for column, default in (("annotated", ""), ("predicted", None), ("added", False)):
+            if column not in features:
+                features[column] = features["label"] if default is None else default
+        layer.features = features
+        layer.mouse_drag_callbacks.append(self._on_click)
+        for number, name in enumerate(self._classes()[:9], 1):
+            layer.bind_key(str(number), _key(self.set_label, name), overwrite=True)
+        layer.bind_key("n", lambda _: self.next_flagged(), overwrite=True)
+        layer.bind_key("u", lambda _: self.undo(), overwrite=True)
+        self._bound = layer
+        self._redraw()
+
+    def _on_click(self, layer, event):
+        if layer.mode != "pan_zoom":
+            return
+        value = layer.get_value(event.position, world=True)
+        if value:
+            self.select(int(value))
+
+    # ------------------------------------------------------------------------ actions
+
+    def select(self, cell):
+        """Make ``cell`` (a label value) the cell the next action applies to."""
+        layer = self.layer
+        row = self._row(cell)
+        if layer is None or row is None:
+            return
+        layer.selected_label = cell
+        features = layer.features.loc[row]
+        human = features["annotated"] or "not reviewed"
+        self._status.value = f"cell {cell}: model {features['predicted']}, person {human}"
+
+    def set_label(self, label):
+        """Give the selected cell the class (or artefact / unknown) ``label``."""
+        row = self._selected_row()
+        if row is None:
+            return
+        self._remember()
+        layer = self.layer
+        features = layer.features
+        features.loc[row, "annotated"] = label
+        features.loc[row, "label"] = label
+        if "needs_review" in features:
+            features.loc[row, "needs_review"] = False
+        layer.features = features
+        self._changed(f"cell {layer.selected_label}: {label}")
+
+    def delete_cell(self):
+        """Remove the selected cell (a false detection); it stays deleted when re-segmented."""
+        row = self._selected_row()
+        if row is None:
+            return
+        layer = self.layer
+        cell = int(layer.selected_label)
+        pixels = np.nonzero(layer.data == cell)
+        self._remember(pixels, cell)
+        layer.data[pixels] = 0
+        features = layer.features
+        features.loc[row, ["annotated", "label"]] = DELETED
+        if "needs_review" in features:
+            features.loc[row, "needs_review"] = False
+        layer.features = features
+        layer.refresh()
+        self._changed(f"cell {cell} deleted")
+
+    def start_painting(self):
+        """Switch the layer to painting a new cell (a label value no cell has)."""
+        layer = self.layer
+        if layer is None:
+            show_error("Choose a classes layer first: Classify cells makes one.")
+            return
+        layer.selected_label = int(max(layer.data.max(), layer.features["index"].max())) + 1
+        layer.brush_size = max(3, int(layer.metadata.get("rbc_diameter", 20) / 3))
+        layer.mode = "paint"
+        self._status.value = "paint the missed cell, then press Add painted cell"
+
+    def add_painted_cell(self):
+        """Register the painted cell with the chosen class."""
+        layer = self.layer
+        if layer is None:
+            return
+        cell = int(layer.selected_label)
+        pixels = np.nonzero(layer.data == cell)
+        if self._row(cell) is not None or not len(pixels[0]):
+            show_error("Paint a new cell first (Paint a missed cell), then add it.")
+            return
+        self._remember(pixels, 0)
+        row = {column: np.nan for column in layer.features.columns}
+        row.update(
+            index=cell,
+            label=self._class.value,
+            predicted="",
+            annotated=self._class.value,
+            added=True,
+            needs_review=False,
+            centroid_row=float(pixels[0].mean()),
+            centroid_col=float(pixels[1].mean()),
+        )
+        features = layer.features
+        features.loc[len(features)] = row
+        layer.features = features
+        layer.mode = "pan_zoom"
+        self._changed(f"cell {cell} added as {self._class.value}")
+
+    def next_flagged(self):
+        """Centre the next flagged cell nobody has reviewed, and select it."""
+        layer = self.layer
+        if layer is None:
+            return
+        features = layer.features
+        todo = features[features.get("needs_review", False) & (features["annotated"] == "")]
+        if not len(todo):
+            self._status.value = "no flagged cell left to review"
+            return
+        later = todo[todo["index"] > layer.selected_label]
+        row = (later if len(later) else todo).iloc[0]
+        centre = np.array([row["centroid_row"], row["centroid_col"]], float)
+        self._viewer.camera.center = tuple(centre * layer.scale[:2] + layer.translate[:2])
+        self.select(int(row["index"]))
+
+    def undo(self):
+        """Take back the last change."""
+        layer = self.layer
+        if layer is None or not self._undo:
+            self._status.value = "nothing to undo"
+            return
+        features, pixels, value = self._undo.pop()
+        if pixels is not None:
+            layer.data[pixels] = value
+            layer.refresh()
+        layer.features = features
+        self._changed("undone")
+
+    def export(self, folder):
+        """Write the reviewed cells of the layer as a class-folder dataset in ``folder``."""
+        from napari_cytodiffusion.core.annotations import export_cells
+
+        layer = self.layer
+        image = self._image()
+        if layer is None or image is None or not str(folder) or str(folder) == ".":
+            show_error("Choose the classes layer and a dataset folder first.")
+            return None
+        written = export_cells(
+            np.asarray(image.data),
+            np.asarray(layer.data),
+            layer.features,
+            folder,
+            layer.metadata["image_size"],
+            Path(layer.metadata.get("path") or image.name).name,
+            layer.metadata.get("rbc_diameter"),
+        )
+        text = ", ".join(f"{name} {count}" for name, count in sorted(written.items()))
+        self._status.value = f"exported {sum(written.values())} cells to {folder}: {text}"
+        show_info(self._status.value)
+        return written
+
+    # ----------------------------------------------------------------------- plumbing
+
+    def _row(self, cell):
+        layer = self.layer
+        if layer is None:
+            return None
+        rows = np.flatnonzero(layer.features["index"].to_numpy() == cell)
+        return int(layer.features.index[rows[0]]) if len(rows) else None
+
+    def _selected_row(self):
+        layer = self.layer
+        if layer is None:
+            show_error("Choose a classes layer first: Classify cells makes one.")
+            return None
+        row = self._row(int(layer.selected_label))
+        if row is None:
+            show_error("Select a cell first: click it in pan/zoom mode.")
+        return row
+
+    def _remember(self, pixels=None, value=0):
+        self._undo.append((self.layer.features.copy(), pixels, value))
+        del self._undo[:-UNDO_DEPTH]
+
+    def _image(self):
+        source = self.layer.metadata.get("source") if self.layer is not None else None
+        return self._viewer.layers[source] if source in self._viewer.layers else None
+
+    def _changed(self, text):
+        self._redraw()
+        saved = self._save()
+        self._status.value = f"{text}; {saved}"
+
+    def _save(self):
+        from napari_cytodiffusion.core.annotations import annotations_from_table, save_annotations
+
+        layer = self.layer
+        path = layer.metadata.get("path")
+        if not path:
+            return "not saved: the image has no file (export the cells instead)"
+        annotations = annotations_from_table(layer.features, np.asarray(layer.data), Path(path).name)
+        try:
+            saved = save_annotations(annotations, path)
+        except OSError as error:
+            show_error(f"Could not save the annotations beside {path}: {error}")
+            return "NOT saved"
+        return f"saved to {saved.name}"
+
+    def _redraw(self):
+        """Colours (reviewed cells opaque), reviewed markers and the counter."""
+        layer = self.layer
+        features = layer.features
+        colours = {None: "transparent", 0: "transparent"}
+        colours.update(cell_colours(features, self._classes()))
+        layer.colormap = _direct_colormap(colours)
+        reviewed = features[(features["annotated"] != "") & (features["annotated"] != DELETED)]
+        self._show_markers(layer, reviewed)
+        flagged = features.get("needs_review", False) & (features["annotated"] == "")
+        cells = int((features["annotated"] != DELETED).sum())
+        self._counter.value = (
+            f"{len(reviewed)} of {cells} cells reviewed; {int(np.sum(flagged))} flagged left"
+        )
+
+    def _show_markers(self, layer, reviewed):
+        name = layer.name.replace(" classes", " reviewed")
+        points = reviewed[["centroid_row", "centroid_col"]].to_numpy(float).reshape(-1, 2)
+        size = 0.5 * layer.metadata.get("rbc_diameter", 20)
+        if name in self._viewer.layers:
+            markers = self._viewer.layers[name]
+            markers.data = points
+            return
+        self._viewer.add_points(
+            points,
+            name=name,
+            symbol="square",
+            size=size,
+            face_color="white",
+            border_color="black",
+            scale=layer.scale[:2],
+            translate=layer.translate[:2],
+        )
+        self._viewer.layers.selection.active = layer
+
+
+def _key(action, name):
+    return lambda _layer: action(name)
+
+

@@ -1,0 +1,327 @@
+"""A person's corrections of the cells of one image, kept beside it and reused.
+
+An annotation sidecar (``<image file>.annotations.json``) lists the cells a person reviewed:
+where each is (its centroid in image pixels), the class they gave it (a class of the model,
+``artefact`` or ``unknown``), what the model had called it, and cells they deleted (false
+detections) or painted (missed cells; their mask is stored run-length encoded). It is written
+atomically, so a crash mid-save leaves the previous file intact. ``classify`` and ``analyze``
+read it beside the image they are given and keep the human label over the model's; the
+viewer loads it again when the image is reopened.
+
+Cells are matched to annotations by position, not by label number: segmenting the same image
+again gives the same cells, but label numbers may change when cells are added or deleted.
+"""
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+SUFFIX = ".annotations.json"
+FORMAT = "napari-cytodiffusion annotations"
+ARTEFACT, UNKNOWN, DELETED = "artefact", "unknown", "deleted"
+NOT_CELL_CLASSES = (ARTEFACT, UNKNOWN)  # human labels that are not a white-cell class
+MANIFEST = "manifest.csv"
+MANIFEST_COLUMNS = (
+    "file",
+    "label",
+    "source_image",
+    "cell",
+    "centroid_row",
+    "centroid_col",
+    "rbc_diameter",
+)
+
+
+class AnnotationError(ValueError):
+    """An annotation file that cannot be used; the message says which and why."""
+
+
+@dataclass
+class CellAnnotation:
+    """One reviewed cell.
+
+    Attributes
+    ----------
+    centroid : tuple of float
+        (row, col) in image pixels.
+    label : str
+        The person's call: a class, ``artefact``, ``unknown``, or ``deleted`` (not a cell).
+    predicted : str
+        The model's call when the person reviewed it ("" for a painted cell).
+    added : bool
+        Painted by the person (a cell the segmentation missed).
+    mask : dict or None
+        For a painted cell: ``{"bbox": [r0, c0, r1, c1], "runs": [...]}``, the run lengths of
+        the mask in its box, row by row, starting with a run of background.
+    """
+
+    centroid: tuple
+    label: str
+    predicted: str = ""
+    added: bool = False
+    mask: dict | None = None
+
+
+@dataclass
+class Annotations:
+    """The reviewed cells of one image."""
+
+    image: str
+    shape: tuple
+    cells: list = field(default_factory=list)
+
+    def human_labels(self):
+        return [cell.label for cell in self.cells]
+
+
+def sidecar_path(image_path):
+    """Where the annotations of ``image_path`` are kept."""
+    image_path = Path(image_path)
+    return image_path.with_name(image_path.name + SUFFIX)
+
+
+def save_annotations(annotations, image_path):
+    """Write ``annotations`` beside ``image_path`` atomically; returns the sidecar's path."""
+    from napari_cytodiffusion.core.io import atomic_write
+
+    path = sidecar_path(image_path)
+    contents = {"format": FORMAT, "version": 1, **asdict(annotations)}
+    with atomic_write(path) as partial:
+        Path(partial).write_text(json.dumps(contents, indent=1))
+    return path
+
+
+def load_annotations(image_path):
+    """The annotations kept beside ``image_path``, or None when there are none.
+
+    Raises
+    ------
+    AnnotationError
+        If the sidecar exists but is damaged or not an annotation file.
+    """
+    path = sidecar_path(image_path)
+    if not path.is_file():
+        return None
+    try:
+        contents = json.loads(path.read_text())
+        if contents.get("format") != FORMAT:
+            raise ValueError("not an annotation file")
+        cells = [
+            CellAnnotation(
+                centroid=tuple(float(v) for v in item["centroid"]),
+                label=str(item["label"]),
+                predicted=str(item.get("predicted", "")),
+                added=bool(item.get("added", False)),
+                mask=item.get("mask"),
+            )
+            for item in contents["cells"]
+        ]
+        return Annotations(str(contents["image"]), tuple(contents["shape"]), cells)
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise AnnotationError(
+            f"{path} cannot be read as annotations ({error}); move it away to start afresh "
+            "(the image itself is untouched)."
+        ) from error
+
+
+def encode_mask(mask):
+    """A boolean cell mask as ``{"bbox", "runs"}`` (see :class:`CellAnnotation`)."""
+    rows, cols = np.nonzero(mask)
+    r0, c0, r1, c1 = rows.min(), cols.min(), rows.max() + 1, cols.max() + 1
+    flat = np.asarray(mask[r0:r1, c0:c1], bool).ravel()
+    edges = np.flatnonzero(np.diff(np.r_[False, flat, False].astype(np.int8)))
+    runs = np.diff(np.r_[0, edges, flat.size]).tolist()
+    return {"bbox": [int(r0), int(c0), int(r1), int(c1)], "runs": [int(n) for n in runs]}
+
+
+def decode_mask(encoded, shape):
+    """The boolean mask of :func:`encode_mask` in an image of ``shape``."""
+    r0, c0, r1, c1 = encoded["bbox"]
+    flat = np.zeros((r1 - r0) * (c1 - c0), bool)
+    position, value = 0, False
+    for run in encoded["runs"]:
+        flat[position : position + run] = value
+        position, value = position + run, not value
+    mask = np.zeros(shape, bool)
+    mask[r0:r1, c0:c1] = flat.reshape(r1 - r0, c1 - c0)
+    return mask
+
+
+def annotate_labels(labels, annotations):
+    """Apply ``annotations`` to instance ``labels`` of the same image.
+
+    Deleted cells are removed and painted cells added (with new label values).
+
+    Returns
+    -------
+    labels : ndarray
+        A new label image.
+    human : dict
+        {label value: the person's label} of every annotated cell left in ``labels``.
+    added : set
+        The label values of painted cells.
+    """
+    labels = np.array(labels, copy=True)
+    _check_shape(labels.shape, annotations)
+    human, added = {}, set()
+    for cell in annotations.cells:
+        if cell.added and cell.mask is not None:
+            value = int(labels.max()) + 1
+            labels[decode_mask(cell.mask, labels.shape) & (labels == 0)] = value
+            added.add(value)
+        else:
+            value = _label_at(labels, cell.centroid)
+            if value and cell.label == DELETED:
+                labels[labels == value] = 0
+                continue
+        if value and cell.label != DELETED:
+            human[value] = cell.label
+    return labels, human, added
+
+
+def match_centres(centres, annotations, radius):
+    """For cells at ``centres`` (n, 2), the nearest annotation within ``radius`` pixels.
+
+    For results without label images (the tiles of ``analyze``). Painted cells are not
+    matched: only ``classify`` and the viewer, which hold label images, can add cells.
+
+    Returns
+    -------
+    list of str or None
+        The person's label of each cell (``deleted`` included), or None.
+    """
+    _check_shape(None, annotations)
+    kept = [cell for cell in annotations.cells if not cell.added]
+    if not kept or not len(centres):
+        return [None] * len(centres)
+    points = np.array([cell.centroid for cell in kept], float)
+    distance = np.linalg.norm(np.asarray(centres, float)[:, None] - points[None], axis=2)
+    nearest = distance.argmin(axis=1)
+    return [kept[j].label if distance[i, j] <= radius else None for i, j in enumerate(nearest)]
+
+
+def _label_at(labels, centroid):
+    """The label value at ``centroid``, or the commonest one within 3 px of it (0 if none)."""
+    r, c = (int(round(v)) for v in centroid)
+    if not (0 <= r < labels.shape[0] and 0 <= c < labels.shape[1]):
+        return 0
+    if labels[r, c]:
+        return int(labels[r, c])
+    window = labels[max(r - 3, 0) : r + 4, max(c - 3, 0) : c + 4]
+    values = window[window > 0]
+    return int(np.bincount(values).argmax()) if values.size else 0
+
+
+def _check_shape(shape, annotations):
+    if shape is not None and tuple(shape) != tuple(annotations.shape[:2]):
+        raise AnnotationError(
+            f"The annotations of {annotations.image} were made on an image of shape "
+            f"{tuple(annotations.shape[:2])}, not {tuple(shape)}; they belong to another image."
+        )
+
+
+def annotations_from_table(table, labels, image_name):
+    """Annotations from a classes layer: its features ``table`` (columns ``index``, ``label``
+    or ``predicted``, ``annotated``, ``added``) and its ``labels``; rows with an empty
+    ``annotated`` are not reviewed and are left out. Deleted cells keep their row with
+    ``annotated`` = ``deleted`` and their centroid."""
+    cells = []
+    for row in table.itertuples(index=False):
+        human = getattr(row, "annotated", "") or ""
+        if not human:
+            continue
+        added = bool(getattr(row, "added", False))
+        mask = None
+        if added and human != DELETED:
+            pixels = labels == int(row.index)
+            if not pixels.any():
+                continue
+            mask = encode_mask(pixels)
+        cells.append(
+            CellAnnotation(
+                centroid=(float(row.centroid_row), float(row.centroid_col)),
+                label=str(human),
+                predicted="" if added else str(getattr(row, "predicted", row.label)),
+                added=added,
+                mask=mask,
+            )
+        )
+    return Annotations(image_name, tuple(int(v) for v in labels.shape[:2]), cells)
+
+
+def export_cells(image, labels, table, out, size, image_name="image", rbc_diameter=None):
+    """Write the annotated cells as a class-folder dataset (the layout ``train`` and
+    ``adapt`` read), normalised in colour and scale as the classifier sees them.
+
+    Each crop is ``2 * size`` pixels wide and shows ``2 * FIELD_OF_VIEW_RBC`` red-cell
+    diameters, so a red cell is ``size / FIELD_OF_VIEW_RBC`` pixels across in every crop and
+    training can rotate cells without running out of image; ``manifest.csv`` records that
+    scale (which packing uses instead of estimating it) and where each crop came from.
+
+    Parameters
+    ----------
+    image : array-like
+        The smear.
+    labels : ndarray
+        Its instance labels.
+    table : DataFrame
+        ``index``, ``annotated``, ``centroid_row``, ``centroid_col`` per cell; rows with an
+        empty ``annotated`` and deleted cells are left out.
+    out : path
+        The dataset folder: ``out/<class>/<image name>_<cell>.png`` and ``out/manifest.csv``
+        (rows appended; a crop written again replaces its row).
+    size : int
+        The model's ``image_size``.
+
+    Returns
+    -------
+    dict
+        {class: crops written}.
+    """
+    import csv
+
+    from PIL import Image
+
+    from napari_cytodiffusion.core.io import atomic_write, read_table
+    from napari_cytodiffusion.core.smear.crops import FIELD_OF_VIEW_RBC, CellSite
+    from napari_cytodiffusion.core.smear.prepare import prepare_smear
+
+    annotated = table["annotated"].fillna("").astype(str)
+    reviewed = table[~annotated.isin(["", DELETED])]
+    present = set(np.unique(labels).tolist())
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    smear = prepare_smear(image, rbc_diameter)
+    stem = Path(image_name).stem
+    written, rows = {}, {}
+    for row in reviewed.itertuples(index=False):
+        if int(row.index) not in present:
+            continue
+        centre = (float(row.centroid_row), float(row.centroid_col))
+        site = CellSite(centre, smear.rbc_diameter, smear.background, 2 * FIELD_OF_VIEW_RBC)
+        crop = site.crop(smear.rgb, 2 * size)
+        name = f"{row.annotated}/{stem}_{int(row.index)}.png"
+        (out / str(row.annotated)).mkdir(exist_ok=True)
+        with atomic_write(out / name) as partial:
+            Image.fromarray((crop * 255 + 0.5).astype(np.uint8)).save(partial)
+        written[str(row.annotated)] = written.get(str(row.annotated), 0) + 1
+        rows[name] = [
+            name,
+            str(row.annotated),
+            image_name,
+            str(int(row.index)),
+            f"{centre[0]:.1f}",
+            f"{centre[1]:.1f}",
+            f"{size / FIELD_OF_VIEW_RBC:.3f}",
+        ]
+    manifest = out / MANIFEST
+    if manifest.is_file():
+        for earlier in read_table(manifest, MANIFEST_COLUMNS):
+            rows.setdefault(earlier["file"], [earlier[c] for c in MANIFEST_COLUMNS])
+    with atomic_write(manifest) as partial, open(partial, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(MANIFEST_COLUMNS)
+        writer.writerows(rows[name] for name in sorted(rows))
+    return written

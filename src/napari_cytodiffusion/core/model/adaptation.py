@@ -1,0 +1,142 @@
+"""Adapting a trained model to a lab's stain and scanner from a few labelled cells.
+
+Only a small part of the network learns: the class embeddings, the scale and shift of every
+normalisation layer, and the layers that turn the class and timestep embedding into each
+block's modulation (about a tenth of the weights). The convolutions, which hold what cells
+look like, stay as they are, so a few dozen cells move the model towards the lab's colours
+and rendering without it forgetting the morphology it learned from thousands. The objective
+is the model's own denoising loss, conditioned on each cell's class: the adapted model stays
+a generative model, classifies by the same paired errors, and still generates cells.
+"""
+
+import time
+
+import numpy as np
+
+from napari_cytodiffusion.core.progress import report
+
+ADAPT_STEPS = 300
+ADAPT_BATCH = 32
+ADAPT_LR = 1e-3
+# The noise levels the classifier scores cells at (classifier.TIMESTEP_RANGE): adapting
+# spends its few steps where the calls are made.
+ADAPT_TIMESTEPS = (40, 900)
+NULL_CLASS_RATE = 0.1  # keeps the unconditional (null) class, which guidance needs, adapted too
+
+
+def adaptable_parameters(unet):
+    """The parameters adapting trains: class embeddings, normalisation, modulation layers."""
+    import torch
+
+    chosen = [unet.class_emb.weight]
+    for module in unet.modules():
+        if isinstance(module, torch.nn.GroupNorm):
+            chosen += [module.weight, module.bias]
+        emb = getattr(module, "emb", None)
+        if isinstance(emb, torch.nn.Linear):
+            chosen += list(emb.parameters())
+    return chosen
+
+
+def add_classes(model, names):
+    """Give ``model`` new classes (for example blast) that start from the average class.
+
+    The null class stays the last embedding row. Calibration is cleared: a model with new
+    classes must be calibrated again. Returns ``model``.
+    """
+    import torch
+
+    if not names:
+        return model
+    unet = model.unet
+    old = unet.class_emb.weight.data
+    k = model.num_classes
+    start = old[:k].mean(dim=0, keepdim=True).repeat(len(names), 1)
+    weights = torch.cat([old[:k], start, old[k:]])
+    unet.class_emb = torch.nn.Embedding(weights.shape[0], weights.shape[1]).to(old.device)
+    unet.class_emb.weight.data.copy_(weights)
+    unet.num_classes = unet.config["num_classes"] = k + len(names)
+    model.classes = tuple(model.classes) + tuple(names)
+    model.calibration = {}
+    return model
+
+
+def adapt_weights(
+    model,
+    images,
+    labels,
+    steps=ADAPT_STEPS,
+    batch_size=ADAPT_BATCH,
+    lr=ADAPT_LR,
+    seed=0,
+    progress=None,
+    on_loss=None,
+):
+    """Train the adaptable part of ``model`` on a lab's labelled crops, in place.
+
+    Parameters
+    ----------
+    model : DiffusionModel
+    images : ndarray uint8 (n, s, s, 3)
+        Packed crops (``datasets.PackedCells.images``), wider than the model's input so that
+        rotated views stay inside them.
+    labels : ndarray int (n,)
+        Class ids in ``model.classes``.
+    progress : callable, optional
+        ``progress(step, steps)``; raising ``Cancelled`` stops (the model is left partly
+        adapted: the caller discards it).
+    on_loss : callable, optional
+        ``on_loss(step, loss)`` after every step.
+
+    Returns
+    -------
+    dict
+        ``steps``, ``seconds`` and ``loss`` (the mean of the last 50 steps).
+    """
+    import torch
+
+    from napari_cytodiffusion.core.model.diffusion import add_noise, to_model_range
+    from napari_cytodiffusion.core.model.training import augment
+
+    unet, device = model.unet, model.device
+    generator = torch.Generator(device=device).manual_seed(int(seed))
+    cells = torch.from_numpy(np.ascontiguousarray(images)).to(device)
+    targets = torch.from_numpy(np.asarray(labels, np.int64)).to(device)
+    # Square-root class balancing, as in training: rare classes are seen more often.
+    counts = np.bincount(labels, minlength=model.num_classes).astype(float)
+    weights = torch.tensor(1 / np.sqrt(counts[labels]), device=device)
+    trainable = adaptable_parameters(unet)
+    unet.requires_grad_(False)
+    for parameter in trainable:
+        parameter.requires_grad_(True)
+    optimiser = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0)
+    losses, started = [], time.perf_counter()
+    unet.train()
+    try:
+        for step in range(1, steps + 1):
+            pick = torch.multinomial(weights, batch_size, replacement=True, generator=generator)
+            x0 = to_model_range(augment(cells[pick], model.image_size, generator))
+            y = targets[pick].clone()
+            null = torch.rand(batch_size, device=device, generator=generator) < NULL_CLASS_RATE
+            y[null] = model.num_classes
+            low, high = ADAPT_TIMESTEPS
+            t = torch.randint(low, high, (batch_size,), device=device, generator=generator)
+            noise = torch.randn(x0.shape, device=device, generator=generator)
+            xt = add_noise(x0, t, noise, model.alpha_bars)
+            for group in optimiser.param_groups:  # a short warm-up keeps early steps gentle
+                group["lr"] = lr * min(1.0, step / 20)
+            loss = torch.nn.functional.mse_loss(unet(xt, t, y), noise)
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            optimiser.step()
+            losses.append(loss.item())
+            if on_loss is not None:
+                on_loss(step, losses[-1])
+            report(progress, step, steps)
+    finally:
+        unet.eval().requires_grad_(False)
+    return {
+        "steps": steps,
+        "seconds": time.perf_counter() - started,
+        "loss": float(np.mean(losses[-50:])) if losses else None,
+    }

@@ -1,0 +1,363 @@
+"""Adapt a model to a lab's stain and scanner, and calibrate it on the lab's own cells.
+
+A lab gives a folder of labelled cells (class subfolders, the layout ``train`` reads and the
+annotation export writes). Each class's cells are split once, by the seed: most adapt the
+model (:mod:`~napari_cytodiffusion.core.model.adaptation`), the rest are held back and
+calibrate it (:func:`~napari_cytodiffusion.core.model.calibration.fit_calibration`: timestep
+spreads, class biases, temperature, anomaly reference, review thresholds), so its
+probabilities and review flags mean for that lab what the shipped model's mean for PBC. The
+result is saved as a named local model (``weights.register_local_model``) that every command
+and widget offers. With ``steps=0`` the model is only calibrated, on all the cells.
+"""
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from napari_cytodiffusion.core.model.adaptation import ADAPT_STEPS
+from napari_cytodiffusion.core.progress import phases
+
+CALIBRATION_TRIALS = 32
+HELD_BACK = 0.3
+MIN_HELD_BACK = 2
+# Rough seconds per unit on a CPU, to share one progress bar between the phases.
+_PACK_COST, _STEP_COST, _EVAL_COST = 0.05, 0.3, 0.015
+
+
+@dataclass
+class AdaptRequest:
+    """Adapting (or only calibrating) a model with a lab's labelled cells.
+
+    Attributes
+    ----------
+    data : path
+        A folder of class subfolders or a CSV with file, label (and split) columns; cells of
+        the ``test`` split are never used.
+    name : str
+        The local model to save (an existing local model of that name is replaced).
+    base : str
+        Name or path of the model to start from.
+    steps : int
+        Adaptation steps; 0 calibrates ``base`` on all the cells without changing its weights.
+    held_back : float
+        Share of each class's cells kept for calibration (at least 2 per class).
+    add_classes : bool
+        Subfolders that are not classes of ``base`` become new classes (for example blast);
+        otherwise they are left out with a warning.
+    calibration_trials : int
+        Trials per class and cell of the exhaustive calibration run.
+    rbc_diameter : float, optional
+        Red-cell diameter of the images in pixels; estimated per image if None.
+    """
+
+    data: Path
+    name: str
+    base: str = "default"
+    steps: int = ADAPT_STEPS
+    held_back: float = HELD_BACK
+    add_classes: bool = False
+    calibration_trials: int = CALIBRATION_TRIALS
+    device: str = "auto"
+    seed: int = 0
+    rbc_diameter: float | None = None
+
+
+@dataclass
+class AdaptResult:
+    """A registered adapted or calibrated model and what it was made from.
+
+    Attributes
+    ----------
+    entry : ModelEntry
+        The local model (name, file, sha256, classes).
+    adapted_on, calibrated_on : dict
+        Cells per class used for adapting and for calibrating.
+    new_classes : tuple of str
+    held_back_balanced_accuracy : float
+        Of the adapted model on its calibration cells (optimistic: the calibration was fitted
+        on them). NaN when no class had calibration cells.
+    held_back_flagged : float
+        Share of the calibration cells the model flags for review.
+    training : dict or None
+        ``steps``, ``seconds``, ``loss`` of adapting; None when only calibrated.
+    seconds : float
+    """
+
+    entry: object
+    adapted_on: dict
+    calibrated_on: dict
+    new_classes: tuple
+    held_back_balanced_accuracy: float
+    held_back_flagged: float
+    training: dict | None
+    seconds: float
+    log: list = field(default_factory=list)
+
+    def summary(self):
+        """Lines a person reads after the run."""
+        lines = [
+            f"saved local model {self.entry.name!r} ({self.entry.sha256[:12]}), classes: "
+            + ", ".join(self.entry.classes)
+        ]
+        if self.new_classes:
+            lines.append("new classes: " + ", ".join(self.new_classes))
+        if self.training:
+            lines.append(
+                f"adapted on {sum(self.adapted_on.values())} cells in {self.training['steps']} "
+                f"steps ({self.training['seconds']:.0f} s)"
+            )
+        lines.append(
+            f"calibrated on {sum(self.calibrated_on.values())} held-back cells: balanced "
+            f"accuracy {self.held_back_balanced_accuracy:.3f}, "
+            f"{100 * self.held_back_flagged:.0f}% flagged for review"
+        )
+        lines.append(f"use it with --model {self.entry.name}; took {self.seconds:.0f} s")
+        return lines
+
+
+def adapt_model(request, progress=None, log=print):
+    """Adapt ``request.base`` to the labelled cells of ``request.data``, calibrate it on held-back
+    cells, and register the result as a local model; see :class:`AdaptRequest`.
+
+    Parameters
+    ----------
+    request : AdaptRequest
+    progress : callable, optional
+        ``progress(done, total)`` over normalising, adapting and calibrating; raising
+        ``Cancelled`` stops the run and registers nothing.
+    log : callable
+        Receives lines about the data and the run.
+
+    Returns
+    -------
+    AdaptResult
+
+    Raises
+    ------
+    ValueError
+        For bad settings or too few cells, with what to change.
+
+    Examples
+    --------
+    >>> from napari_cytodiffusion.core.tasks.adapt import AdaptRequest, adapt_model
+    >>> result = adapt_model(AdaptRequest("lab_cells/", "lab-a"))  # doctest: +SKIP
+    >>> print("\\n".join(result.summary()))  # doctest: +SKIP
+    """
+    import time
+
+    from napari_cytodiffusion.core import datasets
+    from napari_cytodiffusion.core.model import adaptation, weights
+
+    started = time.perf_counter()
+    _validate_request(request)
+    model = weights.load_model(request.base, request.device)
+    base_calibration = dict(model.calibration)
+    records, new_classes = _records(request, model.classes, log)
+    adaptation.add_classes(model, new_classes)
+    classes = tuple(model.classes)
+    counts = datasets.class_counts(records, classes)
+    log("cells per class: " + ", ".join(f"{c} {n}" for c, n in counts.items() if n))
+    _check_new_classes(new_classes, counts, request)
+    labels = np.array([classes.index(record.label) for record in records])
+    adapt_ids, held_ids = _split(labels, len(classes), request)
+    packing, adapting, calibrating = phases(
+        progress,
+        [
+            _PACK_COST * len(records),
+            _STEP_COST * request.steps,
+            _EVAL_COST * len(held_ids) * request.calibration_trials * len(classes),
+        ],
+    )
+    images = _packed(records, request, model, classes, packing, log).images
+    training = None
+    if request.steps:
+        log(f"adapting on {len(adapt_ids)} cells, {request.steps} steps")
+        training = adaptation.adapt_weights(
+            model,
+            images[adapt_ids],
+            labels[adapt_ids],
+            steps=request.steps,
+            seed=request.seed,
+            progress=adapting,
+        )
+    log(f"calibrating on {len(held_ids)} held-back cells")
+    calls = _calibrate(
+        model,
+        images[held_ids],
+        labels[held_ids],
+        request,
+        base_calibration,
+        new_classes,
+        calibrating,
+    )
+    held_labels = labels[held_ids]
+    predicted = np.array([classes.index(call.label) for call in calls])
+    accuracy = np.mean([np.mean(predicted[held_labels == c] == c) for c in np.unique(held_labels)])
+    model.metadata = {
+        **model.metadata,
+        "base": request.base,
+        "adapted_on": _per_class(labels[adapt_ids], classes),
+        "calibrated_on": _per_class(held_labels, classes),
+        "data": str(request.data),
+        "steps": request.steps,
+        "seed": request.seed,
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+    }
+    kind = "adapted" if request.steps else "calibrated"
+    entry = weights.register_local_model(
+        model,
+        request.name,
+        f"{request.base} {kind} on {len(records)} cells of {Path(request.data).name}",
+    )
+    return AdaptResult(
+        entry=entry,
+        adapted_on=_per_class(labels[adapt_ids], classes),
+        calibrated_on=_per_class(held_labels, classes),
+        new_classes=tuple(new_classes),
+        held_back_balanced_accuracy=float(accuracy),
+        held_back_flagged=float(np.mean([call.needs_review for call in calls])),
+        training=training,
+        seconds=time.perf_counter() - started,
+    )
+
+
+def _validate_request(request):
+    from napari_cytodiffusion.core.model.weights import check_local_name
+
+    checks = (
+        ("steps", request.steps >= 0, "0 or more"),
+        ("held_back", 0 < request.held_back < 1, "between 0 and 1"),
+        ("calibration_trials", 4 <= request.calibration_trials <= 64, "between 4 and 64"),
+    )
+    for name, ok, allowed in checks:
+        if not ok:
+            raise ValueError(f"{name} must be {allowed}, got {getattr(request, name)}.")
+    if not Path(request.data).exists():
+        raise ValueError(f"No such file or folder: {request.data}")
+    check_local_name(request.name)
+
+
+def _records(request, classes, log):
+    """(records of the train and val splits, names of new classes)."""
+    from napari_cytodiffusion.core import datasets
+
+    unknown = datasets.unknown_folders(request.data, classes)
+    new_classes = []
+    if unknown and request.add_classes:
+        new_classes = [name.strip().lower().replace(" ", "_") for name in unknown]
+        log("new classes: " + ", ".join(new_classes))
+    elif unknown:
+        log(
+            "warning: folders that are not classes of this model were left out: "
+            f"{', '.join(unknown)} (add them as new classes with add_classes / --add-classes)"
+        )
+    records = datasets.list_labelled_images(
+        request.data, classes=tuple(classes) + tuple(new_classes)
+    )
+    records = [r for r in records if r.split in ("train", "val")]
+    return sorted(records, key=lambda r: str(r.path)), new_classes
+
+
+def _check_new_classes(new_classes, counts, request):
+    if new_classes and request.steps == 0:
+        raise ValueError(
+            f"New classes ({', '.join(new_classes)}) must be learned: adapt with steps > 0, "
+            "or leave their folders out."
+        )
+    few = [name for name in new_classes if counts[name] <= MIN_HELD_BACK]
+    if few:
+        raise ValueError(
+            f"A new class needs at least {MIN_HELD_BACK + 1} labelled cells (to learn it and to "
+            f"calibrate it); {', '.join(few)} has fewer."
+        )
+
+
+def _split(labels, num_classes, request):
+    """(adapting cell ids, calibration cell ids) of cells with class ids ``labels``.
+
+    Every class with at least ``MIN_HELD_BACK + 1`` cells gives ``held_back`` of them (at
+    least ``MIN_HELD_BACK``) to calibration; smaller classes only adapt. With ``steps=0`` all
+    cells calibrate.
+    """
+    rng = np.random.default_rng(request.seed)
+    adapt_ids, held_ids = [], []
+    for c in range(num_classes):
+        ids = rng.permutation(np.flatnonzero(labels == c))
+        if request.steps == 0:
+            held_ids += ids.tolist()
+            continue
+        held = 0
+        if len(ids) > MIN_HELD_BACK:
+            held = int(np.clip(round(request.held_back * len(ids)), MIN_HELD_BACK, len(ids) - 1))
+        held_ids += ids[:held].tolist()
+        adapt_ids += ids[held:].tolist()
+    if not held_ids:
+        raise ValueError(
+            f"Too few cells to calibrate: give at least {MIN_HELD_BACK + 1} labelled cells of "
+            "a class."
+        )
+    return np.sort(adapt_ids).astype(int), np.sort(held_ids).astype(int)
+
+
+def _packed(records, request, model, classes, progress, log):
+    """The normalised crops of ``records``, packed once and cached beside the local models."""
+    from napari_cytodiffusion.core import datasets
+    from napari_cytodiffusion.core.model.weights import local_registry_path
+
+    folder = local_registry_path().parent / "cells"
+    folder.mkdir(parents=True, exist_ok=True)
+    pack = datasets.pack_cache_path(
+        folder / f"{request.name}.pt", records, model.image_size, request.rbc_diameter
+    )
+    if pack.is_file():
+        log(f"using the normalised cells in {pack.name} (the data are unchanged)")
+    else:
+        log(f"normalising {len(records)} cells")
+        datasets.pack_cells(
+            records,
+            pack,
+            model.image_size,
+            request.rbc_diameter,
+            progress=progress,
+            classes=classes,
+        )
+        datasets.remove_other_packs(pack)
+    return datasets.load_pack(pack)
+
+
+def _calibrate(model, images, labels, request, base, new_classes, progress):
+    """Fit the calibration on held-back crops; return their calls under it."""
+    from napari_cytodiffusion.core.model.calibration import fit_calibration
+    from napari_cytodiffusion.core.model.classifier import (
+        calls_from_errors,
+        class_errors,
+        replay_adaptive,
+    )
+
+    offset = (images.shape[1] - model.image_size) // 2
+    window = slice(offset, offset + model.image_size)
+    crops = images[:, window, window].astype(np.float32) / 255
+    errors, _ = class_errors(
+        model, crops, "exhaustive", request.seed, request.calibration_trials, progress=progress
+    )
+    fit_calibration(model, errors, labels, base=_extended(base, len(new_classes)))
+    adaptive, spent = replay_adaptive(model, errors)
+    return calls_from_errors(model, adaptive, spent)
+
+
+def _extended(base, added):
+    """``base`` calibration with neutral entries for ``added`` new classes (which always have
+    calibration cells of their own, so these are only starting values)."""
+    if not base or not added:
+        return base or None
+    extended = dict(base)
+    extended["class_bias"] = list(base["class_bias"]) + [0.0] * added
+    for key in ("class_log_error_mean", "class_log_error_sd"):
+        extended[key] = list(base[key]) + [base[key][0]] * added
+    return extended
+
+
+def _per_class(labels, classes):
+    counts = np.bincount(labels, minlength=len(classes))
+    return {name: int(n) for name, n in zip(classes, counts, strict=True) if n}
