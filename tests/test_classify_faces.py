@@ -93,7 +93,8 @@ def test_widget_adds_class_uncertainty_and_review_layers(classify_widget, pbc_di
 
     csv = tmp_path / "cells.csv"
     widget.export_csv(csv)
-    assert csv.read_text().splitlines()[0].startswith("index,label,p_basophil")
+    header = csv.read_text().splitlines()[0]
+    assert header.startswith("index,label,predicted,annotated,added,p_basophil")
 
 
 def test_white_cells_are_offered_only_from_layers_that_fit_the_image(classify_widget):

@@ -5,7 +5,9 @@ tooltip, and the main action of each widget has a keyboard shortcut."""
 import pytest
 from qtpy.QtWidgets import QAbstractButton, QAbstractSpinBox, QComboBox, QLineEdit, QWidget
 
+from napari_cytodiffusion._widgets._adapt import AdaptWidget
 from napari_cytodiffusion._widgets._analyze import AnalyzeWidget
+from napari_cytodiffusion._widgets._annotate import AnnotateWidget
 from napari_cytodiffusion._widgets._classify import TABLE_ROWS, ClassifyWidget
 from napari_cytodiffusion._widgets._counterfactual import CounterfactualWidget
 from napari_cytodiffusion._widgets._generate import GenerateWidget
@@ -21,6 +23,8 @@ WIDGETS = (
     TuringWidget,
     TrainWidget,
     AnalyzeWidget,
+    AnnotateWidget,
+    AdaptWidget,
 )
 SCREEN = (1600, 1000)
 
@@ -56,7 +60,8 @@ def test_all_widgets_open_leave_the_canvas_most_of_the_window(docked, qtbot):
     long_text = "failed: " + "a very long reason that would widen the dock " * 12
     before = [widget.native.parentWidget().width() for widget in widgets]
     for widget in widgets:
-        widget._runner._status.value = long_text
+        if hasattr(widget, "_runner"):
+            widget._runner._status.value = long_text
     qtbot.wait(200)
     window = viewer.window._qt_window
     assert window.height() <= SCREEN[1] and window.width() <= SCREEN[0]
@@ -72,6 +77,8 @@ def test_every_control_has_a_tooltip_and_the_main_action_a_shortcut(docked):
     for widget in widgets:
         missing = _untipped_controls(widget)
         assert not missing, f"{type(widget).__name__}: {missing}"
+        if isinstance(widget, AnnotateWidget):
+            continue  # no long work: its actions have keys on the layer (1-9, N, U)
         run = widget._runner._run_button
         buttons = getattr(run, "_buttons", [run])
         assert "Ctrl+Return" in buttons[0].tooltip

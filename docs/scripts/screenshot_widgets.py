@@ -2,14 +2,15 @@
 
     xvfb-run -a -s "-screen 0 1600x1000x24" python docs/scripts/screenshot_widgets.py [NAME...]
 
-NAME is any of segment, analyze, classify, counterfactual, grid, generate, turing, train (default:
-all). Each widget is docked alone in a fresh viewer, run on real data (the bundled CBC smear
-field; PBC cells from ../shared/data) on the CPU, and the window is saved to docs/images/ once
-the result is shown. Each screenshot checks that the canvas keeps at least 900 px of the
-width. ``grid`` saves the Counterfactuals widget's class x class figure of 24 PBC test cells
-through its dock's Save PNG instead.
+NAME is any of segment, analyze, classify, counterfactual, grid, generate, turing, train,
+annotate, adapt (default: all). Each widget is docked alone in a fresh viewer, run on real
+data (the bundled CBC smear field; PBC cells and dataset 1 from ../shared/data) on the CPU,
+and the window is saved to docs/images/ once the result is shown. Each screenshot checks
+that the canvas keeps at least 900 px of the width. ``grid`` saves the Counterfactuals
+widget's class x class figure of 24 PBC test cells through its dock's Save PNG instead.
 """
 
+import os
 import shutil
 import sys
 import tempfile
@@ -22,7 +23,9 @@ from napari._qt.dialogs.qt_notification import NapariQtNotification
 from napari.settings import get_settings
 from qtpy.QtWidgets import QApplication
 
+from napari_cytodiffusion._widgets._adapt import AdaptWidget
 from napari_cytodiffusion._widgets._analyze import AnalyzeWidget
+from napari_cytodiffusion._widgets._annotate import AnnotateWidget
 from napari_cytodiffusion._widgets._classify import ClassifyWidget
 from napari_cytodiffusion._widgets._counterfactual import CounterfactualWidget, FigureDock
 from napari_cytodiffusion._widgets._generate import GenerateWidget
@@ -31,11 +34,13 @@ from napari_cytodiffusion._widgets._train import TrainWidget
 from napari_cytodiffusion._widgets._turing import TuringWidget
 from napari_cytodiffusion.core.datasets import list_labelled_images
 from napari_cytodiffusion.core.io import read_image
+from napari_cytodiffusion.core.model.weights import CACHE_ENV
 from napari_cytodiffusion.core.turing import normalise_real_cells
 
 ROOT = Path(__file__).resolve().parents[2]
 IMAGES = ROOT / "docs" / "images"
 PBC = ROOT.parent / "shared" / "data" / "pbc"
+WBC1 = ROOT.parent / "shared" / "data" / "segmentation_wbc_dataset1"
 PLUGIN, SAMPLE = "napari-cytodiffusion", "cbc_monocyte_eosinophil"
 SCREEN, MIN_CANVAS_WIDTH = (1600, 1000), 900
 
@@ -235,6 +240,63 @@ def train():
     viewer.close()
 
 
+def annotate():
+    """A person's review of the bundled field, opened from a file so the review is saved."""
+    viewer, widget = docked(AnnotateWidget, "Annotate cells")
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / f"{SAMPLE}.jpg"
+        shutil.copy(ROOT / "src" / "napari_cytodiffusion" / "sample_data" / path.name, path)
+        (image,) = viewer.open(path, plugin="napari")
+        segment = SegmentWidget(viewer)
+        segment.start(image)
+        wait(600, lambda: not segment.runner.running)
+        for suffix in ("red cells", "platelets"):
+            viewer.layers[f"{image.name} {suffix}"].visible = False
+        classify = ClassifyWidget(viewer)
+        classify._device.value = "cpu"
+        run(classify, classify._run)
+        viewer.layers[f"{image.name} white cells"].visible = False
+        widget.reset_choices()
+        widget._layer.value = classify.class_layer
+        widget.next_flagged()
+        widget._class.value = "eosinophil"
+        widget.set_label("eosinophil")
+        viewer.layers.selection.active = classify.class_layer
+        viewer.reset_view()
+        save(viewer, "annotate_widget.png")
+    viewer.close()
+
+
+def adapt():
+    """Adapting to 10 cells per class of another microscope and stain (dataset 1)."""
+    import csv
+
+    names = {"1": "neutrophil", "2": "lymphocyte", "3": "monocyte", "4": "eosinophil"}
+    viewer, widget = docked(AdaptWidget, "Adapt / calibrate model")
+    with tempfile.TemporaryDirectory() as folder, open(WBC1 / "class_labels.csv") as handle:
+        os.environ[CACHE_ENV] = folder  # the demo model is not kept among the user's models
+        cells, chosen = Path(folder) / "lab_cells", []
+        for image_id, label in list(csv.reader(handle))[1:]:
+            name = names.get(label)
+            if name and sum(1 for _, n in chosen if n == name) < 10:
+                (cells / name).mkdir(parents=True, exist_ok=True)
+                source = WBC1 / f"{int(image_id):03d}_image.png"
+                shutil.copy(source, cells / name / source.name)
+                chosen.append((source, name))
+        tiles = [read_image(p)[:100, :100, :3] for p, _ in sorted(chosen, key=lambda c: c[1])]
+        montage = np.concatenate(
+            [np.concatenate(tiles[i : i + 10], axis=1) for i in range(0, len(tiles), 10)]
+        )
+        viewer.add_image(montage, name="lab cells (10 per class)", rgb=True)
+        widget._data.value = cells
+        widget._name.value = "wbc1-demo"
+        widget._steps.value = 150
+        viewer.reset_view()
+        run(widget, widget._adapt)
+        save(viewer, "adapt_widget.png")
+    viewer.close()
+
+
 SHOTS = {
     "segment": segment,
     "analyze": analyze,
@@ -244,6 +306,8 @@ SHOTS = {
     "generate": generate,
     "turing": turing,
     "train": train,
+    "annotate": annotate,
+    "adapt": adapt,
 }
 
 

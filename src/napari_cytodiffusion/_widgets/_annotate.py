@@ -38,16 +38,38 @@ class AnnotateWidget(DockForm):
             tooltip="The classes layer made by Classify cells for the smear.",
         )
         self._class = ComboBox(label="class", choices=self._choices, tooltip="Keys 1-9 also.")
-        self._set = PushButton(text="Set class")
-        self._artefact = PushButton(text="Artefact")
-        self._unknown = PushButton(text="Unknown")
-        self._delete = PushButton(text="Delete cell")
-        self._paint = PushButton(text="Paint a missed cell")
-        self._add = PushButton(text="Add painted cell")
-        self._next = PushButton(text="Next flagged (N)")
-        self._undo_button = PushButton(text="Undo (U)")
-        self._dataset = FileEdit(label="dataset folder", mode="d")
-        self._export = PushButton(text="Export cells")
+        self._set = PushButton(
+            text="Set class", tooltip="Give the selected cell the class above (keys 1-9)."
+        )
+        self._artefact = PushButton(
+            text="Artefact",
+            tooltip="Not a white cell (debris, a stain deposit); left out of counts.",
+        )
+        self._unknown = PushButton(
+            text="Unknown", tooltip="A white cell of no class the model knows; left out of counts."
+        )
+        self._delete = PushButton(
+            text="Delete cell", tooltip="Remove a false detection; it stays removed when re-run."
+        )
+        self._paint = PushButton(
+            text="Paint a missed cell", tooltip="Switch to the brush with a new cell number."
+        )
+        self._add = PushButton(
+            text="Add painted cell", tooltip="Add the painted cell with the class above."
+        )
+        self._next = PushButton(
+            text="Next flagged (N)", tooltip="Centre and select the next flagged cell not reviewed."
+        )
+        self._undo_button = PushButton(text="Undo (U)", tooltip="Take back the last change.")
+        self._dataset = FileEdit(
+            label="export to",
+            mode="d",
+            tooltip="Where Export cells writes class folders (the layout Train and Adapt read).",
+        )
+        self._export = PushButton(
+            text="Export cells",
+            tooltip="Write the reviewed cells as the classifier crops them, with a manifest.",
+        )
         self._status = StatusLabel("select a cell: click it (pan/zoom mode)")
         self._counter = StatusLabel("")
         self.add(
@@ -106,7 +128,8 @@ class AnnotateWidget(DockForm):
         """Bind keys and clicks to the chosen classes layer (and only to it)."""
         if self._bound is not None:
             self._bound.mouse_drag_callbacks[:] = [
-                callback for callback in self._bound.mouse_drag_callbacks
+                callback
+                for callback in self._bound.mouse_drag_callbacks
                 if callback is not self._on_click
             ]
         self._bound = None
@@ -310,7 +333,9 @@ class AnnotateWidget(DockForm):
         path = layer.metadata.get("path")
         if not path:
             return "not saved: the image has no file (export the cells instead)"
-        annotations = annotations_from_table(layer.features, np.asarray(layer.data), Path(path).name)
+        annotations = annotations_from_table(
+            layer.features, np.asarray(layer.data), Path(path).name
+        )
         try:
             saved = save_annotations(annotations, path)
         except OSError as error:
@@ -327,11 +352,21 @@ class AnnotateWidget(DockForm):
         layer.colormap = _direct_colormap(colours)
         reviewed = features[(features["annotated"] != "") & (features["annotated"] != DELETED)]
         self._show_markers(layer, reviewed)
+        self._hide_reviewed_flags(layer, features)
         flagged = features.get("needs_review", False) & (features["annotated"] == "")
         cells = int((features["annotated"] != DELETED).sum())
         self._counter.value = (
             f"{len(reviewed)} of {cells} cells reviewed; {int(np.sum(flagged))} flagged left"
         )
+
+    def _hide_reviewed_flags(self, layer, features):
+        """The review markers Classify cells added stay only on cells still to review."""
+        name = layer.name.replace(" classes", " needs review")
+        flags = self._viewer.layers[name] if name in self._viewer.layers else None
+        if flags is None or "index" not in flags.features or not len(flags.data):
+            return
+        done = set(features.loc[features["annotated"] != "", "index"].astype(int))
+        flags.shown = ~flags.features["index"].astype(int).isin(done).to_numpy()
 
     def _show_markers(self, layer, reviewed):
         name = layer.name.replace(" classes", " reviewed")
@@ -356,5 +391,3 @@ class AnnotateWidget(DockForm):
 
 def _key(action, name):
     return lambda _layer: action(name)
-
-

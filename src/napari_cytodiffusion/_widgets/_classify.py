@@ -415,6 +415,7 @@ def _segmented_from(layer, image):
         and image is not None
         and layer.metadata.get("source") == image.name
         and layer.metadata.get("cells", "white") == "white"
+        and "class" not in layer.metadata
     )
 
 

@@ -121,7 +121,13 @@ class ModelFields:
             tooltip="default: the shipped model; the registry's models; models adapted or "
             "calibrated on this computer; or a model file (such as one made by Train model).",
         )
-        self.file = FileEdit(label="model file", mode="r", filter="*.pt", visible=False)
+        self.file = FileEdit(
+            label="model file",
+            mode="r",
+            filter="*.pt",
+            visible=False,
+            tooltip="A model file (.pt), such as one made by Train model.",
+        )
         self.model.changed.connect(lambda value: setattr(self.file, "visible", value == MODEL_FILE))
         self.device = device_field()
         self.seed = SpinBox(label="seed", value=0, min=0, max=2**31 - 1, tooltip=seed_tooltip)
@@ -197,6 +203,11 @@ class DockForm(Container):
         button.tooltip = f"{button.tooltip or button.text} ({sequence.toString()})"
 
 
+# A dock may shrink to about two rows of its form (it scrolls), so that every widget of the
+# plugin fits beside the canvas on a 1000-px-high screen.
+MIN_FORM_HEIGHT = 60
+
+
 class _FormScrollArea(QScrollArea):
     """Scrolls vertically; as wide as the form needs, never narrower."""
 
@@ -207,7 +218,7 @@ class _FormScrollArea(QScrollArea):
 
     def minimumSizeHint(self):
         inner = self.widget().minimumSizeHint() if self.widget() else QSize(0, 0)
-        return QSize(inner.width() + self.verticalScrollBar().sizeHint().width(), 90)
+        return QSize(inner.width() + self.verticalScrollBar().sizeHint().width(), MIN_FORM_HEIGHT)
 
     def sizeHint(self):
         inner = self.widget().sizeHint() if self.widget() else QSize(0, 0)

@@ -106,6 +106,7 @@ class CounterfactualWidget(DockForm):
         self._rbc_diameter = rbc_diameter_field(
             "0: from the layer's metadata (rbc_diameter) or estimated from the image."
         )
+        self._device, self._seed = self._fields.device, self._fields.seed
         row = RunRow("Counterfactuals", "Explain cell", "All classes", "Grid of all cells")
         self._explain, self._all_classes, self._grid = row.buttons
         self._cancel, self._status, self._runner = row.cancel, row.status, row.runner
@@ -240,7 +241,7 @@ class CounterfactualWidget(DockForm):
             steps=self._steps.value,
             guidance=self._guidance.value,
             method=self._method.value,
-            seed=self._fields.seed.value,
+            seed=self._seed.value,
             all_targets=all_targets,
             **where,
         )
@@ -299,7 +300,7 @@ class CounterfactualWidget(DockForm):
             "labels": None if labels is None else np.asarray(labels.data),
             "sources": sources,
             "trials": self._trials.value,
-            "seed": self._fields.seed.value,
+            "seed": self._seed.value,
             "rbc_diameter": self._rbc_diameter.value or _rbc_from_metadata(labels, image),
         }
         job = _grid_job(data, options, self._fields.choice())

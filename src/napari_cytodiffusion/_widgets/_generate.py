@@ -39,6 +39,7 @@ class GenerateWidget(DockForm):
             label="sampler",
             tooltip="dpm++2m: second order, fewer steps for the same quality; ddim: first order.",
         )
+        self._device, self._seed = self._fields.device, self._fields.seed
         row = RunRow("Generating cells", "Generate")
         self._run, self._cancel, self._status = row.buttons[0], row.cancel, row.status
         self._runner = row.runner
@@ -60,7 +61,7 @@ class GenerateWidget(DockForm):
             "n": self._count.value,
             "steps": self._steps.value,
             "guidance": self._guidance.value,
-            "seed": self._fields.seed.value,
+            "seed": self._seed.value,
             "sampler": self._sampler.value,
         }
         choice = self._fields.choice()

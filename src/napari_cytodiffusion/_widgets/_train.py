@@ -1,4 +1,4 @@
-"""The "Train / adapt model" widget: train the diffusion model on a lab's own labelled cells.
+"""The "Train model" widget: train the diffusion model on a lab's own labelled cells.
 
 Starting from the default model's weights adapts it to another stain or scanner in far fewer
 steps than training from scratch. The run writes a training checkpoint, which other widgets

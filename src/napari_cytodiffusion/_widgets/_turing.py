@@ -68,6 +68,7 @@ class TuringWidget(DockForm):
         )
         self._rbc_diameter = rbc_diameter_field("Of the real images; 0 estimates it per image.")
         self._steps, self._guidance = sampler_fields("the synthetic cells")
+        self._device, self._seed = self._fields.device, self._fields.seed
         self._out = FileEdit(mode="d", label="results folder", tooltip="Where the CSVs go.")
         row = RunRow("Building the Turing test panel", "Build panel and start")
         self._build, self._cancel, self._progress = row.buttons[0], row.cancel, row.status
@@ -131,7 +132,7 @@ class TuringWidget(DockForm):
             return
         request = TuringRequest(
             n=self._count.value,
-            seed=self._fields.seed.value,
+            seed=self._seed.value,
             steps=self._steps.value,
             guidance=self._guidance.value,
             rbc_diameter=self._rbc_diameter.value or None,

@@ -166,9 +166,10 @@ def annotate_labels(labels, annotations):
     labels = np.array(labels, copy=True)
     _check_shape(labels.shape, annotations)
     human, added = {}, set()
+    new_value = int(labels.max()) + 1  # painted cells never reuse a deleted cell's value
     for cell in annotations.cells:
         if cell.added and cell.mask is not None:
-            value = int(labels.max()) + 1
+            value, new_value = new_value, new_value + 1
             labels[decode_mask(cell.mask, labels.shape) & (labels == 0)] = value
             added.add(value)
         else:

@@ -1,0 +1,136 @@
+"""Adapting and calibrating: a lab's labelled cells make a named local model, with its own
+calibration and sha256, that every command and widget offers; new classes can be added."""
+
+import shutil
+
+import pytest
+
+from napari_cytodiffusion.cli import main
+from napari_cytodiffusion.core.model import weights
+
+
+@pytest.fixture
+def isolated_cache(tmp_path, monkeypatch):
+    """Local models go to a temporary cache, never the user's."""
+    cache = tmp_path / "cache"
+    monkeypatch.setenv(weights.CACHE_ENV, str(cache))
+    return cache
+
+
+def test_adapt_registers_a_calibrated_local_model(
+    synthetic_cells_dir, synthetic_rbc_diameter, isolated_cache, capsys
+):
+    argv = ["adapt", str(synthetic_cells_dir), "--out", "lab-a", "--steps", "2"]
+    assert main([*argv, "--rbc-diameter", str(synthetic_rbc_diameter), "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "saved local model 'lab-a'" in out and "use it with --model lab-a" in out
+    assert "cells per class: lymphocyte 6, neutrophil 6" in out
+
+    entry = weights.find_model("lab-a")
+    assert entry.local and entry.sha256 == weights.file_sha256(weights.model_path("lab-a"))
+    model = weights.load_model("lab-a", device="cpu")
+    base = weights.load_model("default", device="cpu")
+    assert model.classes == base.classes and model.image_size == base.image_size
+    assert model.metadata["adapted_on"] == {"lymphocyte": 4, "neutrophil": 4}
+    # Classes the lab has no cells of keep the base model's calibration.
+    calibration, original = model.calibration, base.calibration
+    assert calibration["class_bias"][0] == pytest.approx(original["class_bias"][0])
+    assert calibration["inverse_temperature"] > 0
+    assert main(["models", "list"]) == 0
+    (row,) = [line for line in capsys.readouterr().out.splitlines() if line.startswith("lab-a")]
+    assert "local" in row
+
+    # Calibrating the local model again replaces it under the same name.
+    calibrate = ["calibrate", "lab-a", str(synthetic_cells_dir), "--device", "cpu"]
+    assert main([*calibrate, "--rbc-diameter", str(synthetic_rbc_diameter)]) == 0
+    assert "saved local model 'lab-a'" in capsys.readouterr().out
+    assert weights.find_model("lab-a").sha256 != entry.sha256
+
+    # A tampered local file is refused like any registry model.
+    path = weights.model_path("lab-a")
+    path.write_bytes(path.read_bytes()[:-10])
+    assert (
+        main(
+            [
+                "classify",
+                str(synthetic_cells_dir / "lymphocyte" / "lymphocyte_0.png"),
+                "--model",
+                "lab-a",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 2
+    )
+    assert "sha256" in capsys.readouterr().err
+
+
+def test_bad_names_and_data_are_refused_with_a_message(synthetic_cells_dir, isolated_cache, capsys):
+    assert main(["adapt", str(synthetic_cells_dir), "--out", "default"]) == 2
+    assert "model of the package" in capsys.readouterr().err
+    assert main(["adapt", str(synthetic_cells_dir), "--out", "../escape"]) == 2
+    assert "cannot name a model" in capsys.readouterr().err
+    assert main(["adapt", "/no/such/folder", "--out", "lab"]) == 2
+    assert "No such file or folder" in capsys.readouterr().err
+    assert not (isolated_cache / "local" / "registry.json").exists()
+
+
+def test_a_new_class_is_learned_from_its_examples(
+    synthetic_cells_dir, synthetic_rbc_diameter, isolated_cache, tmp_path
+):
+    from napari_cytodiffusion.core.tasks.adapt import AdaptRequest, adapt_model
+
+    folder = tmp_path / "cells"
+    shutil.copytree(synthetic_cells_dir, folder)
+    shutil.copytree(folder / "lymphocyte", folder / "Blast")
+    lines = []
+    request = AdaptRequest(
+        folder,
+        "lab-blast",
+        steps=2,
+        add_classes=True,
+        calibration_trials=4,
+        device="cpu",
+        rbc_diameter=synthetic_rbc_diameter,
+    )
+    result = adapt_model(request, log=lines.append)
+    assert result.new_classes == ("blast",) and "new classes: blast" in lines
+    model = weights.load_model("lab-blast", device="cpu")
+    assert model.classes[-1] == "blast" and model.num_classes == 9
+    assert len(model.calibration["class_bias"]) == 9
+    with pytest.raises(ValueError, match="must be learned"):
+        adapt_model(AdaptRequest(folder, "x", steps=0, add_classes=True), log=lines.append)
+
+
+def test_the_widget_adapts_and_every_widget_offers_the_new_model(
+    make_napari_viewer, qtbot, synthetic_cells_dir, synthetic_rbc_diameter, isolated_cache
+):
+    from napari_cytodiffusion._widgets._adapt import AdaptWidget
+    from napari_cytodiffusion._widgets._generate import GenerateWidget
+
+    viewer = make_napari_viewer()
+    widget, generate = AdaptWidget(viewer), GenerateWidget(viewer)
+    viewer.window.add_dock_widget(widget)
+    assert "lab-b" not in generate._fields.model.choices
+    widget._data.value = synthetic_cells_dir
+    widget._name.value = "lab-b"
+    widget._steps.value = 2
+    widget._device.value = "cpu"
+    widget._rbc_diameter.value = synthetic_rbc_diameter
+    widget._adapt.native.click()
+    assert widget._runner.running
+    qtbot.waitUntil(lambda: not widget._runner.running, timeout=180_000)
+    assert widget._status.value.startswith("done: 'lab-b'"), widget._status.value
+    assert "saved local model 'lab-b'" in widget._log.value
+    assert "lab-b" in generate._fields.model.choices
+    assert len(viewer.layers) == 0
+
+
+def test_the_widget_refuses_a_missing_folder(make_napari_viewer, monkeypatch, isolated_cache):
+    from napari_cytodiffusion._widgets import _adapt
+
+    errors = []
+    monkeypatch.setattr(_adapt, "show_error", errors.append)
+    widget = _adapt.AdaptWidget(make_napari_viewer())
+    widget._calibrate.native.click()
+    assert not widget._runner.running and "cell folder" in errors[0]

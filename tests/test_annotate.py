@@ -1,0 +1,277 @@
+"""Annotating: a person corrects the calls of a classes layer in the viewer, the corrections are
+saved beside the image (atomically) and come back when the image is classified again, by the
+widget and by ``classify`` / ``analyze``; reviewed cells export as a dataset ``train`` and
+``adapt`` read."""
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from napari_cytodiffusion.cli import main
+from napari_cytodiffusion.core.annotations import (
+    DELETED,
+    Annotations,
+    CellAnnotation,
+    annotate_labels,
+    decode_mask,
+    encode_mask,
+    load_annotations,
+    match_centres,
+    save_annotations,
+    sidecar_path,
+)
+
+SAMPLES = Path(__file__).resolve().parents[1] / "src" / "napari_cytodiffusion" / "sample_data"
+CLASSES = ("lymphocyte", "monocyte", "neutrophil")
+
+
+def _two_cells():
+    labels = np.zeros((100, 120), np.uint32)
+    labels[10:30, 10:30] = 1
+    labels[50:70, 60:80] = 2
+    return labels
+
+
+def test_masks_survive_run_length_encoding():
+    rng = np.random.default_rng(0)
+    mask = np.zeros((40, 50), bool)
+    mask[5:30, 8:44] = rng.random((25, 36)) > 0.4
+    assert np.array_equal(decode_mask(encode_mask(mask), mask.shape), mask)
+
+
+def test_annotations_apply_to_labels_by_position(tmp_path):
+    painted = np.zeros((100, 120), bool)
+    painted[80:95, 5:20] = True
+    annotations = Annotations(
+        "smear.png",
+        (100, 120),
+        [
+            CellAnnotation((20.0, 20.0), "neutrophil", predicted="lymphocyte"),
+            CellAnnotation((60.0, 70.0), DELETED, predicted="monocyte"),
+            CellAnnotation((87.0, 12.0), "monocyte", added=True, mask=encode_mask(painted)),
+        ],
+    )
+    labels, human, added = annotate_labels(_two_cells(), annotations)
+    assert not (labels == 2).any()  # deleted
+    assert human[1] == "neutrophil"
+    (new,) = added
+    assert human[new] == "monocyte" and np.array_equal(labels == new, painted)
+    # Results without label images (analyze's tiles) match by centre.
+    found = match_centres(np.array([[21.0, 19.0], [60.0, 71.0], [0.0, 119.0]]), annotations, 5)
+    assert found == ["neutrophil", DELETED, None]
+    with pytest.raises(ValueError, match="another image"):
+        annotate_labels(np.zeros((10, 10), np.uint32), annotations)
+
+
+def test_a_crash_while_saving_leaves_the_previous_file_intact(tmp_path, monkeypatch):
+    image = tmp_path / "smear.png"
+    first = Annotations("smear.png", (100, 120), [CellAnnotation((20.0, 20.0), "monocyte")])
+    save_annotations(first, image)
+    before = sidecar_path(image).read_bytes()
+
+    def crash(self, text, *args, **kwargs):
+        with open(self, "w") as handle:
+            handle.write(text[: len(text) // 2])  # half written, then the process dies
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", crash)
+    second = Annotations("smear.png", (100, 120), [CellAnnotation((1.0, 1.0), "lymphocyte")])
+    with pytest.raises(OSError):
+        save_annotations(second, image)
+    monkeypatch.undo()
+    assert sidecar_path(image).read_bytes() == before
+    assert load_annotations(image).cells[0].label == "monocyte"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["smear.png.annotations.json"]
+
+
+def test_a_damaged_sidecar_is_reported_not_used(tmp_path):
+    image = tmp_path / "smear.png"
+    sidecar_path(image).write_text("{not json")
+    with pytest.raises(ValueError, match="move it away"):
+        load_annotations(image)
+    assert load_annotations(tmp_path / "other.png") is None
+
+
+# ---------------------------------------------------------------------------- the widget
+
+
+@pytest.fixture
+def annotating(make_napari_viewer, tmp_path):
+    """A viewer with a smear, its classes layer (as Classify cells makes it) and the widget."""
+    from PIL import Image
+
+    from napari_cytodiffusion._widgets._annotate import AnnotateWidget
+
+    path = tmp_path / "smear.png"
+    pixels = np.empty((100, 120, 3), np.uint8)
+    pixels[:] = (245, 230, 210)
+    pixels[_two_cells() > 0] = (120, 70, 150)
+    rows, cols = np.mgrid[:100, :120]
+    for r, c in ((15, 70), (40, 30), (85, 95), (30, 105)):
+        pixels[(rows - r) ** 2 + (cols - c) ** 2 < 81] = (215, 140, 140)
+    Image.fromarray(pixels).save(path)
+    viewer = make_napari_viewer()
+    viewer.add_image(pixels, name="smear", rgb=True)
+    features = pd.DataFrame(
+        {
+            "index": [1, 2],
+            "label": ["lymphocyte", "monocyte"],
+            "predicted": ["lymphocyte", "monocyte"],
+            "annotated": ["", ""],
+            "added": [False, False],
+            "uncertainty": [0.5, 0.01],
+            "anomaly_score": [0.0, 0.0],
+            "needs_review": [True, False],
+            "centroid_row": [19.5, 59.5],
+            "centroid_col": [19.5, 69.5],
+        }
+    )
+    layer = viewer.add_labels(
+        _two_cells(),
+        name="smear classes",
+        features=features,
+        metadata={
+            "class": True,
+            "classes": CLASSES,
+            "image_size": 64,
+            "rbc_diameter": 20.0,
+            "source": "smear",
+            "path": str(path),
+        },
+    )
+    viewer.add_points(
+        [[19.5, 19.5]], name="smear needs review", features={"index": [1], "label": ["lymphocyte"]}
+    )  # Classify cells' markers of the cells to review
+    widget = AnnotateWidget(viewer)
+    viewer.window.add_dock_widget(widget)
+    widget.reset_choices()
+    widget._layer.value = layer
+    return viewer, widget, layer, path
+
+
+def _press(layer, key):
+    (callback,) = [f for k, f in layer.keymap.items() if str(k).lower() == key]
+    callback(layer)
+
+
+def test_review_correct_delete_paint_undo_and_save(annotating):
+    viewer, widget, layer, path = annotating
+    assert widget._counter.value == "0 of 2 cells reviewed; 1 flagged left"
+
+    _press(layer, "n")  # the next flagged cell nobody reviewed
+    assert layer.selected_label == 1
+    assert tuple(viewer.camera.center[1:]) == pytest.approx((19.5, 19.5))
+    _press(layer, "3")  # the third class
+    assert layer.features.loc[0, ["annotated", "predicted"]].tolist() == [
+        "neutrophil",
+        "lymphocyte",
+    ]
+    assert not layer.features.loc[0, "needs_review"]
+    assert widget._counter.value == "1 of 2 cells reviewed; 0 flagged left"
+    assert not viewer.layers["smear needs review"].shown[0]  # reviewed: no longer flagged
+    saved = load_annotations(path)
+    assert [(c.label, c.predicted) for c in saved.cells] == [("neutrophil", "lymphocyte")]
+
+    widget.select(2)
+    widget.delete_cell()
+    assert not (layer.data == 2).any()
+    assert {c.label for c in load_annotations(path).cells} == {"neutrophil", DELETED}
+    _press(layer, "u")
+    assert (layer.data == 2).sum() == 400
+    assert [c.label for c in load_annotations(path).cells] == ["neutrophil"]
+
+    widget.start_painting()
+    assert layer.mode == "paint" and layer.selected_label == 3
+    layer.data[80:95, 5:20] = 3
+    widget._class.value = "monocyte"
+    widget.add_painted_cell()
+    assert layer.mode == "pan_zoom"
+    row = layer.features.iloc[-1]
+    assert (row["index"], row["annotated"], bool(row["added"])) == (3, "monocyte", True)
+    (painted,) = [c for c in load_annotations(path).cells if c.added]
+    assert decode_mask(painted.mask, (100, 120)).sum() == 225
+    assert "reviewed" in " ".join(layer.name for layer in viewer.layers)
+
+    # Reopened: the saved review applied to a fresh segmentation gives the same cells.
+    labels, human, added = annotate_labels(_two_cells(), load_annotations(path))
+    assert human == {1: "neutrophil", 3: "monocyte"} and added == {3}
+    assert np.array_equal(labels, layer.data)
+
+
+def test_actions_without_a_cell_say_what_to_do(annotating, monkeypatch):
+    from napari_cytodiffusion._widgets import _annotate
+
+    errors = []
+    monkeypatch.setattr(_annotate, "show_error", errors.append)
+    _, widget, layer, path = annotating
+    layer.selected_label = 7  # no such cell
+    widget.set_label("monocyte")
+    widget.add_painted_cell()
+    assert len(errors) == 2 and "Select a cell" in errors[0] and "Paint a new cell" in errors[1]
+    assert not sidecar_path(path).exists()
+
+
+def test_export_writes_the_reviewed_cells_as_a_dataset(annotating, tmp_path):
+    from napari_cytodiffusion.core.datasets import list_labelled_images
+
+    _, widget, layer, _ = annotating
+    widget.select(1)
+    widget.set_label("neutrophil")
+    widget.select(2)
+    widget.set_label("monocyte")
+    out = tmp_path / "dataset"
+    assert widget.export(out) == {"neutrophil": 1, "monocyte": 1}
+    records = list_labelled_images(out, classes=CLASSES)
+    assert sorted(r.label for r in records) == ["monocyte", "neutrophil"]
+    assert all(r.rbc_diameter == pytest.approx(64 / 2.5, abs=0.01) for r in records)
+    manifest = (out / "manifest.csv").read_text().splitlines()
+    assert manifest[0].startswith("file,label,source_image,cell") and len(manifest) == 3
+
+
+# ------------------------------------------------------------------ the command line
+
+
+def test_classify_and_export_keep_the_persons_labels(tmp_path, capsys):
+    image = tmp_path / "smear.jpg"
+    shutil.copy(SAMPLES / "cbc_lymphocyte.jpg", image)
+    assert main(["classify", "--segment", str(image), "--json", "--device", "cpu"]) == 0
+    calls = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    first = calls[0]
+    other = "monocyte" if first["label"] != "monocyte" else "neutrophil"
+
+    from napari_cytodiffusion.core.io import read_image
+    from napari_cytodiffusion.core.smear.prepare import prepare_smear
+    from napari_cytodiffusion.core.smear.segmentation import segment_smear
+
+    pixels = read_image(image)
+    white = segment_smear(prepare_smear(pixels)).table("wbc").iloc[0]
+    save_annotations(
+        Annotations(
+            image.name,
+            pixels.shape[:2],
+            [CellAnnotation((white.centroid_row, white.centroid_col), other, first["label"])],
+        ),
+        image,
+    )
+    assert main(["classify", "--segment", str(image), "--json", "--device", "cpu"]) == 0
+    again = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert (again[0]["label"], again[0]["predicted"], again[0]["annotated"]) == (
+        other,
+        first["label"],
+        other,
+    )
+    assert main(["classify", "--segment", str(image), "--json", "--ignore-annotations"]) == 0
+    ignored = json.loads(capsys.readouterr().out.splitlines()[0])
+    assert ignored["label"] == first["label"] and "annotated" not in ignored
+
+    out = tmp_path / "dataset"
+    assert main(["export-cells", str(image), "--out", str(out)]) == 0
+    assert capsys.readouterr().out.strip().startswith(f"1 cells in {out}: {other} 1")
+    (crop,) = (out / other).glob("*.png")
+    from PIL import Image
+
+    assert Image.open(crop).size == (128, 128)
