@@ -63,4 +63,17 @@ def call_metrics(calls, true_labels, classes):
         "uncertainty_auroc_wrong_vs_right": auroc(~correct, uncertainty),
         "needs_review_fraction": float(np.mean([c.needs_review for c in calls])),
         "mean_unet_evals": float(np.mean([c.unet_evals for c in calls])),
+        **_review_metrics(calls, correct),
+    }
+
+
+def _review_metrics(calls, correct):
+    """Accuracy of the calls left unflagged, and the share flagged for each reason."""
+    review = np.array([c.needs_review for c in calls])
+    why = [getattr(c, "why", "") for c in calls]
+    reasons = ("uncertain", "unlike any known class", "unlike the training smears")
+    return {
+        "unflagged_accuracy": float(np.mean(correct[~review])) if (~review).any() else None,
+        "unflagged_cells": int((~review).sum()),
+        "flagged_by_reason": {r: float(np.mean([r in w for w in why])) for r in reasons},
     }

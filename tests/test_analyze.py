@@ -44,10 +44,12 @@ def test_tiles_count_each_cell_once(default_model):
     whole = analyze_smear(mosaic, default_model, rbc_diameter=80, tile_size=4096)
     tiled = analyze_smear(mosaic, default_model, rbc_diameter=80, tile_size=600)
     assert len(whole.cells) == len(tiled.cells) == 3
+    # The same cells: the detector network sees a tile's edge within a few red cells of it,
+    # so an outline may move by a few pixels, never by a tenth of a red cell (8 px here).
     np.testing.assert_allclose(
-        np.sort(whole.cells["centroid_col"]), np.sort(tiled.cells["centroid_col"]), atol=2
+        np.sort(whole.cells["centroid_col"]), np.sort(tiled.cells["centroid_col"]), atol=8
     )
-    # Each tile sets its own stain thresholds, so red-cell counts may differ a little.
+    # Red cells at a tile's edge are split differently, so their counts may differ a little.
     assert abs(whole.counts["rbc"] - tiled.counts["rbc"]) <= 0.15 * whole.counts["rbc"]
 
 

@@ -149,3 +149,173 @@ def test_given_labels_are_classified_at_their_centroids(default_model, pbc_dir):
     assert counts["count"].sum() == 1 and counts["percent"].max() == 100.0
     with pytest.raises(ValueError, match="do not match"):
         classify(image, default_model, labels=labels[:10])
+
+
+# ----------------------------------------------------------------------------- issue 9
+
+
+def test_the_null_class_runs_alongside_without_changing_the_calls(default_model, pbc_crops):
+    from napari_cytodiffusion.core.model.classifier import ANOMALY_TRIALS, calls_from_errors
+
+    crops, _ = pbc_crops
+    plain, plain_spent = class_errors(default_model, crops, "adaptive", seed=1, budget=8)
+    live, spent = class_errors(default_model, crops, "adaptive", seed=1, budget=8, null=True)
+    assert live.shape == (len(crops), 8, 9)
+    np.testing.assert_allclose(live[:, :, :8][~np.isnan(plain)], plain[~np.isnan(plain)], rtol=1e-4)
+    # The null class is scored on every trial the best class is, and on at least 6.
+    best = np.array(
+        [
+            default_model.classes.index(c.label)
+            for c in calls_from_errors(default_model, plain, plain_spent)
+        ]
+    )
+    rows = np.arange(len(crops))
+    both = ~np.isnan(live[rows, :, best]) & ~np.isnan(live[:, :, 8])
+    assert (both.sum(axis=1) >= ANOMALY_TRIALS).all()
+    assert (spent > plain_spent).all()
+    a = calls_from_errors(default_model, plain, plain_spent)
+    b = calls_from_errors(default_model, live, spent)
+    assert [c.label for c in a] == [c.label for c in b]
+    for x, y in zip(a, b, strict=True):
+        assert x.probabilities == pytest.approx(y.probabilities, abs=1e-3)
+    full, _ = class_errors(default_model, crops, "exhaustive", seed=1, budget=8, null=True)
+    replayed, replay_spent = replay_adaptive(default_model, full)
+    np.testing.assert_array_equal(np.isnan(replayed), np.isnan(live))
+    np.testing.assert_allclose(replayed[~np.isnan(live)], live[~np.isnan(live)], rtol=1e-4)
+    np.testing.assert_array_equal(replay_spent, spent)
+
+
+def _toy_errors(rng, n=40, trials=12, k=4, scale=1.0):
+    """Errors where each cell's true class beats the null class by about 5 %."""
+    labels = np.repeat(np.arange(k), n // k)
+    base = rng.lognormal(np.log(0.02), 0.3, (n, 1, 1)) * scale
+    errors = base * rng.lognormal(0, 0.02, (n, trials, k + 1))
+    errors[np.arange(n), :, labels] *= 0.95
+    errors[:, :, -1] *= 1.0
+    return errors.astype(np.float64), labels
+
+
+def test_null_gain_cancels_the_images_own_denoising_cost():
+    """A smooth image is cheap to denoise for every class and for the null class alike: the
+    null-gain score does not move, the best-class error score falls (the confound)."""
+    from napari_cytodiffusion.core.model import anomaly
+
+    rng = np.random.default_rng(0)
+    errors, labels = _toy_errors(rng)
+    timesteps = trial_timesteps(errors.shape[1])
+    real, null = errors[:, :, :-1], errors[:, :, -1]
+    gain = anomaly.fit_reference("null_gain", real, null, labels, timesteps)
+    error = anomaly.fit_reference("best_error", real, null, labels, timesteps)
+    before = {
+        m: anomaly.score(r, real, null, labels, timesteps)
+        for m, r in (("gain", gain), ("error", error))
+    }
+    cheap = errors * 0.5  # every denoiser's error halves on a smoother image
+    after = {
+        m: anomaly.score(r, cheap[:, :, :-1], cheap[:, :, -1], labels, timesteps)
+        for m, r in (("gain", gain), ("error", error))
+    }
+    np.testing.assert_allclose(after["gain"], before["gain"], atol=1e-9)
+    assert (after["error"] < before["error"] - 1).all()
+    # A cell that no class explains better than the null class is anomalous.
+    unknown = errors.copy()
+    unknown[np.arange(len(labels)), :, labels] /= 0.95
+    odd = anomaly.score(gain, unknown[:, :, :-1], unknown[:, :, -1], labels, timesteps)
+    assert np.median(odd) > np.median(before["gain"]) + 1.5
+
+
+def test_every_anomaly_score_is_fitted_and_scores_cells():
+    from napari_cytodiffusion.core.model import anomaly
+
+    rng = np.random.default_rng(1)
+    errors, labels = _toy_errors(rng)
+    timesteps = trial_timesteps(errors.shape[1])
+    real, null = errors[:, :, :-1], errors[:, :, -1]
+    for method in anomaly.METHODS:
+        reference = anomaly.fit_reference(method, real, null, labels, timesteps)
+        scores = anomaly.score(reference, real, null, labels, timesteps)
+        assert scores.shape == (len(labels),) and np.isfinite(scores).all(), method
+        assert abs(np.median(scores)) < 1.0, method
+    with pytest.raises(ValueError, match="Unknown anomaly score"):
+        anomaly.fit_reference("entropy", real, null, labels, timesteps)
+
+
+def test_review_reasons_are_recorded_per_call(default_model):
+    import copy
+
+    from napari_cytodiffusion.core.model.classifier import (
+        UNCERTAIN,
+        UNFAMILIAR_SMEAR,
+        UNKNOWN_KIND,
+        calls_from_errors,
+    )
+
+    model = copy.copy(default_model)
+    errors = np.full((3, 4, 8), 0.02, np.float32)
+    errors[0, :, 3] = 0.001  # a clear call
+    errors[1, :, 3] = 0.001
+    errors[2, :, 3] = 0.0199  # two classes almost alike: uncertain
+    shift = np.array([0.2, 3.0, np.nan])
+    calls = calls_from_errors(model, errors, np.full(3, 32), domain_shift=shift)
+    assert calls[0].why == "" and not calls[0].needs_review
+    assert calls[1].why == UNFAMILIAR_SMEAR and calls[1].needs_review
+    assert UNCERTAIN in calls[2].why and calls[2].needs_review
+    assert UNKNOWN_KIND not in calls[0].why
+    calls = calls_from_errors(model, errors, np.full(3, 32), anomaly_threshold=-1e9)
+    assert all(UNKNOWN_KIND in c.why for c in calls)
+    record = calls[0].as_dict()
+    assert {"why", "domain_shift"} <= set(record) and record["domain_shift"] is None
+
+
+def test_domain_shift_ranks_shifted_cells_above_training_cells():
+    from napari_cytodiffusion.core.model.domain import domain_parts, fit_domain_reference
+
+    rng = np.random.default_rng(0)
+    mix = rng.normal(size=(40, 60))
+    train = rng.normal(size=(400, 40)) @ mix
+    val = rng.normal(size=(200, 40)) @ mix
+    colours = rng.normal([1.0, 0.89, 0.8, 0.18, 0.26, 0.18, 0.5, 0.84, 0.2], 0.01, (400, 9))
+    colours[::10, 3:6] = np.nan  # red cells not found in some images
+    reference = fit_domain_reference(train, colours, val, colours[:200])
+    cell, smear = domain_parts(reference, val, colours[:200])
+    assert np.mean(cell > 1) <= 0.02 and np.nanmean(smear > 1) <= 0.02
+    shifted = val + 3 * rng.normal(size=val.shape)  # texture unlike any training cell
+    tinted = colours[:200].copy()
+    tinted[:, :3] = (0.80, 0.81, 0.80)  # another lamp
+    cell2, smear2 = domain_parts(reference, shifted, tinted)
+    assert np.mean(cell2 > 1) > 0.9 and np.mean(smear2 > 1) > 0.9
+
+
+def test_stain_normalisation_undoes_a_stain_change_and_leaves_pbc_alone(pbc_dir):
+    import torch
+
+    from napari_cytodiffusion.core.io import read_image
+    from napari_cytodiffusion.core.model import augment
+    from napari_cytodiffusion.core.smear.normalise import mapping_weight
+    from napari_cytodiffusion.core.smear.prepare import prepare_smear
+
+    image = read_image(pbc_dir / EXAMPLES["neutrophil"])
+    smear = prepare_smear(image, 29.0)
+    assert mapping_weight(smear.colour_map.rbc_density, smear.colour_map.nucleus_direction) == 0
+    assert smear.colour_map.is_white_balance  # a typical PBC image is only white-balanced
+    # The same cell in another lab: 40 % of the red dye, the blue dye's hue turned by 15
+    # degrees, under a yellower lamp.
+    x = torch.from_numpy(np.asarray(image, np.float32) / 255).permute(2, 0, 1)[None]
+    basis = augment._stain_basis("cpu")
+    background = augment._background("cpu")
+    density = -torch.log((x / background).clamp(1e-3, None))
+    amounts = torch.einsum("ij,njhw->nihw", torch.linalg.inv(basis), density)
+    amounts[:, 0] *= 0.4
+    turn = augment._rotation(torch.tensor([[2.0, -2.0, 1.0]]) / 3, torch.tensor([0.26]))[0]
+    other_basis = basis.clone()
+    other_basis[:, 1] = turn @ basis[:, 1]
+    other = background * torch.exp(-torch.einsum("ij,njhw->nihw", other_basis, amounts))
+    other = other * torch.tensor([1.0, 0.97, 0.85]).view(1, 3, 1, 1)
+    other = (other[0].permute(1, 2, 0).clamp(0, 1).numpy() * 255).astype(np.uint8)
+    reference = smear.colour_map.apply(np.asarray(smear.rgb))
+    white = prepare_smear(other, 29.0, normalisation="white-balance")
+    mapped = prepare_smear(other, 29.0)
+    assert not mapped.colour_map.is_white_balance
+    error_white = np.abs(white.colour_map.apply(np.asarray(white.rgb)) - reference).mean()
+    error_mapped = np.abs(mapped.colour_map.apply(np.asarray(mapped.rgb)) - reference).mean()
+    assert error_mapped < 0.8 * error_white

@@ -15,7 +15,9 @@ JSON_KEYS = {
     "probabilities",
     "uncertainty",
     "anomaly_score",
+    "domain_shift",
     "needs_review",
+    "why",
     "unet_evals",
     "seconds",
 }

@@ -91,13 +91,35 @@ def test_same_cells_in_any_dtype_and_with_alpha(cbc_field, cbc_result):
 
 def test_single_cell_field_with_given_scale():
     result = segment_smear(read_image(sample_path("pbc_lymphocyte")), rbc_diameter=29)
-    assert result.count("wbc") == 1
+    assert result.count("wbc") == 1 and result.scale_source == "given"
     cell = result.table("wbc").iloc[0]
-    # The lymphocyte sits in the middle of the 160 x 160 field and is about 1.2 red cells wide.
+    # The lymphocyte sits in the middle of the 160 x 160 field, about 45 px (1.5 red cells)
+    # across with its rim of cytoplasm.
     assert abs(cell.centroid_row - 80) < 15 and abs(cell.centroid_col - 80) < 15
-    assert 25 <= cell.equivalent_diameter <= 45
+    assert 38 <= cell.equivalent_diameter <= 54
+    assert 0.5 <= cell.nucleus_fraction <= 0.95
     assert result.count("platelet") >= 1
     assert result.count("rbc") >= 8
+
+
+def test_eosinophil_keeps_its_granular_cytoplasm(cbc_field, cbc_result):
+    """The red granules around the eosinophil's nucleus are part of its cell."""
+    from napari_cytodiffusion.core.smear.stain import nucleus_score, optical_density
+
+    box = CBC_SAMPLE_WBC_BOXES[1]  # the eosinophil, right of the monocyte
+    rows, cols = np.mgrid[box[0] : box[2], box[1] : box[3]]
+    half_rows, half_cols = (box[2] - box[0]) / 2, (box[3] - box[1]) / 2
+    inner = np.hypot((rows - box[0]) / half_rows - 1, (cols - box[1]) / half_cols - 1) < 0.8
+    density = optical_density(
+        cbc_field[box[0] : box[2], box[1] : box[3]] / 255.0, cbc_result.background
+    )
+    # Granules: stained, but red rather than chromatin-purple (green-minus-blue density low).
+    granules = inner & (density.sum(-1) > 0.15) & (nucleus_score(density) < 0.15)
+    labels = cbc_result.wbc_labels[box[0] : box[2], box[1] : box[3]]
+    eosinophil = np.bincount(labels[inner].ravel())[1:].argmax() + 1
+    assert granules.sum() > 2000
+    assert np.mean(labels[granules] == eosinophil) > 0.8
+    assert box_iou(cbc_result.boxes("wbc")[eosinophil - 1], box) > 0.7
 
 
 def test_tiles_count_each_cell_once(cbc_field):
@@ -146,3 +168,28 @@ def test_cbc_fields_against_annotation(cbc_dir):
         assert len(boxes) == len(truth)
         for box in truth:
             assert max(box_iou(box, found) for found in boxes) >= 0.5
+
+
+def test_scale_comes_from_the_red_cells_or_else_the_white_cell():
+    from napari_cytodiffusion.core.smear.image import to_rgb_float
+    from napari_cytodiffusion.core.smear.scale import RED_CELLS, WHITE_CELL, estimate_scale
+
+    field = to_rgb_float(read_image(sample_path("pbc_lymphocyte")))  # red cells of 29 px
+    whole = estimate_scale(field)
+    assert whole.source == RED_CELLS and 26 <= whole.diameter <= 34
+    # A tight crop around the lymphocyte holds no whole red cell: its size sets the scale.
+    crop = estimate_scale(field[45:115, 45:115])
+    assert crop.source == WHITE_CELL and crop.red_cells < 2
+    assert 22 <= crop.diameter <= 38
+    assert segment_smear(field[45:115, 45:115]).scale_source == WHITE_CELL
+
+
+def test_detector_file_is_plain_arrays_trained_without_test_splits():
+    from napari_cytodiffusion.core.smear.detector import layer_shapes, load_detector
+
+    detector = load_detector()
+    for name, (cin, cout) in layer_shapes(tuple(detector.metadata["channels"])).items():
+        kernel, bias = detector._weights[name]
+        assert tuple(kernel.shape[:2]) == (cout, cin) and tuple(bias.shape) == (cout,)
+    assert detector.metadata["trained_on"]
+    assert not any("test" in name for name in detector.metadata["trained_on"])

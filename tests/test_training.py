@@ -145,3 +145,109 @@ def test_cli_fine_tunes_the_default_model(
     default = default_model.unet.state_dict()["out.weight"]
     assert default.abs().sum() > 0
     assert torch.allclose(state["ema"]["out.weight"], default, atol=1e-3)
+
+
+# ----------------------------------------------------------------------------- v2 preparation
+
+
+@pytest.fixture(scope="session")
+def v2_pack(synthetic_cells_dir, synthetic_rbc_diameter, tmp_path_factory):
+    """A tiny pack as benchmarks/train_v2_gpu.py makes it: labelled cells of every split
+    and unlabelled cells of a field (label -1), stain-normalised, crops 1.25 times wide."""
+    from napari_cytodiffusion.core.datasets import Record
+
+    files = sorted(synthetic_cells_dir.glob("*/*.png"))
+    splits = ["train", "train", "val", "test"]
+    records = [
+        Record(f, f.parent.name, splits[i % 4], synthetic_rbc_diameter, None, "synthetic")
+        for i, f in enumerate(files)
+    ]
+    field = files[0]
+    records += [
+        Record(field, "", "train", synthetic_rbc_diameter, (48.0, 48.0), "field"),
+        Record(field, "", "train", synthetic_rbc_diameter, (40.0, 52.0), "field"),
+    ]
+    pack = tmp_path_factory.mktemp("v2pack") / "pack.npz"
+    pack_cells(records, pack, 64, classes=("lymphocyte", "neutrophil"), margin=1.25)
+    return pack
+
+
+def test_a_pack_holds_unlabelled_cells_for_the_null_class(v2_pack):
+    from napari_cytodiffusion.core.datasets import UNLABELLED, load_pack
+
+    cells = load_pack(v2_pack, splits=("train", "val", "test"))
+    assert cells.images.shape[1:] == (80, 80, 3)
+    assert (cells.labels == UNLABELLED).sum() == 2
+    assert set(cells.splits) == {"train", "val", "test"}
+
+
+def test_lab_augmentations_keep_shape_and_range_and_vary(v2_pack):
+    from napari_cytodiffusion.core.datasets import load_pack
+    from napari_cytodiffusion.core.model import augment
+    from napari_cytodiffusion.core.model.training import augment as geometric
+
+    images = torch.from_numpy(load_pack(v2_pack).images[:4])
+    generator = torch.Generator().manual_seed(0)
+    x = geometric(images, 64, generator, zoom=0.18, lab=True)
+    assert x.shape == (4, 3, 64, 64) and torch.isfinite(x).all()
+    assert 0.0 <= float(x.min()) and float(x.max()) <= 1.0
+    base = images.permute(0, 3, 1, 2).float()[:, :, 8:72, 8:72] / 255
+    for function in (
+        augment.stain_jitter,
+        augment.colour_jitter,
+        augment.illumination,
+        augment.blur,
+        augment.sensor_noise,
+        augment.jpeg_artefacts,
+    ):
+        out = function(base, generator)
+        assert out.shape == base.shape and 0 <= float(out.min()) and float(out.max()) <= 1
+        assert float((out - base).abs().mean()) > 1e-3, function.__name__
+    # With no change asked for, the stain is left as it was.
+    same = augment.stain_jitter(base, generator, amount=0.0, hue_degrees=0.0)
+    assert torch.allclose(same, base, atol=1e-5)
+    # Blur lowers the high frequencies; it never adds any.
+    sharp = (base[:, :, 1:] - base[:, :, :-1]).abs().mean()
+    soft = augment.blur(base, generator, sigma=1.5)
+    assert (soft[:, :, 1:] - soft[:, :, :-1]).abs().mean() < sharp
+
+
+def test_v2_recipe_runs_two_steps_and_evaluates(v2_pack, tmp_path):
+    """benchmarks/train_v2_gpu.py run: lab augmentation, unlabelled null-class cells,
+    export, exhaustive errors with the null class, calibration on val, calls on test."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "train_v2_gpu.py"
+    out = tmp_path / "out"
+    command = [sys.executable, str(script), "run", "--pack", str(v2_pack), "--out", str(out)]
+    command += ["--device", "cpu", "--steps", "2", "--batch-size", "4", "--channels", "16,32,32"]
+    command += ["--trials", "2", "--from-scratch", "--save-errors", "--keep-model"]
+    env = {"OMP_NUM_THREADS": "1", "PATH": "", "PYTHONPATH": ""}
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads((out / "v2_result.json").read_text())
+    assert result["steps"] == 2
+    assert result["test_adaptive"]["cells"] > 0
+    assert (out / "v2.pt").exists() and (out / "v2_errors.npz").exists()
+    errors = __import__("numpy").load(out / "v2_errors.npz")
+    assert errors["val"].shape[1:] == (2, 3)  # 2 trials, 2 classes and the null class
+    calibration = json.loads((out / "v2_calibration.json").read_text())
+    assert calibration["anomaly"]["method"] == "null_gain"
+
+
+def test_a_left_out_class_is_never_trained_on(v2_pack, tmp_path):
+    from napari_cytodiffusion.core.model.training import _training_set
+
+    everything = _training_set(v2_pack, 64, torch.device("cpu"))
+    without = _training_set(v2_pack, 64, torch.device("cpu"), leave_out=("neutrophil",))
+    assert len(without.train_index) < len(everything.train_index)
+    assert 1 not in without.labels[without.train_index].tolist()
+    # Unlabelled cells are drawn a tenth of the time.
+    unlabelled = (everything.labels[everything.train_index] < 0).numpy()
+    share = float(everything.weights[torch.from_numpy(unlabelled)].sum() / everything.weights.sum())
+    assert abs(share - 0.1) < 1e-6
+    with pytest.raises(ValueError, match="leave out"):
+        _training_set(v2_pack, 64, torch.device("cpu"), leave_out=("blast",))

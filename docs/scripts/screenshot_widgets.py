@@ -290,9 +290,10 @@ def adapt():
         viewer.add_image(montage, name="lab cells (10 per class)", rgb=True)
         widget._data.value = cells
         widget._name.value = "wbc1-demo"
-        widget._steps.value = 150
+        widget._steps.value = 60
         viewer.reset_view()
         run(widget, widget._adapt)
+        viewer.reset_view()
         save(viewer, "adapt_widget.png")
     viewer.close()
 

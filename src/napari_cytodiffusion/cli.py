@@ -409,7 +409,7 @@ def _classify(args):
                 print(json.dumps(record), flush=True)
             else:
                 where = f"cell {cell}" if cell is not None else "central cell"
-                flag = "  NEEDS REVIEW" if call.needs_review and not human else ""
+                flag = f"  NEEDS REVIEW ({call.why})" if call.needs_review and not human else ""
                 person = f"{human} (annotated; model: " if human else ""
                 print(
                     f"{path}  {where}: {person}{call.label} "

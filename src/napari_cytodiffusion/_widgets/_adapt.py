@@ -54,7 +54,7 @@ class AdaptWidget(DockForm):
             tooltip="Adaptation steps (about 0.3 s each on a laptop CPU).",
         )
         self._add_classes = CheckBox(
-            text="folders that are not classes become new classes",
+            text="other folders become new classes",
             tooltip="For example blast or smudge cell; otherwise such folders are left out.",
         )
         self._rbc_diameter = rbc_diameter_field(
@@ -134,6 +134,7 @@ class AdaptWidget(DockForm):
 
     def _finished(self, result):
         self._show_log()
+        self._timer.stop()  # the summary replaces the log for good
         refresh_model_choices()
         lines = result.summary()
         self._log.value = "\n".join(lines)

@@ -264,6 +264,12 @@ class ClassifyWidget(DockForm):
         table = self.class_layer.features
         flagged = int(table["needs_review"].sum())
         self._status.value = f"done: {len(table)} white cells, {flagged} need review"
+        shift = result.domain_shift()
+        if shift > 1.0:  # the smear as a whole: a banner, not only per-cell flags
+            self._status.value += (
+                f"; this smear is unlike the training smears (domain shift {shift:.1f}): "
+                "calls may be wrong, review them or adapt the model"
+            )
         show_info(f"Classified {len(table)} white cells; {flagged} need review.")
 
     def _update_review(self, *_):
@@ -274,6 +280,8 @@ class ClassifyWidget(DockForm):
         table["needs_review"] = (table["uncertainty"] > self._uncertainty.value) | (
             table["anomaly_score"] > self._anomaly.value
         )
+        if "domain_shift" in table:  # unlike the training smears (in units of its threshold)
+            table["needs_review"] |= table["domain_shift"].fillna(0) > 1.0
         self.class_layer.features = table
         flagged = table[table["needs_review"]]
         points = self._world(flagged[["centroid_row", "centroid_col"]].to_numpy(float))
@@ -445,7 +453,9 @@ def _reason(row, uncertainty_threshold, anomaly_threshold):
     if row["uncertainty"] > uncertainty_threshold:
         reasons.append(f"uncertain {row['uncertainty']:.2f}")
     if row["anomaly_score"] > anomaly_threshold:
-        reasons.append(f"unusual {row['anomaly_score']:.1f}")
+        reasons.append(f"unlike any known class {row['anomaly_score']:.1f}")
+    if row.get("domain_shift", 0) > 1.0:
+        reasons.append(f"unlike the training smears {row['domain_shift']:.1f}")
     return ", ".join(reasons)
 
 

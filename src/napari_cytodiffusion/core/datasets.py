@@ -21,18 +21,27 @@ SPLITS = ("train", "val", "test")
 # Crops are packed wider than the model's field of view so that rotations stay inside them.
 PACK_MARGIN = 1.375
 # Changes whenever packing would give other crops for the same images, so caches go stale.
-PACK_VERSION = 2
+# 3: stain normalisation (core/smear/normalise.py) and unlabelled cells (label -1).
+PACK_VERSION = 3
+# The label id of an unlabelled cell in a pack (it trains the null class only).
+UNLABELLED = -1
 
 
 @dataclass(frozen=True)
 class Record:
     """One labelled image; ``rbc_diameter`` is its known red-cell scale (from the manifest
-    of exported cells), None when it is to be estimated."""
+    of exported cells), None when it is to be estimated.
+
+    ``centre`` (row, col) names one cell of a smear field instead of the image's central
+    cell; ``label`` "" is an unlabelled cell (packed with label id ``UNLABELLED``: it trains
+    the null class only); ``source`` names the data set it came from."""
 
     path: Path
     label: str
     split: str
     rbc_diameter: float | None = None
+    centre: tuple | None = None
+    source: str = ""
 
 
 @dataclass
@@ -44,7 +53,8 @@ class PackedCells:
     images : ndarray uint8 (n, s, s, 3)
         Crops ``PACK_MARGIN`` times wider than the model's input.
     labels : ndarray int (n,)
-        Index of each crop's class in ``classes``.
+        Index of each crop's class in ``classes``; ``UNLABELLED`` (-1) for a cell without a
+        label (it trains the null class).
     splits : ndarray of str (n,)
     image_size : int
         The model input size the crops were packed for.
@@ -188,6 +198,7 @@ def pack_cells(
     quality=92,
     progress=None,
     classes=CLASSES,
+    margin=PACK_MARGIN,
 ):
     """Normalise every record's cell and save the crops in one ``.npz`` file.
 
@@ -207,6 +218,9 @@ def pack_cells(
         Called with (done, total).
     classes : sequence of str
         The classes the labels index into (the model's classes).
+    margin : float
+        How much wider than the model's field of view the crops are (room for rotation and
+        zoom); a smaller margin makes a smaller pack.
 
     Raises
     ------
@@ -216,20 +230,30 @@ def pack_cells(
     from PIL import Image
 
     from napari_cytodiffusion.core.io import InputFileError, read_image
-    from napari_cytodiffusion.core.smear.crops import FIELD_OF_VIEW_RBC, normalised_cell
+    from napari_cytodiffusion.core.smear.crops import (
+        FIELD_OF_VIEW_RBC,
+        central_cell_site,
+        smear_cell_site,
+    )
     from napari_cytodiffusion.core.smear.image import ImageError
+    from napari_cytodiffusion.core.smear.prepare import prepare_smear
 
     classes = tuple(classes)
-    size = int(round(image_size * PACK_MARGIN))
+    size = int(round(image_size * margin))
+    field_of_view = FIELD_OF_VIEW_RBC * size / image_size
     blobs, offsets = [], [0]
+    prepared = (None, None, None)  # (path, scale, smear): the cells of one field share it
     for done, record in enumerate(records, 1):
+        scale = record.rbc_diameter or rbc_diameter
         try:
-            crop = normalised_cell(
-                read_image(record.path),
-                size,
-                record.rbc_diameter or rbc_diameter,
-                FIELD_OF_VIEW_RBC * PACK_MARGIN,
-            )
+            if prepared[:2] != (record.path, scale):
+                prepared = (record.path, scale, prepare_smear(read_image(record.path), scale))
+            smear = prepared[2]
+            if record.centre is None:
+                site = central_cell_site(smear, field_of_view)
+            else:
+                site = smear_cell_site(smear, record.centre, field_of_view)
+            crop = site.crop(smear.rgb, size)
         except (ImageError, InputFileError) as error:
             raise ValueError(f"{record.path}: {error}") from error
         buffer = io.BytesIO()
@@ -245,11 +269,15 @@ def pack_cells(
             handle,
             jpeg=np.concatenate(blobs),
             offsets=np.array(offsets, np.int64),
-            labels=np.array([classes.index(r.label) for r in records], np.int64),
+            labels=np.array(
+                [classes.index(r.label) if r.label else UNLABELLED for r in records], np.int64
+            ),
             splits=np.array([SPLITS.index(r.split) for r in records], np.int64),
             files=np.array([str(r.path) for r in records]),
+            sources=np.array([r.source for r in records]),
             classes=np.array(classes),
             image_size=np.array(image_size),
+            version=np.array(PACK_VERSION),
         )
     partial.replace(out_path)
 

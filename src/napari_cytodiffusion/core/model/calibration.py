@@ -6,7 +6,12 @@ validation cells (never on test cells), and stored inside the model file:
 * the spread of paired class differences at each timestep (to weigh trials fairly),
 * a bias per class (some class-conditional denoisers are better on every cell),
 * an inverse temperature that turns evidence into calibrated probabilities,
-* the typical best-class error per class and timestep (the anomaly score's reference),
+* the anomaly score's reference (``calibration["anomaly"]``, see
+  :mod:`~napari_cytodiffusion.core.model.anomaly`; needs the null class's errors) and, for
+  models calibrated before it, the typical best-class error per class and timestep,
+* the domain-shift reference (``calibration["domain"]``,
+  :mod:`~napari_cytodiffusion.core.model.domain`), when training and validation features
+  are given,
 * review thresholds for uncertainty and anomaly score.
 """
 
@@ -16,12 +21,15 @@ from napari_cytodiffusion.core.model.classifier import (
     anomaly_scores,
     evidence,
     replay_adaptive,
+    split_null,
     trial_timesteps,
 )
 
 TARGET_UNFLAGGED_ACCURACY = 0.995
 MAX_REVIEW_FRACTION = 0.2
 ANOMALY_FALSE_ALARM = 0.01
+# The anomaly score fitted when the null class's errors are given (benchmarks/anomaly.py).
+ANOMALY_METHOD = "null_gain"
 
 
 def fit_calibration(model, errors, labels, base=None):
@@ -34,6 +42,9 @@ def fit_calibration(model, errors, labels, base=None):
     errors : ndarray (n, trials, k)
         Paired errors of :func:`~napari_cytodiffusion.core.model.classifier.class_errors` with the
         ``exhaustive`` strategy for the ``k`` real classes.
+        ``exhaustive`` strategy for the ``k`` real classes, optionally with the null class
+        as one more, last column (``class_errors(..., null=True)``): then the anomaly score
+        is the null-gain score (:data:`ANOMALY_METHOD`).
     labels : ndarray (n,)
         True class ids.
     base : dict, optional
@@ -45,7 +56,10 @@ def fit_calibration(model, errors, labels, base=None):
     -------
     dict
     """
+    from napari_cytodiffusion.core.model import anomaly
+
     labels = np.asarray(labels)
+    errors, null = split_null(model, errors)
     k = errors.shape[2]
     present = np.bincount(labels, minlength=k) > 0
     if not present.all() and not (base or {}).get("class_bias"):
@@ -54,7 +68,7 @@ def fit_calibration(model, errors, labels, base=None):
     timesteps = trial_timesteps(errors.shape[1])
     order = np.argsort(timesteps)
     centred = errors - errors.mean(axis=2, keepdims=True)
-    spread = centred.std(axis=(0, 2))
+    spread = np.maximum(centred.std(axis=(0, 2)), 1e-9)  # > 0 even for an untrained model
     calibration = {
         "timestep_grid": timesteps[order].tolist(),
         "timestep_sd": spread[order].tolist(),
@@ -65,13 +79,73 @@ def fit_calibration(model, errors, labels, base=None):
     against, best = evidence(model, adaptive)
     calibration["inverse_temperature"] = _fit_inverse_temperature(against, labels)
     calibration.update(_anomaly_reference(errors, labels, timesteps, base))
+    adaptive_null = None
+    if null is not None:
+        # The anomaly reference sees the trials a live adaptive run scores.
+        replayed, _ = replay_adaptive(model, np.concatenate([errors, null[:, :, None]], axis=2))
+        adaptive, adaptive_null = replayed[:, :, :-1], replayed[:, :, -1]
+        calibration["anomaly"] = anomaly.fit_reference(
+            ANOMALY_METHOD, adaptive, adaptive_null, labels, timesteps, (base or {}).get("anomaly")
+        )
     model.calibration = calibration
     probabilities = _softmax(-against * calibration["inverse_temperature"])
     uncertainty = _normalised_entropy(probabilities)
     calibration["uncertainty_threshold"] = _review_threshold(uncertainty, best == labels)
-    anomaly = anomaly_scores(model, adaptive, best)
-    calibration["anomaly_threshold"] = float(np.quantile(anomaly, 1 - ANOMALY_FALSE_ALARM))
+    scores = anomaly_scores(model, adaptive, best, adaptive_null)
+    calibration["anomaly_threshold"] = float(np.quantile(scores, 1 - ANOMALY_FALSE_ALARM))
     calibration["fitted_on"] = f"{len(labels)} labelled cells, {errors.shape[1]} trials"
+    model.calibration = calibration
+    return calibration
+
+
+def fit_review(
+    model,
+    errors,
+    labels,
+    method=ANOMALY_METHOD,
+    domain=None,
+    false_alarm=ANOMALY_FALSE_ALARM,
+):
+    """Add the anomaly reference and threshold (and the domain reference) to a model whose
+    classifier calibration (spread, class bias, temperature, uncertainty threshold) stays.
+
+    Used to give the shipped model the scores of issue 9 without refitting what it was
+    calibrated with on the whole validation split.
+
+    Parameters
+    ----------
+    errors : ndarray (n, trials, k + 1)
+        Exhaustive errors of labelled validation cells with the null class as the last column.
+    labels : ndarray (n,)
+    method : str
+        The anomaly score (:data:`~napari_cytodiffusion.core.model.anomaly.METHODS`).
+    domain : dict, optional
+        A :func:`~napari_cytodiffusion.core.model.domain.fit_domain_reference` result.
+    false_alarm : float
+        Share of validation cells the anomaly threshold flags.
+
+    Returns
+    -------
+    dict
+        The model's updated calibration.
+    """
+    from napari_cytodiffusion.core.model import anomaly
+
+    labels = np.asarray(labels)
+    timesteps = trial_timesteps(errors.shape[1])
+    replayed, _ = replay_adaptive(model, errors, null=True)
+    real, null = replayed[:, :, :-1], replayed[:, :, -1]
+    _, best = evidence(model, real)
+    calibration = dict(model.calibration or {})
+    calibration["anomaly"] = anomaly.fit_reference(method, real, null, labels, timesteps)
+    model.calibration = calibration
+    scores = anomaly_scores(model, real, best, null)
+    calibration["anomaly_threshold"] = float(np.quantile(scores, 1 - false_alarm))
+    if domain is not None:
+        calibration["domain"] = domain
+    calibration["review_fitted_on"] = (
+        f"{len(labels)} labelled validation cells, {errors.shape[1]} trials"
+    )
     model.calibration = calibration
     return calibration
 

@@ -13,6 +13,17 @@ Errors at different noise levels have different spreads, so each trial's errors 
 by the spread of paired class differences at its timestep (fitted on the validation split)
 before they are summed. The summed differences are the evidence against each class; a
 temperature fitted on the validation split turns them into calibrated probabilities.
+
+Alongside the classes, the null (unconditional) class is scored on the same noisy inputs.
+How much better the best class explains a cell than the null class does is the anomaly
+score's evidence: an image that is cheap to denoise (smooth, blurred, low in contrast) is
+cheap for both, so its own denoising cost cancels, and what is left is how much knowing the
+class helps. A cell of a kind the model never saw gains little from any class.
+
+Three reasons to review a call are kept apart (:data:`REASONS`): the classes are close
+(*uncertain*), the cell is unlike every class (*unlike any known class*: anomaly score), and
+the cell or its smear is unlike the training smears (*unlike the training smears*: the
+domain-shift score of :mod:`~napari_cytodiffusion.core.model.domain`).
 """
 
 import time
@@ -30,6 +41,14 @@ STAGE_ENDS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 PRUNE_Z = 1.5  # classes this many standard errors worse than the best are dropped (tuned on val)
 TIMESTEP_RANGE = (40, 900)  # small t is all texture, t near T is all noise
 CPU_BATCH = 16  # noise predictions per network call on a CPU
+# The best class and the null class are compared on at least this many trials (a cell that
+# is decided after fewer trials gets a few more, for those two classes only).
+ANOMALY_TRIALS = 6
+# Why a call needs review; the same words in the tables, the CSV and the viewer.
+UNCERTAIN = "uncertain"
+UNKNOWN_KIND = "unlike any known class"
+UNFAMILIAR_SMEAR = "unlike the training smears"
+REASONS = (UNCERTAIN, UNKNOWN_KIND, UNFAMILIAR_SMEAR)
 
 
 def trial_timesteps(count=MAX_TRIALS):
@@ -67,9 +86,14 @@ class CellCall:
         How much worse the best class explains this cell than typical validation cells of that
         class, in standard deviations; high for cells unlike anything the model was trained on.
     needs_review : bool
-        Uncertainty or anomaly score past the review thresholds.
+        Uncertainty, anomaly score or domain shift past its review threshold.
     unet_evals : int
-        Class-conditional noise predictions spent on the cell.
+        Noise predictions spent on the cell (the null class's included).
+    domain_shift : float
+        How far the cell and its smear are from the training smears, in units of the
+        review threshold (above 1: flagged); NaN where the model has no reference.
+    why : str
+        The reasons the call needs review (:data:`REASONS`, "; "-separated), "" when none.
     """
 
     label: str
@@ -79,6 +103,8 @@ class CellCall:
     needs_review: bool
     unet_evals: int
     seconds: float = 0.0
+    domain_shift: float = float("nan")
+    why: str = ""
 
     def as_dict(self):
         return {
@@ -86,7 +112,9 @@ class CellCall:
             "probabilities": self.probabilities,
             "uncertainty": self.uncertainty,
             "anomaly_score": self.anomaly_score,
+            "domain_shift": None if np.isnan(self.domain_shift) else self.domain_shift,
             "needs_review": self.needs_review,
+            "why": self.why,
             "unet_evals": self.unet_evals,
             "seconds": self.seconds,
         }
@@ -102,6 +130,8 @@ def classify_crops(
     uncertainty_threshold=None,
     anomaly_threshold=None,
     progress=None,
+    colour_statistics=None,
+    domain_threshold=None,
 ):
     """Classify normalised cell crops with the diffusion model.
 
@@ -117,22 +147,48 @@ def classify_crops(
         Most trials per class (at most ``MAX_TRIALS``).
     batch_size : int, optional
         Noise predictions per network call; by default 16 on a CPU, 4096 on a GPU.
-    uncertainty_threshold, anomaly_threshold : float, optional
-        Review thresholds; the model's calibrated values when not given.
+    uncertainty_threshold, anomaly_threshold, domain_threshold : float, optional
+        Review thresholds; the model's calibrated values when not given (the domain-shift
+        score is in units of its calibrated threshold, so 1 is the calibrated value).
     progress : callable, optional
         ``progress(done, total)``; raise ``Cancelled`` from it to stop.
+    colour_statistics : ndarray (n, 9), optional
+        The colour references of each crop's smear
+        (:meth:`~napari_cytodiffusion.core.smear.normalise.ColourMap.statistics`), for the
+        smear part of the domain-shift score; only the cells' own features are used when
+        not given.
 
     Returns
     -------
     list of CellCall
     """
+    from napari_cytodiffusion.core.model.domain import domain_shift_scores
+
     started = time.perf_counter()
-    errors, spent = class_errors(model, crops, strategy, seed, budget, batch_size, progress)
-    calls = calls_from_errors(model, errors, spent, uncertainty_threshold, anomaly_threshold)
+    null = uses_null_class(model)
+    errors, spent = class_errors(
+        model, crops, strategy, seed, budget, batch_size, progress, null=null
+    )
+    shift = domain_shift_scores(model, crops, colour_statistics)
+    calls = calls_from_errors(
+        model,
+        errors,
+        spent,
+        uncertainty_threshold,
+        anomaly_threshold,
+        domain_shift=shift,
+        domain_threshold=domain_threshold,
+    )
     seconds = (time.perf_counter() - started) / max(len(calls), 1)
     for call in calls:
         call.seconds = seconds
     return calls
+
+
+def uses_null_class(model):
+    """Whether the model's anomaly score needs the null class scored alongside the classes."""
+    method = ((model.calibration or {}).get("anomaly") or {}).get("method")
+    return method in ("null_gain", "profile")
 
 
 def class_errors(
@@ -144,6 +200,7 @@ def class_errors(
     batch_size=None,
     progress=None,
     classes=None,
+    null=False,
 ):
     """Paired denoising errors per cell, trial and class.
 
@@ -151,10 +208,14 @@ def class_errors(
     ----------
     classes : sequence of int, optional
         Class ids to evaluate (default: all real classes; the null class id may be included).
+    null : bool
+        Also score the null class, as an extra last column, on every trial a cell is scored
+        on; an adaptive run then scores the best class and the null class on at least
+        :data:`ANOMALY_TRIALS` trials (for the anomaly score) without changing the call.
 
     Returns
     -------
-    errors : ndarray (n, budget, k)
+    errors : ndarray (n, budget, k) or (n, budget, k + 1) with ``null``
         Mean squared noise-prediction error; NaN where a (trial, class) was not evaluated.
     spent : ndarray (n,)
         Noise predictions spent per cell.
@@ -168,6 +229,9 @@ def class_errors(
     x0 = crops_to_tensor(crops, model)
     budget = int(min(max(budget, 1), MAX_TRIALS))
     class_ids = np.arange(model.num_classes) if classes is None else np.asarray(classes)
+    real = len(class_ids)
+    if null:
+        class_ids = np.append(class_ids, model.num_classes)
     # On a CPU, small calls keep progress (and so Cancel) coming: on one thread of a 2-core
     # machine a call of 16 takes 0.24 s against 1.3 s for 64, and is not slower overall (an
     # exhaustive cell in 7.8 s against 10.5 s).
@@ -178,63 +242,98 @@ def class_errors(
     noise = torch.randn((budget, 3, size, size), generator=generator).to(model.device)
     timesteps = trial_timesteps(budget)
     errors = np.full((n, budget, k), np.nan, np.float32)
-    alive = np.ones((n, k), bool)
-    spent = np.zeros(n, np.int64)
     exhaustive = strategy == "exhaustive"
-    stages = (budget,) if exhaustive else _stage_ends(budget)
     progress = forward_only(progress)  # the total grows as stages are added
-    trial, done = 0, 0
-    for stop in stages:
-        cells = np.arange(n) if trial == 0 else np.flatnonzero(alive.sum(axis=1) > 1)
-        if len(cells) == 0:
-            break
-        jobs = np.array(
-            [(i, j, c) for i in cells for j in range(trial, stop) for c in np.flatnonzero(alive[i])]
-        )
+    done = [0]
+
+    def run(jobs, final):
         # The total grows as stages are added; it is exact once the last stage has started.
-        total = done + len(jobs) + (0 if stop == stages[-1] else len(cells))
+        total = done[0] + len(jobs) + (0 if final else n)
         for start in range(0, len(jobs), batch_size):
             chunk = jobs[start : start + batch_size]
             errors[chunk[:, 0], chunk[:, 1], chunk[:, 2]] = _evaluate(
                 model, x0, noise, timesteps, chunk, class_ids
             )
-            done += len(chunk)
-            report(progress, done, total)
-        np.add.at(spent, jobs[:, 0], 1)
-        trial = stop
-        if not exhaustive:
-            alive = prune(model, errors[:, :trial], alive)
+            done[0] += len(chunk)
+            report(progress, done[0], total)
+
+    spent = _schedule(model, errors, real, exhaustive, null, run)
     report(progress, 1, 1)
     return errors, spent
+
+
+def _schedule(model, errors, real, exhaustive, null, run):
+    """The adaptive (or exhaustive) schedule of (cell, trial, class) jobs over ``errors``.
+
+    ``run(jobs, final)`` fills ``errors`` at the jobs (a live run evaluates the network; a
+    replay copies them from an exhaustive run). Returns the evaluations spent per cell.
+    """
+    n, budget, k = errors.shape
+    alive = np.ones((n, real), bool)
+    spent = np.zeros(n, np.int64)
+    trials = np.zeros(n, np.int64)
+    stages = (budget,) if exhaustive else _stage_ends(budget)
+    extra = null and not exhaustive and budget > 1
+    trial = 0
+    for stop in stages:
+        cells = np.arange(n) if trial == 0 else np.flatnonzero(alive.sum(axis=1) > 1)
+        if len(cells) == 0:
+            break
+        columns = np.concatenate([alive, np.ones((n, k - real), bool)], axis=1)
+        jobs = np.array(
+            [
+                (i, j, c)
+                for i in cells
+                for j in range(trial, stop)
+                for c in np.flatnonzero(columns[i])
+            ]
+        )
+        run(jobs, stop == stages[-1] and not extra)
+        np.add.at(spent, jobs[:, 0], 1)
+        trials[cells] = stop
+        trial = stop
+        if not exhaustive:
+            alive = prune(model, errors[:, :trial, :real], alive)
+    if extra:
+        # A cell decided early: its best class and the null class on a few more trials.
+        short = np.flatnonzero(trials < min(ANOMALY_TRIALS, budget))
+        if len(short):
+            _, best = evidence(model, errors[short, :, :real])
+            jobs = np.array(
+                [
+                    (i, j, c)
+                    for i, b in zip(short, best, strict=True)
+                    for j in range(trials[i], min(ANOMALY_TRIALS, budget))
+                    for c in (b, k - 1)
+                ]
+            )
+            run(jobs, True)
+            np.add.at(spent, jobs[:, 0], 1)
+    return spent
 
 
 def _stage_ends(budget):
     return tuple(end for end in STAGE_ENDS if end < budget) + (budget,)
 
 
-def replay_adaptive(model, errors):
+def replay_adaptive(model, errors, null=None):
     """The adaptive strategy's choices, replayed on errors of an exhaustive run.
 
     Gives exactly the errors an adaptive run with the same seed would have computed (the
     shared noise makes each (cell, trial, class) error independent of the others), which lets
-    the calibration be fitted without running the network again.
+    the calibration be fitted without running the network again. ``null``: whether the last
+    column is the null class (by default, when there is one column more than the model's
+    classes).
     """
     n, budget, k = errors.shape
+    if null is None:
+        null = k == model.num_classes + 1
     out = np.full_like(errors, np.nan)
-    alive = np.ones((n, k), bool)
-    spent = np.zeros(n, np.int64)
-    trial = 0
-    for stop in _stage_ends(budget):
-        cells = np.arange(n) if trial == 0 else np.flatnonzero(alive.sum(axis=1) > 1)
-        if len(cells) == 0:
-            break
-        mask = np.zeros((n, k), bool)
-        mask[cells] = alive[cells]
-        window = np.where(mask[:, None, :], errors[:, trial:stop], np.nan)
-        out[:, trial:stop] = window
-        spent += mask.sum(axis=1) * (stop - trial)
-        trial = stop
-        alive = prune(model, out[:, :trial], alive)
+
+    def run(jobs, final):
+        out[jobs[:, 0], jobs[:, 1], jobs[:, 2]] = errors[jobs[:, 0], jobs[:, 1], jobs[:, 2]]
+
+    spent = _schedule(model, out, k - int(bool(null)), False, bool(null), run)
     return out, spent
 
 
@@ -339,8 +438,34 @@ def evidence(model, errors):
     return np.clip(np.nanmean(excess, axis=1), 0, None), best
 
 
-def calls_from_errors(model, errors, spent, uncertainty_threshold=None, anomaly_threshold=None):
-    """Turn paired errors into labels, calibrated probabilities, uncertainty and anomaly scores."""
+def split_null(model, errors, null=None):
+    """(errors of the real classes, errors of the null class or None) of an errors array whose
+    last column may be the null class (by default when it has one column more than the
+    model's classes)."""
+    if null is None:
+        null = errors.shape[2] == model.num_classes + 1
+    if null:
+        return errors[:, :, :-1], errors[:, :, -1]
+    return errors, None
+
+
+def calls_from_errors(
+    model,
+    errors,
+    spent,
+    uncertainty_threshold=None,
+    anomaly_threshold=None,
+    domain_shift=None,
+    domain_threshold=None,
+):
+    """Turn paired errors into labels, calibrated probabilities, uncertainty, anomaly scores
+    and review flags with their reasons.
+
+    ``errors`` may carry the null class as its last column (see :func:`class_errors`);
+    ``domain_shift`` (n,) is the cells' domain-shift score (see
+    :func:`~napari_cytodiffusion.core.model.domain.domain_shift_scores`), NaN or None where
+    unknown.
+    """
     calibration = model.calibration or {}
     # Evidence is in per-trial standard deviations; the fitted inverse temperature turns it
     # into log-odds. Without calibration one SD of mean excess counts as one nat.
@@ -349,16 +474,26 @@ def calls_from_errors(model, errors, spent, uncertainty_threshold=None, anomaly_
         uncertainty_threshold = float(calibration.get("uncertainty_threshold", 0.3))
     if anomaly_threshold is None:
         anomaly_threshold = float(calibration.get("anomaly_threshold", 3.0))
-    against, best = evidence(model, errors)
+    if domain_threshold is None:
+        domain_threshold = 1.0
+    real, null = split_null(model, errors)
+    against, best = evidence(model, real)
     logits = -against * temperature
     probabilities = np.exp(logits - logits.max(axis=1, keepdims=True))
     probabilities /= probabilities.sum(axis=1, keepdims=True)
     k = probabilities.shape[1]
     entropy = -np.sum(probabilities * np.log(np.clip(probabilities, 1e-12, None)), axis=1)
     uncertainty = entropy / np.log(k)
-    anomaly = anomaly_scores(model, errors, best)
+    anomaly = anomaly_scores(model, real, best, null)
+    shift = np.full(len(errors), np.nan) if domain_shift is None else np.asarray(domain_shift)
     calls = []
     for i in range(len(errors)):
+        why = review_reasons(
+            uncertainty[i],
+            anomaly[i],
+            shift[i],
+            (uncertainty_threshold, anomaly_threshold, domain_threshold),
+        )
         calls.append(
             CellCall(
                 label=model.classes[best[i]],
@@ -367,31 +502,53 @@ def calls_from_errors(model, errors, spent, uncertainty_threshold=None, anomaly_
                 },
                 uncertainty=float(uncertainty[i]),
                 anomaly_score=float(anomaly[i]),
-                needs_review=bool(
-                    uncertainty[i] > uncertainty_threshold or anomaly[i] > anomaly_threshold
-                ),
+                needs_review=bool(why),
                 unet_evals=int(spent[i]),
+                domain_shift=float(shift[i]),
+                why="; ".join(why),
             )
         )
     return calls
 
 
-def anomaly_scores(model, errors, best):
-    """Excess log error of the best class over validation cells of that class, in SDs.
+def review_reasons(uncertainty, anomaly, domain_shift, limits):
+    """The reasons (:data:`REASONS`) a call needs review, given ``limits`` = (uncertainty,
+    anomaly, domain-shift) thresholds; a NaN score never flags."""
+    reasons = []
+    if uncertainty > limits[0]:
+        reasons.append(UNCERTAIN)
+    if anomaly > limits[1]:
+        reasons.append(UNKNOWN_KIND)
+    if len(limits) > 2 and domain_shift > limits[2]:
+        reasons.append(UNFAMILIAR_SMEAR)
+    return reasons
 
-    A cell the model knows is explained by its class about as well as the validation cells of
-    that class were; a cell unlike any training class (a blast, a cell from a very different
-    stain) is explained worse by every class, its best one included.
+
+def anomaly_scores(model, errors, best, null_errors=None):
+    """How unlike every known class each cell is, with the image's own denoising cost
+    cancelled (see :mod:`~napari_cytodiffusion.core.model.anomaly`).
+
+    Uses the model's calibrated score (``calibration["anomaly"]``, by default ``null_gain``:
+    the best class's gain over the null class on the same noisy inputs, against validation
+    cells of that class). Models calibrated before, or errors without the null class, fall
+    back to the best class's error against validation cells of that class. 0 without any
+    reference; NaN never (a cell scored on no common trial gets 0).
     """
+    from napari_cytodiffusion.core.model import anomaly
+
     calibration = model.calibration or {}
-    rows = np.arange(len(errors))
-    best_errors = errors[rows, :, best]  # (n, trials)
     timesteps = trial_timesteps(errors.shape[1])
+    reference = calibration.get("anomaly")
+    if reference and (null_errors is not None or reference["method"] in ("margin", "best_error")):
+        scores = anomaly.score(reference, errors, null_errors, best, timesteps)
+        return np.nan_to_num(scores, nan=0.0)
     grid = calibration.get("timestep_grid")
     if not grid or "class_log_error_mean" not in calibration:
         return np.zeros(len(errors))
-    # The reference of every class at every trial's timestep, (classes, trials).
-    means = np.array([np.interp(timesteps, grid, m) for m in calibration["class_log_error_mean"]])
-    sds = np.array([np.interp(timesteps, grid, s) for s in calibration["class_log_error_sd"]])
-    z = (np.log(best_errors) - means[best]) / sds[best]
-    return np.nanmean(z, axis=1)
+    legacy = {
+        "method": "best_error",
+        "timestep_grid": grid,
+        "mean": calibration["class_log_error_mean"],
+        "sd": calibration["class_log_error_sd"],
+    }
+    return np.nan_to_num(anomaly.score(legacy, errors, None, best, timesteps), nan=0.0)

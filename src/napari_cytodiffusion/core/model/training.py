@@ -2,8 +2,12 @@
 
 Runs on CPU or CUDA. On CUDA the whole training set lives on the GPU as uint8 and is
 augmented there (rotation by any angle, flips, mild zoom and shift, colour jitter for stain
-differences), in bfloat16 autocast. Checkpoints hold only tensors and plain values, so they
-load with ``torch.load(weights_only=True)``; training resumes exactly from them.
+differences), in bfloat16 autocast. With ``augmentation="lab"`` every batch is also shown as
+other labs would have stained, lit, focused, photographed and compressed it
+(:mod:`~napari_cytodiffusion.core.model.augment`), and the scale varies by +-20 %.
+Unlabelled cells of a pack (label -1, white cells of other labs' smears) train the null class
+only. Checkpoints hold only tensors and plain values, so they load with
+``torch.load(weights_only=True)``; training resumes exactly from them.
 """
 
 import json
@@ -20,11 +24,18 @@ from napari_cytodiffusion.core.progress import Cancelled, report
 DEFAULT_CHANNELS = (64, 128, 192)
 
 
-def augment(batch, out_size, generator, colour_jitter=0.06, zoom=0.12, shift=0.06):
+AUGMENTATIONS = ("basic", "lab")
+# Zoom range (log scale, +-) of each augmentation: the lab one covers scale errors of +-20 %.
+ZOOM = {"basic": 0.12, "lab": math.log(1.2)}
+
+
+def augment(batch, out_size, generator, colour_jitter=0.06, zoom=0.12, shift=0.06, lab=None):
     """Random morphology-preserving views of a uint8 batch (n, s, s, 3) -> float (n, 3, o, o).
 
     The output is the centre ``out_size`` of a randomly rotated, flipped, zoomed and shifted
     copy; the packed crops are wider than the output, so rotated corners stay in the image.
+    ``lab``: apply :func:`~napari_cytodiffusion.core.model.augment.lab_augment` afterwards
+    (``True`` for its default strengths, or a dict of overrides).
     """
     import torch
     from torch.nn import functional as F
@@ -52,7 +63,12 @@ def augment(batch, out_size, generator, colour_jitter=0.06, zoom=0.12, shift=0.0
     # Stain and lamp differences: per-channel gain, a little contrast and gamma.
     gain = 1 + colour_jitter * (2 * torch.rand(n, 3, 1, 1, device=device, generator=generator) - 1)
     gamma = torch.exp(uniform(-colour_jitter, colour_jitter)).view(n, 1, 1, 1)
-    return (x.clamp(1e-4, 1) ** gamma * gain).clamp(0, 1)
+    x = (x.clamp(1e-4, 1) ** gamma * gain).clamp(0, 1)
+    if lab:
+        from napari_cytodiffusion.core.model.augment import lab_augment
+
+        x = lab_augment(x, generator, None if lab is True else lab)
+    return x
 
 
 def build_model(num_classes, channels=DEFAULT_CHANNELS, image_size=64):
@@ -72,9 +88,10 @@ class _TrainingSet:
     val_index: np.ndarray
     weights: object
     classes: tuple
+    augmentation: str = "basic"
 
 
-def _training_set(data, image_size, device):
+def _training_set(data, image_size, device, leave_out=(), unlabelled_share=0.1):
     import torch
 
     from napari_cytodiffusion.core.datasets import load_pack
@@ -82,15 +99,28 @@ def _training_set(data, image_size, device):
     pack = load_pack(data)
     if pack.image_size != image_size:
         raise ValueError(f"{data} was packed for {pack.image_size}-px models, not {image_size} px.")
-    train_index = np.flatnonzero(pack.splits == "train")
+    unknown = sorted(set(leave_out) - set(pack.classes))
+    if unknown:
+        raise ValueError(f"Cannot leave out {unknown}: the pack's classes are {pack.classes}.")
+    left_out = [pack.classes.index(name) for name in leave_out]
+    # A left-out class is absent from training altogether (its cells train no class, not
+    # even the null class), as a kind of cell the model has never seen.
+    train_index = np.flatnonzero((pack.splits == "train") & ~np.isin(pack.labels, left_out))
+    labels = pack.labels[train_index]
+    labelled = labels >= 0
     # Square-root class balancing: rare classes are seen more often without overfitting them.
-    counts = np.bincount(pack.labels[train_index], minlength=len(pack.classes)).astype(float)
-    weights = 1 / np.sqrt(np.maximum(counts[pack.labels[train_index]], 1))
+    counts = np.bincount(labels[labelled], minlength=len(pack.classes)).astype(float)
+    weights = np.zeros(len(train_index))
+    weights[labelled] = 1 / np.sqrt(np.maximum(counts[labels[labelled]], 1))
+    if (~labelled).any():
+        # Unlabelled cells (null class only) make up ``unlabelled_share`` of the batches.
+        total = weights[labelled].sum()
+        weights[~labelled] = unlabelled_share / (1 - unlabelled_share) * total / (~labelled).sum()
     return _TrainingSet(
         images=torch.from_numpy(pack.images).to(device),
         labels=torch.from_numpy(pack.labels).to(device),
         train_index=torch.from_numpy(train_index).to(device),
-        val_index=np.flatnonzero(pack.splits == "val"),
+        val_index=np.flatnonzero((pack.splits == "val") & (pack.labels >= 0)),
         weights=torch.tensor(weights, device=device),
         classes=pack.classes,
     )
@@ -173,6 +203,9 @@ def train(
     progress=None,
     on_loss=None,
     log=print,
+    augmentation="basic",
+    leave_out=(),
+    unlabelled_share=0.1,
 ):
     """Train (or resume training) the diffusion model and write checkpoints to ``out``.
 
@@ -201,6 +234,16 @@ def train(
         ``on_loss(step, mean training loss)`` whenever the loss is read.
     log : callable
         Receives one line of text per validation, resume or stop.
+    augmentation : {"basic", "lab"}
+        ``basic``: geometry and mild colour jitter (how v1 was trained); ``lab``: also every
+        difference between labs (:mod:`~napari_cytodiffusion.core.model.augment`) and scale
+        within +-20 %.
+    leave_out : sequence of str
+        Classes whose cells are not trained on at all (leave-one-class-out runs that test
+        whether the anomaly score finds a kind of cell the model never saw).
+    unlabelled_share : float
+        Share of each batch drawn from the pack's unlabelled cells (null class only), when
+        it has any.
 
     Returns
     -------
@@ -214,7 +257,12 @@ def train(
     started = time.time()
     device = resolve_device(device)
     torch.manual_seed(seed)
-    cells = _training_set(data, image_size, device)
+    if augmentation not in AUGMENTATIONS:
+        raise ValueError(
+            f"Unknown augmentation {augmentation!r}; use {' or '.join(AUGMENTATIONS)}."
+        )
+    cells = _training_set(data, image_size, device, tuple(leave_out), unlabelled_share)
+    cells.augmentation = augmentation
     run = _Run(cells.classes, channels, image_size, lr, seed, device)
     if resume:
         run.resume(resume)
@@ -267,10 +315,14 @@ def _training_step(run, cells, alpha_bars, steps, batch_size, lr, class_dropout)
     picks = torch.multinomial(cells.weights, batch_size, replacement=True, generator=generator)
     index = cells.train_index[picks]
     image_size = run.model.config["image_size"]
-    x0 = to_model_range(augment(cells.images[index], image_size, generator))
+    kind = getattr(cells, "augmentation", "basic")
+    x0 = to_model_range(
+        augment(cells.images[index], image_size, generator, zoom=ZOOM[kind], lab=kind == "lab")
+    )
     y = cells.labels[index].clone()
     dropped = torch.rand(batch_size, device=device, generator=generator) < class_dropout
-    y[dropped] = len(run.classes)  # the null class, for classifier-free guidance
+    # The null class, for classifier-free guidance; unlabelled cells are always null.
+    y[dropped | (y < 0)] = len(run.classes)
     t = torch.randint(0, NUM_TIMESTEPS, (batch_size,), device=device, generator=generator)
     noise = torch.randn(x0.shape, device=device, generator=generator)
     xt = add_noise(x0, t, noise, alpha_bars)

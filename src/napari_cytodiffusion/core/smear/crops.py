@@ -15,12 +15,11 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage as ndi
 
+from napari_cytodiffusion.core.smear.normalise import REFERENCE_BACKGROUND
 from napari_cytodiffusion.core.smear.stain import nucleus_mask
 
 # Field of view of a model crop, in red-cell diameters: the largest monocytes still fit.
 FIELD_OF_VIEW_RBC = 2.5
-# Background colour every crop is balanced to (the PBC CellaVision background).
-REFERENCE_BACKGROUND = np.array([0.98, 0.89, 0.80], np.float32)
 
 
 @dataclass
@@ -37,17 +36,27 @@ class CellSite:
         The image's background colour (white balance reference).
     field_of_view : float
         Side of the crop in red-cell diameters.
+    colour : ColourMap, optional
+        The smear's colour normalisation (:mod:`~napari_cytodiffusion.core.smear.normalise`);
+        white balance against ``background`` alone when not given.
     """
 
     centre: tuple
     rbc_diameter: float
     background: np.ndarray
     field_of_view: float = FIELD_OF_VIEW_RBC
+    colour: object = None
 
     def crop(self, rgb, size):
         """The normalised ``size`` x ``size`` crop of this cell (see :func:`crop_cell`)."""
         return crop_cell(
-            rgb, self.centre, self.rbc_diameter, size, self.field_of_view, self.background
+            rgb,
+            self.centre,
+            self.rbc_diameter,
+            size,
+            self.field_of_view,
+            self.background,
+            colour=self.colour,
         )
 
     def placement(self, size):
@@ -61,10 +70,20 @@ class CellSite:
         )
 
 
+def smear_cell_site(smear, centre, field_of_view=FIELD_OF_VIEW_RBC):
+    """The site of the cell at ``centre`` of a prepared smear: its scale and its colour map."""
+    return CellSite(
+        tuple(centre),
+        smear.rbc_diameter,
+        smear.background,
+        field_of_view,
+        getattr(smear, "colour_map", None),
+    )
+
+
 def central_cell_site(smear, field_of_view=FIELD_OF_VIEW_RBC):
     """The site of the cell a single-cell image is about (see :func:`locate_central_cell`)."""
-    centre = locate_central_cell(smear)
-    return CellSite(centre, smear.rbc_diameter, smear.background, field_of_view)
+    return smear_cell_site(smear, locate_central_cell(smear), field_of_view)
 
 
 def labelled_cell_sites(smear, labels, cell_ids=None):
@@ -101,7 +120,7 @@ def labelled_cell_sites(smear, labels, cell_ids=None):
         )
     ids = [int(i) for i in cell_ids]
     centres = np.array(ndi.center_of_mass(labels > 0, labels, ids)).reshape(-1, 2)
-    return [CellSite(tuple(c), smear.rbc_diameter, smear.background) for c in centres]
+    return [smear_cell_site(smear, c) for c in centres]
 
 
 def model_crop_site(size):
@@ -170,7 +189,15 @@ def single_cell_crop(image, size, rbc_diameter=None):
     return normalised_cell(image, size, rbc_diameter)
 
 
-def crop_cell(rgb, centre, rbc_diameter, size, field_of_view=FIELD_OF_VIEW_RBC, background=None):
+def crop_cell(
+    rgb,
+    centre,
+    rbc_diameter,
+    size,
+    field_of_view=FIELD_OF_VIEW_RBC,
+    background=None,
+    colour=None,
+):
     """Cut a ``size`` x ``size`` crop centred on ``centre``, normalised in scale and colour.
 
     Parameters
@@ -187,6 +214,9 @@ def crop_cell(rgb, centre, rbc_diameter, size, field_of_view=FIELD_OF_VIEW_RBC, 
         Side of the crop in red-cell diameters.
     background : array of 3 floats, optional
         The image's background colour; estimated when not given.
+    colour : ColourMap, optional
+        The smear's colour map onto the training smears (stain normalisation); when not
+        given, the crop is only white-balanced against ``background``.
 
     Returns
     -------
@@ -213,6 +243,8 @@ def crop_cell(rgb, centre, rbc_diameter, size, field_of_view=FIELD_OF_VIEW_RBC, 
         out[..., channel] = ndi.map_coordinates(
             window[..., channel], [rows - r0, cols - c0], order=1, mode="reflect"
         )
+    if colour is not None:
+        return colour.apply(out)
     gain = REFERENCE_BACKGROUND / np.clip(np.asarray(background, np.float32), 1e-3, None)
     return np.clip(out * gain, 0.0, 1.0)
 

@@ -1,4 +1,5 @@
-"""A smear image made ready once: float RGB, background colour, red-cell scale, stain.
+"""A smear image made ready once: float RGB, background colour, red-cell scale, stain, and
+the colour map onto the training smears.
 
 Everything downstream (segmentation, locating and cropping cells, counterfactual placement)
 takes a :class:`PreparedSmear` instead of the raw image, so the conversion and the image-wide
@@ -14,6 +15,8 @@ from napari_cytodiffusion.core.smear.image import SmearPixels
 from napari_cytodiffusion.core.smear.scale import background_colour, estimate_rbc_diameter
 from napari_cytodiffusion.core.smear.stain import optical_density
 
+# How crops are colour-normalised unless told otherwise (see core/smear/normalise.py).
+DEFAULT_NORMALISATION = "stain"
 # Plausible red-cell diameters in pixels: from a phone photo at low power to a 100x scan.
 MIN_RBC_DIAMETER, MAX_RBC_DIAMETER = 3.0, 1000.0
 
@@ -31,11 +34,15 @@ class PreparedSmear:
         Colour of the empty slide.
     rbc_diameter : float
         Red-cell diameter in pixels, the scale of every crop.
+    normalisation : str
+        How its crops are colour-normalised: ``"stain"`` (background, red cells and nuclear
+        hue, see :mod:`~napari_cytodiffusion.core.smear.normalise`) or ``"white-balance"``.
     """
 
     rgb: np.ndarray
     background: np.ndarray
     rbc_diameter: float
+    normalisation: str = DEFAULT_NORMALISATION
 
     @property
     def shape(self):
@@ -43,12 +50,20 @@ class PreparedSmear:
         return self.rgb.shape[:2]
 
     @cached_property
+    def colour_map(self):
+        """The :class:`~napari_cytodiffusion.core.smear.normalise.ColourMap` of this smear onto
+        the training smears, measured on first use (on an overview of a large image)."""
+        from napari_cytodiffusion.core.smear.normalise import measure_colour_map
+
+        return measure_colour_map(self.rgb, self.background, self.normalisation)
+
+    @cached_property
     def density(self):
         """Per-channel optical density against the background, computed on first use."""
         return optical_density(np.asarray(self.rgb), self.background)
 
 
-def prepare_smear(image, rbc_diameter=None, progress=None):
+def prepare_smear(image, rbc_diameter=None, progress=None, normalisation=None):
     """Convert an image once and measure its background colour and red-cell scale.
 
     Parameters
@@ -60,6 +75,9 @@ def prepare_smear(image, rbc_diameter=None, progress=None):
         Red-cell diameter in pixels; estimated from the image when None or 0.
     progress : callable, optional
         ``progress(done, total)`` while the scale is estimated; raise ``Cancelled`` to stop.
+    normalisation : {"stain", "white-balance"}, optional
+        How crops of this smear are colour-normalised; :data:`DEFAULT_NORMALISATION` when not
+        given (see :mod:`~napari_cytodiffusion.core.smear.normalise`).
 
     Returns
     -------
@@ -83,14 +101,24 @@ def prepare_smear(image, rbc_diameter=None, progress=None):
     """
     _validate_rbc_diameter(rbc_diameter)
     if isinstance(image, PreparedSmear):
-        if not rbc_diameter:
+        if not rbc_diameter and normalisation in (None, image.normalisation):
             return image
-        return PreparedSmear(image.rgb, image.background, float(rbc_diameter))
+        again = PreparedSmear(
+            image.rgb,
+            image.background,
+            float(rbc_diameter or image.rbc_diameter),
+            normalisation or image.normalisation,
+        )
+        if "colour_map" in image.__dict__ and again.normalisation == image.normalisation:
+            again.colour_map = image.colour_map
+        return again
     pixels = image if isinstance(image, SmearPixels) else SmearPixels(image)
     background = background_colour(pixels)
     if not rbc_diameter:
         rbc_diameter = estimate_rbc_diameter(pixels, background, progress)
-    return PreparedSmear(pixels, background, float(rbc_diameter))
+    return PreparedSmear(
+        pixels, background, float(rbc_diameter), normalisation or DEFAULT_NORMALISATION
+    )
 
 
 def _validate_rbc_diameter(rbc_diameter):

@@ -6,7 +6,7 @@ magnification. The brightest, least stained part of the field is the background 
 illumination colour.
 """
 
-import os
+from dataclasses import dataclass
 
 import numpy as np
 from scipy import ndimage as ndi
@@ -14,7 +14,10 @@ from scipy import ndimage as ndi
 from napari_cytodiffusion.core.progress import report
 from napari_cytodiffusion.core.smear.image import SmearPixels
 from napari_cytodiffusion.core.smear.stain import (
-    nucleus_mask,
+    NUCLEUS_SCORE,
+    chromatin_threshold,
+    fill_holes,
+    nucleus_score,
     optical_density,
     otsu_threshold,
     total_density,
@@ -31,11 +34,16 @@ def overview(rgb):
     ``rgb`` is a float RGB array or a :class:`~napari_cytodiffusion.core.smear.image.SmearPixels`
     view, which is read band by band.
     """
-    if rgb.shape[0] * rgb.shape[1] <= _OVERVIEW_PIXELS:
+    if overview_factor(rgb.shape) == 1:
         return np.asarray(rgb), 1
     if not isinstance(rgb, SmearPixels):
         rgb = SmearPixels(rgb)
     return rgb.overview(_OVERVIEW_PIXELS)
+
+
+def overview_factor(shape):
+    """The factor :func:`overview` shrinks an image of ``shape`` by."""
+    return max(1, int(np.ceil(np.sqrt(shape[0] * shape[1] / _OVERVIEW_PIXELS))))
 
 
 def background_colour(rgb):
@@ -46,12 +54,60 @@ def background_colour(rgb):
     return np.median(bright, axis=0).astype(np.float32)
 
 
+# Where a red-cell diameter came from.
+GIVEN, RED_CELLS, WHITE_CELL = "given", "red cells", "white cell"
+# Fewer red cells than this (in red-cell areas of stain outside the white cells) are too few
+# to measure: the scale then comes from the white cell.
+MIN_RED_CELLS = 2.0
+# A white cell's diameter in red-cell diameters, typically (see docs/segmentation.md).
+WHITE_CELL_RATIO = 2.0
+# Votes are cast on a copy of the image scaled so that the radius tried spans this many pixels.
+_VOTE_RADIUS = 6.0
+# Radii tried: first all plausible ones (from _MIN_RADIUS px to a third of the image), then
+# near the first answer (factors of it).
+_MIN_RADIUS = 3.0
+_NEAR = (0.45, 1.25)
+_WIDE_RADII_TRIED = 9
+_RADII_TRIED = 10
+# The scale is measured on the overview unless a red cell spans fewer pixels there than this.
+_MIN_OVERVIEW_DIAMETER = 10.0
+_WINDOW = 512
+
+
+@dataclass(frozen=True)
+class ScaleEstimate:
+    """A red-cell diameter and where it came from.
+
+    Attributes
+    ----------
+    diameter : float
+        Red-cell diameter in pixels.
+    source : str
+        ``RED_CELLS`` (measured on them) or ``WHITE_CELL`` (too few red cells: from the
+        white cell's size and a typical ratio).
+    red_cells : float
+        How many red cells' worth of stain the measure had outside the white cells.
+    """
+
+    diameter: float
+    source: str
+    red_cells: float
+
+
 def estimate_rbc_diameter(rgb, background=None, progress=None):
     """Estimate the median red-cell diameter of a smear in pixels.
 
+    The diameter of :func:`estimate_scale`; see there.
+    """
+    return estimate_scale(rgb, background, progress).diameter
+
+
+def estimate_scale(rgb, background=None, progress=None):
+    """Estimate the red-cell diameter of a smear, and say where the estimate came from.
+
     Parameters
     ----------
-    rgb : ndarray
+    rgb : ndarray or SmearPixels
         Float RGB image in [0, 1] (see :func:`~napari_cytodiffusion.core.smear.image.to_rgb_float`).
     background : array of 3 floats, optional
         The image's background colour (:func:`background_colour`); measured when not given.
@@ -61,8 +117,7 @@ def estimate_rbc_diameter(rgb, background=None, progress=None):
 
     Returns
     -------
-    float
-        The typical red-cell diameter in pixels of ``rgb``.
+    ScaleEstimate
 
     Notes
     -----
@@ -70,51 +125,48 @@ def estimate_rbc_diameter(rgb, background=None, progress=None):
     distance R inwards (against its gradient), all meet at the cell's centre. The radius at
     which these votes pile up most tightly, relative to votes cast sideways (which never pile
     up), is the red-cell radius. This works for filled cells, for pale-centred rings, and for
-    overlapping clumps, where the edges are still arcs of the cells' own circles. A second
-    pass, near the first answer, leaves out the white cells (the stained blobs around the
-    nuclei), which can outvote the red cells in a single-cell image. Images over 1.5
-    megapixels are measured on the three most stained 512-px windows; the median is returned.
+    overlapping clumps, where the edges are still arcs of the cells' own circles. The radii
+    tried are first all plausible ones, then those near the first answer with the white
+    cells (the stained blobs around large nuclei) left out: in a single-cell image they can
+    outvote the red cells.
 
-    The result is in the units the shipped model was trained with: the estimate's median over
-    PBC training images (30.8 px at the stain-density half-maximum edge) is scaled to the 29 px
-    used there, so a crop of any smear covers the same field in micrometres as a PBC crop.
+    A large image is measured on the most stained 512-px window of its one-megapixel
+    overview (block means), or on its three most stained 512-px windows where a red cell
+    spans too few pixels in the overview. With
+    fewer than ``MIN_RED_CELLS`` red cells outside the white cells (a tight crop around one
+    white cell) the votes mean little; the diameter is then the largest white cell's
+    diameter over ``WHITE_CELL_RATIO``, and ``source`` says so.
     """
-    from concurrent.futures import ThreadPoolExecutor
-
-    windows = _scale_windows(rgb)
-    done = [0] * len(windows)
-
-    def measure(number):
-        def tried(count):
-            done[number] = count
-            report(progress, sum(done), len(windows) * _RADII_TRIED)
-
-        # A window's own background, unless the window is the whole image.
-        pixels = np.asarray(rgb[windows[number]])
-        whole = len(windows) == 1 and background is not None
-        local = background if whole else background_colour(pixels)
-        return _radial_symmetry_diameter(pixels, local, tried)
-
-    # Windows are measured side by side: numpy and scipy release the GIL in their loops.
-    with ThreadPoolExecutor(max_workers=min(len(windows), os.cpu_count() or 1)) as pool:
-        estimates = list(pool.map(measure, range(len(windows))))
-    return float(np.median(estimates) * _CALIBRATION)
+    small, factor = overview(rgb)
+    background = background_colour(small) if background is None else background
+    # Plenty of red cells in one window of a large overview: the rest would add only time.
+    field = _ScaleField(small[_windows(small, count=1)[0]], background)
+    if factor > 1 and field.first_guess() < _MIN_OVERVIEW_DIAMETER:
+        return _median_of_windows(rgb, background, progress)
+    estimate = field.estimate(progress)
+    return ScaleEstimate(estimate.diameter * factor, estimate.source, estimate.red_cells)
 
 
-# PBC training images measure 30.8 px raw; the model was trained with 29 px for them.
-_CALIBRATION = 29.0 / 30.8
-# Votes are cast on a copy of the image scaled so that the radius tried spans this many pixels.
-_VOTE_RADIUS = 6.0
-_RADII_TRIED = 48
-_WHOLE_IMAGE_PIXELS = 1_500_000
-_WINDOW = 512
+def white_cell_diameter(rgb, background=None):
+    """The red-cell diameter from the white cell alone: the largest white cell's diameter
+    over ``WHITE_CELL_RATIO`` (the fallback of :func:`estimate_scale`); NaN without one."""
+    small, factor = overview(rgb)
+    background = background_colour(small) if background is None else background
+    return _ScaleField(small, background).white_cell_diameter() * factor
 
 
-def _scale_windows(rgb, count=3):
-    """The whole image if small, else the ``count`` most stained of a grid of windows."""
+def _median_of_windows(rgb, background, progress):
+    windows = _windows(rgb)
+    estimates = []
+    for done, window in enumerate(windows, 1):
+        estimates.append(_ScaleField(np.asarray(rgb[window]), background).estimate())
+        report(progress, done, len(windows))
+    return sorted(estimates, key=lambda e: e.diameter)[len(estimates) // 2]
+
+
+def _windows(rgb, count=3):
+    """The ``count`` most stained of a grid of ``_WINDOW`` px windows of a large image."""
     rows, cols = rgb.shape[:2]
-    if rows * cols <= _WHOLE_IMAGE_PIXELS:
-        return [(slice(None), slice(None))]
     side_r, side_c = min(rows, _WINDOW), min(cols, _WINDOW)
     starts_r = np.linspace(0, rows - side_r, max(1, int(np.ceil(rows / side_r)))).astype(int)
     starts_c = np.linspace(0, cols - side_c, max(1, int(np.ceil(cols / side_c)))).astype(int)
@@ -132,37 +184,109 @@ def _scale_windows(rgb, count=3):
     return [window for _, window in candidates[:count]]
 
 
-def _radial_symmetry_diameter(rgb, background, tried):
-    if min(rgb.shape[:2]) < 4 * _VOTE_RADIUS:
-        return float(min(rgb.shape[:2]) / 4)
-    channels = optical_density(rgb, background)
-    density = ndi.gaussian_filter(total_density(channels), 1.0)
-    radii = np.geomspace(4.0, min(rgb.shape[:2]) / 3, _RADII_TRIED)
-    in_field = _in_field(channels)
-    first = _best_radius(density, in_field, radii, lambda done: tried(done // 2))
-    # Second look without the white cells, which in a single-cell image can outvote the red
-    # cells: the stained blob around every nucleus bigger than a platelet is left out, as far
-    # as a white cell reaches.
-    nuclei = nucleus_mask(channels)
+class _ScaleField:
+    """One image (an overview or a window) measured for its red-cell scale."""
+
+    def __init__(self, rgb, background):
+        channels = optical_density(rgb, background)
+        self.density = ndi.gaussian_filter(total_density(channels), 1.0)
+        self.in_field = _in_field(channels)
+        self.score = nucleus_score(channels)
+        always = self.score > NUCLEUS_SCORE
+        self.stain = otsu_threshold(self.density[self.in_field & ~always], default=0.1)
+        self.stained = fill_holes(self.density > self.stain) & self.in_field
+        self._guess = None
+
+    def first_guess(self, progress=None):
+        """A red cell's diameter from the votes over a wide range of radii, all cells voting."""
+        if self._guess is None:
+            self._guess = _wide_diameter(self.density, self.in_field, progress)
+        return self._guess
+
+    def estimate(self, progress=None):
+        """The :class:`ScaleEstimate` of this image."""
+        guess = self.first_guess(lambda done, total: report(progress, done, 2 * total))
+        white = self.white_cells()
+        voters = ~ndi.binary_dilation(white, iterations=3) & self.in_field
+        red_cells = float((self.stained & voters).sum() / (np.pi / 4 * guess**2))
+        if red_cells < MIN_RED_CELLS and white.any():
+            report(progress, 1, 1)
+            return ScaleEstimate(self.white_cell_diameter(), WHITE_CELL, red_cells)
+        if voters.mean() < 0.25:
+            voters = self.in_field
+        radii = guess / 2 * np.geomspace(*_NEAR, _RADII_TRIED)
+        diameter = _radial_diameter(
+            self.density,
+            voters,
+            radii,
+            lambda done, total: report(progress, total + done, 2 * total),
+        )
+        return ScaleEstimate(float(diameter), RED_CELLS, red_cells)
+
+    def white_cells(self):
+        """The white cells: stained blobs around nuclei (sizes from the first guess)."""
+        guess = self.first_guess()
+        field = self.in_field
+        threshold = chromatin_threshold(
+            self.score[field], self.density[field], self.stain, np.pi / 4 * guess**2
+        )
+        return _white_cells(self.stained, (self.score > threshold) & field, guess)
+
+    def white_cell_diameter(self):
+        """The red-cell diameter from the largest white cell (NaN without one)."""
+        white = self.white_cells()
+        if not white.any():
+            return float("nan")
+        return _largest_diameter(white) / WHITE_CELL_RATIO
+
+
+def _wide_diameter(density, voters, progress):
+    """Twice the red-cell radius among all plausible radii, from ``_MIN_RADIUS`` px to a
+    third of the image."""
+    top = max(min(density.shape) / 3, 2 * _MIN_RADIUS)
+    radii = np.geomspace(_MIN_RADIUS, top, _WIDE_RADII_TRIED)
+    return _radial_diameter(density, voters, radii, progress, _MIN_RADIUS)
+
+
+def _radial_diameter(density, voters, radii, progress, smallest=_VOTE_RADIUS):
+    """Twice the radius (among ``radii``, in pixels) where edge votes pile up most tightly.
+
+    The votes are counted on a copy shrunk by block means so that the smallest radius tried
+    spans at least ``smallest`` pixels: large red cells cost no more than small ones.
+    """
+    from napari_cytodiffusion.core.smear.resample import block_mean
+
+    shrink = max(1, int(radii[0] / smallest))
+    small = block_mean(density, shrink)
+    mask = block_mean(voters.astype(np.float32), shrink) > 0.99
+    radii = radii[radii / shrink <= min(small.shape) / 3]
+    if len(radii) < 3:
+        return float(min(density.shape) / 4)
+
+    def tried(done):
+        report(progress, done, len(radii))
+
+    return 2 * shrink * _best_radius(small, mask, radii / shrink, tried)
+
+
+def _white_cells(stained, nuclei, diameter):
+    """The stained blobs around nuclei of a white cell's size, as far as a white cell reaches."""
     labels, count = ndi.label(nuclei)
+    if count == 0:
+        return np.zeros(stained.shape, bool)
     sizes = ndi.sum(nuclei, labels, np.arange(1, count + 1))
-    # Nuclei at least 0.3 red-cell diameters across (first is a radius).
-    big = np.isin(labels, 1 + np.flatnonzero(sizes >= np.pi * (0.3 * first) ** 2))
-    blobs, _ = ndi.label(density > otsu_threshold(density[~nuclei], default=0.1))
-    white = np.isin(blobs, np.unique(blobs[big])[1:]) | big
-    white &= ndi.distance_transform_edt(~big) <= 1.4 * first
-    voters = ~ndi.binary_dilation(white, iterations=3) & in_field
-    if voters.mean() < 0.25 or not white.any():
-        tried(_RADII_TRIED)
-        return 2 * first
-    # Red cells are smaller than the white cells they might have been mistaken for, and not
-    # much smaller than that: stay near the first answer.
-    near = radii[(radii >= 0.45 * first) & (radii <= 1.1 * first)]
-    if len(near) < 3:
-        tried(_RADII_TRIED)
-        return 2 * first
-    second = _best_radius(density, voters, near, lambda done: tried((_RADII_TRIED + done) // 2))
-    return 2 * second
+    # Nuclei at least 0.3 red-cell diameters across (a platelet is smaller).
+    big = np.isin(labels, 1 + np.flatnonzero(sizes >= np.pi * (0.15 * diameter) ** 2))
+    blobs, _ = ndi.label(stained)
+    around = np.unique(blobs[big])
+    white = np.isin(blobs, around[around > 0]) | big
+    return white & (ndi.distance_transform_edt(~big) <= 0.7 * diameter)
+
+
+def _largest_diameter(mask):
+    """The equivalent diameter of the largest blob of ``mask``."""
+    labels, _ = ndi.label(mask)
+    return float(np.sqrt(4 / np.pi * np.bincount(labels.ravel())[1:].max()))
 
 
 def _in_field(density):
@@ -209,29 +333,31 @@ def _pyramid(density, voters, largest_factor):
 
 
 def _symmetry_score(pyramid, radius):
-    """How tightly edge votes cast ``radius`` inwards pile up, relative to sideways votes."""
+    """How tightly edge votes cast ``radius`` inwards pile up, relative to sideways votes.
+
+    The votes are cast ``_VOTE_RADIUS`` pixels far on a copy shrunk to make the radius that
+    long (never enlarged: a smaller radius is voted on the image itself).
+    """
     level = int(np.clip(np.floor(np.log2(radius / _VOTE_RADIUS)), 0, len(pyramid) - 1))
     image, mask = pyramid[level]
-    zoom = _VOTE_RADIUS * 2**level / radius
-    if abs(zoom - 1) > 1e-3:
+    zoom = min(1.0, _VOTE_RADIUS * 2**level / radius)
+    if zoom < 1 - 1e-3:
         image = ndi.zoom(image, zoom, order=1)
         mask = ndi.zoom(mask.astype(np.uint8), zoom, order=0).astype(bool)
         rows, cols = min(image.shape[0], mask.shape[0]), min(image.shape[1], mask.shape[1])
         image, mask = image[:rows, :cols], mask[:rows, :cols]
+    reach = radius * zoom / 2**level
     grad_r, grad_c = ndi.sobel(image, 0), ndi.sobel(image, 1)
     magnitude = np.hypot(grad_r, grad_c)
-    edges = mask & (magnitude > np.percentile(magnitude, 70)) & (magnitude > 0)
+    strong = np.percentile(magnitude[::3, ::3], 70)  # a sample tells the level
+    edges = mask & (magnitude > strong) & (magnitude > 0)
     if edges.sum() < 10:
         return 0.0
     rows, cols = np.nonzero(edges)
     weight = magnitude[edges]
     unit_r, unit_c = grad_r[edges] / weight, grad_c[edges] / weight
-    inward = _vote_map(
-        image.shape, rows + _VOTE_RADIUS * unit_r, cols + _VOTE_RADIUS * unit_c, weight
-    )
-    sideways = _vote_map(
-        image.shape, rows + _VOTE_RADIUS * unit_c, cols - _VOTE_RADIUS * unit_r, weight
-    )
+    inward = _vote_map(image.shape, rows + reach * unit_r, cols + reach * unit_c, weight)
+    sideways = _vote_map(image.shape, rows + reach * unit_c, cols - reach * unit_r, weight)
     return float((inward**2).sum() / max((sideways**2).sum(), 1e-12))
 
 
@@ -243,4 +369,4 @@ def _vote_map(shape, rows, cols, weight):
         weights=weight[inside],
         minlength=shape[0] * shape[1],
     )
-    return ndi.gaussian_filter(votes.reshape(shape), 1.0)
+    return ndi.gaussian_filter(votes.reshape(shape), 1.0, truncate=2.5)

@@ -1,29 +1,44 @@
 """Finding every cell of a blood smear: white cells, red cells and platelets.
 
-White cells (WBCs, here every nucleated cell) are found from their nuclei, which Romanowsky
-stains turn blue to purple: nucleus fragments closer than a fraction of a red cell are one cell
-(the lobes of a neutrophil), and each cell grows from its nucleus into the surrounding pixels
-whose colour is closer to the smear's own cytoplasm colour than to its red cells or background.
-Touching white cells are split between their nuclei. Small nucleus-coloured blobs are
-platelets. Everything else that is stained is red cells, split into instances at the narrow
-necks between them.
+White cells (WBCs, here every nucleated cell) are found by a small convolutional network
+(:mod:`~napari_cytodiffusion.core.smear.detector`) that sees the smear at one scale: each
+pixel's probability of lying in a white cell (its *body*: nucleus and cytoplasm, however pale
+or granular) and of lying near a cell's centre (its *core*). Each core is one cell; the cells
+grow from their cores over their bodies, so touching cells are split between their centres.
+The nucleus of each cell is its chromatin (green-minus-blue optical density), measured on the
+cell's own full-resolution pixels. Small chromatin blobs outside white cells are platelets.
+Everything else that is stained is red cells, split into instances at the narrow necks
+between them.
 
 All sizes are fractions of the red-cell diameter, estimated from the image when not given, so
-the same settings work at any magnification. Large images are cut into overlapping tiles
-(computed in parallel with dask); a cell belongs to the tile that holds its centroid, so each
-cell is found exactly once and always whole.
+the same settings work at any magnification. Cells are found at a working resolution (a red
+cell 16 to 32 pixels across, an integer shrinking factor) and their outlines brought back to
+the image's own resolution. Large images are cut into overlapping tiles (computed in parallel
+with dask); a cell belongs to the tile that holds its centroid, so each cell is found exactly
+once and always whole.
 """
 
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from scipy import ndimage as ndi
 
+from napari_cytodiffusion.core.smear.detector import DETECTOR_RBC, load_detector
 from napari_cytodiffusion.core.smear.image import SmearPixels
 from napari_cytodiffusion.core.smear.prepare import PreparedSmear, prepare_smear
+from napari_cytodiffusion.core.smear.resample import block_mean, rescale, resize
+from napari_cytodiffusion.core.smear.scale import (
+    GIVEN,
+    background_colour,
+    estimate_scale,
+    overview,
+    overview_factor,
+)
 from napari_cytodiffusion.core.smear.stain import (
     NUCLEUS_SCORE,
+    chromatin_threshold,
+    fill_holes,
     nucleus_score,
     optical_density,
     otsu_threshold,
@@ -49,34 +64,29 @@ FEATURE_COLUMNS = (
     "nucleus_fraction",
 )
 
-# Sizes in red-cell diameters (D). A white cell is 1.2 to 2.7 D across, its nucleus at least
-# about 0.5 D; platelets are 0.25 to 0.45 D.
-NUCLEUS_GAP = 0.25  # nucleus fragments closer than this belong to one cell (neutrophil lobes)
-MIN_WBC_NUCLEUS = 0.5  # equivalent diameter of the smallest nucleus of a nucleated cell
-MIN_PLATELET = 0.12  # smaller nucleus-coloured specks are dust or stain precipitate
-MAX_CYTOPLASM = 0.8  # widest cytoplasm rim around a nucleus
+# Sizes in red-cell diameters (D); areas in red-cell areas.
+MIN_PLATELET = 0.12  # smaller chromatin specks are dust or stain precipitate
+MAX_PLATELET = 0.6  # larger chromatin blobs outside white cells are clumps, not counted
 MIN_RBC_AREA = 0.2  # red-cell fragments smaller than this fraction of a red cell are dropped
-MIN_EDGE_WBC_AREA = 1.0  # visible area, in red-cell areas, of a white cell cut by the image edge
-MERGE_SOLIDITY = 0.9  # two halves of one cell make a union at least this convex
-MAX_WBC_DIAMETER = 3.2  # largest white cell (a big monocyte), in red-cell diameters
+MIN_WBC_AREA = 0.5  # the smallest white cell (a small lymphocyte is about 1.2)
+MIN_EDGE_WBC_AREA = 1.0  # visible area of a white cell cut by the image edge
+MAX_CYTOPLASM = 0.8  # widest cytoplasm rim around a nucleus
 STAR_LIMIT = 1.3  # a white cell's edge is at most this times its median radius from its centre
+# Detector probabilities: a body pixel, a core pixel, and the core's peak that makes a cell.
+BODY_LEVEL = 0.5
+CORE_LEVEL = 0.5
+CELL_CONFIDENCE = 0.95
 NUCLEUS_LEVEL = 0.35  # nucleus edge: this far from the cytoplasm to the chromatin stain level
-# The chromatin threshold is at least the always-nucleus score; the upper bound keeps the pale
-# edges of very dark nuclei (which push Otsu's threshold up) inside.
-MAX_NUCLEUS_THRESHOLD = 0.7
-# In a crowded field (at least CROWDED_FIELD cells' worth of stain) the stained pixels are
-# mostly red cells, and chromatin must score at least RED_CELL_RATIO times their typical
-# score: with some stains (Wright, phone photos) the red cells are purple too.
-CROWDED_FIELD = 60
-RED_CELL_RATIO = 4.0
 # Pale parts of a nucleus joined to its darker parts count down to this share of the threshold.
 NUCLEUS_HYSTERESIS = 0.8
-# Tiles: the halo must hold a whole cell whose centroid is in the tile's core.
-HALO_RBC = 2.0
+# Tiles: the halo must hold a whole cell whose centroid is in the tile's core, and what the
+# detector looks at around it.
+HALO_RBC = 3.0
 DEFAULT_TILE = 512
-# Cells are found at a working resolution where a red cell spans about this many pixels (an
-# integer shrinking factor, never enlarging): finer detail only adds noise and time.
-WORKING_RBC = 20.0
+# Cells are found at a working resolution where a red cell spans WORKING_RBC to twice that
+# many pixels (an integer shrinking factor, never enlarging): finer detail only adds noise
+# and time.
+WORKING_RBC = 16.0
 
 
 @dataclass
@@ -94,6 +104,10 @@ class SmearSegmentation:
         label value in the labels array of its ``cell_type``.
     smear : PreparedSmear
         The image it was made from, with its scale and background.
+    scale_source : str
+        Where the red-cell diameter came from: ``"given"``, ``"red cells"`` (measured on
+        them) or ``"white cell"`` (too few red cells: from the white cell's size), see
+        :func:`~napari_cytodiffusion.core.smear.scale.estimate_scale`.
     """
 
     wbc_labels: np.ndarray
@@ -102,6 +116,7 @@ class SmearSegmentation:
     platelet_labels: np.ndarray
     features: object
     smear: object
+    scale_source: str = GIVEN
 
     @property
     def rbc_diameter(self):
@@ -143,7 +158,35 @@ class _SmearConstants:
     nucleus_threshold: float
 
 
-def segment_smear(image, rbc_diameter=None, progress=None, tile_size=DEFAULT_TILE, workers=None):
+@dataclass(frozen=True)
+class SharedSettings:
+    """What the pieces of one smear share when each is segmented on its own (the tiles of
+    :func:`~napari_cytodiffusion.core.tasks.analyze.analyze_smear`), so that a cell is found
+    the same way whichever piece holds it: the working resolution and the stain thresholds."""
+
+    factor: int
+    constants: _SmearConstants
+
+
+def shared_settings(smear):
+    """The :class:`SharedSettings` of a prepared smear, measured on its overview (so any size
+    of image costs the same)."""
+    small, small_factor = overview(smear.rgb)
+    factor = working_factor(smear.rbc_diameter, small_factor)
+    measured = _smear_constants(
+        PreparedSmear(small, smear.background, smear.rbc_diameter / small_factor)
+    )
+    return SharedSettings(factor, replace(measured, rbc_diameter=smear.rbc_diameter / factor))
+
+
+def segment_smear(
+    image,
+    rbc_diameter=None,
+    progress=None,
+    tile_size=DEFAULT_TILE,
+    workers=None,
+    shared=None,
+):
     """Find the white cells, red cells and platelets of a blood-smear image.
 
     Parameters
@@ -158,10 +201,14 @@ def segment_smear(image, rbc_diameter=None, progress=None, tile_size=DEFAULT_TIL
         Called as ``progress(done, total)`` several times per second of work; raise
         ``progress.Cancelled`` from it to stop.
     tile_size : int
-        Side of the square tiles that large images are cut into, each with an overlap of two
-        red-cell diameters (tiles are made at least three overlaps wide).
+        Side of the square tiles, in working pixels, that large images are cut into, each
+        with an overlap of three red-cell diameters (tiles are made at least three overlaps
+        wide).
     workers : int, optional
         Tiles processed at once (threads); default: the CPU count, at most 4.
+    shared : SharedSettings, optional
+        The working resolution and stain thresholds of the larger smear this image is a
+        piece of (see :func:`shared_settings`); measured on this image when not given.
 
     Returns
     -------
@@ -178,35 +225,76 @@ def segment_smear(image, rbc_diameter=None, progress=None, tile_size=DEFAULT_TIL
         raise ValueError(f"tile_size must be at least 256 pixels, got {tile_size}.")
     tracker = _ProgressTracker(progress)
     tracker.check()
-    smear = prepare_smear(image, rbc_diameter, progress=lambda *_: tracker.check())
-    factor = working_factor(smear.rbc_diameter)
-    work = _working_smear(smear, factor)
-    constants = _smear_constants(work)
+    smear, source = _prepare(image, rbc_diameter, lambda *_: tracker.check())
+    if shared is None:
+        factor = working_factor(smear.rbc_diameter, overview_factor(smear.shape))
+        work = _working_smear(smear, factor)
+        constants = _smear_constants(work)
+    else:
+        factor, constants = shared.factor, shared.constants
+        work = _working_smear(smear, factor)
     halo = int(np.ceil(HALO_RBC * constants.rbc_diameter))
     # Tiles larger than their halo, so that not too much work is done twice.
     tiles = _tiles(work.shape, max(tile_size, 3 * halo), halo)
     tracker.total = len(tiles) * _TileWork.STEPS + 2
     results = _run_tiles(work.rgb, tiles, constants, tracker, workers)
     arrays = _paste_tiles(work.shape, results)
-    if factor > 1:
-        arrays = _full_resolution(arrays, smear, factor, constants)
     tracker.step()
-    segmentation = _assemble(smear, arrays, tracker)
+    segmentation = _assemble(smear, work, arrays, factor, constants, tracker)
+    segmentation.scale_source = source
     tracker.step()
     return segmentation
 
 
-def working_factor(rbc_diameter):
-    """The integer factor a smear is shrunk by to find its cells (see ``WORKING_RBC``)."""
-    return max(1, int(rbc_diameter // WORKING_RBC))
+def _prepare(image, rbc_diameter, progress):
+    """(the prepared smear, where its scale came from: ``GIVEN`` when passed in, as a number
+    or with a prepared smear)."""
+    if rbc_diameter or isinstance(image, PreparedSmear):
+        return prepare_smear(image, rbc_diameter, progress), GIVEN
+    pixels = image if isinstance(image, SmearPixels) else SmearPixels(image)
+    estimate = estimate_scale(pixels, background_colour(pixels), progress)
+    return prepare_smear(pixels, estimate.diameter), estimate.source
+
+
+def working_factor(rbc_diameter, overview_factor=1):
+    """The integer factor a smear is shrunk by to find its cells (see ``WORKING_RBC``).
+
+    A multiple of ``overview_factor`` where that is fine enough, so that the working image
+    is made from the overview the scale was measured on, without reading the image again.
+    """
+    factor = max(1, int(rbc_diameter // WORKING_RBC))
+    if factor >= overview_factor > 1:
+        return factor // overview_factor * overview_factor
+    return factor
 
 
 def _working_smear(smear, factor):
     """The smear at the working resolution (the smear itself when ``factor`` is 1)."""
     if factor == 1:
         return smear
-    pixels = smear.rgb if isinstance(smear.rgb, SmearPixels) else SmearPixels(smear.rgb)
-    return PreparedSmear(pixels.block_means(factor), smear.background, smear.rbc_diameter / factor)
+    small, overview_factor = overview(smear.rgb)
+    if factor % overview_factor == 0:
+        rgb = _weighted_block_mean(small, factor // overview_factor, smear.shape, overview_factor)
+    else:
+        pixels = smear.rgb if isinstance(smear.rgb, SmearPixels) else SmearPixels(smear.rgb)
+        rgb = pixels.block_means(factor)
+    return PreparedSmear(rgb, smear.background, smear.rbc_diameter / factor)
+
+
+def _weighted_block_mean(means, factor, shape, size):
+    """Block means of block means, weighted by the pixels each holds (edge blocks are partial)."""
+    if factor == 1:
+        return means
+    counts = _block_counts(shape, size).astype(np.float32)
+    sums = block_mean(means * counts[..., None], factor)
+    return sums / block_mean(counts, factor)[..., None]
+
+
+def _block_counts(shape, factor):
+    """Pixels of the image of ``shape`` in each factor x factor block."""
+    rows = np.minimum(factor, shape[0] - np.arange(0, shape[0], factor))
+    cols = np.minimum(factor, shape[1] - np.arange(0, shape[1], factor))
+    return np.outer(rows, cols)
 
 
 class _ProgressTracker:
@@ -239,18 +327,12 @@ def _smear_constants(smear):
     nuclei = score > NUCLEUS_SCORE
     stain = otsu_threshold(total[~nuclei], default=0.1)
     stain = float(np.clip(stain, 0.08, 0.6))
-    # Chromatin against everything else stained; never below the always-nucleus level.
-    stained = score[total > stain]
-    chromatin = otsu_threshold(stained, default=NUCLEUS_SCORE)
-    chromatin = float(np.clip(chromatin, NUCLEUS_SCORE, MAX_NUCLEUS_THRESHOLD))
     cell_area = np.pi / 4 * (smear.rbc_diameter / _sample_step(smear.shape)) ** 2
-    if stained.size >= CROWDED_FIELD * cell_area:
-        chromatin = max(chromatin, RED_CELL_RATIO * float(np.median(stained)))
     return _SmearConstants(
         rbc_diameter=smear.rbc_diameter,
         background=smear.background,
         stain_threshold=stain,
-        nucleus_threshold=chromatin,
+        nucleus_threshold=chromatin_threshold(score, total, stain, cell_area),
     )
 
 
@@ -260,7 +342,7 @@ def _sample(rgb):
     return rgb[::step, ::step]
 
 
-def _sample_step(shape, pixels=4_000_000):
+def _sample_step(shape, pixels=250_000):
     """The stride of :func:`_sample`: at most ``pixels`` pixels are sampled."""
     return max(1, int(np.ceil(np.sqrt(shape[0] * shape[1] / pixels))))
 
@@ -293,12 +375,29 @@ def _run_tiles(rgb, tiles, constants, tracker, workers):
     import os
 
     import dask
+    from dask.threaded import get
 
+    detector = load_detector()
     if len(tiles) == 1:
-        return [_TileWork(rgb, tiles[0], constants, tracker).run()]
+        return [_TileWork(rgb, tiles[0], constants, tracker, detector).run()]
     workers = workers or min(4, os.cpu_count() or 1)
-    tasks = [dask.delayed(_TileWork(rgb, tile, constants, tracker).run)() for tile in tiles]
-    return list(dask.compute(*tasks, scheduler="threads", num_workers=workers))
+    tasks = [
+        dask.delayed(_TileWork(rgb, tile, constants, tracker, detector).run)() for tile in tiles
+    ]
+    # The threaded scheduler itself: naming it ("threads") would import dask.distributed.
+    return list(dask.compute(*tasks, scheduler=get, num_workers=workers))
+
+
+@dataclass
+class _TileResult:
+    """One tile's own cells, at the working resolution."""
+
+    origin: tuple
+    wbc: np.ndarray
+    nuclei: np.ndarray
+    rbc: np.ndarray
+    platelets: np.ndarray
+    body: np.ndarray  # the detector's body probability over the tile window
 
 
 class _TileWork:
@@ -306,32 +405,36 @@ class _TileWork:
 
     STEPS = 4
 
-    def __init__(self, rgb, tile, constants, tracker):
+    def __init__(self, rgb, tile, constants, tracker, detector):
         self.core, self.window = tile
         self.image_shape = rgb.shape[:2]
         self.image = rgb
         self.constants = constants
         self.tracker = tracker
+        self.detector = detector
 
     def run(self):
         constants = self.constants
-        diameter = constants.rbc_diameter
         self.tracker.check()
         rgb = np.asarray(self.image[self.window])  # read (and converted) only now
-        density = optical_density(_smooth(rgb, diameter / 50), constants.background)
-        outside = _outside_field(density, diameter)
-        wbc, nuclei, platelets = _white_cells(density, outside, constants, self.tracker)
+        density = optical_density(rgb, constants.background)
+        outside = _outside_field(density, constants.rbc_diameter)
+        body, core = _detector_maps(self.detector, density, constants.rbc_diameter)
         self.tracker.step()
-        rbc = _red_cells(density, wbc, platelets, outside, constants, self.tracker)
+        score = nucleus_score(density)
+        nuclei = _nuclei(score, constants) & ~outside
+        wbc = _with_cytoplasm(_white_cells(body, core, constants), density, nuclei, constants)
+        platelets = _platelets(nuclei, wbc, constants.rbc_diameter)
+        self.tracker.step()
+        rbc = _red_cells(density, wbc, nuclei, outside, constants, self.tracker)
         self.tracker.step()
         wbc = self._without_edge_slivers(wbc)
-        origin = (self.window[0].start, self.window[1].start)
-        wbc, renumber = _relabel(self._owned(wbc), with_map=True)
-        nuclei = renumber[np.where(wbc > 0, nuclei, 0)]
-        self.tracker.step()
+        wbc = _relabel(self._owned(wbc))
+        nucleus = _cell_nuclei(score, wbc, constants)
         platelets, rbc = _relabel(self._owned(platelets)), _relabel(self._owned(rbc))
         self.tracker.step()
-        return origin, wbc, nuclei, rbc, platelets
+        origin = (self.window[0].start, self.window[1].start)
+        return _TileResult(origin, wbc, nucleus, rbc, platelets, body)
 
     def _without_edge_slivers(self, wbc):
         """Drop white cells cut by the image edge with less than ``MIN_EDGE_WBC_AREA`` visible.
@@ -360,27 +463,16 @@ class _TileWork:
         index = np.unique(labels[labels > 0])
         if index.size == 0:
             return labels
-        centroids = np.array(ndi.center_of_mass(labels > 0, labels, index)).reshape(-1, 2)
-        rows = centroids[:, 0] + self.window[0].start
-        cols = centroids[:, 1] + self.window[1].start
+        centres = np.array(ndi.center_of_mass(labels > 0, labels, index)).reshape(-1, 2)
+        rows = centres[:, 0] + self.window[0].start
+        cols = centres[:, 1] + self.window[1].start
         inside = (
             (rows >= self.core[0].start)
             & (rows < self.core[0].stop)
             & (cols >= self.core[1].start)
             & (cols < self.core[1].stop)
         )
-        keep = np.zeros(int(index[-1]) + 1, bool)
-        keep[index] = inside
-        return np.where(keep[labels], labels, 0)
-
-
-def _smooth(rgb, sigma):
-    if sigma < 0.5:
-        return rgb
-    return ndi.gaussian_filter(rgb, sigma=(sigma, sigma, 0))
-
-
-# ----------------------------------------------------------------------------- white cells
+        return np.where(np.isin(labels, index[inside]), labels, 0)
 
 
 def _outside_field(density, diameter):
@@ -394,185 +486,107 @@ def _outside_field(density, diameter):
     return ndi.distance_transform_edt(~black) <= diameter
 
 
-def _white_cells(density, outside, constants, tracker):
-    """Return (wbc labels, nucleus labels, platelet labels) of one tile."""
-    diameter = constants.rbc_diameter
-    score = nucleus_score(density)
-    nuclei = _nuclei(score, constants) & ~outside
-    groups = _group_fragments(nuclei, diameter)
-    tracker.check()
-    sizes = np.sqrt(4 / np.pi * ndi.sum(nuclei, groups, np.arange(1, groups.max() + 1)))
-    is_wbc = np.concatenate([[False], sizes >= MIN_WBC_NUCLEUS * diameter])
-    is_platelet = np.concatenate(
-        [[False], (sizes >= MIN_PLATELET * diameter) & (sizes < MIN_WBC_NUCLEUS * diameter)]
-    )
-    markers = _relabel(np.where(is_wbc[groups] & nuclei, groups, 0))
-    cytoplasm = _cytoplasm_like(density, nuclei, markers, constants)
-    tracker.check()
-    wbc = _grow_cells(markers, cytoplasm, diameter)
-    # Platelet-sized nucleus fragments inside or against a white cell are part of it.
-    platelet_groups = np.where(is_platelet[groups] & nuclei, groups, 0)
-    touching = np.unique(platelet_groups[ndi.binary_dilation(wbc > 0)])
-    platelet_groups[np.isin(platelet_groups, touching)] = 0
-    platelets = _relabel(platelet_groups)
-    nucleus = _cell_nuclei(score, wbc, constants)
-    return wbc, nucleus, platelets
+# ----------------------------------------------------------------------------- white cells
 
 
-def _nuclei(score, constants):
-    """Nucleus and platelet pixels, without specks smaller than a platelet."""
-    from skimage.filters import apply_hysteresis_threshold
-    from skimage.morphology import remove_small_objects
-
-    diameter = constants.rbc_diameter
-    threshold = constants.nucleus_threshold
-    mask = apply_hysteresis_threshold(score, NUCLEUS_HYSTERESIS * threshold, threshold)
-    mask = ndi.binary_opening(mask, iterations=max(1, int(diameter / 40)))
-    return remove_small_objects(mask, max_size=int((MIN_PLATELET * diameter) ** 2 * np.pi / 4))
+def _detector_maps(detector, density, rbc_diameter):
+    """The detector's body and core probabilities over ``density``, at its resolution."""
+    small = rescale(density, DETECTOR_RBC / rbc_diameter)
+    body, core = detector.maps(small)
+    return resize(body, density.shape[:2]), resize(core, density.shape[:2])
 
 
-def _cell_nuclei(score, wbc, constants):
-    """The nucleus of each white cell: its pixels closer to the cell's chromatin level."""
-    nuclei = np.zeros_like(wbc)
-    for index, box in enumerate(ndi.find_objects(wbc), 1):
-        if box is None:
-            continue
-        cell = wbc[box] == index
-        values = score[box][cell]
-        dark = values > constants.nucleus_threshold
-        if dark.all() or not dark.any():
-            nuclei[box][cell & (score[box] > constants.nucleus_threshold)] = index
-            continue
-        level = NUCLEUS_LEVEL * np.median(values[dark]) + (1 - NUCLEUS_LEVEL) * np.median(
-            values[~dark]
-        )
-        level = min(level, constants.nucleus_threshold)
-        inside = ndi.binary_fill_holes(cell & (score[box] > level))
-        nuclei[box][inside & cell] = index
-    return nuclei
+def _white_cells(body, core, constants):
+    """White-cell instance labels from the detector's maps: one cell per confident core.
 
-
-def _group_fragments(nuclei, diameter):
-    """Label nucleus fragments, giving fragments closer than ``NUCLEUS_GAP`` one label."""
-    reach = ndi.distance_transform_edt(~nuclei) <= NUCLEUS_GAP * diameter / 2
-    groups, _ = ndi.label(reach)
-    return np.where(nuclei, groups, 0)
-
-
-def _relabel(labels, with_map=False):
-    """Renumber labels 1..n; ``with_map`` also returns the old-to-new lookup array."""
-    from skimage.segmentation import relabel_sequential
-
-    relabelled, forward, _ = relabel_sequential(labels)
-    if not with_map:
-        return relabelled
-    lookup = np.zeros(int(labels.max()) + 1, relabelled.dtype)
-    lookup[forward.in_values] = forward.out_values
-    return relabelled, lookup
-
-
-def _cytoplasm_like(density, nuclei, markers, constants):
-    """Pixels coloured more like white-cell cytoplasm than like red cells or background.
-
-    The colours are read off this smear: cytoplasm from a thin rim around the white-cell
-    nuclei, red cells from stained pixels far from any nucleus, background is zero density.
-    """
-    diameter = constants.rbc_diameter
-    total = total_density(density)
-    stained = total > constants.stain_threshold
-    if markers.max() == 0:
-        return np.zeros_like(stained)
-    distance = ndi.distance_transform_edt(markers == 0)
-    rim = (distance > 0.04 * diameter) & (distance < 0.2 * diameter) & ~nuclei
-    rim &= total > 0.5 * constants.stain_threshold
-    far = stained & ~nuclei & (distance > 1.5 * diameter)
-    if far.sum() < 50:
-        far = stained & ~nuclei & (distance > MAX_CYTOPLASM * diameter)
-    if rim.sum() < 20:
-        return stained
-    means = [np.zeros(3), np.median(density[rim], axis=0)]
-    if far.sum() >= 50:
-        means.append(np.median(density[far], axis=0))
-    distances = [((density - m) ** 2).sum(axis=-1) for m in means]
-    return np.argmin(distances, axis=0) == 1
-
-
-def _grow_cells(markers, cytoplasm, diameter):
-    """Grow each white-cell nucleus into the cytoplasm-like pixels around it.
-
-    Touching cells are split between their nuclei.
+    A core is a peak of the core map (two touching cells have two), kept if it reaches
+    ``CELL_CONFIDENCE``; each cell is grown from its core over the body map.
     """
     from skimage.segmentation import watershed
 
-    if markers.max() == 0:
-        return markers
-    near = ndi.distance_transform_edt(markers == 0) <= MAX_CYTOPLASM * diameter
-    body = (cytoplasm & near) | (markers > 0)
-    body = ndi.binary_opening(body, iterations=max(1, int(diameter / 20)))
-    body |= markers > 0
-    cells = watershed(ndi.distance_transform_edt(markers == 0), markers, mask=body)
-    cells, markers = _merge_split_cells(cells, markers, diameter)
-    rounded = np.zeros_like(cells)
+    diameter = constants.rbc_diameter
+    rbc_area = np.pi * diameter**2 / 4
+    smooth = ndi.gaussian_filter(core, diameter / 10)
+    markers = _local_maxima(smooth, reach=max(1, int(0.5 * diameter)), lowest=CORE_LEVEL)
+    count = int(markers.max())
+    if count == 0:
+        return np.zeros(body.shape, np.uint32)
+    index = np.arange(1, count + 1)
+    confident = ndi.maximum(core, markers, index) >= CELL_CONFIDENCE
+    markers = _relabel(np.where(np.isin(markers, index[confident]), markers, 0))
+    cells = watershed(-core - body, markers, mask=(body > BODY_LEVEL) | (markers > 0))
+    areas = np.bincount(cells.ravel(), minlength=int(cells.max()) + 1)
+    small = areas < MIN_WBC_AREA * rbc_area
+    small[0] = False
+    cells[small[cells]] = 0
+    return _relabel(cells.astype(np.uint32))
+
+
+def _with_cytoplasm(cells, density, nuclei, constants):
+    """Each detected cell, grown over the cytoplasm-coloured pixels around its nucleus.
+
+    Very pale cytoplasm can fall outside the detector's body map. Each cell's own cytoplasm
+    colour (read off a thin rim around its chromatin) tells it from the background and from
+    the smear's red cells; the growth stops ``MAX_CYTOPLASM`` red cells from the chromatin,
+    and each grown cell is kept round (``_star_shape``).
+    """
+    if cells.max() == 0:
+        return cells
+    diameter = constants.rbc_diameter
+    reach = int(np.ceil(MAX_CYTOPLASM * diameter)) + 2
+    colours = (np.zeros(3, np.float32), _red_cell_colour(density, cells, nuclei, constants))
+    out = cells.copy()
     for index, box in enumerate(ndi.find_objects(cells), 1):
         if box is None:
             continue
-        own = ndi.binary_fill_holes(cells[box] == index) & np.isin(cells[box], (0, index))
-        centre = ndi.center_of_mass(markers[box] == index)
-        rounded[box][_star_shape(own, centre)] = index
-    return rounded
-
-
-def _merge_split_cells(cells, markers, diameter):
-    """Join neighbours that are two halves of one round cell (far-apart nucleus lobes).
-
-    Two touching white cells meet along a short contact and their union has a waist; the two
-    halves of one neutrophil share a long border and together make a round, convex cell.
-    """
-    from skimage.measure import regionprops
-
-    pairs = _shared_borders(cells)
-    if not pairs:
-        return cells, markers
-    parent = np.arange(cells.max() + 1)
-    boxes = ndi.find_objects(cells)
-    for (a, b), length in sorted(pairs.items(), key=lambda item: -item[1]):
-        box = tuple(
-            slice(min(p.start, q.start), max(p.stop, q.stop))
-            for p, q in zip(boxes[a - 1], boxes[b - 1], strict=True)
+        window = tuple(
+            slice(max(0, b.start - reach), min(n, b.stop + reach))
+            for b, n in zip(box, cells.shape, strict=True)
         )
-        union = np.isin(cells[box], (a, b))
-        props = regionprops(union.astype(np.uint8))[0]
-        smaller = np.sqrt(4 / np.pi * min(np.sum(cells[box] == a), np.sum(cells[box] == b)))
-        if (
-            length >= 0.6 * smaller
-            and props.solidity >= MERGE_SOLIDITY
-            and props.equivalent_diameter_area <= MAX_WBC_DIAMETER * diameter
-        ):
-            parent[_root(parent, b)] = _root(parent, a)
-    roots = np.array([_root(parent, i) for i in range(len(parent))])
-    return _relabel(roots[cells]), _relabel(roots[markers])
+        own = cells[window] == index
+        grown = _grown_cell(own, density[window], nuclei[window], colours, constants)
+        if grown is not None:
+            out[window][grown & ((out[window] == 0) | own)] = index
+    return out
 
 
-def _root(parent, i):
-    while parent[i] != i:
-        i = parent[i]
-    return i
+def _grown_cell(own, density, nuclei, colours, constants):
+    """``own`` with the cytoplasm-coloured pixels around its chromatin, kept round; None when
+    the cell has too little chromatin or cytoplasm rim to read a colour off."""
+    diameter = constants.rbc_diameter
+    total = total_density(density)
+    chromatin = own & nuclei
+    if not chromatin.any():
+        return None
+    distance = ndi.distance_transform_edt(~chromatin)
+    rim = (distance > 0.04 * diameter) & (distance < 0.2 * diameter) & ~nuclei
+    rim &= total > 0.5 * constants.stain_threshold
+    if rim.sum() < 20:
+        return None
+    background, red = colours
+    means = [background, np.median(density[rim], axis=0)] + ([red] if red is not None else [])
+    nearest = np.argmin([((density - m) ** 2).sum(axis=-1) for m in means], axis=0)
+    grow = (nearest == 1) & (distance <= MAX_CYTOPLASM * diameter)
+    grow = ndi.binary_opening(grow, iterations=max(1, int(diameter / 20))) | own
+    region = _component_at(grow, own)
+    return _star_shape(region, ndi.center_of_mass(own)) | own
 
 
-def _shared_borders(labels):
-    """{(a, b): number of 4-neighbour pixel pairs where label a meets label b}."""
-    pairs = {}
-    for first, second in (
-        (labels[:, :-1], labels[:, 1:]),
-        (labels[:-1, :], labels[1:, :]),
-    ):
-        touching = (first != second) & (first > 0) & (second > 0)
-        a = np.minimum(first[touching], second[touching])
-        b = np.maximum(first[touching], second[touching])
-        keys, counts = np.unique(np.stack([a, b], axis=1), axis=0, return_counts=True)
-        for (x, y), count in zip(keys, counts, strict=True):
-            pairs[(int(x), int(y))] = pairs.get((int(x), int(y)), 0) + int(count)
-    return pairs
+def _red_cell_colour(density, cells, nuclei, constants):
+    """The median colour of the stained pixels well away from the white cells (a strided
+    sample), or None where there are too few."""
+    step = 2
+    far = np.ones(cells.shape, bool)
+    margin = int(1.5 * constants.rbc_diameter)
+    for box in ndi.find_objects(cells):
+        if box is not None:
+            far[tuple(slice(max(0, b.start - margin), b.stop + margin) for b in box)] = False
+    sample = density[::step, ::step]
+    stained = total_density(sample) > constants.stain_threshold
+    chosen = stained & far[::step, ::step] & ~nuclei[::step, ::step]
+    if chosen.sum() < 50:
+        return None
+    return np.median(sample[chosen], axis=0)
 
 
 def _star_shape(mask, centre, rays=72):
@@ -605,114 +619,114 @@ def _star_shape(mask, centre, rays=72):
     return shape & mask
 
 
+def _nuclei(score, constants):
+    """Chromatin pixels (nuclei and platelets), without specks smaller than a platelet."""
+    from skimage.filters import apply_hysteresis_threshold
+    from skimage.morphology import remove_small_objects
+
+    diameter = constants.rbc_diameter
+    threshold = constants.nucleus_threshold
+    mask = apply_hysteresis_threshold(score, NUCLEUS_HYSTERESIS * threshold, threshold)
+    return remove_small_objects(mask, max_size=int((MIN_PLATELET * diameter) ** 2 * np.pi / 4))
+
+
+def _platelets(nuclei, wbc, diameter):
+    """Platelet labels: chromatin blobs of platelet size away from every white cell."""
+    blobs, count = ndi.label(nuclei & ~ndi.binary_dilation(wbc > 0, iterations=2))
+    if count == 0:
+        return blobs.astype(np.uint32)
+    sizes = np.sqrt(4 / np.pi * np.bincount(blobs.ravel())) / diameter
+    platelet = (sizes >= MIN_PLATELET) & (sizes < MAX_PLATELET)
+    platelet[0] = False
+    return _relabel(np.where(platelet[blobs], blobs, 0).astype(np.uint32))
+
+
+def _cell_nuclei(score, wbc, constants):
+    """The nucleus of each white cell: its pixels closer to the cell's chromatin level."""
+    nuclei = np.zeros_like(wbc)
+    for index, box in enumerate(ndi.find_objects(wbc), 1):
+        if box is None:
+            continue
+        cell = wbc[box] == index
+        values = score[box][cell]
+        dark = values > constants.nucleus_threshold
+        if dark.all() or not dark.any():
+            nuclei[box][cell & (score[box] > constants.nucleus_threshold)] = index
+            continue
+        level = NUCLEUS_LEVEL * np.median(values[dark]) + (1 - NUCLEUS_LEVEL) * np.median(
+            values[~dark]
+        )
+        level = min(level, constants.nucleus_threshold)
+        inside = fill_holes(cell & (score[box] > level))
+        nuclei[box][inside & cell] = index
+    return nuclei
+
+
+def _relabel(labels):
+    """Renumber labels 1..n."""
+    from skimage.segmentation import relabel_sequential
+
+    return relabel_sequential(labels)[0]
+
+
 # ----------------------------------------------------------------------------- red cells
 
 
-def _red_cells(density, wbc, platelets, outside, constants, tracker):
-    """Split the stained pixels that are neither white cells nor platelets (nor outside the
+def _red_cells(density, wbc, nuclei, outside, constants, tracker):
+    """Split the stained pixels that are neither white cells nor chromatin (nor outside the
     field of view) into red cells."""
-    from skimage.feature import peak_local_max
     from skimage.morphology import remove_small_holes, remove_small_objects
     from skimage.segmentation import watershed
 
     diameter = constants.rbc_diameter
     rbc_area = np.pi * diameter**2 / 4
     mask = total_density(density) > constants.stain_threshold
-    mask &= ~ndi.binary_dilation((wbc > 0) | (platelets > 0), iterations=2) & ~outside
+    mask &= ~ndi.binary_dilation((wbc > 0) | nuclei, iterations=2) & ~outside
     mask = remove_small_holes(mask, max_size=int(0.4 * rbc_area))
     mask = ndi.binary_opening(mask, iterations=max(1, int(diameter / 25)))
     mask = remove_small_objects(mask, max_size=int(MIN_RBC_AREA * rbc_area))
     tracker.check()
     distance = ndi.distance_transform_edt(mask)
     smoothed = ndi.gaussian_filter(distance, diameter / 20)
-    peaks = peak_local_max(
-        smoothed,
-        min_distance=max(2, int(0.3 * diameter)),
-        threshold_abs=0.15 * diameter,
-        labels=ndi.label(mask)[0],
-        exclude_border=False,
-    )
-    markers = np.zeros(mask.shape, np.int32)
-    markers[tuple(peaks.T)] = np.arange(1, len(peaks) + 1)
+    markers = _local_maxima(smoothed, reach=max(2, int(0.3 * diameter)), lowest=0.15 * diameter)
     tracker.check()
     cells = watershed(-smoothed, markers, mask=mask)
     sizes = np.bincount(cells.ravel())
     small = sizes < MIN_RBC_AREA * rbc_area
     small[0] = False
     cells[small[cells]] = 0
-    return _relabel(cells)
+    return _relabel(cells.astype(np.uint32))
+
+
+def _local_maxima(values, reach, lowest):
+    """Labels of the local maxima of ``values`` (the highest within ``reach`` pixels, at
+    least ``lowest``); a plateau of equal maxima is one label."""
+    peaks = (values == ndi.maximum_filter(values, size=2 * reach + 1)) & (values >= lowest)
+    return ndi.label(peaks)[0]
 
 
 # ----------------------------------------------------------------------------- assembly
 
 
 def _paste_tiles(shape, results):
-    """Every tile's own cells pasted into whole-image label arrays, numbered 1..n per type."""
+    """Every tile's own cells pasted into whole-image label arrays, numbered 1..n per type,
+    and the detector's body map (each tile's core)."""
     arrays = {name: np.zeros(shape, np.uint32) for name in ("wbc", "nucleus", "rbc", "platelet")}
+    arrays["body"] = np.zeros(shape, np.float32)
     offsets = {"wbc": 0, "rbc": 0, "platelet": 0}
-    for origin, wbc, nuclei, rbc, platelets in results:
-        window = tuple(slice(o, o + n) for o, n in zip(origin, wbc.shape, strict=True))
-        start = offsets["wbc"]
-        offsets["wbc"] = _paste(arrays["wbc"][window], wbc, start)
-        _paste(arrays["nucleus"][window], nuclei, start)
-        offsets["rbc"] = _paste(arrays["rbc"][window], rbc, offsets["rbc"])
-        offsets["platelet"] = _paste(arrays["platelet"][window], platelets, offsets["platelet"])
-    return arrays
-
-
-def _full_resolution(arrays, smear, factor, constants):
-    """Working-resolution labels at the image's resolution.
-
-    Red cells and platelets are enlarged pixel for pixel. Each white cell's outline is
-    smoothed at full resolution, and its nucleus is found again there, from the chromatin
-    score of its own pixels, so that the nucleus keeps its shape.
-    """
-    shape = smear.shape
-    full = {name: _enlarge(arrays[name], factor, shape) for name in ("rbc", "platelet")}
-    wbc, nuclei = np.zeros(shape, np.uint32), np.zeros(shape, np.uint32)
-    for index, box in enumerate(ndi.find_objects(arrays["wbc"]), 1):
-        if box is None:
-            continue
-        work = tuple(slice(max(0, b.start - 1), b.stop + 1) for b in box)
+    for result in results:
         window = tuple(
-            slice(w.start * factor, min(n, w.stop * factor))
-            for w, n in zip(work, shape, strict=True)
+            slice(o, o + n) for o, n in zip(result.origin, result.wbc.shape, strict=True)
         )
-        own = _enlarge(arrays["wbc"][work] == index, factor, wbc[window].shape)
-        cell = ndi.gaussian_filter(own.astype(np.float32), factor / 2) > 0.5
-        cell &= wbc[window] == 0
-        wbc[window][cell] = index
-        rgb = np.asarray(smear.rgb[window])
-        density = optical_density(_smooth(rgb, smear.rbc_diameter / 50), smear.background)
-        score = nucleus_score(density)
-        own_nucleus = _cell_nuclei(score, np.where(cell, index, 0).astype(np.uint32), constants)
-        nuclei[window][own_nucleus == index] = index
-    return {**full, "wbc": wbc, "nucleus": nuclei}
-
-
-def _enlarge(labels, factor, shape):
-    """``labels`` enlarged ``factor`` times pixel for pixel, cut to ``shape``."""
-    return labels.repeat(factor, axis=0).repeat(factor, axis=1)[: shape[0], : shape[1]]
-
-
-def _assemble(smear, arrays, tracker):
-    """Measure the cells of the whole-image label arrays."""
-    import pandas as pd
-
-    tables = [
-        _measure(arrays["wbc"], smear.rgb, "wbc", tracker, arrays["nucleus"]),
-        _measure(arrays["rbc"], smear.rgb, "rbc", tracker),
-        _measure(arrays["platelet"], smear.rgb, "platelet", tracker),
-    ]
-    features = pd.concat(tables, ignore_index=True)
-    return SmearSegmentation(
-        wbc_labels=arrays["wbc"],
-        nucleus_labels=arrays["nucleus"],
-        rbc_labels=arrays["rbc"],
-        platelet_labels=arrays["platelet"],
-        features=features,
-        smear=smear,
-    )
+        start = offsets["wbc"]
+        offsets["wbc"] = _paste(arrays["wbc"][window], result.wbc, start)
+        _paste(arrays["nucleus"][window], result.nuclei, start)
+        offsets["rbc"] = _paste(arrays["rbc"][window], result.rbc, offsets["rbc"])
+        offsets["platelet"] = _paste(
+            arrays["platelet"][window], result.platelets, offsets["platelet"]
+        )
+        np.maximum(arrays["body"][window], result.body, out=arrays["body"][window])
+    return arrays
 
 
 def _paste(target, labels, start):
@@ -724,40 +738,191 @@ def _paste(target, labels, start):
     return start + count
 
 
-def _measure(labels, rgb, cell_type, tracker, nuclei=None):
-    """Per-cell features of one labels array, ``index`` being the label value."""
+def _assemble(smear, work, arrays, factor, constants, tracker):
+    """Labels at the image's resolution and the features of every cell."""
     import pandas as pd
 
-    rows = []
-    for index, box in enumerate(ndi.find_objects(labels), 1):
-        if index % 500 == 0:
-            tracker.check()
+    if factor == 1:
+        wbc, nuclei = arrays["wbc"], arrays["nucleus"]
+        white = _measure(wbc, smear.rgb, nuclei)
+    else:
+        wbc, nuclei, rows = _full_resolution_white_cells(arrays, smear, factor, constants)
+        white = _table(rows)
+    tracker.check()
+    rbc = _enlarge(arrays["rbc"], factor, smear.shape)
+    platelets = _enlarge(arrays["platelet"], factor, smear.shape)
+    tables = [
+        white,
+        _measure_blocks(arrays["rbc"], work.rgb, smear.shape, factor, "rbc"),
+        _measure_blocks(arrays["platelet"], work.rgb, smear.shape, factor, "platelet"),
+    ]
+    return SmearSegmentation(
+        wbc_labels=wbc,
+        nucleus_labels=nuclei,
+        rbc_labels=rbc,
+        platelet_labels=platelets,
+        features=pd.concat(tables, ignore_index=True),
+        smear=smear,
+    )
+
+
+def _full_resolution_white_cells(arrays, smear, factor, constants):
+    """White cells and their nuclei at the image's resolution.
+
+    Each cell's outline is its working-resolution outline interpolated to full resolution,
+    joined by the pixels where the detector's body probability, interpolated too, reaches
+    ``BODY_LEVEL`` (among the pixels nearest to the cell); its nucleus is found again from
+    the chromatin of its own full-resolution pixels.
+    """
+    shape = smear.shape
+    wbc, nuclei, rows = np.zeros(shape, np.uint32), np.zeros(shape, np.uint32), []
+    for index, box in enumerate(ndi.find_objects(arrays["wbc"]), 1):
         if box is None:
             continue
-        mask = labels[box] == index
-        area = int(mask.sum())
-        if area == 0:
-            continue
-        rr, cc = np.nonzero(mask)
-        colour = rgb[box][mask].mean(axis=0)
-        nucleus = 0.0 if nuclei is None else float((nuclei[box][mask] == index).mean())
-        rows.append(
-            (
-                index,
-                cell_type,
-                area,
-                float(np.sqrt(4 * area / np.pi)),
-                float(rr.mean() + box[0].start),
-                float(cc.mean() + box[1].start),
-                box[0].start + int(rr.min()),
-                box[1].start + int(cc.min()),
-                box[0].start + int(rr.max()) + 1,
-                box[1].start + int(cc.max()) + 1,
-                float(colour[0]),
-                float(colour[1]),
-                float(colour[2]),
-                nucleus if cell_type == "wbc" else (1.0 if cell_type == "platelet" else 0.0),
-            )
+        work = tuple(slice(max(0, b.start - 1), b.stop + 1) for b in box)
+        window = tuple(
+            slice(w.start * factor, min(n, w.stop * factor))
+            for w, n in zip(work, shape, strict=True)
         )
+        labels = arrays["wbc"][work]
+        own = _upsample((labels == index).astype(np.float32), factor, work, window) > 0.5
+        near = _enlarge(np.isin(labels, (0, index)), factor, own.shape)
+        body = _upsample(arrays["body"][work], factor, work, window) > BODY_LEVEL
+        cell = _component_at(own | (body & near), own) & (wbc[window] == 0)
+        if not cell.any():
+            continue
+        wbc[window][cell] = index
+        rgb = np.asarray(smear.rgb[window])
+        score = nucleus_score(optical_density(rgb, smear.background))
+        nucleus = _cell_nuclei(score, cell.astype(np.uint32), constants) == 1
+        nuclei[window][nucleus] = index
+        origin = (window[0].start, window[1].start)
+        rows.append(_feature_row(index, "wbc", cell, origin, rgb, nucleus[cell].mean()))
+    return wbc, nuclei, rows
+
+
+def _upsample(values, factor, work, window):
+    """Bilinear interpolation of working-resolution ``values`` (the ``work`` window) at the
+    full-resolution pixels of ``window``."""
+    rows = _interpolation(window[0], work[0], factor, values.shape[0])
+    cols = _interpolation(window[1], work[1], factor, values.shape[1])
+    along_rows = values[rows[0]] * (1 - rows[2])[:, None] + values[rows[1]] * rows[2][:, None]
+    return along_rows[:, cols[0]] * (1 - cols[2]) + along_rows[:, cols[1]] * cols[2]
+
+
+def _interpolation(full, work, factor, length):
+    """(lower index, upper index, weight of the upper) for full-resolution pixels ``full``."""
+    position = (np.arange(full.start, full.stop) + 0.5) / factor - 0.5 - work.start
+    position = np.clip(position, 0, length - 1)
+    lower = np.floor(position).astype(int)
+    upper = np.minimum(lower + 1, length - 1)
+    return lower, upper, (position - lower).astype(np.float32)
+
+
+def _component_at(mask, seed):
+    """The parts of ``mask`` connected to ``seed`` (which is part of it)."""
+    labels, _ = ndi.label(mask)
+    touching = np.unique(labels[seed])
+    return np.isin(labels, touching[touching > 0])
+
+
+def _enlarge(labels, factor, shape):
+    """``labels`` enlarged ``factor`` times pixel for pixel, cut to ``shape``."""
+    if factor == 1:
+        return labels[: shape[0], : shape[1]]
+    rows, cols = labels.shape
+    out = np.empty((rows * factor, cols * factor), labels.dtype)
+    out.reshape(rows, factor, cols, factor)[...] = labels[:, None, :, None]
+    return out[: shape[0], : shape[1]]
+
+
+def _measure_blocks(labels, rgb, shape, factor, cell_type):
+    """Per-cell features of working-resolution ``labels`` enlarged ``factor`` times.
+
+    Computed on the working image, exactly: each working pixel stands for a block of image
+    pixels (``shape``), whose mean colour it holds.
+    """
+    import pandas as pd
+
+    count = int(labels.max())
+    flat = labels.ravel()
+    weight = _block_counts(shape, factor).ravel().astype(np.float64)
+    area = np.bincount(flat, weight, count + 1)[1:]
+    index = np.flatnonzero(area > 0) + 1
+
+    def mean_of(values):
+        sums = np.bincount(flat, weight * np.ravel(values), count + 1)
+        return sums[index] / area[index - 1]
+
+    rows, cols = (_block_centres(n, factor) for n in shape)
+    boxes = np.array(
+        [[b[0].start, b[1].start, b[0].stop, b[1].stop] for b in ndi.find_objects(labels) if b]
+    ).reshape(-1, 4)
+    rgb = np.asarray(rgb)
+    table = pd.DataFrame(
+        {
+            "index": index.astype(np.int64),
+            "cell_type": cell_type,
+            "area": np.rint(area[index - 1]).astype(np.int64),
+            "equivalent_diameter": np.sqrt(4 * area[index - 1] / np.pi),
+            "centroid_row": mean_of(np.broadcast_to(rows[:, None], labels.shape)),
+            "centroid_col": mean_of(np.broadcast_to(cols[None, :], labels.shape)),
+            "bbox_min_row": boxes[:, 0] * factor,
+            "bbox_min_col": boxes[:, 1] * factor,
+            "bbox_max_row": np.minimum(boxes[:, 2] * factor, shape[0]),
+            "bbox_max_col": np.minimum(boxes[:, 3] * factor, shape[1]),
+            "mean_r": mean_of(rgb[..., 0]),
+            "mean_g": mean_of(rgb[..., 1]),
+            "mean_b": mean_of(rgb[..., 2]),
+            "nucleus_fraction": 1.0 if cell_type == "platelet" else 0.0,
+        }
+    )
+    return table.astype({column: "int64" for column in FEATURE_COLUMNS if "bbox" in column})
+
+
+def _block_centres(length, factor):
+    """The mean image coordinate of each block of ``factor`` pixels along ``length`` pixels."""
+    starts = np.arange(0, length, factor)
+    return (starts + np.minimum(starts + factor, length) - 1) / 2.0
+
+
+def _measure(wbc, rgb, nuclei):
+    """Per-cell features of full-resolution white-cell labels, ``index`` being the label."""
+    rows = []
+    for index, box in enumerate(ndi.find_objects(wbc), 1):
+        if box is None:
+            continue
+        cell = wbc[box] == index
+        nucleus = float((nuclei[box][cell] == index).mean())
+        origin = (box[0].start, box[1].start)
+        rows.append(_feature_row(index, "wbc", cell, origin, np.asarray(rgb[box]), nucleus))
+    return _table(rows)
+
+
+def _feature_row(index, cell_type, mask, origin, rgb, nucleus_fraction):
+    """One row of ``FEATURE_COLUMNS`` for the cell ``mask`` of a window at ``origin``."""
+    rr, cc = np.nonzero(mask)
+    colour = rgb[mask].mean(axis=0)
+    return (
+        index,
+        cell_type,
+        int(rr.size),
+        float(np.sqrt(4 * rr.size / np.pi)),
+        float(rr.mean() + origin[0]),
+        float(cc.mean() + origin[1]),
+        origin[0] + int(rr.min()),
+        origin[1] + int(cc.min()),
+        origin[0] + int(rr.max()) + 1,
+        origin[1] + int(cc.max()) + 1,
+        float(colour[0]),
+        float(colour[1]),
+        float(colour[2]),
+        float(nucleus_fraction),
+    )
+
+
+def _table(rows):
+    import pandas as pd
+
     table = pd.DataFrame(rows, columns=list(FEATURE_COLUMNS))
     return table.astype({"index": "int64", "area": "int64"})

@@ -8,6 +8,14 @@ import numpy as np
 
 # Green-minus-blue optical density above which a pixel is chromatin whatever the smear.
 NUCLEUS_SCORE = 0.35
+# A smear's own chromatin threshold is at least NUCLEUS_SCORE; the upper bound keeps the pale
+# edges of very dark nuclei (which push Otsu's threshold up) inside.
+MAX_NUCLEUS_THRESHOLD = 0.7
+# In a crowded field (at least CROWDED_FIELD red cells' worth of stain) the stained pixels are
+# mostly red cells, and chromatin must score at least RED_CELL_RATIO times their typical
+# score: with some stains (Wright, phone photos) the red cells are purple too.
+CROWDED_FIELD = 60
+RED_CELL_RATIO = 4.0
 # The black vignette of a photo through the eyepiece: this dark in every channel.
 VIGNETTE_DENSITY = 1.5
 
@@ -44,6 +52,33 @@ def nucleus_score(density):
     return density[..., 1] - density[..., 2]
 
 
+def chromatin_threshold(score, total, stain, cell_area):
+    """The chromatin score above which a pixel of this smear is nucleus (or platelet).
+
+    Parameters
+    ----------
+    score, total : ndarray
+        :func:`nucleus_score` and :func:`total_density` of (sampled) pixels of the field.
+    stain : float
+        The total density above which a pixel is stained.
+    cell_area : float
+        A red cell's area in the same (sampled) pixels.
+
+    Returns
+    -------
+    float
+        Otsu's threshold between chromatin and the rest of the stain, within
+        ``NUCLEUS_SCORE`` to ``MAX_NUCLEUS_THRESHOLD``, raised to ``RED_CELL_RATIO`` times
+        the red cells' typical score in a crowded field.
+    """
+    stained = score[total > stain]
+    chromatin = otsu_threshold(stained, default=NUCLEUS_SCORE)
+    chromatin = float(np.clip(chromatin, NUCLEUS_SCORE, MAX_NUCLEUS_THRESHOLD))
+    if stained.size >= CROWDED_FIELD * cell_area:
+        chromatin = max(chromatin, RED_CELL_RATIO * float(np.median(stained)))
+    return chromatin
+
+
 def nucleus_mask(density, threshold=NUCLEUS_SCORE):
     """Boolean mask of nuclei and platelets from an :func:`optical_density` image."""
     return nucleus_score(density) > threshold
@@ -64,6 +99,19 @@ def vignette(density):
     regions, _ = ndi.label(black)
     border = np.concatenate([regions[0], regions[-1], regions[:, 0], regions[:, -1]])
     return np.isin(regions, np.unique(border[border > 0]))
+
+
+def fill_holes(mask):
+    """``mask`` with its holes filled: what of the rest does not reach the border.
+
+    The same as ``scipy.ndimage.binary_fill_holes``, in one labelling pass instead of a
+    dilation repeated across the hole.
+    """
+    from scipy import ndimage as ndi
+
+    rest, _ = ndi.label(~mask)
+    border = np.concatenate([rest[0], rest[-1], rest[:, 0], rest[:, -1]])
+    return mask | ~np.isin(rest, np.unique(border))
 
 
 def otsu_threshold(values, default):

@@ -26,6 +26,10 @@ REVIEW_SHARE = 0.10
 # and stain: 2.3). A smear-level stand-in until a dedicated domain-shift score exists.
 SHIFT_MEDIAN_ANOMALY = 1.0
 UNCERTAIN, UNUSUAL = "uncertain", "unlike any known class"
+UNFAMILIAR = "unlike the training smears"
+# The median domain-shift score (core/model/domain.py, in units of its review threshold)
+# above which a smear is unlike the training smears.
+SHIFT_MEDIAN_DOMAIN = 1.0
 
 
 @dataclass
@@ -123,7 +127,7 @@ def analyze_smear(
     info = describe(prepared, tile_size)
     parts = []
     for done, tile in enumerate(info.tiles, 1):
-        parts.append(analyze_tile(prepared, tile, model, strategy, seed))
+        parts.append(analyze_tile(prepared, tile, model, strategy, seed, info.segmentation))
         report(analysing, done, len(info.tiles))
     return assemble(name, info, parts, model, annotations)
 
@@ -148,23 +152,38 @@ class SmearInfo:
     tiles: list
     overview: np.ndarray
     overview_factor: int
+    segmentation: object = None  # the tiles' SharedSettings (core.smear.segmentation)
+    colour_map: object = None  # the smear's ColourMap (core.smear.normalise)
 
 
 def describe(smear, tile_size=ANALYSIS_TILE):
-    """The :class:`SmearInfo` of a prepared smear: its tiles reach two red cells further."""
-    from napari_cytodiffusion.core.smear.segmentation import HALO_RBC, _tiles
+    """The :class:`SmearInfo` of a prepared smear: its tiles reach three red cells further."""
+    from napari_cytodiffusion.core.smear.segmentation import HALO_RBC, _tiles, shared_settings
 
     halo = int(np.ceil(HALO_RBC * smear.rbc_diameter))
     overview, factor = smear.rgb.overview()
+    settings = shared_settings(smear)
+    # Windows start on the working resolution's block grid, so a cell's pixels are averaged
+    # the same way in every tile that sees it.
+    tiles = [
+        (core, (_on_grid(rows, settings.factor), _on_grid(cols, settings.factor)))
+        for core, (rows, cols) in _tiles(smear.shape, max(tile_size, 3 * halo), halo)
+    ]
     return SmearInfo(
         shape=tuple(smear.shape),
         background=smear.background,
         rbc_diameter=float(smear.rbc_diameter),
         top=smear.rgb.top,
-        tiles=_tiles(smear.shape, max(tile_size, 3 * halo), halo),
+        tiles=tiles,
         overview=(np.clip(overview, 0, 1) * 255 + 0.5).astype(np.uint8),
         overview_factor=int(factor),
+        segmentation=settings,
+        colour_map=smear.colour_map,
     )
+
+
+def _on_grid(window, factor):
+    return slice(window.start // factor * factor, window.stop)
 
 
 @dataclass
@@ -177,16 +196,18 @@ class TilePart:
     counts: dict
 
 
-def analyze_tile(smear, tile, model, strategy="adaptive", seed=0):
-    """Segment one tile and classify the white cells whose centroid lies in its core."""
+def analyze_tile(smear, tile, model, strategy="adaptive", seed=0, shared=None):
+    """Segment one tile and classify the white cells whose centroid lies in its core.
+
+    ``shared``: the smear's segmentation settings (:attr:`SmearInfo.segmentation`)."""
     from napari_cytodiffusion.core.model.classifier import classify_crops
-    from napari_cytodiffusion.core.smear.crops import CellSite
+    from napari_cytodiffusion.core.smear.crops import smear_cell_site
     from napari_cytodiffusion.core.smear.prepare import PreparedSmear
     from napari_cytodiffusion.core.smear.segmentation import segment_smear
 
     core, window = tile
     part = PreparedSmear(smear.rgb.region(*window), smear.background, smear.rbc_diameter)
-    found = segment_smear(part)
+    found = segment_smear(part, shared=shared)
     origin = np.array([window[0].start, window[1].start], float)
     counts, tables = {}, {}
     for kind in ("wbc", "rbc", "platelet"):
@@ -198,9 +219,14 @@ def analyze_tile(smear, tile, model, strategy="adaptive", seed=0):
     size = model.image_size
     crops = np.zeros((len(cells), size, size, 3), np.float32)
     for i, row in enumerate(tables["wbc"].itertuples()):
-        site = CellSite((row.centroid_row, row.centroid_col), smear.rbc_diameter, smear.background)
+        site = smear_cell_site(smear, (row.centroid_row, row.centroid_col))
         crops[i] = site.crop(part.rgb, size)
-    calls = classify_crops(model, crops, strategy=strategy, seed=seed) if len(crops) else []
+    colours = np.tile(smear.colour_map.statistics(), (len(crops), 1))
+    calls = (
+        classify_crops(model, crops, strategy=strategy, seed=seed, colour_statistics=colours)
+        if len(crops)
+        else []
+    )
     return TilePart(cells, calls, (crops * 255 + 0.5).astype(np.uint8), counts)
 
 
@@ -235,6 +261,7 @@ def assemble(name, info, parts, model, annotations=None):
     limits = (
         float(calibration.get("uncertainty_threshold", 0.3)),
         float(calibration.get("anomaly_threshold", 3.0)),
+        1.0,  # the domain-shift score is in units of its threshold
     )
     tables, calls, crops = [], [], []
     for part in parts:
@@ -288,9 +315,10 @@ def _cell_rows(features, calls, limits):
     cells.insert(0, "id", np.arange(1, len(cells) + 1))
     calls = calls.drop(columns=["index", "unet_evals"])
     cells = pd.concat([cells, calls.reset_index(drop=True)], axis=1)
+    shift = cells["domain_shift"] if "domain_shift" in cells else [np.nan] * len(cells)
     cells["why"] = [
-        _why(u, a, limits)
-        for u, a in zip(cells["uncertainty"], cells["anomaly_score"], strict=True)
+        _why(u, a, limits, d)
+        for u, a, d in zip(cells["uncertainty"], cells["anomaly_score"], shift, strict=True)
     ]
     return cells
 
@@ -319,12 +347,14 @@ def apply_annotations(cells, crops, annotations, rbc_diameter):
     return cells, crops
 
 
-def _why(uncertainty, anomaly, limits):
+def _why(uncertainty, anomaly, limits, domain_shift=np.nan):
     reasons = []
     if uncertainty > limits[0]:
         reasons.append(f"{UNCERTAIN} ({uncertainty:.2f})")
     if anomaly > limits[1]:
         reasons.append(f"{UNUSUAL} (anomaly {anomaly:.1f})")
+    if len(limits) > 2 and domain_shift > limits[2]:
+        reasons.append(f"{UNFAMILIAR} (domain shift {domain_shift:.1f})")
     return "; ".join(reasons)
 
 
@@ -348,8 +378,15 @@ def triage(cells):
         flagged = int(cells["needs_review"].sum())
         if flagged > REVIEW_SHARE * count:
             reasons.append(f"{flagged} of {count} calls flagged ({100 * flagged / count:.0f} %)")
-        median = float(np.median(cells["anomaly_score"]))
-        if median > SHIFT_MEDIAN_ANOMALY:
+        shift = cells["domain_shift"].dropna() if "domain_shift" in cells else []
+        if len(shift):
+            median = float(np.median(shift))
+            if median > SHIFT_MEDIAN_DOMAIN:
+                reasons.append(
+                    f"unfamiliar stain or scanner: domain shift {median:.1f} (median; above 1 "
+                    "is unlike the training smears); review, or adapt the model"
+                )
+        elif (median := float(np.median(cells["anomaly_score"]))) > SHIFT_MEDIAN_ANOMALY:
             reasons.append(
                 f"unfamiliar stain or scanner: the cells score {median:.1f} on the anomaly "
                 "scale (median), unlike the training smears; review, or adapt the model"
@@ -461,7 +498,9 @@ def analyze_file_tile(path, info, tile, model, device, strategy, seed, threads=N
         torch.set_num_threads(threads)
     pixels = SmearPixels.trusted(open_image(path), info.top)
     smear = PreparedSmear(pixels, info.background, info.rbc_diameter)
-    return analyze_tile(smear, tile, shared_model(model, device), strategy, seed)
+    smear.colour_map = info.colour_map  # measured once on the whole smear, not per tile
+    model = shared_model(model, device)
+    return analyze_tile(smear, tile, model, strategy, seed, info.segmentation)
 
 
 def analyze_files(request, progress=None, on_smear=None):

@@ -75,6 +75,14 @@ class Classification:
             table["label"] = table["annotated"].where(table["annotated"] != "", table["predicted"])
         return table
 
+    def domain_shift(self):
+        """How unlike the training smears this smear is: the median of its cells' domain-shift
+        scores, in units of the review threshold (above 1: unlike the training smears; NaN
+        when the model has no domain reference)."""
+        from napari_cytodiffusion.core.model.domain import smear_domain_shift
+
+        return smear_domain_shift([call.domain_shift for call in self.calls])
+
     def final_labels(self):
         """Each cell's call: the person's where annotated, else the model's."""
         human = self.annotated or [""] * len(self.calls)
@@ -161,7 +169,7 @@ def classify(
         labels, wbc = segmentation.wbc_labels, segmentation.table("wbc")
         cell_ids = wbc["index"].astype(int).tolist()
         centres = wbc[["centroid_row", "centroid_col"]].to_numpy(float)
-        sites = [cropping.CellSite(tuple(c), smear.rbc_diameter, smear.background) for c in centres]
+        sites = [cropping.smear_cell_site(smear, c) for c in centres]
     else:
         sites, cell_ids = [cropping.central_cell_site(smear)], [None]
     human, added = {}, set()
@@ -186,6 +194,7 @@ def classify(
             uncertainty_threshold=uncertainty_threshold,
             anomaly_threshold=anomaly_threshold,
             progress=classifying,
+            colour_statistics=np.tile(smear.colour_map.statistics(), (len(crops), 1)),
         )
     return Classification(
         calls,
@@ -233,8 +242,10 @@ def calls_table(calls, cell_ids=None, centres=None):
     """Per-cell results as a pandas DataFrame.
 
     Columns: ``index`` (the cell's label value, 0 where not given), ``label``, ``p_<class>``
-    for every class, ``uncertainty``, ``anomaly_score``, ``needs_review``, ``unet_evals``,
-    and ``centroid_row`` / ``centroid_col`` when ``centres`` is given.
+    for every class, ``uncertainty``, ``anomaly_score``, ``domain_shift``, ``needs_review``,
+    ``why`` (the reasons for review: uncertain / unlike any known class / unlike the
+    training smears), ``unet_evals``, and ``centroid_row`` / ``centroid_col`` when
+    ``centres`` is given.
     """
     import pandas as pd
 
@@ -246,7 +257,9 @@ def calls_table(calls, cell_ids=None, centres=None):
         row.update(
             uncertainty=call.uncertainty,
             anomaly_score=call.anomaly_score,
+            domain_shift=call.domain_shift,
             needs_review=call.needs_review,
+            why=call.why,
             unet_evals=call.unet_evals,
         )
         if centres is not None:

@@ -1,0 +1,150 @@
+"""Domain shift: how far a cell and its smear are from the training smears.
+
+This is a different question from the anomaly score. A normal neutrophil of another lab is a
+known kind of cell in an unfamiliar smear: its anomaly score may be low while every call on
+that smear is less reliable than on the training smears. Two parts, each a distance from the
+training smears' distribution, fitted on PBC **train** cells and thresholded on PBC **val**
+cells (``fit_domain_reference``, stored in the model's calibration under ``"domain"``):
+
+* **the cell** (texture, sharpness, noise, residual colour): the class-free encoder of the
+  UNet sees the normalised crop (timestep 0, one pass, about a quarter of one noise
+  prediction); the mean and SD of every channel at every level of the encoder are its
+  features. Their distance is the Mahalanobis distance in the top principal components of the
+  training cells' features plus the residual outside them (probabilistic PCA);
+* **the smear** (lamp and stain): the colour references the normalisation measured on the
+  smear (:meth:`~napari_cytodiffusion.core.smear.normalise.ColourMap.statistics`: background,
+  red-cell optical density, nuclear hue), by Mahalanobis distance; a reference that was not
+  found counts as typical.
+
+Each part is divided by its review threshold (the ``1 - FALSE_ALARM`` quantile on validation
+cells), and the cell's domain-shift score is the larger of the two: above 1 means *unlike the
+training smears*. A smear's score is the median over its cells (:func:`smear_domain_shift`).
+"""
+
+import numpy as np
+
+# Share of validation cells each part of the score flags (so at most twice this together).
+FALSE_ALARM = 0.005
+# Principal components of the training features kept for the Mahalanobis part.
+COMPONENTS = 32
+# Floors on the SD of the colour references (background, red-cell OD, nuclear direction), so
+# that a scanner family's near-constant lamp does not make every other lamp "infinitely" far.
+COLOUR_SD_FLOOR = np.array([0.01] * 3 + [0.02] * 3 + [0.02] * 3)
+
+
+def cell_features(model, crops, batch_size=256):
+    """Encoder features of normalised crops (n, F): the mean and SD of every channel of every
+    encoder level, at timestep 0."""
+    import torch
+
+    from napari_cytodiffusion.core.model.batches import crops_to_tensor
+
+    out = []
+    with torch.inference_mode():
+        for start in range(0, len(crops), batch_size):
+            x = crops_to_tensor(crops[start : start + batch_size], model)
+            t = torch.zeros(len(x), dtype=torch.long, device=model.device)
+            _, skips, _ = model.unet.encode(x, t)
+            parts = []
+            for level in skips:
+                level = level.float()
+                parts += [level.mean(dim=(2, 3)), level.std(dim=(2, 3))]
+            out.append(torch.cat(parts, dim=1).cpu().numpy())
+    if not out:
+        return np.zeros((0, 0), np.float32)
+    return np.concatenate(out).astype(np.float32)
+
+
+def fit_domain_reference(train_features, train_colours, val_features, val_colours):
+    """The domain reference: fitted on training cells, thresholded on validation cells.
+
+    Parameters
+    ----------
+    train_features, val_features : ndarray (n, F)
+        :func:`cell_features` of normalised training / validation crops.
+    train_colours, val_colours : ndarray (n, 9)
+        The colour references of each cell's smear (NaN where not found).
+
+    Returns
+    -------
+    dict
+        JSON-ready; the model's ``calibration["domain"]``.
+    """
+    train_features = np.asarray(train_features, np.float64)
+    mean = train_features.mean(axis=0)
+    centred = train_features - mean
+    _, singular, vt = np.linalg.svd(centred, full_matrices=False)
+    variances = singular**2 / max(len(train_features) - 1, 1)
+    d = min(COMPONENTS, len(variances) - 1)
+    residual = float(max(variances[d:].mean(), 1e-8)) if len(variances) > d else 1e-8
+    features = {
+        "mean": mean.round(6).tolist(),
+        "components": vt[:d].round(6).tolist(),
+        "variances": variances[:d].round(8).tolist(),
+        "residual_variance": residual,
+    }
+    colours = np.asarray(train_colours, np.float64)
+    colour_mean = np.nanmean(colours, axis=0)
+    filled = np.where(np.isnan(colours), colour_mean, colours)
+    covariance = np.cov(filled.T) + np.diag(COLOUR_SD_FLOOR**2)
+    colour = {
+        "mean": colour_mean.round(6).tolist(),
+        "precision": np.linalg.inv(covariance).round(4).tolist(),
+    }
+    reference = {"features": features, "colour": colour, "false_alarm": FALSE_ALARM}
+    feature_distance = _feature_distance(features, val_features)
+    colour_distance = _colour_distance(colour, val_colours)
+    features["threshold"] = float(np.quantile(feature_distance, 1 - FALSE_ALARM))
+    colour["threshold"] = float(np.quantile(colour_distance, 1 - FALSE_ALARM))
+    return reference
+
+
+def _feature_distance(reference, features):
+    features = np.asarray(features, np.float64)
+    centred = features - np.asarray(reference["mean"])
+    components = np.asarray(reference["components"])
+    projected = centred @ components.T
+    inside = np.sum(projected**2 / np.asarray(reference["variances"]), axis=1)
+    outside = np.sum(centred**2, axis=1) - np.sum(projected**2, axis=1)
+    dims = centred.shape[1] - len(components)
+    # Both parts in units of their expected value for a training cell, so each counts fairly.
+    distance = inside / len(components) + np.maximum(outside, 0) / reference[
+        "residual_variance"
+    ] / max(dims, 1)
+    return np.sqrt(distance / 2)
+
+
+def _colour_distance(reference, colours):
+    colours = np.asarray(colours, np.float64)
+    mean = np.asarray(reference["mean"])
+    centred = np.where(np.isnan(colours), 0.0, colours - mean)
+    d2 = np.einsum("ni,ij,nj->n", centred, np.asarray(reference["precision"]), centred)
+    return np.sqrt(np.maximum(d2, 0) / len(mean))
+
+
+def domain_parts(reference, features, colours=None):
+    """(cell part, smear part) of the domain-shift score (n,) each, in units of their
+    thresholds; the smear part is NaN without colours."""
+    cell = _feature_distance(reference["features"], features) / reference["features"]["threshold"]
+    if colours is None:
+        return cell, np.full(len(cell), np.nan)
+    smear = _colour_distance(reference["colour"], colours) / reference["colour"]["threshold"]
+    return cell, smear
+
+
+def domain_shift_scores(model, crops, colours=None):
+    """Domain-shift score (n,) of normalised crops (see the module notes); NaN for every cell
+    when the model has no domain reference (models calibrated before, adapted models)."""
+    reference = (model.calibration or {}).get("domain")
+    if not reference or len(crops) == 0:
+        return np.full(len(crops), np.nan)
+    features = cell_features(model, np.asarray(crops, np.float32))
+    cell, smear = domain_parts(reference, features, colours)
+    return np.fmax(cell, smear)
+
+
+def smear_domain_shift(scores):
+    """A smear's domain-shift score: the median of its cells' (NaN when none is known)."""
+    scores = np.asarray(scores, float)
+    scores = scores[~np.isnan(scores)]
+    return float(np.median(scores)) if len(scores) else float("nan")
