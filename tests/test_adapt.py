@@ -36,6 +36,9 @@ def test_adapt_registers_a_calibrated_local_model(
     calibration, original = model.calibration, base.calibration
     assert calibration["class_bias"][0] == pytest.approx(original["class_bias"][0])
     assert calibration["inverse_temperature"] > 0
+    # The anomaly score compares the classes with the null class, as the shipped model's does.
+    assert calibration["anomaly"]["method"] == "null_gain"
+    assert len(calibration["anomaly"]["mean"]) == model.num_classes
     assert main(["models", "list"]) == 0
     (row,) = [line for line in capsys.readouterr().out.splitlines() if line.startswith("lab-a")]
     assert "local" in row
@@ -98,6 +101,7 @@ def test_a_new_class_is_learned_from_its_examples(
     model = weights.load_model("lab-blast", device="cpu")
     assert model.classes[-1] == "blast" and model.num_classes == 9
     assert len(model.calibration["class_bias"]) == 9
+    assert len(model.calibration["anomaly"]["mean"]) == 9
     with pytest.raises(ValueError, match="must be learned"):
         adapt_model(AdaptRequest(folder, "x", steps=0, add_classes=True), log=lines.append)
 

@@ -193,3 +193,38 @@ def test_detector_file_is_plain_arrays_trained_without_test_splits():
         assert tuple(kernel.shape[:2]) == (cout, cin) and tuple(bias.shape) == (cout,)
     assert detector.metadata["trained_on"]
     assert not any("test" in name for name in detector.metadata["trained_on"])
+
+
+def test_detector_training_writes_a_detector_that_runs_as_trained(cbc_dir, tmp_path):
+    import torch
+
+    from napari_cytodiffusion.core.smear import detector_training as training
+    from napari_cytodiffusion.core.smear.detector import forward, load_detector
+
+    fields = {"cbc/train": training.cbc_fields(cbc_dir / "train")[:2]}
+    out = tmp_path / "detector.npz"
+    layers = training.train(fields, steps=3, out=out, batch=2, pool_size=4, log=lambda _: None)
+    detector = load_detector(out)
+    assert detector.metadata["trained_on"] == {"cbc/train": 2}
+    density = np.random.default_rng(0).uniform(0, 1, (40, 48, 3)).astype(np.float32)
+    body, core = detector.maps(density)
+    assert body.shape == core.shape == (40, 48)
+    # The folded weights (batch norm inside the convolutions) compute what the trained layers do.
+    layers.eval()
+    with torch.no_grad():
+        x = torch.from_numpy(density.transpose(2, 0, 1).copy())[None]
+        logits = forward(x, lambda name, y: layers[name](y))[0].numpy()
+    np.testing.assert_allclose(body, 1 / (1 + np.exp(-logits[0])), atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["039", "194"])
+def test_a_tight_single_cell_crop_gets_its_cell_from_the_chromatin(wbc_masks_dir, name):
+    # Crops of another microscope in which the detector finds no white cell at all.
+    image = read_image(wbc_masks_dir / f"{name}_image.png")[..., :3]
+    truth = read_image(wbc_masks_dir / f"{name}_mask.png")  # 128 cytoplasm, 255 nucleus
+    found = segment_smear(image)
+    assert found.count("wbc") == 1
+    cell, nucleus = found.wbc_labels > 0, found.nucleus_labels > 0
+    dice = 2 * (cell & (truth > 0)).sum() / (cell.sum() + (truth > 0).sum())
+    assert dice > 0.85
+    assert (nucleus & (truth == 255)).sum() > 0.7 * (truth == 255).sum()

@@ -210,7 +210,7 @@ def turing():
 
 
 def train():
-    viewer, widget = docked(TrainWidget, "Train / adapt model")
+    viewer, widget = docked(TrainWidget, "Train model")
     with tempfile.TemporaryDirectory() as folder:
         cells = Path(folder) / "lab_cells"
         chosen = pbc_folder(cells, "train", 6)

@@ -143,7 +143,7 @@ def fit_reference(method, errors, null_errors, labels, timesteps, base=None):
             rows = values[labels == c][:, order]
             if np.sum(~np.isnan(rows)) >= 8:
                 mean, sd = _timestep_stats(rows, grid)
-            elif base and base.get("method") == method:
+            elif base and base.get("method") == method and c < len(base["mean"]):
                 mean = np.interp(grid, base["timestep_grid"], base["mean"][c])
                 sd = np.interp(grid, base["timestep_grid"], base["sd"][c])
             else:

@@ -41,7 +41,6 @@ def fit_calibration(model, errors, labels, base=None):
         Its ``calibration`` is replaced by the fitted one (and also returned).
     errors : ndarray (n, trials, k)
         Paired errors of :func:`~napari_cytodiffusion.core.model.classifier.class_errors` with the
-        ``exhaustive`` strategy for the ``k`` real classes.
         ``exhaustive`` strategy for the ``k`` real classes, optionally with the null class
         as one more, last column (``class_errors(..., null=True)``): then the anomaly score
         is the null-gain score (:data:`ANOMALY_METHOD`).

@@ -200,19 +200,16 @@ def _block_sums(raw, factor):
     """Sums of the factor x factor blocks of (rows, cols, 3) values; edge blocks are partial."""
     accumulator = np.float64 if np.issubdtype(raw.dtype, np.floating) else np.uint32
     rows, cols = raw.shape[:2]
-    whole_r, whole_c = rows // factor, cols // factor
-    cut_r, cut_c = whole_r * factor, whole_c * factor
-    sums = np.zeros((-(-rows // factor), -(-cols // factor), 3), accumulator)
-    body = raw[:cut_r, :cut_c].reshape(whole_r, factor, whole_c, factor, 3)
-    sums[:whole_r, :whole_c] = body.sum(axis=(1, 3), dtype=accumulator)
-    if cut_c < cols:
-        right = raw[:cut_r, cut_c:].reshape(whole_r, factor, cols - cut_c, 3)
-        sums[:whole_r, -1] = right.sum(axis=(1, 2), dtype=accumulator)
-    if cut_r < rows:
-        bottom = raw[cut_r:, :cut_c].reshape(rows - cut_r, whole_c, factor, 3)
-        sums[-1, :whole_c] = bottom.sum(axis=(0, 2), dtype=accumulator)
-    if cut_r < rows and cut_c < cols:
-        sums[-1, -1] = raw[cut_r:, cut_c:].reshape(-1, 3).sum(axis=0, dtype=accumulator)
+    # Strided adds, rows then columns: several times faster than one reduction over the two
+    # block axes of a reshaped view.
+    by_rows = np.zeros((-(-rows // factor), cols, raw.shape[2]), accumulator)
+    for offset in range(min(factor, rows)):
+        part = raw[offset::factor]
+        by_rows[: len(part)] += part
+    sums = np.zeros((by_rows.shape[0], -(-cols // factor), raw.shape[2]), accumulator)
+    for offset in range(min(factor, cols)):
+        part = by_rows[:, offset::factor]
+        sums[:, : part.shape[1]] += part
     return sums
 
 

@@ -6,7 +6,9 @@ pixel's probability of lying in a white cell (its *body*: nucleus and cytoplasm,
 or granular) and of lying near a cell's centre (its *core*). Each core is one cell; the cells
 grow from their cores over their bodies, so touching cells are split between their centres.
 The nucleus of each cell is its chromatin (green-minus-blue optical density), measured on the
-cell's own full-resolution pixels. Small chromatin blobs outside white cells are platelets.
+cell's own full-resolution pixels. In an image where the detector finds no white cell (a
+tight single-cell crop gives it too little smear to judge by), nucleus-sized chromatin blobs
+are the cells. Small chromatin blobs outside white cells are platelets.
 Everything else that is stained is red cells, split into instances at the narrow necks
 between them.
 
@@ -71,6 +73,7 @@ MIN_RBC_AREA = 0.2  # red-cell fragments smaller than this fraction of a red cel
 MIN_WBC_AREA = 0.5  # the smallest white cell (a small lymphocyte is about 1.2)
 MIN_EDGE_WBC_AREA = 1.0  # visible area of a white cell cut by the image edge
 MAX_CYTOPLASM = 0.8  # widest cytoplasm rim around a nucleus
+MIN_FALLBACK_NUCLEUS = 0.4  # smallest nucleus of a cell found from chromatin alone
 STAR_LIMIT = 1.3  # a white cell's edge is at most this times its median radius from its centre
 # Detector probabilities: a body pixel, a core pixel, and the core's peak that makes a cell.
 BODY_LEVEL = 0.5
@@ -423,7 +426,10 @@ class _TileWork:
         self.tracker.step()
         score = nucleus_score(density)
         nuclei = _nuclei(score, constants) & ~outside
-        wbc = _with_cytoplasm(_white_cells(body, core, constants), density, nuclei, constants)
+        cells = _white_cells(body, core, constants)
+        if cells.max() == 0 and self.window == _whole(self.image_shape):
+            cells = _chromatin_cells(nuclei, constants)
+        wbc = _with_cytoplasm(cells, density, nuclei, constants)
         platelets = _platelets(nuclei, wbc, constants.rbc_diameter)
         self.tracker.step()
         rbc = _red_cells(density, wbc, nuclei, outside, constants, self.tracker)
@@ -520,6 +526,28 @@ def _white_cells(body, core, constants):
     small[0] = False
     cells[small[cells]] = 0
     return _relabel(cells.astype(np.uint32))
+
+
+def _whole(shape):
+    return (slice(0, shape[0]), slice(0, shape[1]))
+
+
+def _chromatin_cells(nuclei, constants):
+    """White cells from chromatin alone: each blob of at least a small nucleus's size.
+
+    For an image in which the detector found no white cell, typically a tight crop around
+    one cell (a single-cell image) that gives the network too little of a smear around it to
+    judge by. Lobes closer than a quarter of a red cell are one nucleus.
+    """
+    diameter = constants.rbc_diameter
+    joined = ndi.binary_closing(nuclei, iterations=max(1, int(diameter / 8)))
+    blobs, count = ndi.label(joined)
+    if count == 0:
+        return blobs.astype(np.uint32)
+    areas = np.bincount(blobs.ravel(), minlength=count + 1)
+    small = areas < MIN_FALLBACK_NUCLEUS * np.pi * diameter**2 / 4
+    small[0] = True
+    return _relabel(np.where(small[blobs], 0, blobs).astype(np.uint32))
 
 
 def _with_cytoplasm(cells, density, nuclei, constants):

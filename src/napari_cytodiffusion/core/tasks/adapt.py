@@ -338,8 +338,15 @@ def _calibrate(model, images, labels, request, base, new_classes, progress):
     offset = (images.shape[1] - model.image_size) // 2
     window = slice(offset, offset + model.image_size)
     crops = images[:, window, window].astype(np.float32) / 255
+    # With the null class: the anomaly score compares each class with it (core/model/anomaly).
     errors, _ = class_errors(
-        model, crops, "exhaustive", request.seed, request.calibration_trials, progress=progress
+        model,
+        crops,
+        "exhaustive",
+        request.seed,
+        request.calibration_trials,
+        progress=progress,
+        null=True,
     )
     fit_calibration(model, errors, labels, base=_extended(base, len(new_classes)))
     adaptive, spent = replay_adaptive(model, errors)
