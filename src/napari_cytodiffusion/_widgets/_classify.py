@@ -449,14 +449,13 @@ def _direct_colormap(colours):
 
 
 def _reason(row, uncertainty_threshold, anomaly_threshold):
-    reasons = []
-    if row["uncertainty"] > uncertainty_threshold:
-        reasons.append(f"uncertain {row['uncertainty']:.2f}")
-    if row["anomaly_score"] > anomaly_threshold:
-        reasons.append(f"unlike any known class {row['anomaly_score']:.1f}")
-    if row.get("domain_shift", 0) > 1.0:
-        reasons.append(f"unlike the training smears {row['domain_shift']:.1f}")
-    return ", ".join(reasons)
+    from napari_cytodiffusion.core.model.classifier import review_reasons
+
+    limits = (uncertainty_threshold, anomaly_threshold, 1.0)  # domain shift: in its units
+    shift = row.get("domain_shift", np.nan)
+    return "; ".join(
+        review_reasons(row["uncertainty"], row["anomaly_score"], shift, limits, with_scores=True)
+    )
 
 
 def _legend_html(classes):

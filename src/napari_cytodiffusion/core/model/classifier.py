@@ -511,17 +511,25 @@ def calls_from_errors(
     return calls
 
 
-def review_reasons(uncertainty, anomaly, domain_shift, limits):
+def review_reasons(uncertainty, anomaly, domain_shift, limits, with_scores=False):
     """The reasons (:data:`REASONS`) a call needs review, given ``limits`` = (uncertainty,
-    anomaly, domain-shift) thresholds; a NaN score never flags."""
-    reasons = []
-    if uncertainty > limits[0]:
-        reasons.append(UNCERTAIN)
-    if anomaly > limits[1]:
-        reasons.append(UNKNOWN_KIND)
-    if len(limits) > 2 and domain_shift > limits[2]:
-        reasons.append(UNFAMILIAR_SMEAR)
-    return reasons
+    anomaly, domain-shift) thresholds; a NaN score never flags. ``with_scores``: each reason
+    with its score, as in ``"uncertain (0.42)"``."""
+    checks = (
+        (UNCERTAIN, uncertainty, limits[0], "{:.2f}"),
+        (UNKNOWN_KIND, anomaly, limits[1], "anomaly {:.1f}"),
+        (
+            UNFAMILIAR_SMEAR,
+            domain_shift,
+            limits[2] if len(limits) > 2 else np.nan,
+            "domain shift {:.1f}",
+        ),
+    )
+    return [
+        f"{name} ({form.format(score)})" if with_scores else name
+        for name, score, limit, form in checks
+        if score > limit
+    ]
 
 
 def anomaly_scores(model, errors, best, null_errors=None):

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from napari_cytodiffusion.core.model.classifier import UNKNOWN_KIND
 from napari_cytodiffusion.core.progress import phases, report
 
 # Tiles of the full-resolution image each analysed on their own (pixels per side).
@@ -25,8 +26,6 @@ REVIEW_SHARE = 0.10
 # training smears (PBC test cells: 0.17; other hospitals' CBC cells: 1.4; another microscope
 # and stain: 2.3). A smear-level stand-in until a dedicated domain-shift score exists.
 SHIFT_MEDIAN_ANOMALY = 1.0
-UNCERTAIN, UNUSUAL = "uncertain", "unlike any known class"
-UNFAMILIAR = "unlike the training smears"
 # The median domain-shift score (core/model/domain.py, in units of its review threshold)
 # above which a smear is unlike the training smears.
 SHIFT_MEDIAN_DOMAIN = 1.0
@@ -348,14 +347,9 @@ def apply_annotations(cells, crops, annotations, rbc_diameter):
 
 
 def _why(uncertainty, anomaly, limits, domain_shift=np.nan):
-    reasons = []
-    if uncertainty > limits[0]:
-        reasons.append(f"{UNCERTAIN} ({uncertainty:.2f})")
-    if anomaly > limits[1]:
-        reasons.append(f"{UNUSUAL} (anomaly {anomaly:.1f})")
-    if len(limits) > 2 and domain_shift > limits[2]:
-        reasons.append(f"{UNFAMILIAR} (domain shift {domain_shift:.1f})")
-    return "; ".join(reasons)
+    from napari_cytodiffusion.core.model.classifier import review_reasons
+
+    return "; ".join(review_reasons(uncertainty, anomaly, domain_shift, limits, with_scores=True))
 
 
 def triage(cells):
@@ -370,7 +364,7 @@ def triage(cells):
     if count < MIN_CELLS:
         reasons.append(f"too few white cells counted: {count} (a differential needs {MIN_CELLS})")
     if count:
-        unusual = int(cells["why"].str.contains(UNUSUAL).sum())
+        unusual = int(cells["why"].str.contains(UNKNOWN_KIND).sum())
         if unusual:
             reasons.append(
                 f"{unusual} cell(s) unlike any known class: possible blasts or other abnormal cells"
