@@ -137,6 +137,9 @@ def _throughput(setting, seconds, cells, megapixels):
     }
 
 
+MIN_KILLS = 3
+
+
 def part_kill(args):
     """Kill ``analyze`` at random moments, run again, compare with an uninterrupted run."""
     fields = sorted((DATA / "cbc" / "test" / "images").glob("*.jpg"))[: args.smears]
@@ -154,9 +157,11 @@ def part_kill(args):
         kills, checks = 0, []
         while True:
             process = _command(smears, killed, wait=False)
-            # Kill within the first half of a full run: late enough to catch smears being
-            # written, early enough that most runs are interrupted.
-            delay = rng.uniform(3, max(4, reference_seconds / 2))
+            # A resumed run is shorter than the first (its finished smears are skipped, its
+            # imports are warm), so the first kills come early, within a quarter of a full
+            # run; later ones anywhere in its first half.
+            share = 0.25 if kills < MIN_KILLS else 0.5
+            delay = rng.uniform(3, max(4, share * reference_seconds))
             try:
                 process.wait(timeout=delay)
                 break

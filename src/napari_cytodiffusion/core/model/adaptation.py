@@ -18,13 +18,6 @@ from napari_cytodiffusion.core.progress import report
 ADAPT_STEPS = 300
 ADAPT_BATCH = 32
 ADAPT_LR = 1e-3
-# Cells per step scored under every class for the discriminative term (k decoder passes each).
-DISCRIMINATIVE_BATCH = 8
-# Weight of the discriminative term against the denoising loss; 0 turns it off.
-DISCRIMINATIVE_WEIGHT = 1.0
-# Errors divided by their calibrated spread are evidence per trial; the classifier sums many
-# trials, one trial here is weaker evidence, so its logits are scaled up.
-DISCRIMINATIVE_SCALE = 4.0
 # The noise levels the classifier scores cells at (classifier.TIMESTEP_RANGE): adapting
 # spends its few steps where the calls are made.
 ADAPT_TIMESTEPS = (40, 900)
@@ -76,17 +69,13 @@ def adapt_weights(
     batch_size=ADAPT_BATCH,
     lr=ADAPT_LR,
     seed=0,
-    discriminative=DISCRIMINATIVE_WEIGHT,
     progress=None,
     on_loss=None,
 ):
     """Train the adaptable part of ``model`` on a lab's labelled crops, in place.
 
-    The loss is the denoising loss of each cell under its class, plus ``discriminative``
-    times a classification loss: a few cells per step are noised once and denoised under
-    every class with the same noise (the classifier's pairing), and the cross-entropy of their
-    errors (lowest error = most likely) teaches the model to tell the lab's classes apart,
-    which a few dozen cells teach far better than denoising alone.
+    The loss is the denoising loss of each cell under its class (the null class for a tenth
+    of them).
 
     Parameters
     ----------
@@ -140,11 +129,6 @@ def adapt_weights(
             for group in optimiser.param_groups:  # a short warm-up keeps early steps gentle
                 group["lr"] = lr * min(1.0, step / 20)
             loss = torch.nn.functional.mse_loss(unet(xt, t, y), noise)
-            if discriminative:
-                few = slice(0, min(DISCRIMINATIVE_BATCH, batch_size))
-                loss = loss + discriminative * _classification_loss(
-                    model, x0[few], targets[pick][few], generator
-                )
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             optimiser.step()
@@ -159,24 +143,3 @@ def adapt_weights(
         "seconds": time.perf_counter() - started,
         "loss": float(np.mean(losses[-50:])) if losses else None,
     }
-
-
-def _classification_loss(model, x0, y, generator):
-    """Cross-entropy of the paired class errors of cells ``x0`` with true classes ``y``."""
-    import torch
-
-    from napari_cytodiffusion.core.model.batches import paired_predictions
-    from napari_cytodiffusion.core.model.classifier import timestep_scale
-    from napari_cytodiffusion.core.model.diffusion import add_noise
-
-    n, device, k = len(x0), x0.device, model.num_classes
-    low, high = ADAPT_TIMESTEPS
-    t = torch.randint(low, high, (n,), device=device, generator=generator)
-    noise = torch.randn(x0.shape, device=device, generator=generator)
-    noisy = add_noise(x0, t, noise, model.alpha_bars)
-    classes = torch.arange(k, device=device).expand(n, k)
-    predicted = paired_predictions(model.unet, noisy, t, classes)
-    errors = ((predicted - noise[:, None]) ** 2).mean(dim=(2, 3, 4))
-    spread = torch.from_numpy(timestep_scale(model, t.cpu().numpy())).to(device)
-    logits = -DISCRIMINATIVE_SCALE * (errors - errors.mean(1, keepdim=True)) / spread[:, None]
-    return torch.nn.functional.cross_entropy(logits, y)
