@@ -22,6 +22,7 @@ import platform
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +38,6 @@ NAMES = {1: "neutrophil", 2: "lymphocyte", 3: "monocyte", 4: "eosinophil", 5: "b
 def lab_cells():
     """(paths, labels, normalised crops) of the dataset's cells, the basophil left out."""
     from napari_cytodiffusion.core.io import read_image
-    from napari_cytodiffusion.core.smear.crops import normalised_cell
 
     with open(DATASET / "class_labels.csv", newline="") as handle:
         rows = [row for row in csv.reader(handle)][1:]
@@ -46,8 +46,30 @@ def lab_cells():
         if NAMES[int(label)] != "basophil":
             paths.append(DATASET / f"{int(image_id):03d}_image.png")
             labels.append(NAMES[int(label)])
-    crops = np.stack([normalised_cell(read_image(p), 64) for p in paths])
-    return paths, np.array(labels), crops
+    return paths, np.array(labels), cell_crops([read_image(p) for p in paths])
+
+
+def cell_crops(images):
+    """Normalised central-cell crops and their smears' colour references (n, 9), as
+    ``classify`` makes them for single-cell images (the domain-shift score needs both)."""
+    from napari_cytodiffusion.core.smear.crops import central_cell_site
+    from napari_cytodiffusion.core.smear.prepare import prepare_smear
+
+    crops, colours = [], []
+    for image in images:
+        smear = prepare_smear(image)
+        crops.append(central_cell_site(smear).crop(smear.rgb, 64))
+        colours.append(smear.colour_map.statistics())
+    return Cells(np.stack(crops), np.stack(colours))
+
+
+@dataclass
+class Cells:
+    crops: np.ndarray
+    colours: np.ndarray
+
+    def __getitem__(self, index):
+        return Cells(self.crops[index], self.colours[index])
 
 
 def draw(labels, k, seed):
@@ -60,10 +82,10 @@ def draw(labels, k, seed):
     return np.sort(picked)
 
 
-def score(model, crops, labels):
+def score(model, cells, labels):
     from napari_cytodiffusion.core.model.classifier import classify_crops
 
-    calls = classify_crops(model, crops)
+    calls = classify_crops(model, cells.crops, colour_statistics=cells.colours)
     predicted = np.array([call.label for call in calls])
     kept = ~np.array([call.needs_review for call in calls])
     correct = predicted == labels
@@ -91,7 +113,6 @@ def adapt_once(paths, labels, picked, name, seed):
 
 def pbc_sample(n):
     from napari_cytodiffusion.core.io import read_image
-    from napari_cytodiffusion.core.smear.crops import normalised_cell
 
     records = pbc_records("test")
     rng = np.random.default_rng(0)
@@ -101,8 +122,7 @@ def pbc_sample(n):
     for name in classes:
         members = [r for r in records if r.label == name]
         chosen += [members[i] for i in rng.permutation(len(members))[:per_class]]
-    crops = np.stack([normalised_cell(read_image(r.path), 64) for r in chosen])
-    return crops, np.array([r.label for r in chosen])
+    return cell_crops([read_image(r.path) for r in chosen]), np.array([r.label for r in chosen])
 
 
 def summarise(runs):

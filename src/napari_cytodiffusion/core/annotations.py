@@ -72,9 +72,6 @@ class Annotations:
     shape: tuple
     cells: list = field(default_factory=list)
 
-    def human_labels(self):
-        return [cell.label for cell in self.cells]
-
 
 def sidecar_path(image_path):
     """Where the annotations of ``image_path`` are kept."""

@@ -26,7 +26,6 @@ from napari_cytodiffusion.core.model.classifier import (
 )
 
 TARGET_UNFLAGGED_ACCURACY = 0.995
-MAX_REVIEW_FRACTION = 0.2
 ANOMALY_FALSE_ALARM = 0.01
 # The anomaly score fitted when the null class's errors are given (benchmarks/anomaly.py).
 ANOMALY_METHOD = "null_gain"
@@ -221,13 +220,16 @@ def _smooth(values, width=5):
 
 
 def _review_threshold(uncertainty, correct):
-    """Lowest uncertainty cut whose unflagged cells reach the target accuracy."""
+    """Highest uncertainty cut whose unflagged (less uncertain) cells reach the target
+    accuracy; 0 (every call flagged) when even the most certain call is wrong.
+
+    Accuracy comes first, however many calls that flags: a model calibrated on another lab's
+    cells may have to send most of them to review, and says so instead of being wrong.
+    """
     order = np.argsort(uncertainty)
     accuracy = np.cumsum(correct[order]) / np.arange(1, len(order) + 1)
-    least_kept = int(np.ceil((1 - MAX_REVIEW_FRACTION) * len(order)))
     ok = np.flatnonzero(accuracy >= TARGET_UNFLAGGED_ACCURACY)
-    keep = max(ok.max() + 1 if len(ok) else 0, least_kept)
-    return float(uncertainty[order][min(keep, len(order)) - 1])
+    return float(uncertainty[order][ok.max()]) if len(ok) else 0.0
 
 
 def _log_softmax(z):
