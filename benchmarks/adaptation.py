@@ -155,9 +155,10 @@ def write_markdown(results):
         "|---|---|---|---|---|---|---|",
     ]
     base = results["base"]
-    unflagged = base["unflagged_accuracy"] or float("nan")
+    unflagged = base["unflagged_accuracy"]
+    unflagged = "none left unflagged" if unflagged is None else f"{unflagged:.3f}"
     lines.append(
-        f"| shipped (not adapted) | 0 | - | {base['balanced_accuracy']:.3f} | {unflagged:.3f} | "
+        f"| shipped (not adapted) | 0 | - | {base['balanced_accuracy']:.3f} | {unflagged} | "
         f"{100 * base['flagged_fraction']:.0f}% | - |"
     )
     for k, entry in results["summary"].items():
@@ -183,8 +184,11 @@ def write_markdown(results):
     lines += [
         "",
         "K is capped at half of a class (eosinophils: 22 cells, so at most 11 adapt). Scored "
-        "cells are all cells not drawn; they differ between draws.",
+        "cells are all cells not drawn; they differ between draws. Each cell is scored with "
+        "its smear's colour references, as `classify` does.",
     ]
+    if results.get("note"):
+        lines += ["", results["note"]]
     (RESULTS / "adaptation.md").write_text("\n".join(lines) + "\n")
 
 
@@ -223,6 +227,10 @@ def main():
             run["held_back_balanced_accuracy"] = round(result.held_back_balanced_accuracy, 4)
             results["runs"].append(run)
             print(run, flush=True)
+            # Saved after every run: a long benchmark stopped part way keeps what it measured.
+            results["summary"] = summarise(results["runs"])
+            results["date"] = time.strftime("%Y-%m-%d %H:%M")
+            (RESULTS / "adaptation.json").write_text(json.dumps(results, indent=1))
     results["summary"] = summarise(results["runs"])
     if args.pbc:
         pbc_crops, pbc_labels = pbc_sample(args.pbc)
