@@ -153,8 +153,7 @@ def dataset1(args):
 
 def _cbc_cells(limit):
     """White cells of the CBC test fields, cut at the centre of their annotated boxes."""
-    import xml.etree.ElementTree as ET
-
+    from napari_cytodiffusion.core.datasets import voc_boxes
     from napari_cytodiffusion.core.io import read_image
     from napari_cytodiffusion.core.smear.crops import crop_cell
     from napari_cytodiffusion.core.smear.image import to_rgb_float
@@ -164,14 +163,8 @@ def _cbc_cells(limit):
     for xml in sorted((DATA / "cbc" / "test" / "annotations").glob("*.xml")):
         rgb = to_rgb_float(read_image(DATA / "cbc" / "test" / "images" / f"{xml.stem}.jpg"))
         scale, background = estimate_rbc_diameter(rgb), background_colour(rgb)
-        for item in ET.parse(xml).findall("object"):
-            if item.findtext("name") != "WBC":
-                continue
-            box = item.find("bndbox")
-            centre = (
-                (float(box.findtext("ymin")) + float(box.findtext("ymax"))) / 2,
-                (float(box.findtext("xmin")) + float(box.findtext("xmax"))) / 2,
-            )
+        for r0, c0, r1, c1 in voc_boxes(xml).get("WBC", []):
+            centre = ((r0 + r1) / 2, (c0 + c1) / 2)
             crops.append(crop_cell(rgb, centre, scale, 64, background=background))
         if len(crops) >= limit:
             break

@@ -24,7 +24,6 @@ import platform
 import subprocess
 import sys
 import time
-import xml.etree.ElementTree as ElementTree
 from pathlib import Path
 
 import numpy as np
@@ -41,13 +40,10 @@ def read_rgb(path):
 
 
 def voc_boxes(path):
-    """{name: [[min_row, min_col, max_row, max_col], ...]} of a Pascal VOC file."""
-    boxes = {}
-    for item in ElementTree.parse(path).getroot().iter("object"):
-        box = item.find("bndbox")
-        values = [int(float(box.find(k).text)) for k in ("ymin", "xmin", "ymax", "xmax")]
-        boxes.setdefault(item.find("name").text, []).append(values)
-    return boxes
+    """{name: [[min_row, min_col, max_row, max_col], ...]} of a Pascal VOC file, whole pixels."""
+    from napari_cytodiffusion.core.datasets import voc_boxes as read_voc
+
+    return {name: _whole_pixels(boxes) for name, boxes in read_voc(path).items()}
 
 
 def box_iou(a, b):
@@ -182,20 +178,13 @@ def wbc1_benchmark(limit=None, rbc_diameter=None):
 
 def yolo_boxes(path, shape):
     """[min_row, min_col, max_row, max_col] boxes of a YOLO label file for an image shape."""
-    rows, cols = shape[:2]
-    boxes = []
-    for line in path.read_text().split("\n"):
-        if line.strip():
-            _, x, y, w, h = map(float, line.split())
-            boxes.append(
-                [
-                    int((y - h / 2) * rows),
-                    int((x - w / 2) * cols),
-                    int((y + h / 2) * rows),
-                    int((x + w / 2) * cols),
-                ]
-            )
-    return boxes
+    from napari_cytodiffusion.core.datasets import yolo_boxes as read_yolo
+
+    return _whole_pixels(read_yolo(path, shape))
+
+
+def _whole_pixels(boxes):
+    return [[int(v) for v in box] for box in boxes]
 
 
 def phone_benchmark(split, limit=None):

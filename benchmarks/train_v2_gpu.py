@@ -64,23 +64,15 @@ PACK_QUALITY = 82
 
 def unlabelled_records(split="train"):
     """Records of the white cells of CBC and phone-camera fields at their annotated boxes."""
-    import xml.etree.ElementTree as ET
-
     from PIL import Image
 
-    from napari_cytodiffusion.core.datasets import Record
+    from napari_cytodiffusion.core.datasets import Record, voc_boxes, yolo_boxes
 
     records = []
     cbc = DATA / "cbc" / split
     for xml in sorted((cbc / "annotations").glob("*.xml")):
-        for item in ET.parse(xml).findall("object"):
-            if item.findtext("name") != "WBC":
-                continue
-            box = item.find("bndbox")
-            centre = (
-                (float(box.findtext("ymin")) + float(box.findtext("ymax"))) / 2,
-                (float(box.findtext("xmin")) + float(box.findtext("xmax"))) / 2,
-            )
+        for r0, c0, r1, c1 in voc_boxes(xml).get("WBC", []):
+            centre = ((r0 + r1) / 2, (c0 + c1) / 2)
             records.append(
                 Record(cbc / "images" / f"{xml.stem}.jpg", "", "train", None, centre, "cbc")
             )
@@ -91,11 +83,8 @@ def unlabelled_records(split="train"):
         if image is None:
             continue
         width, height = Image.open(image).size
-        for line in label_file.read_text().split("\n"):
-            parts = line.split()
-            if len(parts) == 5 and parts[0] == "0":
-                cx, cy = float(parts[1]) * width, float(parts[2]) * height
-                records.append(Record(image, "", "train", None, (cy, cx), "pig"))
+        for r0, c0, r1, c1 in yolo_boxes(label_file, (height, width)):  # one class: WBC
+            records.append(Record(image, "", "train", None, ((r0 + r1) / 2, (c0 + c1) / 2), "pig"))
     return records
 
 

@@ -68,6 +68,34 @@ class PackedCells:
     classes: tuple
 
 
+def voc_boxes(path):
+    """``{object name: [[min_row, min_col, max_row, max_col], ...]}`` of a Pascal VOC
+    annotation file, in (float) pixels."""
+    import xml.etree.ElementTree as ElementTree
+
+    boxes = {}
+    for item in ElementTree.parse(path).getroot().iter("object"):
+        box = item.find("bndbox")
+        values = [float(box.find(k).text) for k in ("ymin", "xmin", "ymax", "xmax")]
+        boxes.setdefault(item.find("name").text, []).append(values)
+    return boxes
+
+
+def yolo_boxes(path, shape):
+    """``[[min_row, min_col, max_row, max_col], ...]`` of a YOLO label file (one
+    ``class x y width height`` line per box, fractions of the image) for an image of
+    ``shape``, in (float) pixels."""
+    rows, cols = shape[:2]
+    boxes = []
+    for line in Path(path).read_text().splitlines():
+        if line.strip():
+            _, x, y, w, h = map(float, line.split())
+            boxes.append(
+                [(y - h / 2) * rows, (x - w / 2) * cols, (y + h / 2) * rows, (x + w / 2) * cols]
+            )
+    return boxes
+
+
 def list_labelled_images(data, val_fraction=0.1, classes=CLASSES):
     """List the labelled images of a class-folder tree or a splits CSV.
 

@@ -16,13 +16,14 @@ and flips.
 import argparse
 import io
 import time
-import xml.etree.ElementTree as ElementTree
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from scipy import ndimage as ndi
 
+from napari_cytodiffusion.core.datasets import voc_boxes, yolo_boxes
+from napari_cytodiffusion.core.io import read_image
 from napari_cytodiffusion.core.smear.detector import (
     CHANNELS,
     DETECTOR_RBC,
@@ -67,7 +68,7 @@ def cbc_fields(folder):
     for path in sorted((Path(folder) / "images").glob("*.jpg")):
         if path.stem in HELD_OUT:
             continue
-        boxes = _voc_boxes(Path(folder) / "annotations" / f"{path.stem}.xml")
+        boxes = voc_boxes(Path(folder) / "annotations" / f"{path.stem}.xml")
         red = np.asarray(boxes.get("RBC", []), float).reshape(-1, 4)
         if not len(red):
             continue
@@ -80,42 +81,16 @@ def phone_fields(folder):
     """The fields of a ``wbc_smartphone_pig`` split folder (``images/``, ``labels/``)."""
     fields = []
     for path in sorted((Path(folder) / "images").glob("*.jpg")):
-        rgb = _read(path)
-        rows, cols = rgb.shape[:2]
-        boxes = []
-        for line in (Path(folder) / "labels" / f"{path.stem}.txt").read_text().splitlines():
-            if line.strip():
-                _, x, y, w, h = map(float, line.split())
-                boxes.append(
-                    [(y - h / 2) * rows, (x - w / 2) * cols, (y + h / 2) * rows, (x + w / 2) * cols]
-                )
+        rgb = read_image(path)[..., :3]
+        boxes = yolo_boxes(Path(folder) / "labels" / f"{path.stem}.txt", rgb.shape)
         fields.append(_field(path, boxes, PHONE_RBC_DIAMETER, rgb))
     return fields
 
 
 def _field(path, boxes, rbc_diameter, rgb=None):
-    rgb = _read(path) if rgb is None else rgb
+    rgb = read_image(path)[..., :3] if rgb is None else rgb
     background = background_colour(rgb.astype(np.float32) / 255)
     return Field(rgb, np.asarray(boxes, float).reshape(-1, 4), float(rbc_diameter), background)
-
-
-def _read(path):
-    from PIL import Image
-
-    with Image.open(path) as image:
-        return np.asarray(image.convert("RGB"))
-
-
-def _voc_boxes(path):
-    boxes = {}
-    for item in ElementTree.parse(path).getroot().iter("object"):
-        box = item.find("bndbox")
-        values = [float(box.find(k).text) for k in ("ymin", "xmin", "ymax", "xmax")]
-        boxes.setdefault(item.find("name").text, []).append(values)
-    return boxes
-
-
-# ----------------------------------------------------------------------------- crops
 
 
 def make_crop(field, rng):
