@@ -8,8 +8,9 @@ Parts (results merged into benchmarks/results/analysis.json and .md):
 * memory: peak resident memory of ``analyze_smear`` in a fresh process on mosaics of real CBC
   test fields of 1k², 5k² and 20k² pixels, saved as tiled, compressed TIFFs and read lazily.
 * workers: cells/s and megapixels/s of ``analyze`` on the same 5k² slide, in process (no
-  cluster) and on a LocalCluster of 1 and 2 worker processes; the overhead of one worker
-  against the in-process run.
+  cluster: ``analyze_smear`` and ``write_smear``, as the Analyze widget runs it) and on a
+  LocalCluster of 1 and 2 worker processes (started for the run, as the command does); the
+  overhead of one worker against the in-process run.
 * kill: 20 CBC test fields analysed by the command, killed with SIGKILL at random moments and
   run again until it finishes; every finished smear is intact and skipped, and the outputs
   equal those of an uninterrupted run.
@@ -101,16 +102,20 @@ def part_memory(args):
 def part_workers(args):
     from napari_cytodiffusion.core.io import open_image
     from napari_cytodiffusion.core.model.weights import load_model
+    from napari_cytodiffusion.core.report import write_smear
     from napari_cytodiffusion.core.tasks.analyze import BatchRequest, analyze_files, analyze_smear
 
     path = write_slide(args.side, args.cache)
     megapixels = args.side**2 / 1e6
     model = load_model("default", "cpu")
-    started = time.perf_counter()
-    cells = len(analyze_smear(open_image(path), model, "slide").cells)
-    runs = [
-        _throughput("in process (no cluster)", time.perf_counter() - started, cells, megapixels)
-    ]
+    # The same work as a batch run of one smear (the Analyze widget's run): analysis and files.
+    with tempfile.TemporaryDirectory() as out:
+        started = time.perf_counter()
+        analysis = analyze_smear(open_image(path), model, "slide")
+        write_smear(analysis, Path(out) / "slide", path)
+        seconds = time.perf_counter() - started
+    cells = len(analysis.cells)
+    runs = [_throughput("in process (no cluster)", seconds, cells, megapixels)]
     for workers in (1, 2):
         with tempfile.TemporaryDirectory() as out:
             request = BatchRequest(paths=[path], out=out, workers=workers)

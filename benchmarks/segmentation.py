@@ -2,7 +2,7 @@
 
     python benchmarks/segmentation.py                  # everything, results in benchmarks/results/
     python benchmarks/segmentation.py --split train    # the tuning split of CBC, nothing saved
-    python benchmarks/segmentation.py --only cbc       # redo one part (cbc, wbc1 or speed)
+    python benchmarks/segmentation.py --only cbc       # redo one part (see --only)
 
 Measures
 - WBC detection on CBC (VOC boxes): precision, recall, F1 at IoU >= 0.5 (greedy matching).
@@ -15,6 +15,7 @@ Measures
   field, and against PBC's known 29 px (the unit the classifier was trained in).
 - Throughput in megapixels per second and peak memory on a mosaic of real CBC fields of at
   least 4000 x 4000 pixels, in a fresh process.
+- Peak memory of ``segment --out`` on a 12,000 x 12,000 JPEG mosaic, in a fresh process.
 """
 
 import argparse
@@ -318,10 +319,8 @@ print(json.dumps({"seconds": seconds, "peak_rss_mib": peak, "n_wbc": result.coun
 """
 
 
-def speed_benchmark(side=4096, workers=2):
-    """Time one whole-field segmentation of a mosaic of real CBC test fields."""
-    import tempfile
-
+def cbc_mosaic(side):
+    """A side x side RGB mosaic of the real CBC test fields."""
     fields = sorted((DATA / "cbc" / "test" / "images").glob("*.jpg"))
     tiles = [read_rgb(p) for p in fields]
     rows = []
@@ -332,7 +331,14 @@ def speed_benchmark(side=4096, workers=2):
             row.append(tiles[index % len(tiles)])
             index += 1
         rows.append(np.concatenate(row, axis=1)[:, :side])
-    mosaic = np.ascontiguousarray(np.concatenate(rows, axis=0)[:side])
+    return np.ascontiguousarray(np.concatenate(rows, axis=0)[:side])
+
+
+def speed_benchmark(side=4096, workers=2):
+    """Time one whole-field segmentation of a mosaic of real CBC test fields."""
+    import tempfile
+
+    mosaic = cbc_mosaic(side)
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "mosaic.npy"
         np.save(path, mosaic)
@@ -356,6 +362,44 @@ def speed_benchmark(side=4096, workers=2):
         "n_rbc": measured["n_rbc"],
         "cpu": f"{platform.processor() or platform.machine()}, {os.cpu_count()} logical CPUs "
         f"shared with other jobs while measured (load average {load:.1f} just after)",
+    }
+
+
+LARGE_SCRIPT = """
+import sys
+from napari_cytodiffusion.cli import main
+code = main(["segment", sys.argv[1], "--out", sys.argv[2]])
+peak = [int(l.split()[1]) / 1024 for l in open("/proc/self/status") if l.startswith("VmHWM")][0]
+print(code, peak)
+"""
+
+
+def large_benchmark(side=12_000):
+    """Peak memory and time of ``segment --out`` on a side x side JPEG, as a user runs it."""
+    import tempfile
+
+    from PIL import Image
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / f"mosaic{side}.jpg"
+        Image.fromarray(cbc_mosaic(side)).save(path, quality=90)
+        start = time.perf_counter()
+        output = subprocess.run(
+            [sys.executable, "-c", LARGE_SCRIPT, str(path), folder],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
+        seconds = time.perf_counter() - start
+        written = sorted(p.name for p in Path(folder).iterdir() if p != path)
+    code, peak = output.split()[-2:]
+    return {
+        "image": f"{side} x {side} RGB JPEG mosaic of CBC test fields",
+        "command": "napari-cytodiffusion segment IMAGE --out DIR",
+        "exit_code": int(code),
+        "seconds_with_start_up": round(seconds, 1),
+        "peak_rss_mib": round(float(peak)),
+        "files_written": written,
     }
 
 
@@ -454,13 +498,23 @@ def write_markdown(results, path):
             f"threads, {speed['n_wbc']} WBCs and {speed['n_rbc']} RBCs found. CPU: {speed['cpu']}.",
             "",
         ]
+    large = results.get("large")
+    if large:
+        lines += [
+            "## Memory on a large image",
+            "",
+            f"`{large['command']}` on a {large['image']}: exit code {large['exit_code']}, "
+            f"{large['seconds_with_start_up']} s with start-up, **peak memory "
+            f"{large['peak_rss_mib']} MiB** (whole process; target <= 2048 MiB).",
+            "",
+        ]
     path.write_text("\n".join(lines))
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--split", default="test", choices=("train", "test"))
-    parser.add_argument("--only", choices=("cbc", "wbc1", "phone", "scale", "speed"))
+    parser.add_argument("--only", choices=("cbc", "wbc1", "phone", "scale", "speed", "large"))
     parser.add_argument("--limit", type=int, help="first N images of each data set")
     parser.add_argument("--wbc1-diameter", type=float, default=35.0)
     parser.add_argument("--workers", type=int, default=2)
@@ -487,6 +541,9 @@ def main(argv=None):
     if args.only in (None, "speed"):
         results["speed"] = speed_benchmark(workers=args.workers)
         print(json.dumps(results["speed"]))
+    if args.only in (None, "large"):
+        results["large"] = large_benchmark()
+        print(json.dumps(results["large"]))
     if args.split == "test" and args.limit is None:
         # A partial run (--only) updates its part of the saved results.
         saved = RESULTS / "segmentation.json"

@@ -52,13 +52,13 @@ def test_json_has_one_object_per_image(json_lines):
     assert records[0]["n_rbc"] > 10
 
 
-def test_out_writes_uint32_labels_and_cells_csv(json_lines):
+def test_out_writes_uint16_labels_and_cells_csv(json_lines):
     records, out = json_lines
     wbc = tifffile.imread(out / "cbc_monocyte_eosinophil_wbc_labels.tif")
-    assert wbc.dtype == np.uint32 and wbc.shape == (480, 640)
+    assert wbc.dtype == np.uint16 and wbc.shape == (480, 640)
     for kind in ("rbc", "platelet"):
         assert (
-            tifffile.imread(out / f"cbc_monocyte_eosinophil_{kind}_labels.tif").dtype == np.uint32
+            tifffile.imread(out / f"cbc_monocyte_eosinophil_{kind}_labels.tif").dtype == np.uint16
         )
     cells = pd.read_csv(out / "cbc_monocyte_eosinophil_cells.csv")
     white = cells[cells["cell_type"] == "wbc"]

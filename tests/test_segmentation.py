@@ -6,7 +6,7 @@ import pytest
 from napari_cytodiffusion._sample_data import sample_path
 from napari_cytodiffusion.core.io import read_image
 from napari_cytodiffusion.core.progress import Cancelled
-from napari_cytodiffusion.core.smear.segmentation import FEATURE_COLUMNS, segment_smear
+from napari_cytodiffusion.core.smear.segmentation import FEATURE_COLUMNS, label_dtype, segment_smear
 
 # White-cell boxes of the CBC sample field (BloodImage_00010, VOC annotation), end-exclusive.
 CBC_SAMPLE_WBC_BOXES = [[229, 23, 421, 204], [253, 239, 470, 510]]
@@ -50,7 +50,7 @@ def test_features_describe_the_labels(cbc_field, cbc_result):
         ("rbc", cbc_result.rbc_labels),
         ("platelet", cbc_result.platelet_labels),
     ):
-        assert labels.dtype == np.uint32 and labels.shape == cbc_field.shape[:2]
+        assert labels.dtype == np.uint16 and labels.shape == cbc_field.shape[:2]
         table = cbc_result.table(kind)
         assert sorted(table["index"]) == [v for v in np.unique(labels) if v]
         for row in table.itertuples():
@@ -228,3 +228,8 @@ def test_a_tight_single_cell_crop_gets_its_cell_from_the_chromatin(wbc_masks_dir
     dice = 2 * (cell & (truth > 0)).sum() / (cell.sum() + (truth > 0).sum())
     assert dice > 0.85
     assert (nucleus & (truth == 255)).sum() > 0.7 * (truth == 255).sum()
+
+
+def test_label_type_holds_every_cell():
+    assert label_dtype(65_535) == np.uint16
+    assert label_dtype(65_536) == np.uint32

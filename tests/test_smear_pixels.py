@@ -63,6 +63,31 @@ def test_a_large_field_is_segmented_at_its_working_resolution():
     np.testing.assert_array_equal(lazy.wbc_labels > 0, whole.wbc_labels > 0)
 
 
+def test_large_images_are_read_strip_by_strip_unchanged(tmp_path):
+    from PIL import Image
+
+    image = np.random.default_rng(1).integers(0, 255, (2100, 2050, 3), dtype=np.uint8)
+    Image.fromarray(image).save(tmp_path / "large.png")
+    np.testing.assert_array_equal(read_image(tmp_path / "large.png"), image)
+
+
+def test_the_central_cell_of_a_large_image_is_found_without_converting_it_whole():
+    from napari_cytodiffusion.core.smear.crops import locate_central_cell
+    from napari_cytodiffusion.core.smear.prepare import prepare_smear
+
+    field = read_image(sample_path("cbc_lymphocyte"))
+    canvas = np.full((3000, 3000, 3), 230, np.uint8)
+    canvas[1260 : 1260 + field.shape[0], 1180 : 1180 + field.shape[1]] = field
+    lazy = CountingArray(canvas)
+    smear = prepare_smear(lazy, rbc_diameter=40)
+    lazy.reads.clear()
+    row, col = locate_central_cell(smear)
+    small = locate_central_cell(prepare_smear(field, rbc_diameter=40))
+    np.testing.assert_allclose((row - 1260, col - 1180), small, atol=1)
+    for window in lazy.reads:
+        assert all(w.stop - w.start <= 2 * 8 * 40 + 1 for w in window[:2])
+
+
 def test_the_vignette_of_a_phone_photo_is_found_and_a_dark_nucleus_is_not():
     density = np.zeros((60, 60, 3), np.float32)
     rows, cols = np.ogrid[:60, :60]

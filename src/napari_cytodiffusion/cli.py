@@ -460,7 +460,8 @@ def _add_segment(subparsers):
         "--out",
         metavar="DIR",
         help="write IMAGE_wbc_labels.tif, IMAGE_rbc_labels.tif, IMAGE_platelet_labels.tif "
-        "(uint32 instance labels) and IMAGE_cells.csv (one row per cell) here",
+        "(uint16 instance labels, uint32 past 65,535 cells) and IMAGE_cells.csv (one row per "
+        "cell) here",
     )
     parser.add_argument("--json", action="store_true", help="one JSON object per image")
     parser.add_argument(

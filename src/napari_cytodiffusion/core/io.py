@@ -27,14 +27,53 @@ def read_image(path):
             import tifffile
 
             return _channels_last(np.asarray(tifffile.imread(path)))
-        from PIL import Image
 
-        with Image.open(path) as image:
+        with _open_with_pillow(path) as image:
             if image.mode in ("P", "CMYK", "YCbCr", "LAB", "HSV"):
                 image = image.convert("RGB")
-            return np.asarray(image)
+            return _pillow_array(image)
+    except InputFileError:
+        raise
     except Exception as error:  # any decoder failure means the same thing to the user
         raise InputFileError(f"Cannot read {path} as an image: {error}") from error
+
+
+# Pillow's array conversion holds two extra copies of the image; strips of this many pixels
+# are copied instead.
+_STRIP_PIXELS = 4_000_000
+
+
+def _open_with_pillow(path):
+    """Image.open without Pillow's decompression-bomb warning (a microscope mosaic is not a
+    bomb); an image past Pillow's hard limit (about 179 megapixels) gets a message that says
+    what to do."""
+    import warnings
+
+    from PIL import Image
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            return Image.open(path)
+    except Image.DecompressionBombError as error:
+        raise InputFileError(
+            f"{path} is too large to read whole ({error}); save it as a tiled TIFF or "
+            "OME-Zarr, which are read lazily."
+        ) from error
+
+
+def _pillow_array(image):
+    """The pixels of a Pillow image as an array, copied strip by strip."""
+    if image.width * image.height <= _STRIP_PIXELS:
+        return np.asarray(image)
+    image.load()
+    rows = max(1, _STRIP_PIXELS // image.width)
+    first = np.asarray(image.crop((0, 0, image.width, 1)))
+    out = np.empty((image.height, *first.shape[1:]), first.dtype)
+    for top in range(0, image.height, rows):
+        bottom = min(top + rows, image.height)
+        out[top:bottom] = np.asarray(image.crop((0, top, image.width, bottom)))
+    return out
 
 
 def _is_cmyk_tiff(path):

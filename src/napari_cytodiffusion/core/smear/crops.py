@@ -16,10 +16,13 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from napari_cytodiffusion.core.smear.normalise import REFERENCE_BACKGROUND
-from napari_cytodiffusion.core.smear.stain import nucleus_mask
+from napari_cytodiffusion.core.smear.stain import nucleus_mask, optical_density
 
 # Field of view of a model crop, in red-cell diameters: the largest monocytes still fit.
 FIELD_OF_VIEW_RBC = 2.5
+# The central cell of a single-cell image is sought this many red-cell diameters around the
+# image centre.
+CENTRAL_SEARCH_RBC = 8.0
 
 
 @dataclass
@@ -137,19 +140,24 @@ def is_model_crop(image, size):
 def locate_central_cell(smear):
     """Return the (row, col) centre of the nucleated cell or platelet nearest the image centre.
 
+    Only the pixels within ``CENTRAL_SEARCH_RBC`` red-cell diameters of the centre are looked
+    at (a single-cell image is smaller than that, and a large image is never converted whole).
     Nucleus fragments closer than a third of a red cell are merged first, so the lobes of a
     neutrophil count as one cell. Falls back to the image centre if nothing is stained.
     """
     rbc_diameter = smear.rbc_diameter
-    nuclei = nucleus_mask(smear.density)
+    reach = int(np.ceil(CENTRAL_SEARCH_RBC * rbc_diameter))
     centre = np.array(smear.shape, float) / 2
+    window = tuple(slice(max(0, int(c) - reach), int(c) + reach) for c in centre)
+    origin = np.array([w.start for w in window], float)
+    nuclei = nucleus_mask(optical_density(np.asarray(smear.rgb[window]), smear.background))
     if nuclei.sum() < 4:
         return tuple(centre)
     grown = ndi.binary_dilation(nuclei, iterations=max(1, int(rbc_diameter / 3)))
     labels, count = ndi.label(grown)
     labels[~nuclei] = 0
     index = np.arange(1, count + 1)
-    centroids = np.array(ndi.center_of_mass(nuclei, labels, index)).reshape(-1, 2)
+    centroids = np.array(ndi.center_of_mass(nuclei, labels, index)).reshape(-1, 2) + origin
     sizes = ndi.sum(nuclei, labels, index)
     # Ignore specks (debris, bits of a neighbour at the border) unless nothing else is there.
     keep = sizes >= 0.02 * rbc_diameter**2

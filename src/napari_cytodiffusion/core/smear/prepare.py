@@ -13,7 +13,6 @@ import numpy as np
 
 from napari_cytodiffusion.core.smear.image import SmearPixels
 from napari_cytodiffusion.core.smear.scale import background_colour, estimate_rbc_diameter
-from napari_cytodiffusion.core.smear.stain import optical_density
 
 # How crops are colour-normalised unless told otherwise (see core/smear/normalise.py).
 DEFAULT_NORMALISATION = "stain"
@@ -56,11 +55,6 @@ class PreparedSmear:
         from napari_cytodiffusion.core.smear.normalise import measure_colour_map
 
         return measure_colour_map(self.rgb, self.background, self.normalisation)
-
-    @cached_property
-    def density(self):
-        """Per-channel optical density against the background, computed on first use."""
-        return optical_density(np.asarray(self.rgb), self.background)
 
 
 def prepare_smear(image, rbc_diameter=None, progress=None, normalisation=None):

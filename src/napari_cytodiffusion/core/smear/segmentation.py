@@ -96,11 +96,17 @@ WORKING_RBC = 16.0
 class SmearSegmentation:
     """Cells found in one smear image.
 
+    Only the white cells are kept at the image's resolution. Red cells and platelets are
+    found at the working resolution and kept there (on a 12,000 x 12,000 image each full
+    label array would hold 288 MB); ``rbc_labels`` and ``platelet_labels`` enlarge them on
+    each access, so keep the array you get rather than reading the attribute in a loop.
+
     Attributes
     ----------
-    wbc_labels, rbc_labels, platelet_labels : ndarray of uint32
-        Instance labels (0 = none), one array per cell type, each the image's shape.
-    nucleus_labels : ndarray of uint32
+    wbc_labels, rbc_labels, platelet_labels : ndarray of uint16 or uint32
+        Instance labels (0 = none), one array per cell type, each the image's shape; uint32
+        only for a type with more than 65,535 cells (see :func:`label_dtype`).
+    nucleus_labels : ndarray
         The nucleus part of each white cell, with the white cell's label value.
     features : pandas.DataFrame
         One row per cell of every type (see ``FEATURE_COLUMNS``); ``index`` is the cell's
@@ -114,12 +120,28 @@ class SmearSegmentation:
     """
 
     wbc_labels: np.ndarray
-    nucleus_labels: np.ndarray
-    rbc_labels: np.ndarray
-    platelet_labels: np.ndarray
+    nucleus_bits: np.ndarray  # the nucleus mask, np.packbits of the image-shaped array
+    working_labels: dict  # {"rbc": ..., "platelet": ...} at the working resolution
+    factor: int  # image pixels per working pixel
     features: object
     smear: object
     scale_source: str = GIVEN
+
+    @property
+    def rbc_labels(self):
+        return _enlarge(self.working_labels["rbc"], self.factor, self.smear.shape)
+
+    @property
+    def platelet_labels(self):
+        return _enlarge(self.working_labels["platelet"], self.factor, self.smear.shape)
+
+    @property
+    def nucleus_labels(self):
+        shape = self.wbc_labels.shape
+        mask = np.unpackbits(self.nucleus_bits, count=shape[0] * shape[1]).reshape(shape)
+        return np.where(mask.view(bool), self.wbc_labels, 0).astype(
+            self.wbc_labels.dtype, copy=False
+        )
 
     @property
     def rbc_diameter(self):
@@ -240,8 +262,7 @@ def segment_smear(
     # Tiles larger than their halo, so that not too much work is done twice.
     tiles = _tiles(work.shape, max(tile_size, 3 * halo), halo)
     tracker.total = len(tiles) * _TileWork.STEPS + 2
-    results = _run_tiles(work.rgb, tiles, constants, tracker, workers)
-    arrays = _paste_tiles(work.shape, results)
+    arrays = _paste_tiles(work.shape, _run_tiles(work.rgb, tiles, constants, tracker, workers))
     tracker.step()
     segmentation = _assemble(smear, work, arrays, factor, constants, tracker)
     segmentation.scale_source = source
@@ -739,7 +760,13 @@ def _local_maxima(values, reach, lowest):
 def _paste_tiles(shape, results):
     """Every tile's own cells pasted into whole-image label arrays, numbered 1..n per type,
     and the detector's body map (each tile's core)."""
-    arrays = {name: np.zeros(shape, np.uint32) for name in ("wbc", "nucleus", "rbc", "platelet")}
+    totals = {
+        "wbc": sum(int(r.wbc.max()) for r in results),
+        "rbc": sum(int(r.rbc.max()) for r in results),
+        "platelet": sum(int(r.platelets.max()) for r in results),
+    }
+    totals["nucleus"] = totals["wbc"]
+    arrays = {name: np.zeros(shape, label_dtype(total)) for name, total in totals.items()}
     arrays["body"] = np.zeros(shape, np.float32)
     offsets = {"wbc": 0, "rbc": 0, "platelet": 0}
     for result in results:
@@ -757,6 +784,12 @@ def _paste_tiles(shape, results):
     return arrays
 
 
+def label_dtype(count):
+    """The smallest unsigned integer type that numbers ``count`` cells: uint16 up to 65,535
+    (half the memory of uint32 on large images), uint32 beyond."""
+    return np.uint16 if count <= np.iinfo(np.uint16).max else np.uint32
+
+
 def _paste(target, labels, start):
     """Write ``labels`` (numbered 1..n) as ``start + 1..n`` where ``target`` is still empty."""
     count = int(labels.max())
@@ -771,14 +804,12 @@ def _assemble(smear, work, arrays, factor, constants, tracker):
     import pandas as pd
 
     if factor == 1:
-        wbc, nuclei = arrays["wbc"], arrays["nucleus"]
+        wbc, nuclei = arrays["wbc"], (arrays["nucleus"] > 0) & (arrays["nucleus"] == arrays["wbc"])
         white = _measure(wbc, smear.rgb, nuclei)
     else:
         wbc, nuclei, rows = _full_resolution_white_cells(arrays, smear, factor, constants)
         white = _table(rows)
     tracker.check()
-    rbc = _enlarge(arrays["rbc"], factor, smear.shape)
-    platelets = _enlarge(arrays["platelet"], factor, smear.shape)
     tables = [
         white,
         _measure_blocks(arrays["rbc"], work.rgb, smear.shape, factor, "rbc"),
@@ -786,16 +817,16 @@ def _assemble(smear, work, arrays, factor, constants, tracker):
     ]
     return SmearSegmentation(
         wbc_labels=wbc,
-        nucleus_labels=nuclei,
-        rbc_labels=rbc,
-        platelet_labels=platelets,
+        nucleus_bits=np.packbits(nuclei, axis=None),
+        working_labels={"rbc": arrays["rbc"], "platelet": arrays["platelet"]},
+        factor=factor,
         features=pd.concat(tables, ignore_index=True),
         smear=smear,
     )
 
 
 def _full_resolution_white_cells(arrays, smear, factor, constants):
-    """White cells and their nuclei at the image's resolution.
+    """White cells, their nucleus mask and their feature rows at the image's resolution.
 
     Each cell's outline is its working-resolution outline interpolated to full resolution,
     joined by the pixels where the detector's body probability, interpolated too, reaches
@@ -803,7 +834,7 @@ def _full_resolution_white_cells(arrays, smear, factor, constants):
     the chromatin of its own full-resolution pixels.
     """
     shape = smear.shape
-    wbc, nuclei, rows = np.zeros(shape, np.uint32), np.zeros(shape, np.uint32), []
+    wbc, nuclei, rows = np.zeros(shape, arrays["wbc"].dtype), np.zeros(shape, bool), []
     for index, box in enumerate(ndi.find_objects(arrays["wbc"]), 1):
         if box is None:
             continue
@@ -823,7 +854,7 @@ def _full_resolution_white_cells(arrays, smear, factor, constants):
         rgb = np.asarray(smear.rgb[window])
         score = nucleus_score(optical_density(rgb, smear.background))
         nucleus = _cell_nuclei(score, cell.astype(np.uint32), constants) == 1
-        nuclei[window][nucleus] = index
+        nuclei[window][nucleus] = True
         origin = (window[0].start, window[1].start)
         rows.append(_feature_row(index, "wbc", cell, origin, rgb, nucleus[cell].mean()))
     return wbc, nuclei, rows
@@ -915,13 +946,14 @@ def _block_centres(length, factor):
 
 
 def _measure(wbc, rgb, nuclei):
-    """Per-cell features of full-resolution white-cell labels, ``index`` being the label."""
+    """Per-cell features of full-resolution white-cell labels, ``index`` being the label, and
+    their nucleus mask ``nuclei``."""
     rows = []
     for index, box in enumerate(ndi.find_objects(wbc), 1):
         if box is None:
             continue
         cell = wbc[box] == index
-        nucleus = float((nuclei[box][cell] == index).mean())
+        nucleus = float(nuclei[box][cell].mean())
         origin = (box[0].start, box[1].start)
         rows.append(_feature_row(index, "wbc", cell, origin, np.asarray(rgb[box]), nucleus))
     return _table(rows)

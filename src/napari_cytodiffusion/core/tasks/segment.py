@@ -72,7 +72,9 @@ def segment(image, rbc_diameter=None, tile_size=DEFAULT_TILE, progress=None):
 
 
 def write_segmentation(result, stem):
-    """Write ``STEM_{wbc,rbc,platelet}_labels.tif`` (uint32) and ``STEM_cells.csv``.
+    """Write ``STEM_{wbc,rbc,platelet}_labels.tif`` and ``STEM_cells.csv``.
+
+    The labels keep their type: uint16, or uint32 for more than 65,535 cells of a type.
 
     Each file is written under a temporary name and renamed when complete. Returns the paths
     written.
@@ -82,16 +84,14 @@ def write_segmentation(result, stem):
     from napari_cytodiffusion.core.io import atomic_write
 
     segmentation = result.segmentation
-    arrays = {
-        "wbc": segmentation.wbc_labels,
-        "rbc": segmentation.rbc_labels,
-        "platelet": segmentation.platelet_labels,
-    }
     paths = []
-    for kind, labels in arrays.items():
+    for kind in CELL_TYPES:
         path = Path(f"{stem}_{kind}_labels.tif")
+        # One full-resolution array at a time: red cells and platelets are enlarged on access.
+        labels = getattr(segmentation, f"{kind}_labels")
         with atomic_write(path) as partial:
-            tifffile.imwrite(partial, labels.astype("uint32"), compression="zlib")
+            tifffile.imwrite(partial, labels, compression="zlib")
+        del labels
         paths.append(path)
     path = Path(f"{stem}_cells.csv")
     with atomic_write(path) as partial:
