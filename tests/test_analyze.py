@@ -120,6 +120,26 @@ def test_batch_on_a_local_cluster_resumes_and_reports_failures(tmp_path):
     assert not again.analysed and "broken.png" in again.failed
 
 
+def _maths_threads():
+    import os
+
+    return os.environ.get("OMP_NUM_THREADS")
+
+
+def test_workers_share_the_cores_whatever_the_shell_says(tmp_path, monkeypatch):
+    import os
+
+    from napari_cytodiffusion.core.tasks.analyze import _client
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "7")  # a shell's setting; an earlier cluster's too
+    request = BatchRequest(paths=[], out=tmp_path, workers=2)
+    with _client(request) as (client, threads):
+        expected = str(max(1, (os.cpu_count() or 1) // 2))
+        assert threads == int(expected)
+        assert set(client.run(_maths_threads).values()) == {expected}
+    assert os.environ["OMP_NUM_THREADS"] == "7"
+
+
 def test_analyze_command(tmp_path, capsys):
     out = tmp_path / "out"
     code = main(

@@ -7,6 +7,8 @@ so a large smear is never converted to float all at once.
 
 import numpy as np
 
+from napari_cytodiffusion.core.smear.threads import in_threads
+
 # Image-wide checks and the intensity scale are read off at most this many sampled pixels.
 _SAMPLE_PIXELS = 1_000_000
 
@@ -115,12 +117,12 @@ class SmearPixels:
             self._overview = (self.block_means(factor), factor)
         return self._overview
 
-    def block_means(self, factor, band_rows=2048):
+    def block_means(self, factor, band_rows=1024):
         """The image shrunk by an integer ``factor``: the mean of each factor x factor block.
 
         Blocks at the bottom and right edges average the pixels they hold. Read in bands of
-        rows, so memory stays bounded for any image size. Returns float32 (ceil(rows /
-        factor), ceil(cols / factor), 3) in [0, 1].
+        rows (several at once, one per core), so memory stays bounded for any image size.
+        Returns float32 (ceil(rows / factor), ceil(cols / factor), 3) in [0, 1].
         """
         factor = int(factor)
         if factor <= 1:
@@ -128,10 +130,13 @@ class SmearPixels:
         rows, cols = self.shape[:2]
         out = np.empty((-(-rows // factor), -(-cols // factor), 3), np.float32)
         band = max(1, band_rows // factor) * factor
-        for r0 in range(0, rows, band):
+
+        def shrink(r0):
             raw = self.read_raw(slice(r0, min(r0 + band, rows)), slice(None))
             means = _block_sums(raw, factor) / _block_counts(raw.shape[:2], factor)[..., None]
             out[r0 // factor : r0 // factor + len(means)] = self._convert(means)
+
+        in_threads(shrink, range(0, rows, band))
         return out
 
     def __getitem__(self, index):

@@ -57,7 +57,7 @@ class PreparedSmear:
         return measure_colour_map(self.rgb, self.background, self.normalisation)
 
 
-def prepare_smear(image, rbc_diameter=None, progress=None, normalisation=None):
+def prepare_smear(image, rbc_diameter=None, progress=None, normalisation=None, background=None):
     """Convert an image once and measure its background colour and red-cell scale.
 
     Parameters
@@ -72,6 +72,9 @@ def prepare_smear(image, rbc_diameter=None, progress=None, normalisation=None):
     normalisation : {"stain", "white-balance"}, optional
         How crops of this smear are colour-normalised; :data:`DEFAULT_NORMALISATION` when not
         given (see :mod:`~napari_cytodiffusion.core.smear.normalise`).
+    background : array of 3 floats, optional
+        The image's background colour when already measured
+        (:func:`~napari_cytodiffusion.core.smear.scale.background_colour`).
 
     Returns
     -------
@@ -107,7 +110,8 @@ def prepare_smear(image, rbc_diameter=None, progress=None, normalisation=None):
             again.colour_map = image.colour_map
         return again
     pixels = image if isinstance(image, SmearPixels) else SmearPixels(image)
-    background = background_colour(pixels)
+    if background is None:
+        background = background_colour(pixels)
     if not rbc_diameter:
         rbc_diameter = estimate_rbc_diameter(pixels, background, progress)
     return PreparedSmear(

@@ -23,6 +23,7 @@ from napari_cytodiffusion.core.smear.stain import (
     total_density,
     vignette,
 )
+from napari_cytodiffusion.core.smear.threads import in_threads
 
 # Image-wide colour statistics are read off an overview of at most this many pixels.
 _OVERVIEW_PIXELS = 1_000_000
@@ -140,7 +141,7 @@ def estimate_scale(rgb, background=None, progress=None):
     small, factor = overview(rgb)
     background = background_colour(small) if background is None else background
     # Plenty of red cells in one window of a large overview: the rest would add only time.
-    field = _ScaleField(small[_windows(small, count=1)[0]], background)
+    field = _ScaleField(small[_windows(small, background, count=1)[0]], background)
     if factor > 1 and field.first_guess() < _MIN_OVERVIEW_DIAMETER:
         return _median_of_windows(rgb, background, progress)
     estimate = field.estimate(progress)
@@ -156,7 +157,7 @@ def white_cell_diameter(rgb, background=None):
 
 
 def _median_of_windows(rgb, background, progress):
-    windows = _windows(rgb)
+    windows = _windows(rgb, background)
     estimates = []
     for done, window in enumerate(windows, 1):
         estimates.append(_ScaleField(np.asarray(rgb[window]), background).estimate())
@@ -164,14 +165,15 @@ def _median_of_windows(rgb, background, progress):
     return sorted(estimates, key=lambda e: e.diameter)[len(estimates) // 2]
 
 
-def _windows(rgb, count=3):
-    """The ``count`` most stained of a grid of ``_WINDOW`` px windows of a large image."""
+def _windows(rgb, background, count=3):
+    """The ``count`` most stained of a grid of ``_WINDOW`` px windows of a large image whose
+    background colour is ``background``."""
     rows, cols = rgb.shape[:2]
     side_r, side_c = min(rows, _WINDOW), min(cols, _WINDOW)
     starts_r = np.linspace(0, rows - side_r, max(1, int(np.ceil(rows / side_r)))).astype(int)
     starts_c = np.linspace(0, cols - side_c, max(1, int(np.ceil(cols / side_c)))).astype(int)
     small, factor = overview(rgb)
-    density = total_density(optical_density(small, background_colour(small)))
+    density = total_density(optical_density(small, background))
     candidates = []
     for r0 in starts_r:
         for c0 in starts_c:
@@ -300,11 +302,15 @@ def _in_field(density):
 
 def _best_radius(density, voters, radii, tried):
     pyramid = _pyramid(density, voters, radii[-1] / _VOTE_RADIUS)
-    scores = np.zeros(len(radii))
-    for done, radius in enumerate(radii, 1):
-        scores[done - 1] = _symmetry_score(pyramid, radius)
-        tried(done)
-    return _peak(radii, scores)
+    done = []
+
+    def score(radius):
+        value = _symmetry_score(pyramid, radius)
+        done.append(radius)
+        tried(len(done))
+        return value
+
+    return _peak(radii, np.array(in_threads(score, radii)))
 
 
 def _peak(radii, scores):

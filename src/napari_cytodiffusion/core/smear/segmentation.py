@@ -47,6 +47,7 @@ from napari_cytodiffusion.core.smear.stain import (
     total_density,
     vignette,
 )
+from napari_cytodiffusion.core.smear.threads import in_threads, thread_count
 
 CELL_TYPES = ("wbc", "rbc", "platelet")
 FEATURE_COLUMNS = (
@@ -264,7 +265,7 @@ def segment_smear(
     tracker.total = len(tiles) * _TileWork.STEPS + 2
     arrays = _paste_tiles(work.shape, _run_tiles(work.rgb, tiles, constants, tracker, workers))
     tracker.step()
-    segmentation = _assemble(smear, work, arrays, factor, constants, tracker)
+    segmentation = _assemble(smear, work, arrays, factor, constants, tracker, workers)
     segmentation.scale_source = source
     tracker.step()
     return segmentation
@@ -276,8 +277,9 @@ def _prepare(image, rbc_diameter, progress):
     if rbc_diameter or isinstance(image, PreparedSmear):
         return prepare_smear(image, rbc_diameter, progress), GIVEN
     pixels = image if isinstance(image, SmearPixels) else SmearPixels(image)
-    estimate = estimate_scale(pixels, background_colour(pixels), progress)
-    return prepare_smear(pixels, estimate.diameter), estimate.source
+    background = background_colour(pixels)
+    estimate = estimate_scale(pixels, background, progress)
+    return prepare_smear(pixels, estimate.diameter, background=background), estimate.source
 
 
 def working_factor(rbc_diameter, overview_factor=1):
@@ -396,7 +398,6 @@ def _edges(length, tile_size):
 
 
 def _run_tiles(rgb, tiles, constants, tracker, workers):
-    import os
 
     import dask
     from dask.threaded import get
@@ -404,7 +405,7 @@ def _run_tiles(rgb, tiles, constants, tracker, workers):
     detector = load_detector()
     if len(tiles) == 1:
         return [_TileWork(rgb, tiles[0], constants, tracker, detector).run()]
-    workers = workers or min(4, os.cpu_count() or 1)
+    workers = thread_count(workers)
     tasks = [
         dask.delayed(_TileWork(rgb, tile, constants, tracker, detector).run)() for tile in tiles
     ]
@@ -487,19 +488,23 @@ class _TileWork:
 
     def _owned(self, labels):
         """Keep only the labels whose centroid falls inside this tile's core."""
-        index = np.unique(labels[labels > 0])
-        if index.size == 0:
+        count = int(labels.max())
+        if count == 0:
             return labels
-        centres = np.array(ndi.center_of_mass(labels > 0, labels, index)).reshape(-1, 2)
-        rows = centres[:, 0] + self.window[0].start
-        cols = centres[:, 1] + self.window[1].start
+        flat = labels.ravel()
+        area = np.bincount(flat, minlength=count + 1)
+        rows, cols = np.indices(labels.shape, np.float32).reshape(2, -1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            rows = np.bincount(flat, rows, count + 1) / area + self.window[0].start
+            cols = np.bincount(flat, cols, count + 1) / area + self.window[1].start
         inside = (
             (rows >= self.core[0].start)
             & (rows < self.core[0].stop)
             & (cols >= self.core[1].start)
             & (cols < self.core[1].stop)
         )
-        return np.where(np.isin(labels, index[inside]), labels, 0)
+        inside[0] = False
+        return np.where(inside[labels], labels, 0)
 
 
 def _outside_field(density, diameter):
@@ -712,10 +717,10 @@ def _cell_nuclei(score, wbc, constants):
 
 
 def _relabel(labels):
-    """Renumber labels 1..n."""
-    from skimage.segmentation import relabel_sequential
-
-    return relabel_sequential(labels)[0]
+    """Renumber labels 1..n, in the order of their values."""
+    present = np.bincount(labels.ravel()) > 0
+    present[0] = False
+    return np.cumsum(present).astype(labels.dtype)[labels]
 
 
 # ----------------------------------------------------------------------------- red cells
@@ -799,7 +804,7 @@ def _paste(target, labels, start):
     return start + count
 
 
-def _assemble(smear, work, arrays, factor, constants, tracker):
+def _assemble(smear, work, arrays, factor, constants, tracker, workers):
     """Labels at the image's resolution and the features of every cell."""
     import pandas as pd
 
@@ -807,7 +812,9 @@ def _assemble(smear, work, arrays, factor, constants, tracker):
         wbc, nuclei = arrays["wbc"], (arrays["nucleus"] > 0) & (arrays["nucleus"] == arrays["wbc"])
         white = _measure(wbc, smear.rgb, nuclei)
     else:
-        wbc, nuclei, rows = _full_resolution_white_cells(arrays, smear, factor, constants)
+        wbc, nuclei, rows = _full_resolution_white_cells(
+            arrays, smear, factor, constants, thread_count(workers)
+        )
         white = _table(rows)
     tracker.check()
     tables = [
@@ -825,39 +832,53 @@ def _assemble(smear, work, arrays, factor, constants, tracker):
     )
 
 
-def _full_resolution_white_cells(arrays, smear, factor, constants):
+def _full_resolution_white_cells(arrays, smear, factor, constants, workers):
     """White cells, their nucleus mask and their feature rows at the image's resolution.
 
     Each cell's outline is its working-resolution outline interpolated to full resolution,
     joined by the pixels where the detector's body probability, interpolated too, reaches
     ``BODY_LEVEL`` (among the pixels nearest to the cell); its nucleus is found again from
-    the chromatin of its own full-resolution pixels.
+    the chromatin of its own full-resolution pixels. Outlines and nuclei are computed for
+    ``workers`` cells at once; where two outlines meet, the pixels go to the lower label.
     """
     shape = smear.shape
-    wbc, nuclei, rows = np.zeros(shape, arrays["wbc"].dtype), np.zeros(shape, bool), []
-    for index, box in enumerate(ndi.find_objects(arrays["wbc"]), 1):
-        if box is None:
-            continue
-        work = tuple(slice(max(0, b.start - 1), b.stop + 1) for b in box)
-        window = tuple(
-            slice(w.start * factor, min(n, w.stop * factor))
-            for w, n in zip(work, shape, strict=True)
-        )
-        labels = arrays["wbc"][work]
-        own = _upsample((labels == index).astype(np.float32), factor, work, window) > 0.5
-        near = _enlarge(np.isin(labels, (0, index)), factor, own.shape)
-        body = _upsample(arrays["body"][work], factor, work, window) > BODY_LEVEL
-        cell = _component_at(own | (body & near), own) & (wbc[window] == 0)
-        if not cell.any():
-            continue
-        wbc[window][cell] = index
-        rgb = np.asarray(smear.rgb[window])
-        score = nucleus_score(optical_density(rgb, smear.background))
-        nucleus = _cell_nuclei(score, cell.astype(np.uint32), constants) == 1
+    boxes = [(i, box) for i, box in enumerate(ndi.find_objects(arrays["wbc"]), 1) if box]
+    outlines = in_threads(
+        lambda item: _full_resolution_outline(arrays, shape, factor, *item), boxes, workers
+    )
+    wbc, nuclei, cells = np.zeros(shape, arrays["wbc"].dtype), np.zeros(shape, bool), []
+    for (index, _), (window, outline) in zip(boxes, outlines, strict=True):
+        cell = outline & (wbc[window] == 0)
+        if cell.any():
+            wbc[window][cell] = index
+            cells.append((index, window, cell))
+    described = in_threads(lambda item: _described_cell(smear, constants, *item), cells, workers)
+    for (_, window, _), (nucleus, _) in zip(cells, described, strict=True):
         nuclei[window][nucleus] = True
-        origin = (window[0].start, window[1].start)
-        rows.append(_feature_row(index, "wbc", cell, origin, rgb, nucleus[cell].mean()))
-    return wbc, nuclei, rows
+    return wbc, nuclei, [row for _, row in described]
+
+
+def _full_resolution_outline(arrays, shape, factor, index, box):
+    """(full-resolution window, the cell's outline in it) of working-resolution cell
+    ``index`` whose bounding box is ``box``."""
+    work = tuple(slice(max(0, b.start - 1), b.stop + 1) for b in box)
+    window = tuple(
+        slice(w.start * factor, min(n, w.stop * factor)) for w, n in zip(work, shape, strict=True)
+    )
+    labels = arrays["wbc"][work]
+    own = _upsample((labels == index).astype(np.float32), factor, work, window) > 0.5
+    near = _enlarge(np.isin(labels, (0, index)), factor, own.shape)
+    body = _upsample(arrays["body"][work], factor, work, window) > BODY_LEVEL
+    return window, _component_at(own | (body & near), own)
+
+
+def _described_cell(smear, constants, index, window, cell):
+    """(nucleus mask, feature row) of the full-resolution ``cell`` mask in ``window``."""
+    rgb = np.asarray(smear.rgb[window])
+    score = nucleus_score(optical_density(rgb, smear.background))
+    nucleus = _cell_nuclei(score, cell.astype(np.uint32), constants) == 1
+    origin = (window[0].start, window[1].start)
+    return nucleus, _feature_row(index, "wbc", cell, origin, rgb, nucleus[cell].mean())
 
 
 def _upsample(values, factor, work, window):

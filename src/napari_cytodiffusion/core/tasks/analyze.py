@@ -9,6 +9,7 @@ kept, so memory depends on the tile size, not on the image size. Tiles run in th
 dask.distributed cluster (see :func:`analyze_files`).
 """
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -540,6 +541,9 @@ def _analyze_sources(request, sources, out, progress, on_smear):
     if todo:
         model = shared_model(request.model, "cpu")  # classes and calibration, for assembling
         with _client(request) as (client, threads):
+            from napari_cytodiffusion.core.tasks._workers import LoadModelEarly
+
+            client.register_plugin(LoadModelEarly(request.model, request.device))
             _run_batch(client, threads, request, model, todo, out, result, progress, on_smear)
     result.summary = files.write_summary_rows(out, files.summary_rows(out))
     return result
@@ -566,14 +570,16 @@ def _client(request):
         # every tensor of the classifier's batches is mapped and faulted in afresh, which
         # made a worker more than twice as slow as the same tile run in-process. Each worker
         # here owns its share of the cores and keeps the default allocator.
-        environ = {
-            "distributed.nanny.pre-spawn-environ": {
-                name: str(threads)
-                for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
-            }
+        # Dask lets this process's own variables win over that setting, and its nannies
+        # leave theirs behind in it: they are set here for the start and put back after, so
+        # neither a shell's OMP_NUM_THREADS nor an earlier cluster oversubscribes the cores.
+        maths_threads = {
+            name: str(threads)
+            for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
         }
         with (
-            dask.config.set(environ),
+            dask.config.set({"distributed.nanny.pre-spawn-environ": maths_threads}),
+            _environment(maths_threads),
             LocalCluster(
                 n_workers=workers,
                 threads_per_worker=1,
@@ -586,6 +592,23 @@ def _client(request):
             yield client, threads
 
     return connect()
+
+
+@contextmanager
+def _environment(values):
+    """Environment variables set to ``values`` for the block, then as they were."""
+    import os
+
+    before = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def _run_batch(client, threads, request, model, todo, out, result, progress, on_smear):
