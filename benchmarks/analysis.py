@@ -83,9 +83,12 @@ def write_slide(side, folder):
     return path
 
 
-def part_memory(args):
-    rows = []
-    for side in (1000, 5000, 20000):
+def part_memory(args, saved=None):
+    """Sides in ``args.sides``; the rows of other sides saved before are kept (with their
+    dates)."""
+    sides = [int(side) for side in args.sides.split(",")]
+    rows = [row for row in (saved or {}).get("runs", []) if row["side"] not in sides]
+    for side in sides:
         path = write_slide(side, args.cache)
         output = subprocess.run(
             [sys.executable, "-c", MEMORY_SCRIPT, str(path)],
@@ -94,12 +97,13 @@ def part_memory(args):
             text=True,
         ).stdout
         measured = json.loads(output.strip().splitlines()[-1])
-        rows.append({"side": side, "megapixels": side * side / 1e6, **measured})
+        date = time.strftime("%Y-%m-%d %H:%M")
+        rows.append({"side": side, "megapixels": side * side / 1e6, **measured, "date": date})
         print(rows[-1], flush=True)
-    return {"runs": rows, "environment": environment()}
+    return {"runs": sorted(rows, key=lambda row: row["side"]), "environment": environment()}
 
 
-def part_workers(args):
+def part_workers(args, saved=None):
     """Each setting run ``args.repeats`` times, the settings taking turns so that a busy
     moment of the machine does not fall on one setting alone; medians reported."""
     path = write_slide(args.side, args.cache)
@@ -166,7 +170,7 @@ def _throughput(setting, seconds, cells, megapixels):
 MIN_KILLS = 3
 
 
-def part_kill(args):
+def part_kill(args, saved=None):
     """Kill ``analyze`` at random moments, run again, compare with an uninterrupted run."""
     fields = sorted((DATA / "cbc" / "test" / "images").glob("*.jpg"))[: args.smears]
     rng = random.Random(args.seed)
@@ -265,13 +269,14 @@ def write_markdown(results):
             "",
             "`analyze_smear` on a tiled TIFF read lazily, in a fresh process (this 2-core CPU).",
             "",
-            "| image | megapixels | white cells | seconds | peak memory (MiB) |",
-            "|---|---|---|---|---|",
+            "| image | megapixels | white cells | seconds | peak memory (MiB) | measured |",
+            "|---|---|---|---|---|---|",
         ]
         for run in results["memory"]["runs"]:
             lines.append(
                 f"| {run['side']} x {run['side']} | {run['megapixels']:.0f} | {run['cells']} | "
-                f"{run['seconds']:.0f} | {run['peak_rss_mib']:.0f} |"
+                f"{run['seconds']:.0f} | {run['peak_rss_mib']:.0f} | "
+                f"{run.get('date', results['memory'].get('date', ''))} |"
             )
         lines.append("")
     if "workers" in results:
@@ -314,6 +319,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--parts", default="memory,workers,kill", help=",".join(PARTS))
     parser.add_argument("--side", type=int, default=5000, help="slide side for 'workers'")
+    parser.add_argument("--sides", default="1000,5000,20000", help="slide sides for 'memory'")
     parser.add_argument("--smears", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=3, help="runs of each 'workers' setting")
     # Smaller than the default tiles, so that a 5k slide has tiles enough for two workers.
@@ -325,7 +331,7 @@ def main():
     path = RESULTS / "analysis.json"
     results = json.loads(path.read_text()) if path.exists() else {}
     for name in args.parts.split(","):
-        results[name] = PARTS[name](args)
+        results[name] = PARTS[name](args, results.get(name))
         results[name]["date"] = time.strftime("%Y-%m-%d %H:%M")
         path.write_text(json.dumps(results, indent=1))
         write_markdown(results)

@@ -67,13 +67,15 @@ class SegmentWidget(DockForm):
         def work(progress):
             from napari_cytodiffusion.core.tasks.segment import segment
 
-            return segment(np.asarray(data), rbc_diameter=diameter, progress=progress)
+            found = segment(np.asarray(data), rbc_diameter=diameter, progress=progress)
+            # Enlarged here, in the worker: on a large image that takes a while.
+            return found, found.segmentation.rbc_labels
 
         return self._runner.start(
-            work, lambda result: self._show(layer, result), text=f"segmenting {layer.name}"
+            work, lambda result: self._show(layer, *result), text=f"segmenting {layer.name}"
         )
 
-    def _show(self, image, found):
+    def _show(self, image, found, rbc_labels):
         """Add the result layers, replacing those of an earlier run on the same image; one
         layer per turn of the event loop (see ``_runner``)."""
         result, name = found.segmentation, image.name
@@ -83,7 +85,7 @@ class SegmentWidget(DockForm):
                 self._viewer.layers.remove(f"{name} {suffix}")
         platelets = result.table("platelet")
         self._viewer.add_labels(
-            result.rbc_labels,
+            rbc_labels,
             name=f"{name} red cells",
             features=result.table("rbc"),
             metadata={"source": name, "cells": "red"},
