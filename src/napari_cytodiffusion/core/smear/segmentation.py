@@ -16,7 +16,7 @@ All sizes are fractions of the red-cell diameter, estimated from the image when 
 the same settings work at any magnification. Cells are found at a working resolution (a red
 cell 16 to 32 pixels across, an integer shrinking factor) and their outlines brought back to
 the image's own resolution. Large images are cut into overlapping tiles (computed in parallel
-with dask); a cell belongs to the tile that holds its centroid, so each cell is found exactly
+in threads); a cell belongs to the tile that holds its centroid, so each cell is found exactly
 once and always whole.
 """
 
@@ -398,19 +398,10 @@ def _edges(length, tile_size):
 
 
 def _run_tiles(rgb, tiles, constants, tracker, workers):
-
-    import dask
-    from dask.threaded import get
-
     detector = load_detector()
-    if len(tiles) == 1:
-        return [_TileWork(rgb, tiles[0], constants, tracker, detector).run()]
-    workers = thread_count(workers)
-    tasks = [
-        dask.delayed(_TileWork(rgb, tile, constants, tracker, detector).run)() for tile in tiles
-    ]
-    # The threaded scheduler itself: naming it ("threads") would import dask.distributed.
-    return list(dask.compute(*tasks, scheduler=get, num_workers=workers))
+    return in_threads(
+        lambda tile: _TileWork(rgb, tile, constants, tracker, detector).run(), tiles, workers
+    )
 
 
 @dataclass

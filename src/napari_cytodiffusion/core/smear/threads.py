@@ -18,4 +18,10 @@ def in_threads(function, items, workers=None):
     if workers <= 1 or len(items) < 2:
         return [function(item) for item in items]
     with ThreadPoolExecutor(workers) as pool:
-        return list(pool.map(function, items))
+        futures = [pool.submit(function, item) for item in items]
+        try:
+            return [future.result() for future in futures]
+        except BaseException:
+            for future in futures:  # a cancel or an error stops what has not started
+                future.cancel()
+            raise
