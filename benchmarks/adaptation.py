@@ -1,13 +1,15 @@
 """What adapting buys on another lab's cells, and what it costs in the original domain.
 
-    python benchmarks/adaptation.py [--draws 3] [--k 5,10,25] [--pbc 200]
+    python benchmarks/adaptation.py [--draws 3] [--k 5,10,25] [--pbc 200] [--resume]
 
 On ``segmentation_wbc_dataset1`` (another microscope, camera and rapid stain; 5 classes):
 for K cells per class (at most half of a class, so every class keeps cells to score; the
 dataset's single basophil cannot be split and is left out) and several random draws, the
 lab's cells are written as class folders and the shipped model is adapted with the
 ``adapt`` task exactly as a user runs it (300 steps, 30 % of the K cells held back for
-calibration). Every cell not drawn is then classified by the adapted model: balanced
+calibration, one red-cell scale for the lab's images). Every cell not drawn is then
+classified by the adapted model, as ``classify`` does several single-cell images (one scale
+shared by all): balanced
 accuracy, accuracy of the calls left unflagged, share flagged, and the wall time of adapting
 (normalising, training, calibrating). The base model is scored on the same cells. The model
 adapted on the first draw of the largest K is also scored on a stratified sample of PBC test
@@ -19,6 +21,7 @@ import csv
 import json
 import os
 import platform
+import shutil
 import sys
 import tempfile
 import time
@@ -37,8 +40,6 @@ NAMES = {1: "neutrophil", 2: "lymphocyte", 3: "monocyte", 4: "eosinophil", 5: "b
 
 def lab_cells():
     """(paths, labels, normalised crops) of the dataset's cells, the basophil left out."""
-    from napari_cytodiffusion.core.io import read_image
-
     with open(DATASET / "class_labels.csv", newline="") as handle:
         rows = [row for row in csv.reader(handle)][1:]
     paths, labels = [], []
@@ -46,18 +47,22 @@ def lab_cells():
         if NAMES[int(label)] != "basophil":
             paths.append(DATASET / f"{int(image_id):03d}_image.png")
             labels.append(NAMES[int(label)])
-    return paths, np.array(labels), cell_crops([read_image(p) for p in paths])
+    return paths, np.array(labels), cell_crops(paths)
 
 
-def cell_crops(images):
+def cell_crops(paths):
     """Normalised central-cell crops and their smears' colour references (n, 9), as
-    ``classify`` makes them for single-cell images (the domain-shift score needs both)."""
+    ``classify`` makes them for several single-cell images: one red-cell scale shared by
+    all of them (the domain-shift score needs the colour references)."""
+    from napari_cytodiffusion.core.io import read_image
     from napari_cytodiffusion.core.smear.crops import central_cell_site
     from napari_cytodiffusion.core.smear.prepare import prepare_smear
+    from napari_cytodiffusion.core.tasks.classify import shared_rbc_diameter
 
+    scale = shared_rbc_diameter(paths)
     crops, colours = [], []
-    for image in images:
-        smear = prepare_smear(image)
+    for path in paths:
+        smear = prepare_smear(read_image(path), scale)
         crops.append(central_cell_site(smear).crop(smear.rgb, 64))
         colours.append(smear.colour_map.statistics())
     return Cells(np.stack(crops), np.stack(colours))
@@ -112,8 +117,6 @@ def adapt_once(paths, labels, picked, name, seed):
 
 
 def pbc_sample(n):
-    from napari_cytodiffusion.core.io import read_image
-
     records = pbc_records("test")
     rng = np.random.default_rng(0)
     classes = sorted({r.label for r in records})
@@ -122,7 +125,7 @@ def pbc_sample(n):
     for name in classes:
         members = [r for r in records if r.label == name]
         chosen += [members[i] for i in rng.permutation(len(members))[:per_class]]
-    return cell_crops([read_image(r.path) for r in chosen]), np.array([r.label for r in chosen])
+    return cell_crops([r.path for r in chosen]), np.array([r.label for r in chosen])
 
 
 def summarise(runs):
@@ -197,26 +200,37 @@ def main():
     parser.add_argument("--draws", type=int, default=3)
     parser.add_argument("--k", default="5,10,25")
     parser.add_argument("--pbc", type=int, default=200, help="PBC test cells (0: skip)")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep the base score and the runs already in adaptation.json (and their models)",
+    )
     args = parser.parse_args()
     import torch
 
     from napari_cytodiffusion.core.model.weights import CACHE_ENV, load_model
 
     torch.set_num_threads(os.cpu_count() or 1)
-    cache = tempfile.mkdtemp(prefix="adaptation_bench_")
-    os.environ[CACHE_ENV] = cache  # the adapted models are registered here, not in the user's
+    # The adapted models are registered here, not in the user's cache; kept for --resume.
+    cache = Path(tempfile.gettempdir()) / "cytodiffusion_adaptation_bench"
+    if not args.resume:
+        shutil.rmtree(cache, ignore_errors=True)
+    os.environ[CACHE_ENV] = str(cache)
     paths, labels, crops = lab_cells()
     base = load_model("default", "cpu")
-    results = {
-        "lab_cells": len(labels),
-        "base": score(base, crops, labels),
-        "runs": [],
-        "environment": {"cpu": platform.machine(), "cores": os.cpu_count()},
-    }
+    saved = RESULTS / "adaptation.json"
+    if args.resume and saved.is_file():
+        results = json.loads(saved.read_text())
+    else:
+        results = {"lab_cells": len(labels), "base": score(base, crops, labels), "runs": []}
+    results["environment"] = {"cpu": platform.machine(), "cores": os.cpu_count()}
     print("base", results["base"], flush=True)
     ks = [int(k) for k in args.k.split(",")]
+    done = {(run["k"], run["draw"]) for run in results["runs"]}
     for k in ks:
         for seed in range(args.draws):
+            if (k, seed) in done:
+                continue
             picked = draw(labels, k, seed)
             name = f"dataset1-k{k}-draw{seed}"
             result, seconds = adapt_once(paths, labels, picked, name, seed)
@@ -225,12 +239,13 @@ def main():
             run = {"k": k, "draw": seed, "adapted_cells": len(picked), "seconds": round(seconds, 1)}
             run.update(measured)
             run["held_back_balanced_accuracy"] = round(result.held_back_balanced_accuracy, 4)
+            run["date"] = time.strftime("%Y-%m-%d %H:%M")
             results["runs"].append(run)
             print(run, flush=True)
             # Saved after every run: a long benchmark stopped part way keeps what it measured.
             results["summary"] = summarise(results["runs"])
             results["date"] = time.strftime("%Y-%m-%d %H:%M")
-            (RESULTS / "adaptation.json").write_text(json.dumps(results, indent=1))
+            saved.write_text(json.dumps(results, indent=1))
     results["summary"] = summarise(results["runs"])
     if args.pbc:
         pbc_crops, pbc_labels = pbc_sample(args.pbc)
@@ -243,7 +258,7 @@ def main():
         }
         print(results["pbc_test"], flush=True)
     results["date"] = time.strftime("%Y-%m-%d %H:%M")
-    (RESULTS / "adaptation.json").write_text(json.dumps(results, indent=1))
+    saved.write_text(json.dumps(results, indent=1))
     write_markdown(results)
 
 

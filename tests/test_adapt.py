@@ -43,11 +43,16 @@ def test_adapt_registers_a_calibrated_local_model(
     (row,) = [line for line in capsys.readouterr().out.splitlines() if line.startswith("lab-a")]
     assert "local" in row
 
-    # Calibrating the local model again replaces it under the same name.
-    calibrate = ["calibrate", "lab-a", str(synthetic_cells_dir), "--device", "cpu"]
-    assert main([*calibrate, "--rbc-diameter", str(synthetic_rbc_diameter)]) == 0
-    assert "saved local model 'lab-a'" in capsys.readouterr().out
+    assert model.lab_rbc_diameter == synthetic_rbc_diameter
+
+    # Calibrating the local model again replaces it under the same name. Without a given
+    # scale, the lab's images share one (their median), which the model keeps.
+    assert main(["calibrate", "lab-a", str(synthetic_cells_dir), "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "saved local model 'lab-a'" in out and "shared by the 12 images" in out
     assert weights.find_model("lab-a").sha256 != entry.sha256
+    lab_scale = weights.load_model("lab-a", device="cpu").lab_rbc_diameter
+    assert abs(lab_scale - synthetic_rbc_diameter) < 0.2 * synthetic_rbc_diameter
 
     # A tampered local file is refused like any registry model.
     path = weights.model_path("lab-a")

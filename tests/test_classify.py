@@ -106,6 +106,34 @@ def test_calibration_is_fitted_from_validation_errors(default_model):
     assert len(calibration["class_log_error_mean"]) == 8
 
 
+def test_a_few_cells_that_are_all_right_do_not_make_every_call_certain(default_model):
+    import copy
+
+    from napari_cytodiffusion.core.model.calibration import fit_calibration
+
+    # Two cells of each of four classes, every one clearly best under its own class.
+    rng = np.random.default_rng(1)
+    labels = np.repeat([1, 4, 5, 6], 2)
+    errors = rng.normal(0.02, 0.001, (len(labels), 16, 8)).astype(np.float32)
+    errors[np.arange(len(labels)), :, labels] -= 0.004
+    base = default_model.calibration
+    # Without the base model's temperature to lean on, eight easy cells make every call
+    # surer than the thousands of cells of the base model's calibration did.
+    unanchored = {
+        key: value
+        for key, value in base.items()
+        if key not in ("inverse_temperature", "uncertainty_threshold")
+    }
+    alone = fit_calibration(copy.copy(default_model), np.abs(errors), labels, base=unanchored)
+    assert alone["inverse_temperature"] > 2 * base["inverse_temperature"]
+    adapted = fit_calibration(copy.copy(default_model), np.abs(errors), labels, base=base)
+    assert adapted["inverse_temperature"] == pytest.approx(base["inverse_temperature"], rel=0.1)
+    # The review threshold is never more lenient than the base's.
+    strict = {**base, "uncertainty_threshold": 1e-30}
+    fitted = fit_calibration(copy.copy(default_model), np.abs(errors), labels, base=strict)
+    assert alone["uncertainty_threshold"] > 1e-30 and fitted["uncertainty_threshold"] == 1e-30
+
+
 def test_single_cell_image_is_classified_end_to_end(default_model, pbc_dir):
     from napari_cytodiffusion.core.io import read_image
     from napari_cytodiffusion.core.tasks.classify import calls_table, classify
@@ -133,6 +161,54 @@ def test_a_batch_of_single_cell_images_shares_one_scale(pbc_dir):
     # The median over images of the same scanner is right.
     paths = [pbc_dir / path for path in EXAMPLES.values()] + [pbc_dir / "missing.jpg"]
     assert 26 < shared_rbc_diameter(paths) < 32
+
+
+def _tight_white_cell(radius):
+    """A tight crop around one white cell: no red cells to measure the scale on."""
+    rows, cols = np.mgrid[:120, :120]
+    image = np.empty((120, 120, 3))
+    image[:] = (0.95, 0.9, 0.85)
+    distance = np.hypot(rows - 60, cols - 60)
+    image[distance < radius] = (0.8, 0.68, 0.8)
+    image[distance < 0.6 * radius] = (0.4, 0.2, 0.55)
+    return (image * 255).astype(np.uint8)
+
+
+def test_an_adapted_model_gives_its_labs_scale_to_images_without_red_cells(default_model):
+    from dataclasses import replace
+
+    from napari_cytodiffusion.core.smear.image import to_rgb_float
+    from napari_cytodiffusion.core.smear.prepare import prepare_smear
+    from napari_cytodiffusion.core.smear.scale import RED_CELLS, WHITE_CELL, estimate_scale
+    from napari_cytodiffusion.core.tasks.classify import classify
+
+    small, large = _tight_white_cell(18), _tight_white_cell(30)
+    # On its own, each image's scale comes from its white cell: a small cell gets a small
+    # scale, so in the crops both cells would look the same size.
+    own = [estimate_scale(to_rgb_float(image)) for image in (small, large)]
+    assert {estimate.source for estimate in own} == {WHITE_CELL}
+    assert own[0].diameter < 0.75 * own[1].diameter
+    # A model adapted to a lab knows that lab's scale and uses it for both.
+    lab_model = replace(default_model, metadata={**default_model.metadata, "rbc_diameter": 24.0})
+    assert lab_model.lab_rbc_diameter == 24.0 and default_model.lab_rbc_diameter is None
+    for image in (small, large):
+        assert classify(image, lab_model, strategy="adaptive").smear.rbc_diameter == 24.0
+    # A given scale still wins, and an image with red cells to measure keeps its own.
+    assert classify(small, lab_model, rbc_diameter=30.0).smear.rbc_diameter == 30.0
+    field = _red_cell_field(diameter=18)
+    measured = estimate_scale(to_rgb_float(field))
+    assert measured.source == RED_CELLS and 15 < measured.diameter < 21
+    assert prepare_smear(field, fallback_rbc_diameter=40.0).rbc_diameter == measured.diameter
+
+
+def _red_cell_field(diameter):
+    rows, cols = np.mgrid[:200, :200]
+    image = np.empty((200, 200, 3))
+    image[:] = (0.95, 0.9, 0.85)
+    centres = np.mgrid[15:200:30, 15:200:30].reshape(2, -1).T
+    for r, c in centres + np.random.default_rng(0).uniform(-4, 4, centres.shape):
+        image[np.hypot(rows - r, cols - c) < diameter / 2] = (0.85, 0.55, 0.55)
+    return (image * 255).astype(np.uint8)
 
 
 def test_given_labels_are_classified_at_their_centroids(default_model, pbc_dir):

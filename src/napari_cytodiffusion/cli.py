@@ -599,7 +599,11 @@ def _add_adapt(subparsers):
         action="store_true",
         help="subfolders that are not classes of the base model become new classes",
     )
-    parser.add_argument("--rbc-diameter", type=float, help="red-cell diameter in pixels")
+    parser.add_argument(
+        "--rbc-diameter",
+        type=float,
+        help="red-cell diameter in pixels (default: one scale for all the images, their median)",
+    )
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     parser.add_argument("--seed", type=_seed, default=0)
 
@@ -646,7 +650,11 @@ def _add_calibrate(subparsers):
         help="name of the calibrated model (default: MODEL-calibrated, "
         "or MODEL itself for a local model)",
     )
-    parser.add_argument("--rbc-diameter", type=float, help="red-cell diameter in pixels")
+    parser.add_argument(
+        "--rbc-diameter",
+        type=float,
+        help="red-cell diameter in pixels (default: one scale for all the images, their median)",
+    )
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     parser.add_argument("--seed", type=_seed, default=0)
 

@@ -58,7 +58,9 @@ class AdaptWidget(DockForm):
             tooltip="For example blast or smudge cell; otherwise such folders are left out.",
         )
         self._rbc_diameter = rbc_diameter_field(
-            "Red-cell diameter in the images (one scanner); 0 estimates it per image."
+            "Red-cell diameter in the images (one scanner); 0 estimates one scale for all of "
+            "them (their median), which the adapted model keeps for images with too few red "
+            "cells to measure."
         )
         row = RunRow("Adapting the model", "Adapt", "Calibrate only")
         self._adapt, self._calibrate = row.buttons

@@ -27,6 +27,10 @@ from napari_cytodiffusion.core.model.classifier import (
 
 TARGET_UNFLAGGED_ACCURACY = 0.995
 ANOMALY_FALSE_ALARM = 0.01
+# With a base calibration (adapting to a lab), the fitted log inverse temperature is drawn
+# towards the base's with this prior spread, worth one cell's likelihood: a few held-back
+# cells that are all right would otherwise drive it to its bound and make every call sure.
+TEMPERATURE_PRIOR_SD = 1.0
 # The anomaly score fitted when the null class's errors are given (benchmarks/anomaly.py).
 ANOMALY_METHOD = "null_gain"
 
@@ -49,6 +53,8 @@ def fit_calibration(model, errors, labels, base=None):
         An earlier calibration of the same classes (the base model's, when adapting). A class
         without cells here keeps its class bias and anomaly reference from it, so a lab that
         has no basophils still gets basophil calls; without ``base`` every class needs cells.
+        Fitted on a few cells, the temperature is drawn towards the base's and the review
+        threshold is never more lenient than the base's, which thousands of cells fixed.
 
     Returns
     -------
@@ -75,7 +81,9 @@ def fit_calibration(model, errors, labels, base=None):
     calibration["class_bias"] = _fit_class_bias(model, errors, labels, base).tolist()
     adaptive, _ = replay_adaptive(model, errors)
     against, best = evidence(model, adaptive)
-    calibration["inverse_temperature"] = _fit_inverse_temperature(against, labels)
+    calibration["inverse_temperature"] = _fit_inverse_temperature(
+        against, labels, (base or {}).get("inverse_temperature")
+    )
     calibration.update(_anomaly_reference(errors, labels, timesteps, base))
     adaptive_null = None
     if null is not None:
@@ -88,7 +96,10 @@ def fit_calibration(model, errors, labels, base=None):
     model.calibration = calibration
     probabilities = _softmax(-against * calibration["inverse_temperature"])
     uncertainty = _normalised_entropy(probabilities)
-    calibration["uncertainty_threshold"] = _review_threshold(uncertainty, best == labels)
+    threshold = _review_threshold(uncertainty, best == labels)
+    if (base or {}).get("uncertainty_threshold") is not None:
+        threshold = min(threshold, float(base["uncertainty_threshold"]))
+    calibration["uncertainty_threshold"] = threshold
     scores = anomaly_scores(model, adaptive, best, adaptive_null)
     calibration["anomaly_threshold"] = float(np.quantile(scores, 1 - ANOMALY_FALSE_ALARM))
     calibration["fitted_on"] = f"{len(labels)} labelled cells, {errors.shape[1]} trials"
@@ -180,12 +191,17 @@ def _fit_class_bias(model, errors, labels, base=None):
     return bias - bias[anchor] if base is None else bias
 
 
-def _fit_inverse_temperature(against, labels):
+def _fit_inverse_temperature(against, labels, prior=None):
+    """The inverse temperature of the calibrated probabilities; ``prior`` (the base's) adds
+    a log-normal prior of spread ``TEMPERATURE_PRIOR_SD``, worth one cell."""
     from scipy.optimize import minimize_scalar
 
     def loss(log_beta):
         log_p = _log_softmax(-np.exp(log_beta) * against)
-        return -np.mean(log_p[np.arange(len(labels)), labels])
+        nll = -np.mean(log_p[np.arange(len(labels)), labels])
+        if prior is None:
+            return nll
+        return nll + 0.5 * ((log_beta - np.log(prior)) / TEMPERATURE_PRIOR_SD) ** 2 / len(labels)
 
     return float(np.exp(minimize_scalar(loss, bounds=(-5, 5), method="bounded").x))
 

@@ -45,6 +45,12 @@ class DiffusionModel:
     def num_classes(self):
         return len(self.classes)
 
+    @property
+    def lab_rbc_diameter(self):
+        """Red-cell diameter (px) of the scanner the model was adapted to, or None: the
+        scale of an image of that lab with too few red cells to measure."""
+        return self.metadata.get("rbc_diameter")
+
 
 def resolve_device(device="auto"):
     """Return a torch device: ``auto`` picks CUDA, then MPS, then CPU."""

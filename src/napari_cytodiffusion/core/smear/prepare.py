@@ -12,7 +12,7 @@ from functools import cached_property
 import numpy as np
 
 from napari_cytodiffusion.core.smear.image import SmearPixels
-from napari_cytodiffusion.core.smear.scale import background_colour, estimate_rbc_diameter
+from napari_cytodiffusion.core.smear.scale import WHITE_CELL, background_colour, estimate_scale
 
 # How crops are colour-normalised unless told otherwise (see core/smear/normalise.py).
 DEFAULT_NORMALISATION = "stain"
@@ -57,7 +57,14 @@ class PreparedSmear:
         return measure_colour_map(self.rgb, self.background, self.normalisation)
 
 
-def prepare_smear(image, rbc_diameter=None, progress=None, normalisation=None, background=None):
+def prepare_smear(
+    image,
+    rbc_diameter=None,
+    progress=None,
+    normalisation=None,
+    background=None,
+    fallback_rbc_diameter=None,
+):
     """Convert an image once and measure its background colour and red-cell scale.
 
     Parameters
@@ -75,6 +82,11 @@ def prepare_smear(image, rbc_diameter=None, progress=None, normalisation=None, b
     background : array of 3 floats, optional
         The image's background colour when already measured
         (:func:`~napari_cytodiffusion.core.smear.scale.background_colour`).
+    fallback_rbc_diameter : float, optional
+        The scale of an image with too few red cells to measure (a tight crop around one
+        white cell), in place of the estimate from the white cell's own size, which would
+        make every cell look the same size: for example the scale of the scanner a model
+        was adapted to (``DiffusionModel.lab_rbc_diameter``).
 
     Returns
     -------
@@ -97,6 +109,7 @@ def prepare_smear(image, rbc_diameter=None, progress=None, normalisation=None, b
     (12.0, dtype('float32'))
     """
     _validate_rbc_diameter(rbc_diameter)
+    _validate_rbc_diameter(fallback_rbc_diameter)
     if isinstance(image, PreparedSmear):
         if not rbc_diameter and normalisation in (None, image.normalisation):
             return image
@@ -113,7 +126,10 @@ def prepare_smear(image, rbc_diameter=None, progress=None, normalisation=None, b
     if background is None:
         background = background_colour(pixels)
     if not rbc_diameter:
-        rbc_diameter = estimate_rbc_diameter(pixels, background, progress)
+        estimate = estimate_scale(pixels, background, progress)
+        rbc_diameter = estimate.diameter
+        if fallback_rbc_diameter and estimate.source == WHITE_CELL:
+            rbc_diameter = fallback_rbc_diameter
     return PreparedSmear(
         pixels, background, float(rbc_diameter), normalisation or DEFAULT_NORMALISATION
     )

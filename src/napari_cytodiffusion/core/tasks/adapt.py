@@ -10,7 +10,7 @@ result is saved as a named local model (``weights.register_local_model``) that e
 and widget offers. With ``steps=0`` the model is only calibrated, on all the cells.
 """
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -48,7 +48,9 @@ class AdaptRequest:
     calibration_trials : int
         Trials per class and cell of the exhaustive calibration run.
     rbc_diameter : float, optional
-        Red-cell diameter of the images in pixels; estimated per image if None.
+        Red-cell diameter of the images in pixels. When None, one scale is estimated for
+        all of them (the median over the images, as ``classify`` does for several
+        single-cell images of one scanner); cells exported with their scale keep it.
     """
 
     data: Path
@@ -82,6 +84,9 @@ class AdaptResult:
     training : dict or None
         ``steps``, ``seconds``, ``loss`` of adapting; None when only calibrated.
     seconds : float
+    rbc_diameter : float or None
+        The red-cell scale the cells were cut at and the model keeps for the lab's images
+        (``DiffusionModel.lab_rbc_diameter``); None when every cell came with its own.
     """
 
     entry: object
@@ -92,7 +97,7 @@ class AdaptResult:
     held_back_flagged: float
     training: dict | None
     seconds: float
-    log: list = field(default_factory=list)
+    rbc_diameter: float | None = None
 
     def summary(self):
         """Lines a person reads after the run."""
@@ -107,6 +112,8 @@ class AdaptResult:
                 f"adapted on {sum(self.adapted_on.values())} cells in {self.training['steps']} "
                 f"steps ({self.training['seconds']:.0f} s)"
             )
+        if self.rbc_diameter:
+            lines.append(f"red-cell scale of the lab's images: {self.rbc_diameter:.1f} px")
         lines.append(
             f"calibrated on {sum(self.calibrated_on.values())} held-back cells: balanced "
             f"accuracy {self.held_back_balanced_accuracy:.3f}, "
@@ -169,7 +176,8 @@ def adapt_model(request, progress=None, log=print):
             _EVAL_COST * len(held_ids) * request.calibration_trials * len(classes),
         ],
     )
-    images = _packed(records, request, model, classes, packing, log).images
+    scale = request.rbc_diameter or _lab_scale(records, log)
+    images = _packed(records, request, model, classes, scale, packing, log).images
     training = None
     if request.steps:
         log(f"adapting on {len(adapt_ids)} cells, {request.steps} steps")
@@ -202,6 +210,7 @@ def adapt_model(request, progress=None, log=print):
         "data": str(request.data),
         "steps": request.steps,
         "seed": request.seed,
+        "rbc_diameter": scale,
         "date": time.strftime("%Y-%m-%d %H:%M"),
     }
     kind = "adapted" if request.steps else "calibrated"
@@ -219,6 +228,7 @@ def adapt_model(request, progress=None, log=print):
         held_back_flagged=float(np.mean([call.needs_review for call in calls])),
         training=training,
         seconds=time.perf_counter() - started,
+        rbc_diameter=scale,
     )
 
 
@@ -300,16 +310,14 @@ def _split(labels, num_classes, request):
     return np.sort(adapt_ids).astype(int), np.sort(held_ids).astype(int)
 
 
-def _packed(records, request, model, classes, progress, log):
+def _packed(records, request, model, classes, scale, progress, log):
     """The normalised crops of ``records``, packed once and cached beside the local models."""
     from napari_cytodiffusion.core import datasets
     from napari_cytodiffusion.core.model.weights import local_registry_path
 
     folder = local_registry_path().parent / "cells"
     folder.mkdir(parents=True, exist_ok=True)
-    pack = datasets.pack_cache_path(
-        folder / f"{request.name}.pt", records, model.image_size, request.rbc_diameter
-    )
+    pack = datasets.pack_cache_path(folder / f"{request.name}.pt", records, model.image_size, scale)
     if pack.is_file():
         log(f"using the normalised cells in {pack.name} (the data are unchanged)")
     else:
@@ -318,12 +326,30 @@ def _packed(records, request, model, classes, progress, log):
             records,
             pack,
             model.image_size,
-            request.rbc_diameter,
+            scale,
             progress=progress,
             classes=classes,
         )
         datasets.remove_other_packs(pack)
     return datasets.load_pack(pack)
+
+
+def _lab_scale(records, log):
+    """One red-cell scale for the lab's images whose scale is not known (None if none).
+
+    A tight single-cell image holds too few red cells to measure, and its fallback, the white
+    cell's own size, makes a lymphocyte look as large as a monocyte; one scanner's images
+    share one scale, so the median over them keeps the sizes that tell the classes apart.
+    """
+    from napari_cytodiffusion.core.tasks.classify import shared_rbc_diameter
+
+    unknown = sorted({record.path for record in records if not record.rbc_diameter})
+    if not unknown:
+        return None
+    scale = shared_rbc_diameter(unknown)
+    if scale is not None:
+        log(f"red-cell scale {scale:.1f} px, shared by the {len(unknown)} images (their median)")
+    return scale
 
 
 def _calibrate(model, images, labels, request, base, new_classes, progress):

@@ -135,7 +135,9 @@ def classify(
         Instance labels of the white cells to classify (for example edited by the user);
         each label is cut out around its centroid. Overrides ``segment``.
     rbc_diameter : float, optional
-        Red-cell diameter in pixels; estimated from the image when not given.
+        Red-cell diameter in pixels; estimated from the image when not given (an image with
+        too few red cells to measure takes the scale of the lab an adapted model was
+        adapted to, ``model.lab_rbc_diameter``, where it has one).
     strategy, seed, uncertainty_threshold, anomaly_threshold
         See :func:`~napari_cytodiffusion.core.model.classifier.classify_crops`.
     annotations : Annotations, optional
@@ -158,7 +160,9 @@ def classify(
     if segmentation is not None:
         smear = segmentation.smear
     else:
-        smear = prepare_smear(image, rbc_diameter, scaling)
+        smear = prepare_smear(
+            image, rbc_diameter, scaling, fallback_rbc_diameter=model.lab_rbc_diameter
+        )
     if labels is not None:
         labels = np.asarray(labels)
         sites = cropping.labelled_cell_sites(smear, labels)

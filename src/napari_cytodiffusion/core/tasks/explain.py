@@ -277,7 +277,7 @@ def _cell_set(image, model, labels, rbc_diameter):
     size = model.image_size
     image = np.asarray(image)
     if labels is not None:
-        smear = prepare_smear(image, rbc_diameter)
+        smear = prepare_smear(image, rbc_diameter, fallback_rbc_diameter=model.lab_rbc_diameter)
         sites = cropping.labelled_cell_sites(smear, labels)
         if not sites:
             raise ValueError("The labels layer holds no cells.")
@@ -301,7 +301,7 @@ def _locate(image, model, request):
     size = model.image_size
     if request.labels is None and not request.segment and cropping.is_model_crop(image, size):
         return cropping.model_crop_site(size), to_rgb_float(image), (size, size)
-    smear = prepare_smear(image, request.rbc_diameter)
+    smear = prepare_smear(image, request.rbc_diameter, fallback_rbc_diameter=model.lab_rbc_diameter)
     labels = request.labels
     if request.segment:
         from napari_cytodiffusion.core.smear.segmentation import segment_smear
