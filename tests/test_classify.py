@@ -198,7 +198,8 @@ def test_an_adapted_model_gives_its_labs_scale_to_images_without_red_cells(defau
     field = _red_cell_field(diameter=18)
     measured = estimate_scale(to_rgb_float(field))
     assert measured.source == RED_CELLS and 15 < measured.diameter < 21
-    assert prepare_smear(field, fallback_rbc_diameter=40.0).rbc_diameter == measured.diameter
+    kept = prepare_smear(field, fallback_rbc_diameter=40.0)
+    assert kept.rbc_diameter == measured.diameter and kept.scale_source == RED_CELLS
 
 
 def _red_cell_field(diameter):

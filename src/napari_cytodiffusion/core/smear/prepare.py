@@ -12,7 +12,12 @@ from functools import cached_property
 import numpy as np
 
 from napari_cytodiffusion.core.smear.image import SmearPixels
-from napari_cytodiffusion.core.smear.scale import WHITE_CELL, background_colour, estimate_scale
+from napari_cytodiffusion.core.smear.scale import (
+    GIVEN,
+    WHITE_CELL,
+    background_colour,
+    estimate_scale,
+)
 
 # How crops are colour-normalised unless told otherwise (see core/smear/normalise.py).
 DEFAULT_NORMALISATION = "stain"
@@ -36,12 +41,18 @@ class PreparedSmear:
     normalisation : str
         How its crops are colour-normalised: ``"stain"`` (background, red cells and nuclear
         hue, see :mod:`~napari_cytodiffusion.core.smear.normalise`) or ``"white-balance"``.
+    scale_source : str
+        Where ``rbc_diameter`` came from: ``"given"`` (by the caller, also as the fallback
+        of an image with too few red cells), ``"red cells"`` (measured on them) or
+        ``"white cell"`` (too few red cells: from the white cell's size), see
+        :func:`~napari_cytodiffusion.core.smear.scale.estimate_scale`.
     """
 
     rgb: np.ndarray
     background: np.ndarray
     rbc_diameter: float
     normalisation: str = DEFAULT_NORMALISATION
+    scale_source: str = GIVEN
 
     @property
     def shape(self):
@@ -118,6 +129,7 @@ def prepare_smear(
             image.background,
             float(rbc_diameter or image.rbc_diameter),
             normalisation or image.normalisation,
+            GIVEN if rbc_diameter else image.scale_source,
         )
         if "colour_map" in image.__dict__ and again.normalisation == image.normalisation:
             again.colour_map = image.colour_map
@@ -125,13 +137,14 @@ def prepare_smear(
     pixels = image if isinstance(image, SmearPixels) else SmearPixels(image)
     if background is None:
         background = background_colour(pixels)
+    source = GIVEN
     if not rbc_diameter:
         estimate = estimate_scale(pixels, background, progress)
-        rbc_diameter = estimate.diameter
-        if fallback_rbc_diameter and estimate.source == WHITE_CELL:
-            rbc_diameter = fallback_rbc_diameter
+        rbc_diameter, source = estimate.diameter, estimate.source
+        if fallback_rbc_diameter and source == WHITE_CELL:
+            rbc_diameter, source = fallback_rbc_diameter, GIVEN
     return PreparedSmear(
-        pixels, background, float(rbc_diameter), normalisation or DEFAULT_NORMALISATION
+        pixels, background, float(rbc_diameter), normalisation or DEFAULT_NORMALISATION, source
     )
 
 

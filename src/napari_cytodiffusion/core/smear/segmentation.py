@@ -31,9 +31,6 @@ from napari_cytodiffusion.core.smear.image import SmearPixels
 from napari_cytodiffusion.core.smear.prepare import PreparedSmear, prepare_smear
 from napari_cytodiffusion.core.smear.resample import block_mean, rescale, resize
 from napari_cytodiffusion.core.smear.scale import (
-    GIVEN,
-    background_colour,
-    estimate_scale,
     overview,
     overview_factor,
 )
@@ -115,9 +112,7 @@ class SmearSegmentation:
     smear : PreparedSmear
         The image it was made from, with its scale and background.
     scale_source : str
-        Where the red-cell diameter came from: ``"given"``, ``"red cells"`` (measured on
-        them) or ``"white cell"`` (too few red cells: from the white cell's size), see
-        :func:`~napari_cytodiffusion.core.smear.scale.estimate_scale`.
+        Where the red-cell diameter came from (``PreparedSmear.scale_source``).
     """
 
     wbc_labels: np.ndarray
@@ -126,7 +121,10 @@ class SmearSegmentation:
     factor: int  # image pixels per working pixel
     features: object
     smear: object
-    scale_source: str = GIVEN
+
+    @property
+    def scale_source(self):
+        return self.smear.scale_source
 
     @property
     def rbc_labels(self):
@@ -251,7 +249,7 @@ def segment_smear(
         raise ValueError(f"tile_size must be at least 256 pixels, got {tile_size}.")
     tracker = _ProgressTracker(progress)
     tracker.check()
-    smear, source = _prepare(image, rbc_diameter, lambda *_: tracker.check())
+    smear = prepare_smear(image, rbc_diameter, lambda *_: tracker.check())
     if shared is None:
         factor = working_factor(smear.rbc_diameter, overview_factor(smear.shape))
         work = _working_smear(smear, factor)
@@ -266,20 +264,8 @@ def segment_smear(
     arrays = _paste_tiles(work.shape, _run_tiles(work.rgb, tiles, constants, tracker, workers))
     tracker.step()
     segmentation = _assemble(smear, work, arrays, factor, constants, tracker, workers)
-    segmentation.scale_source = source
     tracker.step()
     return segmentation
-
-
-def _prepare(image, rbc_diameter, progress):
-    """(the prepared smear, where its scale came from: ``GIVEN`` when passed in, as a number
-    or with a prepared smear)."""
-    if rbc_diameter or isinstance(image, PreparedSmear):
-        return prepare_smear(image, rbc_diameter, progress), GIVEN
-    pixels = image if isinstance(image, SmearPixels) else SmearPixels(image)
-    background = background_colour(pixels)
-    estimate = estimate_scale(pixels, background, progress)
-    return prepare_smear(pixels, estimate.diameter, background=background), estimate.source
 
 
 def working_factor(rbc_diameter, overview_factor=1):
