@@ -209,12 +209,28 @@ def test_detector_training_writes_a_detector_that_runs_as_trained(cbc_dir, tmp_p
     density = np.random.default_rng(0).uniform(0, 1, (40, 48, 3)).astype(np.float32)
     body, core = detector.maps(density)
     assert body.shape == core.shape == (40, 48)
-    # The folded weights (batch norm inside the convolutions) compute what the trained layers do.
+    # The folded weights (batch norm inside the convolutions) compute what the trained layers
+    # do, on the image and its mirror images.
     layers.eval()
     with torch.no_grad():
         x = torch.from_numpy(density.transpose(2, 0, 1).copy())[None]
-        logits = forward(x, lambda name, y: layers[name](y))[0].numpy()
+        views = [
+            forward(x.flip(axes), lambda name, y: layers[name](y)).flip(axes)
+            for axes in [(), (3,), (2,), (2, 3)]
+        ]
+        logits = torch.stack(views).mean(0)[0].numpy()
     np.testing.assert_allclose(body, 1 / (1 + np.exp(-logits[0])), atol=1e-4)
+
+
+def test_the_detector_judges_a_mirrored_smear_as_the_smear_mirrored():
+    from napari_cytodiffusion.core.smear.detector import load_detector
+
+    density = np.random.default_rng(1).uniform(0, 1.5, (70, 90, 3)).astype(np.float32)
+    body, core = load_detector().maps(density)
+    for flip in (np.fliplr, np.flipud):
+        mirrored_body, mirrored_core = load_detector().maps(np.ascontiguousarray(flip(density)))
+        np.testing.assert_allclose(mirrored_body, flip(body), atol=1e-5)
+        np.testing.assert_allclose(mirrored_core, flip(core), atol=1e-5)
 
 
 @pytest.mark.parametrize("name", ["039", "194"])
