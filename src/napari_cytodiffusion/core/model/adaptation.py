@@ -15,7 +15,7 @@ import numpy as np
 
 from napari_cytodiffusion.core.progress import report
 
-ADAPT_STEPS = 300
+ADAPT_STEPS = 600
 ADAPT_BATCH = 32
 ADAPT_LR = 1e-3
 # The noise levels the classifier scores cells at (classifier.TIMESTEP_RANGE): adapting
