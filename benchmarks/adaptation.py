@@ -9,11 +9,10 @@ lab's cells are written as class folders and the shipped model is adapted with t
 ``adapt`` task exactly as a user runs it (600 steps, 30 % of the K cells held back for
 calibration, one red-cell scale for the lab's images). Every cell not drawn is then
 classified by the adapted model, as ``classify`` does several single-cell images (one scale
-shared by all): balanced
-accuracy, accuracy of the calls left unflagged, share flagged, and the wall time of adapting
-(normalising, training, calibrating). The base model is scored on the same cells. The model
-adapted on the first draw of the largest K is also scored on a stratified sample of PBC test
-cells against the base model. Results: benchmarks/results/adaptation.json and .md.
+shared by all): balanced accuracy, accuracy of the calls left unflagged, share flagged, and
+the wall time of adapting (normalising, training, calibrating). The base model is scored on
+the same cells. The model adapted on the first draw of the largest K is also scored on a
+stratified sample of PBC test cells against the base model. Results: benchmarks/results/adaptation.json and .md.
 """
 
 import argparse

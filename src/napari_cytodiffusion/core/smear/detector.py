@@ -135,7 +135,7 @@ class Detector:
         with _RUN_LOCK, _one_thread(torch), torch.inference_mode():
             for core, window in _tiles((rows, cols)):
                 x = torch.from_numpy(np.ascontiguousarray(image[window].transpose(2, 0, 1)))
-                logits = self._mirrored_logits(x, forward)
+                logits = self._mirrored_logits(x)
                 inner = tuple(
                     slice(c.start - w.start, c.stop - w.start)
                     for c, w in zip(core, window, strict=True)
@@ -144,7 +144,7 @@ class Detector:
         probability = 1.0 / (1.0 + np.exp(-out))
         return probability[0], probability[1]
 
-    def _mirrored_logits(self, x, network):
+    def _mirrored_logits(self, x):
         """The mean logits (2, rows, cols) of ``x`` (3, rows, cols) seen in its ``MIRRORS``.
 
         A cell looks the same mirrored, a network's judgement of it does not quite: averaged
@@ -155,7 +155,7 @@ class Detector:
         total = None
         for axes in MIRRORS:
             view = x.flip(axes) if axes else x
-            logits = network(view[None], self._conv)[0]
+            logits = forward(view[None], self._conv)[0]
             logits = logits.flip(axes) if axes else logits
             total = logits if total is None else total + logits
         return (total / len(MIRRORS)).numpy()
