@@ -39,8 +39,7 @@ def cbc_white_cells(split="train", limit=None, size=64):
     """White-cell crops of CBC fields at their annotated boxes, through the user's path: each
     field prepared by ``prepare_smear`` (its own scale and colour map), each cell cut by
     ``smear_cell_site``. Returns (crops (n, size, size, 3), colour statistics (n, 9))."""
-    import xml.etree.ElementTree as ET
-
+    from napari_cytodiffusion.core.datasets import voc_boxes
     from napari_cytodiffusion.core.io import read_image
     from napari_cytodiffusion.core.smear.crops import smear_cell_site
     from napari_cytodiffusion.core.smear.prepare import prepare_smear
@@ -48,17 +47,12 @@ def cbc_white_cells(split="train", limit=None, size=64):
     crops, stats = [], []
     folder = DATA / "cbc" / split
     for xml in sorted((folder / "annotations").glob("*.xml")):
-        boxes = [
-            o.find("bndbox") for o in ET.parse(xml).findall("object") if o.findtext("name") == "WBC"
-        ]
+        boxes = voc_boxes(xml).get("WBC", [])
         if not boxes:
             continue
         smear = prepare_smear(read_image(folder / "images" / f"{xml.stem}.jpg"))
-        for box in boxes:
-            centre = (
-                (float(box.findtext("ymin")) + float(box.findtext("ymax"))) / 2,
-                (float(box.findtext("xmin")) + float(box.findtext("xmax"))) / 2,
-            )
+        for r0, c0, r1, c1 in boxes:
+            centre = ((r0 + r1) / 2, (c0 + c1) / 2)
             crops.append(smear_cell_site(smear, centre).crop(smear.rgb, size))
             stats.append(smear.colour_map.statistics())
         if limit and len(crops) >= limit:

@@ -12,7 +12,8 @@ classified by the adapted model, as ``classify`` does several single-cell images
 shared by all): balanced accuracy, accuracy of the calls left unflagged, share flagged, and
 the wall time of adapting (normalising, training, calibrating). The base model is scored on
 the same cells. The model adapted on the first draw of the largest K is also scored on a
-stratified sample of PBC test cells against the base model. Results: benchmarks/results/adaptation.json and .md.
+stratified sample of PBC test cells against the base model. Results:
+benchmarks/results/adaptation.json and .md.
 """
 
 import argparse
