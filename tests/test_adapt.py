@@ -20,6 +20,8 @@ def isolated_cache(tmp_path, monkeypatch):
 def test_adapt_registers_a_calibrated_local_model(
     synthetic_cells_dir, synthetic_rbc_diameter, isolated_cache, capsys
 ):
+    import torch
+
     argv = ["adapt", str(synthetic_cells_dir), "--out", "lab-a", "--steps", "2"]
     assert main([*argv, "--rbc-diameter", str(synthetic_rbc_diameter), "--device", "cpu"]) == 0
     out = capsys.readouterr().out
@@ -31,6 +33,8 @@ def test_adapt_registers_a_calibrated_local_model(
     model = weights.load_model("lab-a", device="cpu")
     base = weights.load_model("default", device="cpu")
     assert model.classes == base.classes and model.image_size == base.image_size
+    # Adapted in bfloat16 where the CPU has the units for it, the weights stay float32.
+    assert {p.dtype for p in model.unet.parameters()} == {torch.float32}
     assert model.metadata["adapted_on"] == {"lymphocyte": 4, "neutrophil": 4}
     # Classes the lab has no cells of keep the base model's calibration.
     calibration, original = model.calibration, base.calibration
@@ -71,6 +75,22 @@ def test_adapt_registers_a_calibrated_local_model(
         == 2
     )
     assert "sha256" in capsys.readouterr().err
+
+
+def test_adapting_runs_in_bfloat16_only_where_the_hardware_has_matrix_units(monkeypatch):
+    import torch
+
+    from napari_cytodiffusion.core.model.diffusion import training_autocast
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"amx_bf16": False, "avx2": True})
+    with training_autocast(cpu):
+        assert not torch.is_autocast_enabled("cpu")
+    for units in ("amx_bf16", "avx512_bf16"):
+        monkeypatch.setattr(torch.cpu, "get_capabilities", lambda units=units: {units: True})
+        with training_autocast(cpu):
+            assert torch.is_autocast_enabled("cpu")
+            assert torch.get_autocast_dtype("cpu") == torch.bfloat16
 
 
 def test_bad_names_and_data_are_refused_with_a_message(synthetic_cells_dir, isolated_cache, capsys):
