@@ -98,11 +98,7 @@ def adapt_weights(
     """
     import torch
 
-    from napari_cytodiffusion.core.model.diffusion import (
-        add_noise,
-        to_model_range,
-        training_autocast,
-    )
+    from napari_cytodiffusion.core.model.diffusion import add_noise, autocast, to_model_range
     from napari_cytodiffusion.core.model.training import augment
 
     unet, device = model.unet, model.device
@@ -132,7 +128,7 @@ def adapt_weights(
             xt = add_noise(x0, t, noise, model.alpha_bars)
             for group in optimiser.param_groups:  # a short warm-up keeps early steps gentle
                 group["lr"] = lr * min(1.0, step / 20)
-            with training_autocast(device):
+            with autocast(device, on_cpu=True):
                 loss = torch.nn.functional.mse_loss(unet(xt, t, y).float(), noise)
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
