@@ -12,3 +12,21 @@ def pbc_records(split):
     from napari_cytodiffusion.core.datasets import list_labelled_images
 
     return [r for r in list_labelled_images(DATA / "pbc" / "splits.csv") if r.split == split]
+
+
+def keep_float32():
+    """Keep the network in float32 on a CPU that computes in bfloat16 (``--float32``), to
+    compare with the bfloat16 autocast a user's run gets there."""
+    from napari_cytodiffusion.core.model import diffusion
+
+    diffusion._cpu_computes_in_bfloat16 = lambda: False
+
+
+def network_precision(device="cpu"):
+    """What the network computes in on ``device``, for the results files."""
+    import torch
+
+    from napari_cytodiffusion.core.model import diffusion
+
+    bfloat16 = torch.device(device).type == "cuda" or diffusion._cpu_computes_in_bfloat16()
+    return "bfloat16 autocast" if bfloat16 else "float32"

@@ -22,6 +22,9 @@ Three parts, each writing benchmarks/results/classification_<part>.json:
     Cells unlike the training data: white cells of another hospital (CBC test fields, cut at
     their annotated boxes) and of another microscope and stain (segmentation_wbc_dataset1),
     against PBC test cells: how the anomaly score and the uncertainty rank them.
+
+On a CPU with bfloat16 units (AMX or AVX-512 BF16) the network runs in bfloat16 autocast, as
+for a user; ``--float32`` keeps it in float32 to compare.
 """
 
 import argparse
@@ -33,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import DATA, RESULTS, pbc_records  # noqa: E402
+from _common import DATA, RESULTS, keep_float32, network_precision, pbc_records  # noqa: E402
 from _metrics import auroc, call_metrics  # noqa: E402
 
 from napari_cytodiffusion.core.classes import CLASSES  # noqa: E402
@@ -242,10 +245,19 @@ def main():
         p.add_argument("--tag", default="", help="suffix of the results file")
     for name in ("cpu", "dataset1"):
         sub.choices[name].add_argument("--scale", choices=["per-image", "shared"], default="shared")
+        sub.choices[name].add_argument(
+            "--float32",
+            action="store_true",
+            help="keep the network in float32 on a CPU that computes in bfloat16, to compare",
+        )
     sub.choices["cpu"].add_argument("--stratified", type=int, help="cells per class instead")
     args = parser.parse_args()
     parts = {"h100": h100, "cpu": cpu, "shift": shift, "dataset1": dataset1}
+    if getattr(args, "float32", False):
+        keep_float32()
     report = parts[args.part](args)
+    if args.part in ("cpu", "dataset1"):
+        report["network_precision"] = network_precision()
     suffix = f"_{args.scale}" if args.part in ("cpu", "dataset1") else ""
     suffix += getattr(args, "tag", "")
     out = RESULTS / f"classification_{args.part}{suffix}.json"

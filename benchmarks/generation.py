@@ -35,12 +35,12 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import REPO, RESULTS, pbc_records  # noqa: E402
+from _common import REPO, RESULTS, keep_float32, network_precision, pbc_records  # noqa: E402
 
 from napari_cytodiffusion.core.classes import CLASSES  # noqa: E402
 from napari_cytodiffusion.core.datasets import load_pack  # noqa: E402
 from napari_cytodiffusion.core.model import generation, sampling  # noqa: E402
-from napari_cytodiffusion.core.model.diffusion import NUM_TIMESTEPS  # noqa: E402
+from napari_cytodiffusion.core.model.diffusion import NUM_TIMESTEPS, autocast  # noqa: E402
 from napari_cytodiffusion.core.model.weights import load_model  # noqa: E402
 from napari_cytodiffusion.core.turing import normalise_real_cells  # noqa: E402
 
@@ -56,6 +56,7 @@ def environment():
         "torch_threads": torch.get_num_threads(),
         "load_average_at_start": os.getloadavg()[0],
         "torch": torch.__version__,
+        "network_precision": network_precision(),
     }
 
 
@@ -71,7 +72,9 @@ def ddim_sample(model, class_ids, steps, guidance, generator, alpha_bars, x_star
     null = torch.full_like(class_ids, model.num_classes)
     for i in range(steps):
         t, t_next = times[i], times[i + 1]
-        both = model(torch.cat([x, x]), t.repeat(2 * n), torch.cat([class_ids, null])).float()
+        with autocast(x.device):  # the precision the package's samplers run in
+            both = model(torch.cat([x, x]), t.repeat(2 * n), torch.cat([class_ids, null]))
+        both = both.float()
         eps_class, eps_null = both.chunk(2)
         eps = eps_null + guidance * (eps_class - eps_null)
         a = alpha_bars[t]
@@ -455,7 +458,8 @@ def _speed_section(speed):
         "## Speed (8 cells, guidance 2)",
         "",
         f"CPU: {env['cores']} cores shared with other jobs (load average "
-        f"{env['load_average_at_start']:.1f} at start), {env['torch_threads']} torch threads.",
+        f"{env['load_average_at_start']:.1f} at start), {env['torch_threads']} torch threads, "
+        f"network in {env.get('network_precision', 'float32')}.",
         "",
         *_table(("sampler", "steps", "seconds for 8 cells", "seconds per cell"), rows),
     ]
@@ -599,7 +603,14 @@ def main():
     parser.add_argument("--fidelity-per-class", type=int, default=12)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (the CPU is shared)")
     parser.add_argument("--cache", default="/tmp/cytodiffusion_generation_bench")
+    parser.add_argument(
+        "--float32",
+        action="store_true",
+        help="keep the network in float32 on a CPU that computes in bfloat16, to compare",
+    )
     args = parser.parse_args()
+    if args.float32:
+        keep_float32()
     torch.set_num_threads(args.threads)
     model = load_model(MODEL, device="cpu")
     path = RESULTS / "generation.json"

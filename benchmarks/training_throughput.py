@@ -16,14 +16,18 @@ import json
 import os
 import platform
 import re
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from napari_cytodiffusion.core.datasets import list_labelled_images, pack_cells
-from napari_cytodiffusion.core.model.training import DEFAULT_CHANNELS, train
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import keep_float32, network_precision  # noqa: E402
+
+from napari_cytodiffusion.core.datasets import list_labelled_images, pack_cells  # noqa: E402
+from napari_cytodiffusion.core.model.training import DEFAULT_CHANNELS, train  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -46,7 +50,7 @@ def cpu_throughput(pbc_dir, steps, batch_size, cells=64):
             steps=steps,
             batch_size=batch_size,
             device="cpu",
-            progress=lambda step, _total, _loss: reports.append((step, time.perf_counter())),
+            progress=lambda step, _total: reports.append((step, time.perf_counter())),
             log=lambda _: None,
         )
     (first_step, first), (last_step, last) = reports[0], reports[-1]
@@ -59,7 +63,8 @@ def cpu_throughput(pbc_dir, steps, batch_size, cells=64):
         "timed_steps": last_step - first_step,
         "channels": list(DEFAULT_CHANNELS),
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-        f"torch {torch.__version__} with {torch.get_num_threads()} threads",
+        f"torch {torch.__version__} with {torch.get_num_threads()} threads, "
+        f"network in {network_precision()}",
     }
 
 
@@ -104,7 +109,14 @@ def main():
     parser.add_argument("--pbc", default=str(ROOT.parent / "shared" / "data" / "pbc"))
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument(
+        "--float32",
+        action="store_true",
+        help="keep the network in float32 on a CPU that computes in bfloat16, to compare",
+    )
     args = parser.parse_args()
+    if args.float32:
+        keep_float32()
 
     load_before = os.getloadavg()
     cpu = cpu_throughput(Path(args.pbc), args.steps, args.batch_size)

@@ -60,7 +60,7 @@ def test_classifier_calls_real_cells(default_model, pbc_crops):
         assert 8 <= call.unet_evals <= 8 * 8  # one trial of every class at least
 
 
-def test_adaptive_is_reproducible_and_matches_its_replay(default_model, pbc_crops):
+def test_adaptive_is_reproducible_and_matches_its_replay(default_model, pbc_crops, float32_network):
     crops, _ = pbc_crops
     live, spent = class_errors(default_model, crops, "adaptive", seed=3, budget=6)
     again, _ = class_errors(default_model, crops, "adaptive", seed=3, budget=6)
@@ -73,6 +73,24 @@ def test_adaptive_is_reproducible_and_matches_its_replay(default_model, pbc_crop
     np.testing.assert_allclose(replayed[~np.isnan(live)], live[~np.isnan(live)], rtol=1e-4)
     np.testing.assert_array_equal(replay_spent, spent)
     assert spent.mean() < full_spent.mean()
+
+
+def test_bfloat16_autocast_keeps_the_calls(default_model, pbc_crops, monkeypatch):
+    import torch
+
+    from napari_cytodiffusion.core.model import diffusion
+
+    crops, truth = pbc_crops
+    precise = classify_crops(default_model, crops, budget=8, seed=0)
+    # Forced on, so this also runs (emulated, slower) on CPUs without bfloat16 units.
+    monkeypatch.setattr(diffusion, "_cpu_computes_in_bfloat16", lambda: True)
+    with diffusion.autocast(torch.device("cpu")):
+        assert torch.get_autocast_dtype("cpu") == torch.bfloat16
+    rounded = classify_crops(default_model, crops, budget=8, seed=0)
+    assert [c.label for c in rounded] == [c.label for c in precise] == truth
+    for a, b in zip(precise, rounded, strict=True):
+        assert a.probabilities == pytest.approx(b.probabilities, abs=0.05)
+        assert a.uncertainty == pytest.approx(b.uncertainty, abs=0.05)
 
 
 def test_null_class_can_be_scored_alongside(default_model, pbc_crops):
@@ -231,7 +249,9 @@ def test_given_labels_are_classified_at_their_centroids(default_model, pbc_dir):
 # ----------------------------------------------------------------------------- issue 9
 
 
-def test_the_null_class_runs_alongside_without_changing_the_calls(default_model, pbc_crops):
+def test_the_null_class_runs_alongside_without_changing_the_calls(
+    default_model, pbc_crops, float32_network
+):
     from napari_cytodiffusion.core.model.classifier import ANOMALY_TRIALS, calls_from_errors
 
     crops, _ = pbc_crops

@@ -128,7 +128,7 @@ def adapt_weights(
             xt = add_noise(x0, t, noise, model.alpha_bars)
             for group in optimiser.param_groups:  # a short warm-up keeps early steps gentle
                 group["lr"] = lr * min(1.0, step / 20)
-            with autocast(device, on_cpu=True):
+            with autocast(device):
                 loss = torch.nn.functional.mse_loss(unet(xt, t, y).float(), noise)
             optimiser.zero_grad(set_to_none=True)
             loss.backward()

@@ -1,10 +1,11 @@
 """Training the class-conditional diffusion model on packed, normalised cells.
 
-Runs on CPU or CUDA. On CUDA the whole training set lives on the GPU as uint8 and is
-augmented there (rotation by any angle, flips, mild zoom and shift, colour jitter for stain
-differences), in bfloat16 autocast. With ``augmentation="lab"`` every batch is also shown as
-other labs would have stained, lit, focused, photographed and compressed it
-(:mod:`~napari_cytodiffusion.core.model.augment`), and the scale varies by +-20 %.
+Runs on CPU or CUDA, in bfloat16 autocast where the hardware computes in it. On CUDA the
+whole training set lives on the GPU as uint8 and is augmented there (rotation by any angle,
+flips, mild zoom and shift, colour jitter for stain differences). With ``augmentation="lab"``
+every batch is also shown as other labs would have stained, lit, focused, photographed and
+compressed it (:mod:`~napari_cytodiffusion.core.model.augment`), and the scale varies by
++-20 %.
 Unlabelled cells of a pack (label -1, white cells of other labs' smears) train the null class
 only. Checkpoints hold only tensors and plain values, so they load with
 ``torch.load(weights_only=True)``; training resumes exactly from them.
@@ -309,7 +310,12 @@ def _training_step(run, cells, alpha_bars, steps, batch_size, lr, class_dropout)
     """One optimiser step on a class-balanced, augmented batch; returns the loss tensor."""
     import torch
 
-    from napari_cytodiffusion.core.model.diffusion import NUM_TIMESTEPS, add_noise, to_model_range
+    from napari_cytodiffusion.core.model.diffusion import (
+        NUM_TIMESTEPS,
+        add_noise,
+        autocast,
+        to_model_range,
+    )
 
     device, generator = run.device, run.generator
     picks = torch.multinomial(cells.weights, batch_size, replacement=True, generator=generator)
@@ -330,7 +336,7 @@ def _training_step(run, cells, alpha_bars, steps, batch_size, lr, class_dropout)
         xt = xt.contiguous(memory_format=torch.channels_last)
     for group in run.optimiser.param_groups:
         group["lr"] = _learning_rate(run.step, steps, lr)
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+    with autocast(device):
         loss = torch.nn.functional.mse_loss(run.model(xt, t, y).float(), noise)
     run.optimiser.zero_grad(set_to_none=True)
     loss.backward()
@@ -388,6 +394,7 @@ def validation_loss(model, images, labels, image_size, max_images=512, seed=1234
     from napari_cytodiffusion.core.model.diffusion import (
         NUM_TIMESTEPS,
         add_noise,
+        autocast,
         cosine_alpha_bars,
         to_model_range,
     )
@@ -408,7 +415,7 @@ def validation_loss(model, images, labels, image_size, max_images=512, seed=1234
     with torch.no_grad():
         for start in range(0, len(x0), 128):
             part = slice(start, start + 128)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            with autocast(device):
                 pred = model(
                     add_noise(x0[part], t[part], noise[part], alpha_bars), t[part], labels[part]
                 )
