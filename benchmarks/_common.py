@@ -17,16 +17,18 @@ def pbc_records(split):
 def keep_float32():
     """Keep the network in float32 on a CPU that computes in bfloat16 (``--float32``), to
     compare with the bfloat16 autocast a user's run gets there."""
-    from napari_cytodiffusion.core.model import diffusion
+    import os
 
-    diffusion._cpu_computes_in_bfloat16 = lambda: False
+    from napari_cytodiffusion.core.model.diffusion import FLOAT32_ENV
+
+    os.environ[FLOAT32_ENV] = "1"
 
 
 def network_precision(device="cpu"):
     """What the network computes in on ``device``, for the results files."""
     import torch
 
-    from napari_cytodiffusion.core.model import diffusion
+    from napari_cytodiffusion.core.model.diffusion import network_dtype
 
-    bfloat16 = torch.device(device).type == "cuda" or diffusion._cpu_computes_in_bfloat16()
+    bfloat16 = network_dtype(torch.device(device)) == torch.bfloat16
     return "bfloat16 autocast" if bfloat16 else "float32"

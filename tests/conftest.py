@@ -46,9 +46,9 @@ def float32_network(monkeypatch):
     For tests of exact algorithmic identities (a replay equals its live run): in bfloat16 a
     cell's errors move by up to about 0.3 % with the other cells of its batch.
     """
-    from napari_cytodiffusion.core.model import diffusion
+    from napari_cytodiffusion.core.model.diffusion import FLOAT32_ENV
 
-    monkeypatch.setattr(diffusion, "_cpu_computes_in_bfloat16", lambda: False)
+    monkeypatch.setenv(FLOAT32_ENV, "1")
 
 
 @pytest.fixture(scope="session")

@@ -77,22 +77,6 @@ def test_adapt_registers_a_calibrated_local_model(
     assert "sha256" in capsys.readouterr().err
 
 
-def test_the_network_runs_in_bfloat16_only_where_the_cpu_computes_in_it(monkeypatch):
-    import torch
-
-    from napari_cytodiffusion.core.model.diffusion import autocast
-
-    cpu = torch.device("cpu")
-    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"amx_bf16": False, "avx2": True})
-    with autocast(cpu):
-        assert not torch.is_autocast_enabled("cpu")
-    for units in ("amx_bf16", "avx512_bf16"):
-        monkeypatch.setattr(torch.cpu, "get_capabilities", lambda units=units: {units: True})
-        with autocast(cpu):
-            assert torch.is_autocast_enabled("cpu")
-            assert torch.get_autocast_dtype("cpu") == torch.bfloat16
-
-
 def test_bad_names_and_data_are_refused_with_a_message(synthetic_cells_dir, isolated_cache, capsys):
     assert main(["adapt", str(synthetic_cells_dir), "--out", "default"]) == 2
     assert "model of the package" in capsys.readouterr().err

@@ -75,22 +75,41 @@ def test_adaptive_is_reproducible_and_matches_its_replay(default_model, pbc_crop
     assert spent.mean() < full_spent.mean()
 
 
-def test_bfloat16_autocast_keeps_the_calls(default_model, pbc_crops, monkeypatch):
+def test_the_network_runs_in_bfloat16_only_where_the_cpu_computes_in_it(monkeypatch):
     import torch
 
+    from napari_cytodiffusion.core.model.diffusion import FLOAT32_ENV, autocast, network_dtype
+
+    cpu = torch.device("cpu")
+    monkeypatch.delenv(FLOAT32_ENV, raising=False)
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"amx_bf16": False, "avx2": True})
+    assert network_dtype(cpu) == torch.float32
+    with autocast(cpu):
+        assert not torch.is_autocast_enabled("cpu")
+    for units in ("amx_bf16", "avx512_bf16"):
+        monkeypatch.setattr(torch.cpu, "get_capabilities", lambda units=units: {units: True})
+        with autocast(cpu):
+            assert torch.is_autocast_enabled("cpu")
+            assert torch.get_autocast_dtype("cpu") == torch.bfloat16
+    monkeypatch.setenv(FLOAT32_ENV, "1")  # the user's way to keep float32
+    assert network_dtype(cpu) == network_dtype(torch.device("cuda")) == torch.float32
+
+
+def test_bfloat16_autocast_keeps_the_calls(default_model, pbc_crops, monkeypatch):
     from napari_cytodiffusion.core.model import diffusion
 
     crops, truth = pbc_crops
+    monkeypatch.setenv(diffusion.FLOAT32_ENV, "1")
     precise = classify_crops(default_model, crops, budget=8, seed=0)
+    monkeypatch.delenv(diffusion.FLOAT32_ENV)
     # Forced on, so this also runs (emulated, slower) on CPUs without bfloat16 units.
     monkeypatch.setattr(diffusion, "_cpu_computes_in_bfloat16", lambda: True)
-    with diffusion.autocast(torch.device("cpu")):
-        assert torch.get_autocast_dtype("cpu") == torch.bfloat16
     rounded = classify_crops(default_model, crops, budget=8, seed=0)
     assert [c.label for c in rounded] == [c.label for c in precise] == truth
     for a, b in zip(precise, rounded, strict=True):
         assert a.probabilities == pytest.approx(b.probabilities, abs=0.05)
         assert a.uncertainty == pytest.approx(b.uncertainty, abs=0.05)
+        assert a.probabilities != b.probabilities  # the two runs did differ in precision
 
 
 def test_null_class_can_be_scored_alongside(default_model, pbc_crops):
