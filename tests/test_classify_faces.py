@@ -86,6 +86,7 @@ def test_widget_adds_class_uncertainty_and_review_layers(classify_widget, pbc_di
     assert uncertainty[80, 80] == pytest.approx(features["uncertainty"][0])
     assert widget._summary.item(1, 0).text() == "eosinophil"
     assert widget._summary.item(1, 1).text() == "1"
+    assert widget._device_used.value in ("ran on: cpu (bfloat16)", "ran on: cpu (float32)")
 
     # Thresholds apply to the result without running the model again.
     widget._uncertainty.value = 0.0
