@@ -139,6 +139,29 @@ def test_the_widget_adapts_and_every_widget_offers_the_new_model(
     assert len(viewer.layers) == 0
 
 
+def test_a_closed_widget_does_not_stop_new_models_reaching_the_others(make_napari_viewer, qtbot):
+    from napari_cytodiffusion._widgets._classify import ClassifyWidget
+    from napari_cytodiffusion._widgets._common import refresh_model_choices
+    from napari_cytodiffusion._widgets._generate import GenerateWidget
+
+    viewer = make_napari_viewer()
+    closed, still_open = ClassifyWidget(viewer), GenerateWidget(viewer)
+    closed.native.deleteLater()  # as Qt does when the user closes its dock
+    qtbot.waitUntil(lambda: _deleted(closed._fields.model.native), timeout=5_000)
+    still_open._fields.model.native.clear()
+    refresh_model_choices()
+    assert "default" in still_open._fields.model.choices
+    assert still_open._fields.model.native.count() > 0
+
+
+def _deleted(qt_widget):
+    try:
+        qt_widget.objectName()
+    except RuntimeError:
+        return True
+    return False
+
+
 def test_the_widget_refuses_a_missing_folder(make_napari_viewer, monkeypatch, isolated_cache):
     from napari_cytodiffusion._widgets import _adapt
 

@@ -107,7 +107,10 @@ def model_names(_=None):
 def refresh_model_choices():
     """Offer newly registered models (adapted, calibrated) in every open widget."""
     for fields in list(_MODEL_FIELDS):
-        fields.model.reset_choices()
+        try:
+            fields.model.reset_choices()
+        except RuntimeError:  # its widget was closed and Qt has deleted it
+            _MODEL_FIELDS.discard(fields)
 
 
 class ModelFields:
