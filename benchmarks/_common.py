@@ -1,5 +1,7 @@
-"""Where the benchmarks find the shared data and keep their results."""
+"""Where the benchmarks find the shared data and keep their results; their ``--float32``."""
 
+import argparse
+import os
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -14,21 +16,22 @@ def pbc_records(split):
     return [r for r in list_labelled_images(DATA / "pbc" / "splits.csv") if r.split == split]
 
 
-def keep_float32():
-    """Keep the network in float32 on a CPU that computes in bfloat16 (``--float32``), to
+class _KeepFloat32(argparse.Action):
+    """``--float32``: keep the network in float32 on a CPU that computes in bfloat16, to
     compare with the bfloat16 autocast a user's run gets there."""
-    import os
 
-    from napari_cytodiffusion.core.model.diffusion import FLOAT32_ENV
+    def __call__(self, parser, namespace, values, option_string=None):
+        from napari_cytodiffusion.core.model.diffusion import FLOAT32_ENV
 
-    os.environ[FLOAT32_ENV] = "1"
+        os.environ[FLOAT32_ENV] = "1"
+        setattr(namespace, self.dest, True)
 
 
-def network_precision(device="cpu"):
-    """What the network computes in on ``device``, for the results files."""
-    import torch
-
-    from napari_cytodiffusion.core.model.diffusion import network_dtype
-
-    bfloat16 = network_dtype(torch.device(device)) == torch.bfloat16
-    return "bfloat16 autocast" if bfloat16 else "float32"
+def add_float32_option(parser):
+    parser.add_argument(
+        "--float32",
+        action=_KeepFloat32,
+        nargs=0,
+        default=False,
+        help="keep the network in float32 on a CPU that computes in bfloat16, to compare",
+    )

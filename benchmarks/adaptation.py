@@ -31,8 +31,10 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import DATA, RESULTS, network_precision, pbc_records  # noqa: E402
+from _common import DATA, RESULTS, pbc_records  # noqa: E402
 from _metrics import balanced_accuracy  # noqa: E402
+
+from napari_cytodiffusion.core.model.diffusion import network_precision  # noqa: E402
 
 DATASET = DATA / "segmentation_wbc_dataset1"
 NAMES = {1: "neutrophil", 2: "lymphocyte", 3: "monocyte", 4: "eosinophil", 5: "basophil"}
@@ -227,7 +229,7 @@ def main():
     results["environment"] = {
         "cpu": platform.machine(),
         "cores": os.cpu_count(),
-        "network_precision": network_precision(),
+        "network_precision": network_precision("cpu"),
     }
     print("base", results["base"], flush=True)
     ks = [int(k) for k in args.k.split(",")]

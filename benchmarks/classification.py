@@ -36,10 +36,11 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import DATA, RESULTS, keep_float32, network_precision, pbc_records  # noqa: E402
+from _common import DATA, RESULTS, add_float32_option, pbc_records  # noqa: E402
 from _metrics import auroc, call_metrics  # noqa: E402
 
 from napari_cytodiffusion.core.classes import CLASSES  # noqa: E402
+from napari_cytodiffusion.core.model.diffusion import network_precision  # noqa: E402
 from napari_cytodiffusion.core.model.weights import load_model  # noqa: E402
 
 
@@ -245,19 +246,13 @@ def main():
         p.add_argument("--tag", default="", help="suffix of the results file")
     for name in ("cpu", "dataset1"):
         sub.choices[name].add_argument("--scale", choices=["per-image", "shared"], default="shared")
-        sub.choices[name].add_argument(
-            "--float32",
-            action="store_true",
-            help="keep the network in float32 on a CPU that computes in bfloat16, to compare",
-        )
+        add_float32_option(sub.choices[name])
     sub.choices["cpu"].add_argument("--stratified", type=int, help="cells per class instead")
     args = parser.parse_args()
     parts = {"h100": h100, "cpu": cpu, "shift": shift, "dataset1": dataset1}
-    if getattr(args, "float32", False):
-        keep_float32()
     report = parts[args.part](args)
     if args.part in ("cpu", "dataset1"):
-        report["network_precision"] = network_precision()
+        report["network_precision"] = network_precision("cpu")
     suffix = f"_{args.scale}" if args.part in ("cpu", "dataset1") else ""
     suffix += getattr(args, "tag", "")
     out = RESULTS / f"classification_{args.part}{suffix}.json"

@@ -25,7 +25,9 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import RESULTS, keep_float32, network_precision, pbc_records  # noqa: E402
+from _common import RESULTS, add_float32_option, pbc_records  # noqa: E402
+
+from napari_cytodiffusion.core.model.diffusion import network_precision  # noqa: E402
 
 RBC_DIAMETER = 29.0  # PBC's red-cell diameter in pixels (360 x 363 px images)
 OUT = RESULTS / "counterfactual.json"
@@ -162,14 +164,8 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=counterfactual.DEFAULT_EDIT_STEPS)
     parser.add_argument("--per-class", type=int, default=8)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument(
-        "--float32",
-        action="store_true",
-        help="keep the network in float32 on a CPU that computes in bfloat16, to compare",
-    )
+    add_float32_option(parser)
     args = parser.parse_args(argv)
-    if args.float32:
-        keep_float32()
     torch.set_num_threads(args.threads)
     model = load_model("default", device="cpu")
     crops, labels = val_cells(model, args.per_class)
@@ -184,7 +180,7 @@ def main(argv=None):
     report["runs"][args.label] = {
         "cells": len(crops),
         "cells_per_class": args.per_class,
-        "network_precision": network_precision(),
+        "network_precision": network_precision("cpu"),
         "classifier_accuracy_on_the_cells": float(np.mean(np.array(calls) == np.array(labels))),
         "default": {
             "method": getattr(counterfactual, "DEFAULT_EDIT_METHOD", "noise"),

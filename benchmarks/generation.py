@@ -35,12 +35,16 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import REPO, RESULTS, keep_float32, network_precision, pbc_records  # noqa: E402
+from _common import REPO, RESULTS, add_float32_option, pbc_records  # noqa: E402
 
 from napari_cytodiffusion.core.classes import CLASSES  # noqa: E402
 from napari_cytodiffusion.core.datasets import load_pack  # noqa: E402
 from napari_cytodiffusion.core.model import generation, sampling  # noqa: E402
-from napari_cytodiffusion.core.model.diffusion import NUM_TIMESTEPS, autocast  # noqa: E402
+from napari_cytodiffusion.core.model.diffusion import (  # noqa: E402
+    NUM_TIMESTEPS,
+    autocast,
+    network_precision,
+)
 from napari_cytodiffusion.core.model.weights import load_model  # noqa: E402
 from napari_cytodiffusion.core.turing import normalise_real_cells  # noqa: E402
 
@@ -56,7 +60,7 @@ def environment():
         "torch_threads": torch.get_num_threads(),
         "load_average_at_start": os.getloadavg()[0],
         "torch": torch.__version__,
-        "network_precision": network_precision(),
+        "network_precision": network_precision("cpu"),
     }
 
 
@@ -603,14 +607,8 @@ def main():
     parser.add_argument("--fidelity-per-class", type=int, default=12)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (the CPU is shared)")
     parser.add_argument("--cache", default="/tmp/cytodiffusion_generation_bench")
-    parser.add_argument(
-        "--float32",
-        action="store_true",
-        help="keep the network in float32 on a CPU that computes in bfloat16, to compare",
-    )
+    add_float32_option(parser)
     args = parser.parse_args()
-    if args.float32:
-        keep_float32()
     torch.set_num_threads(args.threads)
     model = load_model(MODEL, device="cpu")
     path = RESULTS / "generation.json"

@@ -24,9 +24,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import keep_float32, network_precision  # noqa: E402
+from _common import add_float32_option  # noqa: E402
 
 from napari_cytodiffusion.core.datasets import list_labelled_images, pack_cells  # noqa: E402
+from napari_cytodiffusion.core.model.diffusion import network_precision  # noqa: E402
 from napari_cytodiffusion.core.model.training import DEFAULT_CHANNELS, train  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -64,7 +65,7 @@ def cpu_throughput(pbc_dir, steps, batch_size, cells=64):
         "channels": list(DEFAULT_CHANNELS),
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
         f"torch {torch.__version__} with {torch.get_num_threads()} threads, "
-        f"network in {network_precision()}",
+        f"network in {network_precision('cpu')}",
     }
 
 
@@ -109,14 +110,8 @@ def main():
     parser.add_argument("--pbc", default=str(ROOT.parent / "shared" / "data" / "pbc"))
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument(
-        "--float32",
-        action="store_true",
-        help="keep the network in float32 on a CPU that computes in bfloat16, to compare",
-    )
+    add_float32_option(parser)
     args = parser.parse_args()
-    if args.float32:
-        keep_float32()
 
     load_before = os.getloadavg()
     cpu = cpu_throughput(Path(args.pbc), args.steps, args.batch_size)

@@ -206,7 +206,9 @@ class ClassifyWidget(DockForm):
         """Main thread: add the layers prepared by the worker, one per turn of the event loop
         (see ``_runner``)."""
         model, result, layers = outcome
-        self._device_used.value = f"ran on: {model.device} ({_precision(model.device)})"
+        from napari_cytodiffusion.core.model.diffusion import network_precision
+
+        self._device_used.value = f"ran on: {model.device} ({network_precision(model.device)})"
         if not self._thresholds_from_model:
             # Start from the thresholds calibrated with the model; the user may change them.
             self._thresholds_from_model = True
@@ -464,12 +466,3 @@ def _legend_html(classes):
         for name, colour in class_colours(classes).items()
     ]
     return "<br>".join(items)
-
-
-def _precision(device):
-    """What the network computed in (bfloat16 or float32), for the status line."""
-    import torch
-
-    from napari_cytodiffusion.core.model.diffusion import network_dtype
-
-    return str(network_dtype(torch.device(device))).removeprefix("torch.")

@@ -36,7 +36,7 @@ def autocast(device):
 def network_dtype(device):
     """What the network computes in on ``device``: bfloat16 on CUDA and on CPUs with AMX or
     AVX-512 BF16 units, float32 elsewhere (emulated bfloat16 would be slower) and wherever
-    ``NAPARI_CYTODIFFUSION_FLOAT32`` is set (for runs to compare bit for bit with float32).
+    ``NAPARI_CYTODIFFUSION_FLOAT32`` is set (for runs to compare with float32 ones).
 
     On 2 cores of an AMD EPYC with AVX-512 BF16, bfloat16 makes classification 1.6 times faster
     (0.52 -> 0.33 s per PBC test cell, the same balanced accuracy), generation 1.8 and training
@@ -47,6 +47,11 @@ def network_dtype(device):
     if device.type == "cuda" or (device.type == "cpu" and _cpu_computes_in_bfloat16()):
         return torch.bfloat16
     return torch.float32
+
+
+def network_precision(device):
+    """:func:`network_dtype` by name ("bfloat16" or "float32"), for status lines and reports."""
+    return str(network_dtype(torch.device(device))).removeprefix("torch.")
 
 
 def _cpu_computes_in_bfloat16():
