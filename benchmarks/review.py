@@ -60,12 +60,17 @@ def fit(args):
     model = load_model_file(SHIPPED, "cpu")
     train, val, val_features = load("pbc_train"), load("pbc_val"), load("pbc_val_features")
     reference = domain.fit_domain_reference(
-        train["features"], train["colours"], val_features["features"], val_features["colours"]
+        train["features"],
+        train["colours"],
+        val_features["features"],
+        val_features["colours"],
+        _sharpness(train),
+        _sharpness(val_features),
     )
     labels = val["labels"][val["scored"]]
     before = dict(model.calibration)
     calibration = fit_review(model, val["errors"], labels, args.method, reference)
-    cell, smear = domain.domain_parts(reference, val_features["features"], val_features["colours"])
+    cell, smear = _parts(reference, val_features)
     report = {
         "method": args.method,
         "anomaly_threshold": calibration["anomaly_threshold"],
@@ -88,6 +93,41 @@ def fit(args):
         _save_keeping_history(model, save_model_file)
         report["registry"] = list(update_registry_hash(SHIPPED))
     return report
+
+
+def fit_sharpness(args):
+    from napari_cytodiffusion.core.model.checkpoint import load_model_file, save_model_file
+    from napari_cytodiffusion.core.model.weights import update_registry_hash
+
+    model = load_model_file(SHIPPED, "cpu")
+    train, val_features = load("pbc_train"), load("pbc_val_features")
+    reference = dict(model.calibration["domain"])
+    before = np.fmax(*_parts(reference, val_features))
+    reference["sharpness"] = domain.fit_sharpness_reference(
+        _sharpness(train), _sharpness(val_features)
+    )
+    after = np.fmax(*_parts(reference, val_features))
+    report = {
+        "sharpness": reference["sharpness"],
+        "val_domain_flagged_before": float(np.mean(before > 1)),
+        "val_domain_flagged": float(np.mean(after > 1)),
+        "train_cells": int(len(train["crops"])),
+        "val_cells": int(len(val_features["crops"])),
+    }
+    if args.write:
+        model.calibration = {**model.calibration, "domain": reference}
+        _save_keeping_history(model, save_model_file)
+        report["registry"] = list(update_registry_hash(SHIPPED))
+    return report
+
+
+def _sharpness(data):
+    return domain.crop_sharpness(data["crops"].astype(np.float32) / 255)
+
+
+def _parts(reference, data):
+    """(cell, smear) parts of the domain-shift score of a cached set."""
+    return domain.domain_parts(reference, data["features"], data["colours"], _sharpness(data))
 
 
 def _save_keeping_history(model, save_model_file):
@@ -146,11 +186,12 @@ def report(args):
     pbc = load("pbc_test_features")
     sets = {"wbc_dataset1": load("dataset1"), "cbc_train": load("cbc_train")}
     out = {"model_sha256_note": "the shipped file after `review.py fit --write`"}
-    pbc_cell, pbc_smear = domain.domain_parts(reference, pbc["features"], pbc["colours"])
+    pbc_cell, pbc_smear = _parts(reference, pbc)
     pbc_score = np.fmax(pbc_cell, pbc_smear)
     out["pbc_test_domain_flagged"] = float(np.mean(pbc_score > 1))
+    out["pbc_test_sharpness_median"] = float(np.median(_sharpness(pbc)))
     for name, data in sets.items():
-        cell, smear = domain.domain_parts(reference, data["features"], data["colours"])
+        cell, smear = _parts(reference, data)
         score = np.fmax(cell, smear)
         positive = np.r_[np.ones(len(score)), np.zeros(len(pbc_score))]
         out[name] = {
@@ -160,10 +201,13 @@ def report(args):
             "smear_part_auroc": auroc(positive, np.r_[smear, pbc_smear]),
             "domain_flagged": float(np.mean(score > 1)),
             "domain_median": float(np.median(score)),
+            "sharpness_median": float(np.median(_sharpness(data))),
         }
-    both = np.r_[sets["wbc_dataset1"]["features"], sets["cbc_train"]["features"]]
-    both_colours = np.r_[sets["wbc_dataset1"]["colours"], sets["cbc_train"]["colours"]]
-    score = np.fmax(*domain.domain_parts(reference, both, both_colours))
+    both = {
+        key: np.r_[sets["wbc_dataset1"][key], sets["cbc_train"][key]]
+        for key in ("features", "colours", "crops")
+    }
+    score = np.fmax(*_parts(reference, both))
     out["dataset1_and_cbc_domain_auroc_vs_pbc_test"] = auroc(
         np.r_[np.ones(len(score)), np.zeros(len(pbc_score))], np.r_[score, pbc_score]
     )
@@ -189,11 +233,14 @@ def main():
     f = sub.add_parser("fit")
     f.add_argument("--method", default="null_gain")
     f.add_argument("--write", action="store_true")
+    s = sub.add_parser("fit-sharpness")
+    s.add_argument("--write", action="store_true")
     sub.add_parser("report")
     args = parser.parse_args()
-    result = {"fit": fit, "report": report}[args.part](args)
+    parts = {"fit": fit, "fit-sharpness": fit_sharpness, "report": report}
+    result = parts[args.part](args)
     result["hardware"] = "2-core CPU shared with other developers' jobs"
-    out = RESULTS / f"review_{args.part}.json"
+    out = RESULTS / f"review_{args.part.replace('-', '_')}.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
 

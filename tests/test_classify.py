@@ -402,6 +402,48 @@ def test_domain_shift_ranks_shifted_cells_above_training_cells():
     assert np.mean(cell2 > 1) > 0.9 and np.mean(smear2 > 1) > 0.9
 
 
+def test_a_soft_cell_is_unlike_the_training_smears_a_sharper_one_is_not():
+    from scipy import ndimage as ndi
+
+    from napari_cytodiffusion.core.model.domain import (
+        crop_sharpness,
+        domain_parts,
+        fit_domain_reference,
+    )
+
+    rng = np.random.default_rng(1)
+    textures = ndi.gaussian_filter(rng.random((300, 64, 64, 3)), (0, 0.5, 0.5, 0))
+    sharpness = crop_sharpness(textures)
+    features = rng.normal(size=(300, 8))
+    colours = np.tile([1.0, 0.89, 0.8, 0.18, 0.26, 0.18, 0.5, 0.84, 0.2], (300, 1))
+    train, val = slice(0, 200), slice(200, 300)
+    reference = fit_domain_reference(
+        *(features[train], colours[train], features[val], colours[val]),
+        *(sharpness[train], sharpness[val]),
+    )
+    soft = ndi.gaussian_filter(textures[200:], (0, 1.0, 1.0, 0))
+    sharp = textures[200:] + rng.normal(0, 0.05, textures[200:].shape)
+    as_seen, _ = domain_parts(reference, features[200:], sharpness=sharpness[200:])
+    softer, _ = domain_parts(reference, features[200:], sharpness=crop_sharpness(soft))
+    sharper, _ = domain_parts(reference, features[200:], sharpness=crop_sharpness(sharp))
+    assert np.mean(as_seen > 1) <= 0.02
+    assert np.all(softer > 1)  # defocus: the part is one-sided ...
+    assert np.mean(sharper > 1) <= 0.02  # ... extra detail is the encoder features' business
+
+
+def test_the_shipped_model_flags_a_defocused_pbc_cell(default_model, pbc_crops):
+    # Blurred by 1.5 model pixels, PBC cells are called platelets with confidence (0.36
+    # balanced accuracy in benchmarks/perturbations.py); the sharpness part must say so.
+    from scipy import ndimage as ndi
+
+    from napari_cytodiffusion.core.model.domain import domain_shift_scores
+
+    crops, _ = pbc_crops
+    blurred = ndi.gaussian_filter(crops, (0, 1.5, 1.5, 0))
+    assert np.all(domain_shift_scores(default_model, crops) < 1)
+    assert np.all(domain_shift_scores(default_model, blurred) > 1)
+
+
 def test_stain_normalisation_undoes_a_stain_change_and_leaves_pbc_alone(pbc_dir):
     import torch
 

@@ -10,7 +10,10 @@ cells (``fit_domain_reference``, stored in the model's calibration under ``"doma
   UNet sees the normalised crop (timestep 0, one pass, about a quarter of one noise
   prediction); the mean and SD of every channel at every level of the encoder are its
   features. Their distance is the Mahalanobis distance in the top principal components of the
-  training cells' features plus the residual outside them (probabilistic PCA);
+  training cells' features plus the residual outside them (probabilistic PCA). Beside it, the
+  crop's **sharpness** (:func:`crop_sharpness`), one-sided: a defocused cell is called a
+  platelet or an erythroblast with confidence (their denoisers expect smooth images), and the
+  encoder's features alone let most such cells through (``benchmarks/perturbations.py``);
 * **the smear** (lamp and stain): the colour references the normalisation measured on the
   smear (:meth:`~napari_cytodiffusion.core.smear.normalise.ColourMap.statistics`: background,
   red-cell optical density, nuclear hue), by Mahalanobis distance; a reference that was not
@@ -23,13 +26,58 @@ training smears*. A smear's score is the median over its cells (:func:`smear_dom
 
 import numpy as np
 
-# Share of validation cells each part of the score flags (so at most twice this together).
+# Share of validation cells each part of the score flags (so at most three times this together).
 FALSE_ALARM = 0.005
 # Principal components of the training features kept for the Mahalanobis part.
 COMPONENTS = 32
 # Floors on the SD of the colour references (background, red-cell OD, nuclear direction), so
 # that a scanner family's near-constant lamp does not make every other lamp "infinitely" far.
 COLOUR_SD_FLOOR = np.array([0.01] * 3 + [0.02] * 3 + [0.02] * 3)
+# Gaussian scales (model pixels) that split a crop's detail into a fine band (below the first)
+# and a middle band (between the two) for the sharpness measure.
+SHARPNESS_SCALES = (0.7, 2.0)
+
+
+def crop_sharpness(crops):
+    """How sharp normalised crops are: the log ratio of the energy of their fine detail to
+    that of their middle-sized detail, in grey level (n,). Lower is softer.
+
+    A ratio, so that stain strength and contrast cancel; it falls by about one for a Gaussian
+    blur of 1 model pixel, against a spread (SD) of 0.3 over PBC training cells.
+
+    Examples
+    --------
+    >>> from scipy import ndimage as ndi
+    >>> cell = np.random.default_rng(0).random((1, 64, 64, 3))
+    >>> soft = ndi.gaussian_filter(cell, (0, 1, 1, 0))
+    >>> bool(crop_sharpness(soft)[0] < crop_sharpness(cell)[0])
+    True
+    """
+    from scipy import ndimage as ndi
+
+    grey = np.asarray(crops, np.float32).mean(axis=-1)
+    fine_scale, middle_scale = SHARPNESS_SCALES
+    fine = ndi.gaussian_filter(grey, (0, fine_scale, fine_scale))
+    middle = ndi.gaussian_filter(grey, (0, middle_scale, middle_scale))
+    fine_energy = np.mean((grey - fine) ** 2, axis=(1, 2))
+    middle_energy = np.mean((fine - middle) ** 2, axis=(1, 2))
+    return np.log(np.maximum(fine_energy, 1e-12) / np.maximum(middle_energy, 1e-12))
+
+
+def fit_sharpness_reference(train_sharpness, val_sharpness):
+    """The sharpness part of the domain reference: the training cells' median, and the
+    threshold below which a validation cell is as soft as only :data:`FALSE_ALARM` of them."""
+    return {
+        "median": float(np.median(train_sharpness)),
+        "threshold": float(np.quantile(val_sharpness, FALSE_ALARM)),
+    }
+
+
+def _softness(reference, sharpness):
+    """Sharpness in units of its threshold: 1 at the threshold, above 1 softer, 0 or below
+    at the training cells' median or sharper."""
+    median, threshold = reference["median"], reference["threshold"]
+    return (median - np.asarray(sharpness, np.float64)) / max(median - threshold, 1e-6)
 
 
 def cell_features(model, crops, batch_size=256):
@@ -55,7 +103,14 @@ def cell_features(model, crops, batch_size=256):
     return np.concatenate(out).astype(np.float32)
 
 
-def fit_domain_reference(train_features, train_colours, val_features, val_colours):
+def fit_domain_reference(
+    train_features,
+    train_colours,
+    val_features,
+    val_colours,
+    train_sharpness=None,
+    val_sharpness=None,
+):
     """The domain reference: fitted on training cells, thresholded on validation cells.
 
     Parameters
@@ -64,6 +119,9 @@ def fit_domain_reference(train_features, train_colours, val_features, val_colour
         :func:`cell_features` of normalised training / validation crops.
     train_colours, val_colours : ndarray (n, 9)
         The colour references of each cell's smear (NaN where not found).
+    train_sharpness, val_sharpness : ndarray (n,), optional
+        :func:`crop_sharpness` of the same crops; without them the reference has no
+        sharpness part.
 
     Returns
     -------
@@ -96,6 +154,8 @@ def fit_domain_reference(train_features, train_colours, val_features, val_colour
     colour_distance = _colour_distance(colour, val_colours)
     features["threshold"] = float(np.quantile(feature_distance, 1 - FALSE_ALARM))
     colour["threshold"] = float(np.quantile(colour_distance, 1 - FALSE_ALARM))
+    if train_sharpness is not None and val_sharpness is not None:
+        reference["sharpness"] = fit_sharpness_reference(train_sharpness, val_sharpness)
     return reference
 
 
@@ -122,10 +182,14 @@ def _colour_distance(reference, colours):
     return np.sqrt(np.maximum(d2, 0) / len(mean))
 
 
-def domain_parts(reference, features, colours=None):
+def domain_parts(reference, features, colours=None, sharpness=None):
     """(cell part, smear part) of the domain-shift score (n,) each, in units of their
-    thresholds; the smear part is NaN without colours."""
+    thresholds; the smear part is NaN without colours. The cell part is the larger of the
+    encoder features' distance and the crop's softness, where the reference and ``sharpness``
+    (:func:`crop_sharpness`) both have it."""
     cell = _feature_distance(reference["features"], features) / reference["features"]["threshold"]
+    if sharpness is not None and "sharpness" in reference:
+        cell = np.fmax(cell, _softness(reference["sharpness"], sharpness))
     if colours is None:
         return cell, np.full(len(cell), np.nan)
     smear = _colour_distance(reference["colour"], colours) / reference["colour"]["threshold"]
@@ -138,8 +202,10 @@ def domain_shift_scores(model, crops, colours=None):
     reference = (model.calibration or {}).get("domain")
     if not reference or len(crops) == 0:
         return np.full(len(crops), np.nan)
-    features = cell_features(model, np.asarray(crops, np.float32))
-    cell, smear = domain_parts(reference, features, colours)
+    crops = np.asarray(crops, np.float32)
+    cell, smear = domain_parts(
+        reference, cell_features(model, crops), colours, crop_sharpness(crops)
+    )
     return np.fmax(cell, smear)
 
 
