@@ -72,6 +72,12 @@ def test_triage_reasons():
     assert decision == "review" and "possible blasts" in reasons[0]
     shifted = {**rows, "anomaly_score": [2.0] * 150}
     assert any("unfamiliar stain" in r for r in triage(pd.DataFrame(shifted))[1])
+    unfamiliar = {**rows, "domain_shift": [1.5] * 150, "softness": [0.2] * 150}
+    (reason,) = [r for r in triage(pd.DataFrame(unfamiliar))[1] if "unfamiliar stain" in r]
+    assert "domain shift 1.5" in reason and "check the focus" not in reason
+    defocused = {**unfamiliar, "softness": [1.8] * 150}
+    (reason,) = [r for r in triage(pd.DataFrame(defocused))[1] if "unfamiliar stain" in r]
+    assert "softer than the training cells" in reason and "check the focus" in reason
 
 
 def test_report_files_are_written_atomically(field_analysis, tmp_path, monkeypatch):

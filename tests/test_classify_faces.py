@@ -16,6 +16,7 @@ JSON_KEYS = {
     "uncertainty",
     "anomaly_score",
     "domain_shift",
+    "softness",
     "needs_review",
     "why",
     "unet_evals",
@@ -43,6 +44,25 @@ def test_cli_prints_one_json_object_per_cell_and_reports_bad_files(pbc_dir, tmp_
         "platelet",
     }
     assert "broken.png" in err and "Traceback" not in err
+
+
+def test_cli_says_when_an_image_is_softer_than_the_training_images(pbc_dir, tmp_path, capsys):
+    from PIL import Image
+    from scipy import ndimage as ndi
+
+    from napari_cytodiffusion.core.io import read_image
+
+    # Defocused by about 1.5 model pixels: the calls go wrong (mostly platelets), so the user
+    # must hear that the image, not the cell, is the problem, and what to do about it.
+    soft = tmp_path / "soft.png"
+    image = read_image(pbc_dir / EOSINOPHIL).astype(np.float32)
+    Image.fromarray(ndi.gaussian_filter(image, (1.7, 1.7, 0)).round().astype(np.uint8)).save(soft)
+    assert main(["classify", str(pbc_dir / EOSINOPHIL), "--device", "cpu"]) == 0
+    assert "unlike the training smears" not in capsys.readouterr().out
+    assert main(["classify", str(soft), "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "NEEDS REVIEW (" in out and "unlike the training smears" in out
+    assert f"{soft}: this smear is unlike the training smears" in out and "check the focus" in out
 
 
 def test_cli_refuses_a_grayscale_image(tmp_path, capsys):

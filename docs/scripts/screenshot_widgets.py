@@ -2,12 +2,13 @@
 
     xvfb-run -a -s "-screen 0 1600x1000x24" python docs/scripts/screenshot_widgets.py [NAME...]
 
-NAME is any of segment, analyze, classify, counterfactual, grid, generate, turing, train,
-annotate, adapt (default: all). Each widget is docked alone in a fresh viewer, run on real
-data (the bundled CBC smear field; PBC cells and dataset 1 from ../shared/data) on the CPU,
-and the window is saved to docs/images/ once the result is shown. Each screenshot checks
-that the canvas keeps at least 900 px of the width. ``grid`` saves the Counterfactuals
-widget's class x class figure of 24 PBC test cells through its dock's Save PNG instead.
+NAME is any of segment, analyze, classify, classify_soft, counterfactual, grid, generate,
+turing, train, annotate, adapt (default: all). Each widget is docked alone in a fresh
+viewer, run on real data (the bundled CBC smear field; PBC cells and dataset 1 from
+../shared/data) on the CPU, and the window is saved to docs/images/ once the result is
+shown. Each screenshot checks that the canvas keeps at least 900 px of the width. ``grid``
+saves the Counterfactuals widget's class x class figure of 24 PBC test cells through its
+dock's Save PNG instead.
 """
 
 import os
@@ -130,6 +131,28 @@ def classify():
     viewer.layers.selection.active = widget.class_layer
     viewer.reset_view()
     save(viewer, "classify_smear.png")
+    viewer.close()
+
+
+def classify_soft():
+    """A PBC test neutrophil defocused by about 1.5 model pixels, as a single-cell image."""
+    from scipy import ndimage as ndi
+
+    viewer, widget = docked(ClassifyWidget, "Classify cells")
+    record = next(
+        r
+        for r in list_labelled_images(PBC / "splits.csv")
+        if r.split == "test" and r.label == "neutrophil"
+    )
+    image = read_image(record.path).astype(np.float32)
+    soft = ndi.gaussian_filter(image, (1.7, 1.7, 0)).round().astype(np.uint8)
+    viewer.add_image(soft, name="neutrophil, defocused", rgb=True)
+    widget._image.value = viewer.layers["neutrophil, defocused"]
+    widget._single.value = True
+    run(widget, widget._run)
+    viewer.layers.selection.active = widget.class_layer
+    viewer.reset_view()
+    save(viewer, "classify_soft.png")
     viewer.close()
 
 
@@ -302,6 +325,7 @@ SHOTS = {
     "segment": segment,
     "analyze": analyze,
     "classify": classify,
+    "classify_soft": classify_soft,
     "counterfactual": counterfactual,
     "grid": grid,
     "generate": generate,

@@ -266,12 +266,9 @@ class ClassifyWidget(DockForm):
         table = self.class_layer.features
         flagged = int(table["needs_review"].sum())
         self._status.value = f"done: {len(table)} white cells, {flagged} need review"
-        shift = result.domain_shift()
-        if shift > 1.0:  # the smear as a whole: a banner, not only per-cell flags
-            self._status.value += (
-                f"; this smear is unlike the training smears (domain shift {shift:.1f}): "
-                "calls may be wrong, review them or adapt the model"
-            )
+        warning = result.smear_warning()
+        if warning:  # the smear as a whole: a banner, not only per-cell flags
+            self._status.value += f"; {warning}"
         show_info(f"Classified {len(table)} white cells; {flagged} need review.")
 
     def _update_review(self, *_):

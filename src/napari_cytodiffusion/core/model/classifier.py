@@ -92,6 +92,9 @@ class CellCall:
     domain_shift : float
         How far the cell and its smear are from the training smears, in units of the
         review threshold (above 1: flagged); NaN where the model has no reference.
+    softness : float
+        How much softer the crop is than the training cells, in the same units (above 1: the
+        domain shift is at least partly defocus); NaN where the model has no reference.
     why : str
         The reasons the call needs review (:data:`REASONS`, "; "-separated), "" when none.
     """
@@ -105,6 +108,7 @@ class CellCall:
     seconds: float = 0.0
     domain_shift: float = float("nan")
     why: str = ""
+    softness: float = float("nan")
 
     def as_dict(self):
         return {
@@ -113,6 +117,7 @@ class CellCall:
             "uncertainty": self.uncertainty,
             "anomaly_score": self.anomaly_score,
             "domain_shift": None if np.isnan(self.domain_shift) else self.domain_shift,
+            "softness": None if np.isnan(self.softness) else self.softness,
             "needs_review": self.needs_review,
             "why": self.why,
             "unet_evals": self.unet_evals,
@@ -162,7 +167,7 @@ def classify_crops(
     -------
     list of CellCall
     """
-    from napari_cytodiffusion.core.model.domain import domain_shift_scores
+    from napari_cytodiffusion.core.model.domain import domain_shift_scores, softness_scores
 
     started = time.perf_counter()
     null = uses_null_class(model)
@@ -180,8 +185,8 @@ def classify_crops(
         domain_threshold=domain_threshold,
     )
     seconds = (time.perf_counter() - started) / max(len(calls), 1)
-    for call in calls:
-        call.seconds = seconds
+    for call, softness in zip(calls, softness_scores(model, crops), strict=True):
+        call.seconds, call.softness = seconds, float(softness)
     return calls
 
 

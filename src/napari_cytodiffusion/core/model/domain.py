@@ -209,6 +209,28 @@ def domain_shift_scores(model, crops, colours=None):
     return np.fmax(cell, smear)
 
 
+# What a user is told when a smear's cells are soft (median softness above 1).
+SOFT_ADVICE = (
+    "its cells are softer than the training cells (out of focus, or a camera that resolves "
+    "less): check the focus"
+)
+
+
+def smear_softness(values):
+    """A smear's softness: the median of its cells' (NaN when none is known)."""
+    return smear_domain_shift(values)
+
+
+def softness_scores(model, crops):
+    """How much softer than the training cells normalised crops are (n,), in units of the
+    review threshold (above 1: softer than all but :data:`FALSE_ALARM` of PBC val cells: out
+    of focus, or a camera that resolves less); NaN without a sharpness reference."""
+    reference = ((model.calibration or {}).get("domain") or {}).get("sharpness")
+    if not reference:
+        return np.full(len(crops), np.nan)
+    return _softness(reference, crop_sharpness(crops))
+
+
 def smear_domain_shift(scores):
     """A smear's domain-shift score: the median of its cells' (NaN when none is known)."""
     scores = np.asarray(scores, float)

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from napari_cytodiffusion.core.model.classifier import UNKNOWN_KIND
+from napari_cytodiffusion.core.model.domain import SOFT_ADVICE, smear_softness
 from napari_cytodiffusion.core.progress import phases, report
 
 # Tiles of the full-resolution image each analysed on their own (pixels per side).
@@ -377,9 +378,12 @@ def triage(cells):
         if len(shift):
             median = float(np.median(shift))
             if median > SHIFT_MEDIAN_DOMAIN:
+                soft = smear_softness(cells["softness"]) if "softness" in cells else np.nan
                 reasons.append(
                     f"unfamiliar stain or scanner: domain shift {median:.1f} (median; above 1 "
-                    "is unlike the training smears); review, or adapt the model"
+                    "is unlike the training smears)"
+                    + (f"; {SOFT_ADVICE}" if soft > 1.0 else "")
+                    + "; review, or adapt the model"
                 )
         elif (median := float(np.median(cells["anomaly_score"]))) > SHIFT_MEDIAN_ANOMALY:
             reasons.append(

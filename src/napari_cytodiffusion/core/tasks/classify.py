@@ -83,6 +83,27 @@ class Classification:
 
         return smear_domain_shift([call.domain_shift for call in self.calls])
 
+    def softness(self):
+        """How much softer than the training cells this smear's cells are: the median of
+        their softness (:attr:`CellCall.softness`), NaN when unknown."""
+        from napari_cytodiffusion.core.model.domain import smear_softness
+
+        return smear_softness([call.softness for call in self.calls])
+
+    def smear_warning(self):
+        """One sentence for a smear unlike the training smears as a whole, saying what to
+        do (and that its cells are soft, where that is part of it); "" for a familiar one."""
+        from napari_cytodiffusion.core.model.domain import SOFT_ADVICE
+
+        shift = self.domain_shift()
+        if not shift > 1.0:
+            return ""
+        soft = f"; {SOFT_ADVICE}" if self.softness() > 1.0 else ""
+        return (
+            f"this smear is unlike the training smears (domain shift {shift:.1f}){soft}; "
+            "calls may be wrong, review them or adapt the model"
+        )
+
     def final_labels(self):
         """Each cell's call: the person's where annotated, else the model's."""
         human = self.annotated or [""] * len(self.calls)
@@ -246,7 +267,8 @@ def calls_table(calls, cell_ids=None, centres=None):
     """Per-cell results as a pandas DataFrame.
 
     Columns: ``index`` (the cell's label value, 0 where not given), ``label``, ``p_<class>``
-    for every class, ``uncertainty``, ``anomaly_score``, ``domain_shift``, ``needs_review``,
+    for every class, ``uncertainty``, ``anomaly_score``, ``domain_shift``, ``softness``
+    (above 1: softer than the training cells), ``needs_review``,
     ``why`` (the reasons for review: uncertain / unlike any known class / unlike the
     training smears), ``unet_evals``, and ``centroid_row`` / ``centroid_col`` when
     ``centres`` is given.
@@ -262,6 +284,7 @@ def calls_table(calls, cell_ids=None, centres=None):
             uncertainty=call.uncertainty,
             anomaly_score=call.anomaly_score,
             domain_shift=call.domain_shift,
+            softness=call.softness,
             needs_review=call.needs_review,
             why=call.why,
             unet_evals=call.unet_evals,
