@@ -36,6 +36,11 @@ COLOUR_SD_FLOOR = np.array([0.01] * 3 + [0.02] * 3 + [0.02] * 3)
 # Gaussian scales (model pixels) that split a crop's detail into a fine band (below the first)
 # and a middle band (between the two) for the sharpness measure.
 SHARPNESS_SCALES = (0.7, 2.0)
+# What a user is told when a smear's cells are soft (median softness above 1).
+SOFT_ADVICE = (
+    "its cells are softer than the training cells (out of focus, or a camera that resolves "
+    "less): check the focus"
+)
 
 
 def crop_sharpness(crops):
@@ -209,18 +214,6 @@ def domain_shift_scores(model, crops, colours=None):
     return np.fmax(cell, smear)
 
 
-# What a user is told when a smear's cells are soft (median softness above 1).
-SOFT_ADVICE = (
-    "its cells are softer than the training cells (out of focus, or a camera that resolves "
-    "less): check the focus"
-)
-
-
-def smear_softness(values):
-    """A smear's softness: the median of its cells' (NaN when none is known)."""
-    return smear_domain_shift(values)
-
-
 def softness_scores(model, crops):
     """How much softer than the training cells normalised crops are (n,), in units of the
     review threshold (above 1: softer than all but :data:`FALSE_ALARM` of PBC val cells: out
@@ -233,6 +226,15 @@ def softness_scores(model, crops):
 
 def smear_domain_shift(scores):
     """A smear's domain-shift score: the median of its cells' (NaN when none is known)."""
-    scores = np.asarray(scores, float)
-    scores = scores[~np.isnan(scores)]
-    return float(np.median(scores)) if len(scores) else float("nan")
+    return _median_of_known(scores)
+
+
+def smear_softness(values):
+    """A smear's softness: the median of its cells' (NaN when none is known)."""
+    return _median_of_known(values)
+
+
+def _median_of_known(values):
+    values = np.asarray(values, float)
+    values = values[~np.isnan(values)]
+    return float(np.median(values)) if len(values) else float("nan")
