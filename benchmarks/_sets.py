@@ -35,6 +35,22 @@ def dataset1_records(limit=None):
     return records
 
 
+def central_cell_crops(images, rbc_diameter, size):
+    """The central cell of each image, prepared and cut as a user's single-cell image is
+    (``prepare_smear``, ``central_cell_site``). Returns (crops (n, size, size, 3), colour
+    statistics (n, 9), red-cell diameters (n,))."""
+    from napari_cytodiffusion.core.smear.crops import central_cell_site
+    from napari_cytodiffusion.core.smear.prepare import prepare_smear
+
+    crops, colours, scales = [], [], []
+    for image in images:
+        smear = prepare_smear(image, rbc_diameter)
+        crops.append(central_cell_site(smear).crop(smear.rgb, size))
+        colours.append(smear.colour_map.statistics())
+        scales.append(smear.rbc_diameter)
+    return np.stack(crops), np.stack(colours), np.array(scales)
+
+
 def cbc_white_cells(split="train", limit=None, size=64):
     """White-cell crops of CBC fields at their annotated boxes, through the user's path: each
     field prepared by ``prepare_smear`` (its own scale and colour map), each cell cut by

@@ -29,7 +29,12 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import REPO  # noqa: E402
-from _sets import cbc_white_cells, dataset1_records, pbc_stratified  # noqa: E402
+from _sets import (  # noqa: E402
+    cbc_white_cells,
+    central_cell_crops,
+    dataset1_records,
+    pbc_stratified,
+)
 
 CACHE = REPO / "work_data" / "issue9"
 PBC_SCALE = 29.0
@@ -49,25 +54,13 @@ def blurred(crops, sigma=1.0):
     return np.stack([ndi.gaussian_filter(c, (sigma, sigma, 0), mode="reflect") for c in crops])
 
 
-def _cut(images, rbc_diameter, size):
-    from napari_cytodiffusion.core.smear.crops import central_cell_site
-    from napari_cytodiffusion.core.smear.prepare import prepare_smear
-
-    crops, colours, scales = [], [], []
-    for image in images:
-        smear = prepare_smear(image, rbc_diameter)
-        crops.append(central_cell_site(smear).crop(smear.rgb, size))
-        colours.append(smear.colour_map.statistics())
-        scales.append(smear.rbc_diameter)
-    return np.stack(crops), np.stack(colours), np.array(scales)
-
-
 def pbc_set(split, per_class, size):
     from napari_cytodiffusion.core.classes import CLASSES
     from napari_cytodiffusion.core.io import read_image
 
     records = pbc_stratified(split, per_class)
-    crops, colours, scales = _cut([read_image(r.path) for r in records], PBC_SCALE, size)
+    images = [read_image(r.path) for r in records]
+    crops, colours, scales = central_cell_crops(images, PBC_SCALE, size)
     labels = np.array([CLASSES.index(r.label) for r in records])
     return crops, colours, scales, labels
 
@@ -147,7 +140,8 @@ def main():
             )
         elif name == "dataset1":
             records = dataset1_records()
-            crops, colours, scales = _cut([read_image(p) for p, _ in records], None, size)
+            images = [read_image(p) for p, _ in records]
+            crops, colours, scales = central_cell_crops(images, None, size)
             labels = np.array([label for _, label in records])
             score = np.linspace(0, len(crops) - 1, args.dataset1_errors).astype(int)
             save(name, crops, colours, labels, model, args.trials, score=score, scales=scales)

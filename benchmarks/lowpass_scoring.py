@@ -27,7 +27,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import RESULTS  # noqa: E402
 from _metrics import balanced_accuracy  # noqa: E402
-from _sets import dataset1_records, pbc_stratified  # noqa: E402
+from _sets import central_cell_crops, dataset1_records, pbc_stratified  # noqa: E402
 from perturbations import PBC_RBC_DIAMETER, blur  # noqa: E402
 
 SIGMAS = (0.0, 1.0, 2.0)
@@ -72,17 +72,6 @@ def band_errors(model, crops, trials, batch=8):
     return out
 
 
-def crops_of(model, images, rbc_diameter):
-    from napari_cytodiffusion.core.smear.crops import central_cell_site
-    from napari_cytodiffusion.core.smear.prepare import prepare_smear
-
-    crops = []
-    for image in images:
-        smear = prepare_smear(image, rbc_diameter)
-        crops.append(central_cell_site(smear).crop(smear.rgb, model.image_size))
-    return np.stack(crops)
-
-
 def main():
     import torch
 
@@ -104,20 +93,12 @@ def main():
     images = [read_image(r.path) for r in records]
     d1 = dataset1_records(args.dataset1)
     d1_scale = shared_rbc_diameter([path for path, _ in dataset1_records()])
+    # name -> (images, red-cell diameter, truth)
     sets = {
-        "pbc val as imaged": (lambda: crops_of(model, images, PBC_RBC_DIAMETER), pbc_truth),
-        "pbc val blur 1.0 px": (
-            lambda: crops_of(model, [blur(im, 1.0) for im in images], PBC_RBC_DIAMETER),
-            pbc_truth,
-        ),
-        "pbc val blur 1.5 px": (
-            lambda: crops_of(model, [blur(im, 1.5) for im in images], PBC_RBC_DIAMETER),
-            pbc_truth,
-        ),
-        "wbc dataset 1": (
-            lambda: crops_of(model, [read_image(path) for path, _ in d1], d1_scale),
-            [label for _, label in d1],
-        ),
+        "pbc val as imaged": (images, PBC_RBC_DIAMETER, pbc_truth),
+        "pbc val blur 1.0 px": ([blur(im, 1.0) for im in images], PBC_RBC_DIAMETER, pbc_truth),
+        "pbc val blur 1.5 px": ([blur(im, 1.5) for im in images], PBC_RBC_DIAMETER, pbc_truth),
+        "wbc dataset 1": ([read_image(p) for p, _ in d1], d1_scale, [label for _, label in d1]),
     }
     report = {
         "model": model.name,
@@ -127,9 +108,10 @@ def main():
         "network_precision": network_precision("cpu"),
         "sets": {},
     }
-    for name, (make, truth) in sets.items():
+    for name, (cells, rbc_diameter, truth) in sets.items():
         started = time.perf_counter()
-        errors = band_errors(model, make(), args.trials)
+        crops, _, _ = central_cell_crops(cells, rbc_diameter, model.image_size)
+        errors = band_errors(model, crops, args.trials)
         entry = {"cells": len(truth)}
         for j, sigma in enumerate(SIGMAS):
             scores = np.log(errors[j] / errors[j].mean(axis=2, keepdims=True)).sum(axis=1)

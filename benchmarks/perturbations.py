@@ -30,7 +30,7 @@ from scipy import ndimage as ndi
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import RESULTS, add_float32_option  # noqa: E402
 from _metrics import call_metrics  # noqa: E402
-from _sets import pbc_stratified  # noqa: E402
+from _sets import central_cell_crops, pbc_stratified  # noqa: E402
 from normalisation import simulate_other_lab  # noqa: E402
 
 PBC_RBC_DIAMETER = 29.0
@@ -75,16 +75,11 @@ CONDITIONS = {
 
 def run_condition(model, images, truth, change, rbc_diameter):
     from napari_cytodiffusion.core.model.classifier import classify_crops
-    from napari_cytodiffusion.core.smear.crops import central_cell_site
-    from napari_cytodiffusion.core.smear.prepare import prepare_smear
 
     started = time.perf_counter()
-    crops, colours = [], []
-    for i, image in enumerate(images):
-        smear = prepare_smear(change(image, i), rbc_diameter)
-        crops.append(central_cell_site(smear).crop(smear.rgb, model.image_size))
-        colours.append(smear.colour_map.statistics())
-    calls = classify_crops(model, np.stack(crops), colour_statistics=np.stack(colours))
+    changed = [change(image, i) for i, image in enumerate(images)]
+    crops, colours, _ = central_cell_crops(changed, rbc_diameter, model.image_size)
+    calls = classify_crops(model, crops, colour_statistics=colours)
     seconds = (time.perf_counter() - started) / len(images)
     metrics = call_metrics(calls, truth, model.classes)
     predicted = [c.label for c in calls]

@@ -147,7 +147,7 @@ def _calls(model, data, colours=None):
     errors = data["errors"]
     replayed, spent = replay_adaptive(model, errors)
     index = data["scored"]
-    shift = domain.domain_shift_scores(
+    shift, _ = domain.domain_scores(
         model,
         data["crops"][index].astype(np.float32) / 255,
         (colours if colours is not None else data["colours"])[index],

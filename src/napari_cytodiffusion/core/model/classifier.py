@@ -167,14 +167,14 @@ def classify_crops(
     -------
     list of CellCall
     """
-    from napari_cytodiffusion.core.model.domain import domain_shift_scores, softness_scores
+    from napari_cytodiffusion.core.model.domain import domain_scores
 
     started = time.perf_counter()
     null = uses_null_class(model)
     errors, spent = class_errors(
         model, crops, strategy, seed, budget, batch_size, progress, null=null
     )
-    shift = domain_shift_scores(model, crops, colour_statistics)
+    shift, softness = domain_scores(model, crops, colour_statistics)
     calls = calls_from_errors(
         model,
         errors,
@@ -185,8 +185,8 @@ def classify_crops(
         domain_threshold=domain_threshold,
     )
     seconds = (time.perf_counter() - started) / max(len(calls), 1)
-    for call, softness in zip(calls, softness_scores(model, crops), strict=True):
-        call.seconds, call.softness = seconds, float(softness)
+    for call, soft in zip(calls, softness, strict=True):
+        call.seconds, call.softness = seconds, float(soft)
     return calls
 
 
@@ -468,7 +468,7 @@ def calls_from_errors(
 
     ``errors`` may carry the null class as its last column (see :func:`class_errors`);
     ``domain_shift`` (n,) is the cells' domain-shift score (see
-    :func:`~napari_cytodiffusion.core.model.domain.domain_shift_scores`), NaN or None where
+    :func:`~napari_cytodiffusion.core.model.domain.domain_scores`), NaN or None where
     unknown.
     """
     calibration = model.calibration or {}

@@ -201,27 +201,20 @@ def domain_parts(reference, features, colours=None, sharpness=None):
     return cell, smear
 
 
-def domain_shift_scores(model, crops, colours=None):
-    """Domain-shift score (n,) of normalised crops (see the module notes); NaN for every cell
-    when the model has no domain reference (models calibrated before, adapted models)."""
+def domain_scores(model, crops, colours=None):
+    """(domain-shift score, softness) of normalised crops, (n,) each (see the module notes;
+    softness: :func:`_softness`, above 1 softer than the training cells); NaN for every cell
+    where the model has no domain reference (models calibrated before, adapted models), and
+    softness NaN where the reference has no sharpness part."""
+    nan = np.full(len(crops), np.nan)
     reference = (model.calibration or {}).get("domain")
     if not reference or len(crops) == 0:
-        return np.full(len(crops), np.nan)
+        return nan, nan
     crops = np.asarray(crops, np.float32)
-    cell, smear = domain_parts(
-        reference, cell_features(model, crops), colours, crop_sharpness(crops)
-    )
-    return np.fmax(cell, smear)
-
-
-def softness_scores(model, crops):
-    """How much softer than the training cells normalised crops are (n,), in units of the
-    review threshold (above 1: softer than all but :data:`FALSE_ALARM` of PBC val cells: out
-    of focus, or a camera that resolves less); NaN without a sharpness reference."""
-    reference = ((model.calibration or {}).get("domain") or {}).get("sharpness")
-    if not reference:
-        return np.full(len(crops), np.nan)
-    return _softness(reference, crop_sharpness(crops))
+    sharpness = crop_sharpness(crops)
+    cell, smear = domain_parts(reference, cell_features(model, crops), colours, sharpness)
+    softness = _softness(reference["sharpness"], sharpness) if "sharpness" in reference else nan
+    return np.fmax(cell, smear), softness
 
 
 def smear_domain_shift(scores):
