@@ -3,6 +3,7 @@ calibration and sha256, that every command and widget offers; new classes can be
 
 import shutil
 
+import numpy as np
 import pytest
 
 from napari_cytodiffusion.cli import main
@@ -43,6 +44,14 @@ def test_adapt_registers_a_calibrated_local_model(
     # The anomaly score compares the classes with the null class, as the shipped model's does.
     assert calibration["anomaly"]["method"] == "null_gain"
     assert len(calibration["anomaly"]["mean"]) == model.num_classes
+    # "Unlike the training smears" means unlike the lab's cells, not PBC's.
+    lab_reference = calibration["domain"]
+    assert lab_reference != base.calibration["domain"] and "colour" not in lab_reference
+    from napari_cytodiffusion.core.model.domain import domain_scores
+
+    noise = np.random.default_rng(0).random((2, model.image_size, model.image_size, 3))
+    shift, _ = domain_scores(model, noise.astype(np.float32))
+    assert np.all(shift > 1)
     assert main(["models", "list"]) == 0
     (row,) = [line for line in capsys.readouterr().out.splitlines() if line.startswith("lab-a")]
     assert "local" in row

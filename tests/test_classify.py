@@ -402,6 +402,31 @@ def test_domain_shift_ranks_shifted_cells_above_training_cells():
     assert np.mean(cell2 > 1) > 0.9 and np.mean(smear2 > 1) > 0.9
 
 
+def test_a_lab_sized_reference_without_colours_has_a_cell_part_only():
+    from napari_cytodiffusion.core.model.domain import (
+        CELLS_PER_COMPONENT,
+        domain_parts,
+        fit_domain_reference,
+    )
+
+    rng = np.random.default_rng(2)
+    mix = rng.normal(size=(10, 300))
+
+    def cells(n):
+        return rng.normal(size=(n, 10)) @ mix + rng.normal(0, 0.3, (n, 300))
+
+    train, val = cells(60), cells(26)
+    reference = fit_domain_reference(train, None, val, None)
+    # 60 cells support 15 components, not the 32 of a full training split.
+    assert len(reference["features"]["components"]) == 60 // CELLS_PER_COMPONENT
+    assert "colour" not in reference
+    colours = np.ones((26, 9))  # given colours are not used without a colour reference
+    cell, smear = domain_parts(reference, val, colours)
+    assert np.isnan(smear).all() and np.mean(cell > 1) <= 0.05
+    other_lab = cells(26) + rng.normal(0, 1.0, (26, 300))
+    assert np.mean(domain_parts(reference, other_lab)[0] > 1) > 0.9
+
+
 def test_a_soft_cell_is_unlike_the_training_smears_a_sharper_one_is_not():
     from scipy import ndimage as ndi
 

@@ -251,3 +251,32 @@ def test_a_left_out_class_is_never_trained_on(v2_pack, tmp_path):
     assert abs(share - 0.1) < 1e-6
     with pytest.raises(ValueError, match="leave out"):
         _training_set(v2_pack, 64, torch.device("cpu"), leave_out=("blast",))
+
+
+def test_a_lossless_pack_keeps_the_crops_the_classifier_sees(
+    synthetic_cells_dir, synthetic_rbc_diameter, tmp_path
+):
+    import numpy as np
+
+    from napari_cytodiffusion.core.datasets import load_pack, pack_cache_path
+    from napari_cytodiffusion.core.io import read_image
+    from napari_cytodiffusion.core.smear.crops import central_cell_site
+    from napari_cytodiffusion.core.smear.prepare import prepare_smear
+
+    records = list_labelled_images(synthetic_cells_dir)[:3]
+    packs = {}
+    for quality in (None, 92):
+        packs[quality] = tmp_path / f"{quality}.npz"
+        # margin 1: the stored crop is the classifier's own field of view
+        pack_cells(records, packs[quality], 64, synthetic_rbc_diameter, quality, margin=1.0)
+    live = []
+    for record in records:
+        smear = prepare_smear(read_image(record.path), synthetic_rbc_diameter)
+        live.append(central_cell_site(smear).crop(smear.rgb, 64))
+    live = (np.stack(live) * 255 + 0.5).astype(np.uint8)
+    splits = ("train", "val", "test")
+    assert np.array_equal(load_pack(packs[None], splits).images, live)
+    assert not np.array_equal(load_pack(packs[92], splits).images, live)
+    # A lossless pack of the same cells is cached under another name.
+    out = tmp_path / "model.pt"
+    assert pack_cache_path(out, records, 64, quality=None) != pack_cache_path(out, records, 64)

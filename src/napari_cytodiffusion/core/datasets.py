@@ -23,6 +23,7 @@ PACK_MARGIN = 1.375
 # Changes whenever packing would give other crops for the same images, so caches go stale.
 # 3: stain normalisation (core/smear/normalise.py) and unlabelled cells (label -1).
 PACK_VERSION = 3
+JPEG_QUALITY = 92  # of packed training crops: a third of PNG's size
 # The label id of an unlabelled cell in a pack (it trains the null class only).
 UNLABELLED = -1
 
@@ -188,14 +189,17 @@ def _manifest_scales(root):
     }
 
 
-def pack_cache_path(out, records, image_size, rbc_diameter=None):
+def pack_cache_path(out, records, image_size, rbc_diameter=None, quality=JPEG_QUALITY):
     """Where the packed crops of ``records`` for the model file ``out`` are cached.
 
     The name holds a digest of every image's path, class, split, size and modification time
-    and of the packing settings, so adding, removing or editing an image gives a new name:
-    a cache can never be stale.
+    and of the packing settings (``quality`` as :func:`pack_cells` takes it), so adding,
+    removing or editing an image gives a new name: a cache can never be stale.
     """
-    digest = hashlib.sha256(f"{PACK_VERSION} {image_size} {rbc_diameter}".encode())
+    settings = f"{PACK_VERSION} {image_size} {rbc_diameter}"
+    if quality != JPEG_QUALITY:  # the default keeps the names of existing caches
+        settings += f" {quality}"
+    digest = hashlib.sha256(settings.encode())
     for record in sorted(records, key=lambda r: str(r.path)):
         try:
             stat = Path(record.path).stat()
@@ -223,7 +227,7 @@ def pack_cells(
     out_path,
     image_size=64,
     rbc_diameter=None,
-    quality=92,
+    quality=JPEG_QUALITY,
     progress=None,
     classes=CLASSES,
     margin=PACK_MARGIN,
@@ -242,6 +246,9 @@ def pack_cells(
     rbc_diameter : float, optional
         Red-cell diameter in pixels shared by all images (one scanner); estimated per image
         when not given.
+    quality : int or None
+        JPEG quality of the stored crops; None stores them losslessly (PNG, about three times
+        larger), for a few cells whose fine detail must stay as the classifier sees it.
     progress : callable, optional
         Called with (done, total).
     classes : sequence of str
@@ -285,7 +292,11 @@ def pack_cells(
         except (ImageError, InputFileError) as error:
             raise ValueError(f"{record.path}: {error}") from error
         buffer = io.BytesIO()
-        Image.fromarray((crop * 255 + 0.5).astype(np.uint8)).save(buffer, "JPEG", quality=quality)
+        pixels = Image.fromarray((crop * 255 + 0.5).astype(np.uint8))
+        if quality is None:
+            pixels.save(buffer, "PNG")
+        else:
+            pixels.save(buffer, "JPEG", quality=quality)
         blobs.append(np.frombuffer(buffer.getvalue(), np.uint8))
         offsets.append(offsets[-1] + len(blobs[-1]))
         if progress is not None:

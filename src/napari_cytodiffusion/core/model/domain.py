@@ -28,8 +28,10 @@ import numpy as np
 
 # Share of validation cells each part of the score flags (so at most three times this together).
 FALSE_ALARM = 0.005
-# Principal components of the training features kept for the Mahalanobis part.
+# Principal components of the training features kept for the Mahalanobis part, and the
+# training cells each one needs at least (a lab's few dozen cells support only a few).
 COMPONENTS = 32
+CELLS_PER_COMPONENT = 4
 # Floors on the SD of the colour references (background, red-cell OD, nuclear direction), so
 # that a scanner family's near-constant lamp does not make every other lamp "infinitely" far.
 COLOUR_SD_FLOOR = np.array([0.01] * 3 + [0.02] * 3 + [0.02] * 3)
@@ -122,8 +124,9 @@ def fit_domain_reference(
     ----------
     train_features, val_features : ndarray (n, F)
         :func:`cell_features` of normalised training / validation crops.
-    train_colours, val_colours : ndarray (n, 9)
-        The colour references of each cell's smear (NaN where not found).
+    train_colours, val_colours : ndarray (n, 9) or None
+        The colour references of each cell's smear (NaN where not found); without them the
+        reference has no smear part (a lab's packed cells do not keep their smears').
     train_sharpness, val_sharpness : ndarray (n,), optional
         :func:`crop_sharpness` of the same crops; without them the reference has no
         sharpness part.
@@ -138,7 +141,7 @@ def fit_domain_reference(
     centred = train_features - mean
     _, singular, vt = np.linalg.svd(centred, full_matrices=False)
     variances = singular**2 / max(len(train_features) - 1, 1)
-    d = min(COMPONENTS, len(variances) - 1)
+    d = max(1, min(COMPONENTS, len(variances) - 1, len(train_features) // CELLS_PER_COMPONENT))
     residual = float(max(variances[d:].mean(), 1e-8)) if len(variances) > d else 1e-8
     features = {
         "mean": mean.round(6).tolist(),
@@ -146,6 +149,16 @@ def fit_domain_reference(
         "variances": variances[:d].round(8).tolist(),
         "residual_variance": residual,
     }
+    reference = {"features": features, "false_alarm": FALSE_ALARM}
+    features["threshold"] = _review_quantile(_feature_distance(features, val_features))
+    if train_colours is not None and val_colours is not None:
+        reference["colour"] = _fit_colour_reference(train_colours, val_colours)
+    if train_sharpness is not None and val_sharpness is not None:
+        reference["sharpness"] = fit_sharpness_reference(train_sharpness, val_sharpness)
+    return reference
+
+
+def _fit_colour_reference(train_colours, val_colours):
     colours = np.asarray(train_colours, np.float64)
     colour_mean = np.nanmean(colours, axis=0)
     filled = np.where(np.isnan(colours), colour_mean, colours)
@@ -154,14 +167,25 @@ def fit_domain_reference(
         "mean": colour_mean.round(6).tolist(),
         "precision": np.linalg.inv(covariance).round(4).tolist(),
     }
-    reference = {"features": features, "colour": colour, "false_alarm": FALSE_ALARM}
-    feature_distance = _feature_distance(features, val_features)
-    colour_distance = _colour_distance(colour, val_colours)
-    features["threshold"] = float(np.quantile(feature_distance, 1 - FALSE_ALARM))
-    colour["threshold"] = float(np.quantile(colour_distance, 1 - FALSE_ALARM))
-    if train_sharpness is not None and val_sharpness is not None:
-        reference["sharpness"] = fit_sharpness_reference(train_sharpness, val_sharpness)
-    return reference
+    colour["threshold"] = _review_quantile(_colour_distance(colour, val_colours))
+    return colour
+
+
+def _review_quantile(distances):
+    """The ``1 - FALSE_ALARM`` quantile of validation cells' distances.
+
+    Fewer cells than that quantile needs (a lab's few dozen held-back cells) would put it at
+    their largest distance, which new cells of the same lab pass several times as often as
+    intended; their log-normal fit's quantile is used instead.
+    """
+    from statistics import NormalDist
+
+    distances = np.asarray(distances, np.float64)
+    if len(distances) * FALSE_ALARM >= 1 or len(distances) < 3:
+        return float(np.quantile(distances, 1 - FALSE_ALARM))
+    logs = np.log(np.maximum(distances, 1e-12))
+    z = NormalDist().inv_cdf(1 - FALSE_ALARM)
+    return float(np.exp(logs.mean() + z * logs.std(ddof=1)))
 
 
 def _feature_distance(reference, features):
@@ -189,13 +213,13 @@ def _colour_distance(reference, colours):
 
 def domain_parts(reference, features, colours=None, sharpness=None):
     """(cell part, smear part) of the domain-shift score (n,) each, in units of their
-    thresholds; the smear part is NaN without colours. The cell part is the larger of the
-    encoder features' distance and the crop's softness, where the reference and ``sharpness``
-    (:func:`crop_sharpness`) both have it."""
+    thresholds; the smear part is NaN without colours or a colour reference. The cell part is
+    the larger of the encoder features' distance and the crop's softness, where the reference
+    and ``sharpness`` (:func:`crop_sharpness`) both have it."""
     cell = _feature_distance(reference["features"], features) / reference["features"]["threshold"]
     if sharpness is not None and "sharpness" in reference:
         cell = np.fmax(cell, _softness(reference["sharpness"], sharpness))
-    if colours is None:
+    if colours is None or "colour" not in reference:
         return cell, np.full(len(cell), np.nan)
     smear = _colour_distance(reference["colour"], colours) / reference["colour"]["threshold"]
     return cell, smear
@@ -204,7 +228,7 @@ def domain_parts(reference, features, colours=None, sharpness=None):
 def domain_scores(model, crops, colours=None):
     """(domain-shift score, softness) of normalised crops, (n,) each (see the module notes;
     softness: :func:`_softness`, above 1 softer than the training cells); NaN for every cell
-    where the model has no domain reference (models calibrated before, adapted models), and
+    where the model has no domain reference (models calibrated or adapted before it existed), and
     softness NaN where the reference has no sharpness part."""
     nan = np.full(len(crops), np.nan)
     reference = (model.calibration or {}).get("domain")

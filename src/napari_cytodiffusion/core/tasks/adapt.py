@@ -5,9 +5,10 @@ annotation export writes). Each class's cells are split once, by the seed: most 
 model (:mod:`~napari_cytodiffusion.core.model.adaptation`), the rest are held back and
 calibrate it (:func:`~napari_cytodiffusion.core.model.calibration.fit_calibration`: timestep
 spreads, class biases, temperature, anomaly reference, review thresholds), so its
-probabilities and review flags mean for that lab what the shipped model's mean for PBC. The
-result is saved as a named local model (``weights.register_local_model``) that every command
-and widget offers. With ``steps=0`` the model is only calibrated, on all the cells.
+probabilities and review flags mean for that lab what the shipped model's mean for PBC, and
+"unlike the training smears" means unlike the lab's smears. The result is saved as a named
+local model (``weights.register_local_model``) that every command and widget offers. With
+``steps=0`` the model is only calibrated, on all the cells.
 """
 
 from dataclasses import dataclass
@@ -178,6 +179,7 @@ def adapt_model(request, progress=None, log=print):
     )
     scale = request.rbc_diameter or _lab_scale(records, log)
     images = _packed(records, request, model, classes, scale, packing, log).images
+    crops = _model_crops(images, model.image_size)
     training = None
     if request.steps:
         log(f"adapting on {len(adapt_ids)} cells, {request.steps} steps")
@@ -192,13 +194,14 @@ def adapt_model(request, progress=None, log=print):
     log(f"calibrating on {len(held_ids)} held-back cells")
     calls = _calibrate(
         model,
-        images[held_ids],
+        crops[held_ids],
         labels[held_ids],
         request,
         base_calibration,
         new_classes,
         calibrating,
     )
+    model.calibration["domain"] = _lab_domain_reference(model, crops, adapt_ids, held_ids)
     held_labels = labels[held_ids]
     predicted = np.array([classes.index(call.label) for call in calls])
     accuracy = np.mean([np.mean(predicted[held_labels == c] == c) for c in np.unique(held_labels)])
@@ -311,13 +314,22 @@ def _split(labels, num_classes, request):
 
 
 def _packed(records, request, model, classes, scale, progress, log):
-    """The normalised crops of ``records``, packed once and cached beside the local models."""
+    """The normalised crops of ``records``, packed once (losslessly) and cached beside the
+    local models.
+
+    Lossless, because a lab's few dozen cells are adapted on, calibrated on and measured
+    for the domain reference, and JPEG changes the fine detail the classifier and the
+    reference see in live crops (at quality 92 a dataset-1 crop's sharpness moves by 0.2,
+    two thirds of PBC's spread).
+    """
     from napari_cytodiffusion.core import datasets
     from napari_cytodiffusion.core.model.weights import local_registry_path
 
     folder = local_registry_path().parent / "cells"
     folder.mkdir(parents=True, exist_ok=True)
-    pack = datasets.pack_cache_path(folder / f"{request.name}.pt", records, model.image_size, scale)
+    pack = datasets.pack_cache_path(
+        folder / f"{request.name}.pt", records, model.image_size, scale, quality=None
+    )
     if pack.is_file():
         log(f"using the normalised cells in {pack.name} (the data are unchanged)")
     else:
@@ -327,6 +339,7 @@ def _packed(records, request, model, classes, scale, progress, log):
             pack,
             model.image_size,
             scale,
+            quality=None,
             progress=progress,
             classes=classes,
         )
@@ -352,7 +365,34 @@ def _lab_scale(records, log):
     return scale
 
 
-def _calibrate(model, images, labels, request, base, new_classes, progress):
+def _model_crops(images, size):
+    """The model's input (float crops of ``size``) from the centre of wider packed crops."""
+    offset = (images.shape[1] - size) // 2
+    window = slice(offset, offset + size)
+    return images[:, window, window].astype(np.float32) / 255
+
+
+def _lab_domain_reference(model, crops, adapt_ids, held_ids):
+    """The adapted model's "unlike the training smears" reference, fitted on the lab's cells.
+
+    The base model's reference describes the smears the base was trained on, which are no
+    longer this model's; without one of its own, an adapted model would call cells of other
+    smears (PBC's among them) without a word. Its cells' encoder features are fitted on the
+    adapting cells and thresholded on the held-back ones (a calibrate-only run splits its
+    cells); no smear colours, since packed cells do not keep their smears'.
+    """
+    from napari_cytodiffusion.core.model.domain import cell_features, fit_domain_reference
+
+    fitted, thresholded = adapt_ids, held_ids
+    if not len(adapt_ids) and len(held_ids) > 1:
+        fitted, thresholded = held_ids[::2], held_ids[1::2]
+    elif not len(adapt_ids):
+        fitted = held_ids
+    features = cell_features(model, crops)
+    return fit_domain_reference(features[fitted], None, features[thresholded], None)
+
+
+def _calibrate(model, crops, labels, request, base, new_classes, progress):
     """Fit the calibration on held-back crops; return their calls under it."""
     from napari_cytodiffusion.core.model.calibration import fit_calibration
     from napari_cytodiffusion.core.model.classifier import (
@@ -361,9 +401,6 @@ def _calibrate(model, images, labels, request, base, new_classes, progress):
         replay_adaptive,
     )
 
-    offset = (images.shape[1] - model.image_size) // 2
-    window = slice(offset, offset + model.image_size)
-    crops = images[:, window, window].astype(np.float32) / 255
     # With the null class: the anomaly score compares each class with it (core/model/anomaly).
     errors, _ = class_errors(
         model,
