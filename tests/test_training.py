@@ -258,14 +258,14 @@ def test_a_lossless_pack_keeps_the_crops_the_classifier_sees(
 ):
     import numpy as np
 
-    from napari_cytodiffusion.core.datasets import load_pack, pack_cache_path
+    from napari_cytodiffusion.core.datasets import JPEG_QUALITY, load_pack, pack_cache_path
     from napari_cytodiffusion.core.io import read_image
     from napari_cytodiffusion.core.smear.crops import central_cell_site
     from napari_cytodiffusion.core.smear.prepare import prepare_smear
 
     records = list_labelled_images(synthetic_cells_dir)[:3]
     packs = {}
-    for quality in (None, 92):
+    for quality in (None, JPEG_QUALITY):
         packs[quality] = tmp_path / f"{quality}.npz"
         # margin 1: the stored crop is the classifier's own field of view
         pack_cells(records, packs[quality], 64, synthetic_rbc_diameter, quality, margin=1.0)
@@ -276,7 +276,7 @@ def test_a_lossless_pack_keeps_the_crops_the_classifier_sees(
     live = (np.stack(live) * 255 + 0.5).astype(np.uint8)
     splits = ("train", "val", "test")
     assert np.array_equal(load_pack(packs[None], splits).images, live)
-    assert not np.array_equal(load_pack(packs[92], splits).images, live)
+    assert not np.array_equal(load_pack(packs[JPEG_QUALITY], splits).images, live)
     # A lossless pack of the same cells is cached under another name.
     out = tmp_path / "model.pt"
     assert pack_cache_path(out, records, 64, quality=None) != pack_cache_path(out, records, 64)

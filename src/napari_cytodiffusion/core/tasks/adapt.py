@@ -384,10 +384,8 @@ def _lab_domain_reference(model, crops, adapt_ids, held_ids):
     from napari_cytodiffusion.core.model.domain import cell_features, fit_domain_reference
 
     fitted, thresholded = adapt_ids, held_ids
-    if not len(adapt_ids) and len(held_ids) > 1:
-        fitted, thresholded = held_ids[::2], held_ids[1::2]
-    elif not len(adapt_ids):
-        fitted = held_ids
+    if not len(adapt_ids):  # calibrate only: every other cell fits, the rest threshold
+        fitted, thresholded = held_ids[::2], held_ids[1::2] if len(held_ids) > 1 else held_ids
     features = cell_features(model, crops)
     return fit_domain_reference(features[fitted], None, features[thresholded], None)
 
