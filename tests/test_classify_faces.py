@@ -58,11 +58,27 @@ def test_cli_says_when_an_image_is_softer_than_the_training_images(pbc_dir, tmp_
     image = read_image(pbc_dir / EOSINOPHIL).astype(np.float32)
     Image.fromarray(ndi.gaussian_filter(image, (1.7, 1.7, 0)).round().astype(np.uint8)).save(soft)
     assert main(["classify", str(pbc_dir / EOSINOPHIL), "--device", "cpu"]) == 0
-    assert "unlike the training smears" not in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "unlike the training smears" not in out and "smear field" not in out
     assert main(["classify", str(soft), "--device", "cpu"]) == 0
     out = capsys.readouterr().out
     assert "NEEDS REVIEW (" in out and "unlike the training smears" in out
     assert f"{soft}: this smear is unlike the training smears" in out and "check the focus" in out
+
+
+def test_cli_says_when_a_single_cell_image_is_a_smear_field(pbc_dir, tmp_path, capsys):
+    from PIL import Image
+
+    from napari_cytodiffusion.core.io import read_image
+
+    # Four by four PBC fields, about 22 red cells across: the central cell alone is rarely
+    # what its user wants, so the command says how to classify every white cell.
+    field = tmp_path / "field.png"
+    Image.fromarray(np.tile(read_image(pbc_dir / EOSINOPHIL), (4, 4, 1))).save(field)
+    assert main(["classify", str(field), "--device", "cpu", "--rbc-diameter", "29"]) == 0
+    out = capsys.readouterr().out
+    assert "central cell:" in out
+    assert f"{field}: this image is about" in out and "--segment" in out
 
 
 def test_cli_refuses_a_grayscale_image(tmp_path, capsys):

@@ -13,6 +13,10 @@ from napari_cytodiffusion.core.progress import phases
 
 # Shares of the progress bar: scale estimate, segmentation, classification.
 _PROGRESS_WEIGHTS = (0.05, 0.10, 0.85)
+# Red cells across the short side from which a "single-cell image" is a smear field: single-cell
+# images (CellaVision, PBC, tight crops) span 3-6 (up to 8 where the scale is misread), phone
+# fields about 30 (CBC's high-magnification fields only 5-6: they pass as single-cell images).
+FIELD_RBC_ACROSS = 15
 
 
 @dataclass
@@ -102,6 +106,20 @@ class Classification:
         return (
             f"this smear is unlike the training smears (domain shift {shift:.1f}){soft}; "
             "calls may be wrong, review them or adapt the model"
+        )
+
+    def field_warning(self):
+        """One sentence when a single-cell image spans as many red cells as a smear field
+        (only its central cell was classified), saying what to do; "" otherwise."""
+        if not self.single_cell:
+            return ""
+        across = min(self.smear.shape) / self.rbc_diameter
+        if across < FIELD_RBC_ACROSS:
+            return ""
+        return (
+            f"this image is about {across:.0f} red cells across, a smear field rather than a "
+            "single-cell image: only the cell nearest its centre was classified; classify "
+            "it as a smear (--segment, or untick 'single-cell image') for every white cell"
         )
 
     def final_labels(self):
