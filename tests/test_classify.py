@@ -374,13 +374,53 @@ def test_review_reasons_are_recorded_per_call(default_model):
     shift = np.array([0.2, 3.0, np.nan])
     calls = calls_from_errors(model, errors, np.full(3, 32), domain_shift=shift)
     assert calls[0].why == "" and not calls[0].needs_review
-    assert calls[1].why == UNFAMILIAR_SMEAR and calls[1].needs_review
+    assert UNFAMILIAR_SMEAR in calls[1].why and calls[1].needs_review
     assert UNCERTAIN in calls[2].why and calls[2].needs_review
     assert UNKNOWN_KIND not in calls[0].why
     calls = calls_from_errors(model, errors, np.full(3, 32), anomaly_threshold=-1e9)
     assert all(UNKNOWN_KIND in c.why for c in calls)
     record = calls[0].as_dict()
     assert {"why", "domain_shift"} <= set(record) and record["domain_shift"] is None
+
+
+def test_calls_on_unfamiliar_smears_are_not_stated_with_confidence(default_model):
+    import copy
+
+    from napari_cytodiffusion.core.model.classifier import calls_from_errors
+
+    errors = np.full((3, 4, 8), 0.02, np.float32)
+    errors[:, :, 3] = 0.001  # the same clear call three times
+    shift = np.array([0.5, 3.0, np.nan])
+    model = copy.copy(default_model)
+    reference = {**default_model.calibration["domain"], "trust_decay": 1.0}
+    model.calibration = {**default_model.calibration, "domain": reference}
+    calls = calls_from_errors(model, errors, np.full(3, 32), domain_shift=shift)
+    top = [max(c.probabilities.values()) for c in calls]
+    assert {c.label for c in calls} == {default_model.classes[3]}
+    assert top[0] > 0.99 and top[2] == top[0]  # familiar or unknown smears: as calibrated
+    trust = np.exp(-2.0)  # two thresholds beyond the review threshold
+    assert top[1] == pytest.approx(trust * top[0] + (1 - trust) / 8, abs=1e-6)
+    assert calls[1].uncertainty > calls[0].uncertainty
+
+
+def test_the_trust_decay_matches_how_often_shifted_calls_are_right():
+    from napari_cytodiffusion.core.model.domain import fit_trust_decay, trusted_probabilities
+
+    rng = np.random.default_rng(0)
+    n, k = 400, 8
+    truth = rng.integers(0, k, n)
+    shift = np.where(np.arange(n) < n // 2, 0.5, 2.0)
+    right = (shift < 1) | (rng.random(n) < 0.3)  # shifted calls: 30 % right
+    predicted = np.where(right, truth, (truth + 1) % k)
+    probabilities = np.full((n, k), 0.03 / (k - 1))
+    probabilities[np.arange(n), predicted] = 0.97  # every call stated with confidence
+    decay = fit_trust_decay(probabilities, truth, shift)
+    trusted = trusted_probabilities(probabilities, shift, decay)
+    shifted = shift > 1
+    assert trusted[shifted].max(axis=1).mean() == pytest.approx(right[shifted].mean(), abs=0.05)
+    assert np.array_equal(trusted[~shifted], probabilities[~shifted])
+    assert np.array_equal(trusted.argmax(axis=1), predicted)
+    assert fit_trust_decay(probabilities, predicted, shift) == 0.0  # all right: trusted
 
 
 def test_domain_shift_ranks_shifted_cells_above_training_cells():

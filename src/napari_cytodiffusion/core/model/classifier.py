@@ -486,11 +486,16 @@ def calls_from_errors(
     logits = -against * temperature
     probabilities = np.exp(logits - logits.max(axis=1, keepdims=True))
     probabilities /= probabilities.sum(axis=1, keepdims=True)
+    shift = np.full(len(errors), np.nan) if domain_shift is None else np.asarray(domain_shift)
+    decay = (calibration.get("domain") or {}).get("trust_decay")
+    if decay is not None:  # calls on unfamiliar smears are right less often than calibrated
+        from napari_cytodiffusion.core.model.domain import trusted_probabilities
+
+        probabilities = trusted_probabilities(probabilities, shift, decay)
     k = probabilities.shape[1]
     entropy = -np.sum(probabilities * np.log(np.clip(probabilities, 1e-12, None)), axis=1)
     uncertainty = entropy / np.log(k)
     anomaly = anomaly_scores(model, real, best, null)
-    shift = np.full(len(errors), np.nan) if domain_shift is None else np.asarray(domain_shift)
     calls = []
     for i in range(len(errors)):
         why = review_reasons(
