@@ -47,7 +47,9 @@ def test_adapt_registers_a_calibrated_local_model(
     # "Unlike the training smears" means unlike the lab's cells, not PBC's.
     lab_reference = calibration["domain"]
     assert lab_reference != base.calibration["domain"] and "colour" not in lab_reference
-    assert lab_reference.get("trust_decay") == base.calibration["domain"].get("trust_decay")
+    # How far calls off its smears are trusted, and how large each class may be: the base's.
+    assert lab_reference["trust_decay"] == base.calibration["domain"]["trust_decay"]
+    assert calibration["size"] == base.calibration["size"]
     from napari_cytodiffusion.core.model.domain import domain_scores
 
     noise = np.random.default_rng(0).random((2, model.image_size, model.image_size, 3))

@@ -423,6 +423,30 @@ def test_the_trust_decay_matches_how_often_shifted_calls_are_right():
     assert fit_trust_decay(probabilities, predicted, shift) == 0.0  # all right: trusted
 
 
+def test_a_cell_too_large_for_its_called_class_is_flagged(default_model, pbc_crops):
+    from napari_cytodiffusion.core.model.cell_size import central_chromatin_area
+    from napari_cytodiffusion.core.model.classifier import TOO_LARGE, calls_from_errors
+
+    crops, names = pbc_crops
+    areas = dict(zip(names, central_chromatin_area(crops), strict=True))
+    largest = default_model.calibration["size"]["largest"]
+    # Real cells measure as their kind: a platelet is well under a red cell's area of
+    # chromatin, a lymphocyte over one, and each is within its own class's bound.
+    assert 0.2 < areas["platelet"] < 1.0 < areas["lymphocyte"]
+    assert all(areas[name] < largest[name] for name in names)
+    # A large lymphocyte called a platelet (as defocus or heavy JPEG make the model do), and
+    # called a lymphocyte.
+    assert largest["platelet"] < 1.5 * largest["platelet"] < largest["lymphocyte"]
+    errors = np.full((2, 4, 8), 0.02, np.float32)
+    platelet, lymphocyte = (default_model.classes.index(c) for c in ("platelet", "lymphocyte"))
+    errors[0, :, platelet] = errors[1, :, lymphocyte] = 0.001
+    area = np.full(2, 1.5 * largest["platelet"])
+    calls = calls_from_errors(default_model, errors, np.full(2, 32), chromatin_area=area)
+    assert calls[0].label == "platelet" and calls[0].why == TOO_LARGE and calls[0].size_ratio > 1
+    assert calls[1].label == "lymphocyte" and calls[1].why == "" and calls[1].size_ratio < 1
+    assert calls_from_errors(default_model, errors, np.full(2, 32))[0].why == ""  # not measured
+
+
 def test_domain_shift_ranks_shifted_cells_above_training_cells():
     from napari_cytodiffusion.core.model.domain import domain_parts, fit_domain_reference
 

@@ -17,6 +17,7 @@ JSON_KEYS = {
     "anomaly_score",
     "domain_shift",
     "softness",
+    "size_ratio",
     "needs_review",
     "why",
     "unet_evals",

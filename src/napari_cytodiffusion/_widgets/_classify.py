@@ -279,8 +279,9 @@ class ClassifyWidget(DockForm):
         table["needs_review"] = (table["uncertainty"] > self._uncertainty.value) | (
             table["anomaly_score"] > self._anomaly.value
         )
-        if "domain_shift" in table:  # unlike the training smears (in units of its threshold)
-            table["needs_review"] |= table["domain_shift"].fillna(0) > 1.0
+        for ratio in ("domain_shift", "size_ratio"):  # in units of their thresholds
+            if ratio in table:
+                table["needs_review"] |= table[ratio].fillna(0) > 1.0
         self.class_layer.features = table
         flagged = table[table["needs_review"]]
         points = self._world(flagged[["centroid_row", "centroid_col"]].to_numpy(float))
@@ -451,10 +452,11 @@ def _reason(row, uncertainty_threshold, anomaly_threshold):
     from napari_cytodiffusion.core.model.classifier import review_reasons
 
     limits = (uncertainty_threshold, anomaly_threshold, 1.0)  # domain shift: in its units
-    shift = row.get("domain_shift", np.nan)
-    return "; ".join(
-        review_reasons(row["uncertainty"], row["anomaly_score"], shift, limits, with_scores=True)
+    shift, size = row.get("domain_shift", np.nan), row.get("size_ratio", np.nan)
+    reasons = review_reasons(
+        row["uncertainty"], row["anomaly_score"], shift, limits, with_scores=True, size_ratio=size
     )
+    return "; ".join(reasons)
 
 
 def _legend_html(classes):

@@ -20,10 +20,12 @@ score's evidence: an image that is cheap to denoise (smooth, blurred, low in con
 cheap for both, so its own denoising cost cancels, and what is left is how much knowing the
 class helps. A cell of a kind the model never saw gains little from any class.
 
-Three reasons to review a call are kept apart (:data:`REASONS`): the classes are close
-(*uncertain*), the cell is unlike every class (*unlike any known class*: anomaly score), and
-the cell or its smear is unlike the training smears (*unlike the training smears*: the
-domain-shift score of :mod:`~napari_cytodiffusion.core.model.domain`).
+Four reasons to review a call are kept apart (:data:`REASONS`): the classes are close
+(*uncertain*), the cell is unlike every class (*unlike any known class*: anomaly score), the
+cell or its smear is unlike the training smears (*unlike the training smears*: the
+domain-shift score of :mod:`~napari_cytodiffusion.core.model.domain`), and the cell's
+chromatin is larger than any of its class's (*too large for its class*:
+:mod:`~napari_cytodiffusion.core.model.cell_size`).
 """
 
 import time
@@ -48,7 +50,8 @@ ANOMALY_TRIALS = 6
 UNCERTAIN = "uncertain"
 UNKNOWN_KIND = "unlike any known class"
 UNFAMILIAR_SMEAR = "unlike the training smears"
-REASONS = (UNCERTAIN, UNKNOWN_KIND, UNFAMILIAR_SMEAR)
+TOO_LARGE = "too large for its class"
+REASONS = (UNCERTAIN, UNKNOWN_KIND, UNFAMILIAR_SMEAR, TOO_LARGE)
 
 
 def trial_timesteps(count=MAX_TRIALS):
@@ -95,6 +98,9 @@ class CellCall:
     softness : float
         How much softer the crop is than the training cells, in the same units (above 1: the
         domain shift is at least partly defocus); NaN where the model has no reference.
+    size_ratio : float
+        The cell's chromatin area over the largest its called class has in training (above
+        1: too large for its class); NaN where the model or the class has no bound.
     why : str
         The reasons the call needs review (:data:`REASONS`, "; "-separated), "" when none.
     """
@@ -109,6 +115,7 @@ class CellCall:
     domain_shift: float = float("nan")
     why: str = ""
     softness: float = float("nan")
+    size_ratio: float = float("nan")
 
     def as_dict(self):
         return {
@@ -118,6 +125,7 @@ class CellCall:
             "anomaly_score": self.anomaly_score,
             "domain_shift": None if np.isnan(self.domain_shift) else self.domain_shift,
             "softness": None if np.isnan(self.softness) else self.softness,
+            "size_ratio": None if np.isnan(self.size_ratio) else self.size_ratio,
             "needs_review": self.needs_review,
             "why": self.why,
             "unet_evals": self.unet_evals,
@@ -167,6 +175,7 @@ def classify_crops(
     -------
     list of CellCall
     """
+    from napari_cytodiffusion.core.model.cell_size import central_chromatin_area
     from napari_cytodiffusion.core.model.domain import domain_scores
 
     started = time.perf_counter()
@@ -183,6 +192,7 @@ def classify_crops(
         anomaly_threshold,
         domain_shift=shift,
         domain_threshold=domain_threshold,
+        chromatin_area=central_chromatin_area(crops),
     )
     seconds = (time.perf_counter() - started) / max(len(calls), 1)
     for call, soft in zip(calls, softness, strict=True):
@@ -462,6 +472,7 @@ def calls_from_errors(
     anomaly_threshold=None,
     domain_shift=None,
     domain_threshold=None,
+    chromatin_area=None,
 ):
     """Turn paired errors into labels, calibrated probabilities, uncertainty, anomaly scores
     and review flags with their reasons.
@@ -469,8 +480,12 @@ def calls_from_errors(
     ``errors`` may carry the null class as its last column (see :func:`class_errors`);
     ``domain_shift`` (n,) is the cells' domain-shift score (see
     :func:`~napari_cytodiffusion.core.model.domain.domain_scores`), NaN or None where
-    unknown.
+    unknown; ``chromatin_area`` (n,) the central cells' chromatin in red-cell areas (see
+    :func:`~napari_cytodiffusion.core.model.cell_size.central_chromatin_area`), None when
+    not measured.
     """
+    from napari_cytodiffusion.core.model.cell_size import size_ratios
+
     calibration = model.calibration or {}
     # Evidence is in per-trial standard deviations; the fitted inverse temperature turns it
     # into log-odds. Without calibration one SD of mean excess counts as one nat.
@@ -496,6 +511,9 @@ def calls_from_errors(
     entropy = -np.sum(probabilities * np.log(np.clip(probabilities, 1e-12, None)), axis=1)
     uncertainty = entropy / np.log(k)
     anomaly = anomaly_scores(model, real, best, null)
+    called = [model.classes[b] for b in best]
+    area = np.full(len(errors), np.nan) if chromatin_area is None else chromatin_area
+    size = size_ratios(calibration.get("size"), area, called)
     calls = []
     for i in range(len(errors)):
         why = review_reasons(
@@ -503,6 +521,7 @@ def calls_from_errors(
             anomaly[i],
             shift[i],
             (uncertainty_threshold, anomaly_threshold, domain_threshold),
+            size_ratio=size[i],
         )
         calls.append(
             CellCall(
@@ -515,16 +534,20 @@ def calls_from_errors(
                 needs_review=bool(why),
                 unet_evals=int(spent[i]),
                 domain_shift=float(shift[i]),
+                size_ratio=float(size[i]),
                 why="; ".join(why),
             )
         )
     return calls
 
 
-def review_reasons(uncertainty, anomaly, domain_shift, limits, with_scores=False):
+def review_reasons(
+    uncertainty, anomaly, domain_shift, limits, with_scores=False, size_ratio=np.nan
+):
     """The reasons (:data:`REASONS`) a call needs review, given ``limits`` = (uncertainty,
-    anomaly, domain-shift) thresholds; a NaN score never flags. ``with_scores``: each reason
-    with its score, as in ``"uncertain (0.42)"``."""
+    anomaly, domain-shift) thresholds and the call's ``size_ratio`` (above 1: too large for
+    its class); a NaN score never flags. ``with_scores``: each reason with its score, as in
+    ``"uncertain (0.42)"``."""
     checks = (
         (UNCERTAIN, uncertainty, limits[0], "{:.2f}"),
         (UNKNOWN_KIND, anomaly, limits[1], "anomaly {:.1f}"),
@@ -534,6 +557,7 @@ def review_reasons(uncertainty, anomaly, domain_shift, limits, with_scores=False
             limits[2] if len(limits) > 2 else np.nan,
             "domain shift {:.1f}",
         ),
+        (TOO_LARGE, size_ratio, 1.0, "{:.1f} x its largest"),
     )
     return [
         f"{name} ({form.format(score)})" if with_scores else name

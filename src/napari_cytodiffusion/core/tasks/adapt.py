@@ -202,10 +202,14 @@ def adapt_model(request, progress=None, log=print):
         calibrating,
     )
     model.calibration["domain"] = _lab_domain_reference(model, crops, adapt_ids, held_ids)
-    # A lab's few cells cannot say how calls degrade off its smears; the base's measure stands.
-    decay = ((base_calibration or {}).get("domain") or {}).get("trust_decay")
+    # A lab's few cells cannot say how calls degrade off its smears, nor how large each class
+    # may be (a physical size, in red cells); the base's measures stand (a new class has none).
+    base_calibration = base_calibration or {}
+    decay = (base_calibration.get("domain") or {}).get("trust_decay")
     if decay is not None:
         model.calibration["domain"]["trust_decay"] = decay
+    if "size" in base_calibration:
+        model.calibration["size"] = base_calibration["size"]
     held_labels = labels[held_ids]
     predicted = np.array([classes.index(call.label) for call in calls])
     accuracy = np.mean([np.mean(predicted[held_labels == c] == c) for c in np.unique(held_labels)])

@@ -316,10 +316,14 @@ def _cell_rows(features, calls, limits):
     cells.insert(0, "id", np.arange(1, len(cells) + 1))
     calls = calls.drop(columns=["index", "unet_evals"])
     cells = pd.concat([cells, calls.reset_index(drop=True)], axis=1)
-    shift = cells["domain_shift"] if "domain_shift" in cells else [np.nan] * len(cells)
+    unknown = [np.nan] * len(cells)
+    shift = cells["domain_shift"] if "domain_shift" in cells else unknown
+    size = cells["size_ratio"] if "size_ratio" in cells else unknown
     cells["why"] = [
-        _why(u, a, limits, d)
-        for u, a, d in zip(cells["uncertainty"], cells["anomaly_score"], shift, strict=True)
+        _why(u, a, limits, d, r)
+        for u, a, d, r in zip(
+            cells["uncertainty"], cells["anomaly_score"], shift, size, strict=True
+        )
     ]
     return cells
 
@@ -348,10 +352,13 @@ def apply_annotations(cells, crops, annotations, rbc_diameter):
     return cells, crops
 
 
-def _why(uncertainty, anomaly, limits, domain_shift=np.nan):
+def _why(uncertainty, anomaly, limits, domain_shift=np.nan, size_ratio=np.nan):
     from napari_cytodiffusion.core.model.classifier import review_reasons
 
-    return "; ".join(review_reasons(uncertainty, anomaly, domain_shift, limits, with_scores=True))
+    reasons = review_reasons(
+        uncertainty, anomaly, domain_shift, limits, with_scores=True, size_ratio=size_ratio
+    )
+    return "; ".join(reasons)
 
 
 def triage(cells):

@@ -286,10 +286,10 @@ def calls_table(calls, cell_ids=None, centres=None):
 
     Columns: ``index`` (the cell's label value, 0 where not given), ``label``, ``p_<class>``
     for every class, ``uncertainty``, ``anomaly_score``, ``domain_shift``, ``softness``
-    (above 1: softer than the training cells), ``needs_review``,
-    ``why`` (the reasons for review: uncertain / unlike any known class / unlike the
-    training smears), ``unet_evals``, and ``centroid_row`` / ``centroid_col`` when
-    ``centres`` is given.
+    (above 1: softer than the training cells), ``size_ratio`` (above 1: too large for its
+    class), ``needs_review``, ``why`` (the reasons for review: uncertain / unlike any known
+    class / unlike the training smears / too large for its class), ``unet_evals``, and
+    ``centroid_row`` / ``centroid_col`` when ``centres`` is given.
     """
     import pandas as pd
 
@@ -303,6 +303,7 @@ def calls_table(calls, cell_ids=None, centres=None):
             anomaly_score=call.anomaly_score,
             domain_shift=call.domain_shift,
             softness=call.softness,
+            size_ratio=call.size_ratio,
             needs_review=call.needs_review,
             why=call.why,
             unet_evals=call.unet_evals,
