@@ -70,10 +70,11 @@ def call_metrics(calls, true_labels, classes):
 def _review_metrics(calls, correct):
     """Accuracy of the calls left unflagged, and the share flagged for each reason."""
     review = np.array([c.needs_review for c in calls])
+    from napari_cytodiffusion.core.model.classifier import REASONS
+
     why = [getattr(c, "why", "") for c in calls]
-    reasons = ("uncertain", "unlike any known class", "unlike the training smears")
     return {
         "unflagged_accuracy": float(np.mean(correct[~review])) if (~review).any() else None,
         "unflagged_cells": int((~review).sum()),
-        "flagged_by_reason": {r: float(np.mean([r in w for w in why])) for r in reasons},
+        "flagged_by_reason": {r: float(np.mean([r in w for w in why])) for r in REASONS},
     }

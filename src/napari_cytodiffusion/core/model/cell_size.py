@@ -1,12 +1,13 @@
 """Is the cell too large for the class it was called? A check on the call that needs no model.
 
 A crop spans a fixed number of red-cell diameters, so the area of its central cell's
-chromatin, in red-cell areas, is a physical size: platelets cover 0.3-1.1 red cells,
-lymphocytes and neutrophils 1.2-4. When an image is unlike the training images (defocus,
-heavy JPEG, another stain), the denoisers of the smooth, small classes explain a large cell
-best and it is called a platelet with confidence; its size still says it is not one
-(``benchmarks/cell_size.py``). The check is one-sided: a pale stain can hide chromatin and
-make a cell look small, but nothing makes a platelet look like four red cells of chromatin.
+chromatin, in red-cell areas, is a physical size: half of PBC's platelets cover 0.5-0.8 red
+cells, half of its lymphocytes 2.0-2.7 and of its monocytes 3.9-4.7. When an image is unlike
+the training images (defocus, heavy JPEG, another stain), the denoisers of the smooth, small
+classes explain a large cell best and it is called a platelet with confidence; its size still
+says it is not one (``benchmarks/cell_size.py``). The check is one-sided: a pale stain can
+hide chromatin and make a cell look small, but nothing makes a platelet look like three red
+cells of chromatin.
 
 The largest area of each class on PBC **train** cells (the ``1 - FALSE_ALARM`` quantile),
 times ``SCALE_TOLERANCE`` for red-cell scale estimates up to 12 % off, is stored in the
