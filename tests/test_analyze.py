@@ -70,6 +70,14 @@ def test_triage_reasons():
     rows["why"][3], rows["needs_review"][3] = "unlike any known class (anomaly 4.0)", True
     decision, reasons = triage(pd.DataFrame(rows))
     assert decision == "review" and "possible blasts" in reasons[0]
+    large = {**rows, "why": [""] * 149 + ["too large for its class (1.4 x its largest)"]}
+    assert triage(pd.DataFrame(large)) == (
+        "review",
+        [
+            "1 cell(s) too large for the class they were called: those calls are likely wrong "
+            "(defocus, compression or another stain?)"
+        ],
+    )
     shifted = {**rows, "anomaly_score": [2.0] * 150}
     assert any("unfamiliar stain" in r for r in triage(pd.DataFrame(shifted))[1])
     unfamiliar = {**rows, "domain_shift": [1.5] * 150, "softness": [0.2] * 150}

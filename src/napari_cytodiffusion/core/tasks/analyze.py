@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from napari_cytodiffusion.core.model.classifier import UNKNOWN_KIND
+from napari_cytodiffusion.core.model.classifier import TOO_LARGE, UNKNOWN_KIND
 from napari_cytodiffusion.core.model.domain import SOFT_ADVICE, smear_softness
 from napari_cytodiffusion.core.progress import phases, report
 
@@ -365,8 +365,9 @@ def triage(cells):
     """("release" or "review", reasons) for a smear's per-cell table.
 
     A smear needs a person when too few white cells were counted for a differential, when any
-    cell is unlike every known class (a blast, say), when more than ``REVIEW_SHARE`` of the
-    calls are flagged, or when its cells as a whole look unlike the training smears.
+    cell is unlike every known class (a blast, say), when any call cannot be right for the
+    cell's size, when more than ``REVIEW_SHARE`` of the calls are flagged, or when its cells
+    as a whole look unlike the training smears.
     """
     reasons = []
     count = len(cells)
@@ -377,6 +378,12 @@ def triage(cells):
         if unusual:
             reasons.append(
                 f"{unusual} cell(s) unlike any known class: possible blasts or other abnormal cells"
+            )
+        too_large = int(cells["why"].str.contains(TOO_LARGE).sum())
+        if too_large:  # a wrong call in the differential, whatever the rest
+            reasons.append(
+                f"{too_large} cell(s) too large for the class they were called: those calls "
+                "are likely wrong (defocus, compression or another stain?)"
             )
         flagged = int(cells["needs_review"].sum())
         if flagged > REVIEW_SHARE * count:
