@@ -25,11 +25,11 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import RESULTS, pbc_records  # noqa: E402
-from _sets import central_cell_crops, dataset1_records, pbc_stratified  # noqa: E402
+from _common import RESULTS  # noqa: E402
+from _sets import central_cell_crops, pbc_stratified  # noqa: E402
 from perturbations import CONDITIONS, PBC_RBC_DIAMETER  # noqa: E402
-from review import SHIPPED, _save_keeping_history  # noqa: E402
-from shift_trust import CELLS, COMBINATIONS, _load  # noqa: E402
+from review import SHIPPED, write_shipped  # noqa: E402
+from shift_trust import CELLS, COMBINATIONS, _load, held_out_cells  # noqa: E402
 
 from napari_cytodiffusion.core.model import cell_size  # noqa: E402
 
@@ -43,8 +43,7 @@ def _areas(images, scale):
 
 def fit(args):
     from napari_cytodiffusion.core.io import read_image
-    from napari_cytodiffusion.core.model.checkpoint import load_model_file, save_model_file
-    from napari_cytodiffusion.core.model.weights import update_registry_hash
+    from napari_cytodiffusion.core.model.checkpoint import load_model_file
 
     model = load_model_file(SHIPPED, "cpu")
     records = pbc_stratified("train", args.per_class)
@@ -60,24 +59,8 @@ def fit(args):
         },
     }
     if args.write:
-        model.calibration = {**model.calibration, "size": reference}
-        _save_keeping_history(model, save_model_file)
-        report["registry"] = list(update_registry_hash(SHIPPED))
+        report["registry"] = write_shipped(model, size=reference)
     return report
-
-
-def _held_out_images(name):
-    from napari_cytodiffusion.core.io import read_image
-    from napari_cytodiffusion.core.tasks.classify import shared_rbc_diameter
-
-    if name == "held-out PBC test":
-        rng = np.random.default_rng(0)
-        test = pbc_records("test")
-        pairs = [(test[i].path, test[i].label) for i in sorted(rng.choice(len(test), 300, False))]
-    else:
-        pairs = dataset1_records()
-    paths = [path for path, _ in pairs]
-    return [read_image(p) for p in paths], shared_rbc_diameter(paths)
 
 
 def _check(data, areas, classes, reference, limits):
@@ -113,6 +96,7 @@ def _check(data, areas, classes, reference, limits):
 def report(args):
     from napari_cytodiffusion.core.io import read_image
     from napari_cytodiffusion.core.model.checkpoint import load_model_file
+    from napari_cytodiffusion.core.tasks.classify import shared_rbc_diameter
 
     model = load_model_file(SHIPPED, "cpu")
     reference = model.calibration.get("size")
@@ -128,9 +112,11 @@ def report(args):
             _load(f"val {name}"), areas, model.classes, reference, limits
         )
         print(name, out["sets"][f"val {name}"], flush=True)
-    for name in ("held-out PBC test", "held-out WBC dataset 1"):
-        held, scale = _held_out_images(name)
-        areas = _areas(held, scale)
+    # The same cells, in the same order, as the calls of `shift_trust.py cells`.
+    test_cells = len(_load("held-out PBC test")["truth"])
+    for name, pairs in held_out_cells(test_cells).items():
+        paths = [path for path, _ in pairs]
+        areas = _areas([read_image(p) for p in paths], shared_rbc_diameter(paths))
         data = _load(name)
         out["sets"][name] = _check(data, areas, model.classes, reference, limits)
         out["sets"][name]["area_quartiles_by_true_class"] = {

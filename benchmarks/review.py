@@ -54,8 +54,7 @@ def load(name):
 
 def fit(args):
     from napari_cytodiffusion.core.model.calibration import fit_review
-    from napari_cytodiffusion.core.model.checkpoint import load_model_file, save_model_file
-    from napari_cytodiffusion.core.model.weights import update_registry_hash
+    from napari_cytodiffusion.core.model.checkpoint import load_model_file
 
     model = load_model_file(SHIPPED, "cpu")
     train, val, val_features = load("pbc_train"), load("pbc_val"), load("pbc_val_features")
@@ -90,14 +89,12 @@ def fit(args):
             **model.metadata,
             "review": "anomaly score and domain shift of issue 9 (benchmarks/review.py fit)",
         }
-        _save_keeping_history(model, save_model_file)
-        report["registry"] = list(update_registry_hash(SHIPPED))
+        report["registry"] = write_shipped(model)
     return report
 
 
 def fit_sharpness(args):
-    from napari_cytodiffusion.core.model.checkpoint import load_model_file, save_model_file
-    from napari_cytodiffusion.core.model.weights import update_registry_hash
+    from napari_cytodiffusion.core.model.checkpoint import load_model_file
 
     model = load_model_file(SHIPPED, "cpu")
     train, val_features = load("pbc_train"), load("pbc_val_features")
@@ -115,9 +112,7 @@ def fit_sharpness(args):
         "val_cells": int(len(val_features["crops"])),
     }
     if args.write:
-        model.calibration = {**model.calibration, "domain": reference}
-        _save_keeping_history(model, save_model_file)
-        report["registry"] = list(update_registry_hash(SHIPPED))
+        report["registry"] = write_shipped(model, domain=reference)
     return report
 
 
@@ -130,10 +125,16 @@ def _parts(reference, data):
     return domain.domain_parts(reference, data["features"], data["colours"], _sharpness(data))
 
 
-def _save_keeping_history(model, save_model_file):
-    """Write the model file, keeping the training step and loss history of the old one."""
+def write_shipped(model, **calibration):
+    """Store ``calibration`` parts in ``model``, write it as the shipped model file (keeping
+    the old file's training step and loss history) and record its new sha256 in the
+    registry; returns the registry entry (name, sha256)."""
     import torch
 
+    from napari_cytodiffusion.core.model.checkpoint import save_model_file
+    from napari_cytodiffusion.core.model.weights import update_registry_hash
+
+    model.calibration = {**model.calibration, **calibration}
     old = torch.load(SHIPPED, map_location="cpu", weights_only=True)
     save_model_file(model, SHIPPED)
     new = torch.load(SHIPPED, map_location="cpu", weights_only=True)
@@ -141,6 +142,7 @@ def _save_keeping_history(model, save_model_file):
     partial = SHIPPED.with_name(SHIPPED.name + ".partial")
     torch.save(new, partial)
     partial.replace(SHIPPED)
+    return list(update_registry_hash(SHIPPED))
 
 
 def _calls(model, data, colours=None):

@@ -39,7 +39,7 @@ from _common import RESULTS, pbc_records  # noqa: E402
 from _metrics import balanced_accuracy, expected_calibration_error  # noqa: E402
 from _sets import central_cell_crops, dataset1_records, pbc_stratified  # noqa: E402
 from perturbations import CONDITIONS, PBC_RBC_DIAMETER, blur, jpeg, noise  # noqa: E402
-from review import SHIPPED, _save_keeping_history  # noqa: E402
+from review import SHIPPED, write_shipped  # noqa: E402
 
 from napari_cytodiffusion.core.model import domain  # noqa: E402
 
@@ -109,14 +109,7 @@ def cells(args):
         crops, colours, _ = central_cell_crops(changed, scale, model.image_size)
         np.savez(target, **_classified(model, crops, colours, truth))
         print(f"val {name}: done", flush=True)
-    rng = np.random.default_rng(0)
-    test = pbc_records("test")
-    test = [test[i] for i in sorted(rng.choice(len(test), args.test_cells, replace=False))]
-    held_out = {
-        "held-out PBC test": [(r.path, r.label) for r in test],
-        "held-out WBC dataset 1": dataset1_records(),
-    }
-    for name, pairs in held_out.items():
+    for name, pairs in held_out_cells(args.test_cells).items():
         target = CELLS / f"{name}.npz"
         if target.exists():
             continue
@@ -128,6 +121,18 @@ def cells(args):
         np.savez(target, **_classified(model, crops, colours, [label for _, label in pairs]))
         print(f"{name}: done", flush=True)
     return None
+
+
+def held_out_cells(test_cells=300):
+    """{set name: [(image path, class)]} of the held-out sets: ``test_cells`` random PBC test
+    cells (seed 0) and WBC dataset 1."""
+    rng = np.random.default_rng(0)
+    test = pbc_records("test")
+    test = [test[i] for i in sorted(rng.choice(len(test), test_cells, replace=False))]
+    return {
+        "held-out PBC test": [(r.path, r.label) for r in test],
+        "held-out WBC dataset 1": dataset1_records(),
+    }
 
 
 def _load(name):
@@ -146,8 +151,7 @@ def _fitting_cells(sets):
 
 
 def fit(args):
-    from napari_cytodiffusion.core.model.checkpoint import load_model_file, save_model_file
-    from napari_cytodiffusion.core.model.weights import update_registry_hash
+    from napari_cytodiffusion.core.model.checkpoint import load_model_file
 
     data = _fitting_cells(_sets())
     decay = domain.fit_trust_decay(data["probabilities"], data["truth"], data["shift"])
@@ -158,12 +162,8 @@ def fit(args):
     }
     if args.write:
         model = load_model_file(SHIPPED, "cpu")
-        model.calibration = {
-            **model.calibration,
-            "domain": {**model.calibration["domain"], "trust_decay": decay},
-        }
-        _save_keeping_history(model, save_model_file)
-        report["registry"] = list(update_registry_hash(SHIPPED))
+        domain_reference = {**model.calibration["domain"], "trust_decay": decay}
+        report["registry"] = write_shipped(model, domain=domain_reference)
     return report
 
 

@@ -420,9 +420,8 @@ def _classify(args):
         if args.segment and not args.json:
             print(f"{path}: {len(result.calls)} white cells")
             print(result.differential().to_string(index=False, float_format="%.1f"))
-        for warning in (result.field_warning(), result.smear_warning()):
-            if warning and not args.json:
-                print(f"{path}: {warning}")
+        for warning in [] if args.json else result.warnings():
+            print(f"{path}: {warning}")
     if failed:
         print(f"{failed} of {len(args.paths)} files could not be classified", file=sys.stderr)
         return USAGE_ERROR

@@ -266,9 +266,8 @@ class ClassifyWidget(DockForm):
         table = self.class_layer.features
         flagged = int(table["needs_review"].sum())
         self._status.value = f"done: {len(table)} white cells, {flagged} need review"
-        for warning in (result.field_warning(), result.smear_warning()):
-            if warning:  # the image as a whole: a banner, not only per-cell flags
-                self._status.value += f"; {warning}"
+        for warning in result.warnings():  # the image as a whole, not only per-cell flags
+            self._status.value += f"; {warning}"
         show_info(f"Classified {len(table)} white cells; {flagged} need review.")
 
     def _update_review(self, *_):

@@ -122,6 +122,11 @@ class Classification:
             "it as a smear (--segment, or untick 'single-cell image') for every white cell"
         )
 
+    def warnings(self):
+        """What a user is told about the image as a whole (:meth:`field_warning`,
+        :meth:`smear_warning`), the empty ones left out."""
+        return [w for w in (self.field_warning(), self.smear_warning()) if w]
+
     def final_labels(self):
         """Each cell's call: the person's where annotated, else the model's."""
         human = self.annotated or [""] * len(self.calls)
