@@ -5,8 +5,6 @@ from pathlib import Path
 
 from napari_cytodiffusion.core.smear.segmentation import CELL_TYPES, DEFAULT_TILE, segment_smear
 
-OUTPUT_SUFFIXES = tuple(f"_{kind}_labels.tif" for kind in CELL_TYPES) + ("_cells.csv",)
-
 
 @dataclass
 class Segmented:
