@@ -246,6 +246,15 @@ def test_a_tight_single_cell_crop_gets_its_cell_from_the_chromatin(wbc_masks_dir
     assert (nucleus & (truth == 255)).sum() > 0.7 * (truth == 255).sum()
 
 
+@pytest.mark.parametrize("name", ["PLATELET_105490", "PLATELET_111377"])
+def test_a_platelet_field_has_no_white_cell(pbc_dir, name):
+    # The chromatin fallback once took the central platelet of such a field for a white cell;
+    # a white cell has cytoplasm around its chromatin, a platelet has none to grow.
+    found = segment_smear(read_image(pbc_dir / "platelet" / f"{name}.jpg"))
+    assert found.count("wbc") == 0
+    assert found.count("platelet") == 1
+
+
 def test_label_type_holds_every_cell():
     assert label_dtype(65_535) == np.uint16
     assert label_dtype(65_536) == np.uint32

@@ -72,6 +72,10 @@ MIN_WBC_AREA = 0.5  # the smallest white cell (a small lymphocyte is about 1.2)
 MIN_EDGE_WBC_AREA = 1.0  # visible area of a white cell cut by the image edge
 MAX_CYTOPLASM = 0.8  # widest cytoplasm rim around a nucleus
 MIN_FALLBACK_NUCLEUS = 0.4  # smallest nucleus of a cell found from chromatin alone
+# Smallest cell found from chromatin alone, cytoplasm included: a platelet clump has no
+# cytoplasm to grow (PBC val: 90 % of the clumps of its platelet images fall below, no
+# nucleated cell does, the smallest an erythroblast at 0.98).
+MIN_FALLBACK_CELL = 0.8
 STAR_LIMIT = 1.3  # a white cell's edge is at most this times its median radius from its centre
 # Detector probabilities: a body pixel, a core pixel, and the core's peak that makes a cell.
 BODY_LEVEL = 0.5
@@ -426,9 +430,12 @@ class _TileWork:
         score = nucleus_score(density)
         nuclei = _nuclei(score, constants) & ~outside
         cells = _white_cells(body, core, constants)
-        if cells.max() == 0 and self.window == _whole(self.image_shape):
+        fallback = cells.max() == 0 and self.window == _whole(self.image_shape)
+        if fallback:
             cells = _chromatin_cells(nuclei, constants)
         wbc = _with_cytoplasm(cells, density, nuclei, constants)
+        if fallback:
+            wbc = _without_small(wbc, MIN_FALLBACK_CELL, constants.rbc_diameter)
         platelets = _platelets(nuclei, wbc, constants.rbc_diameter)
         self.tracker.step()
         rbc = _red_cells(density, wbc, nuclei, outside, constants, self.tracker)
@@ -514,7 +521,6 @@ def _white_cells(body, core, constants):
     from skimage.segmentation import watershed
 
     diameter = constants.rbc_diameter
-    rbc_area = np.pi * diameter**2 / 4
     smooth = ndi.gaussian_filter(core, diameter / 10)
     markers = _local_maxima(smooth, reach=max(1, int(0.5 * diameter)), lowest=CORE_LEVEL)
     count = int(markers.max())
@@ -524,11 +530,15 @@ def _white_cells(body, core, constants):
     confident = ndi.maximum(core, markers, index) >= CELL_CONFIDENCE
     markers = _relabel(np.where(np.isin(markers, index[confident]), markers, 0))
     cells = watershed(-core - body, markers, mask=(body > BODY_LEVEL) | (markers > 0))
-    areas = np.bincount(cells.ravel(), minlength=int(cells.max()) + 1)
-    small = areas < MIN_WBC_AREA * rbc_area
+    return _without_small(cells.astype(np.uint32), MIN_WBC_AREA, diameter)
+
+
+def _without_small(labels, least, diameter):
+    """``labels`` without those smaller than ``least`` red-cell areas, renumbered."""
+    areas = np.bincount(labels.ravel(), minlength=int(labels.max()) + 1)
+    small = areas < least * np.pi * diameter**2 / 4
     small[0] = False
-    cells[small[cells]] = 0
-    return _relabel(cells.astype(np.uint32))
+    return _relabel(np.where(small[labels], 0, labels).astype(labels.dtype))
 
 
 def _whole(shape):
@@ -544,13 +554,8 @@ def _chromatin_cells(nuclei, constants):
     """
     diameter = constants.rbc_diameter
     joined = ndi.binary_closing(nuclei, iterations=max(1, int(diameter / 8)))
-    blobs, count = ndi.label(joined)
-    if count == 0:
-        return blobs.astype(np.uint32)
-    areas = np.bincount(blobs.ravel(), minlength=count + 1)
-    small = areas < MIN_FALLBACK_NUCLEUS * np.pi * diameter**2 / 4
-    small[0] = True
-    return _relabel(np.where(small[blobs], 0, blobs).astype(np.uint32))
+    blobs, _ = ndi.label(joined)
+    return _without_small(blobs.astype(np.uint32), MIN_FALLBACK_NUCLEUS, diameter)
 
 
 def _with_cytoplasm(cells, density, nuclei, constants):
