@@ -65,8 +65,19 @@ def test_a_large_tiff_is_read_lazily(tmp_path):
 
 
 def test_triage_reasons():
-    rows = {"needs_review": [False] * 150, "anomaly_score": [0.0] * 150, "why": [""] * 150}
+    rows = {
+        "label": ["neutrophil"] * 150,
+        "needs_review": [False] * 150,
+        "anomaly_score": [0.0] * 150,
+        "why": [""] * 150,
+    }
     assert triage(pd.DataFrame(rows)) == ("release", [])
+    # A differential counts leukocytes: platelets and erythroblasts called are not among them.
+    few = {**rows, "label": ["neutrophil"] * 90 + ["platelet"] * 40 + ["erythroblast"] * 20}
+    assert triage(pd.DataFrame(few)) == (
+        "review",
+        ["too few white cells counted: 90 (a differential needs 100)"],
+    )
     rows["why"][3], rows["needs_review"][3] = "unlike any known class (anomaly 4.0)", True
     decision, reasons = triage(pd.DataFrame(rows))
     assert decision == "review" and "possible blasts" in reasons[0]

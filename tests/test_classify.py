@@ -265,6 +265,22 @@ def test_given_labels_are_classified_at_their_centroids(default_model, pbc_dir):
         classify(image, default_model, labels=labels[:10])
 
 
+def test_the_differential_is_per_100_leukocytes():
+    from napari_cytodiffusion.core.classes import CLASSES
+    from napari_cytodiffusion.core.tasks.classify import differential_count
+
+    calls = ["neutrophil"] * 3 + ["lymphocyte", "erythroblast", "platelet", "platelet"]
+    counts = differential_count(calls, CLASSES).set_index("class")
+    inside = counts[counts["in_differential"]]
+    assert inside["percent"].sum() == pytest.approx(100.0)
+    assert counts.loc["neutrophil", "percent"] == pytest.approx(75.0)
+    # Nucleated red cells per 100 white cells, as haematology reports them.
+    assert counts.loc["erythroblast", "percent"] == pytest.approx(25.0)
+    assert not counts.loc["platelet", "in_differential"]
+    only_platelets = differential_count(["platelet"], CLASSES).set_index("class")
+    assert np.isnan(only_platelets.loc["platelet", "percent"])  # per 100 of none
+
+
 # ----------------------------------------------------------------------------- issue 9
 
 

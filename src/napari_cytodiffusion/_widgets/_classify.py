@@ -93,7 +93,10 @@ class ClassifyWidget(DockForm):
         self._summary = QTableWidget(0, 3)
         self._summary.setHorizontalHeaderLabels(["class", "count", "%"])
         self._summary.verticalHeader().setVisible(False)
-        self._summary.setToolTip("The differential count of the last run.")
+        self._summary.setToolTip(
+            "The differential count of the last run, per 100 white cells (erythroblasts and "
+            "platelets are counted per 100 white cells, not among them)."
+        )
         self._summary.setMinimumHeight(_rows_height(self._summary, TABLE_ROWS))
         self._flagged = QListWidget()
         self._flagged.setToolTip("Cells that need review; click one to centre the view on it.")
@@ -324,9 +327,13 @@ class ClassifyWidget(DockForm):
 
     def _show_summary(self, counts):
         self._summary.setRowCount(len(counts))
-        for row, (name, count, percent) in enumerate(counts.itertuples(index=False)):
-            for column, text in enumerate((name, str(count), f"{percent:.1f}")):
-                self._summary.setItem(row, column, QTableWidgetItem(text))
+        for row, cells in enumerate(counts.itertuples(index=False)):
+            texts = (cells[0], str(cells[1]), f"{cells[2]:.1f}")
+            for column, text in enumerate(texts):
+                item = QTableWidgetItem(text)
+                if not cells.in_differential:
+                    item.setToolTip("Per 100 white cells; not one of them (not in the 100 %).")
+                self._summary.setItem(row, column, item)
         self._summary.resizeColumnsToContents()
 
     def _go_to_flagged(self, row):

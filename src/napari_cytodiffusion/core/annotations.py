@@ -21,6 +21,7 @@ import numpy as np
 SUFFIX = ".annotations.json"
 FORMAT = "napari-cytodiffusion annotations"
 ARTEFACT, UNKNOWN, DELETED = "artefact", "unknown", "deleted"
+NOT_CELL_CLASSES = (ARTEFACT, UNKNOWN)  # human labels that are not a white-cell class
 MANIFEST = "manifest.csv"
 MANIFEST_COLUMNS = (
     "file",

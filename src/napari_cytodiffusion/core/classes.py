@@ -16,6 +16,11 @@ CLASSES = (
     "platelet",
 )
 
+# Cells a white-cell differential counts but leaves out of its 100: nucleated red cells are
+# reported per 100 white cells, as haematology reports them, and a platelet (or clump) the
+# segmentation took for a cell is not a white cell at all.
+OUTSIDE_DIFFERENTIAL = ("erythroblast", "platelet")
+
 # Folder names in datasets that differ from ours (PBC files immature granulocytes under `ig`).
 CLASS_ALIASES = {"ig": "immature_granulocyte"}
 

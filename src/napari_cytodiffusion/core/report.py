@@ -98,8 +98,8 @@ def report_html(analysis):
     )
     counts = analysis.differential()
     rows = "".join(
-        f"<tr><td>{html.escape(c)}</td><td>{n}</td><td>{p:.1f}</td></tr>"
-        for c, n, p in counts.itertuples(index=False)
+        f"<tr><td>{html.escape(c)}{'' if inside else ' *'}</td><td>{n}</td><td>{p:.1f}</td></tr>"
+        for c, n, p, inside in counts.itertuples(index=False)
     )
     found = analysis.counts
     plot, overview = _png(_differential_plot(counts)), _png(_overview(analysis))
@@ -116,6 +116,7 @@ img.cell{{width:128px;height:128px;image-rendering:pixelated}}</style></head>
 flagged; {found["rbc"]} red cells and {found["platelet"]} platelets found. Image
 {analysis.shape[1]} x {analysis.shape[0]} px, red-cell diameter {analysis.rbc_diameter:.1f} px.</p>
 <h2>Differential count</h2><table><tr><th>class</th><th>count</th><th>%</th></tr>{rows}</table>
+<p>* per 100 white cells, not one of them: not part of the 100 %.</p>
 <p><img alt="differential" src="data:image/png;base64,{plot}"></p>
 <h2>The smear</h2><p>White cells outlined in the colour of their class; flagged cells in red.</p>
 <p><img alt="overview" style="max-width:100%" src="data:image/png;base64,{overview}"></p>
@@ -168,7 +169,7 @@ def _differential_plot(counts):
     axis = figure.subplots()
     colours = class_colours(tuple(counts["class"]))
     axis.barh(counts["class"], counts["percent"], color=[colours[c] for c in counts["class"]])
-    axis.set_xlabel("% of white cells")
+    axis.set_xlabel("per 100 white cells")
     axis.invert_yaxis()
     figure.tight_layout()
     buffer = io.BytesIO()

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from napari_cytodiffusion.core.annotations import NOT_CELL_CLASSES
+from napari_cytodiffusion.core.classes import OUTSIDE_DIFFERENTIAL
 from napari_cytodiffusion.core.model.classifier import TOO_LARGE, UNKNOWN_KIND
 from napari_cytodiffusion.core.model.domain import SOFT_ADVICE, smear_softness
 from napari_cytodiffusion.core.progress import phases, report
@@ -371,8 +373,14 @@ def triage(cells):
     """
     reasons = []
     count = len(cells)
-    if count < MIN_CELLS:
-        reasons.append(f"too few white cells counted: {count} (a differential needs {MIN_CELLS})")
+    # The differential counts leukocytes: not the erythroblasts, platelets, artefacts and
+    # unknown cells among the labels.
+    outside = OUTSIDE_DIFFERENTIAL + NOT_CELL_CLASSES
+    leukocytes = int((~cells["label"].isin(outside)).sum()) if count else 0
+    if leukocytes < MIN_CELLS:
+        reasons.append(
+            f"too few white cells counted: {leukocytes} (a differential needs {MIN_CELLS})"
+        )
     if count:
         unusual = int(cells["why"].str.contains(UNKNOWN_KIND).sum())
         if unusual:

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from napari_cytodiffusion.core.classes import OUTSIDE_DIFFERENTIAL
 from napari_cytodiffusion.core.progress import phases
 
 # Shares of the progress bar: scale estimate, segmentation, classification.
@@ -320,12 +321,32 @@ def calls_table(calls, cell_ids=None, centres=None):
 
 
 def differential_count(labels, classes):
-    """Number and percentage of cells per class, in ``classes`` order, as a DataFrame."""
+    """Number of cells per class, and per 100 white cells, in ``classes`` order.
+
+    The 100 are the leukocytes: erythroblasts and platelets
+    (:data:`~napari_cytodiffusion.core.classes.OUTSIDE_DIFFERENTIAL`) are counted per 100 of
+    them but are not part of them (``in_differential`` False), so the other classes' percents
+    add up to 100. Without any leukocyte, their rate per 100 is undefined (NaN).
+
+    Examples
+    --------
+    >>> differential_count(["neutrophil", "neutrophil", "lymphocyte", "platelet"],
+    ...                    ("lymphocyte", "neutrophil", "platelet"))
+            class  count    percent  in_differential
+    0  lymphocyte      1  33.333333             True
+    1  neutrophil      2  66.666667             True
+    2    platelet      1  33.333333            False
+    """
     import pandas as pd
 
     labels = list(labels)
     counts = [labels.count(name) for name in classes]
-    total = max(len(labels), 1)
+    inside = [name not in OUTSIDE_DIFFERENTIAL for name in classes]
+    leukocytes = sum(c for c, counted in zip(counts, inside, strict=True) if counted)
+    if leukocytes:
+        percent = [100 * c / leukocytes for c in counts]
+    else:
+        percent = [0.0 if counted else np.nan for counted in inside]
     return pd.DataFrame(
-        {"class": list(classes), "count": counts, "percent": [100 * c / total for c in counts]}
+        {"class": list(classes), "count": counts, "percent": percent, "in_differential": inside}
     )
