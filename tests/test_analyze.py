@@ -139,7 +139,7 @@ def test_batch_on_a_local_cluster_resumes_and_reports_failures(tmp_path):
     summary = pd.read_csv(out / "summary.csv")
     assert sorted(summary["smear"]) == ["cbc_lymphocyte.jpg", "pbc_lymphocyte.jpg"]
     triage_row = json.loads((out / "pbc_lymphocyte.jpg" / "triage.json").read_text())
-    assert triage_row["white_cells"] == 1
+    assert triage_row["white_cells"] == triage_row["leukocytes"] == 1
     again = analyze_files(request)
     assert sorted(again.skipped) == ["cbc_lymphocyte.jpg", "pbc_lymphocyte.jpg"]
     assert not again.analysed and "broken.png" in again.failed

@@ -67,7 +67,7 @@ class SmearAnalysis:
     reasons: list = field(default_factory=list)
 
     def differential(self):
-        """Number and percentage of white cells per class."""
+        """Number of white cells per class and per 100 leukocytes (see ``differential_count``)."""
         from napari_cytodiffusion.core.tasks.classify import differential_count
 
         labels = [label for label in self.cells["label"] if label in self.classes]
@@ -75,17 +75,20 @@ class SmearAnalysis:
 
     def summary(self):
         """One row for the summary table across smears."""
+        differential = self.differential()
         row = {
             "smear": self.name,
             "decision": self.decision,
             "reasons": "; ".join(self.reasons),
             "white_cells": len(self.cells),
+            # the differential's 100 %: leukocytes, not erythroblast or platelet calls
+            "leukocytes": int(differential["count"][differential["in_differential"]].sum()),
             "flagged": int(self.cells["needs_review"].sum()) if len(self.cells) else 0,
             "red_cells": self.counts["rbc"],
             "platelets": self.counts["platelet"],
             "rbc_diameter_px": round(self.rbc_diameter, 2),
         }
-        for name, percent in zip(self.classes, self.differential()["percent"], strict=True):
+        for name, percent in zip(self.classes, differential["percent"], strict=True):
             row[f"percent_{name}"] = round(float(percent), 2)
         return row
 
