@@ -376,8 +376,8 @@ def triage(cells):
     """
     reasons = []
     count = len(cells)
-    # The differential counts leukocytes: not the erythroblasts, platelets, artefacts and
-    # unknown cells among the labels.
+    # The differential counts leukocytes: not the calls it leaves out of its 100, nor cells a
+    # person marked artefact or unknown.
     outside = OUTSIDE_DIFFERENTIAL + NOT_CELL_CLASSES
     leukocytes = int((~cells["label"].isin(outside)).sum()) if count else 0
     if leukocytes < MIN_CELLS:

@@ -323,7 +323,7 @@ def calls_table(calls, cell_ids=None, centres=None):
 def differential_count(labels, classes):
     """Number of cells per class, and per 100 white cells, in ``classes`` order.
 
-    The 100 are the leukocytes: erythroblasts and platelets
+    The 100 are the leukocytes: erythroblasts, platelets and smudge cells
     (:data:`~napari_cytodiffusion.core.classes.OUTSIDE_DIFFERENTIAL`) are counted per 100 of
     them but are not part of them (``in_differential`` False), so the other classes' percents
     add up to 100. Without any leukocyte, their rate per 100 is undefined (NaN).
