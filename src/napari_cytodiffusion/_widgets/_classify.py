@@ -94,8 +94,8 @@ class ClassifyWidget(DockForm):
         self._summary.setHorizontalHeaderLabels(["class", "count", "%"])
         self._summary.verticalHeader().setVisible(False)
         self._summary.setToolTip(
-            "The differential count of the last run, per 100 white cells (erythroblasts and "
-            "platelets are counted per 100 white cells, not among them)."
+            "The differential count of the last run, per 100 white cells (erythroblasts, "
+            "platelets and smudge cells are counted per 100 white cells, not among them)."
         )
         self._summary.setMinimumHeight(_rows_height(self._summary, TABLE_ROWS))
         self._flagged = QListWidget()
@@ -327,11 +327,11 @@ class ClassifyWidget(DockForm):
 
     def _show_summary(self, counts):
         self._summary.setRowCount(len(counts))
-        for row, cells in enumerate(counts.itertuples(index=False)):
-            texts = (cells[0], str(cells[1]), f"{cells[2]:.1f}")
-            for column, text in enumerate(texts):
+        rows = counts.itertuples(index=False, name=None)
+        for row, (name, count, percent, in_differential) in enumerate(rows):
+            for column, text in enumerate((name, str(count), f"{percent:.1f}")):
                 item = QTableWidgetItem(text)
-                if not cells.in_differential:
+                if not in_differential:
                     item.setToolTip("Per 100 white cells; not one of them (not in the 100 %).")
                 self._summary.setItem(row, column, item)
         self._summary.resizeColumnsToContents()

@@ -81,7 +81,7 @@ class SmearAnalysis:
             "decision": self.decision,
             "reasons": "; ".join(self.reasons),
             "white_cells": len(self.cells),
-            # the differential's 100 %: leukocytes, not erythroblast or platelet calls
+            # the differential's 100 %: leukocytes, not the calls it counts apart
             "leukocytes": int(differential["count"][differential["in_differential"]].sum()),
             "flagged": int(self.cells["needs_review"].sum()) if len(self.cells) else 0,
             "red_cells": self.counts["rbc"],
