@@ -222,23 +222,6 @@ def test_detector_training_writes_a_detector_that_runs_as_trained(cbc_dir, tmp_p
     np.testing.assert_allclose(body, 1 / (1 + np.exp(-logits[0])), atol=1e-4)
 
 
-def test_pbc_training_fields_box_the_central_cell_and_no_platelet(pbc_dir, monkeypatch):
-    from napari_cytodiffusion.core.smear import detector_training as training
-
-    monkeypatch.setattr(training, "PBC_PLATELET_FIELDS", 2)
-    monkeypatch.setattr(training, "PBC_CELL_FIELDS", 1)
-    fields = training.pbc_fields(pbc_dir / "splits.csv")
-    with_cell = [field for field in fields if len(field.boxes)]
-    assert len(fields) - len(with_cell) == 2  # the platelet fields, no box
-    assert len(with_cell) >= 6  # a field of each nucleated class, its cell found
-    for field in with_cell:
-        (box,) = field.boxes
-        rows, cols = field.rgb.shape[:2]
-        assert box[0] < rows / 2 < box[2] and box[1] < cols / 2 < box[3]
-        # a white cell spans one to three red cells
-        assert 1 <= (box[2] - box[0]) / field.rbc_diameter <= 3
-
-
 def test_the_detector_judges_a_mirrored_smear_as_the_smear_mirrored():
     from napari_cytodiffusion.core.smear.detector import load_detector
 

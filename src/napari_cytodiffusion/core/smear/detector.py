@@ -106,11 +106,6 @@ class Detector:
             for name, (kernel, bias) in weights.items()
         }
 
-    @property
-    def weights(self):
-        """The folded weights ``{name: (kernel, bias)}`` as numpy arrays."""
-        return {name: (k.numpy(), b.numpy()) for name, (k, b) in self._weights.items()}
-
     def _conv(self, name, x):
         import torch.nn.functional as F
 

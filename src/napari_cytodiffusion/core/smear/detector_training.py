@@ -5,11 +5,9 @@
 The targets come from white-cell boxes: the ellipse inside each box is the cell's *body*, its
 inner half (in radius) the *core*; a band around each edge is left out of the loss, since a
 box only approximates the cell's outline. Training fields are the CBC training split (Pascal
-VOC boxes, microscope camera), the phone-camera training split of ``wbc_smartphone_pig``
-(YOLO boxes) and PBC's training split (single-cell fields of another scanner: the platelet
-fields hold no white cell, the others one at the centre, boxed as the shipped pipeline finds
-it), never a test split; the two bundled CBC sample fields are left out too, so they stay
-unseen. Each crop is seen at the detector's scale (from the field's red-cell size) with
+VOC boxes, microscope camera) and the phone-camera training split of ``wbc_smartphone_pig``
+(YOLO boxes), never a test split; the two bundled CBC sample fields are left out too, so they
+stay unseen. Each crop is seen at the detector's scale (from the field's red-cell size) with
 the variation of real smears added: scale (±25 %), stain (colour mixing, strength and
 contrast in optical density), background tint, blur, noise and JPEG compression, rotations
 and flips.
@@ -32,7 +30,6 @@ from napari_cytodiffusion.core.smear.detector import (
     density_input,
     forward,
     layer_shapes,
-    load_detector,
     save_detector,
 )
 from napari_cytodiffusion.core.smear.resample import rescale, scaled_boxes
@@ -48,22 +45,11 @@ CORE_EDGE = (0.35, 0.6)
 # phone set (no red-cell boxes) from its measured cells.
 CBC_BOX_TO_DIAMETER = 0.88
 PHONE_RBC_DIAMETER = 11.5
-# PBC's red cells as the scale estimate reads them (median over its fields; the estimate of a
-# single field without red cells can be far off).
-PBC_RBC_DIAMETER = 31.0
 # Stain hue is turned by up to this angle (radians) about the grey axis of optical density:
 # nuclei from blue-purple to maroon, as other stains show them.
 HUE_TURN = 0.6
 # The bundled sample fields (src/napari_cytodiffusion/sample_data) stay out of training.
 HELD_OUT = ("BloodImage_00010", "BloodImage_00086")
-# PBC fields a class: platelet fields teach that a platelet clump is no white cell; the
-# nucleated classes keep a tight field's central cell a cell.
-PBC_PLATELET_FIELDS = 600
-PBC_CELL_FIELDS = 300
-# Each source's share of the training crops, relative to CBC's and the phone set's 1: PBC's
-# fields are small and alike, so they need fewer.
-SOURCE_WEIGHT = {"pbc/train": 0.5}
-LEARNING_RATE = 3e-3
 
 
 @dataclass
@@ -99,38 +85,6 @@ def phone_fields(folder):
         boxes = yolo_boxes(Path(folder) / "labels" / f"{path.stem}.txt", rgb.shape)
         fields.append(_field(path, boxes, PHONE_RBC_DIAMETER, rgb))
     return fields
-
-
-def pbc_fields(splits_csv, seed=0):
-    """Fields of PBC's training split: platelet fields without a white cell, and fields of the
-    nucleated classes with the central cell's box as :func:`segment_smear` finds it (a field
-    where it finds none is left out)."""
-    from napari_cytodiffusion.core.datasets import list_labelled_images
-    from napari_cytodiffusion.core.smear.segmentation import segment_smear
-
-    records = [r for r in list_labelled_images(splits_csv) if r.split == "train"]
-    rng = np.random.default_rng(seed)
-    fields = []
-    for label in sorted({r.label for r in records}):
-        group = [r for r in records if r.label == label]
-        count = PBC_PLATELET_FIELDS if label == "platelet" else PBC_CELL_FIELDS
-        for index in sorted(rng.choice(len(group), min(count, len(group)), replace=False)):
-            rgb = read_image(group[index].path)[..., :3]
-            result = segment_smear(rgb)
-            boxes = [] if label == "platelet" else _central_box(result.wbc_labels)
-            if label == "platelet" or boxes:
-                fields.append(_field(group[index].path, boxes, PBC_RBC_DIAMETER, rgb))
-    return fields
-
-
-def _central_box(labels):
-    """The box [[min_row, min_col, max_row, max_col]] of the label at the image's centre, or []."""
-    labels = np.asarray(labels)
-    cell = labels[labels.shape[0] // 2, labels.shape[1] // 2]
-    if not cell:
-        return []
-    rows, cols = np.nonzero(labels == cell)
-    return [[rows.min(), cols.min(), rows.max() + 1, cols.max() + 1]]
 
 
 def _field(path, boxes, rbc_diameter, rgb=None):
@@ -288,34 +242,20 @@ def make_pool(fields, count, rng):
 # ----------------------------------------------------------------------------- training
 
 
-def build_network(start=None):
-    """The trainable network: a convolution, batch norm and ReLU per layer of ``layer_shapes``.
-
-    From ``start`` (a trained detector's folded weights ``{name: (kernel, bias)}``), the network
-    is fine-tuned instead: each convolution starts from the folded one and keeps no batch norm,
-    whose statistics folding has lost.
-    """
-    import torch
+def build_network():
+    """The trainable network: a convolution, batch norm and ReLU per layer of ``layer_shapes``."""
     import torch.nn as nn
 
     layers = nn.ModuleDict()
     for name, (cin, cout) in layer_shapes(CHANNELS).items():
         if name == "head":
             layers[name] = nn.Conv2d(cin, cout, 1)
-        elif start is None:
+        else:
             layers[name] = nn.Sequential(
                 nn.Conv2d(cin, cout, 3, padding=1, bias=False),
                 nn.BatchNorm2d(cout),
                 nn.ReLU(inplace=True),
             )
-        else:
-            layers[name] = nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.ReLU(inplace=True))
-        if start is not None:
-            conv = layers[name] if name == "head" else layers[name][0]
-            kernel, bias = start[name]
-            with torch.no_grad():
-                conv.weight.copy_(torch.from_numpy(np.asarray(kernel)))
-                conv.bias.copy_(torch.from_numpy(np.asarray(bias)))
     return layers
 
 
@@ -323,11 +263,10 @@ def folded_weights(layers):
     """``{name: (kernel, bias)}`` numpy arrays with each batch norm folded into its conv."""
     weights = {}
     for name, layer in layers.items():
-        conv = layer if name == "head" else layer[0]
-        if conv.bias is not None:  # the head, or a fine-tuned layer: no batch norm
-            weights[name] = (conv.weight.detach().numpy(), conv.bias.detach().numpy())
+        if name == "head":
+            weights[name] = (layer.weight.detach().numpy(), layer.bias.detach().numpy())
             continue
-        norm = layer[1]
+        conv, norm = layer[0], layer[1]
         scale = (norm.weight / (norm.running_var + norm.eps).sqrt()).detach()
         kernel = conv.weight.detach() * scale[:, None, None, None]
         bias = norm.bias.detach() - norm.running_mean * scale
@@ -361,12 +300,8 @@ def _loss(logits, targets):
     return loss / counted.sum().clamp(min=1)
 
 
-def train(fields, steps, out, batch=24, pool_size=16000, seed=0, start=None, log=print):
-    """Train the detector on ``fields`` and write its folded weights to ``out`` (.npz).
-
-    ``start``: a trained detector's folded weights to fine-tune (see :func:`build_network`),
-    at a tenth of the learning rate.
-    """
+def train(fields, steps, out, batch=24, pool_size=16000, seed=0, log=print):
+    """Train the detector on ``fields`` and write its folded weights to ``out`` (.npz)."""
     import torch
 
     rng = np.random.default_rng(seed)
@@ -374,14 +309,13 @@ def train(fields, steps, out, batch=24, pool_size=16000, seed=0, start=None, log
     started = time.perf_counter()
     pool = _mixed_pool(fields, pool_size, rng)
     log(f"pool of {len(pool[0])} crops in {time.perf_counter() - started:.0f} s")
-    layers = build_network(start)
+    layers = build_network()
 
     def conv(name, x):
         return layers[name](x)
 
-    peak = LEARNING_RATE if start is None else LEARNING_RATE / 10
-    optimiser = torch.optim.AdamW(layers.parameters(), lr=peak, weight_decay=1e-4)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, peak, total_steps=steps)
+    optimiser = torch.optim.AdamW(layers.parameters(), lr=3e-3, weight_decay=1e-4)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, 3e-3, total_steps=steps)
     running = None
     for step in range(1, steps + 1):
         x, y = _batch(pool, rng.integers(len(pool[0]), size=batch), rng)
@@ -395,24 +329,14 @@ def train(fields, steps, out, batch=24, pool_size=16000, seed=0, start=None, log
             log(f"step {step} loss {running:.4f} ({time.perf_counter() - started:.0f} s)")
         if step % 1000 == 0 or step == steps:
             layers.eval()
-            metadata = _metadata(fields, step, batch, seed)
-            save_detector(
-                out,
-                folded_weights(layers),
-                metadata | ({} if start is None else {"fine_tuned": True}),
-            )
+            save_detector(out, folded_weights(layers), _metadata(fields, step, batch, seed))
             layers.train()
     return layers
 
 
 def _mixed_pool(fields, pool_size, rng):
-    """Crops from every source in its share (``SOURCE_WEIGHT``), whatever its number of fields."""
-    weights = {name: SOURCE_WEIGHT.get(name, 1.0) for name in fields}
-    total = sum(weights.values())
-    parts = [
-        make_pool(group, int(pool_size * weights[name] / total), rng)
-        for name, group in fields.items()
-    ]
+    """Crops from every source in equal shares, whatever its number of fields."""
+    parts = [make_pool(group, pool_size // len(fields), rng) for group in fields.values()]
     return tuple(np.concatenate(arrays) for arrays in zip(*parts, strict=True))
 
 
@@ -435,9 +359,6 @@ def main(argv=None):
     parser.add_argument("--pool", type=int, default=16000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument(
-        "--start", type=Path, help="a trained detector (.npz) to fine-tune instead of training anew"
-    )
     args = parser.parse_args(argv)
     import torch
 
@@ -445,10 +366,8 @@ def main(argv=None):
     fields = {
         "cbc/train": cbc_fields(args.data / "cbc" / "train"),
         "wbc_smartphone_pig/train": phone_fields(args.data / "wbc_smartphone_pig" / "train"),
-        "pbc/train": pbc_fields(args.data / "pbc" / "splits.csv", args.seed),
     }
-    start = None if args.start is None else load_detector(args.start).weights
-    train(fields, args.steps, args.out, pool_size=args.pool, seed=args.seed, start=start)
+    train(fields, args.steps, args.out, pool_size=args.pool, seed=args.seed)
 
 
 if __name__ == "__main__":
