@@ -14,6 +14,7 @@ until the last one is added.
 The status line always ends in ``done...``, ``cancelled`` or ``failed: <reason>``.
 """
 
+import importlib
 import inspect
 import threading
 import time
@@ -27,6 +28,10 @@ from napari_cytodiffusion.core.progress import Cancelled
 # Fraction of the work and seconds that must have passed before a time estimate is shown:
 # earlier ones mostly measure start-up (model loading, the first network call).
 _ETA_AFTER_FRACTION, _ETA_AFTER_SECONDS = 0.03, 1.0
+# Modules napari imports the first time it adds a layer (label colours come from skimage.color,
+# which brings scipy.linalg; layer features from pandas): imported with the work, in the worker,
+# they no longer stall the main thread when the first result layer is added.
+_LAYER_MODULES = ("pandas", "skimage.color.colorconv")
 
 
 class TaskRunner:
@@ -84,7 +89,7 @@ class TaskRunner:
         self._bar = cancelable_progress(total=0, desc=self._description)
         # Errors are reported by _failed; napari would otherwise raise them again.
         self.worker = create_worker(
-            function, self._report, _start_thread=False, _ignore_errors=True
+            _with_layer_modules(function), self._report, _start_thread=False, _ignore_errors=True
         )
         self.worker.returned.connect(lambda result: self._returned(result, on_result))
         self.worker.errored.connect(lambda error: self._failed(error, on_error))
@@ -180,6 +185,15 @@ class TaskRunner:
         self.worker = None
         _set_enabled(self._run_button, True)
         _set_enabled(self._cancel_button, False)
+
+
+def _with_layer_modules(function):
+    def run(progress):
+        for name in _LAYER_MODULES:
+            importlib.import_module(name)
+        return function(progress)
+
+    return run
 
 
 def duration_text(seconds):
