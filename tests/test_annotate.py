@@ -159,12 +159,14 @@ def _press(layer, key):
 
 
 def test_review_correct_delete_paint_undo_and_save(annotating):
+    from napari_cytodiffusion._widgets._common import camera
+
     viewer, widget, layer, path = annotating
     assert widget._counter.value == "0 of 2 cells reviewed; 1 flagged left"
 
     _press(layer, "n")  # the next flagged cell nobody reviewed
     assert layer.selected_label == 1
-    assert tuple(viewer.camera.center[1:]) == pytest.approx((19.5, 19.5))
+    assert tuple(camera(viewer).center[1:]) == pytest.approx((19.5, 19.5))
     _press(layer, "3")  # the third class
     assert layer.features.loc[0, ["annotated", "predicted"]].tolist() == [
         "neutrophil",

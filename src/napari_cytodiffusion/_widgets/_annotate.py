@@ -17,7 +17,7 @@ from napari.layers import Labels
 from napari.utils.notifications import show_error, show_info
 
 from napari_cytodiffusion._widgets._classify import _direct_colormap, cell_colours
-from napari_cytodiffusion._widgets._common import DockForm, StatusLabel
+from napari_cytodiffusion._widgets._common import DockForm, StatusLabel, camera
 from napari_cytodiffusion.core.annotations import ARTEFACT, DELETED, UNKNOWN
 
 NO_LAYER = "none: classify the image first"
@@ -255,7 +255,7 @@ class AnnotateWidget(DockForm):
         later = todo[todo["index"] > layer.selected_label]
         row = (later if len(later) else todo).iloc[0]
         centre = np.array([row["centroid_row"], row["centroid_col"]], float)
-        self._viewer.camera.center = tuple(centre * layer.scale[:2] + layer.translate[:2])
+        camera(self._viewer).center = tuple(centre * layer.scale[:2] + layer.translate[:2])
         self.select(int(row["index"]))
 
     def undo(self):

@@ -18,7 +18,7 @@ from napari.layers import Image, Labels
 from napari.utils.notifications import show_error, show_info
 from qtpy.QtWidgets import QFileDialog, QListWidget, QTableWidget, QTableWidgetItem
 
-from napari_cytodiffusion._widgets._common import DockForm, ModelFields, RunRow, StatusLabel
+from napari_cytodiffusion._widgets._common import DockForm, ModelFields, RunRow, StatusLabel, camera
 from napari_cytodiffusion.core.report import class_colours
 
 NO_LABELS = "none: segment the image first"
@@ -340,7 +340,7 @@ class ClassifyWidget(DockForm):
         if not 0 <= row < len(self._flagged_rows):
             return
         (r, c), cell = self._flagged_rows[row]
-        self._viewer.camera.center = (r, c)
+        camera(self._viewer).center = (r, c)
         if self.class_layer is not None:
             self.class_layer.selected_label = int(cell)
 

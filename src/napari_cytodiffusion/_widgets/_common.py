@@ -21,6 +21,11 @@ from qtpy.QtWidgets import QComboBox, QFrame, QScrollArea, QShortcut, QSizePolic
 from napari_cytodiffusion._widgets._runner import TaskRunner
 
 
+def camera(viewer):
+    """The viewer's camera (``viewer.scene.camera`` since napari 0.9, ``viewer.camera`` before)."""
+    return getattr(viewer, "scene", viewer).camera
+
+
 def available_devices():
     """The devices this machine can run the model on, ``auto`` first."""
     import torch

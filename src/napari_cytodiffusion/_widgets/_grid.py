@@ -10,6 +10,8 @@ layout, so the cells can be cut out again (:func:`layer_cells`).
 
 import numpy as np
 
+from napari_cytodiffusion._widgets._common import camera
+
 GAP = 4  # pixels between tiles, in crop pixels
 MARGIN = 0.05  # space between the grid and what is already shown, as a fraction of its width
 
@@ -125,5 +127,6 @@ def focus(viewer, layer):
     (top, left), (bottom, right) = np.asarray(layer.extent.world)[:, -2:]
     canvas = getattr(viewer, "canvas", None)  # napari >= 0.9; older ones keep it private
     height, width = canvas.size if canvas is not None else viewer._canvas_size
-    viewer.camera.center = ((top + bottom) / 2, (left + right) / 2)
-    viewer.camera.zoom = 0.95 * min(height / (bottom - top), width / (right - left))
+    view = camera(viewer)
+    view.center = ((top + bottom) / 2, (left + right) / 2)
+    view.zoom = 0.95 * min(height / (bottom - top), width / (right - left))
