@@ -267,6 +267,7 @@ def test_given_labels_are_classified_at_their_centroids(default_model, pbc_dir):
 
 def test_the_differential_is_per_100_leukocytes():
     from napari_cytodiffusion.core.classes import CLASSES
+    from napari_cytodiffusion.core.report import percent_text
     from napari_cytodiffusion.core.tasks.classify import differential_count
 
     calls = ["neutrophil"] * 3 + ["lymphocyte", "erythroblast", "platelet", "platelet"]
@@ -279,6 +280,7 @@ def test_the_differential_is_per_100_leukocytes():
     assert not counts.loc["platelet", "in_differential"]
     only_platelets = differential_count(["platelet"], CLASSES).set_index("class")
     assert np.isnan(only_platelets.loc["platelet", "percent"])  # per 100 of none
+    assert percent_text(only_platelets.loc["platelet", "percent"]) == "-"  # shown, not "nan"
 
 
 # ----------------------------------------------------------------------------- issue 9

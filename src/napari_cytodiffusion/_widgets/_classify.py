@@ -19,7 +19,7 @@ from napari.utils.notifications import show_error, show_info
 from qtpy.QtWidgets import QFileDialog, QListWidget, QTableWidget, QTableWidgetItem
 
 from napari_cytodiffusion._widgets._common import DockForm, ModelFields, RunRow, StatusLabel, camera
-from napari_cytodiffusion.core.report import class_colours
+from napari_cytodiffusion.core.report import class_colours, percent_text
 
 NO_LABELS = "none: segment the image first"
 # Rows of the differential table visible without scrolling.
@@ -329,7 +329,7 @@ class ClassifyWidget(DockForm):
         self._summary.setRowCount(len(counts))
         rows = counts.itertuples(index=False, name=None)
         for row, (name, count, percent, in_differential) in enumerate(rows):
-            for column, text in enumerate((name, str(count), f"{percent:.1f}")):
+            for column, text in enumerate((name, str(count), percent_text(percent))):
                 item = QTableWidgetItem(text)
                 if not in_differential:
                     item.setToolTip("Per 100 white cells; not one of them (not in the 100 %).")

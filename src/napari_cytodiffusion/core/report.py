@@ -89,6 +89,18 @@ def _write_text(path, text):
         Path(partial).write_text(text, encoding="utf-8")
 
 
+def percent_text(percent):
+    """A differential's rate per 100 white cells as shown: one decimal, or a dash where there
+    is none (no leukocyte to count per).
+
+    Examples
+    --------
+    >>> percent_text(12.345), percent_text(float("nan"))
+    ('12.3', '-')
+    """
+    return "-" if np.isnan(percent) else f"{percent:.1f}"
+
+
 def report_html(analysis):
     """A self-contained HTML page: triage, counts, differential plot, overview, flagged cells."""
     title = html.escape(analysis.name)
@@ -98,7 +110,8 @@ def report_html(analysis):
     )
     counts = analysis.differential()
     rows = "".join(
-        f"<tr><td>{html.escape(c)}{'' if inside else ' *'}</td><td>{n}</td><td>{p:.1f}</td></tr>"
+        f"<tr><td>{html.escape(c)}{'' if inside else ' *'}</td><td>{n}</td>"
+        f"<td>{percent_text(p)}</td></tr>"
         for c, n, p, inside in counts.itertuples(index=False)
     )
     found = analysis.counts

@@ -326,7 +326,8 @@ def differential_count(labels, classes):
     The 100 are the leukocytes: erythroblasts, platelets and smudge cells
     (:data:`~napari_cytodiffusion.core.classes.OUTSIDE_DIFFERENTIAL`) are counted per 100 of
     them but are not part of them (``in_differential`` False), so the other classes' percents
-    add up to 100. Without any leukocyte, their rate per 100 is undefined (NaN).
+    add up to 100. Without any leukocyte, the classes counted apart have no rate per 100
+    (NaN) and the others 0.
 
     Examples
     --------
