@@ -172,7 +172,7 @@ def test_analyze_command(tmp_path, capsys):
     )
     captured = capsys.readouterr()
     assert code == 0
-    assert "pbc_lymphocyte.jpg: review (1 white cells" in captured.out
+    assert "pbc_lymphocyte.jpg: review (1 white cell," in captured.out
     assert (out / "pbc_lymphocyte.jpg" / "report.html").is_file()
     assert main(["analyze", str(tmp_path / "missing.png"), "--out", str(out)]) == 2
     assert "No such file" in capsys.readouterr().err

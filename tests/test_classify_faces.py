@@ -91,6 +91,19 @@ def test_cli_refuses_a_grayscale_image(tmp_path, capsys):
     assert "grayscale" in capsys.readouterr().err
 
 
+def test_cli_differential_of_a_field_shows_no_nan(capsys):
+    from napari_cytodiffusion._sample_data import sample_path
+
+    # The sample's one white cell: a differential with at most one leukocyte, where the
+    # classes counted apart (platelet, erythroblast) may have no rate per 100 to show.
+    image = sample_path("cbc_lymphocyte")
+    assert main(["classify", "--segment", str(image), "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert f"{image}: 1 white cell\n" in out
+    percents = [row.split()[2] for row in out.split("in_differential\n")[1].splitlines()[:8]]
+    assert all(p == "-" or float(p) >= 0 for p in percents) and "nan" not in out.lower()
+
+
 @pytest.fixture
 def classify_widget(make_napari_viewer):
     from napari_cytodiffusion._widgets._classify import ClassifyWidget

@@ -71,4 +71,4 @@ def test_out_writes_uint16_labels_and_cells_csv(json_lines):
 def test_plain_output_and_given_diameter(capsys):
     assert main(["segment", PBC, "--rbc-diameter", "29"]) == 0
     line = capsys.readouterr().out.strip()
-    assert line.startswith(PBC) and "1 white cells" in line and "29.0 px" in line
+    assert line.startswith(PBC) and "1 white cell," in line and "29.0 px" in line

@@ -33,7 +33,7 @@ def test_a_prepared_smear_is_measured_once_and_reused():
     assert prepare_smear(smear) is smear  # nothing is measured again
     found = core.segment(smear)
     assert found.smear is smear and found.counts()["wbc"] == 1
-    assert "1 white cells" in found.summary() and len(found.record()["wbc_boxes"]) == 1
+    assert "1 white cell," in found.summary() and len(found.record()["wbc_boxes"]) == 1
     with pytest.raises(ValueError, match="implausible"):
         prepare_smear(image, rbc_diameter=float("inf"))
 

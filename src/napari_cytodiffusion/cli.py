@@ -375,6 +375,7 @@ def _classify(args):
 
     from napari_cytodiffusion.core.annotations import load_annotations
     from napari_cytodiffusion.core.io import InputFileError, read_image
+    from napari_cytodiffusion.core.report import count_text
     from napari_cytodiffusion.core.smear.image import ImageError
     from napari_cytodiffusion.core.tasks.classify import classify, shared_rbc_diameter
 
@@ -418,8 +419,9 @@ def _classify(args):
                     + (")" if human else "")
                 )
         if args.segment and not args.json:
-            print(f"{path}: {len(result.calls)} white cells")
-            print(result.differential().to_string(index=False, float_format="%.1f"))
+            print(f"{path}: {count_text(len(result.calls), 'white cell')}")
+            # "-" where there is no rate: no leukocyte to count per (percent_text's dash).
+            print(result.differential().to_string(index=False, float_format="%.1f", na_rep="-"))
         for warning in [] if args.json else result.warnings():
             print(f"{path}: {warning}")
     if failed:
@@ -540,6 +542,7 @@ def _add_analyze(subparsers):
 def _analyze(args):
     from tqdm import tqdm
 
+    from napari_cytodiffusion.core.report import count_text
     from napari_cytodiffusion.core.tasks.analyze import BatchRequest, analyze_files
 
     if args.workers is not None and args.workers < 1:
@@ -554,9 +557,10 @@ def _analyze(args):
             tqdm.write(f"napari-cytodiffusion analyze: {name}: {error}", file=sys.stderr)
             return
         flagged = int(analysis.cells["needs_review"].sum())
+        white = count_text(len(analysis.cells), "white cell")
         tqdm.write(
-            f"{name}: {analysis.decision} ({len(analysis.cells)} white cells, {flagged} "
-            f"flagged) -> {args.out}/{name}/report.html",
+            f"{name}: {analysis.decision} ({white}, {flagged} flagged) -> "
+            f"{args.out}/{name}/report.html",
             file=sys.stdout,
         )
 

@@ -16,6 +16,7 @@ from napari.layers import Image
 from napari.utils.notifications import show_error, show_info
 
 from napari_cytodiffusion._widgets._common import DockForm, ModelFields, RunRow
+from napari_cytodiffusion.core.report import count_text
 
 
 class AnalyzeWidget(DockForm):
@@ -83,10 +84,8 @@ class AnalyzeWidget(DockForm):
         self._viewer.add_points(name=f"{layer.name} cells", **cells, **placement)
         self._viewer.add_points(name=f"{layer.name} needs review", **review, **placement)
         flagged = int(analysis.cells["needs_review"].sum())
-        self._status.value = (
-            f"{analysis.decision}: {len(analysis.cells)} white cells, {flagged} flagged. "
-            f"Report: {report}"
-        )
+        white = count_text(len(analysis.cells), "white cell")
+        self._status.value = f"{analysis.decision}: {white}, {flagged} flagged. Report: {report}"
         show_info(f"{layer.name}: {analysis.decision}; the report is {report}")
         if self._open.value:
             import webbrowser

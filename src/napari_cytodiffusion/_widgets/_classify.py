@@ -19,7 +19,7 @@ from napari.utils.notifications import show_error, show_info
 from qtpy.QtWidgets import QFileDialog, QListWidget, QTableWidget, QTableWidgetItem
 
 from napari_cytodiffusion._widgets._common import DockForm, ModelFields, RunRow, StatusLabel, camera
-from napari_cytodiffusion.core.report import class_colours, percent_text
+from napari_cytodiffusion.core.report import class_colours, count_text, percent_text
 
 NO_LABELS = "none: segment the image first"
 # Rows of the differential table visible without scrolling.
@@ -268,10 +268,10 @@ class ClassifyWidget(DockForm):
         self._export.enabled = True
         table = self.class_layer.features
         flagged = int(table["needs_review"].sum())
-        self._status.value = f"done: {len(table)} white cells, {flagged} need review"
+        self._status.value = f"done: {count_text(len(table), 'white cell')}, {flagged} to review"
         for warning in result.warnings():  # the image as a whole, not only per-cell flags
             self._status.value += f"; {warning}"
-        show_info(f"Classified {len(table)} white cells; {flagged} need review.")
+        show_info(f"Classified {count_text(len(table), 'white cell')}; {flagged} to review.")
 
     def _update_review(self, *_):
         """Apply the review thresholds to the last result (no new model runs)."""

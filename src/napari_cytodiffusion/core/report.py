@@ -89,6 +89,17 @@ def _write_text(path, text):
         Path(partial).write_text(text, encoding="utf-8")
 
 
+def count_text(count, noun):
+    """A count and its noun, singular for one.
+
+    Examples
+    --------
+    >>> count_text(1, "white cell"), count_text(0, "platelet")
+    ('1 white cell', '0 platelets')
+    """
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
+
+
 def percent_text(percent):
     """A differential's rate per 100 white cells as shown: one decimal, or a dash where there
     is none (no leukocyte to count per).
@@ -115,6 +126,11 @@ def report_html(analysis):
         for c, n, p, inside in counts.itertuples(index=False)
     )
     found = analysis.counts
+    summary = (
+        f"{count_text(len(analysis.cells), 'white cell')} classified, "
+        f"{int(analysis.cells['needs_review'].sum())} flagged; "
+        f"{count_text(found['rbc'], 'red cell')} and {count_text(found['platelet'], 'platelet')}"
+    )
     plot, overview = _png(_differential_plot(counts)), _png(_overview(analysis))
     return f"""<!DOCTYPE html>
 <html><head><meta charset="utf-8"><title>{title}: napari-cytodiffusion report</title>
@@ -125,8 +141,7 @@ figure{{display:inline-block;margin:4px;text-align:center;font-size:11px;width:1
 img.cell{{width:128px;height:128px;image-rendering:pixelated}}</style></head>
 <body><h1>{title}</h1>
 <h2 class="{analysis.decision}">{decision}</h2><ul>{reasons}</ul>
-<p>{len(analysis.cells)} white cells classified, {int(analysis.cells["needs_review"].sum())}
-flagged; {found["rbc"]} red cells and {found["platelet"]} platelets found. Image
+<p>{summary} found. Image
 {analysis.shape[1]} x {analysis.shape[0]} px, red-cell diameter {analysis.rbc_diameter:.1f} px.</p>
 <h2>Differential count</h2><table><tr><th>class</th><th>count</th><th>%</th></tr>{rows}</table>
 <p>* per 100 white cells, not one of them: not part of the 100 %.</p>

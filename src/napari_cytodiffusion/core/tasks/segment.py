@@ -3,6 +3,7 @@
 from dataclasses import dataclass
 from pathlib import Path
 
+from napari_cytodiffusion.core.report import count_text
 from napari_cytodiffusion.core.smear.segmentation import CELL_TYPES, DEFAULT_TILE, segment_smear
 
 
@@ -30,8 +31,9 @@ class Segmented:
         """One line: the counts and the scale."""
         counts = self.counts()
         return (
-            f"{counts['wbc']} white cells, {counts['rbc']} red cells, {counts['platelet']} "
-            f"platelets (red-cell diameter {self.segmentation.rbc_diameter:.1f} px)"
+            f"{count_text(counts['wbc'], 'white cell')}, {count_text(counts['rbc'], 'red cell')}, "
+            f"{count_text(counts['platelet'], 'platelet')} "
+            f"(red-cell diameter {self.segmentation.rbc_diameter:.1f} px)"
         )
 
     def record(self):
