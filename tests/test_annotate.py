@@ -217,7 +217,7 @@ def test_actions_without_a_cell_say_what_to_do(annotating, monkeypatch):
     assert not sidecar_path(path).exists()
 
 
-def test_export_writes_the_reviewed_cells_as_a_dataset(annotating, tmp_path):
+def test_export_writes_the_reviewed_cells_as_a_dataset(annotating, tmp_path, qtbot):
     from napari_cytodiffusion.core.datasets import list_labelled_images
 
     _, widget, layer, _ = annotating
@@ -226,12 +226,32 @@ def test_export_writes_the_reviewed_cells_as_a_dataset(annotating, tmp_path):
     widget.select(2)
     widget.set_label("monocyte")
     out = tmp_path / "dataset"
-    assert widget.export(out) == {"neutrophil": 1, "monocyte": 1}
+    assert widget.export(out) is not None  # in a worker: the viewer stays responsive
+    qtbot.waitUntil(lambda: not widget._export_runner.running, timeout=30_000)
+    assert "exported 2 cells" in widget._export_status.value
+    assert "monocyte 1, neutrophil 1" in widget._export_status.value
     records = list_labelled_images(out, classes=CLASSES)
     assert sorted(r.label for r in records) == ["monocyte", "neutrophil"]
     assert all(r.rbc_diameter == pytest.approx(64 / 2.5, abs=0.01) for r in records)
     manifest = (out / "manifest.csv").read_text().splitlines()
     assert manifest[0].startswith("file,label,source_image,cell") and len(manifest) == 3
+
+
+def test_a_cancelled_export_writes_nothing(annotating, tmp_path):
+    from napari_cytodiffusion.core.annotations import export_cells
+    from napari_cytodiffusion.core.progress import Cancelled
+
+    _, widget, layer, _ = annotating
+    widget.select(1)
+    widget.set_label("neutrophil")
+
+    def cancel(done, total):
+        raise Cancelled()
+
+    out = tmp_path / "dataset"
+    with pytest.raises(Cancelled):
+        export_cells(widget._image().data, layer.data, layer.features, out, 64, progress=cancel)
+    assert not out.exists()
 
 
 # ------------------------------------------------------------------ the command line

@@ -6,7 +6,8 @@ delete a false detection; paint a missed cell and add it; undo. The person's lab
 the layer's ``features`` beside the model's (``annotated`` beside ``predicted``); reviewed
 cells are drawn opaque and marked. Every change is saved at once, atomically, beside the
 image (``<image>.annotations.json``), which Classify cells, ``classify`` and ``analyze``
-read again. *Export cells* writes the reviewed cells as a dataset for Train / Adapt.
+read again. *Export cells* writes the reviewed cells as a dataset for Train / Adapt, in a
+worker (progress, Cancel).
 """
 
 from pathlib import Path
@@ -17,7 +18,7 @@ from napari.layers import Labels
 from napari.utils.notifications import show_error, show_info
 
 from napari_cytodiffusion._widgets._classify import _direct_colormap, cell_colours
-from napari_cytodiffusion._widgets._common import DockForm, StatusLabel, camera
+from napari_cytodiffusion._widgets._common import DockForm, RunRow, StatusLabel, camera
 from napari_cytodiffusion.core.annotations import ARTEFACT, DELETED, UNKNOWN
 
 NO_LAYER = "none: classify the image first"
@@ -66,10 +67,12 @@ class AnnotateWidget(DockForm):
             mode="d",
             tooltip="Where Export cells writes class folders (the layout Train and Adapt read).",
         )
-        self._export = PushButton(
-            text="Export cells",
-            tooltip="Write the reviewed cells as the classifier crops them, with a manifest.",
+        export_row = RunRow("Exporting cells", "Export cells")
+        self._export, self._export_status = export_row.buttons[0], export_row.status
+        self._export.tooltip = (
+            "Write the reviewed cells as the classifier crops them, with a manifest."
         )
+        self._export_runner = export_row.runner
         self._status = StatusLabel("select a cell: click it (pan/zoom mode)")
         self._counter = StatusLabel("")
         self.add(
@@ -86,7 +89,7 @@ class AnnotateWidget(DockForm):
             self._counter,
             self._status,
             self._dataset,
-            self._export,
+            export_row,
         )
         self._set.changed.connect(lambda *_: self.set_label(self._class.value))
         self._artefact.changed.connect(lambda *_: self.set_label(ARTEFACT))
@@ -272,27 +275,37 @@ class AnnotateWidget(DockForm):
         self._changed("undone")
 
     def export(self, folder):
-        """Write the reviewed cells of the layer as a class-folder dataset in ``folder``."""
-        from napari_cytodiffusion.core.annotations import export_cells
-
+        """Write the reviewed cells of the layer as a class-folder dataset in ``folder``, in a
+        worker; returns the worker, or None if refused. The counts end in the status line."""
         layer = self.layer
         image = self._image()
         if layer is None or image is None or not str(folder) or str(folder) == ".":
             show_error("Choose the classes layer and a dataset folder first.")
             return None
-        written = export_cells(
+        # Copies: the person may go on annotating while the cells are written.
+        arguments = (
             np.asarray(image.data),
-            np.asarray(layer.data),
-            layer.features,
+            np.array(layer.data),
+            layer.features.copy(),
             folder,
             layer.metadata["image_size"],
             Path(layer.metadata.get("path") or image.name).name,
             layer.metadata.get("rbc_diameter"),
         )
-        text = ", ".join(f"{name} {count}" for name, count in sorted(written.items()))
-        self._status.value = f"exported {sum(written.values())} cells to {folder}: {text}"
-        show_info(self._status.value)
-        return written
+
+        def work(progress):
+            from napari_cytodiffusion.core.annotations import export_cells
+
+            return export_cells(*arguments, progress=progress)
+
+        def done(written):
+            text = ", ".join(f"{name} {count}" for name, count in sorted(written.items()))
+            self._export_status.value = (
+                f"exported {sum(written.values())} cells to {folder}: {text}"
+            )
+            show_info(self._export_status.value)
+
+        return self._export_runner.start(work, done, text=f"exporting cells to {folder}")
 
     # ----------------------------------------------------------------------- plumbing
 

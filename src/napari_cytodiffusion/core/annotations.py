@@ -249,7 +249,9 @@ def annotations_from_table(table, labels, image_name):
     return Annotations(image_name, tuple(int(v) for v in labels.shape[:2]), cells)
 
 
-def export_cells(image, labels, table, out, size, image_name="image", rbc_diameter=None):
+def export_cells(
+    image, labels, table, out, size, image_name="image", rbc_diameter=None, progress=None
+):
     """Write the annotated cells as a class-folder dataset (the layout ``train`` and
     ``adapt`` read), normalised in colour and scale as the classifier sees them.
 
@@ -272,6 +274,9 @@ def export_cells(image, labels, table, out, size, image_name="image", rbc_diamet
         (rows appended; a crop written again replaces its row).
     size : int
         The model's ``image_size``.
+    progress : callable, optional
+        ``progress(done, total)`` per cell cropped; raising ``Cancelled`` from it stops before
+        anything is written.
 
     Returns
     -------
@@ -283,27 +288,34 @@ def export_cells(image, labels, table, out, size, image_name="image", rbc_diamet
     from PIL import Image
 
     from napari_cytodiffusion.core.io import atomic_write, read_table
+    from napari_cytodiffusion.core.progress import report
     from napari_cytodiffusion.core.smear.crops import FIELD_OF_VIEW_RBC, CellSite
     from napari_cytodiffusion.core.smear.prepare import prepare_smear
 
     annotated = table["annotated"].fillna("").astype(str)
-    reviewed = table[~annotated.isin(["", DELETED])]
     present = set(np.unique(labels).tolist())
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    reviewed = [
+        row
+        for row in table[~annotated.isin(["", DELETED])].itertuples(index=False)
+        if int(row.index) in present
+    ]
     smear = prepare_smear(image, rbc_diameter)
     stem = Path(image_name).stem
-    written, rows = {}, {}
-    for row in reviewed.itertuples(index=False):
-        if int(row.index) not in present:
-            continue
+    # Every crop is cut before the first is written: a cancel leaves the dataset as it was.
+    crops = []
+    for done, row in enumerate(reviewed, start=1):
         centre = (float(row.centroid_row), float(row.centroid_col))
         site = CellSite(centre, smear.rbc_diameter, smear.background, 2 * FIELD_OF_VIEW_RBC)
-        crop = site.crop(smear.rgb, 2 * size)
+        crops.append((row, centre, (site.crop(smear.rgb, 2 * size) * 255 + 0.5).astype(np.uint8)))
+        report(progress, done, len(reviewed))
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    written, rows = {}, {}
+    for row, centre, crop in crops:
         name = f"{row.annotated}/{stem}_{int(row.index)}.png"
         (out / str(row.annotated)).mkdir(exist_ok=True)
         with atomic_write(out / name) as partial:
-            Image.fromarray((crop * 255 + 0.5).astype(np.uint8)).save(partial)
+            Image.fromarray(crop).save(partial)
         written[str(row.annotated)] = written.get(str(row.annotated), 0) + 1
         rows[name] = [
             name,
