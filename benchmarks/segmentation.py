@@ -449,12 +449,34 @@ def perturbed(kind, amount, rbc_px):
             Image.fromarray(rgb).save(buffer, "JPEG", quality=int(amount))
             x = np.asarray(Image.open(buffer).convert("RGB"), np.float32)
         elif kind == "other lab":  # stain, lamp and camera colours of another lab
-            from normalisation import simulate_other_lab
-
-            x = simulate_other_lab(rgb, seed).astype(np.float32)
+            x = other_lab(rgb, seed)
         return np.clip(x + 0.5, 0, 255).astype(np.uint8), 1.0
 
     return change
+
+
+def other_lab(rgb, seed):
+    """``normalisation.simulate_other_lab`` on the field's own light.
+
+    Its stain model reads optical density against PBC's background; a field lit otherwise
+    (the phone photos' grey) would get cell rims brighter than the glass, which no stain
+    does. So the field is brought to that background, changed and brought back; and the
+    vignette (the lamp's light cut off, not stain) keeps its colour, with its soft edge.
+    """
+    from normalisation import simulate_other_lab
+    from scipy import ndimage as ndi
+
+    from napari_cytodiffusion.core.smear.normalise import REFERENCE_BACKGROUND
+    from napari_cytodiffusion.core.smear.scale import background_colour
+    from napari_cytodiffusion.core.smear.stain import optical_density, vignette
+
+    light = rgb.astype(np.float32) / 255
+    background = background_colour(light)
+    gain = np.asarray(REFERENCE_BACKGROUND, np.float32) / background
+    field = np.clip(light * gain * 255 + 0.5, 0, 255).astype(np.uint8)
+    changed = simulate_other_lab(field, seed).astype(np.float32) / gain
+    black = ndi.binary_dilation(vignette(optical_density(light, background)), iterations=3)
+    return np.where(black[..., None], rgb.astype(np.float32), changed)
 
 
 PERTURBATIONS = (

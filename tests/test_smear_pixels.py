@@ -109,6 +109,18 @@ def test_the_vignette_of_a_noisy_camera_is_found_whole():
     assert black[radius > 58].mean() > 0.97 and not black[radius < 50].any()
 
 
+def test_a_vignette_with_lifted_blacks_is_found_with_its_soft_rim():
+    # A camera that lifts its blacks (to 0.15 of the background) and a vignette that fades
+    # over 10 px: little of it is as dark as a true black, but all of it is the vignette.
+    rows, cols = np.ogrid[:160, :160]
+    radius = np.sqrt((rows - 80) ** 2 + (cols - 80) ** 2) + np.zeros((160, 160))
+    light = np.interp(radius, [0, 60, 70, 200], [0.85, 0.85, 0.13, 0.13])
+    rgb = (light[..., None] * np.ones(3)).astype(np.float32)
+    rgb[70:90, 70:90] = (0.30, 0.10, 0.45)  # a dark purple nucleus inside the field
+    black = vignette(optical_density(rgb, (0.85, 0.85, 0.85)))
+    assert black[radius >= 67].all() and not black[radius < 60].any()
+
+
 def test_phone_fields_white_cells(phone_dir):
     """Phone photos of Wright-stained pig blood: purple red cells, black vignette."""
     import sys

@@ -212,6 +212,26 @@ def test_lab_augmentations_keep_shape_and_range_and_vary(v2_pack):
     assert (soft[:, :, 1:] - soft[:, :, :-1]).abs().mean() < sharp
 
 
+def test_a_stain_change_keeps_a_nucleus_darker_than_the_glass():
+    # A violet nucleus lets blue through: a plain unmixing splits it into much blue dye and
+    # negative red dye, and scaling the two apart once made nuclei paler than the background.
+    import torch
+
+    from napari_cytodiffusion.core.model import augment
+
+    background = augment._background("cpu")
+    nucleus = torch.tensor([0.45, 0.8, 0.0]).view(1, 3, 1, 1)  # optical density
+    red_cell = torch.tensor([0.19, 0.27, 0.18]).view(1, 3, 1, 1)
+    glass = torch.zeros(1, 3, 1, 1)
+    x = background * torch.exp(-torch.cat([nucleus, red_cell, glass], 3).expand(256, 3, 1, 3))
+    out = augment.stain_jitter(x, torch.Generator().manual_seed(0), amount=0.35, hue_degrees=10)
+    assert (out <= background + 1e-5).all()  # no dye makes light
+    assert torch.allclose(out[..., 2], x[..., 2])  # the glass stays
+    nucleus_density = -torch.log(out[..., 0] / background[..., 0]).sum(1)
+    assert nucleus_density.min() > 0.5  # of 1.25 in all: paler, never gone
+    assert nucleus_density.std() > 0.1  # and the stain did change
+
+
 def test_v2_recipe_runs_two_steps_and_evaluates(v2_pack, tmp_path):
     """benchmarks/train_v2_gpu.py run: lab augmentation, unlabelled null-class cells,
     export, exhaustive errors with the null class, calibration on val, calls on test."""

@@ -94,9 +94,13 @@ def stain_jitter(x, generator, amount=0.25, hue_degrees=8.0, probability=1.0):
     """Change the amounts and hues of the two dyes in optical-density space.
 
     Each pixel's OD (against the reference background) is split into red-dye, blue-dye and
-    residual parts on the reference stain basis; each dye's amount is scaled by
+    remaining parts on the reference stain basis; each dye's amount is scaled by
     ``exp(N(0, amount))`` and its direction turned by up to ``hue_degrees``; then the OD is
     recomposed.
+
+    The dye amounts are the closest non-negative ones (:func:`_dye_amounts`): the two dye
+    directions are close, so a plain unmixing splits a violet nucleus into much blue dye and
+    *negative* red dye, and scaling those apart made nuclei paler than the glass.
     """
     import torch
 
@@ -104,21 +108,42 @@ def stain_jitter(x, generator, amount=0.25, hue_degrees=8.0, probability=1.0):
     basis = _stain_basis(device)  # (3, 3): columns are stain directions
     background = _background(device)
     density = -torch.log((x / background).clamp(1e-3, None))  # (n, 3, H, W)
-    amounts = torch.einsum("ij,njhw->nihw", torch.linalg.inv(basis), density)
-    scale = torch.exp(amount * torch.randn(n, 3, device=device, generator=generator))
-    scale[:, 2] = 1.0  # the residual is not a dye
+    amounts, rest = _dye_amounts(density, basis)
+    # Three draws an image (the third unused) keep the random stream of earlier versions.
+    scale = torch.exp(amount * torch.randn(n, 3, device=device, generator=generator))[:, :2]
     directions = []
     for column in range(2):
         axis = torch.randn(n, 3, device=device, generator=generator)
         axis = axis / axis.norm(dim=1, keepdim=True).clamp(min=1e-6)
         angle = torch.deg2rad(_uniform(n, -hue_degrees, hue_degrees, generator, device))
         directions.append(_rotation(axis, angle) @ basis[:, column])
-    directions.append(basis[:, 2].expand(n, 3))
-    new_basis = torch.stack(directions, dim=2) * scale[:, None, :]  # (n, 3, 3)
-    jittered = torch.einsum("nij,njhw->nihw", new_basis, amounts)
+    dyes = torch.stack(directions, dim=2) * scale[:, None, :]  # (n, 3, 2)
+    jittered = torch.einsum("nij,njhw->nihw", dyes, amounts) + rest
+    # A dye absorbs light: no pixel ends up brighter than the glass unless it was.
+    jittered = torch.maximum(jittered, density.clamp(max=0))
     out = (background * torch.exp(-jittered)).clamp(0, 1)
     mask = _chosen(n, probability, generator, device)
     return mask * out + (1 - mask) * x
+
+
+def _dye_amounts(density, basis):
+    """(n, 2, H, W) amounts of the two dyes of ``basis`` that best fit ``density`` (n, 3, H, W)
+    without going negative (least squares), and the rest of the density, (n, 3, H, W)."""
+    import torch
+
+    dyes = basis[:, :2]
+    free = torch.einsum("ij,njhw->nihw", torch.linalg.pinv(dyes), density)
+    # Where the free fit wants a negative dye, the best fit with that dye at zero is the
+    # projection on the other dye alone (or nothing, if that is negative too).
+    alone = torch.einsum("ij,nihw->njhw", dyes, density) / (dyes**2).sum(0).view(1, 2, 1, 1)
+    alone = alone.clamp(min=0)
+    zero = torch.zeros_like(free[:, :1])
+    amounts = torch.where(
+        free[:, :1] < 0,
+        torch.cat([zero, alone[:, 1:]], 1),
+        torch.where(free[:, 1:] < 0, torch.cat([alone[:, :1], zero], 1), free),
+    )
+    return amounts, density - torch.einsum("ij,njhw->nihw", dyes, amounts)
 
 
 def colour_jitter(

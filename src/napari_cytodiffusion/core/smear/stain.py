@@ -90,22 +90,25 @@ def vignette(density):
     The vignette is dark and grey (about as dark in every channel) and reaches the image
     border; a very dark nucleus is purple (far less dense in blue) and lies inside the field.
     Each pixel is judged as it is and by the mean light of its 5 x 5 neighbourhood: a noisy
-    camera's black field has channels far apart pixel by pixel, but not on average.
+    camera's black field has channels far apart pixel by pixel, but not on average. Its soft
+    rim, grey and at least half as dark, belongs to it where it joins the black: a camera
+    that lifts its blacks leaves little of the vignette fully black.
     """
     from scipy import ndimage as ndi
 
-    light = ndi.uniform_filter(np.exp(-density), size=(5, 5, 1))
-    black = _dark_and_grey(density) | _dark_and_grey(-np.log(np.clip(light, 1e-6, None)))
+    local = -np.log(np.clip(ndi.uniform_filter(np.exp(-density), size=(5, 5, 1)), 1e-6, None))
+    black = _dark_and_grey(density) | _dark_and_grey(local)
     if not black.any():
         return black
-    regions, _ = ndi.label(black)
+    regions, _ = ndi.label(black | _dark_and_grey(local, VIGNETTE_DENSITY / 2))
     border = np.concatenate([regions[0], regions[-1], regions[:, 0], regions[:, -1]])
-    return np.isin(regions, np.unique(border[border > 0]))
+    seeded = np.unique(regions[black])
+    return np.isin(regions, np.intersect1d(seeded[seeded > 0], border))
 
 
-def _dark_and_grey(density):
+def _dark_and_grey(density, least_density=VIGNETTE_DENSITY):
     darkest, palest = density.max(axis=-1), density.min(axis=-1)
-    return (palest > VIGNETTE_DENSITY) & (darkest - palest < 0.5 * darkest)
+    return (palest > least_density) & (darkest - palest < 0.5 * darkest)
 
 
 def fill_holes(mask):
