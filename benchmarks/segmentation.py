@@ -733,8 +733,9 @@ def write_markdown(results, path):
             "The test fields changed in one way each: Gaussian blur (sigma in red-cell "
             "diameters), sensor noise (SD of the full range), JPEG quality, stain strength "
             "(optical density to a power: 0.6 paler, 1.5 darker) and another lab's colours "
-            "(`benchmarks/normalisation.py simulate_other_lab`: stain in HED, lamp and "
-            "vignetting, hue, saturation, contrast and gamma; one draw per field).",
+            "(`other_lab`: `benchmarks/normalisation.py simulate_other_lab` on the field's "
+            "own light, its vignette kept: stain amounts and hues in optical density, lamp "
+            "and vignetting, hue, saturation, contrast and gamma; one draw per field).",
         ),
     )
     for key, title, what in sweeps:
