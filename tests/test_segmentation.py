@@ -184,6 +184,22 @@ def test_scale_comes_from_the_red_cells_or_else_the_white_cell():
     assert segment_smear(field[45:115, 45:115]).scale_source == WHITE_CELL
 
 
+@pytest.mark.parametrize("name", ["cbc_lymphocyte", "cbc_monocyte_eosinophil"])
+def test_the_scale_follows_the_magnification(name):
+    # Enlarged 1.5 times, a 512-px window holds about four red cells across, and a white cell
+    # or a clump outvoted them (the second sample read 22 % large).
+    from PIL import Image
+
+    from napari_cytodiffusion.core.smear.image import to_rgb_float
+    from napari_cytodiffusion.core.smear.scale import estimate_scale
+
+    image = Image.fromarray(read_image(sample_path(name)))
+    large = image.resize((image.width * 3 // 2, image.height * 3 // 2), Image.Resampling.LANCZOS)
+    native = estimate_scale(to_rgb_float(np.asarray(image))).diameter
+    enlarged = estimate_scale(to_rgb_float(np.asarray(large))).diameter
+    assert abs(np.log(enlarged / (1.5 * native))) < np.log(1.1)
+
+
 def test_detector_file_is_plain_arrays_trained_without_test_splits():
     from napari_cytodiffusion.core.smear.detector import layer_shapes, load_detector
 

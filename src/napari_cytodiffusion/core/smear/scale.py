@@ -73,6 +73,8 @@ _RADII_TRIED = 10
 # The scale is measured on the overview unless a red cell spans fewer pixels there than this.
 _MIN_OVERVIEW_DIAMETER = 10.0
 _WINDOW = 512
+# A window measures the scale only if this many red cells (first guess) fit across it.
+_CELLS_ACROSS = 6
 
 
 @dataclass(frozen=True)
@@ -132,8 +134,9 @@ def estimate_scale(rgb, background=None, progress=None):
     outvote the red cells.
 
     A large image is measured on the most stained 512-px window of its one-megapixel
-    overview (block means), or on its three most stained 512-px windows where a red cell
-    spans too few pixels in the overview. With
+    overview (block means), on the whole overview where fewer than ``_CELLS_ACROSS`` red cells
+    fit across a window (a high magnification), or on its three most stained 512-px windows
+    where a red cell spans too few pixels in the overview. With
     fewer than ``MIN_RED_CELLS`` red cells outside the white cells (a tight crop around one
     white cell) the votes mean little; the diameter is then the largest white cell's
     diameter over ``WHITE_CELL_RATIO``, and ``source`` says so.
@@ -141,9 +144,14 @@ def estimate_scale(rgb, background=None, progress=None):
     small, factor = overview(rgb)
     background = background_colour(small) if background is None else background
     # Plenty of red cells in one window of a large overview: the rest would add only time.
-    field = _ScaleField(small[_windows(small, background, count=1)[0]], background)
+    window = small[_windows(small, background, count=1)[0]]
+    field = _ScaleField(window, background)
     if factor > 1 and field.first_guess() < _MIN_OVERVIEW_DIAMETER:
         return _median_of_windows(rgb, background, progress)
+    if window.shape != small.shape and field.first_guess() * _CELLS_ACROSS > min(window.shape[:2]):
+        # At a high magnification a window holds a few red cells, and a clump or a white cell
+        # outvotes them: the whole overview (at most a megapixel) is measured instead.
+        field = _ScaleField(small, background)
     estimate = field.estimate(progress)
     return ScaleEstimate(estimate.diameter * factor, estimate.source, estimate.red_cells)
 
