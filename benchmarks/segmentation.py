@@ -333,14 +333,15 @@ def scale_benchmark(split, limit=None, pbc_images=100):
 def test_fields(split, limit=None):
     """{"cbc": [(path, read_truth)], "phone": [...]}: ``read_truth(shape)`` gives the white-cell
     boxes of the image as imaged, or resampled to ``shape``."""
-    cbc, phone = (
-        DATA / "cbc" / split,
-        DATA / "wbc_smartphone_pig" / {"test": "test"}.get(split, "valid"),
-    )
+    from PIL import Image
+
+    cbc = DATA / "cbc" / split
+    phone = DATA / "wbc_smartphone_pig" / ("test" if split == "test" else "valid")
 
     def cbc_truth(path):
         boxes = voc_boxes(cbc / "annotations" / f"{path.stem}.xml").get("WBC", [])
-        height = read_rgb(path).shape[0]
+        with Image.open(path) as image:  # the size only: nothing decoded
+            height = image.height
         return lambda shape: [[round(v * shape[0] / height) for v in box] for box in boxes]
 
     def phone_truth(path):  # YOLO boxes are fractions of the image
@@ -430,9 +431,7 @@ RED_CELL_PX = {"cbc": 90.0, "phone": 12.0}
 
 def perturbed(kind, amount, rbc_px):
     """One difference between labs at a time (the kinds the detector trained with, and more)."""
-    import io
-
-    from PIL import Image
+    from perturbations import jpeg
     from scipy import ndimage as ndi
 
     def change(rgb, seed):
@@ -445,9 +444,7 @@ def perturbed(kind, amount, rbc_px):
         elif kind == "stain":  # weaker or stronger stain: optical density scaled
             x = 256 * ((x + 1) / 256) ** amount - 1
         elif kind == "jpeg":
-            buffer = io.BytesIO()
-            Image.fromarray(rgb).save(buffer, "JPEG", quality=int(amount))
-            x = np.asarray(Image.open(buffer).convert("RGB"), np.float32)
+            x = jpeg(rgb, int(amount)).astype(np.float32)
         elif kind == "other lab":  # stain, lamp and camera colours of another lab
             x = other_lab(rgb, seed)
         return np.clip(x + 0.5, 0, 255).astype(np.uint8), 1.0
