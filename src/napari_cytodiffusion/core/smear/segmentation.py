@@ -81,6 +81,9 @@ STAR_LIMIT = 1.3  # a white cell's edge is at most this times its median radius 
 BODY_LEVEL = 0.5
 CORE_LEVEL = 0.5
 CELL_CONFIDENCE = 0.95
+# A cell grows over its cytoplasm colour only where the body map reaches this level: pale
+# cytoplasm the map leaves out scores above it, the red cells around a cell near zero.
+GROWTH_BODY_LEVEL = 0.01
 NUCLEUS_LEVEL = 0.35  # nucleus edge: this far from the cytoplasm to the chromatin stain level
 # Pale parts of a nucleus joined to its darker parts count down to this share of the threshold.
 NUCLEUS_HYSTERESIS = 0.8
@@ -433,7 +436,7 @@ class _TileWork:
         fallback = cells.max() == 0 and self.window == _whole(self.image_shape)
         if fallback:
             cells = _chromatin_cells(nuclei, constants)
-        wbc = _with_cytoplasm(cells, density, nuclei, constants)
+        wbc = _with_cytoplasm(cells, density, nuclei, constants, None if fallback else body)
         if fallback:
             wbc = _without_small(wbc, MIN_FALLBACK_CELL, constants.rbc_diameter)
         platelets = _platelets(nuclei, wbc, constants.rbc_diameter)
@@ -558,13 +561,15 @@ def _chromatin_cells(nuclei, constants):
     return _without_small(blobs.astype(np.uint32), MIN_FALLBACK_NUCLEUS, diameter)
 
 
-def _with_cytoplasm(cells, density, nuclei, constants):
+def _with_cytoplasm(cells, density, nuclei, constants, body=None):
     """Each detected cell, grown over the cytoplasm-coloured pixels around its nucleus.
 
     Very pale cytoplasm can fall outside the detector's body map. Each cell's own cytoplasm
     colour (read off a thin rim around its chromatin) tells it from the background and from
     the smear's red cells; the growth stops ``MAX_CYTOPLASM`` red cells from the chromatin,
-    and each grown cell is kept round (``_star_shape``).
+    and each grown cell is kept round (``_star_shape``). Under a pale stain the cytoplasm and
+    the red cells take nearly the same colour, so where the detector's ``body`` map is given,
+    the growth stays where it reaches ``GROWTH_BODY_LEVEL``.
     """
     if cells.max() == 0:
         return cells
@@ -580,15 +585,17 @@ def _with_cytoplasm(cells, density, nuclei, constants):
             for b, n in zip(box, cells.shape, strict=True)
         )
         own = cells[window] == index
-        grown = _grown_cell(own, density[window], nuclei[window], colours, constants)
+        near = None if body is None else body[window] > GROWTH_BODY_LEVEL
+        grown = _grown_cell(own, density[window], nuclei[window], colours, constants, near)
         if grown is not None:
             out[window][grown & ((out[window] == 0) | own)] = index
     return out
 
 
-def _grown_cell(own, density, nuclei, colours, constants):
-    """``own`` with the cytoplasm-coloured pixels around its chromatin, kept round; None when
-    the cell has too little chromatin or cytoplasm rim to read a colour off."""
+def _grown_cell(own, density, nuclei, colours, constants, near=None):
+    """``own`` with the cytoplasm-coloured pixels around its chromatin (within ``near``, if
+    given), kept round; None when the cell has too little chromatin or cytoplasm rim to read a
+    colour off."""
     diameter = constants.rbc_diameter
     total = total_density(density)
     chromatin = own & nuclei
@@ -603,6 +610,8 @@ def _grown_cell(own, density, nuclei, colours, constants):
     means = [background, np.median(density[rim], axis=0)] + ([red] if red is not None else [])
     nearest = np.argmin([((density - m) ** 2).sum(axis=-1) for m in means], axis=0)
     grow = (nearest == 1) & (distance <= MAX_CYTOPLASM * diameter)
+    if near is not None:
+        grow &= near
     grow = ndi.binary_opening(grow, iterations=max(1, int(diameter / 20))) | own
     region = _component_at(grow, own)
     return _star_shape(region, ndi.center_of_mass(own)) | own
