@@ -576,6 +576,7 @@ def _with_cytoplasm(cells, density, nuclei, constants, body=None):
     diameter = constants.rbc_diameter
     reach = int(np.ceil(MAX_CYTOPLASM * diameter)) + 2
     colours = (np.zeros(3, np.float32), _red_cell_colour(density, cells, nuclei, constants))
+    body_reaches = None if body is None else body > GROWTH_BODY_LEVEL
     out = cells.copy()
     for index, box in enumerate(ndi.find_objects(cells), 1):
         if box is None:
@@ -585,7 +586,7 @@ def _with_cytoplasm(cells, density, nuclei, constants, body=None):
             for b, n in zip(box, cells.shape, strict=True)
         )
         own = cells[window] == index
-        near = None if body is None else body[window] > GROWTH_BODY_LEVEL
+        near = None if body_reaches is None else body_reaches[window]
         grown = _grown_cell(own, density[window], nuclei[window], colours, constants, near)
         if grown is not None:
             out[window][grown & ((out[window] == 0) | own)] = index
