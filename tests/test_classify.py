@@ -171,6 +171,39 @@ def test_a_few_cells_that_are_all_right_do_not_make_every_call_certain(default_m
     assert alone["uncertainty_threshold"] > 1e-30 and fitted["uncertainty_threshold"] == 1e-30
 
 
+def test_a_labs_adapting_cells_join_the_class_bias_fit(default_model):
+    import copy
+
+    from napari_cytodiffusion.core.model.calibration import fit_calibration
+
+    rng = np.random.default_rng(2)
+    classes = [1, 4, 5, 6]
+
+    def cells(per_class, trials, head_start):
+        labels = np.repeat(classes, per_class)
+        errors = rng.normal(0.02, 0.001, (len(labels), trials, 8)).astype(np.float32)
+        errors[np.arange(len(labels)), :, labels] -= 0.003
+        errors[:, :, 4] -= head_start  # class 4's denoiser is better on every cell
+        return np.abs(errors), labels
+
+    # Two held-back cells a class hide the head start that 20 adapting cells a class show.
+    held_errors, held_labels = cells(2, 32, 0.0)
+    base = default_model.calibration
+    alone = fit_calibration(copy.copy(default_model), held_errors, held_labels, base=base)
+    joined = fit_calibration(
+        copy.copy(default_model),
+        held_errors,
+        held_labels,
+        base=base,
+        bias_cells=cells(20, 16, 0.002),
+    )
+    # Scores are errors minus the bias: a head start is taken back by a lower bias (in units
+    # of the per-timestep spread, about 0.001 here).
+    gap = [c["class_bias"][4] - c["class_bias"][5] for c in (alone, joined)]
+    assert gap[1] < gap[0] - 0.5
+    assert joined["fitted_on"] == alone["fitted_on"]  # the rest is the held-back cells'
+
+
 def test_single_cell_image_is_classified_end_to_end(default_model, pbc_dir):
     from napari_cytodiffusion.core.io import read_image
     from napari_cytodiffusion.core.tasks.classify import calls_table, classify

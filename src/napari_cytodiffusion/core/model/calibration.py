@@ -35,7 +35,7 @@ TEMPERATURE_PRIOR_SD = 1.0
 ANOMALY_METHOD = "null_gain"
 
 
-def fit_calibration(model, errors, labels, base=None):
+def fit_calibration(model, errors, labels, base=None, bias_cells=None):
     """Fit the calibration from an exhaustive run on labelled cells.
 
     Parameters
@@ -55,6 +55,13 @@ def fit_calibration(model, errors, labels, base=None):
         has no basophils still gets basophil calls; without ``base`` every class needs cells.
         Fitted on a few cells, the temperature is drawn towards the base's and the review
         threshold is never more lenient than the base's, which thousands of cells fixed.
+    bias_cells : tuple (errors, labels), optional
+        Exhaustive errors (``(m, trials, k)``, any number of trials, no null class) and class
+        ids of more labelled cells that join the class-bias fit only: a lab's adapting cells.
+        A bias is a property of a class's denoiser, so every labelled cell informs it, and
+        fitted on a few held-back cells alone it swings with which cells were held back; the
+        temperature and the review thresholds say how sure calls on *new* cells may be, so they
+        stay fitted on the held-back cells.
 
     Returns
     -------
@@ -78,7 +85,8 @@ def fit_calibration(model, errors, labels, base=None):
         "timestep_sd": spread[order].tolist(),
     }
     model.calibration = calibration
-    calibration["class_bias"] = _fit_class_bias(model, errors, labels, base).tolist()
+    fitted = [(errors, labels)] + ([bias_cells] if bias_cells is not None else [])
+    calibration["class_bias"] = _fit_class_bias(model, fitted, base).tolist()
     adaptive, _ = replay_adaptive(model, errors)
     against, best = evidence(model, adaptive)
     calibration["inverse_temperature"] = _fit_inverse_temperature(
@@ -159,8 +167,9 @@ def fit_review(
     return calibration
 
 
-def _fit_class_bias(model, errors, labels, base=None):
-    """Per-class offsets maximising class-balanced likelihood.
+def _fit_class_bias(model, cells, base=None):
+    """Per-class offsets maximising class-balanced likelihood over ``cells``, a list of
+    (errors, labels) pairs whose trial counts may differ.
 
     One class with cells is the anchor (its offset fixed); classes without cells keep their
     offsets from ``base`` relative to it.
@@ -169,7 +178,10 @@ def _fit_class_bias(model, errors, labels, base=None):
 
     from napari_cytodiffusion.core.model.classifier import normalised_scores
 
-    means = np.nanmean(normalised_scores(model, errors), axis=1)
+    means = np.concatenate(
+        [np.nanmean(normalised_scores(model, errors), axis=1) for errors, _ in cells]
+    )
+    labels = np.concatenate([np.asarray(labels) for _, labels in cells])
     means = means - means.mean(axis=1, keepdims=True)
     k = means.shape[1]
     counts = np.bincount(labels, minlength=k)

@@ -20,6 +20,9 @@ from napari_cytodiffusion.core.model.adaptation import ADAPT_STEPS
 from napari_cytodiffusion.core.progress import phases
 
 CALIBRATION_TRIALS = 32
+# Trials per class and adapting cell for the class biases (calibration.fit_calibration's
+# bias_cells): the biases need each class's mean score, not the tails the thresholds need.
+BIAS_TRIALS = 16
 HELD_BACK = 0.3
 MIN_HELD_BACK = 2
 # Rough seconds per unit on a CPU, to share one progress bar between the phases.
@@ -174,7 +177,9 @@ def adapt_model(request, progress=None, log=print):
         [
             _PACK_COST * len(records),
             _STEP_COST * request.steps,
-            _EVAL_COST * len(held_ids) * request.calibration_trials * len(classes),
+            _EVAL_COST
+            * len(classes)
+            * (len(held_ids) * request.calibration_trials + len(adapt_ids) * BIAS_TRIALS),
         ],
     )
     scale = request.rbc_diameter or _lab_scale(records, log)
@@ -191,14 +196,16 @@ def adapt_model(request, progress=None, log=print):
             seed=request.seed,
             progress=adapting,
         )
-    log(f"calibrating on {len(held_ids)} held-back cells")
+    log(
+        f"calibrating on {len(held_ids)} held-back cells"
+        + (f" (the class biases on all {len(labels)})" if len(adapt_ids) else "")
+    )
     calls = _calibrate(
         model,
-        crops[held_ids],
-        labels[held_ids],
+        (crops[held_ids], labels[held_ids]),
+        (crops[adapt_ids], labels[adapt_ids]),
         request,
-        base_calibration,
-        new_classes,
+        _extended(base_calibration, len(new_classes)),
         calibrating,
     )
     model.calibration["domain"] = _lab_domain_reference(model, crops, adapt_ids, held_ids)
@@ -398,8 +405,12 @@ def _lab_domain_reference(model, crops, adapt_ids, held_ids):
     return fit_domain_reference(features[fitted], None, features[thresholded], None)
 
 
-def _calibrate(model, crops, labels, request, base, new_classes, progress):
-    """Fit the calibration on held-back crops; return their calls under it."""
+def _calibrate(model, held, adapting, request, base, progress):
+    """Fit the calibration on the held-back cells, the class biases on the adapting cells too;
+    return the held-back cells' calls under it.
+
+    ``held`` and ``adapting`` are (crops, class ids); ``base`` is the base model's calibration.
+    """
     from napari_cytodiffusion.core.model.calibration import fit_calibration
     from napari_cytodiffusion.core.model.classifier import (
         calls_from_errors,
@@ -407,17 +418,29 @@ def _calibrate(model, crops, labels, request, base, new_classes, progress):
         replay_adaptive,
     )
 
+    held_crops, held_labels = held
+    adapting_crops, adapting_labels = adapting
+    on_held, on_adapting = phases(
+        progress,
+        [len(held_labels) * request.calibration_trials, len(adapting_labels) * BIAS_TRIALS],
+    )
     # With the null class: the anomaly score compares each class with it (core/model/anomaly).
     errors, _ = class_errors(
         model,
-        crops,
+        held_crops,
         "exhaustive",
         request.seed,
         request.calibration_trials,
-        progress=progress,
+        progress=on_held,
         null=True,
     )
-    fit_calibration(model, errors, labels, base=_extended(base, len(new_classes)))
+    bias_cells = None
+    if len(adapting_labels):
+        bias_errors, _ = class_errors(
+            model, adapting_crops, "exhaustive", request.seed, BIAS_TRIALS, progress=on_adapting
+        )
+        bias_cells = (bias_errors, adapting_labels)
+    fit_calibration(model, errors, held_labels, base=base, bias_cells=bias_cells)
     adaptive, spent = replay_adaptive(model, errors)
     return calls_from_errors(model, adaptive, spent)
 
