@@ -16,6 +16,11 @@ cells. The model adapted on the first draw of the largest K is also scored on a 
 sample of PBC test cells against the base model: what adapting costs there, and whether the
 adapted model says that these are not its lab's cells. Results:
 benchmarks/results/adaptation.json and .md.
+
+The dataset holds some cells twice (the same cell photographed or cut out again, one pair of
+them with two different labels; ``datasets.copy_groups`` finds them, as ``adapt`` does). A
+cell's copies are drawn together, so that no scored cell was seen while adapting, and cells
+whose copies disagree on the class are left out.
 """
 
 import argparse
@@ -36,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _common import DATA, RESULTS, pbc_records  # noqa: E402
 from _metrics import balanced_accuracy  # noqa: E402
 
+from napari_cytodiffusion.core.datasets import copy_groups  # noqa: E402
 from napari_cytodiffusion.core.model.diffusion import network_precision  # noqa: E402
 
 DATASET = DATA / "segmentation_wbc_dataset1"
@@ -43,7 +49,8 @@ NAMES = {1: "neutrophil", 2: "lymphocyte", 3: "monocyte", 4: "eosinophil", 5: "b
 
 
 def lab_cells():
-    """(paths, labels, normalised crops) of the dataset's cells, the basophil left out."""
+    """(paths, labels, normalised crops, copy groups) of the dataset's cells, the basophil
+    and cells whose copies disagree on their class left out, and the left-out image ids."""
     with open(DATASET / "class_labels.csv", newline="") as handle:
         rows = [row for row in csv.reader(handle)][1:]
     paths, labels = [], []
@@ -51,7 +58,12 @@ def lab_cells():
         if NAMES[int(label)] != "basophil":
             paths.append(DATASET / f"{int(image_id):03d}_image.png")
             labels.append(NAMES[int(label)])
-    return paths, np.array(labels), cell_crops(paths)
+    labels, cells = np.array(labels), cell_crops(paths)
+    groups = copy_groups(cells.crops)
+    agreed = np.array([len(set(labels[groups == g])) == 1 for g in groups])
+    left_out = [paths[i].name for i in np.flatnonzero(~agreed)]
+    keep = np.flatnonzero(agreed)
+    return [paths[i] for i in keep], labels[keep], cells[keep], groups[keep], left_out
 
 
 def cell_crops(paths):
@@ -81,13 +93,19 @@ class Cells:
         return Cells(self.crops[index], self.colours[index])
 
 
-def draw(labels, k, seed):
-    """Indices of K cells per class (at most half of each class) for adapting."""
+def draw(labels, groups, k, seed):
+    """Indices of K cells per class (at most half of each class) for adapting, a cell's
+    copies drawn together."""
     rng = np.random.default_rng(seed)
     picked = []
     for name in sorted(set(labels)):
-        ids = rng.permutation(np.flatnonzero(labels == name))
-        picked += ids[: min(k, len(ids) // 2)].tolist()
+        members = np.flatnonzero(labels == name)
+        wanted, taken = min(k, len(members) // 2), []
+        for group in rng.permutation(np.unique(groups[members])):
+            copies = np.flatnonzero(groups == group)
+            if len(taken) + len(copies) <= wanted:
+                taken += copies.tolist()
+        picked += taken
     return np.sort(picked)
 
 
@@ -210,6 +228,11 @@ def write_markdown(results):
         "K is capped at half of a class (eosinophils: 22 cells, so at most 11 adapt). Scored "
         "cells are all cells not drawn; they differ between draws. Each cell is scored with "
         "its smear's colour references, as `classify` does.",
+        "",
+        f"{results['copies']['cells_with_a_copy']} cells are in the dataset more than once "
+        "(the same cell imaged or cut out again); a cell's copies are drawn together, so no "
+        "scored cell was seen while adapting. Left out because their copies carry different "
+        f"labels: {', '.join(results['copies']['left_out_disagreeing']) or 'none'}.",
     ]
     if results.get("note"):
         lines += ["", results["note"]]
@@ -237,13 +260,17 @@ def main():
     if not args.resume:
         shutil.rmtree(cache, ignore_errors=True)
     os.environ[CACHE_ENV] = str(cache)
-    paths, labels, crops = lab_cells()
+    paths, labels, crops, groups, left_out = lab_cells()
     base = load_model("default", "cpu")
     saved = RESULTS / "adaptation.json"
     if args.resume and saved.is_file():
         results = json.loads(saved.read_text())
     else:
         results = {"lab_cells": len(labels), "base": score(base, crops, labels), "runs": []}
+    results["copies"] = {
+        "cells_with_a_copy": int(np.sum(np.bincount(groups)[groups] > 1)),
+        "left_out_disagreeing": left_out,
+    }
     results["environment"] = {
         "cpu": platform.machine(),
         "cores": os.cpu_count(),
@@ -256,7 +283,7 @@ def main():
         for seed in range(args.draws):
             if (k, seed) in done:
                 continue
-            picked = draw(labels, k, seed)
+            picked = draw(labels, groups, k, seed)
             name = f"dataset1-k{k}-draw{seed}"
             result, seconds = adapt_once(paths, labels, picked, name, seed)
             rest = np.setdiff1d(np.arange(len(labels)), picked)

@@ -127,6 +127,54 @@ def test_a_new_class_is_learned_from_its_examples(
         adapt_model(AdaptRequest(folder, "x", steps=0, add_classes=True), log=lines.append)
 
 
+def test_copies_of_a_cell_stay_together_and_disagreeing_labels_are_left_out(
+    synthetic_cells_dir, synthetic_rbc_diameter, isolated_cache, tmp_path
+):
+    from napari_cytodiffusion.core.tasks.adapt import AdaptRequest, adapt_model
+
+    folder = tmp_path / "cells"
+    shutil.copytree(synthetic_cells_dir, folder)
+    # The same cell exported twice under its class, and once more under another class.
+    shutil.copy(folder / "lymphocyte" / "lymphocyte_0.png", folder / "lymphocyte" / "again.png")
+    shutil.copy(folder / "neutrophil" / "neutrophil_1.png", folder / "lymphocyte" / "wrong.png")
+    lines = []
+    request = AdaptRequest(
+        folder,
+        "lab-c",
+        steps=2,
+        calibration_trials=4,
+        device="cpu",
+        rbc_diameter=synthetic_rbc_diameter,
+    )
+    result = adapt_model(request, log=lines.append)
+    (warning,) = [line for line in lines if line.startswith("warning: the same cell")]
+    assert "lymphocyte/wrong.png" in warning and "neutrophil/neutrophil_1.png" in warning
+    # The drawn cells of one class differ only where red cells fall, so some match too.
+    (copies,) = [line for line in lines if "images show the same cell" in line]
+    assert int(copies.split()[0]) >= 4
+    used = {
+        name: result.adapted_on.get(name, 0) + result.calibrated_on.get(name, 0)
+        for name in ("lymphocyte", "neutrophil")
+    }
+    assert used == {"lymphocyte": 7, "neutrophil": 5}
+
+
+def test_the_split_keeps_a_cells_copies_on_one_side():
+    from napari_cytodiffusion.core.tasks.adapt import AdaptRequest, _split
+
+    labels = np.repeat([0, 1], 10)
+    labels[19] = -1  # left out
+    groups = np.arange(20)
+    groups[[1, 2, 3]] = 1  # three copies of one cell
+    groups[[11, 12]] = 11
+    for seed in range(20):
+        adapt_ids, held_ids = _split(labels, groups, 2, AdaptRequest(".", "x", seed=seed))
+        assert 19 not in adapt_ids and 19 not in held_ids
+        assert len(adapt_ids) + len(held_ids) == 19
+        for copies in ([1, 2, 3], [11, 12]):
+            assert set(copies) <= set(adapt_ids) or set(copies) <= set(held_ids)
+
+
 def test_the_widget_adapts_and_every_widget_offers_the_new_model(
     make_napari_viewer, qtbot, synthetic_cells_dir, synthetic_rbc_diameter, isolated_cache
 ):

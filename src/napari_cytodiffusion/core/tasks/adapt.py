@@ -171,7 +171,8 @@ def adapt_model(request, progress=None, log=print):
     log("cells per class: " + ", ".join(f"{c} {n}" for c, n in counts.items() if n))
     _check_new_classes(new_classes, counts, request)
     labels = np.array([classes.index(record.label) for record in records])
-    adapt_ids, held_ids = _split(labels, len(classes), request)
+    held_count = sum(_held_count(n, request) for n in np.bincount(labels))
+    adapt_count = len(labels) - held_count
     packing, adapting, calibrating = phases(
         progress,
         [
@@ -179,12 +180,15 @@ def adapt_model(request, progress=None, log=print):
             _STEP_COST * request.steps,
             _EVAL_COST
             * len(classes)
-            * (len(held_ids) * request.calibration_trials + len(adapt_ids) * BIAS_TRIALS),
+            * (held_count * request.calibration_trials + adapt_count * BIAS_TRIALS),
         ],
     )
     scale = request.rbc_diameter or _lab_scale(records, log)
     images = _packed(records, request, model, classes, scale, packing, log).images
     crops = _model_crops(images, model.image_size)
+    groups = datasets.copy_groups(crops)
+    labels = _without_disagreeing_copies(labels, groups, records, request.data, log)
+    adapt_ids, held_ids = _split(labels, groups, len(classes), request)
     training = None
     if request.steps:
         log(f"adapting on {len(adapt_ids)} cells, {request.steps} steps")
@@ -301,25 +305,64 @@ def _check_new_classes(new_classes, counts, request):
         )
 
 
-def _split(labels, num_classes, request):
-    """(adapting cell ids, calibration cell ids) of cells with class ids ``labels``.
+def _held_count(cells, request):
+    """How many of a class's ``cells`` calibrate: ``held_back`` of them, at least
+    ``MIN_HELD_BACK``, at least one left to adapt; none of a smaller class; all of them
+    when only calibrating."""
+    if request.steps == 0:
+        return cells
+    if cells <= MIN_HELD_BACK:
+        return 0
+    return int(np.clip(round(request.held_back * cells), MIN_HELD_BACK, cells - 1))
+
+
+def _without_disagreeing_copies(labels, groups, records, data, log):
+    """``labels`` with -1 (left out) for copies of one cell that carry different classes."""
+    labels = labels.copy()
+    disagreeing = [group for group in np.unique(groups) if len(set(labels[groups == group])) > 1]
+    for group in disagreeing:
+        copies = np.flatnonzero(groups == group)
+        root = Path(data) if Path(data).is_dir() else Path(data).parent
+        names = [_shown_path(records[i].path, root) for i in copies]
+        log(
+            "warning: the same cell is labelled differently in "
+            + " and ".join(names)
+            + "; left out (correct or remove one of them to use it)"
+        )
+        labels[copies] = -1
+    copied = np.sum(np.bincount(groups)[groups] > 1)
+    if copied:
+        log(
+            f"{copied} images show the same cell as another image; a cell's copies are kept "
+            "on one side of the split into adapting and calibration cells"
+        )
+    return labels
+
+
+def _shown_path(path, root):
+    path = Path(path)
+    return str(path.relative_to(root)) if path.is_relative_to(root) else path.name
+
+
+def _split(labels, groups, num_classes, request):
+    """(adapting cell ids, calibration cell ids) of cells with class ids ``labels`` (-1: left
+    out) and copy groups ``groups`` (:func:`~napari_cytodiffusion.core.datasets.copy_groups`).
 
     Every class with at least ``MIN_HELD_BACK + 1`` cells gives ``held_back`` of them (at
-    least ``MIN_HELD_BACK``) to calibration; smaller classes only adapt. With ``steps=0`` all
-    cells calibrate.
+    least ``MIN_HELD_BACK``) to calibration, a cell's copies all on one side; smaller classes
+    only adapt. With ``steps=0`` all cells calibrate.
     """
     rng = np.random.default_rng(request.seed)
     adapt_ids, held_ids = [], []
     for c in range(num_classes):
-        ids = rng.permutation(np.flatnonzero(labels == c))
-        if request.steps == 0:
-            held_ids += ids.tolist()
-            continue
-        held = 0
-        if len(ids) > MIN_HELD_BACK:
-            held = int(np.clip(round(request.held_back * len(ids)), MIN_HELD_BACK, len(ids) - 1))
-        held_ids += ids[:held].tolist()
-        adapt_ids += ids[held:].tolist()
+        ids = np.flatnonzero(labels == c)
+        wanted, held = _held_count(len(ids), request), []
+        for group in rng.permutation(np.unique(groups[ids])):
+            copies = ids[groups[ids] == group]
+            if len(held) + len(copies) <= wanted:
+                held += copies.tolist()
+        held_ids += held
+        adapt_ids += np.setdiff1d(ids, held).tolist()
     if not held_ids:
         raise ValueError(
             f"Too few cells to calibrate: give at least {MIN_HELD_BACK + 1} labelled cells of "
