@@ -33,6 +33,7 @@ UNLABELLED = -1
 # (0.0045), and those with alike surroundings (0.0023) in their centres (0.0046).
 COPY_MSE = 0.002
 COPY_CENTRE_MSE = 0.0012
+_COPY_BLOCK = 1024  # crops compared with all others at a time (memory: block x n)
 
 
 @dataclass(frozen=True)
@@ -154,22 +155,33 @@ def copy_groups(crops):
     >>> copy_groups(np.stack([cells[0], cells[1], cells[0]])).tolist()
     [0, 1, 0]
     """
-    from scipy.sparse import csr_matrix
+    from scipy.sparse import coo_matrix
     from scipy.sparse.csgraph import connected_components
 
-    crops = np.asarray(crops, np.float64)
-    size = crops.shape[1]
+    crops = np.asarray(crops, np.float32)
+    n, size = len(crops), crops.shape[1]
+    if n == 0:
+        return np.zeros(0, int)
     rows, cols = np.mgrid[:size, :size]
     centre = np.hypot(rows - (size - 1) / 2, cols - (size - 1) / 2) < size / 4
-    close = _mean_square_distances(crops.reshape(len(crops), -1)) < COPY_MSE
-    close &= _mean_square_distances(crops[:, centre].reshape(len(crops), -1)) < COPY_CENTRE_MSE
-    _, groups = connected_components(csr_matrix(close), directed=False)
-    return groups
+    whole, centres = crops.reshape(n, -1), crops[:, centre].reshape(n, -1)
+    pairs = []
+    for start in range(0, n, _COPY_BLOCK):
+        block = slice(start, start + _COPY_BLOCK)
+        close = _mean_square_distances(whole[block], whole) < COPY_MSE
+        close &= _mean_square_distances(centres[block], centres) < COPY_CENTRE_MSE
+        found = np.nonzero(close)
+        pairs.append((found[0] + start, found[1]))
+    first, second = (np.concatenate(side) for side in zip(*pairs, strict=True))
+    adjacency = coo_matrix((np.ones(len(first)), (first, second)), shape=(n, n))
+    return connected_components(adjacency, directed=False)[1]
 
 
-def _mean_square_distances(vectors):
-    squares = np.sum(vectors**2, axis=1)
-    return (squares[:, None] + squares[None] - 2 * vectors @ vectors.T) / vectors.shape[1]
+def _mean_square_distances(some, every):
+    """(len(some), len(every)) mean squared differences between rows."""
+    squares = np.sum(every**2, axis=1)
+    own = np.sum(some**2, axis=1)
+    return (own[:, None] + squares[None] - 2 * some @ every.T) / every.shape[1]
 
 
 def unknown_folders(data, classes=CLASSES):

@@ -320,9 +320,9 @@ def _without_disagreeing_copies(labels, groups, records, data, log):
     """``labels`` with -1 (left out) for copies of one cell that carry different classes."""
     labels = labels.copy()
     disagreeing = [group for group in np.unique(groups) if len(set(labels[groups == group])) > 1]
+    root = Path(data) if Path(data).is_dir() else Path(data).parent
     for group in disagreeing:
         copies = np.flatnonzero(groups == group)
-        root = Path(data) if Path(data).is_dir() else Path(data).parent
         names = [_shown_path(records[i].path, root) for i in copies]
         log(
             "warning: the same cell is labelled differently in "
