@@ -41,7 +41,11 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _common import DATA, RESULTS, pbc_records  # noqa: E402
 from _metrics import balanced_accuracy  # noqa: E402
 
-from napari_cytodiffusion.core.datasets import copy_groups  # noqa: E402
+from napari_cytodiffusion.core.datasets import (  # noqa: E402
+    copy_groups,
+    disagreeing_copies,
+    pick_whole_copies,
+)
 from napari_cytodiffusion.core.model.diffusion import network_precision  # noqa: E402
 
 DATASET = DATA / "segmentation_wbc_dataset1"
@@ -60,7 +64,7 @@ def lab_cells():
             labels.append(NAMES[int(label)])
     labels, cells = np.array(labels), cell_crops(paths)
     groups = copy_groups(cells.crops)
-    agreed = np.array([len(set(labels[groups == g])) == 1 for g in groups])
+    agreed = ~disagreeing_copies(labels, groups)
     left_out = [paths[i].name for i in np.flatnonzero(~agreed)]
     keep = np.flatnonzero(agreed)
     return [paths[i] for i in keep], labels[keep], cells[keep], groups[keep], left_out
@@ -100,12 +104,7 @@ def draw(labels, groups, k, seed):
     picked = []
     for name in sorted(set(labels)):
         members = np.flatnonzero(labels == name)
-        wanted, taken = min(k, len(members) // 2), []
-        for group in rng.permutation(np.unique(groups[members])):
-            copies = np.flatnonzero(groups == group)
-            if len(taken) + len(copies) <= wanted:
-                taken += copies.tolist()
-        picked += taken
+        picked += pick_whole_copies(members, groups, min(k, len(members) // 2), rng)
     return np.sort(picked)
 
 

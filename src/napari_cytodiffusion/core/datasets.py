@@ -177,6 +177,25 @@ def copy_groups(crops):
     return connected_components(adjacency, directed=False)[1]
 
 
+def disagreeing_copies(labels, groups):
+    """Whether each cell has a copy (the same ``copy_groups`` group) with another label."""
+    _, codes = np.unique(np.asarray(labels), return_inverse=True)
+    kinds = np.unique(np.stack([groups, codes.ravel()]), axis=1)[0]
+    return np.bincount(kinds, minlength=int(np.max(groups, initial=-1)) + 1)[groups] > 1
+
+
+def pick_whole_copies(ids, groups, wanted, rng):
+    """Up to ``wanted`` of the cells ``ids``, drawn in random order a cell's copies at a time
+    (a cell whose copies would overshoot is passed over), so no copy is left on the other
+    side of a split."""
+    picked = []
+    for group in rng.permutation(np.unique(groups[ids])):
+        copies = ids[groups[ids] == group]
+        if len(picked) + len(copies) <= wanted:
+            picked += copies.tolist()
+    return picked
+
+
 def _mean_square_distances(some, every):
     """(len(some), len(every)) mean squared differences between rows."""
     squares = np.sum(every**2, axis=1)

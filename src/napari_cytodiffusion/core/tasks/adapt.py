@@ -318,25 +318,24 @@ def _held_count(cells, request):
 
 def _without_disagreeing_copies(labels, groups, records, data, log):
     """``labels`` with -1 (left out) for copies of one cell that carry different classes."""
-    labels = labels.copy()
-    disagreeing = [group for group in np.unique(groups) if len(set(labels[groups == group])) > 1]
+    from napari_cytodiffusion.core.datasets import disagreeing_copies
+
+    disagreeing = disagreeing_copies(labels, groups)
     root = Path(data) if Path(data).is_dir() else Path(data).parent
-    for group in disagreeing:
-        copies = np.flatnonzero(groups == group)
-        names = [_shown_path(records[i].path, root) for i in copies]
+    for group in np.unique(groups[disagreeing]):
+        names = [_shown_path(records[i].path, root) for i in np.flatnonzero(groups == group)]
         log(
             "warning: the same cell is labelled differently in "
             + " and ".join(names)
             + "; left out (correct or remove one of them to use it)"
         )
-        labels[copies] = -1
     copied = np.sum(np.bincount(groups)[groups] > 1)
     if copied:
         log(
             f"{copied} images show the same cell as another image; a cell's copies are kept "
             "on one side of the split into adapting and calibration cells"
         )
-    return labels
+    return np.where(disagreeing, -1, labels)
 
 
 def _shown_path(path, root):
@@ -352,15 +351,13 @@ def _split(labels, groups, num_classes, request):
     least ``MIN_HELD_BACK``) to calibration, a cell's copies all on one side; smaller classes
     only adapt. With ``steps=0`` all cells calibrate.
     """
+    from napari_cytodiffusion.core.datasets import pick_whole_copies
+
     rng = np.random.default_rng(request.seed)
     adapt_ids, held_ids = [], []
     for c in range(num_classes):
         ids = np.flatnonzero(labels == c)
-        wanted, held = _held_count(len(ids), request), []
-        for group in rng.permutation(np.unique(groups[ids])):
-            copies = ids[groups[ids] == group]
-            if len(held) + len(copies) <= wanted:
-                held += copies.tolist()
+        held = pick_whole_copies(ids, groups, _held_count(len(ids), request), rng)
         held_ids += held
         adapt_ids += np.setdiff1d(ids, held).tolist()
     if not held_ids:
