@@ -233,6 +233,25 @@ def test_a_batch_of_single_cell_images_shares_one_scale(pbc_dir):
     assert 26 < shared_rbc_diameter(paths) < 32
 
 
+def test_a_batch_mixing_scanners_shares_a_scale_only_within_each_scanner(pbc_dir, tmp_path):
+    from napari_cytodiffusion._sample_data import SAMPLE_FOLDER
+    from napari_cytodiffusion.core.tasks.classify import batch_rbc_diameters
+
+    # Once, one median over the batch cropped the bundled PBC lymphocyte at CBC's scale (about
+    # three times too coarse) when the three samples were classified together: erythroblast.
+    samples = sorted(SAMPLE_FOLDER.glob("*.jpg"))
+    assert batch_rbc_diameters(samples) == [None] * 3  # groups of 2 and 1 measure alone
+    cbc_fields = [path for path in samples if path.name.startswith("cbc")]
+    pbc_cells = [pbc_dir / path for path in EXAMPLES.values()]
+    unreadable = tmp_path / "notes.jpg"
+    unreadable.write_text("not an image")
+    paths = [*cbc_fields, *pbc_cells, cbc_fields[0], unreadable]
+    scales = batch_rbc_diameters(paths)
+    assert all(26 < scale < 32 for scale in scales[2:-2])
+    assert scales[0] == scales[1] == scales[-2] > 60  # CBC's red cells are about 90 px
+    assert scales[-1] is None
+
+
 def _tight_white_cell(radius):
     """A tight crop around one white cell: no red cells to measure the scale on."""
     rows, cols = np.mgrid[:120, :120]

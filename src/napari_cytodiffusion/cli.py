@@ -357,8 +357,8 @@ def _add_classify(subparsers):
     parser.add_argument(
         "--rbc-diameter",
         type=float,
-        help="red-cell diameter in pixels; by default estimated per smear, or once for a "
-        "batch of three or more single-cell images (one scanner)",
+        help="red-cell diameter in pixels; by default estimated per smear, or once for "
+        "three or more single-cell images of one size (one scanner)",
     )
     parser.add_argument("--json", action="store_true", help="one JSON object per cell")
     parser.add_argument(
@@ -377,14 +377,14 @@ def _classify(args):
     from napari_cytodiffusion.core.io import InputFileError, read_image
     from napari_cytodiffusion.core.report import count_text
     from napari_cytodiffusion.core.smear.image import ImageError
-    from napari_cytodiffusion.core.tasks.classify import classify, shared_rbc_diameter
+    from napari_cytodiffusion.core.tasks.classify import batch_rbc_diameters, classify
 
     model = _load_model(args.model, args.device)
-    scale = args.rbc_diameter
-    if scale is None and not args.segment and len(args.paths) >= 3:
-        scale = shared_rbc_diameter(args.paths)  # one scanner: one scale for all images
+    scales = [args.rbc_diameter] * len(args.paths)
+    if args.rbc_diameter is None and not args.segment:
+        scales = batch_rbc_diameters(args.paths)  # one scanner: one scale for its images
     failed = 0
-    for path in args.paths:
+    for path, scale in zip(args.paths, scales, strict=True):
         try:
             annotations = None
             if args.segment and not args.ignore_annotations:

@@ -287,6 +287,64 @@ def shared_rbc_diameter(paths, most=25):
     return float(np.median(estimates)) if estimates else None
 
 
+# Crops of one scanner differ in size by a few pixels (a lab's tight crops: 104-120 px); images
+# of different scanners (PBC's 160 px, CBC's 640 x 480 fields) differ by far more than this.
+_ALIKE_SIZE = 1.5
+# Fewer images than this keep their own estimates: a median of two is no safer than one.
+_LEAST_SHARING = 3
+
+
+def batch_rbc_diameters(paths, most=25):
+    """A red-cell scale for each single-cell image of a batch, shared by images of one scanner.
+
+    Images of one scanner share one scale (:func:`shared_rbc_diameter`), but a batch may mix
+    scanners, and one median would then crop the cells of all but one of them at a wrong
+    scale. Images are grouped by size (both sides within a factor of 1.5 of the group's first
+    image; a scanner's crops have one size, give or take a few pixels), and each group of three
+    or more shares its median estimate.
+
+    Returns
+    -------
+    list of float or None
+        The scale of each path; None where the image is to be measured alone (a group of fewer
+        than three, or a file whose size could not be read).
+
+    Examples
+    --------
+    >>> batch_rbc_diameters([])
+    []
+    """
+    groups = []  # (height, width) of the group's first image, its indices
+    for index, path in enumerate(paths):
+        size = _image_size(path)
+        if size is None:
+            continue
+        for first, members in groups:
+            if all(max(a, b) <= _ALIKE_SIZE * min(a, b) for a, b in zip(first, size, strict=True)):
+                members.append(index)
+                break
+        else:
+            groups.append((size, [index]))
+    scales = [None] * len(paths)
+    for _, members in groups:
+        if len(members) >= _LEAST_SHARING:
+            scale = shared_rbc_diameter([paths[i] for i in members], most)
+            for i in members:
+                scales[i] = scale
+    return scales
+
+
+def _image_size(path):
+    """(height, width) from the file's header, or None where it cannot be read."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            return image.height, image.width
+    except (OSError, UnidentifiedImageError, Image.DecompressionBombError):
+        return None
+
+
 def calls_table(calls, cell_ids=None, centres=None):
     """Per-cell results as a pandas DataFrame.
 
