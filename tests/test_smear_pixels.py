@@ -191,3 +191,16 @@ def test_a_pale_stain_leaves_the_red_cells_around_a_white_cell_out(phone_dir, st
     (truth,) = benchmark.yolo_boxes(folder / "labels" / f"{path.stem}.txt", rgb.shape)
     boxes = segment_smear(pale).boxes("wbc")
     assert max(benchmark.box_iou(box, truth) for box in boxes) >= 0.5
+
+
+@pytest.mark.parametrize("stem", ["498_jpg", "402_jpg"])
+def test_the_white_cells_of_a_pale_stain_have_their_nuclei(phone_dir, stem):
+    """A pale Wright stain: the red cells are purple too, so the smear's chromatin threshold
+    (four times their score) sits above these nuclei (two to three times it); every white cell
+    of these fields had an empty nucleus before each cell's nucleus was searched again."""
+    (path,) = (phone_dir / "train" / "images").glob(f"{stem}.rf.*.jpg")
+    result = segment_smear(read_image(path))
+    fractions = result.table("wbc")["nucleus_fraction"]
+    assert len(fractions) >= 2
+    assert fractions.between(0.2, 0.8).all()
+    assert result.nucleus_labels.max() == len(fractions)

@@ -85,6 +85,10 @@ CELL_CONFIDENCE = 0.95
 # cytoplasm the map leaves out scores above it, the red cells around a cell near zero.
 GROWTH_BODY_LEVEL = 0.01
 NUCLEUS_LEVEL = 0.35  # nucleus edge: this far from the cytoplasm to the chromatin stain level
+# A white cell with no pixel at the smear's chromatin threshold has its nucleus looked for again
+# at this share of it (phone photos of a pale Wright stain: nuclei 2-3 times the red cells'
+# chromatin score, the threshold 4 times).
+PALE_NUCLEUS_SHARE = 0.5
 # Pale parts of a nucleus joined to its darker parts count down to this share of the threshold.
 NUCLEUS_HYSTERESIS = 0.8
 # Tiles: the halo must hold a whole cell whose centroid is in the tile's core, and what the
@@ -688,21 +692,29 @@ def _platelets(nuclei, wbc, diameter):
 
 
 def _cell_nuclei(score, wbc, constants):
-    """The nucleus of each white cell: its pixels closer to the cell's chromatin level."""
+    """The nucleus of each white cell: its pixels closer to the cell's chromatin level.
+
+    A cell none of whose pixels reaches the smear's chromatin threshold (a pale stain whose
+    red cells are purple too, which raises the threshold) is searched again at
+    ``PALE_NUCLEUS_SHARE`` of it: inside a white cell, no red cell can pass for chromatin.
+    """
     nuclei = np.zeros_like(wbc)
     for index, box in enumerate(ndi.find_objects(wbc), 1):
         if box is None:
             continue
         cell = wbc[box] == index
         values = score[box][cell]
-        dark = values > constants.nucleus_threshold
+        threshold = constants.nucleus_threshold
+        if not (values > threshold).any():
+            threshold = max(NUCLEUS_SCORE, PALE_NUCLEUS_SHARE * threshold)
+        dark = values > threshold
         if dark.all() or not dark.any():
-            nuclei[box][cell & (score[box] > constants.nucleus_threshold)] = index
+            nuclei[box][cell & (score[box] > threshold)] = index
             continue
         level = NUCLEUS_LEVEL * np.median(values[dark]) + (1 - NUCLEUS_LEVEL) * np.median(
             values[~dark]
         )
-        level = min(level, constants.nucleus_threshold)
+        level = min(level, threshold)
         inside = fill_holes(cell & (score[box] > level))
         nuclei[box][inside & cell] = index
     return nuclei
