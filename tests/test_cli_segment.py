@@ -60,6 +60,11 @@ def test_out_writes_uint16_labels_and_cells_csv(json_lines):
         assert (
             tifffile.imread(out / f"cbc_monocyte_eosinophil_{kind}_labels.tif").dtype == np.uint16
         )
+    nucleus = tifffile.imread(out / "cbc_monocyte_eosinophil_nucleus_labels.tif")
+    assert nucleus.dtype == np.uint16 and set(np.unique(nucleus)) == set(np.unique(wbc))
+    assert (nucleus[nucleus > 0] == wbc[nucleus > 0]).all() and (nucleus > 0).sum() < (
+        wbc > 0
+    ).sum()
     cells = pd.read_csv(out / "cbc_monocyte_eosinophil_cells.csv")
     white = cells[cells["cell_type"] == "wbc"]
     assert sorted(white["index"]) == [v for v in np.unique(wbc) if v]

@@ -463,9 +463,9 @@ def _add_segment(subparsers):
     parser.add_argument(
         "--out",
         metavar="DIR",
-        help="write IMAGE_wbc_labels.tif, IMAGE_rbc_labels.tif, IMAGE_platelet_labels.tif "
-        "(uint16 instance labels, uint32 past 65,535 cells) and IMAGE_cells.csv (one row per "
-        "cell) here",
+        help="write IMAGE_wbc_labels.tif, IMAGE_rbc_labels.tif, IMAGE_platelet_labels.tif, "
+        "IMAGE_nucleus_labels.tif (uint16 instance labels, uint32 past 65,535 cells; a "
+        "nucleus has its white cell's label) and IMAGE_cells.csv (one row per cell) here",
     )
     parser.add_argument("--json", action="store_true", help="one JSON object per image")
     parser.add_argument(

@@ -147,11 +147,16 @@ class SmearSegmentation:
 
     @property
     def nucleus_labels(self):
-        shape = self.wbc_labels.shape
-        mask = np.unpackbits(self.nucleus_bits, count=shape[0] * shape[1]).reshape(shape)
-        return np.where(mask.view(bool), self.wbc_labels, 0).astype(
-            self.wbc_labels.dtype, copy=False
-        )
+        wbc = self.wbc_labels
+        rows, cols = wbc.shape
+        out = np.zeros_like(wbc)
+        step = 8 * max(1, 2**20 // max(cols, 1))  # rows a strip: whole bytes of bits
+        for top in range(0, rows, step):
+            bottom = min(rows, top + step)
+            bits = self.nucleus_bits[top * cols // 8 :]
+            mask = np.unpackbits(bits, count=(bottom - top) * cols).view(bool)
+            np.copyto(out[top:bottom], wbc[top:bottom], where=mask.reshape(-1, cols))
+        return out
 
     @property
     def rbc_diameter(self):

@@ -72,9 +72,10 @@ def segment(image, rbc_diameter=None, tile_size=DEFAULT_TILE, progress=None):
 
 
 def write_segmentation(result, stem):
-    """Write ``STEM_{wbc,rbc,platelet}_labels.tif`` and ``STEM_cells.csv``.
+    """Write ``STEM_{wbc,rbc,platelet,nucleus}_labels.tif`` and ``STEM_cells.csv``.
 
-    The labels keep their type: uint16, or uint32 for more than 65,535 cells of a type.
+    The labels keep their type: uint16, or uint32 for more than 65,535 cells of a type. A
+    white cell's nucleus carries the white cell's label value.
 
     Each file is written under a temporary name and renamed when complete. Returns the paths
     written.
@@ -85,9 +86,9 @@ def write_segmentation(result, stem):
 
     segmentation = result.segmentation
     paths = []
-    for kind in CELL_TYPES:
+    for kind in (*CELL_TYPES, "nucleus"):
         path = Path(f"{stem}_{kind}_labels.tif")
-        # One full-resolution array at a time: red cells and platelets are enlarged on access.
+        # One full-resolution array at a time: all but the white cells are made on access.
         labels = getattr(segmentation, f"{kind}_labels")
         with atomic_write(path) as partial:
             tifffile.imwrite(partial, labels, compression="zlib")
