@@ -155,3 +155,16 @@ def test_turing_score_rejects_missing_files(tmp_path, capsys):
         == cli.USAGE_ERROR
     )
     assert "No such file" in capsys.readouterr().err
+
+
+def test_the_real_cells_of_one_scanner_are_cut_at_one_scale(pbc_dir):
+    from napari_cytodiffusion.core.tasks.turing import TuringRequest, _real_cell_scales
+
+    request = TuringRequest(n=6, folder=pbc_dir / "splits.csv", split="test", seed=3)
+    records = turing.select_real_cells(request.folder, request.n, request.seed, request.split)
+    scales = _real_cell_scales(request, records)
+    # Each image measured alone varies by 10-20 % (PBC test: 0.97-1.19 of 29 px, 10th-90th
+    # percentile), which synthetic cells do not: one scale per scanner, as in training.
+    assert len(set(scales)) == 1 and 26 < scales[0] < 32
+    given = TuringRequest(n=6, folder=request.folder, rbc_diameter=30.0)
+    assert _real_cell_scales(given, records) == 30.0

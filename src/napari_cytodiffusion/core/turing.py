@@ -93,15 +93,17 @@ def normalise_real_cells(cells, size, rbc_diameter=None, progress=None):
     """Normalised crops (n, size, size, 3) of single-cell images, as the model sees cells.
 
     ``cells`` holds image arrays or :class:`~napari_cytodiffusion.core.datasets.Record`s (read
-    from disk); a ``size`` x ``size`` image is taken as a crop already.
+    from disk); a ``size`` x ``size`` image is taken as a crop already. ``rbc_diameter`` is
+    one red-cell diameter for every cell, one per cell, or None to estimate each image's own.
     """
     from napari_cytodiffusion.core.io import read_image
     from napari_cytodiffusion.core.smear.crops import single_cell_crop
 
+    scales = rbc_diameter if np.ndim(rbc_diameter) else [rbc_diameter] * len(cells)
     crops = []
-    for done, cell in enumerate(cells, 1):
+    for done, (cell, scale) in enumerate(zip(cells, scales, strict=True), 1):
         image = read_image(cell.path) if hasattr(cell, "path") else cell
-        crops.append(single_cell_crop(image, size, rbc_diameter))
+        crops.append(single_cell_crop(image, size, scale))
         report(progress, done, len(cells))
     return np.stack(crops).astype(np.float32)
 
