@@ -22,6 +22,7 @@ JSON_KEYS = {
     "why",
     "unet_evals",
     "seconds",
+    "rbc_diameter",
 }
 
 
@@ -34,6 +35,7 @@ def test_cli_prints_one_json_object_per_cell_and_reports_bad_files(pbc_dir, tmp_
     lines = [json.loads(line) for line in out.strip().splitlines()]
     assert len(lines) == 1 and set(lines[0]) == JSON_KEYS
     assert lines[0]["label"] == "eosinophil" and lines[0]["cell"] is None
+    assert 25 < lines[0]["rbc_diameter"] < 33  # the scale its crop was cut at
     assert set(lines[0]["probabilities"]) == {
         "basophil",
         "eosinophil",

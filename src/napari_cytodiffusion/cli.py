@@ -405,6 +405,7 @@ def _classify(args):
         for cell, call, human in zip(result.cell_ids, result.calls, result.annotated, strict=True):
             if args.json:
                 record = {"file": str(path), "cell": cell, **call.as_dict()}
+                record["rbc_diameter"] = round(float(result.rbc_diameter), 2)
                 if human:
                     record.update(label=human, predicted=call.label, annotated=human)
                 print(json.dumps(record), flush=True)
