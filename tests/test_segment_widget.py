@@ -46,9 +46,22 @@ def test_segment_adds_labelled_layers_with_features(make_napari_viewer, qtbot):
     status = white.get_status((row.centroid_row, row.centroid_col), world=True)
     assert "nucleus_fraction" in str(status)
 
+    assert "cbc_monocyte_eosinophil nuclei" not in viewer.layers  # only when asked for
+
+    widget._nuclei.value = True
     widget._run.native.click()  # a second run replaces the layers instead of adding more
     qtbot.waitUntil(lambda: not widget.runner.running, timeout=60000)
-    assert len(viewer.layers) == 4
+    assert len(viewer.layers) == 5
+    white = viewer.layers["cbc_monocyte_eosinophil white cells"]
+    nuclei = viewer.layers["cbc_monocyte_eosinophil nuclei"]
+    inside = nuclei.data > 0
+    assert nuclei.contour == 1 and 0 < inside.sum() < (white.data > 0).sum()
+    assert (nuclei.data[inside] == white.data[inside]).all()  # each with its cell's label
+    assert set(np.unique(nuclei.data[inside])) == set(labels)
+    assert viewer.layers.selection.active is white
+    # Classify cells offers the white cells, never their nuclei (or the red cells).
+    _, classify = viewer.window.add_plugin_dock_widget(PLUGIN, "Classify cells")
+    assert white in classify._labels.choices and nuclei not in classify._labels.choices
 
 
 def test_cancel_stops_quickly_and_adds_nothing(make_napari_viewer, qtbot):

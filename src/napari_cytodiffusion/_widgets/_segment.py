@@ -2,13 +2,14 @@
 
 Adds, all at once when the work is done: a Labels layer of white cells whose ``features`` (one
 row per cell, ``index`` = label) show on hover, a Labels layer of red cells and a Points layer
-of platelets, all aligned with the image layer. The Labels layers' metadata names the image
-they were made for (``source``) and their cells (``cells``: white or red), which is how
-Classify cells picks the right white cells.
+of platelets, and on request a Labels layer of the white cells' nuclei (each with its cell's
+label, drawn as outlines), all aligned with the image layer. The Labels layers' metadata
+names the image they were made for (``source``) and their cells (``cells``: white, red or
+nuclei), which is how Classify cells picks the right white cells.
 """
 
 import numpy as np
-from magicgui.widgets import ComboBox
+from magicgui.widgets import CheckBox, ComboBox
 from napari.layers import Image
 from napari.utils.notifications import show_error, show_info
 
@@ -28,11 +29,17 @@ class SegmentWidget(DockForm):
             "Typical red-cell diameter in pixels; 0 = estimate it from the image. Every size "
             "threshold scales with it."
         )
+        self._nuclei = CheckBox(
+            text="nuclei layer",
+            value=False,
+            tooltip="Also add the nucleus of each white cell (outlined, with its cell's label), "
+            "for nucleus-to-cell ratios.",
+        )
         row = RunRow("Segmenting cells", "Segment")
         self._run, self._cancel, self._summary = row.buttons[0], row.cancel, row.status
         self._runner = row.runner
         self._run.tooltip = "Find the white cells, red cells and platelets of the image."
-        self.add(self._image, self._diameter, row)
+        self.add(self._image, self._diameter, self._nuclei, row)
         self._run.changed.connect(lambda *_: self.start(self._image.value))
         for event in (napari_viewer.layers.events.inserted, napari_viewer.layers.events.removed):
             event.connect(lambda *_: self.reset_choices())
@@ -62,25 +69,26 @@ class SegmentWidget(DockForm):
             )
             return None
         data = layer.data[0] if layer.multiscale else layer.data
-        diameter = self._diameter.value or None
+        diameter, nuclei = self._diameter.value or None, self._nuclei.value
 
         def work(progress):
             from napari_cytodiffusion.core.tasks.segment import segment
 
             found = segment(np.asarray(data), rbc_diameter=diameter, progress=progress)
-            # Enlarged here, in the worker: on a large image that takes a while.
-            return found, found.segmentation.rbc_labels
+            # Made here, in the worker: on a large image that takes a while.
+            segmentation = found.segmentation
+            return found, segmentation.rbc_labels, segmentation.nucleus_labels if nuclei else None
 
         return self._runner.start(
             work, lambda result: self._show(layer, *result), text=f"segmenting {layer.name}"
         )
 
-    def _show(self, image, found, rbc_labels):
+    def _show(self, image, found, rbc_labels, nucleus_labels):
         """Add the result layers, replacing those of an earlier run on the same image; one
         layer per turn of the event loop (see ``_runner``)."""
         result, name = found.segmentation, image.name
         placement = {"scale": image.scale[-2:], "translate": image.translate[-2:]}
-        for suffix in ("white cells", "red cells", "platelets"):
+        for suffix in ("white cells", "red cells", "platelets", "nuclei"):
             if f"{name} {suffix}" in self._viewer.layers:
                 self._viewer.layers.remove(f"{name} {suffix}")
         platelets = result.table("platelet")
@@ -105,6 +113,16 @@ class SegmentWidget(DockForm):
             **placement,
         )
         yield
+        if nucleus_labels is not None:
+            nuclei = self._viewer.add_labels(
+                nucleus_labels,
+                name=f"{name} nuclei",
+                features=result.table("wbc"),  # a nucleus has its white cell's label
+                metadata={"source": name, "cells": "nuclei"},
+                **placement,
+            )
+            nuclei.contour = 1
+            yield
         wbc = self._viewer.add_labels(
             result.wbc_labels,
             name=f"{name} white cells",
