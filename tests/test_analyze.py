@@ -32,6 +32,11 @@ def test_one_field_gives_cells_counts_and_a_triage(field_analysis, default_model
     assert len(cells) == 1 and set(COLUMNS) <= set(cells.columns)
     assert {f"p_{c}" for c in default_model.classes} <= set(cells.columns)
     assert {"uncertainty", "anomaly_score", "needs_review", "why"} <= set(cells.columns)
+    # The cell's size and nucleus, in image pixels: what a nucleus-to-cell ratio needs.
+    cell = cells.iloc[0]
+    box = (cell.bbox_max_row - cell.bbox_min_row) * (cell.bbox_max_col - cell.bbox_min_col)
+    assert 0.5 * box < cell.area < box and 0 < cell.nucleus_fraction < 1
+    assert cell.equivalent_diameter == pytest.approx(2 * np.sqrt(cell.area / np.pi), rel=1e-3)
     assert field_analysis.counts["rbc"] > 5 and field_analysis.counts["wbc"] == 1
     assert field_analysis.differential()["count"].sum() == 1
     assert field_analysis.decision == "review"

@@ -20,7 +20,7 @@ from napari_cytodiffusion.core.io import atomic_write
 FINISHED = "done.json"
 SUMMARY = "summary.csv"
 # Bump when the files a smear gets change, so older results are made again.
-OUTPUT_VERSION = 1
+OUTPUT_VERSION = 2  # 2: cells.csv gives each cell's area, diameter and nucleus fraction
 
 
 def fingerprint(source):

@@ -307,11 +307,14 @@ CELL_COLUMNS = (
     "bbox_min_col",
     "bbox_max_row",
     "bbox_max_col",
+    "area",
+    "equivalent_diameter",
+    "nucleus_fraction",
 )
 
 
 def _cell_rows(features, calls, limits):
-    """The per-cell table: position, call, probabilities, flags and why."""
+    """The per-cell table: position, size, call, probabilities, flags and why."""
     import pandas as pd
 
     if not len(calls):
