@@ -230,3 +230,21 @@ def test_the_widget_refuses_a_missing_folder(make_napari_viewer, monkeypatch, is
     widget = _adapt.AdaptWidget(make_napari_viewer())
     widget._calibrate.native.click()
     assert not widget._runner.running and "cell folder" in errors[0]
+
+
+def test_a_lab_folder_of_two_scanners_is_warned_about(synthetic_cells_dir, tmp_path):
+    from types import SimpleNamespace
+
+    from PIL import Image
+
+    from napari_cytodiffusion.core.tasks.adapt import _lab_scale
+
+    paths = sorted((synthetic_cells_dir / "lymphocyte").glob("*.png"))
+    wide = tmp_path / "wide.png"  # another scanner's frame: 2.5 times the size
+    Image.open(paths[0]).resize((240, 240)).save(wide)
+    lines = []
+    records = [SimpleNamespace(path=path, rbc_diameter=None) for path in paths]
+    assert _lab_scale(records, lines.append) is not None
+    assert not any("warning" in line for line in lines)
+    _lab_scale([*records, SimpleNamespace(path=wide, rbc_diameter=None)], lines.append)
+    assert "6 of 96 x 96 px, 1 of 240 x 240 px" in lines[-2] and "--rbc-diameter" in lines[-2]

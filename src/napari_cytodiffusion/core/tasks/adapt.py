@@ -409,11 +409,19 @@ def _lab_scale(records, log):
     cell's own size, makes a lymphocyte look as large as a monocyte; one scanner's images
     share one scale, so the median over them keeps the sizes that tell the classes apart.
     """
-    from napari_cytodiffusion.core.tasks.classify import shared_rbc_diameter
+    from napari_cytodiffusion.core.tasks.classify import shared_rbc_diameter, size_groups
 
     unknown = sorted({record.path for record in records if not record.rbc_diameter})
     if not unknown:
         return None
+    groups = size_groups(unknown)
+    if len(groups) > 1:
+        sizes = ", ".join(f"{len(members)} of {h} x {w} px" for (h, w), members in groups)
+        log(
+            f"warning: the images come in sizes of more than one scanner ({sizes}) but share "
+            "one red-cell scale; adapt to each scanner's images separately, or give the scale "
+            "(--rbc-diameter)"
+        )
     scale = shared_rbc_diameter(unknown)
     if scale is not None:
         log(f"red-cell scale {scale:.1f} px, shared by the {len(unknown)} images (their median)")

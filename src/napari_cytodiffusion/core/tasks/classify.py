@@ -314,7 +314,22 @@ def batch_rbc_diameters(paths, most=25):
     >>> batch_rbc_diameters([])
     []
     """
-    groups = []  # (height, width) of the group's first image, its indices
+    scales = [None] * len(paths)
+    for _, members in size_groups(paths):
+        if len(members) >= _LEAST_SHARING:
+            scale = shared_rbc_diameter([paths[i] for i in members], most)
+            for i in members:
+                scales[i] = scale
+    return scales
+
+
+def size_groups(paths):
+    """Images grouped by size, as one scanner's: ``[((height, width), [indices]), ...]``.
+
+    An image joins the first group whose first image's sides are both within a factor of 1.5
+    of its own; files whose size cannot be read join no group.
+    """
+    groups = []
     for index, path in enumerate(paths):
         size = _image_size(path)
         if size is None:
@@ -325,13 +340,7 @@ def batch_rbc_diameters(paths, most=25):
                 break
         else:
             groups.append((size, [index]))
-    scales = [None] * len(paths)
-    for _, members in groups:
-        if len(members) >= _LEAST_SHARING:
-            scale = shared_rbc_diameter([paths[i] for i in members], most)
-            for i in members:
-                scales[i] = scale
-    return scales
+    return groups
 
 
 def _image_size(path):
