@@ -149,6 +149,18 @@ def test_training_cache_follows_the_folder_content(
     assert len(load_pack(changed["pack"]).labels) == cells_before + 1
 
 
+def test_training_cells_of_one_scanner_share_one_scale(
+    synthetic_cells_dir, synthetic_rbc_diameter, tmp_path
+):
+    lines = []
+    request = core.TrainRequest(data=synthetic_cells_dir, out=tmp_path / "lab.ckpt", **TINY)
+    first = core.train_model(request, log=lines.append)
+    (line,) = [line for line in lines if line.startswith("red-cell scale shared")]
+    scale = float(line.split(": ")[1].split(" px")[0])  # one scanner: one scale
+    assert abs(scale - synthetic_rbc_diameter) < 0.2 * synthetic_rbc_diameter
+    assert core.train_model(request)["pack"] == first["pack"]  # the same scale: cache reused
+
+
 def test_train_reports_progress_as_done_and_total(synthetic_cells_dir, tmp_path):
     seen = []
     request = core.TrainRequest(

@@ -54,8 +54,8 @@ def _add_train(subparsers):
     parser.add_argument(
         "--rbc-diameter",
         type=float,
-        help="red-cell diameter in pixels of the training images (one scanner); "
-        "estimated per image when not given",
+        help="red-cell diameter in pixels of the training images (one scanner); by default "
+        "estimated once for each scanner's images (three or more of one size), else per image",
     )
     parser.add_argument("--time-limit", type=float, help="save and stop after this many seconds")
     parser.add_argument("--channels", default="64,128,192", help="UNet channels per level")

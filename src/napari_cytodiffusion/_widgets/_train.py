@@ -66,7 +66,8 @@ class TrainWidget(DockForm):
         )
         self._device = device_field()
         self._rbc_diameter = rbc_diameter_field(
-            "Red-cell diameter in the images (one scanner); 0 estimates it per image."
+            "Red-cell diameter in the images (one scanner); 0 estimates it once per scanner (per "
+            "image size)."
         )
         self._from_default = CheckBox(
             value=True,

@@ -32,7 +32,8 @@ class TrainRequest:
     resume : path, optional
         A checkpoint to continue.
     rbc_diameter : float, optional
-        Red-cell diameter of the images in pixels (one scanner); estimated per image if None.
+        Red-cell diameter of the images in pixels (one scanner). If None, each scanner's
+        images (three or more of one size) share one estimate, and others are measured alone.
     resolution : int, optional
         Model image size for a new model (default 64; taken from ``init`` or ``resume``).
     """
@@ -159,6 +160,32 @@ def _model_shape(request, init):
     return tuple(model.classes), request.resolution or model.image_size
 
 
+def _with_scanner_scales(records, log):
+    """``records`` whose scale is unknown given their scanner's (one per image size).
+
+    Each image measured alone varies by 10-20 % (and a large cell can sway its own image's
+    estimate), which would teach the model sizes that depend on the estimate; a scanner's
+    images share one scale, as the shipped model's training cells did.
+    """
+    from dataclasses import replace
+
+    from napari_cytodiffusion.core.tasks.classify import batch_rbc_diameters
+
+    unknown = [i for i, record in enumerate(records) if not record.rbc_diameter]
+    paths = sorted({records[i].path for i in unknown})
+    scales = dict(zip(paths, batch_rbc_diameters(paths), strict=True))
+    shared = sorted({round(scale, 1) for scale in scales.values() if scale})
+    if shared:
+        log(
+            "red-cell scale shared by each scanner's images: "
+            + ", ".join(f"{s} px" for s in shared)
+        )
+    records = list(records)
+    for i in unknown:
+        records[i] = replace(records[i], rbc_diameter=scales[records[i].path])
+    return records
+
+
 def _pack_for(request, classes, resolution, log, on_data=None):
     """(pack path, records still to pack): a given pack, a cached one, or one to make."""
     from napari_cytodiffusion.core import datasets
@@ -178,6 +205,8 @@ def _pack_for(request, classes, resolution, log, on_data=None):
     log("cells per class: " + ", ".join(f"{name} {n}" for name, n in counts.items()))
     if on_data is not None:
         on_data(counts, skipped)
+    if request.rbc_diameter is None:
+        records = _with_scanner_scales(records, log)
     pack = datasets.pack_cache_path(request.out, records, resolution, request.rbc_diameter)
     if pack.is_file():
         log(f"using the normalised cells in {pack.name} (the folder is unchanged)")
