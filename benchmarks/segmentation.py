@@ -232,7 +232,7 @@ def phone_benchmark(split, limit=None):
     from napari_cytodiffusion.core.smear.segmentation import segment_smear
 
     folder = DATA / "wbc_smartphone_pig" / split
-    tp = n_pred = n_true = 0
+    tp = n_pred = n_true = without_nucleus = 0
     diameters = []
     start = time.perf_counter()
     images = sorted((folder / "images").glob("*.jpg"))[:limit]
@@ -243,6 +243,7 @@ def phone_benchmark(split, limit=None):
         predicted = result.boxes("wbc")
         tp += match_boxes(predicted, truth)
         n_pred, n_true = n_pred + len(predicted), n_true + len(truth)
+        without_nucleus += int((result.table("wbc")["nucleus_fraction"] == 0).sum())
         diameters.append(result.rbc_diameter)
     precision, recall = tp / max(n_pred, 1), tp / max(n_true, 1)
     return {
@@ -253,6 +254,7 @@ def phone_benchmark(split, limit=None):
         "wbc_precision": round(precision, 4),
         "wbc_recall": round(recall, 4),
         "wbc_f1": round(2 * precision * recall / max(precision + recall, 1e-9), 4),
+        "wbc_without_nucleus": without_nucleus,
         "rbc_diameter_median_px": round(float(np.median(diameters)), 1),
         "seconds_per_field": round((time.perf_counter() - start) / max(1, len(images)), 3),
     }
@@ -674,6 +676,8 @@ def write_markdown(results, path):
             f"| WBC precision (IoU >= 0.5) | {phone['wbc_precision']:.3f} | |",
             f"| WBC recall (IoU >= 0.5) | {phone['wbc_recall']:.3f} | |",
             f"| WBC F1 (IoU >= 0.5) | {phone['wbc_f1']:.3f} | >= 0.95 |",
+            f"| white cells found with no nucleus | {phone.get('wbc_without_nucleus', '-')} "
+            f"of {phone['wbc_found']} | |",
             f"| estimated RBC diameter (median) | {phone['rbc_diameter_median_px']} px | |",
             f"| time per field | {phone['seconds_per_field']} s | |",
             "",
