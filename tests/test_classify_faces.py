@@ -206,3 +206,19 @@ def test_cancel_stops_the_work_within_a_second_and_adds_no_layer(
     assert cancel_latency(widget) < 1.0
     assert widget.class_layer is None and widget._status.value == "cancelled"
     assert [layer.name for layer in viewer.layers] == ["cell"]
+
+
+def test_cli_classifies_the_images_of_a_folder(pbc_dir, tmp_path, capsys):
+    import shutil
+
+    folder, empty = tmp_path / "cells", tmp_path / "empty"
+    folder.mkdir(), empty.mkdir()
+    shutil.copy(pbc_dir / EOSINOPHIL, folder / "b.jpg")
+    shutil.copy(pbc_dir / EOSINOPHIL, folder / "a.jpg")
+    (folder / "notes.txt").write_text("not an image")
+    code = main(["classify", str(folder), str(empty), "--json", "--device", "cpu"])
+    out, err = capsys.readouterr()
+    assert code == 2  # the empty folder is reported, the others classified
+    files = [json.loads(line)["file"] for line in out.strip().splitlines()]
+    assert files == [str(folder / "a.jpg"), str(folder / "b.jpg")]
+    assert "a folder with no image files" in err and "1 of 3 files" in err

@@ -351,7 +351,9 @@ def _add_classify(subparsers):
         description="Classify the central cell of single-cell images, or every white cell of "
         "smear fields with --segment, by comparing class-conditional denoising errors.",
     )
-    parser.add_argument("paths", nargs="+", metavar="PATH")
+    parser.add_argument(
+        "paths", nargs="+", metavar="PATH", help="an image, or a folder standing for its images"
+    )
     parser.add_argument("--segment", action="store_true", help="PATH is a smear field")
     parser.add_argument("--strategy", default="adaptive", choices=["adaptive", "exhaustive"])
     parser.add_argument(
@@ -380,11 +382,20 @@ def _classify(args):
     from napari_cytodiffusion.core.tasks.classify import batch_rbc_diameters, classify
 
     model = _load_model(args.model, args.device)
-    scales = [args.rbc_diameter] * len(args.paths)
+    paths = _with_folder_images(args.paths)
+    scales = [args.rbc_diameter] * len(paths)
     if args.rbc_diameter is None and not args.segment:
-        scales = batch_rbc_diameters(args.paths)  # one scanner: one scale for its images
+        scales = batch_rbc_diameters(paths)  # one scanner: one scale for its images
     failed = 0
-    for path, scale in zip(args.paths, scales, strict=True):
+    for path, scale in zip(paths, scales, strict=True):
+        if path.is_dir():
+            print(
+                f"napari-cytodiffusion classify: {path}: a folder with no image files "
+                "(PNG, JPEG, BMP, TIFF) in it",
+                file=sys.stderr,
+            )
+            failed += 1
+            continue
         try:
             annotations = None
             if args.segment and not args.ignore_annotations:
@@ -426,9 +437,25 @@ def _classify(args):
         for warning in [] if args.json else result.warnings():
             print(f"{path}: {warning}")
     if failed:
-        print(f"{failed} of {len(args.paths)} files could not be classified", file=sys.stderr)
+        print(f"{failed} of {len(paths)} files could not be classified", file=sys.stderr)
         return USAGE_ERROR
     return 0
+
+
+def _with_folder_images(paths):
+    """``paths`` with each folder replaced by the image files in it (sorted); a folder without
+    any stays, to be reported as unreadable with the other files."""
+    from pathlib import Path
+
+    from napari_cytodiffusion.core.io import IMAGE_SUFFIXES
+
+    expanded = []
+    for path in map(Path, paths):
+        inside = []
+        if path.is_dir():
+            inside = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        expanded += inside or [path]
+    return expanded
 
 
 def _add_model_arguments(parser, seed_help=None):

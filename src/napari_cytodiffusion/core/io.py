@@ -20,6 +20,8 @@ def read_image(path):
         If the file does not exist or is not a readable image.
     """
     path = Path(path)
+    if path.is_dir():
+        raise InputFileError(f"{path} is a folder, not an image file")
     if not path.is_file():
         raise InputFileError(f"No such file: {path}")
     try:
