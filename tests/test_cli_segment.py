@@ -77,3 +77,14 @@ def test_plain_output_and_given_diameter(capsys):
     assert main(["segment", PBC, "--rbc-diameter", "29"]) == 0
     line = capsys.readouterr().out.strip()
     assert line.startswith(PBC) and "1 white cell," in line and "29.0 px" in line
+
+
+def test_a_folder_stands_for_its_images(tmp_path, capsys):
+    import shutil
+
+    shutil.copy(PBC, tmp_path / "cell.jpg")
+    (tmp_path / "empty").mkdir()
+    assert main(["segment", str(tmp_path), str(tmp_path / "empty")]) == 2
+    out, err = capsys.readouterr()
+    assert out.startswith(str(tmp_path / "cell.jpg")) and "1 white cell" in out
+    assert "a folder with no image files" in err and "1 of 2 images" in err

@@ -388,15 +388,8 @@ def _classify(args):
         scales = batch_rbc_diameters(paths)  # one scanner: one scale for its images
     failed = 0
     for path, scale in zip(paths, scales, strict=True):
-        if path.is_dir():
-            print(
-                f"napari-cytodiffusion classify: {path}: a folder with no image files "
-                "(PNG, JPEG, BMP, TIFF) in it",
-                file=sys.stderr,
-            )
-            failed += 1
-            continue
         try:
+            _refuse_empty_folder(path)
             annotations = None
             if args.segment and not args.ignore_annotations:
                 annotations = load_annotations(path)
@@ -440,6 +433,12 @@ def _classify(args):
         print(f"{failed} of {len(paths)} files could not be classified", file=sys.stderr)
         return USAGE_ERROR
     return 0
+
+
+def _refuse_empty_folder(path):
+    """A folder left by :func:`_with_folder_images` holds no image to read: say so."""
+    if path.is_dir():
+        raise ValueError("a folder with no image files (PNG, JPEG, BMP, TIFF) in it")
 
 
 def _with_folder_images(paths):
@@ -487,7 +486,9 @@ def _add_segment(subparsers):
         "or one JSON object per image with --json. Files that cannot be read are reported on "
         "stderr and the others still processed (exit code 2 if any failed).",
     )
-    parser.add_argument("images", nargs="+", metavar="IMAGE")
+    parser.add_argument(
+        "images", nargs="+", metavar="IMAGE", help="an image, or a folder standing for its images"
+    )
     parser.add_argument(
         "--out",
         metavar="DIR",
@@ -511,11 +512,13 @@ def _segment(args):
     from napari_cytodiffusion.core.tasks.segment import segment, write_segmentation
 
     out = Path(args.out) if args.out else None
-    stems = [Path(path).stem for path in args.images]
+    images = _with_folder_images(args.images)
+    stems = [path.stem for path in images]
     failed = 0
     with exclusive_folder(out) if out is not None else contextlib.nullcontext():
-        for path, stem in zip(args.images, stems, strict=True):
+        for path, stem in zip(images, stems, strict=True):
             try:
+                _refuse_empty_folder(path)
                 if out is not None and stems.count(stem) > 1:
                     raise ValueError(
                         f"another image of this call has the name {stem!r} too, and its "
@@ -533,7 +536,7 @@ def _segment(args):
             else:
                 print(f"{path}: {result.summary()}", flush=True)
     if failed:
-        print(f"{failed} of {len(args.images)} images could not be segmented", file=sys.stderr)
+        print(f"{failed} of {len(images)} images could not be segmented", file=sys.stderr)
         return USAGE_ERROR
     return 0
 
