@@ -44,6 +44,7 @@ from _metrics import balanced_accuracy  # noqa: E402
 from napari_cytodiffusion.core.datasets import (  # noqa: E402
     copy_groups,
     disagreeing_copies,
+    has_a_copy,
     pick_whole_copies,
 )
 from napari_cytodiffusion.core.model.diffusion import network_precision  # noqa: E402
@@ -267,7 +268,7 @@ def main():
     else:
         results = {"lab_cells": len(labels), "base": score(base, crops, labels), "runs": []}
     results["copies"] = {
-        "cells_with_a_copy": int(np.sum(np.bincount(groups)[groups] > 1)),
+        "cells_with_a_copy": int(np.sum(has_a_copy(groups))),
         "left_out_disagreeing": left_out,
     }
     results["environment"] = {

@@ -446,14 +446,11 @@ def _with_folder_images(paths):
     any stays, to be reported as unreadable with the other files."""
     from pathlib import Path
 
-    from napari_cytodiffusion.core.io import IMAGE_SUFFIXES
+    from napari_cytodiffusion.core.io import folder_images
 
     expanded = []
     for path in map(Path, paths):
-        inside = []
-        if path.is_dir():
-            inside = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-        expanded += inside or [path]
+        expanded += (folder_images(path) if path.is_dir() else []) or [path]
     return expanded
 
 

@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 
 from napari_cytodiffusion.core.classes import CLASSES, canonical_class
+from napari_cytodiffusion.core.io import folder_images
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
 SPLITS = ("train", "val", "test")
 # Crops are packed wider than the model's field of view so that rotations stay inside them.
 PACK_MARGIN = 1.375
@@ -177,6 +177,12 @@ def copy_groups(crops):
     return connected_components(adjacency, directed=False)[1]
 
 
+def has_a_copy(groups):
+    """Whether each cell shares its ``copy_groups`` group with another."""
+    groups = np.asarray(groups)
+    return np.bincount(groups, minlength=1)[groups] > 1
+
+
 def disagreeing_copies(labels, groups):
     """Whether each cell has a copy (the same ``copy_groups`` group) with another label."""
     _, codes = np.unique(np.asarray(labels), return_inverse=True)
@@ -244,12 +250,11 @@ def _records_from_folders(root, val_fraction, classes):
             label = canonical_class(folder.name, classes)
         except ValueError:
             continue
-        for file in sorted(folder.iterdir()):
-            if file.suffix.lower() in IMAGE_SUFFIXES:
-                digest = hashlib.sha256(file.name.encode()).digest()
-                split = "val" if digest[0] / 256 < val_fraction else "train"
-                scale = scales.get(f"{folder.name}/{file.name}")
-                records.append(Record(file, label, split, scale))
+        for file in folder_images(folder):
+            digest = hashlib.sha256(file.name.encode()).digest()
+            split = "val" if digest[0] / 256 < val_fraction else "train"
+            scale = scales.get(f"{folder.name}/{file.name}")
+            records.append(Record(file, label, split, scale))
     return records
 
 

@@ -91,6 +91,20 @@ LAZY_PIXELS = 16_000_000
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
 
+def folder_images(folder):
+    """The image files directly inside ``folder`` (by suffix), sorted."""
+    return sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def image_size(path):
+    """(height, width) of an image file from its header, or None where it cannot be read."""
+    try:
+        with _open_with_pillow(path) as image:
+            return image.height, image.width
+    except Exception:  # unreadable for any reason: the caller measures it another way
+        return None
+
+
 def open_image(path):
     """An image of any size as an array read only where it is sliced.
 

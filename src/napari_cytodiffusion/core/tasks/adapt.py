@@ -318,7 +318,7 @@ def _held_count(cells, request):
 
 def _without_disagreeing_copies(labels, groups, records, data, log):
     """``labels`` with -1 (left out) for copies of one cell that carry different classes."""
-    from napari_cytodiffusion.core.datasets import disagreeing_copies
+    from napari_cytodiffusion.core.datasets import disagreeing_copies, has_a_copy
 
     disagreeing = disagreeing_copies(labels, groups)
     root = Path(data) if Path(data).is_dir() else Path(data).parent
@@ -329,7 +329,7 @@ def _without_disagreeing_copies(labels, groups, records, data, log):
             + " and ".join(names)
             + "; left out (correct or remove one of them to use it)"
         )
-    copied = np.sum(np.bincount(groups)[groups] > 1)
+    copied = int(np.sum(has_a_copy(groups)))
     if copied:
         log(
             f"{copied} images show the same cell as another image; a cell's copies are kept "

@@ -475,14 +475,14 @@ def image_sources(paths):
     """
     from pathlib import Path
 
-    from napari_cytodiffusion.core.io import IMAGE_SUFFIXES
+    from napari_cytodiffusion.core.io import folder_images
 
     sources = []
     for path in map(Path, paths):
         if not path.exists():
             raise ValueError(f"No such file or folder: {path}")
         if path.is_dir() and not _is_zarr(path):
-            inside = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+            inside = folder_images(path)
             sources += inside + sorted(p for p in path.iterdir() if p.is_dir() and _is_zarr(p))
         else:
             sources.append(path)

@@ -329,9 +329,11 @@ def size_groups(paths):
     An image joins the first group whose first image's sides are both within a factor of 1.5
     of its own; files whose size cannot be read join no group.
     """
+    from napari_cytodiffusion.core.io import image_size
+
     groups = []
     for index, path in enumerate(paths):
-        size = _image_size(path)
+        size = image_size(path)
         if size is None:
             continue
         for first, members in groups:
@@ -341,17 +343,6 @@ def size_groups(paths):
         else:
             groups.append((size, [index]))
     return groups
-
-
-def _image_size(path):
-    """(height, width) from the file's header, or None where it cannot be read."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as image:
-            return image.height, image.width
-    except (OSError, UnidentifiedImageError, Image.DecompressionBombError):
-        return None
 
 
 def calls_table(calls, cell_ids=None, centres=None):
