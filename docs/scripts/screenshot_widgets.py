@@ -2,8 +2,8 @@
 
     xvfb-run -a -s "-screen 0 1600x1000x24" python docs/scripts/screenshot_widgets.py [NAME...]
 
-NAME is any of segment, analyze, classify, classify_soft, counterfactual, grid, generate,
-turing, train, annotate, adapt (default: all). Each widget is docked alone in a fresh
+NAME is any of segment, analyze, classify, classify_soft, cell_images, counterfactual, grid,
+generate, turing, train, annotate, adapt (default: all). Each widget is docked alone in a fresh
 viewer, run on real data (the bundled CBC smear field; PBC cells and dataset 1 from
 ../shared/data) on the CPU, and the window is saved to docs/images/ once the result is
 shown. Each screenshot checks that the canvas keeps at least 900 px of the width. ``grid``
@@ -27,6 +27,7 @@ from qtpy.QtWidgets import QApplication
 from napari_cytodiffusion._widgets._adapt import AdaptWidget
 from napari_cytodiffusion._widgets._analyze import AnalyzeWidget
 from napari_cytodiffusion._widgets._annotate import AnnotateWidget
+from napari_cytodiffusion._widgets._cell_images import CellImagesWidget
 from napari_cytodiffusion._widgets._classify import ClassifyWidget
 from napari_cytodiffusion._widgets._counterfactual import CounterfactualWidget, FigureDock
 from napari_cytodiffusion._widgets._generate import GenerateWidget
@@ -153,6 +154,24 @@ def classify_soft():
     viewer.layers.selection.active = widget.class_layer
     viewer.reset_view()
     save(viewer, "classify_soft.png")
+    viewer.close()
+
+
+def cell_images():
+    """A folder of 3 PBC val cells per class and 4 cells of dataset 1 (another microscope)."""
+    viewer, widget = docked(CellImagesWidget, "Classify cell images")
+    widget._fields.device.value = "cpu"
+    with tempfile.TemporaryDirectory() as folder:
+        export = Path(folder) / "cell_export"
+        export.mkdir()
+        for record in pbc_folder(Path(folder) / "pbc", "val", 3):
+            shutil.copy(record.path, export / record.path.name)
+        for image_id in (1, 2, 3, 4):
+            source = WBC1 / f"{image_id:03d}_image.png"
+            shutil.copy(source, export / f"wbc1_{source.name}")
+        widget._folder.value = export
+        run(widget, widget._run)
+    save(viewer, "cell_images_widget.png")
     viewer.close()
 
 
@@ -326,6 +345,7 @@ SHOTS = {
     "analyze": analyze,
     "classify": classify,
     "classify_soft": classify_soft,
+    "cell_images": cell_images,
     "counterfactual": counterfactual,
     "grid": grid,
     "generate": generate,

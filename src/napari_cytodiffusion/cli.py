@@ -375,34 +375,22 @@ def _add_classify(subparsers):
 def _classify(args):
     import json
 
-    from napari_cytodiffusion.core.annotations import load_annotations
-    from napari_cytodiffusion.core.io import InputFileError, read_image
     from napari_cytodiffusion.core.report import count_text
-    from napari_cytodiffusion.core.smear.image import ImageError
-    from napari_cytodiffusion.core.tasks.classify import batch_rbc_diameters, classify
+    from napari_cytodiffusion.core.tasks.classify import classify_files
 
     model = _load_model(args.model, args.device)
     paths = _with_folder_images(args.paths)
-    scales = [args.rbc_diameter] * len(paths)
-    if args.rbc_diameter is None and not args.segment:
-        scales = batch_rbc_diameters(paths)  # one scanner: one scale for its images
     failed = 0
-    for path, scale in zip(paths, scales, strict=True):
-        try:
-            _refuse_empty_folder(path)
-            annotations = None
-            if args.segment and not args.ignore_annotations:
-                annotations = load_annotations(path)
-            result = classify(
-                read_image(path),
-                model,
-                segment=args.segment,
-                rbc_diameter=scale,
-                strategy=args.strategy,
-                seed=args.seed,
-                annotations=annotations,
-            )
-        except (ImageError, InputFileError, ValueError) as error:
+    for path, result, error in classify_files(
+        paths,
+        model,
+        segment=args.segment,
+        rbc_diameter=args.rbc_diameter,
+        strategy=args.strategy,
+        seed=args.seed,
+        use_annotations=not args.ignore_annotations,
+    ):
+        if error:
             print(f"napari-cytodiffusion classify: {path}: {error}", file=sys.stderr)
             failed += 1
             continue
@@ -433,12 +421,6 @@ def _classify(args):
         print(f"{failed} of {len(paths)} files could not be classified", file=sys.stderr)
         return USAGE_ERROR
     return 0
-
-
-def _refuse_empty_folder(path):
-    """A folder left by :func:`_with_folder_images` holds no image to read: say so."""
-    if path.is_dir():
-        raise ValueError("a folder with no image files (PNG, JPEG, BMP, TIFF) in it")
 
 
 def _with_folder_images(paths):
@@ -515,7 +497,6 @@ def _segment(args):
     with exclusive_folder(out) if out is not None else contextlib.nullcontext():
         for path, stem in zip(images, stems, strict=True):
             try:
-                _refuse_empty_folder(path)
                 if out is not None and stems.count(stem) > 1:
                     raise ValueError(
                         f"another image of this call has the name {stem!r} too, and its "

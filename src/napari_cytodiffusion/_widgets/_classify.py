@@ -88,19 +88,10 @@ class ClassifyWidget(DockForm):
         self._export = PushButton(
             text="Export CSV…", enabled=False, tooltip="Save the per-cell table."
         )
-        self._legend = Label(value=_legend_html(self._fields.classes()))
+        self._legend = Label(value=legend_html(self._fields.classes()))
         self._legend.tooltip = "Class colours of the class layer."
-        self._summary = QTableWidget(0, 3)
-        self._summary.setHorizontalHeaderLabels(["class", "count", "%"])
-        self._summary.verticalHeader().setVisible(False)
-        self._summary.setToolTip(
-            "The differential count of the last run, per 100 white cells (erythroblasts, "
-            "platelets and smudge cells are counted per 100 white cells, not among them)."
-        )
-        self._summary.setMinimumHeight(_rows_height(self._summary, TABLE_ROWS))
-        self._flagged = QListWidget()
-        self._flagged.setToolTip("Cells that need review; click one to centre the view on it.")
-        self._flagged.setMinimumHeight(_rows_height(self._flagged, 4))
+        self._summary = differential_table()
+        self._flagged = flagged_list()
         self._flagged.currentRowChanged.connect(self._go_to_flagged)
         self.add(
             self._image,
@@ -227,7 +218,7 @@ class ClassifyWidget(DockForm):
             return
         name = image.name
         placement = {"scale": image.scale[:2], "translate": image.translate[:2]}
-        self._legend.value = _legend_html(result.classes)
+        self._legend.value = legend_html(result.classes)
         contour = layers["contour"]
         self.class_layer = self._viewer.add_labels(
             layers["labels"],
@@ -264,7 +255,7 @@ class ClassifyWidget(DockForm):
         yield
         self._review_layer = None  # a new result gets its own markers layer
         self._update_review()
-        self._show_summary(result.differential())
+        show_differential(self._summary, result.differential())
         self._export.enabled = True
         table = self.class_layer.features
         flagged = int(table["needs_review"].sum())
@@ -324,17 +315,6 @@ class ClassifyWidget(DockForm):
         return np.asarray(data_points) * np.asarray(layer.scale[:2]) + np.asarray(
             layer.translate[:2]
         )
-
-    def _show_summary(self, counts):
-        self._summary.setRowCount(len(counts))
-        rows = counts.itertuples(index=False, name=None)
-        for row, (name, count, percent, in_differential) in enumerate(rows):
-            for column, text in enumerate((name, str(count), percent_text(percent))):
-                item = QTableWidgetItem(text)
-                if not in_differential:
-                    item.setToolTip("Per 100 white cells; not one of them (not in the 100 %).")
-                self._summary.setItem(row, column, item)
-        self._summary.resizeColumnsToContents()
 
     def _go_to_flagged(self, row):
         if not 0 <= row < len(self._flagged_rows):
@@ -433,6 +413,40 @@ def _segmented_from(layer, image):
     )
 
 
+def differential_table():
+    """The dock's differential count: class, count and per cent, eight rows in view."""
+    table = QTableWidget(0, 3)
+    table.setHorizontalHeaderLabels(["class", "count", "%"])
+    table.verticalHeader().setVisible(False)
+    table.setToolTip(
+        "The differential count of the last run, per 100 white cells (erythroblasts, "
+        "platelets and smudge cells are counted per 100 white cells, not among them)."
+    )
+    table.setMinimumHeight(_rows_height(table, TABLE_ROWS))
+    return table
+
+
+def show_differential(table, counts):
+    """Fill a :func:`differential_table` with ``counts`` (see ``differential_count``)."""
+    table.setRowCount(len(counts))
+    rows = counts.itertuples(index=False, name=None)
+    for row, (name, count, percent, in_differential) in enumerate(rows):
+        for column, text in enumerate((name, str(count), percent_text(percent))):
+            item = QTableWidgetItem(text)
+            if not in_differential:
+                item.setToolTip("Per 100 white cells; not one of them (not in the 100 %).")
+            table.setItem(row, column, item)
+    table.resizeColumnsToContents()
+
+
+def flagged_list():
+    """The dock's list of cells to review; a click on one is the widget's to handle."""
+    flagged = QListWidget()
+    flagged.setToolTip("Cells that need review; click one to centre the view on it.")
+    flagged.setMinimumHeight(_rows_height(flagged, 4))
+    return flagged
+
+
 def _rows_height(view, rows):
     """Height of a table or list showing ``rows`` rows and its header."""
     header = view.horizontalHeader().sizeHint().height() if hasattr(view, "horizontalHeader") else 0
@@ -465,7 +479,7 @@ def _reason(row, uncertainty_threshold, anomaly_threshold):
     return "; ".join(reasons)
 
 
-def _legend_html(classes):
+def legend_html(classes):
     items = [
         f'<span style="color:{colour}">&#9632;</span> {name.replace("_", " ")}'
         for name, colour in class_colours(classes).items()

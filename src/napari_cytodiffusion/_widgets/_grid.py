@@ -100,8 +100,11 @@ def add_grid(viewer, tiled, name, features, metadata=None):
     )
 
 
-def add_tiles(viewer, grid_layer, tiled, features):
-    """Add the tiles layer of a grid on top of it: hovering a cell shows its ``features``."""
+def add_tiles(viewer, grid_layer, tiled, features, colormap=None, contour=1):
+    """Add the tiles layer of a grid on top of it: hovering a cell shows its ``features``.
+
+    The tiles are outlined ``contour`` crop pixels wide, in ``colormap``'s colour of each
+    tile number where given (napari's label colours otherwise)."""
     # Labels features are keyed by label value in "index": the tile number, 1 up.
     table = features.rename(columns={"index": "cell"})
     table.insert(0, "index", np.arange(1, len(table) + 1))
@@ -109,12 +112,13 @@ def add_tiles(viewer, grid_layer, tiled, features):
         tiled[1],
         name=f"{grid_layer.name} tiles",
         features=table,
-        opacity=0.4,
+        opacity=0.4 if colormap is None else 1.0,
         metadata={"tiles": True},
+        **({} if colormap is None else {"colormap": colormap}),
         scale=grid_layer.scale,
         translate=grid_layer.translate,
     )
-    tiles_layer.contour = 1  # outline the tiles; the cells stay visible
+    tiles_layer.contour = contour  # outline the tiles; the cells stay visible
     viewer.layers.selection.active = tiles_layer  # hover shows the active layer's features
     return tiles_layer
 

@@ -21,6 +21,10 @@ def read_image(path):
     """
     path = Path(path)
     if path.is_dir():
+        if not folder_images(path):
+            raise InputFileError(
+                f"{path} is a folder with no image files (PNG, JPEG, BMP, TIFF) in it"
+            )
         raise InputFileError(f"{path} is a folder, not an image file")
     if not path.is_file():
         raise InputFileError(f"No such file: {path}")

@@ -259,6 +259,154 @@ def classify(
     )
 
 
+@dataclass
+class CellImages:
+    """The central cells of a set of single-cell images (a CellaVision export, a folder of
+    crops) and their calls.
+
+    Attributes
+    ----------
+    paths : list of Path
+        The images classified, in order; ``calls``, ``crops`` and ``rbc_diameters`` follow it.
+    calls : list of CellCall
+    crops : ndarray (n, size, size, 3)
+        What the model saw of each image.
+    rbc_diameters : list of float
+        The red-cell scale each crop was cut at.
+    classes : tuple of str
+        The model's classes.
+    failed : list of (Path, str)
+        The images that could not be classified, and why.
+    warnings : list of str
+        What a user is told about each image as a whole (:meth:`Classification.warnings`,
+        joined by "; "), "" where nothing.
+    """
+
+    paths: list
+    calls: list
+    crops: np.ndarray
+    rbc_diameters: list
+    classes: tuple
+    failed: list
+    warnings: list
+
+    def table(self):
+        """One row per image: ``index`` (1 up), ``file``, then the columns of
+        :func:`calls_table`, ``rbc_diameter`` and ``warning``."""
+        table = calls_table(self.calls, list(range(1, len(self.calls) + 1)))
+        if len(table):
+            table.insert(1, "file", [str(path) for path in self.paths])
+            table["rbc_diameter"] = self.rbc_diameters
+            table["warning"] = self.warnings
+        return table
+
+    def differential(self):
+        """Number and percentage of images per class: see :func:`differential_count`."""
+        return differential_count([call.label for call in self.calls], self.classes)
+
+
+def classify_cell_images(
+    paths, model, rbc_diameter=None, strategy="adaptive", seed=0, progress=None
+):
+    """Classify the central cell of each single-cell image of ``paths``.
+
+    Images of one scanner share a red-cell scale (:func:`batch_rbc_diameters`) unless
+    ``rbc_diameter`` is given. Each image is classified as it would be alone (the same seed
+    gives every image the same noise), so a file's call does not depend on its neighbours.
+
+    Parameters
+    ----------
+    paths : sequence of path-like
+        Image files (see :func:`~napari_cytodiffusion.core.io.folder_images` for a folder).
+    model : DiffusionModel
+    rbc_diameter, strategy, seed
+        See :func:`classify`.
+    progress : callable, optional
+        ``progress(done, total)``; raise ``Cancelled`` from it to stop.
+
+    Returns
+    -------
+    CellImages
+        Unreadable images are listed in ``failed`` with the reason, not raised.
+    """
+    classified, failed, warnings = [], [], []
+    for path, result, error in classify_files(
+        paths, model, rbc_diameter=rbc_diameter, strategy=strategy, seed=seed, progress=progress
+    ):
+        if error:
+            failed.append((path, error))
+            continue
+        classified.append((path, result))
+        warnings.append("; ".join(result.warnings()))
+    size = model.image_size
+    crops = [result.crops for _, result in classified]
+    return CellImages(
+        [path for path, _ in classified],
+        [result.calls[0] for _, result in classified],
+        np.concatenate(crops) if crops else np.zeros((0, size, size, 3), np.float32),
+        [float(result.rbc_diameter) for _, result in classified],
+        tuple(model.classes),
+        failed,
+        warnings,
+    )
+
+
+# Share of the progress bar for measuring the shared red-cell scales of single-cell images.
+_SCALE_SHARE = 0.05
+
+
+def classify_files(
+    paths,
+    model,
+    segment=False,
+    rbc_diameter=None,
+    strategy="adaptive",
+    seed=0,
+    use_annotations=True,
+    progress=None,
+):
+    """Classify image files one by one: ``(path, Classification, "")`` for each, or
+    ``(path, None, reason)`` for one that cannot be classified.
+
+    Single-cell images of one scanner share a red-cell scale (:func:`batch_rbc_diameters`);
+    smear fields (``segment``) are measured one by one, and the annotations saved beside
+    each (``use_annotations``) are kept over the model's calls. The progress bar covers all
+    files.
+    """
+    from pathlib import Path
+
+    from napari_cytodiffusion.core.annotations import load_annotations
+    from napari_cytodiffusion.core.io import InputFileError, read_image
+    from napari_cytodiffusion.core.progress import phase, report
+    from napari_cytodiffusion.core.smear.image import ImageError
+
+    paths = [Path(path) for path in paths]
+    scales, start = [rbc_diameter] * len(paths), 0.0
+    if rbc_diameter is None and not segment:
+        scales, start = batch_rbc_diameters(paths), _SCALE_SHARE
+        report(phase(progress, 0.0, start), 1, 1)
+    step = (1.0 - start) / max(len(paths), 1)
+    for i, (path, scale) in enumerate(zip(paths, scales, strict=True)):
+        file_progress = phase(progress, start + i * step, start + (i + 1) * step)
+        try:
+            annotations = load_annotations(path) if segment and use_annotations else None
+            result = classify(
+                read_image(path),
+                model,
+                segment=segment,
+                rbc_diameter=scale,
+                strategy=strategy,
+                seed=seed,
+                annotations=annotations,
+                progress=file_progress,
+            )
+        except (ImageError, InputFileError, ValueError) as error:
+            report(file_progress, 1, 1)  # a file that failed is done with too
+            yield path, None, str(error)
+            continue
+        yield path, result, ""
+
+
 def shared_rbc_diameter(paths, most=25):
     """One red-cell scale for single-cell images from the same scanner.
 

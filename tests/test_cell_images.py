@@ -1,0 +1,135 @@
+"""Classifying a folder of single-cell images: the task and the Classify cell images widget."""
+
+import shutil
+
+import numpy as np
+import pytest
+
+# PBC val cells of three classes (val: not the test split).
+CELLS = {
+    "a_eosinophil.jpg": "eosinophil/EO_10781.jpg",
+    "b_lymphocyte.jpg": "lymphocyte/LY_100275.jpg",
+    "c_neutrophil.jpg": "neutrophil/BNE_105060.jpg",
+}
+
+
+@pytest.fixture
+def cell_folder(pbc_dir, tmp_path):
+    """Three PBC cells, an unreadable image and a text file in one folder."""
+    folder = tmp_path / "export"
+    folder.mkdir()
+    for name, source in CELLS.items():
+        shutil.copy(pbc_dir / source, folder / name)
+    (folder / "d_broken.png").write_bytes(b"not an image")
+    (folder / "notes.txt").write_text("not an image either")
+    return folder
+
+
+def test_each_image_is_called_as_it_would_be_alone(cell_folder, default_model):
+    from napari_cytodiffusion.core.io import folder_images, read_image
+    from napari_cytodiffusion.core.tasks.classify import classify, classify_cell_images
+
+    ticks = []
+    result = classify_cell_images(
+        folder_images(cell_folder), default_model, progress=lambda d, t: ticks.append(d / t)
+    )
+    assert [path.name for path in result.paths] == list(CELLS)
+    assert [call.label for call in result.calls] == ["eosinophil", "lymphocyte", "neutrophil"]
+    assert [path.name for path, _ in result.failed] == ["d_broken.png"]
+    assert "Cannot read" in result.failed[0][1]
+    assert len(set(result.rbc_diameters)) == 1  # one scanner, one shared scale
+    assert ticks == sorted(ticks) and ticks[-1] == 1.0
+
+    alone = classify(
+        read_image(cell_folder / "b_lymphocyte.jpg"),
+        default_model,
+        segment=False,
+        rbc_diameter=result.rbc_diameters[1],
+    )
+    assert alone.calls[0].probabilities == pytest.approx(result.calls[1].probabilities)
+    np.testing.assert_array_equal(alone.crops[0], result.crops[1])
+
+    table = result.table()
+    assert list(table["index"]) == [1, 2, 3]
+    assert list(table.columns[:3]) == ["index", "file", "label"]
+    assert table["file"][2] == str(cell_folder / "c_neutrophil.jpg")
+    counts = result.differential().set_index("class")["count"]
+    assert counts["eosinophil"] == counts["lymphocyte"] == counts["neutrophil"] == 1
+
+
+@pytest.fixture
+def images_widget(make_napari_viewer):
+    from napari_cytodiffusion._widgets._cell_images import CellImagesWidget
+
+    viewer = make_napari_viewer()
+    widget = CellImagesWidget(viewer)
+    viewer.window.add_dock_widget(widget)
+    widget._fields.device.value = "cpu"
+    return viewer, widget
+
+
+def test_widget_shows_the_cells_as_a_grid_called_and_flagged(
+    images_widget, cell_folder, qtbot, tmp_path
+):
+    from napari.utils.colormaps.standardize_color import transform_color
+
+    from napari_cytodiffusion.core.report import class_colours
+
+    viewer, widget = images_widget
+    widget._folder.value = cell_folder
+    widget._run.native.click()
+    qtbot.waitUntil(lambda: not widget._runner.running, timeout=120_000)
+
+    assert [layer.name for layer in viewer.layers] == [
+        "export cells",
+        "export cells tiles",
+        "export cells needs review",
+    ]
+    grid, tiles, review = viewer.layers
+    assert grid.rgb and grid.data.shape[0] == 2 * 64 + 4  # 3 tiles in 2 rows of 2
+    features = tiles.features
+    assert list(features["label"]) == ["eosinophil", "lymphocyte", "neutrophil"]
+    assert features["file"][0].endswith("a_eosinophil.jpg")
+    # Each tile is outlined in its call's colour.
+    expected = transform_color(class_colours(("eosinophil",))["eosinophil"])[0]
+    np.testing.assert_allclose(tiles.colormap.map(1), expected, atol=1e-6)
+    flagged = int(features["needs_review"].sum())
+    assert len(review.data) == flagged and widget._flagged.count() == flagged
+    assert widget._summary.item(1, 0).text() == "eosinophil"
+    assert widget._summary.item(1, 1).text() == "1"
+    assert "3 images" in widget._status.value and "d_broken.png" in widget._status.value
+
+    csv = tmp_path / "calls.csv"
+    widget.export_csv(csv)
+    lines = csv.read_text().splitlines()
+    assert lines[0].startswith("index,file,label,p_basophil") and len(lines) == 4
+
+
+def test_widget_refuses_a_folder_without_images_and_adds_nothing(
+    images_widget, tmp_path, monkeypatch
+):
+    from napari_cytodiffusion._widgets import _cell_images
+
+    errors = []
+    monkeypatch.setattr(_cell_images, "show_error", errors.append)
+    viewer, widget = images_widget
+    widget._run.native.click()
+    (tmp_path / "notes.txt").write_text("no images here")
+    widget._folder.value = tmp_path
+    widget._run.native.click()
+    assert errors[0] == "Choose the folder of single-cell images to classify."
+    assert "no image files" in errors[1]
+    assert len(viewer.layers) == 0 and not widget._runner.running
+
+
+def test_cancel_stops_the_folder_within_a_second_and_adds_no_layer(
+    images_widget, cell_folder, qtbot, cancel_latency
+):
+    viewer, widget = images_widget
+    widget._folder.value = cell_folder
+    widget._strategy.value = "exhaustive"  # long enough to cancel midway
+    widget._run.native.click()
+    qtbot.waitUntil(lambda: widget._runner._state["done"] > 300, timeout=60_000)
+    assert cancel_latency(widget) < 1.0
+    assert widget.tiles_layer is None and widget._status.value == "cancelled"
+    assert len(viewer.layers) == 0
