@@ -57,6 +57,55 @@ def test_each_image_is_called_as_it_would_be_alone(cell_folder, default_model):
     assert counts["eosinophil"] == counts["lymphocyte"] == counts["neutrophil"] == 1
 
 
+def test_a_persons_calls_in_the_folder_are_kept_over_the_models(cell_folder, default_model, capsys):
+    import json
+
+    from napari_cytodiffusion.cli import main
+    from napari_cytodiffusion.core.annotations import save_folder_labels
+    from napari_cytodiffusion.core.datasets import list_labelled_images
+    from napari_cytodiffusion.core.io import folder_images
+    from napari_cytodiffusion.core.tasks.classify import classify_cell_images
+
+    labels = save_folder_labels(cell_folder, {"b_lymphocyte.jpg": "monocyte"})
+    result = classify_cell_images(folder_images(cell_folder), default_model)
+    assert result.annotated == ["", "monocyte", ""]
+    table = result.table()
+    assert list(table["label"]) == ["eosinophil", "monocyte", "neutrophil"]
+    assert table["predicted"][1] == "lymphocyte"
+    counts = result.differential().set_index("class")["count"]
+    assert counts["monocyte"] == 1 and counts["lymphocyte"] == 0
+
+    assert main(["classify", str(cell_folder / "b_lymphocyte.jpg"), "--json"]) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert (record["label"], record["predicted"]) == ("monocyte", "lymphocyte")
+
+    # The table, and the folder that holds it, are a labelled dataset as they are (what
+    # adapt and train read).
+    for data in (labels, cell_folder):
+        records = list_labelled_images(data)
+        assert [(r.path.name, r.label) for r in records] == [("b_lymphocyte.jpg", "monocyte")]
+
+
+def test_a_crash_while_saving_calls_leaves_the_previous_table(tmp_path, monkeypatch):
+    import csv
+
+    from napari_cytodiffusion.core.annotations import load_folder_labels, save_folder_labels
+
+    save_folder_labels(tmp_path, {"a.png": "neutrophil"})
+    real_writer = csv.writer
+
+    def crashing_writer(handle):
+        writer = real_writer(handle)
+        writer.writerow(("file", "label"))
+        raise OSError("disk full")
+
+    monkeypatch.setattr(csv, "writer", crashing_writer)
+    with pytest.raises(OSError, match="disk full"):
+        save_folder_labels(tmp_path, {"a.png": "monocyte", "b.png": "basophil"})
+    assert load_folder_labels(tmp_path) == {"a.png": "neutrophil"}
+    assert [p.name for p in tmp_path.iterdir()] == ["cell_labels.csv"]  # no partial file left
+
+
 @pytest.fixture
 def images_widget(make_napari_viewer):
     from napari_cytodiffusion._widgets._cell_images import CellImagesWidget
@@ -73,6 +122,7 @@ def test_widget_shows_the_cells_as_a_grid_called_and_flagged(
 ):
     from napari.utils.colormaps.standardize_color import transform_color
 
+    from napari_cytodiffusion._widgets._classify import UNREVIEWED_ALPHA
     from napari_cytodiffusion.core.report import class_colours
 
     viewer, widget = images_widget
@@ -92,6 +142,7 @@ def test_widget_shows_the_cells_as_a_grid_called_and_flagged(
     assert features["file"][0].endswith("a_eosinophil.jpg")
     # Each tile is outlined in its call's colour.
     expected = transform_color(class_colours(("eosinophil",))["eosinophil"])[0]
+    expected[3] = UNREVIEWED_ALPHA  # opaque once a person has called it
     np.testing.assert_allclose(tiles.colormap.map(1), expected, atol=1e-6)
     flagged = int(features["needs_review"].sum())
     assert len(review.data) == flagged and widget._flagged.count() == flagged
@@ -102,7 +153,26 @@ def test_widget_shows_the_cells_as_a_grid_called_and_flagged(
     csv = tmp_path / "calls.csv"
     widget.export_csv(csv)
     lines = csv.read_text().splitlines()
-    assert lines[0].startswith("index,file,label,p_basophil") and len(lines) == 4
+    assert lines[0].startswith("index,file,label,predicted,annotated,p_basophil")
+    assert len(lines) == 4
+
+    # A person calls the lymphocyte a monocyte: saved in the folder at once, drawn opaque in
+    # the monocyte colour, counted as a monocyte; "Model's call" takes it back.
+    assert widget._review.value == "reviewed 0 of 3"
+    widget.select(2)
+    widget.set_label("monocyte")
+    assert (features := tiles.features)["label"][1] == "monocyte"
+    assert features["annotated"][1] == "monocyte" and features["predicted"][1] == "lymphocyte"
+    saved = (cell_folder / "cell_labels.csv").read_text().splitlines()
+    assert saved == ["file,label", "b_lymphocyte.jpg,monocyte"]
+    monocyte = transform_color(class_colours(("monocyte",))["monocyte"])[0]
+    np.testing.assert_allclose(tiles.colormap.map(2), monocyte, atol=1e-6)
+    rows = {widget._summary.item(r, 0).text(): widget._summary.item(r, 1).text() for r in range(8)}
+    assert rows["monocyte"] == "1" and rows["lymphocyte"] == "0"
+    assert widget._review.value.startswith("reviewed 1 of 3")
+    widget.set_label("")
+    assert tiles.features["label"][1] == "lymphocyte"
+    assert (cell_folder / "cell_labels.csv").read_text().splitlines() == ["file,label"]
 
 
 def test_widget_refuses_a_folder_without_images_and_adds_nothing(

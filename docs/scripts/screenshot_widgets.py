@@ -158,7 +158,8 @@ def classify_soft():
 
 
 def cell_images():
-    """A folder of 3 PBC val cells per class and 4 cells of dataset 1 (another microscope)."""
+    """A folder of 3 PBC val cells per class and 4 cells of dataset 1 (another microscope),
+    the first of which a person has called."""
     viewer, widget = docked(CellImagesWidget, "Classify cell images")
     widget._fields.device.value = "cpu"
     with tempfile.TemporaryDirectory() as folder:
@@ -171,7 +172,10 @@ def cell_images():
             shutil.copy(source, export / f"wbc1_{source.name}")
         widget._folder.value = export
         run(widget, widget._run)
-    save(viewer, "cell_images_widget.png")
+        widget.select(25)  # a person calls the first dataset-1 cell, a lymphocyte
+        widget.set_label("lymphocyte")
+        wait(1)
+        save(viewer, "cell_images_widget.png")
     viewer.close()
 
 

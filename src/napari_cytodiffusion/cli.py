@@ -10,6 +10,11 @@ import os
 import sys
 
 USAGE_ERROR = 2
+# What a labelled dataset (train, adapt, calibrate) may be.
+DATA_HELP = (
+    "folder of class subfolders, a CSV (file, label), or a folder of single-cell images with "
+    "its cell_labels.csv"
+)
 
 
 class UsageError(Exception):
@@ -32,7 +37,8 @@ def _add_train(subparsers):
         "train",
         help="train the diffusion model on labelled cells",
         description="Train the class-conditional diffusion model. DATA is a folder of class "
-        "subfolders, a CSV with file, label and split columns, or a packed .npz.",
+        "subfolders, a CSV with file, label and split columns, a folder of single-cell images "
+        "with its cell_labels.csv, or a packed .npz.",
     )
     parser.add_argument("data", metavar="DATA")
     parser.add_argument("--out", required=True, metavar="MODEL", help="checkpoint to write")
@@ -605,7 +611,7 @@ def _add_adapt(subparsers):
         "a small part of it learns the lab's stain and scanner, then it is calibrated on "
         "held-back cells and saved as a named local model that every command and widget offers.",
     )
-    parser.add_argument("data", metavar="DATA", help="folder of class subfolders, or a CSV")
+    parser.add_argument("data", metavar="DATA", help=DATA_HELP)
     parser.add_argument("--base", default="default", help="model to start from (name or file)")
     parser.add_argument("--out", required=True, metavar="NAME", help="name of the new model")
     parser.add_argument("--steps", type=int, default=ADAPT_STEPS, help="adaptation steps")
@@ -658,7 +664,7 @@ def _add_calibrate(subparsers):
         "weights, and save it as a named local model.",
     )
     parser.add_argument("model", metavar="MODEL", help="model name or file")
-    parser.add_argument("data", metavar="DATA", help="folder of class subfolders, or a CSV")
+    parser.add_argument("data", metavar="DATA", help=DATA_HELP)
     parser.add_argument(
         "--out",
         metavar="NAME",

@@ -35,7 +35,8 @@ class AdaptWidget(DockForm):
             mode="d",
             label="cell folder",
             tooltip="One subfolder of single-cell images per class (5 to 50 per class), such "
-            "as Annotate cells exports.",
+            "as Annotate cells exports, or a folder of single-cell images called in Classify "
+            "cell images (its cell_labels.csv).",
         )
         self._fields = ModelFields(seed_tooltip="Same seed, same split and the same model.")
         self._fields.model.label = "base model"

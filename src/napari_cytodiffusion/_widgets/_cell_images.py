@@ -6,24 +6,37 @@ outlined in the colour of its call, with the per-image results (file, call, prob
 why it needs review) as the tiles layer's features, shown on hover; red rings mark the cells
 to review. The dock shows the differential count of the folder and the flagged cells (a click
 centres the view on one), and exports the table as CSV.
+
+A person corrects a call by clicking its tile (pan/zoom mode) and pressing Set class or a key
+1-9. Every change is saved at once, atomically, in the folder's ``cell_labels.csv``, which the
+next run (and ``classify``) keeps over the model's calls and which ``adapt`` and ``train``
+take as a labelled dataset.
 """
 
 from pathlib import Path
 
 import numpy as np
-from magicgui.widgets import ComboBox, FileEdit, Label, PushButton
+from magicgui.widgets import ComboBox, Container, FileEdit, Label, PushButton
 from napari.utils.notifications import show_error, show_info
 from qtpy.QtWidgets import QFileDialog
 
 from napari_cytodiffusion._widgets._classify import (
+    _direct_colormap,
+    cell_colours,
     differential_table,
     flagged_list,
     legend_html,
     show_differential,
 )
-from napari_cytodiffusion._widgets._common import DockForm, ModelFields, RunRow, camera
+from napari_cytodiffusion._widgets._common import (
+    DockForm,
+    ModelFields,
+    RunRow,
+    StatusLabel,
+    camera,
+)
 from napari_cytodiffusion._widgets._grid import add_grid, add_tiles, focus, tile, tile_origin
-from napari_cytodiffusion.core.report import class_colours, count_text
+from napari_cytodiffusion.core.report import count_text
 
 # Tile outlines, in crop pixels of the model's image size: visible beside the 4-px gaps.
 OUTLINE = 2
@@ -32,7 +45,7 @@ RING = 0.9
 
 
 class CellImagesWidget(DockForm):
-    """A folder of single-cell images -> a grid of their cells, called and flagged."""
+    """A folder of single-cell images -> a grid of their cells, called, flagged, reviewed."""
 
     def __init__(self, napari_viewer):
         super().__init__()
@@ -54,27 +67,55 @@ class CellImagesWidget(DockForm):
         self._run, self._cancel, self._runner = row.buttons[0], row.cancel, row.runner
         self._status = row.status
         self._run.tooltip = "Classify the central cell of every image in the folder."
+        self._class = ComboBox(
+            label="class",
+            choices=self._fields.classes(),
+            tooltip="The class Set class gives the selected tile (keys 1-9 on the tiles layer).",
+        )
+        self._set = PushButton(
+            text="Set class", enabled=False, tooltip="Give the selected tile the class above."
+        )
+        self._clear = PushButton(
+            text="Model's call",
+            enabled=False,
+            tooltip="Take back the person's call of the selected tile.",
+        )
+        self._review = StatusLabel("")
         self._legend = Label(value=legend_html(self._fields.classes()))
-        self._legend.tooltip = "Class colours of the tile outlines."
+        self._legend.tooltip = "Class colours of the tile outlines (opaque: reviewed)."
         self._export = PushButton(
             text="Export CSV…", enabled=False, tooltip="Save the per-image table."
         )
         self._summary = differential_table()
         self._flagged = flagged_list()
         self._flagged.currentRowChanged.connect(self._go_to_flagged)
+        # Containers keep the review rows and Export together, below the run row (the form
+        # gathers loose labelled fields at its top).
+        buttons = Container(widgets=[self._set, self._clear], layout="horizontal", labels=False)
+        review = Container(widgets=[self._class, buttons])
+        export = Container(widgets=[self._export], labels=False)
+        for container in (buttons, review, export):
+            container.margins = (0, 0, 0, 0)
         self.add(
             self._folder,
             *self._fields.widgets,
             self._strategy,
             row,
+            review,
+            self._review,
             self._legend,
-            self._export,
+            export,
             self._summary,
             self._flagged,
         )
         self._run.changed.connect(self._start)
+        self._set.changed.connect(lambda *_: self.set_label(self._class.value))
+        self._clear.changed.connect(lambda *_: self.set_label(""))
         self._export.changed.connect(self._ask_export_path)
         self.tiles_layer = None
+        self._review_layer = None
+        self._shown = None  # (folder, classes) of the result on screen
+        self._grid = None
         self._flagged_tiles = []
 
     def _start(self):
@@ -101,7 +142,7 @@ class CellImagesWidget(DockForm):
             if not result.calls:
                 return folder, result, None
             table = result.table()
-            return folder, result, (tile(result.crops), table, _tile_colormap(table, result))
+            return folder, result, (tile(result.crops), table)
 
         self._runner.start(job, self._show, text=f"classifying {len(paths)} images")
 
@@ -113,14 +154,18 @@ class CellImagesWidget(DockForm):
             self._status.value = f"done: no image could be classified ({failed})"
             show_error(f"No image of {folder} could be classified: {failed}")
             return
-        tiled, table, colormap = layers
+        tiled, table = layers
         self._legend.value = legend_html(result.classes)
         grid = add_grid(self._viewer, tiled, f"{folder.name} cells", table, {"cell_images": True})
         yield
         features = table.drop(columns="index")
+        colormap = _tile_colormap(table, result.classes)
         self.tiles_layer = add_tiles(self._viewer, grid, tiled, features, colormap, OUTLINE)
+        self._bind(self.tiles_layer, result.classes)
+        self._shown, self._grid = (folder, result.classes), grid
         yield
-        self._mark_flagged(grid, tiled[2], table)
+        self._review_layer = None  # a new result gets its own rings
+        self._mark_flagged()
         focus(self._viewer, grid)
         show_differential(self._summary, result.differential())
         self._export.enabled = True
@@ -136,27 +181,119 @@ class CellImagesWidget(DockForm):
             )
         show_info(f"Classified {count_text(len(table), 'image')}; {flagged} to review.")
 
-    def _mark_flagged(self, grid, layout, table):
-        """Red rings on the tiles to review, and their list in the dock."""
-        flagged = table[table["needs_review"]]
+    # ------------------------------------------------------------------------ review
+
+    def _bind(self, layer, classes):
+        """Clicks select a tile of ``layer``; keys 1-9 give it a class."""
+        with self._class.changed.blocked():
+            self._class.choices = classes
+        layer.mouse_drag_callbacks.append(self._on_click)
+        for number, name in enumerate(classes[:9], 1):
+            layer.bind_key(str(number), _key(self.set_label, name), overwrite=True)
+        self._set.enabled = self._clear.enabled = True
+        self._update_review_count()
+
+    def _on_click(self, layer, event):
+        if layer.mode != "pan_zoom":
+            return
+        value = layer.get_value(event.position, world=True)
+        if value:
+            self.select(int(value))
+
+    def select(self, index):
+        """Make tile ``index`` (from 1) the one Set class applies to."""
+        row = self._row(index)
+        if row is None:
+            return
+        self.tiles_layer.selected_label = index
+        features = self.tiles_layer.features.loc[row]
+        if features["label"] in self._class.choices:
+            self._class.value = features["label"]  # Set class starts from the current call
+        human = features["annotated"] or "not reviewed"
+        name = Path(features["file"]).name
+        self._review.value = f"{name}: model {features['predicted']}, person {human}"
+
+    def set_label(self, label):
+        """Give the selected tile the person's call ``label`` ("" takes it back), and save
+        the folder's calls at once."""
+        layer = self.tiles_layer
+        row = None if layer is None else self._row(int(layer.selected_label))
+        if row is None:
+            show_error("Select a tile first: click it (pan/zoom mode).")
+            return
+        features = layer.features
+        features.loc[row, "annotated"] = label
+        features.loc[row, "label"] = label or features.loc[row, "predicted"]
+        layer.features = features
+        try:
+            path = self._save_labels(features)
+        except (OSError, ValueError) as error:  # a read-only folder, a damaged table
+            show_error(f"Could not save the calls: {error} They are kept in the viewer.")
+            path = None
+        classes = self._shown[1]
+        layer.colormap = _tile_colormap(features, classes)
+        self._mark_flagged()
+        from napari_cytodiffusion.core.tasks.classify import differential_count
+
+        show_differential(self._summary, differential_count(features["label"], classes))
+        self.select(int(layer.selected_label))
+        self._update_review_count(path)
+
+    def _save_labels(self, features):
+        """The person's calls into the folder's ``cell_labels.csv`` (others' rows kept)."""
+        from napari_cytodiffusion.core.annotations import load_folder_labels, save_folder_labels
+
+        folder = self._shown[0]
+        labels = load_folder_labels(folder)
+        for file, human in zip(features["file"], features["annotated"], strict=True):
+            labels.pop(Path(file).name, None)
+            if human:
+                labels[Path(file).name] = human
+        return save_folder_labels(folder, labels)
+
+    def _row(self, index):
+        if self.tiles_layer is None or self.tiles_layer not in self._viewer.layers:
+            return None
+        rows = np.flatnonzero(self.tiles_layer.features["index"].to_numpy() == index)
+        return int(rows[0]) if len(rows) else None
+
+    def _update_review_count(self, path=None):
+        features = self.tiles_layer.features
+        reviewed = int((features["annotated"] != "").sum())
+        self._review.value = f"reviewed {reviewed} of {len(features)}" + (
+            f"; saved in {path.name}" if path else ""
+        )
+
+    def _mark_flagged(self):
+        """Red rings on the tiles to review that no person has called yet, and their list."""
+        features = self.tiles_layer.features
+        flagged = features[features["needs_review"] & (features["annotated"] == "")]
+        grid = self._grid
+        layout = grid.metadata["grid"]
         size = layout["size"]
         origins = np.array([tile_origin(layout, int(i) - 1) for i in flagged["index"]], float)
         centres = origins.reshape(-1, 2) + size / 2
         world = centres * np.asarray(grid.scale) + np.asarray(grid.translate)
-        self._viewer.add_points(
-            world,
-            name=f"{grid.name} needs review",
-            symbol="disc",
-            size=RING * size * float(grid.scale[0]),
-            face_color="transparent",
-            border_color="red",
-            border_width=0.05,
-            features={
-                "file": flagged["file"].map(lambda name: Path(name).name).to_numpy(),
-                "label": flagged["label"].to_numpy(),
-                "reason": flagged["why"].to_numpy(),
-            },
-        )
+        ring_features = {
+            "file": flagged["file"].map(lambda name: Path(name).name).to_numpy(),
+            "label": flagged["label"].to_numpy(),
+            "reason": flagged["why"].to_numpy(),
+        }
+        if self._review_layer is not None and self._review_layer in self._viewer.layers:
+            self._review_layer.data = world
+            self._review_layer.features = ring_features
+        else:
+            self._review_layer = self._viewer.add_points(
+                world,
+                name=f"{grid.name} needs review",
+                symbol="disc",
+                size=RING * size * float(grid.scale[0]),
+                face_color="transparent",
+                border_color="red",
+                border_width=0.05,
+                features=ring_features,
+            )
+            self._viewer.layers.selection.active = self.tiles_layer  # hover shows its features
         self._flagged_tiles = list(zip(world.tolist(), flagged["index"].astype(int), strict=True))
         self._flagged.clear()
         for name, label, why in zip(flagged["file"], flagged["label"], flagged["why"], strict=True):
@@ -167,8 +304,9 @@ class CellImagesWidget(DockForm):
             return
         (r, c), index = self._flagged_tiles[row]
         camera(self._viewer).center = (r, c)
-        if self.tiles_layer is not None and self.tiles_layer in self._viewer.layers:
-            self.tiles_layer.selected_label = index
+        self.select(index)
+
+    # ------------------------------------------------------------------------ export
 
     def _ask_export_path(self, *_):
         path, _ = QFileDialog.getSaveFileName(self.native, "Export cell results", "", "CSV (*.csv)")
@@ -188,13 +326,13 @@ class CellImagesWidget(DockForm):
         show_info(f"Saved {count_text(len(table), 'image')} to {path}")
 
 
-def _tile_colormap(table, result):
-    """Each tile (numbered from 1) outlined in the colour of its call."""
-    from napari.utils.colormaps import DirectLabelColormap
-
-    palette = class_colours(result.classes)
+def _tile_colormap(table, classes):
+    """Each tile (``index``, from 1) outlined in the colour of its call, opaque once a person
+    has called it."""
     colours = {None: "transparent", 0: "transparent"}
-    colours.update(
-        {int(i): palette[label] for i, label in zip(table["index"], table["label"], strict=True)}
-    )
-    return DirectLabelColormap(color_dict=colours)
+    colours.update(cell_colours(table, classes))
+    return _direct_colormap(colours)
+
+
+def _key(action, name):
+    return lambda _layer: action(name)

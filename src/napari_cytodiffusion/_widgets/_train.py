@@ -36,7 +36,8 @@ class TrainWidget(DockForm):
             mode="d",
             label="cell folder",
             tooltip="A folder with one subfolder of single-cell images per class, named after "
-            "the model's classes (other folders are listed and left out).",
+            "the model's classes (other folders are listed and left out), or a folder of "
+            "single-cell images called in Classify cell images (its cell_labels.csv).",
         )
         self._out = FileEdit(
             mode="w",

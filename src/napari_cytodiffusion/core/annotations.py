@@ -10,6 +10,11 @@ viewer loads it again when the image is reopened.
 
 Cells are matched to annotations by position, not by label number: segmenting the same image
 again gives the same cells, but label numbers may change when cells are added or deleted.
+
+A folder of single-cell images keeps a person's calls in one table instead,
+``<folder>/cell_labels.csv`` (``file``, ``label``): written atomically as well, read by
+``classify`` and *Classify cell images*, and itself a labelled dataset that ``train``,
+``adapt`` and ``calibrate`` take as it is.
 """
 
 import json
@@ -19,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 SUFFIX = ".annotations.json"
+FOLDER_LABELS = "cell_labels.csv"
 FORMAT = "napari-cytodiffusion annotations"
 ARTEFACT, UNKNOWN, DELETED = "artefact", "unknown", "deleted"
 NOT_CELL_CLASSES = (ARTEFACT, UNKNOWN)  # human labels that are not a white-cell class
@@ -87,6 +93,46 @@ def save_annotations(annotations, image_path):
     contents = {"format": FORMAT, "version": 1, **asdict(annotations)}
     with atomic_write(path) as partial:
         Path(partial).write_text(json.dumps(contents, indent=1))
+    return path
+
+
+def folder_labels_path(folder):
+    """Where a person's calls of the single-cell images of ``folder`` are kept."""
+    return Path(folder) / FOLDER_LABELS
+
+
+def load_folder_labels(folder):
+    """{file name: the person's class} for the single-cell images of ``folder`` ({} if none).
+
+    Raises
+    ------
+    AnnotationError
+        If the table exists but cannot be read or lacks its ``file`` / ``label`` columns.
+    """
+    from napari_cytodiffusion.core.io import read_table
+
+    path = folder_labels_path(folder)
+    if not path.is_file():
+        return {}
+    try:
+        rows = read_table(path, ("file", "label"))
+    except ValueError as error:
+        raise AnnotationError(f"{error} Move it aside to classify without it.") from error
+    return {row["file"].strip(): row["label"].strip() for row in rows if row["label"].strip()}
+
+
+def save_folder_labels(folder, labels):
+    """Write ``labels`` ({file name: class}) as the folder's ``cell_labels.csv``, atomically
+    (a crash mid-write leaves the previous table intact); returns its path."""
+    import csv
+
+    from napari_cytodiffusion.core.io import atomic_write
+
+    path = folder_labels_path(folder)
+    with atomic_write(path) as partial, open(partial, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(("file", "label"))
+        writer.writerows(sorted(labels.items()))
     return path
 
 

@@ -1,7 +1,9 @@
 """Labelled cell images: listing them, and packing them into normalised crops for training.
 
-A dataset is either a folder of class subfolders (the layout labs keep their cells in) or a
-CSV with ``file``, ``label`` and ``split`` columns (such as PBC's ``splits.csv``). Packing
+A dataset is either a folder of class subfolders (the layout labs keep their cells in), a
+CSV with ``file``, ``label`` and ``split`` columns (such as PBC's ``splits.csv``), or a folder
+of single-cell images with a person's calls in its ``cell_labels.csv`` (what *Classify cell
+images* saves). Packing
 centres each cell and normalises its scale and colour exactly as the classifier will, and
 stores the crops as JPEG bytes in one ``.npz`` (no pickled objects) that is small enough to
 move to a GPU machine.
@@ -14,6 +16,11 @@ from pathlib import Path
 
 import numpy as np
 
+from napari_cytodiffusion.core.annotations import (
+    FOLDER_LABELS,
+    folder_labels_path,
+    load_folder_labels,
+)
 from napari_cytodiffusion.core.classes import CLASSES, canonical_class
 from napari_cytodiffusion.core.io import folder_images
 
@@ -106,9 +113,10 @@ def yolo_boxes(path, shape):
 
 
 def list_labelled_images(data, val_fraction=0.1, classes=CLASSES):
-    """List the labelled images of a class-folder tree or a splits CSV.
+    """List the labelled images of a class-folder tree, a splits CSV, or a folder of images
+    with its ``cell_labels.csv`` (used where the folder has no class subfolders).
 
-    In a folder tree without split information, a fixed ``val_fraction`` of each class (chosen
+    In a folder without split information, a fixed ``val_fraction`` of each class (chosen
     by a hash of the file name, so it never changes between runs) is held out as ``val``.
     Folders whose name is not one of ``classes`` are skipped (see :func:`unknown_folders`).
 
@@ -122,12 +130,15 @@ def list_labelled_images(data, val_fraction=0.1, classes=CLASSES):
         records = _records_from_csv(data, classes)
     elif data.is_dir():
         records = _records_from_folders(data, val_fraction, classes)
+        if not records and folder_labels_path(data).is_file():
+            records = _records_from_folder_labels(data, val_fraction, classes)
     else:
         raise ValueError(f"{data} is neither a folder of class subfolders nor a CSV file.")
     if not records:
         raise ValueError(
             f"No labelled images found in {data}. Expected subfolders named after the classes "
-            f"({', '.join(classes)}) or a CSV with file, label and split columns."
+            f"({', '.join(classes)}), a CSV with file, label and split columns, or a folder "
+            f"of images with its {FOLDER_LABELS} (Classify cell images saves it)."
         )
     return records
 
@@ -251,11 +262,27 @@ def _records_from_folders(root, val_fraction, classes):
         except ValueError:
             continue
         for file in folder_images(folder):
-            digest = hashlib.sha256(file.name.encode()).digest()
-            split = "val" if digest[0] / 256 < val_fraction else "train"
             scale = scales.get(f"{folder.name}/{file.name}")
-            records.append(Record(file, label, split, scale))
+            records.append(Record(file, label, _hashed_split(file, val_fraction), scale))
     return records
+
+
+def _records_from_folder_labels(folder, val_fraction, classes):
+    """The images of ``folder`` a person called (``cell_labels.csv``), split as class
+    folders are."""
+    records = []
+    for name, label in sorted(load_folder_labels(folder).items()):
+        file = folder / name
+        records.append(
+            Record(file, canonical_class(label, classes), _hashed_split(file, val_fraction))
+        )
+    return records
+
+
+def _hashed_split(file, val_fraction):
+    """``val`` for a fixed share of files (by a hash of the name, so it never changes)."""
+    digest = hashlib.sha256(file.name.encode()).digest()
+    return "val" if digest[0] / 256 < val_fraction else "train"
 
 
 def _manifest_scales(root):

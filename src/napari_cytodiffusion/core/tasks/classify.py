@@ -280,6 +280,8 @@ class CellImages:
     warnings : list of str
         What a user is told about each image as a whole (:meth:`Classification.warnings`,
         joined by "; "), "" where nothing.
+    annotated : list of str
+        The person's call of each image from its folder's ``cell_labels.csv`` ("" where none).
     """
 
     paths: list
@@ -289,20 +291,30 @@ class CellImages:
     classes: tuple
     failed: list
     warnings: list
+    annotated: list
 
     def table(self):
         """One row per image: ``index`` (1 up), ``file``, then the columns of
-        :func:`calls_table`, ``rbc_diameter`` and ``warning``."""
+        :func:`calls_table` with ``predicted`` (the model's call) and ``annotated`` (the
+        person's, or "") after ``label`` (the person's call where there is one, else the
+        model's), ``rbc_diameter`` and ``warning``."""
         table = calls_table(self.calls, list(range(1, len(self.calls) + 1)))
         if len(table):
             table.insert(1, "file", [str(path) for path in self.paths])
+            table.insert(3, "predicted", table["label"])
+            table.insert(4, "annotated", self.annotated)
+            table["label"] = table["annotated"].where(table["annotated"] != "", table["predicted"])
             table["rbc_diameter"] = self.rbc_diameters
             table["warning"] = self.warnings
         return table
 
     def differential(self):
-        """Number and percentage of images per class: see :func:`differential_count`."""
-        return differential_count([call.label for call in self.calls], self.classes)
+        """Number and percentage of images per class (the person's call where given): see
+        :func:`differential_count`."""
+        labels = [
+            human or call.label for human, call in zip(self.annotated, self.calls, strict=True)
+        ]
+        return differential_count(labels, self.classes)
 
 
 def classify_cell_images(
@@ -327,7 +339,8 @@ def classify_cell_images(
     Returns
     -------
     CellImages
-        Unreadable images are listed in ``failed`` with the reason, not raised.
+        Unreadable images are listed in ``failed`` with the reason, not raised. A person's
+        calls saved in the folder's ``cell_labels.csv`` are kept over the model's.
     """
     classified, failed, warnings = [], [], []
     for path, result, error in classify_files(
@@ -348,6 +361,7 @@ def classify_cell_images(
         tuple(model.classes),
         failed,
         warnings,
+        [result.annotated[0] for _, result in classified],
     )
 
 
@@ -369,13 +383,15 @@ def classify_files(
     ``(path, None, reason)`` for one that cannot be classified.
 
     Single-cell images of one scanner share a red-cell scale (:func:`batch_rbc_diameters`);
-    smear fields (``segment``) are measured one by one, and the annotations saved beside
-    each (``use_annotations``) are kept over the model's calls. The progress bar covers all
-    files.
+    smear fields (``segment``) are measured one by one. With ``use_annotations`` a person's
+    calls are kept over the model's: those saved beside each smear, or in a single-cell
+    image's folder (``cell_labels.csv``, see
+    :func:`~napari_cytodiffusion.core.annotations.load_folder_labels`). The progress bar
+    covers all files.
     """
     from pathlib import Path
 
-    from napari_cytodiffusion.core.annotations import load_annotations
+    from napari_cytodiffusion.core.annotations import load_annotations, load_folder_labels
     from napari_cytodiffusion.core.io import InputFileError, read_image
     from napari_cytodiffusion.core.progress import phase, report
     from napari_cytodiffusion.core.smear.image import ImageError
@@ -386,6 +402,7 @@ def classify_files(
         scales, start = batch_rbc_diameters(paths), _SCALE_SHARE
         report(phase(progress, 0.0, start), 1, 1)
     step = (1.0 - start) / max(len(paths), 1)
+    folder_labels = {}  # {folder: {file name: the person's class}}, read once per folder
     for i, (path, scale) in enumerate(zip(paths, scales, strict=True)):
         file_progress = phase(progress, start + i * step, start + (i + 1) * step)
         try:
@@ -400,6 +417,10 @@ def classify_files(
                 annotations=annotations,
                 progress=file_progress,
             )
+            if use_annotations and not segment:
+                if path.parent not in folder_labels:
+                    folder_labels[path.parent] = load_folder_labels(path.parent)
+                result.annotated = [folder_labels[path.parent].get(path.name, "")]
         except (ImageError, InputFileError, ValueError) as error:
             report(file_progress, 1, 1)  # a file that failed is done with too
             yield path, None, str(error)
