@@ -174,6 +174,12 @@ def test_widget_shows_the_cells_as_a_grid_called_and_flagged(
     assert tiles.features["label"][1] == "lymphocyte"
     assert (cell_folder / "cell_labels.csv").read_text().splitlines() == ["file,label"]
 
+    # Key 1 on the tiles layer gives the selected tile the first class.
+    widget.select(3)
+    (key_1,) = [f for k, f in tiles.keymap.items() if str(k) == "1"]
+    key_1(tiles)
+    assert tiles.features["annotated"][2] == "basophil"
+
 
 def test_widget_refuses_a_folder_without_images_and_adds_nothing(
     images_widget, tmp_path, monkeypatch
