@@ -17,7 +17,7 @@ MARGIN = 0.05  # space between the grid and what is already shown, as a fraction
 
 
 def tile(images, columns=None, gap=GAP):
-    """Tile ``images`` (n, size, size, 3) row by row.
+    """Tile ``images`` (n, size, size, 3), float in [0, 1] or integer, row by row.
 
     Returns
     -------
@@ -33,7 +33,8 @@ def tile(images, columns=None, gap=GAP):
     columns = columns or int(np.ceil(np.sqrt(count)))
     layout = {"columns": columns, "size": size, "gap": gap, "count": count}
     rows, step = -(-count // columns), size + gap
-    grid = np.ones((rows * step - gap, columns * step - gap, images.shape[-1]), images.dtype)
+    white = np.iinfo(images.dtype).max if images.dtype.kind in "ui" else 1
+    grid = np.full((rows * step - gap, columns * step - gap, images.shape[-1]), white, images.dtype)
     tiles = np.zeros(grid.shape[:2], np.int32)
     for i, image in enumerate(images):
         r, c = tile_origin(layout, i)
