@@ -79,6 +79,14 @@ def test_a_persons_calls_in_the_folder_are_kept_over_the_models(cell_folder, def
     record = json.loads(capsys.readouterr().out)
     assert (record["label"], record["predicted"]) == ("monocyte", "lymphocyte")
 
+    # Without --json, the folder's differential follows the calls (the person's where given).
+    assert main(["classify", str(cell_folder)]) == 2  # the broken image is reported
+    out = capsys.readouterr().out
+    differential = out.split("3 single-cell images:\n")[1].splitlines()
+    counts = {row.split()[0]: int(row.split()[1]) for row in differential[1:]}
+    assert counts["monocyte"] == counts["eosinophil"] == counts["neutrophil"] == 1
+    assert counts["lymphocyte"] == 0
+
     # The table, and the folder that holds it, are a labelled dataset as they are (what
     # adapt and train read).
     for data in (labels, cell_folder):

@@ -382,11 +382,11 @@ def _classify(args):
     import json
 
     from napari_cytodiffusion.core.report import count_text
-    from napari_cytodiffusion.core.tasks.classify import classify_files
+    from napari_cytodiffusion.core.tasks.classify import classify_files, differential_count
 
     model = _load_model(args.model, args.device)
     paths = _with_folder_images(args.paths)
-    failed = 0
+    failed, central_calls = 0, []
     for path, result, error in classify_files(
         paths,
         model,
@@ -423,6 +423,13 @@ def _classify(args):
             print(result.differential().to_string(index=False, float_format="%.1f", na_rep="-"))
         for warning in [] if args.json else result.warnings():
             print(f"{path}: {warning}")
+        if not args.segment:
+            central_calls += result.final_labels()
+    if len(central_calls) > 1 and not args.json:
+        # The cells of a CellaVision-style export are one patient's: their differential.
+        print(f"{count_text(len(central_calls), 'single-cell image')}:")
+        counts = differential_count(central_calls, model.classes)
+        print(counts.to_string(index=False, float_format="%.1f", na_rep="-"))
     if failed:
         print(f"{failed} of {len(paths)} files could not be classified", file=sys.stderr)
         return USAGE_ERROR
