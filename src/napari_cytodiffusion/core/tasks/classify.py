@@ -74,10 +74,8 @@ class Classification:
         ids = [1] if self.single_cell else self.cell_ids
         table = calls_table(self.calls, ids, self.centres)
         if len(table):
-            table.insert(2, "predicted", table["label"])
-            table.insert(3, "annotated", self.annotated or [""] * len(table))
+            _with_person_calls(table, self.annotated or [""] * len(table))
             table.insert(4, "added", self.added or [False] * len(table))
-            table["label"] = table["annotated"].where(table["annotated"] != "", table["predicted"])
         return table
 
     def domain_shift(self):
@@ -301,9 +299,7 @@ class CellImages:
         table = calls_table(self.calls, list(range(1, len(self.calls) + 1)))
         if len(table):
             table.insert(1, "file", [str(path) for path in self.paths])
-            table.insert(3, "predicted", table["label"])
-            table.insert(4, "annotated", self.annotated)
-            table["label"] = table["annotated"].where(table["annotated"] != "", table["predicted"])
+            _with_person_calls(table, self.annotated)
             table["rbc_diameter"] = self.rbc_diameters
             table["warning"] = self.warnings
         return table
@@ -399,8 +395,8 @@ def classify_files(
     paths = [Path(path) for path in paths]
     scales, start = [rbc_diameter] * len(paths), 0.0
     if rbc_diameter is None and not segment:
-        scales, start = batch_rbc_diameters(paths), _SCALE_SHARE
-        report(phase(progress, 0.0, start), 1, 1)
+        start = _SCALE_SHARE
+        scales = batch_rbc_diameters(paths, progress=phase(progress, 0.0, start))
     step = (1.0 - start) / max(len(paths), 1)
     folder_labels = {}  # {folder: {file name: the person's class}}, read once per folder
     for i, (path, scale) in enumerate(zip(paths, scales, strict=True)):
@@ -428,14 +424,15 @@ def classify_files(
         yield path, result, ""
 
 
-def shared_rbc_diameter(paths, most=25):
+def shared_rbc_diameter(paths, most=25, progress=None):
     """One red-cell scale for single-cell images from the same scanner.
 
     A single-cell field holds few red cells beside a large white one, so a per-image estimate
     sometimes lands on the white cell (about twice the red-cell size) or on a red cell's pale
     centre (about half). All images of one scanner share one scale, so the median over up to
     ``most`` of them is robust to those misses. Unreadable files are skipped here (they are
-    reported when classified).
+    reported when classified). ``progress(done, total)`` is called after each image measured
+    (raise ``Cancelled`` from it to stop).
 
     Returns
     -------
@@ -443,16 +440,19 @@ def shared_rbc_diameter(paths, most=25):
         None if no file could be measured.
     """
     from napari_cytodiffusion.core.io import InputFileError, read_image
+    from napari_cytodiffusion.core.progress import report
     from napari_cytodiffusion.core.smear.image import ImageError
     from napari_cytodiffusion.core.smear.prepare import prepare_smear
 
     step = max(1, len(paths) // most)
+    chosen = list(paths)[::step][:most]
     estimates = []
-    for path in list(paths)[::step][:most]:
+    for done, path in enumerate(chosen, 1):
         try:
             estimates.append(prepare_smear(read_image(path)).rbc_diameter)
         except (ImageError, InputFileError):
-            continue
+            pass
+        report(progress, done, len(chosen))
     return float(np.median(estimates)) if estimates else None
 
 
@@ -463,14 +463,14 @@ _ALIKE_SIZE = 1.5
 _LEAST_SHARING = 3
 
 
-def batch_rbc_diameters(paths, most=25):
+def batch_rbc_diameters(paths, most=25, progress=None):
     """A red-cell scale for each single-cell image of a batch, shared by images of one scanner.
 
     Images of one scanner share one scale (:func:`shared_rbc_diameter`), but a batch may mix
     scanners, and one median would then crop the cells of all but one of them at a wrong
     scale. Images are grouped by size (both sides within a factor of 1.5 of the group's first
     image; a scanner's crops have one size, give or take a few pixels), and each group of three
-    or more shares its median estimate.
+    or more shares its median estimate. ``progress(done, total)`` follows the images measured.
 
     Returns
     -------
@@ -483,12 +483,15 @@ def batch_rbc_diameters(paths, most=25):
     >>> batch_rbc_diameters([])
     []
     """
+    from napari_cytodiffusion.core.progress import report
+
     scales = [None] * len(paths)
-    for _, members in size_groups(paths):
-        if len(members) >= _LEAST_SHARING:
-            scale = shared_rbc_diameter([paths[i] for i in members], most)
-            for i in members:
-                scales[i] = scale
+    shared = [members for _, members in size_groups(paths) if len(members) >= _LEAST_SHARING]
+    for members, group_progress in zip(shared, phases(progress, [1] * len(shared)), strict=True):
+        scale = shared_rbc_diameter([paths[i] for i in members], most, group_progress)
+        for i in members:
+            scales[i] = scale
+    report(progress, 1, 1)
     return scales
 
 
@@ -512,6 +515,15 @@ def size_groups(paths):
         else:
             groups.append((size, [index]))
     return groups
+
+
+def _with_person_calls(table, annotated):
+    """``predicted`` (the model's call) and ``annotated`` (the person's, or "") right after
+    ``label``, which becomes the person's call where there is one, in place."""
+    at = table.columns.get_loc("label") + 1
+    table.insert(at, "predicted", table["label"])
+    table.insert(at + 1, "annotated", list(annotated))
+    table["label"] = table["annotated"].where(table["annotated"] != "", table["predicted"])
 
 
 def calls_table(calls, cell_ids=None, centres=None):
