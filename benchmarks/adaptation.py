@@ -6,7 +6,7 @@ On ``segmentation_wbc_dataset1`` (another microscope, camera and rapid stain; 5 
 for K cells per class (at most half of a class, so every class keeps cells to score; the
 dataset's single basophil cannot be split and is left out) and several random draws, the
 lab's cells are written as class folders and the shipped model is adapted with the
-``adapt`` task exactly as a user runs it (600 steps, 30 % of the K cells held back for
+``adapt`` task exactly as a user runs it (300 steps, 30 % of the K cells held back for
 calibration, one red-cell scale for the lab's images). Every cell not drawn is then
 classified by the adapted model, as ``classify`` does several single-cell images (one scale
 shared by all): balanced accuracy, accuracy of the calls left unflagged, share flagged (and

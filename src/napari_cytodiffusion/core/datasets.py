@@ -3,10 +3,9 @@
 A dataset is either a folder of class subfolders (the layout labs keep their cells in), a
 CSV with ``file``, ``label`` and ``split`` columns (such as PBC's ``splits.csv``), or a folder
 of single-cell images with a person's calls in its ``cell_labels.csv`` (what *Classify cell
-images* saves). Packing
-centres each cell and normalises its scale and colour exactly as the classifier will, and
-stores the crops as JPEG bytes in one ``.npz`` (no pickled objects) that is small enough to
-move to a GPU machine.
+images* saves). Packing centres each cell and normalises its scale and colour exactly as the
+classifier will, and stores the crops as JPEG bytes in one ``.npz`` (no pickled objects) that
+is small enough to move to a GPU machine.
 """
 
 import hashlib
