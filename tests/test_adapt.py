@@ -248,3 +248,37 @@ def test_a_lab_folder_of_two_scanners_is_warned_about(synthetic_cells_dir, tmp_p
     assert not any("warning" in line for line in lines)
     _lab_scale([*records, SimpleNamespace(path=wide, rbc_diameter=None)], lines.append)
     assert "6 of 96 x 96 px, 1 of 240 x 240 px" in lines[-2] and "--rbc-diameter" in lines[-2]
+
+
+def test_the_paired_term_scores_every_class_on_the_same_noisy_cell():
+    import torch
+
+    from napari_cytodiffusion.core.model.adaptation import PAIRED_SCALE, paired_loss
+    from napari_cytodiffusion.core.model.unet import CellUNet
+
+    torch.manual_seed(0)
+    unet = CellUNet(num_classes=3, channels=(8, 16, 16), image_size=16).eval()
+    for weight in unet.parameters():  # zero-initialised layers would make every class alike
+        if not weight.abs().sum():
+            torch.nn.init.normal_(weight, std=0.1)
+    xt, noise = torch.randn(2, 3, 16, 16), torch.randn(2, 3, 16, 16)
+    t, labels = torch.tensor([100, 700]), torch.tensor([2, 0])
+    # The same as a full forward pass per class, one cell at a time.
+    errors = torch.stack(
+        [
+            torch.stack(
+                [
+                    ((unet(xt[i : i + 1], t[i : i + 1], torch.tensor([k])) - noise[i]) ** 2).mean()
+                    for k in range(3)
+                ]
+            )
+            for i in range(2)
+        ]
+    )
+    logits = -PAIRED_SCALE * errors / errors.mean(dim=1, keepdim=True)
+    expected = torch.nn.functional.cross_entropy(logits, labels)
+    loss = paired_loss(unet, xt, t, noise, labels)
+    assert torch.isclose(loss, expected, rtol=1e-4)
+    assert errors[0].std() > 0  # the classes are told apart
+    loss.backward()
+    assert unet.class_emb.weight.grad[:3].abs().sum() > 0  # it reaches the class embeddings

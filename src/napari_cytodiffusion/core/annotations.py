@@ -118,7 +118,8 @@ def load_folder_labels(folder):
         rows = read_table(path, ("file", "label"))
     except ValueError as error:
         raise AnnotationError(f"{error} Move it aside to classify without it.") from error
-    return {row["file"].strip(): row["label"].strip() for row in rows if row["label"].strip()}
+    calls = {(row["file"] or "").strip(): (row["label"] or "").strip() for row in rows}
+    return {name: label for name, label in calls.items() if name and label}
 
 
 def save_folder_labels(folder, labels):
