@@ -18,7 +18,13 @@ from napari.layers import Labels
 from napari.utils.notifications import show_error, show_info
 
 from napari_cytodiffusion._widgets._classify import _direct_colormap, cell_colours
-from napari_cytodiffusion._widgets._common import DockForm, RunRow, StatusLabel, camera
+from napari_cytodiffusion._widgets._common import (
+    DockForm,
+    RunRow,
+    StatusLabel,
+    bind_labelling,
+    camera,
+)
 from napari_cytodiffusion.core.annotations import ARTEFACT, DELETED, UNKNOWN
 
 NO_LAYER = "none: classify the image first"
@@ -32,7 +38,7 @@ class AnnotateWidget(DockForm):
         super().__init__()
         self._viewer = napari_viewer
         self._undo = []
-        self._bound = None
+        self._bound = self._on_click = None  # the layer clicks and keys are bound to
         self._layer = ComboBox(
             label="classes layer",
             choices=self._class_layers,
@@ -145,20 +151,11 @@ class AnnotateWidget(DockForm):
             if column not in features:
                 features[column] = features["label"] if default is None else default
         layer.features = features
-        layer.mouse_drag_callbacks.append(self._on_click)
-        for number, name in enumerate(self._classes()[:9], 1):
-            layer.bind_key(str(number), _key(self.set_label, name), overwrite=True)
+        self._on_click = bind_labelling(layer, self._classes(), self.select, self.set_label)
         layer.bind_key("n", lambda _: self.next_flagged(), overwrite=True)
         layer.bind_key("u", lambda _: self.undo(), overwrite=True)
         self._bound = layer
         self._redraw()
-
-    def _on_click(self, layer, event):
-        if layer.mode != "pan_zoom":
-            return
-        value = layer.get_value(event.position, world=True)
-        if value:
-            self.select(int(value))
 
     # ------------------------------------------------------------------------ actions
 
@@ -400,7 +397,3 @@ class AnnotateWidget(DockForm):
             translate=layer.translate[:2],
         )
         self._viewer.layers.selection.active = layer
-
-
-def _key(action, name):
-    return lambda _layer: action(name)

@@ -33,7 +33,9 @@ from napari_cytodiffusion._widgets._common import (
     ModelFields,
     RunRow,
     StatusLabel,
+    bind_labelling,
     camera,
+    strategy_field,
 )
 from napari_cytodiffusion._widgets._grid import add_grid, add_tiles, focus, tile, tile_origin
 from napari_cytodiffusion.core.report import count_text
@@ -57,12 +59,7 @@ class CellImagesWidget(DockForm):
             "cell, such as a CellaVision export. Images of one size share one red-cell scale.",
         )
         self._fields = ModelFields(seed_tooltip="Same seed, same calls.")
-        self._strategy = ComboBox(
-            label="strategy",
-            choices=["adaptive", "exhaustive"],
-            tooltip="adaptive: drop clearly worse classes early (about 12x faster); "
-            "exhaustive: every trial for every class.",
-        )
+        self._strategy = strategy_field()
         row = RunRow("Classifying cell images", "Classify")
         self._run, self._cancel, self._runner = row.buttons[0], row.cancel, row.runner
         self._status = row.status
@@ -189,18 +186,9 @@ class CellImagesWidget(DockForm):
         """Clicks select a tile of ``layer``; keys 1-9 give it a class."""
         with self._class.changed.blocked():
             self._class.choices = classes
-        layer.mouse_drag_callbacks.append(self._on_click)
-        for number, name in enumerate(classes[:9], 1):
-            layer.bind_key(str(number), _key(self.set_label, name), overwrite=True)
+        bind_labelling(layer, classes, self.select, self.set_label)
         self._set.enabled = self._clear.enabled = True
         self._update_review_count()
-
-    def _on_click(self, layer, event):
-        if layer.mode != "pan_zoom":
-            return
-        value = layer.get_value(event.position, world=True)
-        if value:
-            self.select(int(value))
 
     def select(self, index):
         """Make tile ``index`` (from 1) the one Set class applies to."""
@@ -334,7 +322,3 @@ def _tile_colormap(table, classes):
     colours = {None: "transparent", 0: "transparent"}
     colours.update(cell_colours(table, classes))
     return _direct_colormap(colours)
-
-
-def _key(action, name):
-    return lambda _layer: action(name)

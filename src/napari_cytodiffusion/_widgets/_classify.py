@@ -18,7 +18,14 @@ from napari.layers import Image, Labels
 from napari.utils.notifications import show_error, show_info
 from qtpy.QtWidgets import QFileDialog, QListWidget, QTableWidget, QTableWidgetItem
 
-from napari_cytodiffusion._widgets._common import DockForm, ModelFields, RunRow, StatusLabel, camera
+from napari_cytodiffusion._widgets._common import (
+    DockForm,
+    ModelFields,
+    RunRow,
+    StatusLabel,
+    camera,
+    strategy_field,
+)
 from napari_cytodiffusion.core.report import class_colours, count_text, percent_text
 
 NO_LABELS = "none: segment the image first"
@@ -54,12 +61,7 @@ class ClassifyWidget(DockForm):
         self._fields = ModelFields()
         self._device, self._seed = self._fields.device, self._fields.seed
         self._device_used = StatusLabel()
-        self._strategy = ComboBox(
-            label="strategy",
-            choices=["adaptive", "exhaustive"],
-            tooltip="adaptive: drop clearly worse classes early (about 12x faster); "
-            "exhaustive: every trial for every class.",
-        )
+        self._strategy = strategy_field()
         self._uncertainty = FloatSpinBox(
             label="flag uncertainty >",
             value=0.12,

@@ -62,6 +62,34 @@ def device_field():
     )
 
 
+def strategy_field():
+    """How the classifier spends its trials: adaptive or exhaustive."""
+    return ComboBox(
+        label="strategy",
+        choices=["adaptive", "exhaustive"],
+        tooltip="adaptive: drop clearly worse classes early (about 12x faster); "
+        "exhaustive: every trial for every class.",
+    )
+
+
+def bind_labelling(layer, classes, select, set_label):
+    """Let a person call the labels of ``layer``: a click (pan/zoom mode) calls
+    ``select(label value)`` for the label under it, keys 1-9 ``set_label`` with the n-th of
+    ``classes``. Returns the click callback, to take it off the layer again."""
+
+    def on_click(layer, event):
+        if layer.mode != "pan_zoom":
+            return
+        value = layer.get_value(event.position, world=True)
+        if value:
+            select(int(value))
+
+    layer.mouse_drag_callbacks.append(on_click)
+    for number, name in enumerate(classes[:9], 1):
+        layer.bind_key(str(number), lambda _layer, name=name: set_label(name), overwrite=True)
+    return on_click
+
+
 def rbc_diameter_field(tooltip):
     """The red-cell diameter in pixels; 0 means estimate it."""
     return FloatSpinBox(
