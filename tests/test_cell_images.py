@@ -89,6 +89,10 @@ def test_a_persons_calls_in_the_folder_are_kept_over_the_models(cell_folder, def
 
     # The table, and the folder that holds it, are a labelled dataset as they are (what
     # adapt and train read).
+    # Artefacts and unknown cells are left out of it.
+    save_folder_labels(
+        cell_folder, {"a_eosinophil.jpg": "artefact", "b_lymphocyte.jpg": "monocyte"}
+    )
     for data in (labels, cell_folder):
         records = list_labelled_images(data)
         assert [(r.path.name, r.label) for r in records] == [("b_lymphocyte.jpg", "monocyte")]
@@ -130,7 +134,7 @@ def test_widget_shows_the_cells_as_a_grid_called_and_flagged(
 ):
     from napari.utils.colormaps.standardize_color import transform_color
 
-    from napari_cytodiffusion._widgets._classify import UNREVIEWED_ALPHA
+    from napari_cytodiffusion._widgets._classify import NOT_CELL_COLOUR, UNREVIEWED_ALPHA
     from napari_cytodiffusion.core.report import class_colours
 
     viewer, widget = images_widget
@@ -187,6 +191,36 @@ def test_widget_shows_the_cells_as_a_grid_called_and_flagged(
     (key_1,) = [f for k, f in tiles.keymap.items() if str(k) == "1"]
     key_1(tiles)
     assert tiles.features["annotated"][2] == "basophil"
+
+    # Artefact: grey, out of the differential, saved; U takes it back, and then the basophil.
+    widget.select(1)
+    widget._artefact.native.click()
+    assert tiles.features["label"][0] == "artefact"
+    grey = transform_color(NOT_CELL_COLOUR)[0]
+    np.testing.assert_allclose(tiles.colormap.map(1), grey, atol=1e-6)
+    rows = {widget._summary.item(r, 0).text(): widget._summary.item(r, 1).text() for r in range(8)}
+    assert rows["eosinophil"] == "0" and rows["basophil"] == "1"
+    saved = (cell_folder / "cell_labels.csv").read_text().splitlines()
+    assert saved == ["file,label", "a_eosinophil.jpg,artefact", "c_neutrophil.jpg,basophil"]
+    (key_u,) = [f for k, f in tiles.keymap.items() if str(k) == "U"]
+    key_u(tiles)
+    assert tiles.features["label"][0] == "eosinophil"
+    key_u(tiles)
+    assert list(tiles.features["annotated"]) == ["", "", ""]
+    assert (cell_folder / "cell_labels.csv").read_text().splitlines() == ["file,label"]
+    assert widget._review.value.startswith("reviewed 0 of 3")
+
+    # N centres and selects each tile to review in turn, then starts again.
+    flagged = list(features.loc[features["needs_review"], "index"])
+    tiles.selected_label = 0
+    visited = []
+    for _ in range(len(flagged) + 1):
+        widget.next_flagged()
+        visited.append(int(tiles.selected_label))
+    if flagged:
+        assert visited == [*flagged, flagged[0]]
+    else:
+        assert widget._review.value == "no flagged tile left to review"
 
 
 def test_widget_refuses_a_folder_without_images_and_adds_nothing(

@@ -8,9 +8,10 @@ to review. The dock shows the differential count of the folder and the flagged c
 centres the view on one), and exports the table as CSV.
 
 A person corrects a call by clicking its tile (pan/zoom mode) and pressing Set class or a key
-1-9. Every change is saved at once, atomically, in the folder's ``cell_labels.csv``, which the
-next run (and ``classify``) keeps over the model's calls and which ``adapt`` and ``train``
-take as a labelled dataset.
+1-9, or marks it artefact or unknown (left out of the differential); N goes to the next tile
+to review, U takes the last change back. Every change is saved at once, atomically, in the
+folder's ``cell_labels.csv``, which the next run (and ``classify``) keeps over the model's
+calls and which ``adapt`` and ``train`` take as a labelled dataset.
 """
 
 from pathlib import Path
@@ -38,12 +39,14 @@ from napari_cytodiffusion._widgets._common import (
     strategy_field,
 )
 from napari_cytodiffusion._widgets._grid import add_grid, add_tiles, focus, tile, tile_origin
+from napari_cytodiffusion.core.annotations import ARTEFACT, UNKNOWN
 from napari_cytodiffusion.core.report import count_text
 
 # Tile outlines, in crop pixels of the model's image size: visible beside the 4-px gaps.
 OUTLINE = 2
 # The ring on a cell to review, as a share of its tile.
 RING = 0.9
+UNDO_DEPTH = 50
 
 
 class CellImagesWidget(DockForm):
@@ -77,6 +80,27 @@ class CellImagesWidget(DockForm):
             enabled=False,
             tooltip="Take back the person's call of the selected tile.",
         )
+        self._artefact = PushButton(
+            text="Artefact",
+            enabled=False,
+            tooltip="Not a white cell (debris, a stain deposit, a cut-off cell); left out of "
+            "the differential and of training.",
+        )
+        self._unknown = PushButton(
+            text="Unknown",
+            enabled=False,
+            tooltip="A white cell of no class the model knows; left out of the differential "
+            "and of training.",
+        )
+        self._next = PushButton(
+            text="Next flagged (N)",
+            enabled=False,
+            tooltip="Centre and select the next tile to review that nobody has called.",
+        )
+        self._undo_button = PushButton(
+            text="Undo (U)", enabled=False, tooltip="Take back the last change (and save)."
+        )
+        self._undo = []  # (row, the person's call before the change)
         self._review = StatusLabel("")
         self._legend = Label(value=legend_html(self._fields.classes()))
         self._legend.tooltip = "Class colours of the tile outlines (opaque: reviewed)."
@@ -88,10 +112,17 @@ class CellImagesWidget(DockForm):
         self._flagged.currentRowChanged.connect(self._go_to_flagged)
         # Containers keep the review rows and Export together, below the run row (the form
         # gathers loose labelled fields at its top).
-        buttons = Container(widgets=[self._set, self._clear], layout="horizontal", labels=False)
-        review = Container(widgets=[self._class, buttons])
+        rows = [
+            Container(widgets=pair, layout="horizontal", labels=False)
+            for pair in (
+                (self._set, self._clear),
+                (self._artefact, self._unknown),
+                (self._next, self._undo_button),
+            )
+        ]
+        review = Container(widgets=[self._class, *rows])
         export = Container(widgets=[self._export], labels=False)
-        for container in (buttons, review, export):
+        for container in (*rows, review, export):
             container.margins = (0, 0, 0, 0)
         self.add(
             self._folder,
@@ -108,6 +139,10 @@ class CellImagesWidget(DockForm):
         self._run.changed.connect(self._start)
         self._set.changed.connect(lambda *_: self.set_label(self._class.value))
         self._clear.changed.connect(lambda *_: self.set_label(""))
+        self._artefact.changed.connect(lambda *_: self.set_label(ARTEFACT))
+        self._unknown.changed.connect(lambda *_: self.set_label(UNKNOWN))
+        self._next.changed.connect(lambda *_: self.next_flagged())
+        self._undo_button.changed.connect(lambda *_: self.undo())
         self._export.changed.connect(self._ask_export_path)
         self.tiles_layer = None
         self._review_layer = None
@@ -187,7 +222,12 @@ class CellImagesWidget(DockForm):
         with self._class.changed.blocked():
             self._class.choices = classes
         bind_labelling(layer, classes, self.select, self.set_label)
-        self._set.enabled = self._clear.enabled = True
+        layer.bind_key("n", lambda _: self.next_flagged(), overwrite=True)
+        layer.bind_key("u", lambda _: self.undo(), overwrite=True)
+        self._undo.clear()
+        review = (self._set, self._clear, self._artefact, self._unknown, self._next)
+        for button in (*review, self._undo_button):
+            button.enabled = True
         self._update_review_count()
 
     def select(self, index):
@@ -204,13 +244,42 @@ class CellImagesWidget(DockForm):
         self._review.value = f"{name}: model {features['predicted']}, person {human}"
 
     def set_label(self, label):
-        """Give the selected tile the person's call ``label`` ("" takes it back), and save
-        the folder's calls at once."""
+        """Give the selected tile the person's call ``label`` (a class, artefact or unknown;
+        "" takes it back), and save the folder's calls at once."""
         layer = self.tiles_layer
         row = None if layer is None else self._row(int(layer.selected_label))
         if row is None:
             show_error("Select a tile first: click it (pan/zoom mode).")
             return
+        self._undo.append((row, layer.features.loc[row, "annotated"]))
+        del self._undo[:-UNDO_DEPTH]
+        self._call(row, label)
+
+    def undo(self):
+        """Take back the last change (and save the folder's calls again)."""
+        if not self._undo or self.tiles_layer not in self._viewer.layers:
+            self._review.value = "nothing to undo"
+            return
+        row, label = self._undo.pop()
+        self.tiles_layer.selected_label = int(self.tiles_layer.features.loc[row, "index"])
+        self._call(row, label)
+
+    def next_flagged(self):
+        """Centre the next tile to review that nobody has called, and select it."""
+        if self.tiles_layer not in self._viewer.layers or not self._flagged_tiles:
+            self._review.value = "no flagged tile left to review"
+            return
+        current = int(self.tiles_layer.selected_label)
+        later = [i for i, (_, index) in enumerate(self._flagged_tiles) if index > current]
+        target = later[0] if later else 0
+        self._flagged.blockSignals(True)  # the row may be current already: go there directly
+        self._flagged.setCurrentRow(target)
+        self._flagged.blockSignals(False)
+        self._go_to_flagged(target)
+
+    def _call(self, row, label):
+        """Set tile ``row``'s person's call, redraw, recount and save."""
+        layer = self.tiles_layer
         features = layer.features
         features.loc[row, "annotated"] = label
         features.loc[row, "label"] = label or features.loc[row, "predicted"]

@@ -17,6 +17,7 @@ import numpy as np
 
 from napari_cytodiffusion.core.annotations import (
     FOLDER_LABELS,
+    NOT_CELL_CLASSES,
     folder_labels_path,
     load_folder_labels,
 )
@@ -245,8 +246,8 @@ def _records_from_csv(path, classes):
     records = []
     for row in read_table(path, ("file", "label")):
         split = (row.get("split") or "train").strip()
-        if split not in SPLITS:
-            continue  # e.g. PBC's "exclude"
+        if split not in SPLITS or (row["label"] or "").strip().lower() in NOT_CELL_CLASSES:
+            continue  # e.g. PBC's "exclude", a person's artefacts
         label = canonical_class(row["label"], classes)
         records.append(Record(path.parent / row["file"], label, split))
     return records
@@ -267,10 +268,12 @@ def _records_from_folders(root, val_fraction, classes):
 
 
 def _records_from_folder_labels(folder, val_fraction, classes):
-    """The images of ``folder`` a person called (``cell_labels.csv``), split as class
-    folders are."""
+    """The images of ``folder`` a person called a class (``cell_labels.csv``; artefacts and
+    unknown cells left out), split as class folders are."""
     records = []
     for name, label in sorted(load_folder_labels(folder).items()):
+        if label in NOT_CELL_CLASSES:
+            continue
         file = folder / name
         records.append(
             Record(file, canonical_class(label, classes), _hashed_split(file, val_fraction))
