@@ -127,6 +127,54 @@ def test_a_new_class_is_learned_from_its_examples(
         adapt_model(AdaptRequest(folder, "x", steps=0, add_classes=True), log=lines.append)
 
 
+def test_a_new_class_is_learned_from_a_folders_cell_labels(
+    synthetic_cells_dir, synthetic_rbc_diameter, isolated_cache, tmp_path
+):
+    """A CellaVision-style folder a person reviewed, with a class the model lacks ("Blast",
+    as typed in Classify cell images) and artefacts: the class is named, then learned."""
+    from PIL import Image
+
+    from napari_cytodiffusion.core.annotations import save_folder_labels
+    from napari_cytodiffusion.core.datasets import list_labelled_images, unknown_classes
+    from napari_cytodiffusion.core.tasks.adapt import AdaptRequest, adapt_model
+
+    folder = tmp_path / "export"
+    folder.mkdir()
+    labels = {}
+    for source in sorted(synthetic_cells_dir.glob("*/*.png")):
+        shutil.copy(source, folder / source.name)
+        labels[source.name] = source.parent.name
+    # Blasts: the lymphocytes' field with a nucleus filling the cell, drawn anew.
+    rows, cols = np.mgrid[:96, :96]
+    for i in range(4):
+        image = np.asarray(Image.open(folder / f"lymphocyte_{i}.png")).copy()
+        image[(rows - 48 + i) ** 2 + (cols - 47) ** 2 < 15**2] = (120, 50, 150)
+        Image.fromarray(image).save(folder / f"blast_{i}.png")
+        labels[f"blast_{i}.png"] = "Blast"
+    labels["lymphocyte_5.png"] = "artefact"
+    save_folder_labels(folder, labels)
+    model_classes = weights.load_model("default", device="cpu").classes
+    assert unknown_classes(folder, model_classes) == ["blast"]
+    records = list_labelled_images(folder, classes=model_classes)
+    assert len(records) == 11  # without the new class, the blasts and the artefact are out
+
+    lines = []
+    result = adapt_model(
+        AdaptRequest(
+            folder,
+            "lab-blast",
+            steps=2,
+            add_classes=True,
+            calibration_trials=4,
+            device="cpu",
+            rbc_diameter=synthetic_rbc_diameter,
+        ),
+        log=lines.append,
+    )
+    assert result.new_classes == ("blast",) and "new classes: blast" in lines
+    assert weights.load_model("lab-blast", device="cpu").classes[-1] == "blast"
+
+
 def test_copies_of_a_cell_stay_together_and_disagreeing_labels_are_left_out(
     synthetic_cells_dir, synthetic_rbc_diameter, isolated_cache, tmp_path
 ):

@@ -130,10 +130,11 @@ def images_widget(make_napari_viewer):
 
 
 def test_widget_shows_the_cells_as_a_grid_called_and_flagged(
-    images_widget, cell_folder, qtbot, tmp_path
+    images_widget, cell_folder, qtbot, tmp_path, monkeypatch
 ):
     from napari.utils.colormaps.standardize_color import transform_color
 
+    from napari_cytodiffusion._widgets import _cell_images
     from napari_cytodiffusion._widgets._classify import NOT_CELL_COLOUR, UNREVIEWED_ALPHA
     from napari_cytodiffusion.core.report import class_colours
 
@@ -221,6 +222,27 @@ def test_widget_shows_the_cells_as_a_grid_called_and_flagged(
         assert visited == [*flagged, flagged[0]]
     else:
         assert widget._review.value == "no flagged tile left to review"
+
+    # New class: one the model lacks, in a colour of its own, counted and saved; artefact is
+    # not a class name.
+    errors = []
+    monkeypatch.setattr(_cell_images, "show_error", errors.append)
+    widget.select(2)
+    widget._new_class.value = "Blast"
+    widget._set_new.native.click()
+    assert tiles.features["label"][1] == "blast" and "blast" in widget._class.choices
+    assert "blast" in widget._legend.value
+    model_classes = widget._shown[1]
+    blast = transform_color(class_colours((*model_classes, "blast"))["blast"])[0]
+    np.testing.assert_allclose(tiles.colormap.map(2), blast, atol=1e-6)
+    table = widget._summary
+    rows = {table.item(r, 0).text(): table.item(r, 1).text() for r in range(table.rowCount())}
+    assert rows["blast"] == "1" and rows["lymphocyte"] == "0"
+    saved = (cell_folder / "cell_labels.csv").read_text().splitlines()
+    assert saved == ["file,label", "b_lymphocyte.jpg,blast"]
+    widget._new_class.value = "Artefact"
+    widget._set_new.native.click()
+    assert "Artefact button" in errors[-1] and tiles.features["label"][1] == "blast"
 
 
 def test_widget_refuses_a_folder_without_images_and_adds_nothing(

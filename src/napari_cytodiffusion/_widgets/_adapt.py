@@ -55,8 +55,9 @@ class AdaptWidget(DockForm):
             tooltip="Adaptation steps (about 0.3 s each on a laptop CPU).",
         )
         self._add_classes = CheckBox(
-            text="other folders become new classes",
-            tooltip="For example blast or smudge cell; otherwise such folders are left out.",
+            text="other classes become new classes",
+            tooltip="Folders or cell_labels.csv labels that are not classes of the model (for "
+            "example blast or smudge cell) become new classes; otherwise their cells are left out.",
         )
         self._rbc_diameter = rbc_diameter_field(
             "Red-cell diameter in the images (one scanner); 0 estimates one scale for all of "

@@ -8,7 +8,8 @@ to review. The dock shows the differential count of the folder and the flagged c
 centres the view on one), and exports the table as CSV.
 
 A person corrects a call by clicking its tile (pan/zoom mode) and pressing Set class or a key
-1-9, or marks it artefact or unknown (left out of the differential); N goes to the next tile
+1-9, or marks it artefact or unknown (left out of the differential), or gives it a class the
+model lacks (New class: blast, say, which adapting can then learn); N goes to the next tile
 to review, U takes the last change back. Every change is saved at once, atomically, in the
 folder's ``cell_labels.csv``, which the next run (and ``classify``) keeps over the model's
 calls and which ``adapt`` and ``train`` take as a labelled dataset.
@@ -17,7 +18,7 @@ calls and which ``adapt`` and ``train`` take as a labelled dataset.
 from pathlib import Path
 
 import numpy as np
-from magicgui.widgets import ComboBox, Container, FileEdit, Label, PushButton
+from magicgui.widgets import ComboBox, Container, FileEdit, Label, LineEdit, PushButton
 from napari.utils.notifications import show_error, show_info
 from qtpy.QtWidgets import QFileDialog
 
@@ -100,6 +101,15 @@ class CellImagesWidget(DockForm):
         self._undo_button = PushButton(
             text="Undo (U)", enabled=False, tooltip="Take back the last change (and save)."
         )
+        self._new_class = LineEdit(
+            tooltip="A class the model does not have, such as blast or smudge cell: the "
+            "selected tile gets it with New class, and Adapt / calibrate model can learn it "
+            "(other classes become new classes)."
+        )
+        self._new_class.native.setPlaceholderText("new, e.g. blast")
+        self._set_new = PushButton(
+            text="New class", enabled=False, tooltip="Give the selected tile the class typed."
+        )
         self._undo = []  # (row, the person's call before the change)
         self._review = StatusLabel("")
         self._legend = Label(value=legend_html(self._fields.classes()))
@@ -118,6 +128,7 @@ class CellImagesWidget(DockForm):
                 (self._set, self._clear),
                 (self._artefact, self._unknown),
                 (self._next, self._undo_button),
+                (self._new_class, self._set_new),
             )
         ]
         review = Container(widgets=[self._class, *rows])
@@ -143,6 +154,7 @@ class CellImagesWidget(DockForm):
         self._unknown.changed.connect(lambda *_: self.set_label(UNKNOWN))
         self._next.changed.connect(lambda *_: self.next_flagged())
         self._undo_button.changed.connect(lambda *_: self.undo())
+        self._set_new.changed.connect(lambda *_: self.set_new_class(self._new_class.value))
         self._export.changed.connect(self._ask_export_path)
         self.tiles_layer = None
         self._review_layer = None
@@ -189,14 +201,13 @@ class CellImagesWidget(DockForm):
             show_error(f"No image of {folder} could be classified: {failed}")
             return
         tiled, table = layers
-        self._legend.value = legend_html(result.classes)
         grid = add_grid(self._viewer, tiled, f"{folder.name} cells", table, {"cell_images": True})
         yield
         features = table.drop(columns="index")
-        colormap = _tile_colormap(table, result.classes)
+        self._shown, self._grid = (folder, result.classes), grid
+        colormap = _tile_colormap(table, self._show_classes(table))
         self.tiles_layer = add_tiles(self._viewer, grid, tiled, features, colormap, OUTLINE)
         self._bind(self.tiles_layer, result.classes)
-        self._shown, self._grid = (folder, result.classes), grid
         yield
         self._review_layer = None  # a new result gets its own rings
         self._mark_flagged()
@@ -218,15 +229,13 @@ class CellImagesWidget(DockForm):
     # ------------------------------------------------------------------------ review
 
     def _bind(self, layer, classes):
-        """Clicks select a tile of ``layer``; keys 1-9 give it a class."""
-        with self._class.changed.blocked():
-            self._class.choices = classes
+        """Clicks select a tile of ``layer``; keys 1-9 give it one of ``classes``."""
         bind_labelling(layer, classes, self.select, self.set_label)
         layer.bind_key("n", lambda _: self.next_flagged(), overwrite=True)
         layer.bind_key("u", lambda _: self.undo(), overwrite=True)
         self._undo.clear()
         review = (self._set, self._clear, self._artefact, self._unknown, self._next)
-        for button in (*review, self._undo_button):
+        for button in (*review, self._undo_button, self._set_new):
             button.enabled = True
         self._update_review_count()
 
@@ -254,6 +263,19 @@ class CellImagesWidget(DockForm):
         self._undo.append((row, layer.features.loc[row, "annotated"]))
         del self._undo[:-UNDO_DEPTH]
         self._call(row, label)
+
+    def set_new_class(self, name):
+        """Give the selected tile a class the model does not have (``name``, such as blast)."""
+        from napari_cytodiffusion.core.annotations import DELETED, NOT_CELL_CLASSES
+        from napari_cytodiffusion.core.classes import class_key
+
+        label = class_key(name)
+        if not label.strip("_"):
+            show_error("Type the new class's name first, for example blast.")
+        elif label in (*NOT_CELL_CLASSES, DELETED):
+            show_error(f"Use the {label.capitalize()} button for {label}s; it is not a class.")
+        else:
+            self.set_label(label)
 
     def undo(self):
         """Take back the last change (and save the folder's calls again)."""
@@ -289,7 +311,7 @@ class CellImagesWidget(DockForm):
         except (OSError, ValueError) as error:  # a read-only folder, a damaged table
             show_error(f"Could not save the calls: {error} They are kept in the viewer.")
             path = None
-        classes = self._shown[1]
+        classes = self._show_classes(features)
         layer.colormap = _tile_colormap(features, classes)
         self._mark_flagged()
         from napari_cytodiffusion.core.tasks.classify import differential_count
@@ -297,6 +319,16 @@ class CellImagesWidget(DockForm):
         show_differential(self._summary, differential_count(features["label"], classes))
         self.select(int(layer.selected_label))
         self._update_review_count(path)
+
+    def _show_classes(self, features):
+        """The model's classes and those a person added (legend, class list): all of them."""
+        from napari_cytodiffusion.core.tasks.classify import with_new_classes
+
+        classes = with_new_classes(features["label"], self._shown[1])
+        self._legend.value = legend_html(classes)
+        with self._class.changed.blocked():
+            self._class.choices = classes
+        return classes
 
     def _save_labels(self, features):
         """The person's calls into the folder's ``cell_labels.csv`` (others' rows kept)."""

@@ -192,7 +192,7 @@ def _train(request, text, progress):
         if skipped:
             text["counts"] += f"; left out (not classes of the model): {', '.join(skipped)}"
             text["warnings"].append(
-                f"Training leaves out the folders {', '.join(skipped)}: they are not classes "
+                f"Training leaves out the cells of {', '.join(skipped)}: they are not classes "
                 f"of the model ({', '.join(counts)})."
             )
         if not any(counts.values()):

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
+from napari_cytodiffusion.core.classes import class_key
+
 SUFFIX = ".annotations.json"
 FOLDER_LABELS = "cell_labels.csv"
 FORMAT = "napari-cytodiffusion annotations"
@@ -102,7 +104,8 @@ def folder_labels_path(folder):
 
 
 def load_folder_labels(folder):
-    """{file name: the person's class} for the single-cell images of ``folder`` ({} if none).
+    """{file name: the person's class} for the single-cell images of ``folder`` ({} if none),
+    the classes written as :func:`~napari_cytodiffusion.core.classes.class_key` writes them.
 
     Raises
     ------
@@ -118,7 +121,9 @@ def load_folder_labels(folder):
         rows = read_table(path, ("file", "label"))
     except ValueError as error:
         raise AnnotationError(f"{error} Move it aside to classify without it.") from error
-    calls = {(row["file"] or "").strip(): (row["label"] or "").strip() for row in rows}
+    # Written as class names are ("Lymphocyte", "smudge cell"), so a table typed by hand
+    # matches the model's classes.
+    calls = {(row["file"] or "").strip(): class_key(row["label"] or "") for row in rows}
     return {name: label for name, label in calls.items() if name and label}
 
 

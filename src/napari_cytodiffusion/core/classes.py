@@ -26,6 +26,20 @@ OUTSIDE_DIFFERENTIAL = ("erythroblast", "platelet", "smudge_cell")
 CLASS_ALIASES = {"ig": "immature_granulocyte"}
 
 
+def class_key(name):
+    """``name`` written as class names are: lower case, words joined by "_", aliases resolved.
+
+    Examples
+    --------
+    >>> class_key(" Smudge cell")
+    'smudge_cell'
+    >>> class_key("IG")
+    'immature_granulocyte'
+    """
+    key = "_".join(str(name).strip().lower().split())
+    return CLASS_ALIASES.get(key, key)
+
+
 def canonical_class(name, classes=CLASSES):
     """Return the name in ``classes`` that ``name`` means (case-insensitive, aliases resolved).
 
@@ -41,8 +55,7 @@ def canonical_class(name, classes=CLASSES):
     ValueError
         If ``name`` is not one of ``classes`` or an alias of one.
     """
-    key = str(name).strip().lower()
-    key = CLASS_ALIASES.get(key, key)
+    key = class_key(name)
     if key not in classes:
         raise ValueError(f"Unknown cell class {name!r}; expected one of: {', '.join(classes)}.")
     return key

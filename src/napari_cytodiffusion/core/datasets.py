@@ -21,7 +21,7 @@ from napari_cytodiffusion.core.annotations import (
     folder_labels_path,
     load_folder_labels,
 )
-from napari_cytodiffusion.core.classes import CLASSES, canonical_class
+from napari_cytodiffusion.core.classes import CLASSES, class_key
 from napari_cytodiffusion.core.io import folder_images
 
 SPLITS = ("train", "val", "test")
@@ -118,7 +118,7 @@ def list_labelled_images(data, val_fraction=0.1, classes=CLASSES):
 
     In a folder without split information, a fixed ``val_fraction`` of each class (chosen
     by a hash of the file name, so it never changes between runs) is held out as ``val``.
-    Folders whose name is not one of ``classes`` are skipped (see :func:`unknown_folders`).
+    Folders and labels that are not one of ``classes`` are skipped (see :func:`unknown_classes`).
 
     Raises
     ------
@@ -220,18 +220,44 @@ def _mean_square_distances(some, every):
     return (own[:, None] + squares[None] - 2 * some @ every.T) / every.shape[1]
 
 
-def unknown_folders(data, classes=CLASSES):
-    """Names of the subfolders of ``data`` that are not a class (and so are left out)."""
+def unknown_classes(data, classes=CLASSES):
+    """Names under which ``data`` holds cells of no class in ``classes`` (so left out): its
+    subfolders, or the labels of its CSV or its ``cell_labels.csv``, as
+    :func:`list_labelled_images` reads them. Artefacts and unknown cells are not named.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> root = Path(tempfile.mkdtemp())
+    >>> for name in ("lymphocyte", "Blast"):
+    ...     (root / name).mkdir()
+    >>> unknown_classes(root)
+    ['Blast']
+    """
     data = Path(data)
-    if not data.is_dir():
+    if data.is_file() and data.suffix.lower() == ".csv":
+        from napari_cytodiffusion.core.io import read_table
+
+        rows = read_table(data, ("file", "label"))
+        names = [row["label"] or "" for row in rows if _split(row) in SPLITS]
+    elif data.is_dir():
+        names = [folder.name for folder in data.iterdir() if folder.is_dir()]
+        if not any(_is_class(name, classes) for name in names):
+            names += load_folder_labels(data).values()
+    else:
         return []
-    names = []
-    for folder in sorted(p for p in data.iterdir() if p.is_dir()):
-        try:
-            canonical_class(folder.name, classes)
-        except ValueError:
-            names.append(folder.name)
-    return names
+    names = {name.strip() for name in names if name.strip()}
+    return sorted(
+        n for n in names if n.lower() not in NOT_CELL_CLASSES and not _is_class(n, classes)
+    )
+
+
+def _is_class(name, classes):
+    return class_key(name) in classes
+
+
+def _split(row):
+    return (row.get("split") or "train").strip()
 
 
 def class_counts(records, classes=CLASSES):
@@ -245,11 +271,9 @@ def _records_from_csv(path, classes):
 
     records = []
     for row in read_table(path, ("file", "label")):
-        split = (row.get("split") or "train").strip()
-        if split not in SPLITS or (row["label"] or "").strip().lower() in NOT_CELL_CLASSES:
-            continue  # e.g. PBC's "exclude", a person's artefacts
-        label = canonical_class(row["label"], classes)
-        records.append(Record(path.parent / row["file"], label, split))
+        label = row["label"] or ""
+        if _split(row) in SPLITS and _is_class(label, classes):  # not PBC's "exclude"
+            records.append(Record(path.parent / row["file"], class_key(label), _split(row)))
     return records
 
 
@@ -257,27 +281,23 @@ def _records_from_folders(root, val_fraction, classes):
     scales = _manifest_scales(root)
     records = []
     for folder in sorted(p for p in root.iterdir() if p.is_dir()):
-        try:
-            label = canonical_class(folder.name, classes)
-        except ValueError:
+        if not _is_class(folder.name, classes):
             continue
         for file in folder_images(folder):
             scale = scales.get(f"{folder.name}/{file.name}")
-            records.append(Record(file, label, _hashed_split(file, val_fraction), scale))
+            split = _hashed_split(file, val_fraction)
+            records.append(Record(file, class_key(folder.name), split, scale))
     return records
 
 
 def _records_from_folder_labels(folder, val_fraction, classes):
-    """The images of ``folder`` a person called a class (``cell_labels.csv``; artefacts and
-    unknown cells left out), split as class folders are."""
+    """The images of ``folder`` a person called one of ``classes`` (``cell_labels.csv``),
+    split as class folders are."""
     records = []
     for name, label in sorted(load_folder_labels(folder).items()):
-        if label in NOT_CELL_CLASSES:
-            continue
-        file = folder / name
-        records.append(
-            Record(file, canonical_class(label, classes), _hashed_split(file, val_fraction))
-        )
+        if _is_class(label, classes):
+            file = folder / name
+            records.append(Record(file, class_key(label), _hashed_split(file, val_fraction)))
     return records
 
 

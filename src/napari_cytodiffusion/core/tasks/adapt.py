@@ -273,15 +273,16 @@ def _validate_request(request):
 def _records(request, classes, log):
     """(records of the train and val splits, names of new classes)."""
     from napari_cytodiffusion.core import datasets
+    from napari_cytodiffusion.core.classes import class_key
 
-    unknown = datasets.unknown_folders(request.data, classes)
+    unknown = datasets.unknown_classes(request.data, classes)
     new_classes = []
     if unknown and request.add_classes:
-        new_classes = [name.strip().lower().replace(" ", "_") for name in unknown]
+        new_classes = list(dict.fromkeys(class_key(name) for name in unknown))
         log("new classes: " + ", ".join(new_classes))
     elif unknown:
         log(
-            "warning: folders that are not classes of this model were left out: "
+            "warning: cells of classes this model does not have were left out: "
             f"{', '.join(unknown)} (add them as new classes with add_classes / --add-classes)"
         )
     records = datasets.list_labelled_images(

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from napari_cytodiffusion.core.annotations import NOT_CELL_CLASSES
 from napari_cytodiffusion.core.classes import OUTSIDE_DIFFERENTIAL
 from napari_cytodiffusion.core.progress import phases
 
@@ -305,12 +306,12 @@ class CellImages:
         return table
 
     def differential(self):
-        """Number and percentage of images per class (the person's call where given): see
-        :func:`differential_count`."""
+        """Number and percentage of images per class (the person's call where given, classes
+        a person added such as blast after the model's): see :func:`differential_count`."""
         labels = [
             human or call.label for human, call in zip(self.annotated, self.calls, strict=True)
         ]
-        return differential_count(labels, self.classes)
+        return differential_count(labels, with_new_classes(labels, self.classes))
 
 
 def classify_cell_images(
@@ -557,6 +558,19 @@ def calls_table(calls, cell_ids=None, centres=None):
             row.update(centroid_row=float(centres[i][0]), centroid_col=float(centres[i][1]))
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def with_new_classes(labels, classes):
+    """``classes``, then the classes among ``labels`` that they lack (a person's call of a
+    class the model does not have, such as blast); artefacts and unknown cells are none.
+
+    Examples
+    --------
+    >>> with_new_classes(["lymphocyte", "blast", "artefact"], ("lymphocyte", "neutrophil"))
+    ('lymphocyte', 'neutrophil', 'blast')
+    """
+    new = {label for label in labels if label and label not in (*classes, *NOT_CELL_CLASSES)}
+    return tuple(classes) + tuple(sorted(new))
 
 
 def differential_count(labels, classes):

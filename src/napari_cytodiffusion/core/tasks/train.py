@@ -195,10 +195,10 @@ def _pack_for(request, classes, resolution, log, on_data=None):
         return data, []
     records = datasets.list_labelled_images(data, classes=classes)
     records = [r for r in records if r.split in ("train", "val")]
-    skipped = datasets.unknown_folders(data, classes)
+    skipped = datasets.unknown_classes(data, classes)
     if skipped:
         log(
-            f"warning: folders that are not classes of this model were left out: "
+            f"warning: cells of classes this model does not have were left out: "
             f"{', '.join(skipped)} (classes: {', '.join(classes)})"
         )
     counts = datasets.class_counts(records, classes)
