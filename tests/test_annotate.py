@@ -237,6 +237,29 @@ def test_export_writes_the_reviewed_cells_as_a_dataset(annotating, tmp_path, qtb
     assert manifest[0].startswith("file,label,source_image,cell") and len(manifest) == 3
 
 
+def test_a_class_the_model_lacks_is_set_saved_and_exported(annotating, tmp_path, qtbot):
+    from napari_cytodiffusion.core.datasets import list_labelled_images, unknown_classes
+
+    _, widget, layer, path = annotating
+    widget.select(1)
+    widget.set_label("neutrophil")
+    widget.select(2)
+    widget._new_class.value = "Smudge cell"
+    widget._set_new.native.click()
+    assert layer.features.loc[1, "annotated"] == "smudge_cell"
+    assert "smudge_cell" in widget._class.choices  # offered from now on
+    assert {c.label for c in load_annotations(path).cells} == {"neutrophil", "smudge_cell"}
+    out = tmp_path / "dataset"
+    widget.export(out)
+    qtbot.waitUntil(lambda: not widget._export_runner.running, timeout=30_000)
+    # A dataset with a new class: adapt --add-classes learns it; train names it and leaves
+    # it out.
+    assert unknown_classes(out, CLASSES) == ["smudge_cell"]
+    assert [r.label for r in list_labelled_images(out, classes=CLASSES)] == ["neutrophil"]
+    _press(layer, "u")
+    assert "smudge_cell" not in widget._class.choices
+
+
 def test_a_cancelled_export_writes_nothing(annotating, tmp_path):
     from napari_cytodiffusion.core.annotations import export_cells
     from napari_cytodiffusion.core.progress import Cancelled

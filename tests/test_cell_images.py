@@ -134,7 +134,7 @@ def test_widget_shows_the_cells_as_a_grid_called_and_flagged(
 ):
     from napari.utils.colormaps.standardize_color import transform_color
 
-    from napari_cytodiffusion._widgets import _cell_images
+    from napari_cytodiffusion._widgets import _common
     from napari_cytodiffusion._widgets._classify import NOT_CELL_COLOUR, UNREVIEWED_ALPHA
     from napari_cytodiffusion.core.report import class_colours
 
@@ -226,7 +226,7 @@ def test_widget_shows_the_cells_as_a_grid_called_and_flagged(
     # New class: one the model lacks, in a colour of its own, counted and saved; artefact is
     # not a class name.
     errors = []
-    monkeypatch.setattr(_cell_images, "show_error", errors.append)
+    monkeypatch.setattr(_common, "show_error", errors.append)
     widget.select(2)
     widget._new_class.value = "Blast"
     widget._set_new.native.click()

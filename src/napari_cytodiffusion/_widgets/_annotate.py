@@ -1,7 +1,8 @@
 """The Annotate cells widget: a person reviews and corrects the calls of a classes layer.
 
 Works on the classes layer that Classify cells made. Click a cell (pan/zoom mode) to select
-it, then give it a class from the list or with keys 1-9, or mark it artefact / unknown;
+it, then give it a class from the list or with keys 1-9, or one the model lacks (New class:
+blast, say, which Export cells and Adapt turn into a class), or mark it artefact / unknown;
 delete a false detection; paint a missed cell and add it; undo. The person's label sits in
 the layer's ``features`` beside the model's (``annotated`` beside ``predicted``); reviewed
 cells are drawn opaque and marked. Every change is saved at once, atomically, beside the
@@ -24,6 +25,8 @@ from napari_cytodiffusion._widgets._common import (
     StatusLabel,
     bind_labelling,
     camera,
+    new_class_name,
+    new_class_row,
 )
 from napari_cytodiffusion.core.annotations import ARTEFACT, DELETED, UNKNOWN
 
@@ -55,6 +58,8 @@ class AnnotateWidget(DockForm):
         self._unknown = PushButton(
             text="Unknown", tooltip="A white cell of no class the model knows; left out of counts."
         )
+        new_class = new_class_row()
+        self._new_class, self._set_new = new_class
         self._delete = PushButton(
             text="Delete cell", tooltip="Remove a false detection; it stays removed when re-run."
         )
@@ -87,6 +92,7 @@ class AnnotateWidget(DockForm):
             self._set,
             self._artefact,
             self._unknown,
+            new_class,
             self._delete,
             self._paint,
             self._add,
@@ -100,6 +106,7 @@ class AnnotateWidget(DockForm):
         self._set.changed.connect(lambda *_: self.set_label(self._class.value))
         self._artefact.changed.connect(lambda *_: self.set_label(ARTEFACT))
         self._unknown.changed.connect(lambda *_: self.set_label(UNKNOWN))
+        self._set_new.changed.connect(lambda *_: self.set_new_class(self._new_class.value))
         self._delete.changed.connect(lambda *_: self.delete_cell())
         self._paint.changed.connect(lambda *_: self.start_painting())
         self._add.changed.connect(lambda *_: self.add_painted_cell())
@@ -127,8 +134,14 @@ class AnnotateWidget(DockForm):
         return value if isinstance(value, Labels) else None
 
     def _classes(self):
+        """The model's classes, then those a person added (such as blast)."""
+        from napari_cytodiffusion.core.tasks.classify import with_new_classes
+
         layer = self.layer
-        return tuple(layer.metadata.get("classes", ())) if layer is not None else ()
+        if layer is None:
+            return ()
+        labels = layer.features["label"] if "label" in layer.features else ()
+        return with_new_classes(labels, layer.metadata.get("classes", ()))
 
     def _choices(self, _=None):
         return list(self._classes()) or ["(no classes layer)"]
@@ -184,6 +197,12 @@ class AnnotateWidget(DockForm):
             features.loc[row, "needs_review"] = False
         layer.features = features
         self._changed(f"cell {layer.selected_label}: {label}")
+
+    def set_new_class(self, name):
+        """Give the selected cell a class the model does not have (``name``, such as blast)."""
+        label = new_class_name(name)
+        if label is not None:
+            self.set_label(label)
 
     def delete_cell(self):
         """Remove the selected cell (a false detection); it stays deleted when re-segmented."""
@@ -332,6 +351,7 @@ class AnnotateWidget(DockForm):
         return self._viewer.layers[source] if source in self._viewer.layers else None
 
     def _changed(self, text):
+        self._class.reset_choices()  # a class a person added (or undid) is listed, or not
         self._redraw()
         saved = self._save()
         self._status.value = f"{text}; {saved}"

@@ -18,7 +18,7 @@ calls and which ``adapt`` and ``train`` take as a labelled dataset.
 from pathlib import Path
 
 import numpy as np
-from magicgui.widgets import ComboBox, Container, FileEdit, Label, LineEdit, PushButton
+from magicgui.widgets import ComboBox, Container, FileEdit, Label, PushButton
 from napari.utils.notifications import show_error, show_info
 from qtpy.QtWidgets import QFileDialog
 
@@ -37,6 +37,8 @@ from napari_cytodiffusion._widgets._common import (
     StatusLabel,
     bind_labelling,
     camera,
+    new_class_name,
+    new_class_row,
     strategy_field,
 )
 from napari_cytodiffusion._widgets._grid import add_grid, add_tiles, focus, tile, tile_origin
@@ -101,15 +103,9 @@ class CellImagesWidget(DockForm):
         self._undo_button = PushButton(
             text="Undo (U)", enabled=False, tooltip="Take back the last change (and save)."
         )
-        self._new_class = LineEdit(
-            tooltip="A class the model does not have, such as blast or smudge cell: the "
-            "selected tile gets it with New class, and Adapt / calibrate model can learn it "
-            "(other classes become new classes)."
-        )
-        self._new_class.native.setPlaceholderText("new, e.g. blast")
-        self._set_new = PushButton(
-            text="New class", enabled=False, tooltip="Give the selected tile the class typed."
-        )
+        new_class = new_class_row()
+        self._new_class, self._set_new = new_class
+        self._set_new.enabled = False
         self._undo = []  # (row, the person's call before the change)
         self._review = StatusLabel("")
         self._legend = Label(value=legend_html(self._fields.classes()))
@@ -128,9 +124,9 @@ class CellImagesWidget(DockForm):
                 (self._set, self._clear),
                 (self._artefact, self._unknown),
                 (self._next, self._undo_button),
-                (self._new_class, self._set_new),
             )
         ]
+        rows.append(new_class)
         review = Container(widgets=[self._class, *rows])
         export = Container(widgets=[self._export], labels=False)
         for container in (*rows, review, export):
@@ -266,15 +262,8 @@ class CellImagesWidget(DockForm):
 
     def set_new_class(self, name):
         """Give the selected tile a class the model does not have (``name``, such as blast)."""
-        from napari_cytodiffusion.core.annotations import DELETED, NOT_CELL_CLASSES
-        from napari_cytodiffusion.core.classes import class_key
-
-        label = class_key(name)
-        if not label.strip("_"):
-            show_error("Type the new class's name first, for example blast.")
-        elif label in (*NOT_CELL_CLASSES, DELETED):
-            show_error(f"Use the {label.capitalize()} button for {label}s; it is not a class.")
-        else:
+        label = new_class_name(name)
+        if label is not None:
             self.set_label(label)
 
     def undo(self):

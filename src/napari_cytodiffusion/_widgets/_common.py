@@ -11,14 +11,22 @@ from magicgui.widgets import (
     FileEdit,
     FloatSpinBox,
     Label,
+    LineEdit,
     PushButton,
     SpinBox,
 )
+from napari.utils.notifications import show_error
 from qtpy.QtCore import QSize, Qt
 from qtpy.QtGui import QKeySequence
 from qtpy.QtWidgets import QComboBox, QFrame, QScrollArea, QShortcut, QSizePolicy, QWidget
 
 from napari_cytodiffusion._widgets._runner import TaskRunner
+
+NEW_CLASS_TIP = (
+    "A class the model does not have, such as blast or smudge cell: New class gives it to "
+    "the selected cell, and Adapt / calibrate model can learn it (other classes become new "
+    "classes)."
+)
 
 
 def camera(viewer):
@@ -88,6 +96,30 @@ def bind_labelling(layer, classes, select, set_label):
     for number, name in enumerate(classes[:9], 1):
         layer.bind_key(str(number), lambda _layer, name=name: set_label(name), overwrite=True)
     return on_click
+
+
+def new_class_row():
+    """A field for a class the model lacks (blast, smudge cell) and the New class button."""
+    field = LineEdit(tooltip=NEW_CLASS_TIP)
+    field.native.setPlaceholderText("new, e.g. blast")
+    button = PushButton(text="New class", tooltip="Give the selected cell the class typed.")
+    return Container(widgets=[field, button], layout="horizontal", labels=False)
+
+
+def new_class_name(text):
+    """``text`` written as a class name, or None after telling the person why not (empty,
+    or artefact / unknown, which are buttons, not classes)."""
+    from napari_cytodiffusion.core.annotations import DELETED, NOT_CELL_CLASSES
+    from napari_cytodiffusion.core.classes import class_key
+
+    label = class_key(text)
+    if not label.strip("_"):
+        show_error("Type the new class's name first, for example blast.")
+    elif label in (*NOT_CELL_CLASSES, DELETED):
+        show_error(f"Use the {label.capitalize()} button for that; it is not a class.")
+    else:
+        return label
+    return None
 
 
 def rbc_diameter_field(tooltip):

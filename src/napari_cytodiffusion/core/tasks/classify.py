@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from napari_cytodiffusion.core.annotations import NOT_CELL_CLASSES
+from napari_cytodiffusion.core.annotations import DELETED, NOT_CELL_CLASSES
 from napari_cytodiffusion.core.classes import OUTSIDE_DIFFERENTIAL
 from napari_cytodiffusion.core.progress import phases
 
@@ -134,9 +134,10 @@ class Classification:
 
     def differential(self):
         """Number and percentage of cells per class (annotated artefacts and unknown cells
-        left out): see :func:`differential_count`."""
-        labels = [label for label in self.final_labels() if label in self.classes]
-        return differential_count(labels, self.classes)
+        left out, classes a person added such as blast after the model's): see
+        :func:`differential_count`."""
+        labels = self.final_labels()
+        return differential_count(labels, with_new_classes(labels, self.classes))
 
     def cell_labels(self):
         """Instance labels of the classified cells: given, segmented, or a disc of label 1
@@ -569,7 +570,8 @@ def with_new_classes(labels, classes):
     >>> with_new_classes(["lymphocyte", "blast", "artefact"], ("lymphocyte", "neutrophil"))
     ('lymphocyte', 'neutrophil', 'blast')
     """
-    new = {label for label in labels if label and label not in (*classes, *NOT_CELL_CLASSES)}
+    not_new = (*classes, *NOT_CELL_CLASSES, DELETED)
+    new = {label for label in labels if label and label not in not_new}
     return tuple(classes) + tuple(sorted(new))
 
 
