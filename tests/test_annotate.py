@@ -174,7 +174,8 @@ def test_review_correct_delete_paint_undo_and_save(annotating):
     ]
     assert not layer.features.loc[0, "needs_review"]
     assert widget._counter.value == "1 of 2 cells reviewed; 0 flagged left"
-    assert not viewer.layers["smear needs review"].shown[0]  # reviewed: no longer flagged
+    ring = viewer.layers["smear needs review"].border_color[0]
+    assert ring[3] == 0  # reviewed: no longer ringed
     saved = load_annotations(path)
     assert [(c.label, c.predicted) for c in saved.cells] == [("neutrophil", "lymphocyte")]
 

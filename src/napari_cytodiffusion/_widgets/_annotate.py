@@ -25,8 +25,8 @@ from napari_cytodiffusion._widgets._common import (
     StatusLabel,
     bind_labelling,
     camera,
+    new_class_fields,
     new_class_name,
-    new_class_row,
 )
 from napari_cytodiffusion.core.annotations import ARTEFACT, DELETED, UNKNOWN
 
@@ -58,8 +58,7 @@ class AnnotateWidget(DockForm):
         self._unknown = PushButton(
             text="Unknown", tooltip="A white cell of no class the model knows; left out of counts."
         )
-        new_class = new_class_row()
-        self._new_class, self._set_new = new_class
+        self._new_class, self._set_new = new_class_fields()
         self._delete = PushButton(
             text="Delete cell", tooltip="Remove a false detection; it stays removed when re-run."
         )
@@ -92,7 +91,8 @@ class AnnotateWidget(DockForm):
             self._set,
             self._artefact,
             self._unknown,
-            new_class,
+            self._new_class,
+            self._set_new,
             self._delete,
             self._paint,
             self._add,
@@ -396,7 +396,12 @@ class AnnotateWidget(DockForm):
         if flags is None or "index" not in flags.features or not len(flags.data):
             return
         done = set(features.loc[features["annotated"] != "", "index"].astype(int))
-        flags.shown = ~flags.features["index"].astype(int).isin(done).to_numpy()
+        reviewed = flags.features["index"].astype(int).isin(done).to_numpy()
+        # Reviewed cells' rings turn transparent: napari draws every 2-D point whatever its
+        # ``shown`` says.
+        colours = np.tile([1.0, 0.0, 0.0, 1.0], (len(reviewed), 1))
+        colours[reviewed, 3] = 0.0
+        flags.border_color = colours
 
     def _show_markers(self, layer, reviewed):
         name = layer.name.replace(" classes", " reviewed")

@@ -37,8 +37,8 @@ from napari_cytodiffusion._widgets._common import (
     StatusLabel,
     bind_labelling,
     camera,
+    new_class_fields,
     new_class_name,
-    new_class_row,
     strategy_field,
 )
 from napari_cytodiffusion._widgets._grid import add_grid, add_tiles, focus, tile, tile_origin
@@ -103,8 +103,7 @@ class CellImagesWidget(DockForm):
         self._undo_button = PushButton(
             text="Undo (U)", enabled=False, tooltip="Take back the last change (and save)."
         )
-        new_class = new_class_row()
-        self._new_class, self._set_new = new_class
+        self._new_class, self._set_new = new_class_fields()
         self._set_new.enabled = False
         self._undo = []  # (row, the person's call before the change)
         self._review = StatusLabel("")
@@ -124,9 +123,9 @@ class CellImagesWidget(DockForm):
                 (self._set, self._clear),
                 (self._artefact, self._unknown),
                 (self._next, self._undo_button),
+                (self._new_class, self._set_new),
             )
         ]
-        rows.append(new_class)
         review = Container(widgets=[self._class, *rows])
         export = Container(widgets=[self._export], labels=False)
         for container in (*rows, review, export):

@@ -98,12 +98,12 @@ def bind_labelling(layer, classes, select, set_label):
     return on_click
 
 
-def new_class_row():
+def new_class_fields():
     """A field for a class the model lacks (blast, smudge cell) and the New class button."""
-    field = LineEdit(tooltip=NEW_CLASS_TIP)
-    field.native.setPlaceholderText("new, e.g. blast")
+    field = LineEdit(label="new class", tooltip=NEW_CLASS_TIP)
+    field.native.setPlaceholderText("e.g. blast")
     button = PushButton(text="New class", tooltip="Give the selected cell the class typed.")
-    return Container(widgets=[field, button], layout="horizontal", labels=False)
+    return field, button
 
 
 def new_class_name(text):
