@@ -309,7 +309,7 @@ class CellImagesWidget(DockForm):
         self._update_review_count(path)
 
     def _show_classes(self, features):
-        """The model's classes and those a person added (legend, class list): all of them."""
+        """The model's classes, then those a person added, shown in the legend and the list."""
         from napari_cytodiffusion.core.tasks.classify import with_new_classes
 
         classes = with_new_classes(features["label"], self._shown[1])

@@ -115,8 +115,10 @@ def new_class_name(text):
     label = class_key(text)
     if not label.strip("_"):
         show_error("Type the new class's name first, for example blast.")
-    elif label in (*NOT_CELL_CLASSES, DELETED):
+    elif label in NOT_CELL_CLASSES:
         show_error(f"Use the {label.capitalize()} button for that; it is not a class.")
+    elif label == DELETED:
+        show_error(f"'{DELETED}' marks a deleted cell; it cannot name a class.")
     else:
         return label
     return None
