@@ -104,6 +104,20 @@ def test_triage_reasons():
     assert "softer than the training cells" in reason and "check the focus" in reason
 
 
+def test_a_class_a_person_added_is_counted_and_reported(field_analysis, tmp_path):
+    from dataclasses import replace
+
+    cells = field_analysis.cells.copy()
+    cells["label"] = "blast"  # a person's call of a class the model lacks
+    analysis = replace(field_analysis, cells=cells)
+    counts = analysis.differential().set_index("class")
+    assert counts.loc["blast", "count"] == 1 and counts.loc["blast", "percent"] == 100
+    assert counts.loc[list(field_analysis.classes), "count"].sum() == 0
+    assert analysis.summary()["percent_blast"] == 100
+    page = report.write_smear(analysis, tmp_path / "cbc", sample_path("cbc_lymphocyte"))
+    assert "blast" in page.read_text()
+
+
 def test_report_files_are_written_atomically(field_analysis, tmp_path, monkeypatch):
     folder = tmp_path / "cbc"
     source = sample_path("cbc_lymphocyte")

@@ -173,7 +173,7 @@ def _overview(analysis):
     """The overview image with every white cell's box drawn in its class colour."""
     from PIL import Image, ImageDraw
 
-    colours = class_colours(analysis.classes)
+    colours = class_colours(tuple(analysis.differential()["class"]))  # a person's new too
     image = Image.fromarray(analysis.overview)
     draw = ImageDraw.Draw(image)
     factor = analysis.overview_factor

@@ -89,7 +89,7 @@ class SmearAnalysis:
             "platelets": self.counts["platelet"],
             "rbc_diameter_px": round(self.rbc_diameter, 2),
         }
-        for name, percent in zip(self.classes, differential["percent"], strict=True):
+        for name, percent in zip(differential["class"], differential["percent"], strict=True):
             row[f"percent_{name}"] = round(float(percent), 2)
         return row
 
