@@ -248,6 +248,8 @@ def test_widget_shows_the_cells_as_a_grid_called_and_flagged(
 def test_widget_refuses_a_folder_without_images_and_adds_nothing(
     images_widget, tmp_path, monkeypatch
 ):
+    from PIL import Image
+
     from napari_cytodiffusion._widgets import _cell_images
 
     errors = []
@@ -259,6 +261,11 @@ def test_widget_refuses_a_folder_without_images_and_adds_nothing(
     widget._run.native.click()
     assert errors[0] == "Choose the folder of single-cell images to classify."
     assert "no image files" in errors[1]
+    # A class-folder dataset: the message says where its images are.
+    (tmp_path / "lymphocyte").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "lymphocyte" / "a.png")
+    widget._run.native.click()
+    assert errors[2].endswith("its subfolders lymphocyte hold images: choose one of them.")
     assert len(viewer.layers) == 0 and not widget._runner.running
 
 

@@ -162,11 +162,11 @@ class CellImagesWidget(DockForm):
         if str(self._folder.value) in ("", ".") or not folder.is_dir():
             show_error("Choose the folder of single-cell images to classify.")
             return
-        from napari_cytodiffusion.core.io import folder_images
+        from napari_cytodiffusion.core.io import folder_images, no_images_message
 
         paths = folder_images(folder)
         if not paths:
-            show_error(f"{folder} has no image files (PNG, JPEG, BMP, TIFF) in it.")
+            show_error(no_images_message(folder) + ".")
             return
         choice, strategy = self._fields.choice(), self._strategy.value
         seed = self._fields.seed.value

@@ -22,9 +22,7 @@ def read_image(path):
     path = Path(path)
     if path.is_dir():
         if not folder_images(path):
-            raise InputFileError(
-                f"{path} is a folder with no image files (PNG, JPEG, BMP, TIFF) in it"
-            )
+            raise InputFileError(no_images_message(path))
         raise InputFileError(f"{path} is a folder, not an image file")
     if not path.is_file():
         raise InputFileError(f"No such file: {path}")
@@ -98,6 +96,18 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 def folder_images(folder):
     """The image files directly inside ``folder`` (by suffix), sorted."""
     return sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def no_images_message(folder):
+    """Why ``folder``, which holds no image files, cannot be read, and where images are: a
+    class-folder dataset keeps them one level down."""
+    folder = Path(folder)
+    text = f"{folder} is a folder with no image files (PNG, JPEG, BMP, TIFF) in it"
+    holding = [p.name for p in sorted(folder.iterdir()) if p.is_dir() and folder_images(p)]
+    if holding:
+        shown = ", ".join(holding[:5]) + (", ..." if len(holding) > 5 else "")
+        text += f"; its subfolders {shown} hold images: choose one of them"
+    return text
 
 
 def image_size(path):
