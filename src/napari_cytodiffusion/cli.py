@@ -382,11 +382,7 @@ def _classify(args):
     import json
 
     from napari_cytodiffusion.core.report import count_text
-    from napari_cytodiffusion.core.tasks.classify import (
-        classify_files,
-        differential_count,
-        with_new_classes,
-    )
+    from napari_cytodiffusion.core.tasks.classify import classify_files, differential_count
 
     model = _load_model(args.model, args.device)
     paths = _with_folder_images(args.paths)
@@ -432,7 +428,7 @@ def _classify(args):
     if len(central_calls) > 1 and not args.json:
         # The cells of a CellaVision-style export are one patient's: their differential.
         print(f"{count_text(len(central_calls), 'single-cell image')}:")
-        counts = differential_count(central_calls, with_new_classes(central_calls, model.classes))
+        counts = differential_count(central_calls, model.classes)
         print(counts.to_string(index=False, float_format="%.1f", na_rep="-"))
     if failed:
         print(f"{failed} of {len(paths)} files could not be classified", file=sys.stderr)

@@ -271,9 +271,9 @@ def _records_from_csv(path, classes):
 
     records = []
     for row in read_table(path, ("file", "label")):
-        label = row["label"] or ""
-        if _split(row) in SPLITS and _is_class(label, classes):  # not PBC's "exclude"
-            records.append(Record(path.parent / row["file"], class_key(label), _split(row)))
+        label, split = row["label"] or "", _split(row)
+        if split in SPLITS and _is_class(label, classes):  # not PBC's "exclude"
+            records.append(Record(path.parent / row["file"], class_key(label), split))
     return records
 
 

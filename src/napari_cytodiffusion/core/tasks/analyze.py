@@ -67,12 +67,10 @@ class SmearAnalysis:
     reasons: list = field(default_factory=list)
 
     def differential(self):
-        """Number of white cells per class and per 100 leukocytes (see ``differential_count``;
-        classes a person added, such as blast, after the model's)."""
-        from napari_cytodiffusion.core.tasks.classify import differential_count, with_new_classes
+        """Number of white cells per class and per 100 leukocytes (see ``differential_count``)."""
+        from napari_cytodiffusion.core.tasks.classify import differential_count
 
-        labels = list(self.cells["label"])
-        return differential_count(labels, with_new_classes(labels, self.classes))
+        return differential_count(self.cells["label"], self.classes)
 
     def summary(self):
         """One row for the summary table across smears."""

@@ -134,10 +134,8 @@ class Classification:
 
     def differential(self):
         """Number and percentage of cells per class (annotated artefacts and unknown cells
-        left out, classes a person added such as blast after the model's): see
-        :func:`differential_count`."""
-        labels = self.final_labels()
-        return differential_count(labels, with_new_classes(labels, self.classes))
+        left out): see :func:`differential_count`."""
+        return differential_count(self.final_labels(), self.classes)
 
     def cell_labels(self):
         """Instance labels of the classified cells: given, segmented, or a disc of label 1
@@ -307,12 +305,12 @@ class CellImages:
         return table
 
     def differential(self):
-        """Number and percentage of images per class (the person's call where given, classes
-        a person added such as blast after the model's): see :func:`differential_count`."""
+        """Number and percentage of images per class (the person's call where given): see
+        :func:`differential_count`."""
         labels = [
             human or call.label for human, call in zip(self.annotated, self.calls, strict=True)
         ]
-        return differential_count(labels, with_new_classes(labels, self.classes))
+        return differential_count(labels, self.classes)
 
 
 def classify_cell_images(
@@ -576,7 +574,8 @@ def with_new_classes(labels, classes):
 
 
 def differential_count(labels, classes):
-    """Number of cells per class, and per 100 white cells, in ``classes`` order.
+    """Number of cells per class, and per 100 white cells, in ``classes`` order, then the
+    classes a person added that ``classes`` lack (such as blast, :func:`with_new_classes`).
 
     The 100 are the leukocytes: erythroblasts, platelets and smudge cells
     (:data:`~napari_cytodiffusion.core.classes.OUTSIDE_DIFFERENTIAL`) are counted per 100 of
@@ -596,6 +595,7 @@ def differential_count(labels, classes):
     import pandas as pd
 
     labels = list(labels)
+    classes = with_new_classes(labels, classes)
     counts = [labels.count(name) for name in classes]
     inside = [name not in OUTSIDE_DIFFERENTIAL for name in classes]
     leukocytes = sum(c for c, counted in zip(counts, inside, strict=True) if counted)
