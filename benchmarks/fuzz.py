@@ -15,6 +15,7 @@ import contextlib
 import io
 import itertools
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -23,6 +24,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import RESULTS  # noqa: E402
+
+from napari_cytodiffusion.core.model.weights import CACHE_ENV  # noqa: E402
 
 SAMPLES = Path(__file__).resolve().parents[1] / "src" / "napari_cytodiffusion" / "sample_data"
 BAD_NUMBERS = ("-5", "0.5", "1e-300", "inf", "-inf", "nan", "1e6", "abc", "")
@@ -110,6 +113,85 @@ def turing_files(folder):
         path.write_text(text, encoding="utf-8")
         paths[name] = path
     return paths
+
+
+def lab_files(folder):
+    """Labelled cell folders and CSVs for adapt and calibrate, good and bad; {name: path}.
+
+    Each class's cells are one sample image turned, so no two classes share a cell."""
+    from PIL import Image
+
+    folder = Path(folder)
+    sources = {"lymphocyte": "pbc_lymphocyte.jpg", "monocyte": "cbc_monocyte_eosinophil.jpg"}
+    rows = []
+    for label, name in sources.items():
+        cell = Image.open(SAMPLES / name).convert("RGB")
+        (folder / "lab" / label).mkdir(parents=True, exist_ok=True)
+        for turns in range(3):
+            path = folder / "lab" / label / f"{label}_{turns}.png"
+            cell.rotate(90 * turns, expand=True).save(path)
+            rows.append(f"{path},{label}")
+    broken = folder / "lab_broken"
+    if not broken.exists():
+        import shutil
+
+        shutil.copytree(folder / "lab", broken)
+    (broken / "monocyte" / "broken.png").write_bytes(b"not an image")
+    csv = "file,label\n" + "\n".join(rows) + "\n"
+    texts = {
+        "lab_bom_semicolon.csv": "\ufeff" + csv.replace(",", ";"),
+        "lab_no_columns.csv": "name,class\na,b\n",
+        "lab_header_only.csv": "file,label\n",
+        "lab_missing_file.csv": csv + f"{folder / 'nowhere.png'},monocyte\n",
+    }
+    for name, text in texts.items():
+        (folder / name).write_text(text, encoding="utf-8")
+    paths = {name: folder / name for name in texts}
+    return {"lab": folder / "lab", "lab_broken": broken, **paths}
+
+
+def lab_cases(files, labs):
+    """(name, argv, expected) for adapt, calibrate and export-cells."""
+    found = []
+
+    def add(name, argv, expected):
+        found.append((name, [str(a) for a in argv], expected))
+
+    adapt = ["adapt", labs["lab"], "--steps", "1", "--device", "cpu"]
+    add("adapt ok", [*adapt, "--out", "fuzz-lab"], "ok")
+    add("calibrate the adapted model", ["calibrate", "fuzz-lab", labs["lab"]], "ok")
+    add(
+        "adapt csv with BOM and ;",
+        ["adapt", labs["lab_bom_semicolon.csv"], "--steps", "1", "--out", "fuzz-csv"],
+        "ok",
+    )
+    for data in ("lab_broken", "lab_no_columns.csv", "lab_header_only.csv", "lab_missing_file.csv"):
+        add(f"adapt {data}", ["adapt", labs[data], "--steps", "1", "--out", "fuzz-x"], "error")
+    for data in ("missing", "text", "folder", "binary"):
+        add(
+            f"adapt data {data}", ["adapt", files[data], "--steps", "1", "--out", "fuzz-x"], "error"
+        )
+    for name in ("", "../escape", "default", "a/b", "x" * 300):
+        add(f"adapt out {name[:20]!r}", [*adapt, "--out", name], "error")
+    for value in ("-1", "abc", ""):
+        add(
+            f"adapt steps {value!r}",
+            ["adapt", labs["lab"], "--out", "fuzz-x", "--steps", value],
+            "error",
+        )
+    for value in BAD_NUMBERS:
+        add(f"adapt rbc {value!r}", [*adapt, "--out", "fuzz-x", "--rbc-diameter", value], "error")
+    for device in ("tpu", "cuda:x", ""):
+        add(f"adapt device {device!r}", [*adapt, "--out", "fuzz-x", "--device", device], "error")
+    add("adapt base missing", [*adapt, "--out", "fuzz-x", "--base", "no-such-model"], "error")
+    add("calibrate model missing", ["calibrate", "no-such-model", labs["lab"]], "error")
+    add("calibrate data missing", ["calibrate", "default", files["missing"]], "error")
+    for image in ("field", "missing", "text"):
+        argv = ["export-cells", files[image], "--out", labs["lab"].parent / "export"]
+        add(f"export-cells {image} (nothing annotated)", argv, "error")
+    for command in ("adapt", "calibrate", "export-cells"):
+        add(f"{command} no arguments", [command], "error")
+    return found
 
 
 def cases(files, csvs, out):
@@ -361,6 +443,9 @@ def main():
     files = make_files(folder / "files")
     csvs = turing_files(folder / "files")
     all_cases = cases(files, csvs, folder / "out") + combinations(files, folder / "out")
+    # Adapted models go to a scratch cache, never the user's.
+    os.environ[CACHE_ENV] = str(folder / "cache")
+    all_cases += lab_cases(files, lab_files(folder / "labs"))
     counts, failures = {}, []
     started = time.perf_counter()
     for name, argv, expected in all_cases:

@@ -18,6 +18,22 @@ def isolated_cache(tmp_path, monkeypatch):
     return cache
 
 
+def _quick_adapt(folder, name, rbc_diameter, lines, steps=2, **options):
+    """Adapt for a few steps with a cheap calibration, the log lines kept in ``lines``."""
+    from napari_cytodiffusion.core.tasks.adapt import AdaptRequest, adapt_model
+
+    request = AdaptRequest(
+        folder,
+        name,
+        steps=steps,
+        calibration_trials=4,
+        device="cpu",
+        rbc_diameter=rbc_diameter,
+        **options,
+    )
+    return adapt_model(request, log=lines.append)
+
+
 def test_adapt_registers_a_calibrated_local_model(
     synthetic_cells_dir, synthetic_rbc_diameter, isolated_cache, capsys
 ):
@@ -96,6 +112,10 @@ def test_bad_names_and_data_are_refused_with_a_message(synthetic_cells_dir, isol
     assert "cannot name a model" in capsys.readouterr().err
     assert main(["adapt", "/no/such/folder", "--out", "lab"]) == 2
     assert "No such file or folder" in capsys.readouterr().err
+    # A bad scale is refused before any work, not after the cells are read.
+    assert main(["adapt", str(synthetic_cells_dir), "--out", "lab", "--rbc-diameter", "-4"]) == 2
+    captured = capsys.readouterr()
+    assert "implausible" in captured.err and "cells per class" not in captured.out
     assert not (isolated_cache / "local" / "registry.json").exists()
 
 
@@ -108,16 +128,7 @@ def test_a_new_class_is_learned_from_its_examples(
     shutil.copytree(synthetic_cells_dir, folder)
     shutil.copytree(folder / "lymphocyte", folder / "Blast")
     lines = []
-    request = AdaptRequest(
-        folder,
-        "lab-blast",
-        steps=2,
-        add_classes=True,
-        calibration_trials=4,
-        device="cpu",
-        rbc_diameter=synthetic_rbc_diameter,
-    )
-    result = adapt_model(request, log=lines.append)
+    result = _quick_adapt(folder, "lab-blast", synthetic_rbc_diameter, lines, add_classes=True)
     assert result.new_classes == ("blast",) and "new classes: blast" in lines
     model = weights.load_model("lab-blast", device="cpu")
     assert model.classes[-1] == "blast" and model.num_classes == 9
@@ -125,6 +136,22 @@ def test_a_new_class_is_learned_from_its_examples(
     assert len(model.calibration["anomaly"]["mean"]) == 9
     with pytest.raises(ValueError, match="must be learned"):
         adapt_model(AdaptRequest(folder, "x", steps=0, add_classes=True), log=lines.append)
+
+
+def test_classes_with_few_cells_are_warned_about(
+    synthetic_cells_dir, synthetic_rbc_diameter, isolated_cache, tmp_path
+):
+
+    folder = tmp_path / "cells"
+    shutil.copytree(synthetic_cells_dir, folder)
+    for path in sorted((folder / "lymphocyte").iterdir())[2:]:
+        path.unlink()
+    lines = []
+    result = _quick_adapt(folder, "lab-few", synthetic_rbc_diameter, lines, steps=1)
+    (warning,) = [line for line in lines if line.startswith("warning: few labelled cells")]
+    assert "lymphocyte (2)" in warning and "neutrophil" not in warning
+    # Both of its cells adapt; none is left to calibrate on.
+    assert result.adapted_on["lymphocyte"] == 2 and "lymphocyte" not in result.calibrated_on
 
 
 def test_a_new_class_is_learned_from_a_folders_cell_labels(
@@ -136,7 +163,6 @@ def test_a_new_class_is_learned_from_a_folders_cell_labels(
 
     from napari_cytodiffusion.core.annotations import save_folder_labels
     from napari_cytodiffusion.core.datasets import list_labelled_images, unknown_classes
-    from napari_cytodiffusion.core.tasks.adapt import AdaptRequest, adapt_model
 
     folder = tmp_path / "export"
     folder.mkdir()
@@ -159,18 +185,7 @@ def test_a_new_class_is_learned_from_a_folders_cell_labels(
     assert len(records) == 11  # without the new class, the blasts and the artefact are out
 
     lines = []
-    result = adapt_model(
-        AdaptRequest(
-            folder,
-            "lab-blast",
-            steps=2,
-            add_classes=True,
-            calibration_trials=4,
-            device="cpu",
-            rbc_diameter=synthetic_rbc_diameter,
-        ),
-        log=lines.append,
-    )
+    result = _quick_adapt(folder, "lab-blast", synthetic_rbc_diameter, lines, add_classes=True)
     assert result.new_classes == ("blast",) and "new classes: blast" in lines
     assert weights.load_model("lab-blast", device="cpu").classes[-1] == "blast"
 
@@ -178,7 +193,6 @@ def test_a_new_class_is_learned_from_a_folders_cell_labels(
 def test_copies_of_a_cell_stay_together_and_disagreeing_labels_are_left_out(
     synthetic_cells_dir, synthetic_rbc_diameter, isolated_cache, tmp_path
 ):
-    from napari_cytodiffusion.core.tasks.adapt import AdaptRequest, adapt_model
 
     folder = tmp_path / "cells"
     shutil.copytree(synthetic_cells_dir, folder)
@@ -186,15 +200,7 @@ def test_copies_of_a_cell_stay_together_and_disagreeing_labels_are_left_out(
     shutil.copy(folder / "lymphocyte" / "lymphocyte_0.png", folder / "lymphocyte" / "again.png")
     shutil.copy(folder / "neutrophil" / "neutrophil_1.png", folder / "lymphocyte" / "wrong.png")
     lines = []
-    request = AdaptRequest(
-        folder,
-        "lab-c",
-        steps=2,
-        calibration_trials=4,
-        device="cpu",
-        rbc_diameter=synthetic_rbc_diameter,
-    )
-    result = adapt_model(request, log=lines.append)
+    result = _quick_adapt(folder, "lab-c", synthetic_rbc_diameter, lines)
     (warning,) = [line for line in lines if line.startswith("warning: the same cell")]
     assert "lymphocyte/wrong.png" in warning and "neutrophil/neutrophil_1.png" in warning
     # The drawn cells of one class differ only where red cells fall, so some match too.

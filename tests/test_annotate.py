@@ -293,6 +293,12 @@ def test_classify_and_export_keep_the_persons_labels(tmp_path, capsys):
     from napari_cytodiffusion.core.smear.prepare import prepare_smear
     from napari_cytodiffusion.core.smear.segmentation import segment_smear
 
+    # Nothing annotated yet: exporting says what to do first and writes nothing.
+    out = tmp_path / "dataset"
+    assert main(["export-cells", str(image), "--out", str(out)]) == 2
+    assert "annotate them with the Annotate cells widget" in capsys.readouterr().err
+    assert not out.exists()
+
     pixels = read_image(image)
     white = segment_smear(prepare_smear(pixels)).table("wbc").iloc[0]
     save_annotations(
@@ -314,7 +320,6 @@ def test_classify_and_export_keep_the_persons_labels(tmp_path, capsys):
     ignored = json.loads(capsys.readouterr().out.splitlines()[0])
     assert ignored["label"] == first["label"] and "annotated" not in ignored
 
-    out = tmp_path / "dataset"
     assert main(["export-cells", str(image), "--out", str(out)]) == 0
     assert capsys.readouterr().out.strip().startswith(f"1 cells in {out}: {other} 1")
     (crop,) = (out / other).glob("*.png")

@@ -43,3 +43,22 @@ def test_a_sample_of_cases_ends_as_a_user_should_get_it(made):
         if outcome != "as expected":
             failures.append(f"{outcome}: {name} -> exit {code}: {stderr.strip()[-300:]}")
     assert not failures, "\n".join(failures)
+
+
+def test_adapt_calibrate_and_export_refuse_bad_input_with_a_message(made, tmp_path, monkeypatch):
+    from napari_cytodiffusion.core.model.weights import CACHE_ENV
+
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
+    files = made[0]
+    lab_cases = fuzz.lab_cases(files, fuzz.lab_files(tmp_path / "labs"))
+    assert {argv[0] for _, argv, _ in lab_cases} == {"adapt", "calibrate", "export-cells"}
+    failures = []
+    for name, argv, expected in lab_cases:
+        if expected == "ok":  # adapting runs in the benchmark
+            continue
+        code, stderr = fuzz.run_case(argv)
+        outcome = fuzz.verdict(expected, code, stderr)
+        if outcome != "as expected":
+            failures.append(f"{outcome}: {name} -> exit {code}: {stderr.strip()[-300:]}")
+    assert not failures, "\n".join(failures)
+    assert not (tmp_path / "cache" / "local" / "registry.json").exists()

@@ -9,6 +9,8 @@ import argparse
 import os
 import sys
 
+from napari_cytodiffusion.core.devices import DEVICE_HELP
+
 USAGE_ERROR = 2
 # What a labelled dataset (train, adapt, calibrate) may be.
 DATA_HELP = (
@@ -32,6 +34,16 @@ def _seed(text):
     return value
 
 
+def _device(text):
+    """An argparse type: a device name the model runs on (this machine need not have it)."""
+    from napari_cytodiffusion.core.devices import check_device_name
+
+    try:
+        return check_device_name(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
 def _add_train(subparsers):
     parser = subparsers.add_parser(
         "train",
@@ -48,7 +60,7 @@ def _add_train(subparsers):
     parser.add_argument("--steps", type=int, default=20000)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--lr", type=float, default=3e-4)
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+    parser.add_argument("--device", type=_device, default="auto", help=DEVICE_HELP)
     parser.add_argument("--seed", type=_seed, default=0)
     parser.add_argument("--resume", metavar="CKPT", help="continue from this checkpoint")
     parser.add_argument(
@@ -452,7 +464,7 @@ def _with_folder_images(paths):
 def _add_model_arguments(parser, seed_help=None):
     """--model, --device and --seed, the same for every command that runs the model."""
     parser.add_argument("--model", default="default", help="registry name or model file")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+    parser.add_argument("--device", type=_device, default="auto", help=DEVICE_HELP)
     parser.add_argument("--seed", type=_seed, default=0, help=seed_help)
 
 
@@ -546,7 +558,9 @@ def _add_analyze(subparsers):
     parser.add_argument("paths", nargs="+", metavar="PATH")
     parser.add_argument("--out", required=True, metavar="DIR")
     parser.add_argument("--model", default="default", help="registry name or model file")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (on workers)")
+    parser.add_argument(
+        "--device", type=_device, default="auto", help=f"{DEVICE_HELP} (on the workers)"
+    )
     parser.add_argument("--scheduler", metavar="ADDRESS", help="a running dask scheduler")
     parser.add_argument(
         "--workers", type=int, help="worker processes of the local cluster (default: cores, <= 4)"
@@ -632,7 +646,7 @@ def _add_adapt(subparsers):
         type=float,
         help="red-cell diameter in pixels (default: one scale for all the images, their median)",
     )
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+    parser.add_argument("--device", type=_device, default="auto", help=DEVICE_HELP)
     parser.add_argument("--seed", type=_seed, default=0)
 
 
@@ -683,7 +697,7 @@ def _add_calibrate(subparsers):
         type=float,
         help="red-cell diameter in pixels (default: one scale for all the images, their median)",
     )
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+    parser.add_argument("--device", type=_device, default="auto", help=DEVICE_HELP)
     parser.add_argument("--seed", type=_seed, default=0)
 
 
@@ -735,15 +749,20 @@ def _export_cells(args):
         size = load_model_file(model_path(args.model), "cpu").image_size
     totals = {}
     for path in args.paths:
+        if not os.path.isfile(path):
+            raise ValueError(f"No such file: {path}")
         written = export_annotated(path, args.out, size, rbc_diameter=args.rbc_diameter)
         if not written:
             print(f"{path}: no annotations (annotate it with the Annotate cells widget first)")
         for name, count in written.items():
             totals[name] = totals.get(name, 0) + count
-    print(
-        f"{sum(totals.values())} cells in {args.out}: "
-        + (", ".join(f"{name} {count}" for name, count in sorted(totals.items())) or "none")
-    )
+    if not totals:
+        raise ValueError(
+            "None of the images has annotated cells: annotate them with the Annotate cells "
+            "widget first (it saves IMAGE.annotations.json beside each image)."
+        )
+    counts = ", ".join(f"{name} {count}" for name, count in sorted(totals.items()))
+    print(f"{sum(totals.values())} cells in {args.out}: {counts}")
     return 0
 
 

@@ -21,6 +21,7 @@ from qtpy.QtGui import QKeySequence
 from qtpy.QtWidgets import QComboBox, QFrame, QScrollArea, QShortcut, QSizePolicy, QWidget
 
 from napari_cytodiffusion._widgets._runner import TaskRunner
+from napari_cytodiffusion.core import devices
 
 NEW_CLASS_TIP = (
     "A class the model does not have, such as blast or smudge cell: New class gives it to "
@@ -32,18 +33,6 @@ NEW_CLASS_TIP = (
 def camera(viewer):
     """The viewer's camera (``viewer.scene.camera`` since napari 0.9, ``viewer.camera`` before)."""
     return getattr(viewer, "scene", viewer).camera
-
-
-def available_devices():
-    """The devices this machine can run the model on, ``auto`` first."""
-    import torch
-
-    devices = ["auto", "cpu"]
-    if torch.cuda.is_available():
-        devices.append("cuda")
-    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-        devices.append("mps")
-    return devices
 
 
 @dataclass(frozen=True)
@@ -64,7 +53,7 @@ def device_field():
     """The device choice: ``auto`` and the devices this machine has."""
     return ComboBox(
         label="device",
-        choices=available_devices(),
+        choices=devices.available_devices(),
         value="auto",
         tooltip="auto: a GPU when there is one, else the CPU.",
     )

@@ -52,22 +52,6 @@ class DiffusionModel:
         return self.metadata.get("rbc_diameter")
 
 
-def resolve_device(device="auto"):
-    """Return a torch device: ``auto`` picks CUDA, then MPS, then CPU."""
-    import torch
-
-    if device in (None, "auto"):
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("CUDA was requested but no CUDA GPU is available; use --device cpu.")
-    return device
-
-
 def load_model_file(path, device="cpu", name=None):
     """Load a model file written by ``export_model`` or a training checkpoint.
 
@@ -79,6 +63,7 @@ def load_model_file(path, device="cpu", name=None):
         If the file is not a napari-cytodiffusion model.
     """
 
+    from napari_cytodiffusion.core.devices import resolve_device
     from napari_cytodiffusion.core.model.diffusion import cosine_alpha_bars
     from napari_cytodiffusion.core.model.unet import CellUNet
 

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from napari_cytodiffusion.core.model.checkpoint import MODEL_FORMAT, resolve_device
+from napari_cytodiffusion.core.devices import resolve_device
+from napari_cytodiffusion.core.model.checkpoint import MODEL_FORMAT
 from napari_cytodiffusion.core.progress import Cancelled, report
 
 DEFAULT_CHANNELS = (64, 128, 192)

@@ -34,6 +34,7 @@ DEFAULT_NAME = "default"
 _ENTRY_FIELDS = ("name", "file", "sha256", "url", "classes", "image_size", "version")
 LOCAL_FOLDER = "local"
 _NAME_CHARACTERS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
+MAX_NAME_LENGTH = 100
 
 
 class WeightsError(ValueError):
@@ -132,6 +133,11 @@ def check_local_name(name):
         raise WeightsError(
             f"{name!r} cannot name a model: use letters, digits, '-', '_' and '.', for "
             "example 'lab-a-adapted'."
+        )
+    if len(name) > MAX_NAME_LENGTH:  # it names files, with suffixes, on every file system
+        raise WeightsError(
+            f"A model's name may have up to {MAX_NAME_LENGTH} characters; {name[:20]}... has "
+            f"{len(name)}."
         )
     default, entries = read_registry()
     if name in {DEFAULT_NAME, default} | {entry.name for entry in entries}:

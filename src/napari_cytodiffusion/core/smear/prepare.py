@@ -119,8 +119,8 @@ def prepare_smear(
     >>> smear.rbc_diameter, smear.rgb[20:22, 20:22].dtype
     (12.0, dtype('float32'))
     """
-    _validate_rbc_diameter(rbc_diameter)
-    _validate_rbc_diameter(fallback_rbc_diameter)
+    validate_rbc_diameter(rbc_diameter)
+    validate_rbc_diameter(fallback_rbc_diameter)
     if isinstance(image, PreparedSmear):
         if not rbc_diameter and normalisation in (None, image.normalisation):
             return image
@@ -148,7 +148,8 @@ def prepare_smear(
     )
 
 
-def _validate_rbc_diameter(rbc_diameter):
+def validate_rbc_diameter(rbc_diameter):
+    """Raise ValueError unless ``rbc_diameter`` is None, 0 (estimate it) or plausible."""
     if rbc_diameter is None or rbc_diameter == 0:
         return
     if not MIN_RBC_DIAMETER <= rbc_diameter <= MAX_RBC_DIAMETER:

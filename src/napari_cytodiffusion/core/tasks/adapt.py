@@ -25,6 +25,7 @@ CALIBRATION_TRIALS = 32
 BIAS_TRIALS = 16
 HELD_BACK = 0.3
 MIN_HELD_BACK = 2
+FEW_CELLS = 5  # fewer a class: warned (the smallest K the adaptation benchmark measures)
 # Rough seconds per unit on a CPU, to share one progress bar between the phases.
 _PACK_COST, _STEP_COST, _EVAL_COST = 0.05, 0.3, 0.015
 
@@ -170,6 +171,7 @@ def adapt_model(request, progress=None, log=print):
     counts = datasets.class_counts(records, classes)
     log("cells per class: " + ", ".join(f"{c} {n}" for c, n in counts.items() if n))
     _check_new_classes(new_classes, counts, request)
+    _warn_few_cells(counts, request, log)
     labels = np.array([classes.index(record.label) for record in records])
     held_count = sum(_held_count(n, request) for n in np.bincount(labels))
     adapt_count = len(labels) - held_count
@@ -255,7 +257,9 @@ def adapt_model(request, progress=None, log=print):
 
 
 def _validate_request(request):
+    from napari_cytodiffusion.core.devices import check_device_name
     from napari_cytodiffusion.core.model.weights import check_local_name
+    from napari_cytodiffusion.core.smear.prepare import validate_rbc_diameter
 
     checks = (
         ("steps", request.steps >= 0, "0 or more"),
@@ -268,6 +272,8 @@ def _validate_request(request):
     if not Path(request.data).exists():
         raise ValueError(f"No such file or folder: {request.data}")
     check_local_name(request.name)
+    validate_rbc_diameter(request.rbc_diameter)
+    check_device_name(request.device)
 
 
 def _records(request, classes, log):
@@ -303,6 +309,19 @@ def _check_new_classes(new_classes, counts, request):
         raise ValueError(
             f"A new class needs at least {MIN_HELD_BACK + 1} labelled cells (to learn it and to "
             f"calibrate it); {', '.join(few)} has fewer."
+        )
+
+
+def _warn_few_cells(counts, request, log):
+    """Say which classes have too few cells for calls a lab can trust."""
+    few = {name: n for name, n in counts.items() if 0 < n < FEW_CELLS}
+    if few and request.steps:
+        log(
+            "warning: few labelled cells for "
+            + ", ".join(f"{name} ({n})" for name, n in few.items())
+            + f": give each class at least {FEW_CELLS}, some to adapt on and "
+            f"{MIN_HELD_BACK} or more to calibrate on (a class of {MIN_HELD_BACK} or fewer "
+            "is not calibrated on cells of its own)"
         )
 
 
