@@ -84,3 +84,15 @@ def test_cancel_stops_quickly_and_adds_nothing(make_napari_viewer, qtbot):
     qtbot.waitUntil(lambda: not widget.runner.running, timeout=5000)
     assert time.perf_counter() - cancelled_at < 1.5
     assert [layer.name for layer in viewer.layers] == ["cbc_monocyte_eosinophil", "mosaic"]
+
+
+def test_an_image_removed_while_it_is_segmented_gets_no_layers(make_napari_viewer, qtbot):
+    viewer = make_napari_viewer()
+    image, widget = open_sample_and_dock(viewer)
+    assert widget.start(image) is not None
+    viewer.layers.remove(image)  # the person closes the image while the work runs
+    qtbot.waitUntil(lambda: not widget.runner.running, timeout=120_000)
+    assert len(viewer.layers) == 0
+    assert widget._summary.value == (
+        "cancelled: 'cbc_monocyte_eosinophil' was removed while it ran; nothing added"
+    )

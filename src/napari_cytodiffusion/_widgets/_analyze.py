@@ -79,10 +79,11 @@ class AnalyzeWidget(DockForm):
     def _show(self, layer, analysis, report, points):
         """Main thread: the layers, the status, and the report in the browser."""
         self.analysis = analysis
-        placement = {"scale": layer.scale[-2:], "translate": layer.translate[-2:]}
-        cells, review = points
-        self._viewer.add_points(name=f"{layer.name} cells", **cells, **placement)
-        self._viewer.add_points(name=f"{layer.name} needs review", **review, **placement)
+        if layer in self._viewer.layers:  # the report stands even if the image was removed
+            placement = {"scale": layer.scale[-2:], "translate": layer.translate[-2:]}
+            cells, review = points
+            self._viewer.add_points(name=f"{layer.name} cells", **cells, **placement)
+            self._viewer.add_points(name=f"{layer.name} needs review", **review, **placement)
         flagged = int(analysis.cells["needs_review"].sum())
         white = count_text(len(analysis.cells), "white cell")
         self._status.value = f"{analysis.decision}: {white}, {flagged} flagged. Report: {report}"

@@ -24,6 +24,7 @@ from napari_cytodiffusion._widgets._common import (
     RunRow,
     StatusLabel,
     camera,
+    removed_layer,
     strategy_field,
 )
 from napari_cytodiffusion.core.report import class_colours, count_text, percent_text
@@ -196,6 +197,7 @@ class ClassifyWidget(DockForm):
             lambda progress: _work(data, settings, progress),
             lambda result: self._show(image, labels_layer, result),
             text=f"classifying {image.name}",
+            removed_input=lambda: removed_layer(self._viewer, image, labels_layer),
         )
 
     def _show(self, image, labels_layer, outcome):

@@ -49,6 +49,14 @@ class ModelChoice:
         return shared_model(self.name, self.device, progress)
 
 
+def removed_layer(viewer, *layers):
+    """The name of the first of ``layers`` (None entries skipped) no longer in ``viewer``."""
+    for layer in layers:
+        if layer is not None and layer not in viewer.layers:
+            return layer.name
+    return None
+
+
 def device_field():
     """The device choice: ``auto`` and the devices this machine has."""
     return ComboBox(

@@ -18,7 +18,13 @@ import numpy as np
 from magicgui.widgets import ComboBox, FloatSpinBox, SpinBox, create_widget
 from qtpy.QtWidgets import QFileDialog, QPushButton, QVBoxLayout, QWidget
 
-from napari_cytodiffusion._widgets._common import DockForm, ModelFields, RunRow, rbc_diameter_field
+from napari_cytodiffusion._widgets._common import (
+    DockForm,
+    ModelFields,
+    RunRow,
+    rbc_diameter_field,
+    removed_layer,
+)
 from napari_cytodiffusion._widgets._grid import layer_cells, tile_origin
 from napari_cytodiffusion.core.model import counterfactual
 
@@ -264,8 +270,11 @@ class CounterfactualWidget(DockForm):
             data, request, offset = picked
             image = self._image.value
             job = _explain_job(data, request, self._fields.choice())
-            self._start(
-                job, lambda result: self._add_layers(result, image, offset), "explaining the cell"
+            self._runner.start(
+                job,
+                lambda result: self._add_layers(result, image, offset),
+                text="explaining the cell",
+                removed_input=lambda: removed_layer(self._viewer, image),
             )
 
     def _start_all_classes(self):

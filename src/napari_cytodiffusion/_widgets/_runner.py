@@ -64,6 +64,7 @@ class TaskRunner:
         self._ended = False
         self._steps = None
         self._worker_done = False
+        self._removed_input = None
         self.worker = None
         _connect(cancel_button, self.cancel)
         _set_enabled(cancel_button, False)
@@ -72,14 +73,17 @@ class TaskRunner:
     def running(self):
         return self.worker is not None
 
-    def start(self, function, on_result, on_error=None, text=None):
+    def start(self, function, on_result, on_error=None, text=None, removed_input=None):
         """Run ``function(progress)`` in a thread; ``on_result(result)`` runs on the main thread.
 
         ``on_error(message)`` defaults to a napari error notification; ``text`` (default: the
-        description) starts the status line while the work runs.
+        description) starts the status line while the work runs. ``removed_input()``, when
+        given, names an input layer the person removed while the work ran (or returns None):
+        the result then belongs nowhere and nothing is added.
         """
         if self.running:
             return None
+        self._removed_input = removed_input
         self._cancel.clear()
         self._state.update(done=0, total=0)
         self._text, self._ended, self._worker_done = text or self._description, False, False
@@ -138,7 +142,14 @@ class TaskRunner:
         return text
 
     def _returned(self, result, on_result):
+        from napari.utils.notifications import show_info
+
         self._ended = True
+        removed = self._removed_input() if self._removed_input else None
+        if removed is not None:
+            self._set_status(f"cancelled: '{removed}' was removed while it ran; nothing added")
+            show_info(f"{self._description}: '{removed}' was removed; nothing was added.")
+            return
         self._set_status("done")
         steps = on_result(result)
         if inspect.isgenerator(steps):

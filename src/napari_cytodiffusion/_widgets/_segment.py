@@ -13,7 +13,12 @@ from magicgui.widgets import CheckBox, ComboBox
 from napari.layers import Image
 from napari.utils.notifications import show_error, show_info
 
-from napari_cytodiffusion._widgets._common import DockForm, RunRow, rbc_diameter_field
+from napari_cytodiffusion._widgets._common import (
+    DockForm,
+    RunRow,
+    rbc_diameter_field,
+    removed_layer,
+)
 
 
 class SegmentWidget(DockForm):
@@ -80,7 +85,10 @@ class SegmentWidget(DockForm):
             return found, segmentation.rbc_labels, segmentation.nucleus_labels if nuclei else None
 
         return self._runner.start(
-            work, lambda result: self._show(layer, *result), text=f"segmenting {layer.name}"
+            work,
+            lambda result: self._show(layer, *result),
+            text=f"segmenting {layer.name}",
+            removed_input=lambda: removed_layer(self._viewer, layer),
         )
 
     def _show(self, image, found, rbc_labels, nucleus_labels):
