@@ -146,6 +146,7 @@ class TaskRunner:
 
         self._ended = True
         removed = self._removed_input() if self._removed_input else None
+        self._removed_input = None  # it holds the input layers; a removed one can go now
         if removed is not None:
             self._set_status(f"cancelled: '{removed}' was removed while it ran; nothing added")
             show_info(f"{self._description}: '{removed}' was removed; nothing was added.")
