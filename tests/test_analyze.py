@@ -143,7 +143,7 @@ def test_report_files_are_written_atomically(field_analysis, tmp_path, monkeypat
     assert not [p for p in folder.iterdir() if "partial" in p.name]
 
 
-def test_batch_on_a_local_cluster_resumes_and_reports_failures(tmp_path):
+def test_batch_on_a_local_cluster_resumes_and_reports_failures(tmp_path, capfd):
     smears = tmp_path / "smears"
     smears.mkdir()
     for name in ("pbc_lymphocyte", "cbc_lymphocyte"):
@@ -155,6 +155,9 @@ def test_batch_on_a_local_cluster_resumes_and_reports_failures(tmp_path):
     result = analyze_files(request, on_smear=lambda name, a, e: ended.append((name, e is None)))
     assert sorted(result.analysed) == ["cbc_lymphocyte.jpg", "pbc_lymphocyte.jpg"]
     assert "broken.png" in result.failed and ("broken.png", False) in ended
+    assert result.failed["broken.png"].startswith("Cannot read")
+    # A person's unreadable file is reported in one line, not logged by dask as a crash.
+    assert "Compute Failed" not in capfd.readouterr().err
     summary = pd.read_csv(out / "summary.csv")
     assert sorted(summary["smear"]) == ["cbc_lymphocyte.jpg", "pbc_lymphocyte.jpg"]
     triage_row = json.loads((out / "pbc_lymphocyte.jpg" / "triage.json").read_text())

@@ -9,6 +9,7 @@ kept, so memory depends on the tile size, not on the image size. Tiles run in th
 dask.distributed cluster (see :func:`analyze_files`).
 """
 
+import functools
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -504,6 +505,29 @@ def result_names(sources):
     return names
 
 
+@dataclass
+class InputProblem:
+    """A smear file a worker could not use, returned rather than raised: dask logs every
+    raised error with its traceback, and a person's unreadable file is not a bug."""
+
+    error: Exception
+
+
+def _returning_input_problems(function):
+    """``function`` (a worker task) with the errors a person's files cause returned as an
+    :class:`InputProblem`; a bug still raises."""
+
+    @functools.wraps(function)
+    def run(*args, **kwargs):
+        try:
+            return function(*args, **kwargs)
+        except (OSError, ValueError) as error:
+            return InputProblem(error)
+
+    return run
+
+
+@_returning_input_problems
 def measure_file(path, rbc_diameter=None, tile_size=ANALYSIS_TILE):
     """Open a smear file lazily and measure what its tiles share (runs on a worker)."""
     from napari_cytodiffusion.core.io import open_image
@@ -511,6 +535,7 @@ def measure_file(path, rbc_diameter=None, tile_size=ANALYSIS_TILE):
     return describe(prepare(open_image(path), rbc_diameter), tile_size)
 
 
+@_returning_input_problems
 def analyze_file_tile(path, info, tile, model, device, strategy, seed, threads=None):
     """Analyse one tile of a smear file (runs on a worker, which keeps the model loaded)."""
     from napari_cytodiffusion.core.io import open_image
@@ -661,11 +686,12 @@ def _run_batch(client, threads, request, model, todo, out, result, progress, on_
         smear = smears[name]
         if name in result.failed:
             continue
-        if future.status == "error":
-            _fail(name, future.exception(), result, on_smear)
+        value = future.exception() if future.status == "error" else future.result()
+        if isinstance(value, (Exception, InputProblem)):
+            _fail(name, getattr(value, "error", value), result, on_smear)
             continue
         if index is None:
-            smear["info"] = info = future.result()
+            smear["info"] = info = value
             total[1] += len(info.tiles)
             for number, tile in enumerate(info.tiles):
                 task = client.submit(
@@ -683,7 +709,7 @@ def _run_batch(client, threads, request, model, todo, out, result, progress, on_
                 jobs[task.key] = (name, number)
                 pending.add(task)
             continue
-        smear["parts"][index] = future.result()
+        smear["parts"][index] = value
         total[0] += 1
         report(progress, total[0], total[1])
         if len(smear["parts"]) == len(smear["info"].tiles):
