@@ -173,18 +173,7 @@ def adapt_model(request, progress=None, log=print):
     _check_new_classes(new_classes, counts, request)
     _warn_few_cells(counts, request, log)
     labels = np.array([classes.index(record.label) for record in records])
-    held_count = sum(_held_count(n, request) for n in np.bincount(labels))
-    adapt_count = len(labels) - held_count
-    packing, adapting, calibrating = phases(
-        progress,
-        [
-            _PACK_COST * len(records),
-            _STEP_COST * request.steps,
-            _EVAL_COST
-            * len(classes)
-            * (held_count * request.calibration_trials + adapt_count * BIAS_TRIALS),
-        ],
-    )
+    packing, adapting, calibrating = _phases(progress, labels, len(classes), request)
     scale = request.rbc_diameter or _lab_scale(records, log)
     images = _packed(records, request, model, classes, scale, packing, log).images
     crops = _model_crops(images, model.image_size)
@@ -215,17 +204,8 @@ def adapt_model(request, progress=None, log=print):
         calibrating,
     )
     model.calibration["domain"] = _lab_domain_reference(model, crops, adapt_ids, held_ids)
-    # A lab's few cells cannot say how calls degrade off its smears, nor how large each class
-    # may be (a physical size, in red cells); the base's measures stand (a new class has none).
-    base_calibration = base_calibration or {}
-    decay = (base_calibration.get("domain") or {}).get("trust_decay")
-    if decay is not None:
-        model.calibration["domain"]["trust_decay"] = decay
-    if "size" in base_calibration:
-        model.calibration["size"] = base_calibration["size"]
+    _keep_base_measures(model, base_calibration)
     held_labels = labels[held_ids]
-    predicted = np.array([classes.index(call.label) for call in calls])
-    accuracy = np.mean([np.mean(predicted[held_labels == c] == c) for c in np.unique(held_labels)])
     model.metadata = {
         **model.metadata,
         "base": request.base,
@@ -248,12 +228,45 @@ def adapt_model(request, progress=None, log=print):
         adapted_on=_per_class(labels[adapt_ids], classes),
         calibrated_on=_per_class(held_labels, classes),
         new_classes=tuple(new_classes),
-        held_back_balanced_accuracy=float(accuracy),
+        held_back_balanced_accuracy=_balanced_accuracy(calls, held_labels, classes),
         held_back_flagged=float(np.mean([call.needs_review for call in calls])),
         training=training,
         seconds=time.perf_counter() - started,
         rbc_diameter=scale,
     )
+
+
+def _phases(progress, labels, class_count, request):
+    """(packing, adapting, calibrating) progress callbacks sharing one bar by rough cost."""
+    held_count = sum(_held_count(n, request) for n in np.bincount(labels))
+    adapt_count = len(labels) - held_count
+    evaluations = held_count * request.calibration_trials + adapt_count * BIAS_TRIALS
+    costs = [
+        _PACK_COST * len(labels),
+        _STEP_COST * request.steps,
+        _EVAL_COST * class_count * evaluations,
+    ]
+    return phases(progress, costs)
+
+
+def _keep_base_measures(model, base_calibration):
+    """A lab's few cells cannot say how calls degrade off its smears, nor how large each
+    class may be (a physical size, in red cells): the base model's measures stand (a new
+    class has none)."""
+    base_calibration = base_calibration or {}
+    decay = (base_calibration.get("domain") or {}).get("trust_decay")
+    if decay is not None:
+        model.calibration["domain"]["trust_decay"] = decay
+    if "size" in base_calibration:
+        model.calibration["size"] = base_calibration["size"]
+
+
+def _balanced_accuracy(calls, labels, classes):
+    """Mean recall over the classes present in ``labels`` (NaN when there are none)."""
+    if len(labels) == 0:
+        return float("nan")
+    predicted = np.array([classes.index(call.label) for call in calls])
+    return float(np.mean([np.mean(predicted[labels == c] == c) for c in np.unique(labels)]))
 
 
 def _validate_request(request):
