@@ -280,3 +280,13 @@ def test_cancel_stops_the_folder_within_a_second_and_adds_no_layer(
     assert cancel_latency(widget) < 1.0
     assert widget.tiles_layer is None and widget._status.value == "cancelled"
     assert len(viewer.layers) == 0
+
+
+def test_a_folder_unlike_the_training_smears_gets_a_banner_saying_what_to_do():
+    from napari_cytodiffusion._widgets._cell_images import _folder_warning
+
+    assert _folder_warning(["", "", "this image is about 20 red cells across, ..."]) == ""
+    unlike = "this smear is unlike the training smears (domain shift 2.6); calls may be wrong"
+    text = _folder_warning([unlike, unlike, ""])
+    assert text.startswith("2 of 3 images are unlike the training smears")
+    assert "adapt the model to this folder" in text

@@ -152,6 +152,36 @@ def test_widget_adds_class_uncertainty_and_review_layers(classify_widget, pbc_di
     assert header.startswith("index,label,predicted,annotated,added,p_basophil")
 
 
+def test_a_banner_says_when_the_smear_is_unlike_the_training_smears(
+    classify_widget, pbc_dir, qtbot
+):
+    from napari_cytodiffusion._sample_data import sample_path
+    from napari_cytodiffusion.core.io import read_image
+
+    viewer, widget = classify_widget
+    widget._device.value = "cpu"
+    field = viewer.add_image(read_image(sample_path("cbc_lymphocyte")), name="field", rgb=True)
+    widget.reset_choices()
+    widget._image.value = field
+    assert widget._banner.native.isHidden()
+    widget._run.native.click()
+    qtbot.waitUntil(lambda: not widget._runner.running, timeout=120_000)
+    # Another lab's smear: the banner says so and what to do; the status keeps the counts.
+    assert not widget._banner.native.isHidden()
+    assert widget._banner.value.startswith("This smear is unlike the training smears")
+    assert widget._banner.value.endswith("review them or adapt the model")
+    assert widget._status.value.startswith("done: 1 white cell") and "unlike" not in (
+        widget._status.value
+    )
+    # A PBC cell is of the training smears: the banner goes.
+    cell = viewer.add_image(read_image(pbc_dir / EOSINOPHIL), name="cell", rgb=True)
+    widget._image.value = cell
+    widget._single.value = True
+    widget._run.native.click()
+    qtbot.waitUntil(lambda: not widget._runner.running, timeout=120_000)
+    assert widget._banner.native.isHidden() and widget._banner.value == ""
+
+
 def test_white_cells_are_offered_only_from_layers_that_fit_the_image(classify_widget):
     from napari_cytodiffusion._widgets._classify import NO_LABELS
 

@@ -31,6 +31,7 @@ from napari_cytodiffusion._widgets._classify import (
     show_differential,
 )
 from napari_cytodiffusion._widgets._common import (
+    Banner,
     DockForm,
     ModelFields,
     RunRow,
@@ -43,6 +44,7 @@ from napari_cytodiffusion._widgets._common import (
 )
 from napari_cytodiffusion._widgets._grid import add_grid, add_tiles, focus, tile, tile_origin
 from napari_cytodiffusion.core.annotations import ARTEFACT, UNKNOWN
+from napari_cytodiffusion.core.model.classifier import UNFAMILIAR_SMEAR
 from napari_cytodiffusion.core.report import count_text
 
 # Tile outlines, in crop pixels of the model's image size: visible beside the 4-px gaps.
@@ -69,6 +71,8 @@ class CellImagesWidget(DockForm):
         row = RunRow("Classifying cell images", "Classify")
         self._run, self._cancel, self._runner = row.buttons[0], row.cancel, row.runner
         self._status = row.status
+        self._banner = Banner()
+        self._banner.tooltip = "About the folder as a whole; each image's is in its 'warning'."
         self._run.tooltip = "Classify the central cell of every image in the folder."
         self._class = ComboBox(
             label="class",
@@ -135,6 +139,7 @@ class CellImagesWidget(DockForm):
             *self._fields.widgets,
             self._strategy,
             row,
+            self._banner,
             review,
             self._review,
             self._legend,
@@ -185,6 +190,7 @@ class CellImagesWidget(DockForm):
             cells = np.round(np.clip(result.crops, 0, 1) * 255).astype(np.uint8)
             return folder, result, (tile(cells), table)
 
+        self._banner.say([])
         self._runner.start(job, self._show, text=f"classifying {len(paths)} images")
 
     def _show(self, outcome):
@@ -216,9 +222,10 @@ class CellImagesWidget(DockForm):
         warned = sum(1 for warning in result.warnings if warning)
         if warned:
             self._status.value += (
-                f"; {count_text(warned, 'image')} with a warning, such as: unlike the training "
-                "smears (hover a tile for its 'warning'; also in the CSV)"
+                f"; {count_text(warned, 'image')} with a warning (hover a tile for its "
+                "'warning'; also in the CSV)"
             )
+        self._banner.say([_folder_warning(result.warnings)])
         show_info(f"Classified {count_text(len(table), 'image')}; {flagged} to review.")
 
     # ------------------------------------------------------------------------ review
@@ -411,3 +418,16 @@ def _tile_colormap(table, classes):
     colours = {None: "transparent", 0: "transparent"}
     colours.update(cell_colours(table, classes))
     return _direct_colormap(colours)
+
+
+def _folder_warning(warnings):
+    """One sentence when images of the folder are unlike the training smears, saying what to
+    do; "" when none is."""
+    unlike = sum(1 for warning in warnings if UNFAMILIAR_SMEAR in warning)
+    if not unlike:
+        return ""
+    return (
+        f"{unlike} of {count_text(len(warnings), 'image')} are unlike the training smears: "
+        "calls may be wrong. Review them, then adapt the model to this folder (Adapt / "
+        "calibrate model reads the calls saved here)."
+    )

@@ -19,6 +19,7 @@ from napari.utils.notifications import show_error, show_info
 from qtpy.QtWidgets import QFileDialog, QListWidget, QTableWidget, QTableWidgetItem
 
 from napari_cytodiffusion._widgets._common import (
+    Banner,
     DockForm,
     ModelFields,
     RunRow,
@@ -87,6 +88,8 @@ class ClassifyWidget(DockForm):
         row = RunRow("Classifying cells", "Classify")
         self._run, self._cancel, self._runner = row.buttons[0], row.cancel, row.runner
         self._status = row.status
+        self._banner = Banner()
+        self._banner.tooltip = "About the image as a whole; each cell's reasons are in the table."
         self._run.tooltip = "Classify every white cell of the image (or its central cell)."
         self._export = PushButton(
             text="Export CSV…", enabled=False, tooltip="Save the per-cell table."
@@ -106,6 +109,7 @@ class ClassifyWidget(DockForm):
             self._uncertainty,
             self._anomaly,
             row,
+            self._banner,
             self._fill,
             self._legend,
             self._export,
@@ -193,6 +197,7 @@ class ClassifyWidget(DockForm):
             "image_path": image_path(image),
         }
         data = image.data
+        self._banner.say([])
         self._runner.start(
             lambda progress: _work(data, settings, progress),
             lambda result: self._show(image, labels_layer, result),
@@ -264,8 +269,7 @@ class ClassifyWidget(DockForm):
         table = self.class_layer.features
         flagged = int(table["needs_review"].sum())
         self._status.value = f"done: {count_text(len(table), 'white cell')}, {flagged} to review"
-        for warning in result.warnings():  # the image as a whole, not only per-cell flags
-            self._status.value += f"; {warning}"
+        self._banner.say(result.warnings())  # the image as a whole, not only per-cell flags
         show_info(f"Classified {count_text(len(table), 'white cell')}; {flagged} to review.")
 
     def _update_review(self, *_):

@@ -311,6 +311,25 @@ class StatusLabel(Label):
         self.tooltip = text
 
 
+class Banner(StatusLabel):
+    """A warning about the result as a whole (the smear is unlike the training smears),
+    set apart from the status line in amber, and hidden while there is nothing to say."""
+
+    STYLE = "background-color: #f0b429; color: #1f1f1f; padding: 6px; border-radius: 4px;"
+
+    def __init__(self):
+        super().__init__()
+        self.native.setStyleSheet(self.STYLE)
+        self.visible = False
+
+    def say(self, sentences):
+        """Show ``sentences`` (each with a capital first letter, one per line); hide the
+        banner when there are none."""
+        lines = [s[:1].upper() + s[1:] for s in sentences if s]
+        self.value = "\n".join(lines)
+        self.visible = bool(lines)
+
+
 class RunRow(Container):
     """Run buttons, a Cancel button and a status line, driven by one :class:`TaskRunner`.
 
