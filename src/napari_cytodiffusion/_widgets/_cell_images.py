@@ -72,7 +72,6 @@ class CellImagesWidget(DockForm):
         self._run, self._cancel, self._runner = row.buttons[0], row.cancel, row.runner
         self._status = row.status
         self._banner = Banner()
-        self._banner.tooltip = "About the folder as a whole; each image's is in its 'warning'."
         self._run.tooltip = "Classify the central cell of every image in the folder."
         self._class = ComboBox(
             label="class",

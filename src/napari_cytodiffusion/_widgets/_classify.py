@@ -89,7 +89,6 @@ class ClassifyWidget(DockForm):
         self._run, self._cancel, self._runner = row.buttons[0], row.cancel, row.runner
         self._status = row.status
         self._banner = Banner()
-        self._banner.tooltip = "About the image as a whole; each cell's reasons are in the table."
         self._run.tooltip = "Classify every white cell of the image (or its central cell)."
         self._export = PushButton(
             text="Export CSV…", enabled=False, tooltip="Save the per-cell table."
