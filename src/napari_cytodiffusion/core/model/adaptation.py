@@ -19,8 +19,8 @@ import numpy as np
 from napari_cytodiffusion.core.progress import report
 
 ADAPT_STEPS = 300
-# Cells denoised a step under their own class; beside PAIRED_CELLS cells denoised under every
-# class, a step costs about 6 % more than 32 and 6 did (2026-12-06).
+# Cells a step, each denoised under its own class; the first PAIRED_CELLS of them are also
+# denoised under every class. 24 with 8 costs about 6 % more than 32 with 6 did (2026-12-06).
 ADAPT_BATCH = 24
 ADAPT_LR = 1e-3
 # The noise levels the classifier scores cells at (classifier.TIMESTEP_RANGE): adapting
