@@ -9,7 +9,7 @@ import argparse
 import os
 import sys
 
-from napari_cytodiffusion.core.devices import DEVICE_HELP
+from napari_cytodiffusion.core.devices import DEVICE_HELP, check_device_name
 
 USAGE_ERROR = 2
 # What a labelled dataset (train, adapt, calibrate) may be.
@@ -36,8 +36,6 @@ def _seed(text):
 
 def _device(text):
     """An argparse type: a device name the model runs on (this machine need not have it)."""
-    from napari_cytodiffusion.core.devices import check_device_name
-
     try:
         return check_device_name(text)
     except ValueError as error:
@@ -747,10 +745,11 @@ def _export_cells(args):
         from napari_cytodiffusion.core.model.checkpoint import load_model_file
 
         size = load_model_file(model_path(args.model), "cpu").image_size
+    missing = [path for path in args.paths if not os.path.isfile(path)]
+    if missing:  # checked before any cell is written
+        raise ValueError(f"No such file: {', '.join(missing)}")
     totals = {}
     for path in args.paths:
-        if not os.path.isfile(path):
-            raise ValueError(f"No such file: {path}")
         written = export_annotated(path, args.out, size, rbc_diameter=args.rbc_diameter)
         if not written:
             print(f"{path}: no annotations (annotate it with the Annotate cells widget first)")
