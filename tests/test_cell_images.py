@@ -283,10 +283,15 @@ def test_cancel_stops_the_folder_within_a_second_and_adds_no_layer(
 
 
 def test_a_folder_unlike_the_training_smears_gets_a_banner_saying_what_to_do():
-    from napari_cytodiffusion._widgets._cell_images import _folder_warning
+    from types import SimpleNamespace
 
-    assert _folder_warning(["", "", "this image is about 20 red cells across, ..."]) == ""
-    unlike = "this smear is unlike the training smears (domain shift 2.6); calls may be wrong"
-    text = _folder_warning([unlike, unlike, ""])
+    from napari_cytodiffusion.core.tasks.classify import CellImages
+
+    def cells(*shifts):
+        calls = [SimpleNamespace(domain_shift=shift) for shift in shifts]
+        return CellImages([], calls, None, [], (), [], [], [])
+
+    assert cells(0.4, float("nan"), 0.9).folder_warning() == ""
+    text = cells(2.6, 2.6, 0.5).folder_warning()
     assert text.startswith("2 of 3 images are unlike the training smears")
     assert "adapt the model to this folder" in text

@@ -9,9 +9,9 @@ import argparse
 import os
 import sys
 
-from napari_cytodiffusion.core.devices import DEVICE_HELP, check_device_name
-
 USAGE_ERROR = 2
+# core.devices.DEVICE_TYPES, spelled out: importing the core would slow --help.
+DEVICE_HELP = "auto, cpu, cuda (or cuda:N for the N-th GPU) or mps"
 # What a labelled dataset (train, adapt, calibrate) may be.
 DATA_HELP = (
     "folder of class subfolders, a CSV (file, label), or a folder of single-cell images with "
@@ -36,6 +36,8 @@ def _seed(text):
 
 def _device(text):
     """An argparse type: a device name the model runs on (this machine need not have it)."""
+    from napari_cytodiffusion.core.devices import check_device_name
+
     try:
         return check_device_name(text)
     except ValueError as error:

@@ -44,7 +44,6 @@ from napari_cytodiffusion._widgets._common import (
 )
 from napari_cytodiffusion._widgets._grid import add_grid, add_tiles, focus, tile, tile_origin
 from napari_cytodiffusion.core.annotations import ARTEFACT, UNKNOWN
-from napari_cytodiffusion.core.model.classifier import UNFAMILIAR_SMEAR
 from napari_cytodiffusion.core.report import count_text
 
 # Tile outlines, in crop pixels of the model's image size: visible beside the 4-px gaps.
@@ -224,7 +223,7 @@ class CellImagesWidget(DockForm):
                 f"; {count_text(warned, 'image')} with a warning (hover a tile for its "
                 "'warning'; also in the CSV)"
             )
-        self._banner.say([_folder_warning(result.warnings)])
+        self._banner.say([result.folder_warning()])
         show_info(f"Classified {count_text(len(table), 'image')}; {flagged} to review.")
 
     # ------------------------------------------------------------------------ review
@@ -417,16 +416,3 @@ def _tile_colormap(table, classes):
     colours = {None: "transparent", 0: "transparent"}
     colours.update(cell_colours(table, classes))
     return _direct_colormap(colours)
-
-
-def _folder_warning(warnings):
-    """One sentence when images of the folder are unlike the training smears, saying what to
-    do; "" when none is."""
-    unlike = sum(1 for warning in warnings if UNFAMILIAR_SMEAR in warning)
-    if not unlike:
-        return ""
-    return (
-        f"{unlike} of {count_text(len(warnings), 'image')} are unlike the training smears: "
-        "calls may be wrong. Review them, then adapt the model to this folder (Adapt / "
-        "calibrate model reads the calls saved here)."
-    )

@@ -1,7 +1,6 @@
 """The devices the model runs on: what this machine has, and checking a person's choice."""
 
 DEVICE_TYPES = ("cpu", "cuda", "mps")
-DEVICE_HELP = "auto, cpu, cuda (or cuda:N for the N-th GPU) or mps"
 
 
 def available_devices():
@@ -37,7 +36,9 @@ def check_device_name(device):
         kind in DEVICE_TYPES and (not index or (kind == "cuda" and index.isdigit()))
     )
     if not known:
-        raise ValueError(f"Unknown device {device!r}: use {DEVICE_HELP}.")
+        raise ValueError(
+            f"Unknown device {device!r}: use auto, cpu, cuda (or cuda:N for the N-th GPU) or mps."
+        )
     return text
 
 

@@ -686,9 +686,12 @@ def _run_batch(client, threads, request, model, todo, out, result, progress, on_
         smear = smears[name]
         if name in result.failed:
             continue
-        value = future.exception() if future.status == "error" else future.result()
-        if isinstance(value, (Exception, InputProblem)):
-            _fail(name, getattr(value, "error", value), result, on_smear)
+        if future.status == "error":  # a bug on the worker
+            _fail(name, future.exception(), result, on_smear)
+            continue
+        value = future.result()
+        if isinstance(value, InputProblem):
+            _fail(name, value.error, result, on_smear)
             continue
         if index is None:
             smear["info"] = info = value

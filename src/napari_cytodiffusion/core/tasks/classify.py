@@ -304,6 +304,20 @@ class CellImages:
             table["warning"] = self.warnings
         return table
 
+    def folder_warning(self):
+        """One sentence when images of the set are unlike the training smears (their cell's
+        domain shift above 1, as the review flag has it), saying what to do; "" otherwise."""
+        from napari_cytodiffusion.core.report import count_text
+
+        unlike = sum(1 for call in self.calls if call.domain_shift > 1.0)
+        if not unlike:
+            return ""
+        return (
+            f"{unlike} of {count_text(len(self.calls), 'image')} are unlike the training "
+            "smears: calls may be wrong. Review them, then adapt the model to this folder "
+            "(adapting reads the calls saved in its cell_labels.csv)."
+        )
+
     def differential(self):
         """Number and percentage of images per class (the person's call where given): see
         :func:`differential_count`."""
