@@ -2,10 +2,11 @@
 on few draws.
 
     python benchmarks/adaptation_more_draws.py TAG PAIRED_CELLS BATCH [--k 5] [--draws 3,4,5]
+        [--weight 0.02] [--out adaptation_k5_more_draws.json]
 
 Draws and scores exactly as ``benchmarks/adaptation.py`` (its ``draw``, ``adapt_once`` and
-``score``), with ``adaptation.PAIRED_CELLS`` and the adapting batch set for the run. Each
-draw's result is added to benchmarks/results/adaptation_k5_more_draws.json under ``runs``.
+``score``), with ``adaptation.PAIRED_CELLS``, ``PAIRED_WEIGHT`` and the adapting batch set for
+the run. Each draw's result is added to benchmarks/results/OUT under ``runs``.
 """
 
 import argparse
@@ -32,14 +33,16 @@ def main():
     parser.add_argument("batch", type=int)
     parser.add_argument("--k", type=int, default=5)
     parser.add_argument("--draws", default="3,4,5")
+    parser.add_argument("--weight", type=float, default=adaptation.PAIRED_WEIGHT)
+    parser.add_argument("--out", default="adaptation_k5_more_draws.json")
     args = parser.parse_args()
-    adaptation.PAIRED_CELLS = args.paired_cells
+    adaptation.PAIRED_CELLS, adaptation.PAIRED_WEIGHT = args.paired_cells, args.weight
     defaults = list(adaptation.adapt_weights.__defaults__)
     defaults[1] = args.batch  # batch_size
     adaptation.adapt_weights.__defaults__ = tuple(defaults)
     os.environ[CACHE_ENV] = tempfile.mkdtemp()  # the adapted models are thrown away
     paths, labels, crops, groups, _ = bench.lab_cells()
-    saved = RESULTS / "adaptation_k5_more_draws.json"
+    saved = RESULTS / args.out
     results = json.loads(saved.read_text()) if saved.is_file() else {"runs": []}
     for seed in (int(d) for d in args.draws.split(",")):
         picked = bench.draw(labels, groups, args.k, seed)
@@ -47,7 +50,9 @@ def main():
         _, seconds = bench.adapt_once(paths, labels, picked, name, seed)
         rest = np.setdiff1d(np.arange(len(labels)), picked)
         measured = bench.score(load_model(name, "cpu"), crops[rest], labels[rest])
-        measured.update(k=args.k, draw=seed, seconds=round(seconds, 1), config=args.tag)
+        measured.update(
+            k=args.k, draw=seed, seconds=round(seconds, 1), config=args.tag, weight=args.weight
+        )
         print(json.dumps(measured), flush=True)
         results["runs"].append(measured)
         saved.write_text(json.dumps(results, indent=1))

@@ -3,6 +3,7 @@ given weights, and an exported model loads back with the same outputs."""
 
 import contextlib
 
+import numpy as np
 import pytest
 import torch
 
@@ -300,3 +301,12 @@ def test_a_lossless_pack_keeps_the_crops_the_classifier_sees(
     # A lossless pack of the same cells is cached under another name.
     out = tmp_path / "model.pt"
     assert pack_cache_path(out, records, 64, quality=None) != pack_cache_path(out, records, 64)
+
+
+def test_a_pack_names_each_cell_s_file_compactly(tiny_pack, synthetic_cells_dir):
+    records = list_labelled_images(synthetic_cells_dir)
+    with np.load(tiny_pack) as pack:
+        files, sources = pack["files"], pack["sources"]
+    # One byte a character: a full PBC pack must fit beside the code on a GPU machine.
+    assert files.dtype.kind == "S" and sources.dtype.kind == "S"
+    assert [name.decode("utf-8") for name in files] == [str(r.path) for r in records]

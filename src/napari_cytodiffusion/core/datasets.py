@@ -445,13 +445,19 @@ def pack_cells(
                 [classes.index(r.label) if r.label else UNLABELLED for r in records], np.int64
             ),
             splits=np.array([SPLITS.index(r.split) for r in records], np.int64),
-            files=np.array([str(r.path) for r in records]),
-            sources=np.array([r.source for r in records]),
+            # UTF-8 bytes: numpy's str arrays take 4 bytes a character (7 MiB of the
+            # 18,000 paths of a full PBC pack, which travels to a GPU machine).
+            files=_utf8([str(r.path) for r in records]),
+            sources=_utf8([r.source for r in records]),
             classes=np.array(classes),
             image_size=np.array(image_size),
             version=np.array(PACK_VERSION),
         )
     partial.replace(out_path)
+
+
+def _utf8(texts):
+    return np.array([text.encode("utf-8") for text in texts], dtype=bytes)
 
 
 def load_pack(path, splits=("train", "val")):
