@@ -143,8 +143,21 @@ def test_widget_adds_class_uncertainty_and_review_layers(classify_widget, pbc_di
     # Thresholds apply to the result without running the model again.
     widget._uncertainty.value = 0.0
     assert bool(widget.class_layer.features["needs_review"][0])
-    assert len(viewer.layers["cell needs review"].data) == 1
+    markers = viewer.layers["cell needs review"]
+    assert len(markers.data) == 1
     assert widget._flagged.count() == 1
+    # The markers move in place (no new layer), red again even where Annotate hid a ring.
+    markers.border_color = [[1.0, 0.0, 0.0, 0.0]]
+    widget._update_review()  # what a changed threshold calls
+    assert viewer.layers["cell needs review"] is markers and len(viewer.layers) == 4
+    assert len(markers.data) == 1 and markers.border_color[0].tolist() == [1, 0, 0, 1]
+    # A cell a person has called needs no more review, whatever the thresholds.
+    features = widget.class_layer.features
+    features.loc[0, "annotated"] = "eosinophil"
+    widget.class_layer.features = features
+    widget._update_review()
+    assert not widget.class_layer.features["needs_review"][0]
+    assert len(markers.data) == 0 and widget._flagged.count() == 0
 
     csv = tmp_path / "cells.csv"
     widget.export_csv(csv)

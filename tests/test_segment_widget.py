@@ -49,15 +49,28 @@ def test_segment_adds_labelled_layers_with_features(make_napari_viewer, qtbot):
     assert "cbc_monocyte_eosinophil nuclei" not in viewer.layers  # only when asked for
 
     widget._nuclei.value = True
-    widget._run.native.click()  # a second run replaces the layers instead of adding more
+    red.opacity = 0.8  # the person's setting
+    widget._run.native.click()  # a second run replaces the layers' data instead of adding more
     qtbot.waitUntil(lambda: not widget.runner.running, timeout=60000)
     assert len(viewer.layers) == 5
-    white = viewer.layers["cbc_monocyte_eosinophil white cells"]
+    # The same layers, updated in place: what the person set stays.
+    assert viewer.layers["cbc_monocyte_eosinophil white cells"] is white
+    assert viewer.layers["cbc_monocyte_eosinophil red cells"] is red and red.opacity == 0.8
+    assert viewer.layers["cbc_monocyte_eosinophil platelets"] is platelets
+    assert len(platelets.features) == len(platelets.data)
     nuclei = viewer.layers["cbc_monocyte_eosinophil nuclei"]
     inside = nuclei.data > 0
     assert nuclei.contour == 1 and 0 < inside.sum() < (white.data > 0).sum()
     assert (nuclei.data[inside] == white.data[inside]).all()  # each with its cell's label
     assert set(np.unique(nuclei.data[inside])) == set(labels)
+    widget._nuclei.value = False
+    widget._run.native.click()  # nuclei no longer asked for: their layer goes
+    qtbot.waitUntil(lambda: not widget.runner.running, timeout=60000)
+    assert "cbc_monocyte_eosinophil nuclei" not in viewer.layers and len(viewer.layers) == 4
+    widget._nuclei.value = True
+    widget._run.native.click()
+    qtbot.waitUntil(lambda: not widget.runner.running, timeout=60000)
+    nuclei = viewer.layers["cbc_monocyte_eosinophil nuclei"]
     assert viewer.layers.selection.active is white
     # Classify cells offers the white cells, never their nuclei (or the red cells).
     _, classify = viewer.window.add_plugin_dock_widget(PLUGIN, "Classify cells")

@@ -282,6 +282,8 @@ class ClassifyWidget(DockForm):
         for ratio in ("domain_shift", "size_ratio"):  # in units of their thresholds
             if ratio in table:
                 table["needs_review"] |= table[ratio].fillna(0) > 1.0
+        if "annotated" in table:  # a cell a person has called needs no more review
+            table["needs_review"] &= table["annotated"] == ""
         self.class_layer.features = table
         flagged = table[table["needs_review"]]
         points = self._world(flagged[["centroid_row", "centroid_col"]].to_numpy(float))
@@ -297,17 +299,23 @@ class ClassifyWidget(DockForm):
         }
         name = self.class_layer.name.replace(" classes", " needs review")
         if self._review_layer is not None and self._review_layer in self._viewer.layers:
-            self._viewer.layers.remove(self._review_layer)
-        self._review_layer = self._viewer.add_points(
-            points.reshape(-1, 2),
-            name=name,
-            symbol="disc",
-            size=size,
-            face_color="transparent",
-            border_color="red",
-            border_width=0.025,
-            features=review_features,
-        )
+            # A new threshold moves the markers in place (a third of the stall of a new
+            # layer); every ring red again, as Annotate cells hides reviewed cells' rings.
+            layer = self._review_layer
+            layer.data = points.reshape(-1, 2)
+            layer.features = review_features
+            layer.size, layer.border_color = size, "red"
+        else:
+            self._review_layer = self._viewer.add_points(
+                points.reshape(-1, 2),
+                name=name,
+                symbol="disc",
+                size=size,
+                face_color="transparent",
+                border_color="red",
+                border_width=0.025,
+                features=review_features,
+            )
         self._flagged_rows = list(
             zip(points.reshape(-1, 2).tolist(), flagged["index"], strict=True)
         )

@@ -57,6 +57,38 @@ def removed_layer(viewer, *layers):
     return None
 
 
+def update_or_add(viewer, kind, data, name, features, metadata, **new_only):
+    """The ``kind`` ("labels" or "points") layer ``name`` showing ``data``.
+
+    An earlier run's layer of that name, kind (and, for labels, shape) takes the new data,
+    features and metadata in place: a rerun keeps what the person set (opacity, visibility,
+    place in the list), and costs napari about a third of what removing the layer and adding
+    a new one does (0.05 s against 0.15 + 0.1-0.3 s on a 2-core CPU drawing in software).
+    ``new_only`` styles a new layer; of it, ``scale``, ``translate`` and a points layer's
+    ``size`` are applied to an updated one too (napari gives new points its first size).
+    """
+    layer = viewer.layers[name] if name in viewer.layers else None
+    if layer is not None and not _fits(layer, kind, data):
+        viewer.layers.remove(layer)
+        layer = None
+    if layer is None:
+        add = getattr(viewer, f"add_{kind}")
+        return add(data, name=name, features=features, metadata=metadata, **new_only)
+    layer.data = data
+    layer.features = features
+    layer.metadata = metadata
+    for key in ("scale", "translate", "size"):
+        if key in new_only:
+            setattr(layer, key, new_only[key])
+    return layer
+
+
+def _fits(layer, kind, data):
+    if layer._type_string != kind:
+        return False
+    return kind != "labels" or (not layer.multiscale and layer.data.shape == data.shape)
+
+
 def device_field():
     """The device choice: ``auto`` and the devices this machine has."""
     return ComboBox(

@@ -18,6 +18,7 @@ from napari_cytodiffusion._widgets._common import (
     RunRow,
     rbc_diameter_field,
     removed_layer,
+    update_or_add,
 )
 
 
@@ -92,28 +93,31 @@ class SegmentWidget(DockForm):
         )
 
     def _show(self, image, found, rbc_labels, nucleus_labels):
-        """Add the result layers, replacing those of an earlier run on the same image; one
-        layer per turn of the event loop (see ``_runner``)."""
+        """Show the result, one layer per turn of the event loop (see ``_runner``); an
+        earlier run's layers of the same image take the new data in place."""
         result, name = found.segmentation, image.name
         placement = {"scale": image.scale[-2:], "translate": image.translate[-2:]}
-        for suffix in ("white cells", "red cells", "platelets", "nuclei"):
-            if f"{name} {suffix}" in self._viewer.layers:
-                self._viewer.layers.remove(f"{name} {suffix}")
+        if nucleus_labels is None and f"{name} nuclei" in self._viewer.layers:
+            self._viewer.layers.remove(f"{name} nuclei")  # not asked for this time
         platelets = result.table("platelet")
-        self._viewer.add_labels(
+        update_or_add(
+            self._viewer,
+            "labels",
             rbc_labels,
-            name=f"{name} red cells",
-            features=result.table("rbc"),
-            metadata={"source": name, "cells": "red"},
+            f"{name} red cells",
+            result.table("rbc"),
+            {"source": name, "cells": "red"},
             opacity=0.35,
-            visible=True,
             **placement,
         )
         yield
-        self._viewer.add_points(
+        update_or_add(
+            self._viewer,
+            "points",
             platelets[["centroid_row", "centroid_col"]].to_numpy(float),
-            name=f"{name} platelets",
-            features=platelets,
+            f"{name} platelets",
+            platelets,
+            {"source": name, "cells": "platelets"},
             size=max(4.0, 0.5 * result.rbc_diameter),
             face_color="transparent",
             border_color="#00ff66",
@@ -122,21 +126,25 @@ class SegmentWidget(DockForm):
         )
         yield
         if nucleus_labels is not None:
-            nuclei = self._viewer.add_labels(
+            nuclei = update_or_add(
+                self._viewer,
+                "labels",
                 nucleus_labels,
-                name=f"{name} nuclei",
-                features=result.table("wbc"),  # a nucleus has its white cell's label
-                metadata={"source": name, "cells": "nuclei"},
+                f"{name} nuclei",
+                result.table("wbc"),  # a nucleus has its white cell's label
+                {"source": name, "cells": "nuclei"},
                 **placement,
             )
             nuclei.contour = 1
             yield
-        wbc = self._viewer.add_labels(
+        wbc = update_or_add(
+            self._viewer,
+            "labels",
             result.wbc_labels,
-            name=f"{name} white cells",
-            features=result.table("wbc"),
+            f"{name} white cells",
+            result.table("wbc"),
+            {"rbc_diameter": result.rbc_diameter, "source": name, "cells": "white"},
             opacity=0.6,
-            metadata={"rbc_diameter": result.rbc_diameter, "source": name, "cells": "white"},
             **placement,
         )
         self._viewer.layers.selection.active = wbc
