@@ -218,3 +218,12 @@ def test_widget_analyses_the_open_image(make_napari_viewer, qtbot, tmp_path):
     assert len(cells.data) == 1 and "label" in cells.features
     assert (tmp_path / "field" / "report.html").is_file()
     assert "report" in widget._status.value.lower()
+    # Run again: the same layers take the new result.
+    cells.border_color = [[0.0, 0.0, 0.0, 1.0]]
+    widget.analysis = None
+    widget._run.native.click()
+    qtbot.waitUntil(lambda: widget.analysis is not None, timeout=120_000)
+    qtbot.waitUntil(lambda: not widget._runner.running, timeout=10_000)
+    assert [layer.name for layer in viewer.layers] == ["field", "field cells", "field needs review"]
+    assert viewer.layers["field cells"] is cells and len(cells.data) == 1
+    assert cells.border_color[0].tolist() != [0.0, 0.0, 0.0, 1.0]  # the class colour again

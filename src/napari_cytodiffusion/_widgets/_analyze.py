@@ -15,7 +15,7 @@ from magicgui.widgets import CheckBox, ComboBox, FileEdit
 from napari.layers import Image
 from napari.utils.notifications import show_error, show_info
 
-from napari_cytodiffusion._widgets._common import DockForm, ModelFields, RunRow
+from napari_cytodiffusion._widgets._common import DockForm, ModelFields, RunRow, update_or_add
 from napari_cytodiffusion.core.report import count_text
 
 
@@ -77,13 +77,23 @@ class AnalyzeWidget(DockForm):
         self._runner.start(job, lambda result: self._show(layer, *result), text="analysing")
 
     def _show(self, layer, analysis, report, points):
-        """Main thread: the layers, the status, and the report in the browser."""
+        """Main thread: the layers (one per turn of the event loop, an earlier run's updated
+        in place), the status, and the report in the browser."""
         self.analysis = analysis
         if layer in self._viewer.layers:  # the report stands even if the image was removed
             placement = {"scale": layer.scale[-2:], "translate": layer.translate[-2:]}
-            cells, review = points
-            self._viewer.add_points(name=f"{layer.name} cells", **cells, **placement)
-            self._viewer.add_points(name=f"{layer.name} needs review", **review, **placement)
+            for suffix, markers in zip(("cells", "needs review"), points, strict=True):
+                update_or_add(
+                    self._viewer,
+                    "points",
+                    markers.pop("data"),
+                    f"{layer.name} {suffix}",
+                    markers.pop("features"),
+                    {"source": layer.name},
+                    **markers,
+                    **placement,
+                )
+                yield
         flagged = int(analysis.cells["needs_review"].sum())
         white = count_text(len(analysis.cells), "white cell")
         self._status.value = f"{analysis.decision}: {white}, {flagged} flagged. Report: {report}"

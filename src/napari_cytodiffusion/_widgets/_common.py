@@ -65,7 +65,8 @@ def update_or_add(viewer, kind, data, name, features, metadata, **new_only):
     place in the list), and costs napari about a third of what removing the layer and adding
     a new one does (0.05 s against 0.15 + 0.1-0.3 s on a 2-core CPU drawing in software).
     ``new_only`` styles a new layer; of it, ``scale``, ``translate`` and a points layer's
-    ``size`` are applied to an updated one too (napari gives new points its first size).
+    ``size`` and ``border_color`` are applied to an updated one too (they may differ point by
+    point, and napari would give new points the first ones).
     """
     layer = viewer.layers[name] if name in viewer.layers else None
     if layer is not None and not _fits(layer, kind, data):
@@ -77,7 +78,7 @@ def update_or_add(viewer, kind, data, name, features, metadata, **new_only):
     layer.data = data
     layer.features = features
     layer.metadata = metadata
-    for key in ("scale", "translate", "size"):
+    for key in ("scale", "translate", "size", "border_color"):
         if key in new_only:
             setattr(layer, key, new_only[key])
     return layer
