@@ -27,6 +27,7 @@ from napari_cytodiffusion._widgets._common import (
     camera,
     removed_layer,
     strategy_field,
+    update_or_add,
 )
 from napari_cytodiffusion.core.report import class_colours, count_text, percent_text
 
@@ -122,7 +123,6 @@ class ClassifyWidget(DockForm):
         self._fill.changed.connect(self._show_fill)
         self._image.changed.connect(self._pick_segmented)
         self.class_layer = None
-        self._review_layer = None
         self._thresholds_from_model = False
         self._flagged_rows = []
         napari_viewer.layers.events.inserted.connect(self._layer_added)
@@ -261,7 +261,6 @@ class ClassifyWidget(DockForm):
         if labels_layer is not None and labels_layer in self._viewer.layers:
             labels_layer.visible = False  # its fill would hide the class outlines
         yield
-        self._review_layer = None  # a new result gets its own markers layer
         self._update_review()
         show_differential(self._summary, result.differential())
         self._export.enabled = True
@@ -297,25 +296,22 @@ class ClassifyWidget(DockForm):
             "label": flagged["label"].to_numpy(),
             "reason": reasons,
         }
-        name = self.class_layer.name.replace(" classes", " needs review")
-        if self._review_layer is not None and self._review_layer in self._viewer.layers:
-            # A new threshold moves the markers in place (0.03 s; a new layer stalled the
-            # viewer 0.34 s); every ring red again, as Annotate cells hides reviewed ones.
-            layer = self._review_layer
-            layer.data = points.reshape(-1, 2)
-            layer.features = review_features
-            layer.size, layer.border_color = size, "red"
-        else:
-            self._review_layer = self._viewer.add_points(
-                points.reshape(-1, 2),
-                name=name,
-                symbol="disc",
-                size=size,
-                face_color="transparent",
-                border_color="red",
-                border_width=0.025,
-                features=review_features,
-            )
+        # The markers of this classes layer (a new result's layer has a name of its own);
+        # a new threshold moves them in place (0.03 s; a new layer stalled the viewer
+        # 0.34 s), every ring red again, as Annotate cells hides reviewed ones.
+        update_or_add(
+            self._viewer,
+            "points",
+            points.reshape(-1, 2),
+            self.class_layer.name.replace(" classes", " needs review"),
+            review_features,
+            {"source": self.class_layer.metadata.get("source")},
+            symbol="disc",
+            size=size,
+            face_color="transparent",
+            border_color="red",
+            border_width=0.025,
+        )
         self._flagged_rows = list(
             zip(points.reshape(-1, 2).tolist(), flagged["index"], strict=True)
         )
