@@ -128,7 +128,9 @@ def score(model, cells, labels):
     }
 
 
-def adapt_once(paths, labels, picked, name, seed):
+def adapt_once(paths, labels, picked, name, seed, **settings):
+    """Adapt the shipped model to the picked cells as ``adapt`` does; ``settings``: other
+    fields of the request (for settings compared by other benchmarks)."""
     from napari_cytodiffusion.core.tasks.adapt import AdaptRequest, adapt_model
 
     with tempfile.TemporaryDirectory() as folder:
@@ -137,7 +139,9 @@ def adapt_once(paths, labels, picked, name, seed):
             target.parent.mkdir(exist_ok=True)
             os.symlink(paths[i], target)
         started = time.perf_counter()
-        result = adapt_model(AdaptRequest(folder, name, seed=seed, device="cpu"), log=lambda _: 0)
+        result = adapt_model(
+            AdaptRequest(folder, name, seed=seed, device="cpu", **settings), log=lambda _: 0
+        )
         return result, time.perf_counter() - started
 
 
