@@ -4,9 +4,6 @@ parts otherwise would flag fewer of the lab's cells without leaving more wrong c
     python benchmarks/adaptation_review_rules.py collect [--k 25] [--draws 3,4,5]
     python benchmarks/adaptation_review_rules.py compare [--out adaptation_review_rules.json]
 
-``--tag NAME`` keeps a run's files in their own sub-folder (for a variant of the adapting code
-tried on the same draws).
-
 ``collect`` adapts the shipped model exactly as ``benchmarks/adaptation.py`` does (its
 ``draw``, ``adapt_once`` and scored cells) and keeps, per draw, what the calibration was fitted
 on (the held-back cells' exhaustive errors and labels, the base calibration) and the raw
@@ -23,12 +20,17 @@ from the held-back cells alone:
 Per draw: accuracy of the unflagged calls, share flagged, confidently wrong calls and the
 flags by reason; and the confidently wrong calls by image, to look at. Results:
 benchmarks/results/OUT.
+
+``--tag NAME`` keeps a run's files in their own sub-folder, for a variant of the adapting code
+tried on the same draws; ``compare --note`` says in the results how its models were adapted.
 """
 
 import argparse
 import json
 import os
+import platform
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -211,7 +213,7 @@ def scored(model, saved):
     }
 
 
-def compare(out):
+def compare(out, note):
     variants = {
         "as adapted": lambda model, held: model,
         "temperature prior worth 5 cells": lambda m, h: with_temperature_prior(m, h, 5),
@@ -230,7 +232,13 @@ def compare(out):
             row["held_back_wrong"] = int(np.sum(held.best != held.labels))
         rows.append(row)
         print(json.dumps(row), flush=True)
-    (RESULTS / out).write_text(json.dumps({"rows": rows}, indent=1))
+    measured = {
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "environment": f"{platform.machine()}, {os.cpu_count()} cores, CPU only",
+        "adapted_with": note or "the shipped adapting code",
+        "rows": rows,
+    }
+    (RESULTS / out).write_text(json.dumps(measured, indent=1))
 
 
 def main():
@@ -240,13 +248,14 @@ def main():
     parser.add_argument("--draws", default="3,4,5")
     parser.add_argument("--out", default="adaptation_review_rules.json")
     parser.add_argument("--tag", default="", help="a sub-folder of work_data/review_rules")
+    parser.add_argument("--note", default="", help="compare: how the tag's models were adapted")
     args = parser.parse_args()
     global WORK
     WORK = WORK / args.tag
     if args.step == "collect":
         collect(args.k, [int(d) for d in args.draws.split(",")])
     else:
-        compare(args.out)
+        compare(args.out, args.note)
 
 
 if __name__ == "__main__":
