@@ -26,6 +26,7 @@ tried on the same draws; ``compare --note`` says in the results how its models w
 """
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -96,12 +97,18 @@ def collect(k, draws):
 
 
 def _model_with(calibration):
-    """The shipped network's class list with a given calibration: all a replay needs."""
-    from napari_cytodiffusion.core.model.weights import load_model
-
-    model = load_model("default", "cpu")
+    """The shipped network's class list with a given calibration: all a replay needs (the
+    network is loaded once; each replay sets its own calibration)."""
+    model = _shipped_model()
     model.calibration = json.loads(calibration)
     return model
+
+
+@functools.cache
+def _shipped_model():
+    from napari_cytodiffusion.core.model.weights import load_model
+
+    return load_model("default", "cpu")
 
 
 class HeldBack:
@@ -123,28 +130,22 @@ class HeldBack:
 
 
 def with_temperature_prior(model, held, prior_cells):
-    """``model`` with the temperature refitted under a prior worth ``prior_cells`` cells, and
-    the uncertainty threshold refitted under it (never more lenient than the base's)."""
-    from scipy.optimize import minimize_scalar
+    """``model`` with the temperature refitted under a prior worth ``prior_cells`` cells (the
+    calibration's own fit, its prior's spread narrowed from one cell's), and the uncertainty
+    threshold refitted under it (never more lenient than the base's)."""
+    from napari_cytodiffusion.core.model import calibration
 
-    from napari_cytodiffusion.core.model.calibration import (
-        _log_softmax,
-        _normalised_entropy,
-        _review_threshold,
-        _softmax,
-    )
-
-    prior = np.log(held.base["inverse_temperature"])
-    rows = np.arange(len(held.labels))
-
-    def loss(log_beta):
-        log_p = _log_softmax(-np.exp(log_beta) * held.against)
-        penalty = 0.5 * prior_cells * (log_beta - prior) ** 2 / len(held.labels)
-        return -np.mean(log_p[rows, held.labels]) + penalty
-
-    beta = float(np.exp(minimize_scalar(loss, bounds=(-5, 5), method="bounded").x))
-    uncertainty = _normalised_entropy(_softmax(-held.against * beta))
-    threshold = _review_threshold(uncertainty, held.best == held.labels)
+    one_cell = calibration.TEMPERATURE_PRIOR_SD
+    calibration.TEMPERATURE_PRIOR_SD = one_cell / np.sqrt(prior_cells)
+    try:
+        beta = calibration._fit_inverse_temperature(
+            held.against, held.labels, held.base["inverse_temperature"]
+        )
+    finally:
+        calibration.TEMPERATURE_PRIOR_SD = one_cell
+    probabilities = calibration._softmax(-held.against * beta)
+    uncertainty = calibration._normalised_entropy(probabilities)
+    threshold = calibration._review_threshold(uncertainty, held.best == held.labels)
     model.calibration["inverse_temperature"] = beta
     model.calibration["uncertainty_threshold"] = min(threshold, held.base["uncertainty_threshold"])
     return model
