@@ -253,6 +253,31 @@ def test_the_widget_adapts_and_every_widget_offers_the_new_model(
     assert len(viewer.layers) == 0
 
 
+def test_the_widget_cancels_within_a_second_and_registers_nothing(
+    make_napari_viewer,
+    qtbot,
+    synthetic_cells_dir,
+    synthetic_rbc_diameter,
+    isolated_cache,
+    cancel_latency,
+):
+    from napari_cytodiffusion._widgets._adapt import AdaptWidget
+
+    viewer = make_napari_viewer()
+    widget = AdaptWidget(viewer)
+    viewer.window.add_dock_widget(widget)
+    widget._data.value = synthetic_cells_dir
+    widget._name.value = "lab-c"
+    widget._steps.value = 200
+    widget._device.value = "cpu"
+    widget._rbc_diameter.value = synthetic_rbc_diameter
+    widget._adapt.native.click()
+    qtbot.waitUntil(lambda: widget._runner._state["done"] > 50, timeout=60_000)  # training
+    assert cancel_latency(widget) < 1.0
+    assert widget._status.value.startswith("cancelled")
+    assert weights.find_model("lab-c") is None
+
+
 def test_a_closed_widget_does_not_stop_new_models_reaching_the_others(make_napari_viewer, qtbot):
     from napari_cytodiffusion._widgets._classify import ClassifyWidget
     from napari_cytodiffusion._widgets._common import refresh_model_choices

@@ -227,3 +227,25 @@ def test_widget_analyses_the_open_image(make_napari_viewer, qtbot, tmp_path):
     assert [layer.name for layer in viewer.layers] == ["field", "field cells", "field needs review"]
     assert viewer.layers["field cells"] is cells and len(cells.data) == 1
     assert cells.border_color[0].tolist() != [0.0, 0.0, 0.0, 1.0]  # the class colour again
+
+
+def test_widget_cancel_within_a_tile_adds_nothing(
+    make_napari_viewer, qtbot, tmp_path, cancel_latency
+):
+    from napari_cytodiffusion._widgets._analyze import AnalyzeWidget
+
+    field = read_image(sample_path("cbc_monocyte_eosinophil"))
+    viewer = make_napari_viewer()
+    viewer.add_image(np.tile(field, (2, 2, 1)), name="four", rgb=True)
+    widget = AnalyzeWidget(viewer)
+    viewer.window.add_dock_widget(widget)
+    widget._out.value = tmp_path
+    widget._open.value = False
+    widget._fields.device.value = "cpu"
+    widget._run.native.click()
+    # One tile holds the whole image: cancel while its cells are classified.
+    qtbot.waitUntil(lambda: widget._runner._state["done"] > 400, timeout=60_000)
+    assert cancel_latency(widget) < 1.0
+    assert widget._status.value.startswith("cancelled")
+    assert [layer.name for layer in viewer.layers] == ["four"]
+    assert not (tmp_path / "four").exists()

@@ -128,3 +128,17 @@ def test_the_activity_bar_moves_and_the_status_gives_the_time_left(make_napari_v
     assert "testing: " in generate._status.value and "left" in generate._status.value
     qtbot.waitUntil(lambda: not runner.running, timeout=10_000)
     assert generate._status.value == "done"
+
+
+def test_the_time_left_reads_as_english():
+    from types import SimpleNamespace
+
+    from napari_cytodiffusion._widgets._runner import TaskRunner
+
+    def text(done, elapsed):
+        runner = SimpleNamespace(_text="analysing", _started=time.perf_counter() - elapsed)
+        return TaskRunner._progress_text(runner, done, 100)
+
+    assert text(50, 40).startswith("analysing: 50 %, about 40 s left")
+    assert text(99, 10) == "analysing: 99 %, under 1 s left"
+    assert text(50, 0.1) == "analysing: 50 %"  # too early to estimate

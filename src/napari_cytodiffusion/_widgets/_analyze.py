@@ -71,7 +71,8 @@ class AnalyzeWidget(DockForm):
             from napari_cytodiffusion.core.report import write_smear
             from napari_cytodiffusion.core.tasks.analyze import analyze_smear
 
-            analysis = analyze_smear(data, choice.load(), layer.name, seed=seed, progress=progress)
+            model = choice.load(progress)
+            analysis = analyze_smear(data, model, layer.name, seed=seed, progress=progress)
             return analysis, write_smear(analysis, folder), _cell_points(analysis)
 
         self._runner.start(job, lambda result: self._show(layer, *result), text="analysing")

@@ -445,7 +445,7 @@ def _explain_job(image, request, model_choice):
     def job(progress):
         from napari_cytodiffusion.core.tasks.explain import explain
 
-        return explain(image, model_choice.load(), request, progress)
+        return explain(image, model_choice.load(progress), request, progress)
 
     return job
 
@@ -454,6 +454,6 @@ def _grid_job(data, options, model_choice):
     def job(progress):
         from napari_cytodiffusion.core.tasks.explain import explain_grid
 
-        return explain_grid(data, model_choice.load(), progress=progress, **options)
+        return explain_grid(data, model_choice.load(progress), progress=progress, **options)
 
     return job

@@ -69,7 +69,7 @@ class GenerateWidget(DockForm):
         def job(progress):
             from napari_cytodiffusion.core.tasks.generate import generate
 
-            cells = generate(choice.load(), progress=progress, **options)
+            cells = generate(choice.load(progress), progress=progress, **options)
             return cells, tile(cells.images), cells.features()
 
         text = f"generating {options['n']} {options['label']}"

@@ -153,7 +153,7 @@ class TuringWidget(DockForm):
         choice = self._fields.choice()
         self._result.value = ""
         self._runner.start(
-            lambda progress: make_turing_panel(choice.load(), request, progress),
+            lambda progress: make_turing_panel(choice.load(progress), request, progress),
             lambda panel: self._begin(panel, out),
             text="building the panel",
         )

@@ -19,7 +19,7 @@ from napari_cytodiffusion.core.annotations import NOT_CELL_CLASSES
 from napari_cytodiffusion.core.classes import OUTSIDE_DIFFERENTIAL
 from napari_cytodiffusion.core.model.classifier import TOO_LARGE, UNKNOWN_KIND
 from napari_cytodiffusion.core.model.domain import SOFT_ADVICE, smear_softness
-from napari_cytodiffusion.core.progress import phases, report
+from napari_cytodiffusion.core.progress import phase, phases, report
 
 # Tiles of the full-resolution image each analysed on their own (pixels per side).
 ANALYSIS_TILE = 4096
@@ -131,10 +131,11 @@ def analyze_smear(
     measuring, analysing = phases(progress, [1, 9])
     prepared = prepare(image, rbc_diameter, measuring)
     info = describe(prepared, tile_size)
-    parts = []
-    for done, tile in enumerate(info.tiles, 1):
-        parts.append(analyze_tile(prepared, tile, model, strategy, seed, info.segmentation))
-        report(analysing, done, len(info.tiles))
+    parts, count = [], len(info.tiles)
+    for i, tile in enumerate(info.tiles):
+        # Each tile reports as it goes, so a Cancel stops the work within a tile.
+        share = phase(analysing, i / count, (i + 1) / count)
+        parts.append(analyze_tile(prepared, tile, model, strategy, seed, info.segmentation, share))
     return assemble(name, info, parts, model, annotations)
 
 
@@ -202,10 +203,11 @@ class TilePart:
     counts: dict
 
 
-def analyze_tile(smear, tile, model, strategy="adaptive", seed=0, shared=None):
+def analyze_tile(smear, tile, model, strategy="adaptive", seed=0, shared=None, progress=None):
     """Segment one tile and classify the white cells whose centroid lies in its core.
 
-    ``shared``: the smear's segmentation settings (:attr:`SmearInfo.segmentation`)."""
+    ``shared``: the smear's segmentation settings (:attr:`SmearInfo.segmentation`);
+    ``progress(done, total)`` as in :func:`analyze_smear`."""
     from napari_cytodiffusion.core.model.classifier import classify_crops
     from napari_cytodiffusion.core.smear.crops import smear_cell_site
     from napari_cytodiffusion.core.smear.prepare import PreparedSmear
@@ -213,7 +215,9 @@ def analyze_tile(smear, tile, model, strategy="adaptive", seed=0, shared=None):
 
     core, window = tile
     part = PreparedSmear(smear.rgb.region(*window), smear.background, smear.rbc_diameter)
-    found = segment_smear(part, shared=shared)
+    # Classifying a tile's cells costs a few times segmenting it.
+    segmenting, classifying = phases(progress, [1, 3])
+    found = segment_smear(part, progress=segmenting, shared=shared)
     origin = np.array([window[0].start, window[1].start], float)
     counts, tables = {}, {}
     for kind in ("wbc", "rbc", "platelet"):
@@ -229,7 +233,14 @@ def analyze_tile(smear, tile, model, strategy="adaptive", seed=0, shared=None):
         crops[i] = site.crop(part.rgb, size)
     colours = np.tile(smear.colour_map.statistics(), (len(crops), 1))
     calls = (
-        classify_crops(model, crops, strategy=strategy, seed=seed, colour_statistics=colours)
+        classify_crops(
+            model,
+            crops,
+            strategy=strategy,
+            seed=seed,
+            progress=classifying,
+            colour_statistics=colours,
+        )
         if len(crops)
         else []
     )
