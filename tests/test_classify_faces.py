@@ -55,8 +55,9 @@ def test_cli_says_when_an_image_is_softer_than_the_training_images(pbc_dir, tmp_
 
     from napari_cytodiffusion.core.io import read_image
 
-    # Defocused by about 1.5 model pixels: the calls go wrong (mostly platelets), so the user
-    # must hear that the image, not the cell, is the problem, and what to do about it.
+    # Defocused by about 1.5 model pixels: the cell is scored on the low band of its errors,
+    # and still flagged, and the user must hear that the image, not the cell, is the problem,
+    # and what to do about it.
     soft = tmp_path / "soft.png"
     image = read_image(pbc_dir / EOSINOPHIL).astype(np.float32)
     Image.fromarray(ndi.gaussian_filter(image, (1.7, 1.7, 0)).round().astype(np.uint8)).save(soft)

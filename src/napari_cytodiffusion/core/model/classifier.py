@@ -20,6 +20,14 @@ score's evidence: an image that is cheap to denoise (smooth, blurred, low in con
 cheap for both, so its own denoising cost cancels, and what is left is how much knowing the
 class helps. A cell of a kind the model never saw gains little from any class.
 
+A soft (defocused) cell lacks the fine detail of the training cells, so the denoisers of smooth
+classes win its fine band whatever it shows. A model calibrated for soft cells
+(``calibration["soft"]``) scores the cells softer than its training cells (softness above 1,
+see :mod:`~napari_cytodiffusion.core.model.domain`) on the error's low band instead: the paired
+error is blurred by a Gaussian before its mean square, leaving only the detail a soft cell
+still has, with spreads, class biases, temperature and review thresholds fitted on blurred
+validation cells scored the same way.
+
 Four reasons to review a call are kept apart (:data:`REASONS`): the classes are close
 (*uncertain*), the cell is unlike every class (*unlike any known class*: anomaly score), the
 cell or its smear is unlike the training smears (*unlike the training smears*: the
@@ -28,12 +36,13 @@ chromatin is larger than any of its class's (*too large for its class*:
 :mod:`~napari_cytodiffusion.core.model.cell_size`).
 """
 
+import copy
 import time
 from dataclasses import dataclass
 
 import numpy as np
 
-from napari_cytodiffusion.core.progress import forward_only, report
+from napari_cytodiffusion.core.progress import forward_only, phases, report
 
 MAX_TRIALS = 64
 DEFAULT_BUDGET = 64  # trials per class at most
@@ -52,6 +61,9 @@ UNKNOWN_KIND = "unlike any known class"
 UNFAMILIAR_SMEAR = "unlike the training smears"
 TOO_LARGE = "too large for its class"
 REASONS = (UNCERTAIN, UNKNOWN_KIND, UNFAMILIAR_SMEAR, TOO_LARGE)
+# Cells softer than this (in units of the sharpness review threshold) are scored on the low
+# band where the model has a calibration for it.
+SOFT_SCORING = 1.0
 
 
 def trial_timesteps(count=MAX_TRIALS):
@@ -97,7 +109,8 @@ class CellCall:
         review threshold (above 1: flagged); NaN where the model has no reference.
     softness : float
         How much softer the crop is than the training cells, in the same units (above 1: the
-        domain shift is at least partly defocus); NaN where the model has no reference.
+        domain shift is at least partly defocus, and a model calibrated for soft cells scored
+        this one on the error's low band); NaN where the model has no reference.
     size_ratio : float
         The cell's chromatin area over the largest its called class has in training (above
         1: too large for its class); NaN where the model or the class has no bound.
@@ -179,25 +192,67 @@ def classify_crops(
     from napari_cytodiffusion.core.model.domain import domain_scores
 
     started = time.perf_counter()
-    null = uses_null_class(model)
-    errors, spent = class_errors(
-        model, crops, strategy, seed, budget, batch_size, progress, null=null
-    )
     shift, softness = domain_scores(model, crops, colour_statistics)
-    calls = calls_from_errors(
-        model,
-        errors,
-        spent,
-        uncertainty_threshold,
-        anomaly_threshold,
-        domain_shift=shift,
-        domain_threshold=domain_threshold,
-        chromatin_area=central_chromatin_area(crops),
-    )
+    area = central_chromatin_area(crops)
+    calls = [None] * len(crops)
+    groups = _scoring_groups(model, softness)
+    shares = phases(progress, [len(cells) for _, cells in groups])
+    for (scorer, cells), share in zip(groups, shares, strict=True):
+        errors, spent = class_errors(
+            scorer,
+            crops[cells],
+            strategy,
+            seed,
+            budget,
+            batch_size,
+            share,
+            null=uses_null_class(scorer),
+        )
+        scored = calls_from_errors(
+            scorer,
+            errors,
+            spent,
+            uncertainty_threshold,
+            anomaly_threshold,
+            domain_shift=shift[cells],
+            domain_threshold=domain_threshold,
+            chromatin_area=area[cells],
+        )
+        for i, call in zip(cells, scored, strict=True):
+            calls[i] = call
+    report(progress, 1, 1)
     seconds = (time.perf_counter() - started) / max(len(calls), 1)
     for call, soft in zip(calls, softness, strict=True):
         call.seconds, call.softness = seconds, float(soft)
     return calls
+
+
+def _scoring_groups(model, softness):
+    """[(model as it scores them, cell indices)]: soft cells apart where the model has a
+    calibration for them; groups without cells left out."""
+    soft_model = soft_scoring_model(model)
+    soft = np.zeros(len(softness), bool)
+    if soft_model is not None:
+        soft = np.nan_to_num(np.asarray(softness, np.float64), nan=0.0) > SOFT_SCORING
+    groups = [(model, np.flatnonzero(~soft)), (soft_model, np.flatnonzero(soft))]
+    return [(scorer, cells) for scorer, cells in groups if len(cells)]
+
+
+def soft_scoring_model(model):
+    """The model as it scores soft cells (its calibration for errors in the low band in place
+    of the main one), or None when it has no such calibration."""
+    soft = (model.calibration or {}).get("soft")
+    if not soft:
+        return None
+    view = copy.copy(model)
+    view.calibration = {**{k: v for k, v in model.calibration.items() if k != "soft"}, **soft}
+    return view
+
+
+def error_band(model):
+    """Sigma (model pixels) of the Gaussian the paired error is blurred by before its mean
+    square; 0: the whole band."""
+    return float((model.calibration or {}).get("error_band", 0.0))
 
 
 def uses_null_class(model):
@@ -367,12 +422,32 @@ def _evaluate(model, x0, noise, timesteps, jobs, class_ids):
     eps = noise[trials]
     rows = torch.from_numpy(rows.reshape(-1)).to(device)
     labels = torch.from_numpy(class_ids[jobs[:, 2]]).to(device)
-    with torch.inference_mode(), autocast(device):
-        x = _orient(x0[cells], pairs[:, 1])
-        noisy = add_noise(x, t, eps, model.alpha_bars)
-        predicted = class_predictions(model.unet, noisy, t, rows, labels)
-        error = ((predicted.float() - eps[rows].float()) ** 2).mean(dim=(1, 2, 3))
+    with torch.inference_mode():
+        with autocast(device):
+            x = _orient(x0[cells], pairs[:, 1])
+            noisy = add_noise(x, t, eps, model.alpha_bars)
+            predicted = class_predictions(model.unet, noisy, t, rows, labels)
+        difference = predicted.float() - eps[rows].float()
+        if error_band(model) > 0:
+            difference = _low_band(difference, error_band(model))
+        error = (difference**2).mean(dim=(1, 2, 3))
     return error.cpu().numpy()
+
+
+def _low_band(images, sigma):
+    """``images`` (n, c, h, w) blurred by a Gaussian of ``sigma`` pixels (reflected edges)."""
+    import torch
+    import torch.nn.functional as F
+
+    radius = int(np.ceil(3 * sigma))
+    x = torch.arange(-radius, radius + 1, dtype=images.dtype, device=images.device)
+    kernel = torch.exp(-(x**2) / (2 * sigma**2))
+    kernel = kernel / kernel.sum()
+    channels = images.shape[1]
+    rows = kernel.view(1, 1, -1, 1).repeat(channels, 1, 1, 1)
+    cols = kernel.view(1, 1, 1, -1).repeat(channels, 1, 1, 1)
+    padded = F.pad(images, (radius, radius, radius, radius), mode="reflect")
+    return F.conv2d(F.conv2d(padded, rows, groups=channels), cols, groups=channels)
 
 
 def _orient(x, trials):
