@@ -10,7 +10,8 @@
     ``work_data/soft_scoring/val_blurred.npz`` (not in the repository).
 ``fit [--write]``
     The soft calibration (``core/model/calibration.fit_calibration`` on the cells that are
-    soft enough to be scored this way, the shipped calibration as the base), checked first by
+    soft enough to be scored this way, the shipped calibration as the base; the review
+    thresholds stay the main ones, see :func:`soft_part`), checked first by
     two-fold cross-fitting (fit on one half, calls on the other, the adaptive schedule
     replayed); ``--write`` stores it as ``calibration["soft"]`` in the shipped model file and
     records the file's new sha256 in the registry.
@@ -47,6 +48,9 @@ CACHE = REPO / "work_data" / "soft_scoring" / "val_blurred.npz"
 OUT = RESULTS / "soft_scoring.json"
 BAND = 2.0  # model px
 SIGMA_RANGE = (0.75, 2.0)  # model px of the blur the calibration cells get
+# The main calibration's parts that hold for every cell: domain reference, size bounds and the
+# review thresholds.
+MAIN_ONLY = ("domain", "size", "uncertainty_threshold", "anomaly_threshold")
 
 
 def band_model(model):
@@ -101,6 +105,17 @@ def collect(args):
     print(f"{len(records)} cells, {time.perf_counter() - started:.0f} s")
 
 
+def soft_part(fitted, base):
+    """What the model file keeps for soft cells: the fitted spreads, class biases, temperature
+    and anomaly reference, and the error band. The review thresholds stay the main ones (one
+    pair for every cell, as the viewer applies them): the anomaly score is scaled so that the
+    main threshold flags as many soft cells as their own threshold would."""
+    soft = {k: v for k, v in fitted.items() if k not in MAIN_ONLY}
+    soft["anomaly_scale"] = base["anomaly_threshold"] / fitted["anomaly_threshold"]
+    soft["error_band"] = BAND
+    return soft
+
+
 def _calls(model, errors):
     """Calls of the adaptive schedule replayed on exhaustive errors (no domain-shift score:
     every cell here is soft, so that flag would mark them all)."""
@@ -146,17 +161,16 @@ def fit(args):
     for held in (0, 1):
         view = band_model(model)
         fitted = fit_calibration(view, errors[halves != held], labels[halves != held], base=base)
-        view.calibration = {**base, **fitted, "error_band": BAND}
+        view.calibration = {**base, **soft_part(fitted, base)}
         calls = _calls(view, errors[halves == held])
         folds.append(_summary(calls, labels[halves == held], model.classes))
     report["cross_fitted"] = folds
     fitted = fit_calibration(band_model(model), errors, labels, base=base)
-    shared = ("domain", "size")  # the main calibration's parts, kept for every cell
-    soft_calibration = {k: v for k, v in fitted.items() if k not in shared}
-    soft_calibration["error_band"] = BAND
+    soft_calibration = soft_part(fitted, base)
     report["fitted"] = {
-        k: soft_calibration[k]
-        for k in ("inverse_temperature", "uncertainty_threshold", "anomaly_threshold", "fitted_on")
+        "own_uncertainty_threshold": fitted["uncertainty_threshold"],
+        "own_anomaly_threshold": fitted["anomaly_threshold"],
+        **{k: soft_calibration[k] for k in ("inverse_temperature", "anomaly_scale", "fitted_on")},
     }
     if args.write:
         report["registry"] = write_shipped(model, soft=soft_calibration)

@@ -649,7 +649,9 @@ def anomaly_scores(model, errors, best, null_errors=None):
     the best class's gain over the null class on the same noisy inputs, against validation
     cells of that class). Models calibrated before, or errors without the null class, fall
     back to the best class's error against validation cells of that class. 0 without any
-    reference; NaN never (a cell scored on no common trial gets 0).
+    reference; NaN never (a cell scored on no common trial gets 0). Scores of soft cells
+    are scaled (``calibration["anomaly_scale"]``) so that the main calibration's threshold
+    flags them as often as their own would.
     """
     from napari_cytodiffusion.core.model import anomaly
 
@@ -658,7 +660,7 @@ def anomaly_scores(model, errors, best, null_errors=None):
     reference = calibration.get("anomaly")
     if reference and (null_errors is not None or reference["method"] in ("margin", "best_error")):
         scores = anomaly.score(reference, errors, null_errors, best, timesteps)
-        return np.nan_to_num(scores, nan=0.0)
+        return np.nan_to_num(scores, nan=0.0) * float(calibration.get("anomaly_scale", 1.0))
     grid = calibration.get("timestep_grid")
     if not grid or "class_log_error_mean" not in calibration:
         return np.zeros(len(errors))
