@@ -25,8 +25,8 @@ classes win its fine band whatever it shows. A model calibrated for soft cells
 (``calibration["soft"]``) scores the cells softer than its training cells (softness above 1,
 see :mod:`~napari_cytodiffusion.core.model.domain`) on the error's low band instead: the paired
 error is blurred by a Gaussian before its mean square, leaving only the detail a soft cell
-still has, with spreads, class biases, temperature and review thresholds fitted on blurred
-validation cells scored the same way.
+still has, with spreads, class biases, temperature and anomaly reference fitted on blurred
+validation cells scored the same way (the review thresholds are the main ones).
 
 Four reasons to review a call are kept apart (:data:`REASONS`): the classes are close
 (*uncertain*), the cell is unlike every class (*unlike any known class*: anomaly score), the
@@ -192,6 +192,7 @@ def classify_crops(
     from napari_cytodiffusion.core.model.domain import domain_scores
 
     started = time.perf_counter()
+    crops = np.asarray(crops)
     shift, softness = domain_scores(model, crops, colour_statistics)
     area = central_chromatin_area(crops)
     calls = [None] * len(crops)
@@ -428,8 +429,9 @@ def _evaluate(model, x0, noise, timesteps, jobs, class_ids):
             noisy = add_noise(x, t, eps, model.alpha_bars)
             predicted = class_predictions(model.unet, noisy, t, rows, labels)
         difference = predicted.float() - eps[rows].float()
-        if error_band(model) > 0:
-            difference = _low_band(difference, error_band(model))
+        sigma = error_band(model)
+        if sigma > 0:
+            difference = _low_band(difference, sigma)
         error = (difference**2).mean(dim=(1, 2, 3))
     return error.cpu().numpy()
 
