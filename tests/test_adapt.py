@@ -239,12 +239,7 @@ def test_the_widget_adapts_and_every_widget_offers_the_new_model(
     widget, generate = AdaptWidget(viewer), GenerateWidget(viewer)
     viewer.window.add_dock_widget(widget)
     assert "lab-b" not in generate._fields.model.choices
-    widget._data.value = synthetic_cells_dir
-    widget._name.value = "lab-b"
-    widget._steps.value = 2
-    widget._device.value = "cpu"
-    widget._rbc_diameter.value = synthetic_rbc_diameter
-    widget._adapt.native.click()
+    _start_adapting(widget, synthetic_cells_dir, "lab-b", 2, synthetic_rbc_diameter)
     assert widget._runner.running
     qtbot.waitUntil(lambda: not widget._runner.running, timeout=180_000)
     assert widget._status.value.startswith("done: 'lab-b'"), widget._status.value
@@ -266,16 +261,20 @@ def test_the_widget_cancels_within_a_second_and_registers_nothing(
     viewer = make_napari_viewer()
     widget = AdaptWidget(viewer)
     viewer.window.add_dock_widget(widget)
-    widget._data.value = synthetic_cells_dir
-    widget._name.value = "lab-c"
-    widget._steps.value = 200
-    widget._device.value = "cpu"
-    widget._rbc_diameter.value = synthetic_rbc_diameter
-    widget._adapt.native.click()
+    _start_adapting(widget, synthetic_cells_dir, "lab-c", 200, synthetic_rbc_diameter)
     qtbot.waitUntil(lambda: widget._runner._state["done"] > 50, timeout=60_000)  # training
     assert cancel_latency(widget) < 1.0
     assert widget._status.value.startswith("cancelled")
     assert weights.find_model("lab-c") is None
+
+
+def _start_adapting(widget, folder, name, steps, rbc_diameter):
+    widget._data.value = folder
+    widget._name.value = name
+    widget._steps.value = steps
+    widget._device.value = "cpu"
+    widget._rbc_diameter.value = rbc_diameter
+    widget._adapt.native.click()
 
 
 def test_a_closed_widget_does_not_stop_new_models_reaching_the_others(make_napari_viewer, qtbot):

@@ -201,15 +201,9 @@ def test_analyze_command(tmp_path, capsys):
 
 
 def test_widget_analyses_the_open_image(make_napari_viewer, qtbot, tmp_path):
-    from napari_cytodiffusion._widgets._analyze import AnalyzeWidget
-
     viewer = make_napari_viewer()
     viewer.add_image(read_image(sample_path("cbc_lymphocyte")), name="field", rgb=True)
-    widget = AnalyzeWidget(viewer)
-    viewer.window.add_dock_widget(widget)
-    widget._out.value = tmp_path
-    widget._open.value = False
-    widget._fields.device.value = "cpu"
+    widget = _analyze_widget(viewer, tmp_path)
     widget._run.native.click()
     qtbot.waitUntil(lambda: widget.analysis is not None, timeout=120_000)
     qtbot.waitUntil(lambda: not widget._runner.running, timeout=10_000)
@@ -232,16 +226,10 @@ def test_widget_analyses_the_open_image(make_napari_viewer, qtbot, tmp_path):
 def test_widget_cancel_within_a_tile_adds_nothing(
     make_napari_viewer, qtbot, tmp_path, cancel_latency
 ):
-    from napari_cytodiffusion._widgets._analyze import AnalyzeWidget
-
     field = read_image(sample_path("cbc_monocyte_eosinophil"))
     viewer = make_napari_viewer()
     viewer.add_image(np.tile(field, (2, 2, 1)), name="four", rgb=True)
-    widget = AnalyzeWidget(viewer)
-    viewer.window.add_dock_widget(widget)
-    widget._out.value = tmp_path
-    widget._open.value = False
-    widget._fields.device.value = "cpu"
+    widget = _analyze_widget(viewer, tmp_path)
     widget._run.native.click()
     # One tile holds the whole image: cancel while its cells are classified.
     qtbot.waitUntil(lambda: widget._runner._state["done"] > 400, timeout=60_000)
@@ -249,3 +237,15 @@ def test_widget_cancel_within_a_tile_adds_nothing(
     assert widget._status.value.startswith("cancelled")
     assert [layer.name for layer in viewer.layers] == ["four"]
     assert not (tmp_path / "four").exists()
+
+
+def _analyze_widget(viewer, out):
+    """The docked Analyze widget writing to ``out``, on the CPU, the report not opened."""
+    from napari_cytodiffusion._widgets._analyze import AnalyzeWidget
+
+    widget = AnalyzeWidget(viewer)
+    viewer.window.add_dock_widget(widget)
+    widget._out.value = out
+    widget._open.value = False
+    widget._fields.device.value = "cpu"
+    return widget
