@@ -11,9 +11,10 @@ DATASET1 = DATA / "segmentation_wbc_dataset1"
 DATASET1_CLASSES = {1: "neutrophil", 2: "lymphocyte", 3: "monocyte", 4: "eosinophil", 5: "basophil"}
 
 
-def pbc_stratified(split, per_class, seed=0):
-    """Up to ``per_class`` records of every class of a PBC split, fixed by ``seed``."""
-    records = pbc_records(split)
+def pbc_stratified(split, per_class, seed=0, exclude=()):
+    """Up to ``per_class`` records of every class of a PBC split, fixed by ``seed``, none of
+    them at a path in ``exclude``."""
+    records = [r for r in pbc_records(split) if r.path not in exclude]
     rng = np.random.default_rng(seed)
     chosen = []
     for label in sorted({r.label for r in records}):

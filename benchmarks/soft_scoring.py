@@ -53,27 +53,22 @@ SIGMA_RANGE = (0.75, 2.0)  # model px of the blur the calibration cells get
 MAIN_ONLY = ("domain", "size", "uncertainty_threshold", "anomaly_threshold")
 
 
+def main_calibration(model):
+    """The shipped calibration without its soft part: what every cell's scoring shares."""
+    return {k: v for k, v in model.calibration.items() if k != "soft"}
+
+
 def band_model(model):
     """The model scoring errors in the low band, with the shipped calibration otherwise."""
     view = copy.copy(model)
-    main = {k: v for k, v in model.calibration.items() if k != "soft"}
-    view.calibration = {**main, "error_band": BAND}
+    view.calibration = {**main_calibration(model), "error_band": BAND}
     return view
 
 
 def fitting_records(per_class):
     """PBC val records of every class, none of them among the perturbation benchmark's."""
-    from _common import pbc_records
-
     taken = {r.path for r in pbc_stratified("val", 20)}
-    rng = np.random.default_rng(1)
-    chosen = []
-    records = [r for r in pbc_records("val") if r.path not in taken]
-    for label in sorted({r.label for r in records}):
-        members = [r for r in records if r.label == label]
-        picks = rng.choice(len(members), min(per_class, len(members)), replace=False)
-        chosen += [members[i] for i in sorted(picks)]
-    return chosen
+    return pbc_stratified("val", per_class, seed=1, exclude=taken)
 
 
 def collect(args):
@@ -145,7 +140,7 @@ def fit(args):
     from napari_cytodiffusion.core.model.classifier import SOFT_SCORING
 
     model = load_model_file(SHIPPED, "cpu")
-    base = {k: v for k, v in model.calibration.items() if k != "soft"}
+    base = main_calibration(model)
     data = np.load(CACHE)
     soft = np.nan_to_num(data["softness"], nan=0.0) > SOFT_SCORING
     errors, labels = data["errors"][soft], data["labels"][soft]

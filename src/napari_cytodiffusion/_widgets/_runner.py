@@ -138,8 +138,8 @@ class TaskRunner:
         text = f"{self._text}: {100 * fraction:.0f} %"
         elapsed = time.perf_counter() - self._started
         if fraction >= _ETA_AFTER_FRACTION and elapsed >= _ETA_AFTER_SECONDS:
-            left = duration_text(elapsed * (1 - fraction) / fraction)
-            text += f", {left} left" if left.startswith("under") else f", about {left} left"
+            left = elapsed * (1 - fraction) / fraction
+            text += f", {'' if left < 1 else 'about '}{duration_text(left)} left"
         return text
 
     def _returned(self, result, on_result):
