@@ -2,11 +2,12 @@
 on few draws.
 
     python benchmarks/adaptation_more_draws.py TAG PAIRED_CELLS BATCH [--k 5] [--draws 3,4,5]
-        [--weight 0.02] [--steps 300] [--out adaptation_k5_more_draws.json]
+        [--weight 0.02] [--steps 300] [--base default] [--out adaptation_k5_more_draws.json]
 
 Draws and scores exactly as ``benchmarks/adaptation.py`` (its ``draw``, ``adapt_once`` and
 ``score``), with ``adaptation.PAIRED_CELLS``, ``PAIRED_WEIGHT`` and the adapting batch set for
-the run. Each draw's result is added to benchmarks/results/OUT under ``runs``.
+the run; ``--base`` adapts another model (a name or a model file) instead of the shipped
+one. Each draw's result is added to benchmarks/results/OUT under ``runs``.
 """
 
 import argparse
@@ -35,6 +36,7 @@ def main():
     parser.add_argument("--draws", default="3,4,5")
     parser.add_argument("--weight", type=float, default=adaptation.PAIRED_WEIGHT)
     parser.add_argument("--steps", type=int, default=adaptation.ADAPT_STEPS)
+    parser.add_argument("--base", default="default")
     parser.add_argument("--out", default="adaptation_k5_more_draws.json")
     args = parser.parse_args()
     adaptation.PAIRED_CELLS, adaptation.PAIRED_WEIGHT = args.paired_cells, args.weight
@@ -48,7 +50,9 @@ def main():
     for seed in (int(d) for d in args.draws.split(",")):
         picked = bench.draw(labels, groups, args.k, seed)
         name = f"k{args.k}-{args.tag}-{seed}"
-        _, seconds = bench.adapt_once(paths, labels, picked, name, seed, steps=args.steps)
+        _, seconds = bench.adapt_once(
+            paths, labels, picked, name, seed, steps=args.steps, base=args.base
+        )
         rest = np.setdiff1d(np.arange(len(labels)), picked)
         measured = bench.score(load_model(name, "cpu"), crops[rest], labels[rest])
         measured.update(
@@ -58,6 +62,7 @@ def main():
             config=args.tag,
             weight=args.weight,
             steps=args.steps,
+            base=args.base,
         )
         print(json.dumps(measured), flush=True)
         results["runs"].append(measured)
