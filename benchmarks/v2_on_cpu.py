@@ -137,6 +137,8 @@ def check(args):
 
     from napari_cytodiffusion.core.model.checkpoint import load_model_file
 
+    if not CHECKPOINT.exists():
+        raise SystemExit(f"No checkpoint at {CHECKPOINT}: run a `leg` first.")
     sets = check_sets()
     step = int(torch.load(CHECKPOINT, map_location="cpu", weights_only=True)["step"])
     row = {"date": time.strftime("%Y-%m-%d %H:%M"), "step": step, "images": step * BATCH}
