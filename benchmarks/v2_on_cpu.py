@@ -85,22 +85,22 @@ def leg(args):
     )
 
 
-def check_sets():
-    """The check's crops, cut once and cached beside the checkpoint."""
+def check_sets(size):
+    """The check's crops at the models' ``size``, cut once and cached beside the checkpoint."""
     from _sets import central_cell_crops, dataset1_records, pbc_stratified
 
     from napari_cytodiffusion.core.io import read_image
     from napari_cytodiffusion.core.tasks.classify import shared_rbc_diameter
 
-    cache = FOLDER / "check_sets.npz"
+    cache = FOLDER / f"check_sets_{size}.npz"
     if not cache.exists():
         FOLDER.mkdir(parents=True, exist_ok=True)
         lab = dataset1_records(limit=150)
         scale = shared_rbc_diameter([path for path, _ in lab])
-        lab_crops, _, _ = central_cell_crops([read_image(p) for p, _ in lab], scale, 64)
+        lab_crops, _, _ = central_cell_crops([read_image(p) for p, _ in lab], scale, size)
         val = pbc_stratified("val", 15, seed=1)
         scale = shared_rbc_diameter([r.path for r in val])
-        val_crops, _, _ = central_cell_crops([read_image(r.path) for r in val], scale, 64)
+        val_crops, _, _ = central_cell_crops([read_image(r.path) for r in val], scale, size)
         np.savez(
             cache,
             dataset1=lab_crops,
@@ -139,12 +139,16 @@ def check(args):
 
     if not CHECKPOINT.exists():
         raise SystemExit(f"No checkpoint at {CHECKPOINT}: run a `leg` first.")
-    sets = check_sets()
     step = int(torch.load(CHECKPOINT, map_location="cpu", weights_only=True)["step"])
     row = {"date": time.strftime("%Y-%m-%d %H:%M"), "step": step, "images": step * BATCH}
     started = time.time()
-    for name, path in (("v1", V1), ("checkpoint", CHECKPOINT)):
-        row[name] = quick_check(load_model_file(path, "cpu"), sets)
+    models = {"v1": load_model_file(V1, "cpu"), "checkpoint": load_model_file(CHECKPOINT, "cpu")}
+    sizes = {model.image_size for model in models.values()}
+    if len(sizes) != 1:
+        raise SystemExit(f"v1 and the checkpoint see cells at different sizes: {sorted(sizes)}.")
+    sets = check_sets(sizes.pop())
+    for name, model in models.items():
+        row[name] = quick_check(model, sets)
     row["seconds"] = round(time.time() - started)
     row["machine"] = f"{torch.get_num_threads()} torch threads, CPU"
     path = RESULTS / "v2_on_cpu.json"
