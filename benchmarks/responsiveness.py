@@ -2,16 +2,22 @@
 
     xvfb-run -a python benchmarks/responsiveness.py [--repeats 3] [--tag NAME]
 
-A fresh viewer opens the bundled field ``cbc_monocyte_eosinophil`` with *Segment cells* and
-*Classify cells* docked. A 5 ms timer on the Qt event loop records the gaps between its ticks;
-the longest gap is the longest stall a person would feel. Measured for each repeat: the first
-segmentation and a second one of the same image (while the work runs, and from the moment the
-worker returns until its layers are in), a classification, and three changes of the review
-threshold (which move the review markers without running the model). Results are added to
+A fresh viewer opens the bundled field ``cbc_monocyte_eosinophil`` with *Segment cells*,
+*Classify cells* and *Generate cells* docked. A 5 ms timer on the Qt event loop records the
+gaps between its ticks; the longest gap is the longest stall a person would feel. Measured for
+each repeat (while the work runs, and from the moment the worker returns until its layers are
+in): one generated cell with the model loaded afresh, the first segmentation and a second one of
+the same image, a classification, eight generated cells, and three changes of the review
+threshold (which move the review markers without running the model).
+
+Python's full garbage collections (about 0.2 s with napari, torch and pandas loaded) stall
+whichever thread runs them; each phase also reports its longest stall that no full collection
+overlaps, and the full collections' lengths. Results are added to
 benchmarks/results/responsiveness.json under ``TAG`` (default: the git commit).
 """
 
 import argparse
+import gc
 import json
 import os
 import platform
@@ -35,10 +41,43 @@ class Ticks:
         self._timer.timeout.connect(lambda: self.times.append(time.perf_counter()))
         self._timer.start()
 
-    def longest_gap(self, start, end):
+    def gaps(self, start, end):
         inside = [t for t in self.times if start <= t <= end]
         edges = [start, *inside, end]
-        return max(b - a for a, b in zip(edges, edges[1:], strict=False))
+        return list(zip(edges, edges[1:], strict=False))
+
+    def longest_gap(self, start, end):
+        return max(b - a for a, b in self.gaps(start, end))
+
+
+class FullCollections:
+    """(start, end) of the interpreter's full (oldest-generation) garbage collections."""
+
+    def __init__(self):
+        self.spans, self._started = [], 0.0
+        gc.callbacks.append(self._record)
+
+    def _record(self, phase, info):
+        if phase == "start":
+            self._started = time.perf_counter()
+        elif info["generation"] == 2:
+            self.spans.append((self._started, time.perf_counter()))
+
+    def stop(self):
+        gc.callbacks.remove(self._record)
+
+    def summary(self, ticks, start, end):
+        """Longest stall with no full collection in it, and the collections' lengths."""
+        inside = [(a, b) for a, b in self.spans if start <= a <= end]
+        clean = [
+            b - a
+            for a, b in ticks.gaps(start, end)
+            if not any(a <= gc_end and gc_start <= b for gc_start, gc_end in inside)
+        ]
+        return {
+            "without_full_gc_s": round(max(clean, default=0.0), 3),
+            "full_gc_s": [round(b - a, 3) for a, b in inside],
+        }
 
 
 def spin(app, seconds):
@@ -47,8 +86,8 @@ def spin(app, seconds):
         app.processEvents()
 
 
-def run_widget(app, ticks, widget, runner):
-    """Press the widget's run button; (stall while working, stall while adding layers)."""
+def run_widget(app, ticks, collections, widget, runner):
+    """Press the widget's run button: the stalls while working and while adding layers."""
     returned = []
     started = time.perf_counter()
     widget._run.native.click()
@@ -58,7 +97,11 @@ def run_widget(app, ticks, widget, runner):
     spin(app, 0.5)  # the new layers' first draw
     ended = time.perf_counter()
     back = returned[0] if returned else ended
-    return ticks.longest_gap(started, back), ticks.longest_gap(back, ended)
+    return {
+        "working_s": round(ticks.longest_gap(started, back), 3),
+        "adding_layers_s": round(ticks.longest_gap(back, ended), 3),
+        "adding_layers": collections.summary(ticks, back, ended),
+    }
 
 
 def one_repeat():
@@ -66,24 +109,34 @@ def one_repeat():
     from qtpy.QtWidgets import QApplication
 
     from napari_cytodiffusion._widgets._classify import ClassifyWidget
+    from napari_cytodiffusion._widgets._generate import GenerateWidget
     from napari_cytodiffusion._widgets._segment import SegmentWidget
+    from napari_cytodiffusion.core.model import weights
 
     viewer = napari.Viewer()
     app = QApplication.instance()
     viewer.open_sample("napari-cytodiffusion", SAMPLE)
-    segment, classify = SegmentWidget(viewer), ClassifyWidget(viewer)
-    viewer.window.add_dock_widget(segment)
-    viewer.window.add_dock_widget(classify)
-    classify._device.value = "cpu"
-    ticks = Ticks()
+    segment, classify, generate = (
+        SegmentWidget(viewer),
+        ClassifyWidget(viewer),
+        GenerateWidget(viewer),
+    )
+    for widget in (segment, classify, generate):
+        viewer.window.add_dock_widget(widget)
+    classify._device.value = generate._device.value = "cpu"
+    generate._steps.value = 2
+    ticks, collections = Ticks(), FullCollections()
     spin(app, 1.0)
     out = {}
+    weights._SHARED.clear()  # every repeat loads the model
+    generate._count.value = 1
+    out["model_load_and_1_cell"] = run_widget(app, ticks, collections, generate, generate._runner)
     for key in ("segment_first", "segment_again"):
-        working, adding = run_widget(app, ticks, segment, segment.runner)
-        out[key] = {"working_s": round(working, 3), "adding_layers_s": round(adding, 3)}
+        out[key] = run_widget(app, ticks, collections, segment, segment.runner)
     classify.reset_choices()
-    working, adding = run_widget(app, ticks, classify, classify._runner)
-    out["classify"] = {"working_s": round(working, 3), "adding_layers_s": round(adding, 3)}
+    out["classify"] = run_widget(app, ticks, collections, classify, classify._runner)
+    generate._count.value = 8
+    out["generate_8"] = run_widget(app, ticks, collections, generate, generate._runner)
     stalls = []
     for value in (0.05, 0.5, 0.9):
         started = time.perf_counter()
@@ -91,6 +144,7 @@ def one_repeat():
         spin(app, 0.5)
         stalls.append(round(ticks.longest_gap(started, time.perf_counter()), 3))
     out["review_threshold_change_s"] = stalls
+    collections.stop()
     viewer.close()
     return out
 

@@ -7,9 +7,9 @@ objects must not be touched from other threads. Results come back to the main th
 piece, so layers are only ever added whole: a cancel or an error adds nothing.
 
 Adding a layer costs napari a noticeable time on the main thread (its controls, its visual,
-a redraw). A result handler that is a generator adds one layer per ``yield``, each in its own
-turn of the event loop, so the viewer keeps drawing between them; the work counts as running
-until the last one is added.
+a redraw). A result handler that is a generator adds one layer per ``yield``, the next one
+after a short pause, so the viewer draws and takes input between them; the work counts as
+running until the last one is added.
 
 The status line always ends in ``done...``, ``cancelled`` or ``failed: <reason>``.
 """
@@ -32,6 +32,10 @@ _ETA_AFTER_FRACTION, _ETA_AFTER_SECONDS = 0.03, 1.0
 # which brings scipy.linalg; layer features from pandas): imported with the work, in the worker,
 # they no longer stall the main thread when the first result layer is added.
 _LAYER_MODULES = ("pandas", "skimage.color.colorconv")
+# Pause between the result handler's steps: a zero-delay timer runs them back to back (Qt
+# handles the queued call before any other timer or paint), so the viewer could not draw or
+# take input between two layers.
+_STEP_PAUSE_MS = 10
 
 
 class TaskRunner:
@@ -156,7 +160,7 @@ class TaskRunner:
         steps = on_result(result)
         if inspect.isgenerator(steps):
             self._steps = steps
-            QTimer.singleShot(0, self._next_step)
+            QTimer.singleShot(_STEP_PAUSE_MS, self._next_step)
 
     def _next_step(self):
         """Run the result handler up to its next ``yield``; come back in the next turn."""
@@ -169,7 +173,7 @@ class TaskRunner:
             if not isinstance(error, StopIteration):
                 raise
             return
-        QTimer.singleShot(0, self._next_step)
+        QTimer.singleShot(_STEP_PAUSE_MS, self._next_step)
 
     def _failed(self, error, on_error):
         from napari.utils.notifications import show_error, show_info
@@ -204,6 +208,12 @@ def _with_layer_modules(function):
     def run(progress):
         for name in _LAYER_MODULES:
             importlib.import_module(name)
+        # vispy computes its line dash patterns (0.04 s) for the first line visual, which
+        # the first Labels layer's outline overlay creates; cached, they cost the main thread
+        # nothing.
+        from vispy.visuals.line.dash_atlas import DashAtlas
+
+        DashAtlas()
         return function(progress)
 
     return run
