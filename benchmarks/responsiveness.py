@@ -104,27 +104,32 @@ def run_widget(app, ticks, collections, widget, runner):
     }
 
 
+def sample_with_widgets(viewer):
+    """Open the sample in ``viewer`` and dock Segment, Classify and Generate cells (on the CPU,
+    two sampling steps); returns the three widgets."""
+    from napari_cytodiffusion._widgets._classify import ClassifyWidget
+    from napari_cytodiffusion._widgets._generate import GenerateWidget
+    from napari_cytodiffusion._widgets._segment import SegmentWidget
+
+    viewer.open_sample("napari-cytodiffusion", SAMPLE)
+    widgets = SegmentWidget(viewer), ClassifyWidget(viewer), GenerateWidget(viewer)
+    for widget in widgets:
+        viewer.window.add_dock_widget(widget)
+    _, classify, generate = widgets
+    classify._device.value = generate._device.value = "cpu"
+    generate._steps.value = 2
+    return widgets
+
+
 def one_repeat():
     import napari
     from qtpy.QtWidgets import QApplication
 
-    from napari_cytodiffusion._widgets._classify import ClassifyWidget
-    from napari_cytodiffusion._widgets._generate import GenerateWidget
-    from napari_cytodiffusion._widgets._segment import SegmentWidget
     from napari_cytodiffusion.core.model import weights
 
     viewer = napari.Viewer()
     app = QApplication.instance()
-    viewer.open_sample("napari-cytodiffusion", SAMPLE)
-    segment, classify, generate = (
-        SegmentWidget(viewer),
-        ClassifyWidget(viewer),
-        GenerateWidget(viewer),
-    )
-    for widget in (segment, classify, generate):
-        viewer.window.add_dock_widget(widget)
-    classify._device.value = generate._device.value = "cpu"
-    generate._steps.value = 2
+    segment, classify, generate = sample_with_widgets(viewer)
     ticks, collections = Ticks(), FullCollections()
     spin(app, 1.0)
     out = {}

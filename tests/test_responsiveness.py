@@ -12,18 +12,19 @@ stalls the viewer 0.05 to 0.1 s, more on a busy machine. The bounds catch real w
 main thread (segmenting or classifying there takes seconds); benchmarks/responsiveness.py
 measures the stalls, and docs/napari.md gives them."""
 
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 from qtpy.QtCore import QTimer
 
-from napari_cytodiffusion._widgets._classify import ClassifyWidget
 from napari_cytodiffusion._widgets._generate import GenerateWidget
-from napari_cytodiffusion._widgets._segment import SegmentWidget
 from napari_cytodiffusion.core.model import weights
 
-PLUGIN = "napari-cytodiffusion"
-SAMPLE = "cbc_monocyte_eosinophil"
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from responsiveness import SAMPLE, sample_with_widgets  # noqa: E402
+
 WORK_STALL_LIMIT_S = 1.0
 LAYER_STALL_LIMIT_S = 1.5
 
@@ -72,16 +73,7 @@ def _run(qtbot, widget, button, until):
 
 def test_no_main_thread_stall(make_napari_viewer, qtbot, monkeypatch):
     viewer = make_napari_viewer()
-    viewer.open_sample(PLUGIN, SAMPLE)
-    segment, classify, generate = (
-        SegmentWidget(viewer),
-        ClassifyWidget(viewer),
-        GenerateWidget(viewer),
-    )
-    for widget in (segment, classify, generate):
-        viewer.window.add_dock_widget(widget)
-    classify._device.value = generate._device.value = "cpu"
-    generate._steps.value = 2
+    segment, classify, generate = sample_with_widgets(viewer)
     qtbot.wait(300)
     monkeypatch.setattr(weights, "_SHARED", {})  # the first run loads the model
     stalls = {}
