@@ -54,35 +54,35 @@ def leg(args):
     if not PACK.exists():
         raise SystemExit(f"No pack at {PACK}: run `python benchmarks/train_v2_gpu.py pack`.")
     FOLDER.mkdir(parents=True, exist_ok=True)
-    log_file = open(FOLDER / "train.log", "a")
+    with open(FOLDER / "train.log", "a") as log_file:
 
-    def log(line):
-        line = f"{time.strftime('%Y-%m-%d %H:%M:%S')} {line}"
-        print(line, flush=True)
-        log_file.write(line + "\n")
-        log_file.flush()
+        def log(line):
+            line = f"{time.strftime('%Y-%m-%d %H:%M:%S')} {line}"
+            print(line, flush=True)
+            log_file.write(line + "\n")
+            log_file.flush()
 
-    def on_loss(step, loss):
-        if step % 100 == 0:
-            log(f"step {step} loss {loss:.4f}")
+        def on_loss(step, loss):
+            if step % 100 == 0:
+                log(f"step {step} loss {loss:.4f}")
 
-    resume = CHECKPOINT.exists()
-    train(
-        PACK,
-        CHECKPOINT,
-        steps=TOTAL_STEPS,
-        batch_size=BATCH,
-        lr=LR,
-        device="cpu",
-        resume=CHECKPOINT if resume else None,
-        init=None if resume else V1,
-        augmentation="lab",
-        checkpoint_every=250,
-        validate_every=1000,
-        time_limit=args.minutes * 60,
-        log=log,
-        on_loss=on_loss,
-    )
+        resume = CHECKPOINT.exists()
+        train(
+            PACK,
+            CHECKPOINT,
+            steps=TOTAL_STEPS,
+            batch_size=BATCH,
+            lr=LR,
+            device="cpu",
+            resume=CHECKPOINT if resume else None,
+            init=None if resume else V1,
+            augmentation="lab",
+            checkpoint_every=250,
+            validate_every=1000,
+            time_limit=args.minutes * 60,
+            log=log,
+            on_loss=on_loss,
+        )
 
 
 def check_sets(size):
