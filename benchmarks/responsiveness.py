@@ -1,6 +1,6 @@
 """Main-thread stalls of the viewer while the widgets run, and when a result is run again.
 
-    xvfb-run -a python benchmarks/responsiveness.py [--repeats 3] [--tag NAME]
+    xvfb-run -a python benchmarks/responsiveness.py [--repeats 3] [--pause 2] [--tag NAME]
 
 A fresh viewer opens the bundled field ``cbc_monocyte_eosinophil`` with *Segment cells*,
 *Classify cells* and *Generate cells* docked. A 5 ms timer on the Qt event loop records the
@@ -8,11 +8,15 @@ gaps between its ticks; the longest gap is the longest stall a person would feel
 each repeat (while the work runs, and from the moment the worker returns until its layers are
 in): one generated cell with the model loaded afresh, the first segmentation and a second one of
 the same image, a classification, eight generated cells, and three changes of the review
-threshold (which move the review markers without running the model).
+threshold (which move the review markers without running the model). After each run a person
+looks at the result for ``--pause`` seconds before the next action (0: the next run starts at
+once, as before 2026-12-06's idle collection).
 
 Python's full garbage collections (about 0.2 s with napari, torch and pandas loaded) stall
 whichever thread runs them; each phase also reports its longest stall that no full collection
-overlaps, and the full collections' lengths. Results are added to
+overlaps, and the full collections' lengths; since the widgets collect once the viewer has
+been idle for a second after a run (``_widgets/_idle.py``), the collections made in each pause
+are listed too. Results are added to
 benchmarks/results/responsiveness.json under ``TAG`` (default: the git commit).
 """
 
@@ -86,8 +90,9 @@ def spin(app, seconds):
         app.processEvents()
 
 
-def run_widget(app, ticks, collections, widget, runner):
-    """Press the widget's run button: the stalls while working and while adding layers."""
+def run_widget(app, ticks, collections, widget, runner, pause=0.0):
+    """Press the widget's run button: the stalls while working, while adding layers, and in
+    the ``pause`` after it."""
     returned = []
     started = time.perf_counter()
     widget._run.native.click()
@@ -97,11 +102,16 @@ def run_widget(app, ticks, collections, widget, runner):
     spin(app, 0.5)  # the new layers' first draw
     ended = time.perf_counter()
     back = returned[0] if returned else ended
-    return {
+    out = {
         "working_s": round(ticks.longest_gap(started, back), 3),
+        "working": collections.summary(ticks, started, back),
         "adding_layers_s": round(ticks.longest_gap(back, ended), 3),
         "adding_layers": collections.summary(ticks, back, ended),
     }
+    if pause:
+        spin(app, pause)
+        out["pause"] = collections.summary(ticks, ended, time.perf_counter())
+    return out
 
 
 def sample_with_widgets(viewer):
@@ -121,7 +131,7 @@ def sample_with_widgets(viewer):
     return widgets
 
 
-def one_repeat():
+def one_repeat(pause=0.0):
     import napari
     from qtpy.QtWidgets import QApplication
 
@@ -135,13 +145,15 @@ def one_repeat():
     out = {}
     weights._SHARED.clear()  # every repeat loads the model
     generate._count.value = 1
-    out["model_load_and_1_cell"] = run_widget(app, ticks, collections, generate, generate._runner)
+    out["model_load_and_1_cell"] = run_widget(
+        app, ticks, collections, generate, generate._runner, pause
+    )
     for key in ("segment_first", "segment_again"):
-        out[key] = run_widget(app, ticks, collections, segment, segment.runner)
+        out[key] = run_widget(app, ticks, collections, segment, segment.runner, pause)
     classify.reset_choices()
-    out["classify"] = run_widget(app, ticks, collections, classify, classify._runner)
+    out["classify"] = run_widget(app, ticks, collections, classify, classify._runner, pause)
     generate._count.value = 8
-    out["generate_8"] = run_widget(app, ticks, collections, generate, generate._runner)
+    out["generate_8"] = run_widget(app, ticks, collections, generate, generate._runner, pause)
     stalls = []
     for value in (0.05, 0.5, 0.9):
         started = time.perf_counter()
@@ -157,20 +169,32 @@ def one_repeat():
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--pause", type=float, default=2.0)
+    parser.add_argument(
+        "--without-idle-collection",
+        action="store_true",
+        help="leave every full collection to Python (the widgets before 2026-12-06's change)",
+    )
     parser.add_argument("--tag")
     args = parser.parse_args()
+    if args.without_idle_collection:
+        from napari_cytodiffusion._widgets import _idle
+
+        _idle.IdleCollector.task_ended = lambda self: None
     commit = subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
     ).stdout.strip()
     runs = []
     for _ in range(args.repeats):
-        runs.append(one_repeat())
+        runs.append(one_repeat(args.pause))
         print(json.dumps(runs[-1]), flush=True)
     results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
     results[args.tag or commit] = {
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "commit": commit,
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, Xvfb",
+        "pause_s": args.pause,
+        "idle_collection": not args.without_idle_collection,
         "runs": runs,
     }
     RESULTS.write_text(json.dumps(results, indent=1) + "\n")

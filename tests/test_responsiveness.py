@@ -5,13 +5,15 @@ moves, and the status line estimates the time left.
 
 Two phases are measured apart. While the work runs, the main thread only moves the progress
 bar; what still stalls it here are the interpreter's full garbage collections (0.2 to 0.6 s
-with napari, torch and pytest loaded, run by whichever thread triggers them). Adding the
+with napari, torch and pytest loaded, run by whichever thread triggers them; the widgets make
+them when the viewer is idle after a task, but here each run follows the last at once). Adding the
 result layers is napari's own work (each layer's controls, visual and first draw), one layer
 per step with a pause between steps: on a 2-core machine drawing in software (Xvfb) a layer
 stalls the viewer 0.05 to 0.1 s, more on a busy machine. The bounds catch real work on the
 main thread (segmenting or classifying there takes seconds); benchmarks/responsiveness.py
 measures the stalls, and docs/napari.md gives them."""
 
+import gc
 import sys
 import time
 from pathlib import Path
@@ -153,3 +155,49 @@ def test_the_result_steps_let_the_viewer_draw_between_them(make_napari_viewer, q
         runner.start(lambda progress: None, show)
         qtbot.waitUntil(lambda: not runner.running, timeout=10_000)
     assert 0.08 <= meter.longest() < 0.16
+
+
+def test_the_full_collection_waits_for_a_quiet_viewer(qtbot):
+    """Collected once no task runs and no key or mouse input came for ``idle_s``."""
+    from qtpy.QtCore import QEvent, Qt
+    from qtpy.QtGui import QKeyEvent
+    from qtpy.QtWidgets import QApplication, QWidget
+
+    from napari_cytodiffusion._widgets._idle import IdleCollector
+
+    collections = []
+    widget = QWidget()
+    qtbot.addWidget(widget)
+    collector = IdleCollector(idle_s=0.3, collect=lambda: collections.append(time.perf_counter()))
+    collector.task_started()
+    collector.task_started()
+    collector.task_ended()
+    qtbot.wait(700)
+    assert not collections  # a task still runs
+    collector.task_ended()
+    for _ in range(8):  # someone types: 0.8 s of input, never 0.3 s quiet
+        key = QKeyEvent(QEvent.Type.KeyPress, Qt.Key.Key_A, Qt.KeyboardModifier.NoModifier)
+        QApplication.sendEvent(widget, key)
+        typed = time.perf_counter()
+        qtbot.wait(100)
+    assert not collections
+    qtbot.waitUntil(lambda: len(collections) > 0, timeout=3_000)
+    assert len(collections) == 1 and collections[0] - typed >= 0.3
+    qtbot.wait(500)
+    assert len(collections) == 1  # once a task
+
+
+def test_a_task_is_followed_by_one_collection(make_napari_viewer, qtbot, monkeypatch):
+    from napari_cytodiffusion._widgets._idle import IDLE_S
+
+    collections = []
+    monkeypatch.setattr(gc, "collect", lambda *_: collections.append(time.perf_counter()))
+    generate = GenerateWidget(make_napari_viewer())
+    runner = generate._runner
+    collections.clear()  # napari's viewer fixture collects too
+    runner.start(lambda progress: time.sleep(0.3), lambda _: None)
+    qtbot.waitUntil(lambda: not runner.running, timeout=10_000)
+    ended = time.perf_counter()
+    assert not collections
+    qtbot.waitUntil(lambda: len(collections) > 0, timeout=int(3_000 * IDLE_S))
+    assert len(collections) == 1 and collections[0] - ended >= 0.9 * IDLE_S

@@ -11,7 +11,9 @@ a redraw). A result handler that is a generator adds one layer per ``yield``, th
 after a short pause, so the viewer draws and takes input between them; the work counts as
 running until the last one is added.
 
-The status line always ends in ``done...``, ``cancelled`` or ``failed: <reason>``.
+The status line always ends in ``done...``, ``cancelled`` or ``failed: <reason>``. When a
+task has ended, Python's full garbage collection is made early, once the viewer is idle
+(:mod:`._idle`).
 """
 
 import importlib
@@ -23,6 +25,7 @@ from napari.qt.threading import create_worker
 from napari.utils import cancelable_progress
 from qtpy.QtCore import QTimer
 
+from napari_cytodiffusion._widgets._idle import idle_collector
 from napari_cytodiffusion.core.progress import Cancelled
 
 # Fraction of the work and seconds that must have passed before a time estimate is shown:
@@ -87,6 +90,9 @@ class TaskRunner:
         """
         if self.running:
             return None
+        # First: napari's new progress bar turns the event loop, where a waiting collection
+        # would otherwise run.
+        idle_collector().task_started()
         self._removed_input = removed_input
         self._cancel.clear()
         self._state.update(done=0, total=0)
@@ -202,6 +208,7 @@ class TaskRunner:
         self.worker = None
         _set_enabled(self._run_button, True)
         _set_enabled(self._cancel_button, False)
+        idle_collector().task_ended()
 
 
 def _with_layer_modules(function):
