@@ -200,6 +200,27 @@ def test_the_scale_follows_the_magnification(name):
     assert abs(np.log(enlarged / (1.5 * native))) < np.log(1.1)
 
 
+def test_granules_level_with_the_red_cells_do_not_set_the_scale(cbc_dir):
+    """Under another lab's colours (the segmentation benchmark's simulation, seed 9), this
+    field's wide search scored an eosinophil's granules (radius 5 px) level with its red cells
+    (1.955 against 1.949) and the scale came out 10 px instead of 95. Both answers are now
+    measured closely, with the white cells left out, and the red cells win."""
+    import sys
+    from pathlib import Path
+
+    from napari_cytodiffusion.core.smear.image import to_rgb_float
+    from napari_cytodiffusion.core.smear.scale import estimate_rbc_diameter
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from segmentation import other_lab
+
+    rgb = read_image(cbc_dir / "train" / "images" / "BloodImage_00009.jpg")
+    native = estimate_rbc_diameter(to_rgb_float(rgb))
+    changed_rgb = np.clip(other_lab(rgb, 9) + 0.5, 0, 255).astype(np.uint8)
+    changed = estimate_rbc_diameter(to_rgb_float(changed_rgb))
+    assert 85 <= native <= 105 and abs(np.log(changed / native)) < np.log(1.1)
+
+
 def test_detector_file_is_plain_arrays_trained_without_test_splits():
     from napari_cytodiffusion.core.smear.detector import layer_shapes, load_detector
 

@@ -44,8 +44,7 @@ class IdleCollector(QObject):
     """Collect once when the viewer is idle, after :meth:`task_ended`.
 
     Tasks are counted (:meth:`task_started` / :meth:`task_ended`): nothing is collected while
-    one runs, since its worker holds the interpreter's lock in turns with the main thread. Input
-    is watched by an application event filter only while a collection waits. ``collect``
+    one runs (someone waits for its result, and it is still making objects). Input is watched by an application event filter only while a collection waits. ``collect``
     (default :func:`gc.collect`) is what runs.
     """
 

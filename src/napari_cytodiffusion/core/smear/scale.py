@@ -70,6 +70,8 @@ _MIN_RADIUS = 3.0
 _NEAR = (0.45, 1.25)
 _WIDE_RADII_TRIED = 9
 _RADII_TRIED = 10
+# Other peaks of the wide search scoring within this share of the best are measured closely too.
+_TIE = 0.05
 # The scale is measured on the overview unless a red cell spans fewer pixels there than this.
 _MIN_OVERVIEW_DIAMETER = 10.0
 _WINDOW = 512
@@ -209,33 +211,48 @@ class _ScaleField:
 
     def first_guess(self, progress=None):
         """A red cell's diameter from the votes over a wide range of radii, all cells voting."""
+        return self.first_guesses(progress)[0]
+
+    def first_guesses(self, progress=None):
+        """The wide search's diameter, then those of its other peaks that score within
+        ``_TIE`` of it (another lab's stain can bring a white cell's granules level with
+        the red cells there)."""
         if self._guess is None:
-            self._guess = _wide_diameter(self.density, self.in_field, progress)
+            self._guess = _wide_diameters(self.density, self.in_field, progress)
         return self._guess
 
     def estimate(self, progress=None):
-        """The :class:`ScaleEstimate` of this image."""
-        guess = self.first_guess(lambda done, total: report(progress, done, 2 * total))
-        white = self.white_cells()
-        voters = ~ndi.binary_dilation(white, iterations=3) & self.in_field
-        red_cells = float((self.stained & voters).sum() / (np.pi / 4 * guess**2))
-        if red_cells < MIN_RED_CELLS and white.any():
-            report(progress, 1, 1)
-            return ScaleEstimate(self.white_cell_diameter(), WHITE_CELL, red_cells)
-        if voters.mean() < 0.25:
-            voters = self.in_field
-        radii = guess / 2 * np.geomspace(*_NEAR, _RADII_TRIED)
-        diameter = _radial_diameter(
-            self.density,
-            voters,
-            radii,
-            lambda done, total: report(progress, total + done, 2 * total),
-        )
-        return ScaleEstimate(float(diameter), RED_CELLS, red_cells)
+        """The :class:`ScaleEstimate` of this image: of the wide search's near-equal answers,
+        the one whose red cells, measured closely with the white cells left out, score best."""
+        guesses = self.first_guesses(lambda done, total: report(progress, done, 2 * total))
+        best, best_score = None, -np.inf
+        for guess in guesses:
+            white = self.white_cells(guess)
+            voters = ~ndi.binary_dilation(white, iterations=3) & self.in_field
+            red_cells = float((self.stained & voters).sum() / (np.pi / 4 * guess**2))
+            if red_cells < MIN_RED_CELLS and white.any():
+                if best is None:  # the wide search's own answer: too few red cells
+                    report(progress, 1, 1)
+                    return ScaleEstimate(self.white_cell_diameter(), WHITE_CELL, red_cells)
+                continue
+            if voters.mean() < 0.25:
+                voters = self.in_field
+            radii = guess / 2 * np.geomspace(*_NEAR, _RADII_TRIED)
+            diameter, score = _radial_diameter(
+                self.density,
+                voters,
+                radii,
+                lambda done, total: report(progress, total + done, 2 * total),
+                with_score=True,
+            )
+            if score > best_score:
+                best, best_score = ScaleEstimate(float(diameter), RED_CELLS, red_cells), score
+        return best
 
-    def white_cells(self):
-        """The white cells: stained blobs around nuclei (sizes from the first guess)."""
-        guess = self.first_guess()
+    def white_cells(self, guess=None):
+        """The white cells: stained blobs around nuclei (sizes from ``guess``, by default the
+        first guess)."""
+        guess = self.first_guess() if guess is None else guess
         field = self.in_field
         threshold = chromatin_threshold(
             self.score[field], self.density[field], self.stain, np.pi / 4 * guess**2
@@ -250,16 +267,43 @@ class _ScaleField:
         return _largest_diameter(white) / WHITE_CELL_RATIO
 
 
-def _wide_diameter(density, voters, progress):
+def _wide_diameters(density, voters, progress):
     """Twice the red-cell radius among all plausible radii, from ``_MIN_RADIUS`` px to a
-    third of the image."""
+    third of the image; then twice the radius of every other peak scoring within ``_TIE``."""
     top = max(min(density.shape) / 3, 2 * _MIN_RADIUS)
     radii = np.geomspace(_MIN_RADIUS, top, _WIDE_RADII_TRIED)
-    return _radial_diameter(density, voters, radii, progress, _MIN_RADIUS)
+    searched = _radial_scores(density, voters, radii, progress, _MIN_RADIUS)
+    if searched is None:
+        return [float(min(density.shape) / 4)]
+    radii, scores = searched
+    best = int(np.argmax(scores))
+    peaks = [
+        i
+        for i in range(len(scores))
+        if i != best
+        and scores[i] >= (1 - _TIE) * scores[best]
+        and scores[i] >= scores[max(i - 1, 0)]
+        and scores[i] >= scores[min(i + 1, len(scores) - 1)]
+    ]
+    return [2 * _peak(radii, scores)] + [
+        2 * _peak(radii[max(i - 1, 0) : i + 2], scores[max(i - 1, 0) : i + 2]) for i in peaks
+    ]
 
 
-def _radial_diameter(density, voters, radii, progress, smallest=_VOTE_RADIUS):
-    """Twice the radius (among ``radii``, in pixels) where edge votes pile up most tightly.
+def _radial_diameter(density, voters, radii, progress, smallest=_VOTE_RADIUS, with_score=False):
+    """Twice the radius (among ``radii``, in pixels) where edge votes pile up most tightly
+    (and, ``with_score``, the highest score)."""
+    searched = _radial_scores(density, voters, radii, progress, smallest)
+    if searched is None:
+        diameter, score = float(min(density.shape) / 4), -np.inf
+    else:
+        diameter, score = 2 * _peak(*searched), float(np.max(searched[1]))
+    return (diameter, score) if with_score else diameter
+
+
+def _radial_scores(density, voters, radii, progress, smallest=_VOTE_RADIUS):
+    """(radii, scores) of how tightly edge votes pile up at each radius; None where too few
+    radii fit the image.
 
     The votes are counted on a copy shrunk by block means so that the smallest radius tried
     spans at least ``smallest`` pixels: large red cells cost no more than small ones.
@@ -271,12 +315,12 @@ def _radial_diameter(density, voters, radii, progress, smallest=_VOTE_RADIUS):
     mask = block_mean(voters.astype(np.float32), shrink) > 0.99
     radii = radii[radii / shrink <= min(small.shape) / 3]
     if len(radii) < 3:
-        return float(min(density.shape) / 4)
+        return None
 
     def tried(done):
         report(progress, done, len(radii))
 
-    return 2 * shrink * _best_radius(small, mask, radii / shrink, tried)
+    return radii, _radius_scores(small, mask, radii / shrink, tried)
 
 
 def _white_cells(stained, nuclei, diameter):
@@ -308,7 +352,7 @@ def _in_field(density):
     return ndi.distance_transform_edt(~black) > 2 * _VOTE_RADIUS
 
 
-def _best_radius(density, voters, radii, tried):
+def _radius_scores(density, voters, radii, tried):
     pyramid = _pyramid(density, voters, radii[-1] / _VOTE_RADIUS)
     done = []
 
@@ -318,7 +362,7 @@ def _best_radius(density, voters, radii, tried):
         tried(len(done))
         return value
 
-    return _peak(radii, np.array(in_threads(score, radii)))
+    return np.array(in_threads(score, radii))
 
 
 def _peak(radii, scores):
