@@ -10,7 +10,8 @@ Draws and scores exactly as ``benchmarks/adaptation.py`` (its ``draw``, ``adapt_
 the run; ``--base`` adapts another model (a name or a model file) instead of the shipped
 one; ``--error-band`` computes every paired error of the classifier (those the adapted model
 is calibrated on and those of the scored cells; not the adapting loss) on its low band (a
-Gaussian of that many model pixels; 0, the whole band, as shipped). Each draw's result is added to benchmarks/results/OUT under ``runs``.
+Gaussian of that many model pixels; 0, the whole band, as shipped). Each draw's result is
+added to benchmarks/results/OUT under ``runs``.
 """
 
 import argparse

@@ -44,8 +44,9 @@ class IdleCollector(QObject):
     """Collect once when the viewer is idle, after :meth:`task_ended`.
 
     Tasks are counted (:meth:`task_started` / :meth:`task_ended`): nothing is collected while
-    one runs (someone waits for its result, and it is still making objects). Input is watched by an application event filter only while a collection waits. ``collect``
-    (default :func:`gc.collect`) is what runs.
+    one runs (someone waits for its result, and it is still making objects). Input is watched
+    by an application event filter only while a collection waits. ``collect`` (default
+    :func:`gc.collect`) is what runs.
     """
 
     def __init__(self, idle_s=IDLE_S, give_up_s=GIVE_UP_S, collect=None):

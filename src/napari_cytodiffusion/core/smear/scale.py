@@ -133,7 +133,9 @@ def estimate_scale(rgb, background=None, progress=None):
     overlapping clumps, where the edges are still arcs of the cells' own circles. The radii
     tried are first all plausible ones, then those near the first answer with the white
     cells (the stained blobs around large nuclei) left out: in a single-cell image they can
-    outvote the red cells.
+    outvote the red cells. Where another peak of the first search scores nearly as high (a
+    white cell's granules under some stains), it is measured the same way, and the answer
+    that scores best closely is kept.
 
     A large image is measured on the most stained 512-px window of its one-megapixel
     overview (block means), on the whole overview where fewer than ``_CELLS_ACROSS`` red cells
