@@ -227,27 +227,28 @@ class _ScaleField:
         """The :class:`ScaleEstimate` of this image: of the wide search's near-equal answers,
         the one whose red cells, measured closely with the white cells left out, score best."""
         guesses = self.first_guesses(lambda done, total: report(progress, done, 2 * total))
+
+        def refining(done, total):
+            report(progress, total + done, 2 * total)
+
         best, best_score = None, -np.inf
-        for guess in guesses:
+        for i, guess in enumerate(guesses):
             white = self.white_cells(guess)
             voters = ~ndi.binary_dilation(white, iterations=3) & self.in_field
             red_cells = float((self.stained & voters).sum() / (np.pi / 4 * guess**2))
             if red_cells < MIN_RED_CELLS and white.any():
-                if best is None:  # the wide search's own answer: too few red cells
+                if i == 0:  # the wide search's own answer: too few red cells
                     report(progress, 1, 1)
                     return ScaleEstimate(self.white_cell_diameter(), WHITE_CELL, red_cells)
                 continue
             if voters.mean() < 0.25:
                 voters = self.in_field
             radii = guess / 2 * np.geomspace(*_NEAR, _RADII_TRIED)
+            # Progress follows the wide search's own answer; the others are rare and short.
             diameter, score = _radial_diameter(
-                self.density,
-                voters,
-                radii,
-                lambda done, total: report(progress, total + done, 2 * total),
-                with_score=True,
+                self.density, voters, radii, refining if i == 0 else None
             )
-            if score > best_score:
+            if best is None or score > best_score:
                 best, best_score = ScaleEstimate(float(diameter), RED_CELLS, red_cells), score
         return best
 
@@ -292,15 +293,13 @@ def _wide_diameters(density, voters, progress):
     ]
 
 
-def _radial_diameter(density, voters, radii, progress, smallest=_VOTE_RADIUS, with_score=False):
-    """Twice the radius (among ``radii``, in pixels) where edge votes pile up most tightly
-    (and, ``with_score``, the highest score)."""
-    searched = _radial_scores(density, voters, radii, progress, smallest)
+def _radial_diameter(density, voters, radii, progress):
+    """(Twice the radius among ``radii``, in pixels, where edge votes pile up most tightly,
+    the highest score)."""
+    searched = _radial_scores(density, voters, radii, progress)
     if searched is None:
-        diameter, score = float(min(density.shape) / 4), -np.inf
-    else:
-        diameter, score = 2 * _peak(*searched), float(np.max(searched[1]))
-    return (diameter, score) if with_score else diameter
+        return float(min(density.shape) / 4), -np.inf
+    return 2 * _peak(*searched), float(np.max(searched[1]))
 
 
 def _radial_scores(density, voters, radii, progress, smallest=_VOTE_RADIUS):
