@@ -209,7 +209,7 @@ class _ScaleField:
         always = self.score > NUCLEUS_SCORE
         self.stain = otsu_threshold(self.density[self.in_field & ~always], default=0.1)
         self.stained = fill_holes(self.density > self.stain) & self.in_field
-        self._guess = None
+        self._guesses = None
 
     def first_guess(self, progress=None):
         """A red cell's diameter from the votes over a wide range of radii, all cells voting."""
@@ -219,9 +219,9 @@ class _ScaleField:
         """The wide search's diameter, then those of its other peaks that score within
         ``_TIE`` of it (another lab's stain can bring a white cell's granules level with
         the red cells there)."""
-        if self._guess is None:
-            self._guess = _wide_diameters(self.density, self.in_field, progress)
-        return self._guess
+        if self._guesses is None:
+            self._guesses = _wide_diameters(self.density, self.in_field, progress)
+        return self._guesses
 
     def estimate(self, progress=None):
         """The :class:`ScaleEstimate` of this image: of the wide search's near-equal answers,
