@@ -208,6 +208,7 @@ def test_widget_analyses_the_open_image(make_napari_viewer, qtbot, tmp_path):
     qtbot.waitUntil(lambda: widget.analysis is not None, timeout=120_000)
     qtbot.waitUntil(lambda: not widget._runner.running, timeout=10_000)
     assert [layer.name for layer in viewer.layers] == ["field", "field cells", "field needs review"]
+    assert all(layer.visible for layer in viewer.layers)  # new layers are shown a step later
     cells = viewer.layers["field cells"]
     assert len(cells.data) == 1 and "label" in cells.features
     assert (tmp_path / "field" / "report.html").is_file()

@@ -132,7 +132,9 @@ def test_widget_adds_class_uncertainty_and_review_layers(classify_widget, pbc_di
 
     names = [layer.name for layer in viewer.layers]
     assert names == ["cell", "cell classes", "cell uncertainty", "cell needs review"]
-    assert viewer.layers["cell needs review"].visible  # added hidden, shown a step later
+    # Added hidden, shown a step later; the uncertainty stays hidden until asked for.
+    assert viewer.layers["cell needs review"].visible and widget.class_layer.visible
+    assert not viewer.layers["cell uncertainty"].visible
     features = widget.class_layer.features
     assert list(features["index"]) == [1] and features["label"][0] == "eosinophil"
     assert widget.class_layer.data[80, 80] == 1  # the central cell carries label 1

@@ -25,6 +25,7 @@ def test_segment_adds_labelled_layers_with_features(make_napari_viewer, qtbot):
     platelets = viewer.layers["cbc_monocyte_eosinophil platelets"]
     assert type(white).__name__ == "Labels" and type(red).__name__ == "Labels"
     assert type(platelets).__name__ == "Points"
+    assert white.visible and red.visible and platelets.visible  # added hidden, then shown
     assert white.data.shape == image.data.shape[:2]
     labels = [v for v in np.unique(white.data) if v]
     assert len(labels) == 2
@@ -49,7 +50,7 @@ def test_segment_adds_labelled_layers_with_features(make_napari_viewer, qtbot):
     assert "cbc_monocyte_eosinophil nuclei" not in viewer.layers  # only when asked for
 
     widget._nuclei.value = True
-    red.opacity = 0.8  # the person's setting
+    red.opacity, platelets.visible = 0.8, False  # the person's settings
     widget._run.native.click()  # a second run replaces the layers' data instead of adding more
     qtbot.waitUntil(lambda: not widget.runner.running, timeout=60000)
     assert len(viewer.layers) == 5
@@ -57,10 +58,11 @@ def test_segment_adds_labelled_layers_with_features(make_napari_viewer, qtbot):
     assert viewer.layers["cbc_monocyte_eosinophil white cells"] is white
     assert viewer.layers["cbc_monocyte_eosinophil red cells"] is red and red.opacity == 0.8
     assert viewer.layers["cbc_monocyte_eosinophil platelets"] is platelets
+    assert not platelets.visible
     assert len(platelets.features) == len(platelets.data)
     nuclei = viewer.layers["cbc_monocyte_eosinophil nuclei"]
     inside = nuclei.data > 0
-    assert nuclei.contour == 1 and 0 < inside.sum() < (white.data > 0).sum()
+    assert nuclei.visible and nuclei.contour == 1 and 0 < inside.sum() < (white.data > 0).sum()
     assert (nuclei.data[inside] == white.data[inside]).all()  # each with its cell's label
     assert set(np.unique(nuclei.data[inside])) == set(labels)
     widget._nuclei.value = False

@@ -15,7 +15,12 @@ from magicgui.widgets import CheckBox, ComboBox, FileEdit
 from napari.layers import Image
 from napari.utils.notifications import show_error, show_info
 
-from napari_cytodiffusion._widgets._common import DockForm, ModelFields, RunRow, update_or_add
+from napari_cytodiffusion._widgets._common import (
+    DockForm,
+    ModelFields,
+    RunRow,
+    update_or_add_in_steps,
+)
 from napari_cytodiffusion.core.report import count_text
 
 
@@ -84,7 +89,7 @@ class AnalyzeWidget(DockForm):
         if layer in self._viewer.layers:  # the report stands even if the image was removed
             placement = {"scale": layer.scale[-2:], "translate": layer.translate[-2:]}
             for suffix, markers in zip(("cells", "needs review"), points, strict=True):
-                update_or_add(
+                yield from update_or_add_in_steps(
                     self._viewer,
                     "points",
                     markers.pop("data"),
@@ -94,7 +99,6 @@ class AnalyzeWidget(DockForm):
                     **markers,
                     **placement,
                 )
-                yield
         flagged = int(analysis.cells["needs_review"].sum())
         white = count_text(len(analysis.cells), "white cell")
         self._status.value = f"{analysis.decision}: {white}, {flagged} flagged. Report: {report}"

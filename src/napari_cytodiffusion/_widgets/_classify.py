@@ -237,6 +237,8 @@ class ClassifyWidget(DockForm):
         self.class_layer = self._viewer.add_layer(layers["class_layer"])
         self._show_fill()  # in case Fill was toggled while the work ran
         yield
+        self.class_layer.visible = True  # its first draw, a turn after napari added it
+        yield
         layer = self._viewer.add_image(
             layers["uncertainty"],
             name=f"{name} uncertainty",
@@ -252,8 +254,7 @@ class ClassifyWidget(DockForm):
         if labels_layer is not None and labels_layer in self._viewer.layers:
             labels_layer.visible = False  # its fill would hide the class outlines
         yield
-        shown = self._viewer.layers
-        earlier = shown[self._review_name()] if self._review_name() in shown else None
+        new_markers = self._review_name() not in self._viewer.layers
         markers = self._update_review(hidden=True)
         show_differential(self._summary, result.differential())
         self._export.enabled = True
@@ -262,7 +263,7 @@ class ClassifyWidget(DockForm):
         self._status.value = f"done: {count_text(len(table), 'white cell')}, {flagged} to review"
         self._banner.say(result.warnings())  # the image as a whole, not only per-cell flags
         show_info(f"Classified {count_text(len(table), 'white cell')}; {flagged} to review.")
-        if markers is not earlier:
+        if new_markers and markers is not None:
             # A new points layer's first draw (its shaders, compiled in software here) takes
             # napari about 0.06 s: in a turn of its own, after the 0.05 s of adding it.
             yield
@@ -415,6 +416,7 @@ def _class_layer(labels, table, colours, model, result, settings):
         },
         scale=wanted["scale"],
         translate=wanted["translate"],
+        visible=False,  # shown a step after it is added (see update_or_add_in_steps)
     )
     _style_fill(layer, wanted["fill"])
     return layer

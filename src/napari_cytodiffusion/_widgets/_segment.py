@@ -18,7 +18,7 @@ from napari_cytodiffusion._widgets._common import (
     RunRow,
     rbc_diameter_field,
     removed_layer,
-    update_or_add,
+    update_or_add_in_steps,
 )
 
 
@@ -100,7 +100,7 @@ class SegmentWidget(DockForm):
         if nucleus_labels is None and f"{name} nuclei" in self._viewer.layers:
             self._viewer.layers.remove(f"{name} nuclei")  # not asked for this time
         platelets = result.table("platelet")
-        update_or_add(
+        yield from update_or_add_in_steps(
             self._viewer,
             "labels",
             rbc_labels,
@@ -110,10 +110,7 @@ class SegmentWidget(DockForm):
             opacity=0.35,
             **placement,
         )
-        yield
-        # A new points layer's first draw takes napari up to 0.09 s here: in a turn of its own.
-        new_points = f"{name} platelets" not in self._viewer.layers
-        points = update_or_add(
+        yield from update_or_add_in_steps(
             self._viewer,
             "points",
             platelets[["centroid_row", "centroid_col"]].to_numpy(float),
@@ -124,26 +121,20 @@ class SegmentWidget(DockForm):
             face_color="transparent",
             border_color="#00ff66",
             border_width=0.15,
-            visible=not new_points,
             **placement,
         )
-        yield
-        if new_points:
-            points.visible = True
-            yield
         if nucleus_labels is not None:
-            nuclei = update_or_add(
+            yield from update_or_add_in_steps(
                 self._viewer,
                 "labels",
                 nucleus_labels,
                 f"{name} nuclei",
                 result.table("wbc"),  # a nucleus has its white cell's label
                 {"source": name, "cells": "nuclei"},
+                settings=[("contour", 1)],
                 **placement,
             )
-            nuclei.contour = 1
-            yield
-        wbc = update_or_add(
+        wbc = yield from update_or_add_in_steps(
             self._viewer,
             "labels",
             result.wbc_labels,
