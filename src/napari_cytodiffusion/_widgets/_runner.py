@@ -80,7 +80,7 @@ class TaskRunner:
         self.worker = None
         _connect(cancel_button, self.cancel)
         _set_enabled(cancel_button, False)
-        _warm_glyphs_soon(_warm_glyphs())
+        _render_glyphs_soon(_canvas_font())
 
     @property
     def running(self):
@@ -232,20 +232,17 @@ def _with_layer_modules(function):
     return run
 
 
-def _warm_glyphs_soon(glyphs):
-    """Take one step of ``glyphs`` now and the next after a pause, until it ends."""
-    if next(glyphs, None) is not None:
-        QTimer.singleShot(_STEP_PAUSE_MS, lambda: _warm_glyphs_soon(glyphs))
-
-
-def _warm_glyphs():
-    """Render the viewer's alignment glyphs, one per ``next`` (none without a viewer)."""
-    font = _canvas_font()
-    for character in _ALIGNMENT_GLYPHS if font is not None else ():
-        yield font[character]
+def _render_glyphs_soon(font, characters=_ALIGNMENT_GLYPHS):
+    """Render the first of ``characters`` into ``font`` now, the next after a pause, and so on
+    (nothing without a font)."""
+    if font is None or not characters:
+        return
+    font[characters[0]]  # renders the glyph into the font's atlas once
+    QTimer.singleShot(_STEP_PAUSE_MS, lambda: _render_glyphs_soon(font, characters[1:]))
 
 
 def _canvas_font():
+    """The font napari's text visuals share in the current viewer's canvas, or None."""
     from napari import current_viewer
 
     # napari keeps the canvas's font (shared by its text visuals) on private attributes.
