@@ -240,7 +240,7 @@ def run(args):
         "device": args.device,
         "seed": args.seed,
         "channels": tuple(int(c) for c in args.channels.split(",")),
-        "augmentation": "lab",
+        "augmentation": args.augmentation,
         "leave_out": tuple(args.leave_out),
         "log": log,
         "checkpoint_every": args.checkpoint_every,
@@ -268,7 +268,9 @@ def run(args):
         "name": args.export_name.removesuffix(".pt") if args.export_name else args.name,
         "trained_on": "PBC train split; unlabelled CBC and wbc_smartphone_pig train white cells "
         "(null class only)",
-        "augmentation": "lab (core/model/augment.py) and scale +-20 %",
+        "augmentation": "lab (core/model/augment.py) and scale +-20 %"
+        if args.augmentation == "lab"
+        else args.augmentation,
         "left_out": list(args.leave_out),
         "init": str(init) if init else None,
         "steps": summary["step"],
@@ -378,6 +380,7 @@ def main():
     r.add_argument("--channels", default="64,128,192")
     r.add_argument("--init", default=str(V1))
     r.add_argument("--from-scratch", action="store_true")
+    r.add_argument("--augmentation", default="lab", choices=["lab", "basic"])
     r.add_argument("--leave-out", nargs="*", default=[])
     r.add_argument("--trials", type=int, default=32)
     r.add_argument("--eval-limit", type=int, help="cells per split evaluated (a quick check)")

@@ -19,6 +19,11 @@ with the lowest log error relative to the trial's mean over classes. The row is 
 
     python benchmarks/v2_on_cpu.py check
 
+``check --checkpoint PATH --batch-size B`` checks another run's checkpoint or model file the
+same way (for example one of ``benchmarks/train_v2_gpu.py run --device cpu``); ``--blur 1
+1.5`` adds the PBC val cells blurred by those Gaussian sigmas (model px), ``--skip-v1`` leaves
+v1 out.
+
 ``export``: the checkpoint's weights with v1's calibration, as a model file that ``adapt``
 can start from (``work_data/v2/cpu/v2cpu-base.pt``; its calls are not calibrated for it)::
 
@@ -111,13 +116,28 @@ def check_sets(size):
     return np.load(cache)
 
 
+def with_blurred_val(sets, sigmas):
+    """``sets`` and the PBC val crops blurred by each Gaussian ``sigma`` (model px): whether a
+    model's calls survive the softness of other labs' optics within its own domain."""
+    from scipy.ndimage import gaussian_filter
+
+    sets = dict(sets)
+    for sigma in sigmas:
+        blurred = [
+            gaussian_filter(crop.astype(np.float32), (sigma, sigma, 0)) for crop in sets["pbc_val"]
+        ]
+        sets[f"pbc_val_blur{sigma:g}"] = np.stack(blurred).astype(sets["pbc_val"].dtype)
+        sets[f"pbc_val_blur{sigma:g}_labels"] = sets["pbc_val_labels"]
+    return sets
+
+
 def quick_check(model, sets):
     """Balanced accuracy, recalls and call counts of each set, without calibration."""
     from napari_cytodiffusion.core.model.classifier import class_errors
 
     classes = np.array(model.classes)
     out = {}
-    for name in ("dataset1", "pbc_val"):
+    for name in [key for key in sets if not key.endswith("_labels")]:
         errors, _ = class_errors(model, sets[name], "exhaustive", 0, CHECK_TRIALS)
         logs = np.log(errors)
         calls = classes[(logs - logs.mean(2, keepdims=True)).mean(1).argmin(1)]
@@ -132,21 +152,26 @@ def quick_check(model, sets):
 
 
 def check(args):
-    """Quick-check v1 and the checkpoint; append the row to the results file."""
+    """Quick-check the checkpoint (and v1); append the row to the results file."""
     import torch
 
     from napari_cytodiffusion.core.model.checkpoint import load_model_file
 
-    if not CHECKPOINT.exists():
-        raise SystemExit(f"No checkpoint at {CHECKPOINT}: run a `leg` first.")
-    step = int(torch.load(CHECKPOINT, map_location="cpu", weights_only=True)["step"])
-    row = {"date": time.strftime("%Y-%m-%d %H:%M"), "step": step, "images": step * BATCH}
+    checkpoint = Path(args.checkpoint)
+    if not checkpoint.exists():
+        raise SystemExit(f"No checkpoint at {checkpoint}: run a `leg` first.")
+    row = {"date": time.strftime("%Y-%m-%d %H:%M"), "checkpoint_file": str(checkpoint)}
+    if checkpoint.suffix == ".ckpt":
+        step = int(torch.load(checkpoint, map_location="cpu", weights_only=True)["step"])
+        row.update(step=step, images=step * args.batch_size)
     started = time.time()
-    models = {"v1": load_model_file(V1, "cpu"), "checkpoint": load_model_file(CHECKPOINT, "cpu")}
+    models = {"checkpoint": load_model_file(checkpoint, "cpu")}
+    if not args.skip_v1:
+        models["v1"] = load_model_file(V1, "cpu")
     sizes = {model.image_size for model in models.values()}
     if len(sizes) != 1:
         raise SystemExit(f"v1 and the checkpoint see cells at different sizes: {sorted(sizes)}.")
-    sets = check_sets(sizes.pop())
+    sets = with_blurred_val(check_sets(sizes.pop()), args.blur)
     for name, model in models.items():
         row[name] = quick_check(model, sets)
     row["seconds"] = round(time.time() - started)
@@ -172,7 +197,11 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="part", required=True)
     sub.add_parser("leg").add_argument("--minutes", type=float, default=60.0)
-    sub.add_parser("check")
+    checking = sub.add_parser("check")
+    checking.add_argument("--checkpoint", default=str(CHECKPOINT), help="a checkpoint or model")
+    checking.add_argument("--batch-size", type=int, default=BATCH, help="its training batch")
+    checking.add_argument("--blur", type=float, nargs="*", default=[], help="PBC val blurred too")
+    checking.add_argument("--skip-v1", action="store_true", help="check the checkpoint alone")
     sub.add_parser("export")
     args = parser.parse_args()
     {"leg": leg, "check": check, "export": export}[args.part](args)

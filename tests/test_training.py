@@ -257,6 +257,8 @@ def test_v2_recipe_runs_two_steps_and_evaluates(v2_pack, tmp_path):
     assert errors["val"].shape[1:] == (2, 3)  # 2 trials, 2 classes and the null class
     calibration = json.loads((out / "v2_calibration.json").read_text())
     assert calibration["anomaly"]["method"] == "null_gain"
+    metadata = load_model_file(out / "v2.pt", "cpu").metadata
+    assert metadata["augmentation"].startswith("lab") and metadata["init"] is None
 
 
 def test_a_left_out_class_is_never_trained_on(v2_pack, tmp_path):
