@@ -159,7 +159,8 @@ def check(args):
 
     checkpoint = Path(args.checkpoint)
     if not checkpoint.exists():
-        raise SystemExit(f"No checkpoint at {checkpoint}: run a `leg` first.")
+        hint = ": run a `leg` first" if checkpoint == CHECKPOINT else ""
+        raise SystemExit(f"No checkpoint or model file at {checkpoint}{hint}.")
     row = {"date": time.strftime("%Y-%m-%d %H:%M"), "checkpoint_file": str(checkpoint)}
     if checkpoint.suffix == ".ckpt":
         step = int(torch.load(checkpoint, map_location="cpu", weights_only=True)["step"])
