@@ -19,7 +19,7 @@ with the lowest log error relative to the trial's mean over classes. The row is 
 
     python benchmarks/v2_on_cpu.py check
 
-``check --checkpoint PATH --batch-size B`` checks another run's checkpoint or model file the
+``check --checkpoint PATH`` checks another run's checkpoint or model file the
 same way (for example one of ``benchmarks/train_v2_gpu.py run --device cpu``); ``--blur 1
 1.5`` adds the PBC val cells blurred by those Gaussian sigmas (model px), ``--skip-v1`` leaves
 v1 out.
@@ -163,8 +163,9 @@ def check(args):
         raise SystemExit(f"No checkpoint or model file at {checkpoint}{hint}.")
     row = {"date": time.strftime("%Y-%m-%d %H:%M"), "checkpoint_file": str(checkpoint)}
     if checkpoint.suffix == ".ckpt":
-        step = int(torch.load(checkpoint, map_location="cpu", weights_only=True)["step"])
-        row.update(step=step, images=step * args.batch_size)
+        row["step"] = int(torch.load(checkpoint, map_location="cpu", weights_only=True)["step"])
+        if checkpoint == CHECKPOINT:
+            row["images"] = row["step"] * BATCH
     started = time.time()
     models = {"checkpoint": load_model_file(checkpoint, "cpu")}
     if not args.skip_v1:
@@ -200,7 +201,6 @@ def main():
     sub.add_parser("leg").add_argument("--minutes", type=float, default=60.0)
     checking = sub.add_parser("check")
     checking.add_argument("--checkpoint", default=str(CHECKPOINT), help="a checkpoint or model")
-    checking.add_argument("--batch-size", type=int, default=BATCH, help="its training batch")
     checking.add_argument("--blur", type=float, nargs="*", default=[], help="PBC val blurred too")
     checking.add_argument("--skip-v1", action="store_true", help="check the checkpoint alone")
     sub.add_parser("export")
