@@ -233,6 +233,19 @@ def test_a_stain_change_keeps_a_nucleus_darker_than_the_glass():
     assert nucleus_density.std() > 0.1  # and the stain did change
 
 
+def test_greyscale_takes_the_colours_and_keeps_the_brightness():
+    from napari_cytodiffusion.core.model import augment
+
+    generator = torch.Generator().manual_seed(0)
+    x = torch.rand(64, 3, 8, 8, generator=generator)
+    grey = augment.greyscale(x, generator, probability=0.5)
+    greyed = (grey[:, 0] == grey[:, 1]).all(dim=(1, 2)) & (grey[:, 1] == grey[:, 2]).all(dim=(1, 2))
+    assert 10 < int(greyed.sum()) < 54  # about half the images
+    assert torch.equal(grey[~greyed], x[~greyed])  # the others are untouched
+    luma = (x[greyed] * torch.tensor(augment.LUMA).view(1, 3, 1, 1)).sum(1)
+    assert torch.allclose(grey[greyed][:, 0], luma)
+
+
 def test_v2_recipe_runs_two_steps_and_evaluates(v2_pack, tmp_path):
     """benchmarks/train_v2_gpu.py run: lab augmentation, unlabelled null-class cells,
     export, exhaustive errors with the null class, calibration on val, calls on test."""

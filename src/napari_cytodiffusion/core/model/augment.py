@@ -10,6 +10,7 @@ once (on the GPU during training; the same code runs on a CPU in the tests):
   inference-time normalisation uses (:mod:`~napari_cytodiffusion.core.smear.normalise`);
 * :func:`colour_jitter`: hue and saturation, brightness, contrast and gamma;
 * :func:`illumination`: a background tint (residual white balance) and vignetting;
+* :func:`greyscale`: the colours taken away (off by default: see :data:`LAB_AUGMENTATIONS`);
 * :func:`blur`: defocus (Gaussian blur of random width);
 * :func:`sensor_noise`: signal-dependent and constant noise;
 * :func:`jpeg_artefacts`: 8 x 8 block DCT quantisation at a random quality, as a JPEG
@@ -36,7 +37,10 @@ LAB_AUGMENTATIONS = {
     "blur": (0.4, {"sigma": 1.2}),
     "noise": (0.4, {"sigma": 0.025}),
     "jpeg": (0.3, {"quality": (30, 90)}),
+    "grey": (0.0, {}),
 }
+# Luma weights (ITU-R BT.601) of a greyscale image.
+LUMA = (0.299, 0.587, 0.114)
 
 
 def _uniform(n, low, high, generator, device):
@@ -196,6 +200,17 @@ def illumination(x, generator, tint=0.06, vignette=0.25, probability=1.0):
     return mask * out + (1 - mask) * x
 
 
+def greyscale(x, generator, probability=1.0):
+    """The image's luma in all three channels: a cell whose class must be told by its shape
+    and texture alone, as where another lab's stain gives it foreign hues."""
+    import torch
+
+    weights = torch.tensor(LUMA, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    out = (x * weights).sum(dim=1, keepdim=True).expand_as(x)
+    mask = _chosen(x.shape[0], probability, generator, x.device)
+    return mask * out + (1 - mask) * x
+
+
 def blur(x, generator, sigma=1.2, probability=1.0):
     """Gaussian blur of width uniform in [0, ``sigma``] pixels (defocus, a softer lens)."""
     import torch
@@ -282,14 +297,15 @@ def lab_augment(x, generator, strengths=None):
     """Every lab augmentation in turn, each with its probability (:data:`LAB_AUGMENTATIONS`).
 
     ``strengths`` overrides entries of :data:`LAB_AUGMENTATIONS` (``{"blur": (0, {})}``
-    turns blur off); the order is stain, colour, illumination, blur, noise, JPEG, as light
-    meets the slide, then the optics, then the camera.
+    turns blur off); the order is stain, illumination, colour, greyscale, blur, noise, JPEG, as
+    light meets the slide, then the optics, then the camera.
     """
     settings = {**LAB_AUGMENTATIONS, **(strengths or {})}
     steps = (
         ("stain", stain_jitter),
         ("illumination", illumination),
         ("colour", colour_jitter),
+        ("grey", greyscale),
         ("blur", blur),
         ("noise", sensor_noise),
         ("jpeg", jpeg_artefacts),
