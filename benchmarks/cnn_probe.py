@@ -63,13 +63,10 @@ def probe_network(in_channels, num_classes):
 
 def to_input(x, mode):
     """Float (n, 3, s, s) crops in [0, 1] as the probe reads them, centred on 0."""
-    import torch
-
-    from napari_cytodiffusion.core.model.augment import LUMA
+    from napari_cytodiffusion.core.model.augment import greyscale
 
     if mode == "grey":
-        weights = torch.tensor(LUMA, dtype=x.dtype).view(1, 3, 1, 1)
-        x = (x * weights).sum(1, keepdim=True)
+        x = greyscale(x, None)[:, :1]
     return x - 0.5
 
 
