@@ -156,6 +156,7 @@ def score_network(network, sets, classes, mode):
 
 
 def append_row(row):
+    """Add ``row`` to ``benchmarks/results/cnn_probe.json``."""
     path = RESULTS / "cnn_probe.json"
     rows = json.loads(path.read_text()) if path.exists() else []
     path.write_text(json.dumps(rows + [row], indent=1) + "\n")
@@ -204,9 +205,9 @@ def run(args):
     row = {"date": time.strftime("%Y-%m-%d %H:%M"), **vars(args), "lr_schedule": "cosine"}
     row["checks"] = []
     started, step, next_check = time.time(), 0, args.check_minutes * 60
+    lab = args.augmentation == "lab" and lab_settings(args)
     while time.time() - started < args.minutes * 60:
         pick = torch.multinomial(weights, BATCH, replacement=True, generator=generator)
-        lab = args.augmentation == "lab" and lab_settings(args)
         x = augment(images[pick], SIZE, generator, zoom=ZOOM[args.augmentation], lab=lab)
         loss = F.cross_entropy(network(to_input(x, args.input)), labels[pick].long())
         optimiser.zero_grad()
