@@ -36,6 +36,14 @@ def dataset1_records(limit=None):
     return records
 
 
+def blurred(crops, sigma=1.0):
+    """Float crops (n, s, s, 3) blurred by a Gaussian of ``sigma`` px, each channel alone:
+    the softer optics of other labs, within a model's own domain."""
+    from scipy import ndimage as ndi
+
+    return np.stack([ndi.gaussian_filter(c, (sigma, sigma, 0), mode="reflect") for c in crops])
+
+
 def central_cell_crops(images, rbc_diameter, size):
     """The central cell of each image, prepared and cut as a user's single-cell image is
     (``prepare_smear``, ``central_cell_site``). Returns (crops (n, size, size, 3), colour

@@ -102,7 +102,7 @@ def scored_sets(pack, mode):
     """{name: (float crops, class names)}: dataset 1 and PBC val, sharp and blurred, and for
     a colour probe both sets in grey too (what a probe that has seen grey cells makes of
     cells whose foreign hues are taken away)."""
-    from scipy.ndimage import gaussian_filter
+    from _sets import blurred
 
     from napari_cytodiffusion.core.model.augment import greyscale
 
@@ -110,12 +110,11 @@ def scored_sets(pack, mode):
     offset = (pack.images.shape[1] - SIZE) // 2
     val = pack.images[keep][:, offset : offset + SIZE, offset : offset + SIZE]
     val_labels = np.array(pack.classes)[pack.labels[keep]]
-    blurred = np.stack([gaussian_filter(c.astype(np.float32) / 255, (1, 1, 0)) for c in val])
     crops, labels = dataset1_crops()
     sets = {
         "dataset1": (as_float(crops), labels),
         "pbc_val": (as_float(val), val_labels),
-        "pbc_val_blur1": (as_float(blurred), val_labels),
+        "pbc_val_blur1": (as_float(blurred(val.astype(np.float32) / 255)), val_labels),
     }
     if mode == "rgb":
         for name in ("dataset1", "pbc_val"):
@@ -249,9 +248,10 @@ def score_saved(args):
     members = []
     for path in args.weights:
         state = torch.load(path, map_location="cpu", weights_only=True)
-        network = probe_network(state["0.weight"].shape[1], len(pack.classes))
+        channels = state["0.weight"].shape[1]  # the stem's input: 1 for a grey probe
+        network = probe_network(channels, len(pack.classes))
         network.load_state_dict(state)
-        members.append((network.eval(), "grey" if state["0.weight"].shape[1] == 1 else "rgb"))
+        members.append((network.eval(), "grey" if channels == 1 else "rgb"))
 
     def mean_probability(x):
         probabilities = []

@@ -30,6 +30,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import REPO  # noqa: E402
 from _sets import (  # noqa: E402
+    blurred,
     cbc_white_cells,
     central_cell_crops,
     dataset1_records,
@@ -46,12 +47,6 @@ def png_bytes(crop):
     buffer = io.BytesIO()
     Image.fromarray((np.clip(crop, 0, 1) * 255 + 0.5).astype(np.uint8)).save(buffer, "PNG")
     return len(buffer.getvalue())
-
-
-def blurred(crops, sigma=1.0):
-    from scipy import ndimage as ndi
-
-    return np.stack([ndi.gaussian_filter(c, (sigma, sigma, 0), mode="reflect") for c in crops])
 
 
 def pbc_set(split, per_class, size):

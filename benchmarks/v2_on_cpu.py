@@ -119,14 +119,12 @@ def check_sets(size):
 def with_blurred_val(sets, sigmas):
     """``sets`` and the PBC val crops blurred by each Gaussian ``sigma`` (model px): whether a
     model's calls survive the softness of other labs' optics within its own domain."""
-    from scipy.ndimage import gaussian_filter
+    from _sets import blurred
 
     sets = dict(sets)
     for sigma in sigmas:
-        blurred = [
-            gaussian_filter(crop.astype(np.float32), (sigma, sigma, 0)) for crop in sets["pbc_val"]
-        ]
-        sets[f"pbc_val_blur{sigma:g}"] = np.stack(blurred).astype(sets["pbc_val"].dtype)
+        soft = blurred(sets["pbc_val"].astype(np.float32), sigma)
+        sets[f"pbc_val_blur{sigma:g}"] = soft.astype(sets["pbc_val"].dtype)
         sets[f"pbc_val_blur{sigma:g}_labels"] = sets["pbc_val_labels"]
     return sets
 
