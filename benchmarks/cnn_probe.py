@@ -18,6 +18,9 @@ PBC **val** cells of the pack, sharp and blurred (sigma 1 model px); the row is 
 Inputs: ``rgb`` as the diffusion model sees cells; ``grey`` the luminance alone, so that no
 call can rest on the stain's hues. ``--grey-share`` greys that share of the training views
 (``core.model.augment.greyscale``), ``--colour-strength`` widens the stain and hue changes.
+``--unlabelled N`` adds FixMatch's self-training on N of the pack's unlabelled CBC and
+phone-camera white cells a step (:func:`pseudo_labelled_loss`); each check then counts the
+classes the probe took for them.
 
 ``score``: saved probes (``run --save``), alone or several together::
 
@@ -42,6 +45,7 @@ PACK = REPO / "work_data" / "v2" / "pack.npz"
 FOLDER = REPO / "work_data" / "cnn_probe"
 SIZE = 64
 BATCH = 64
+NOT_WHITE_CELLS = ("erythroblast", "platelet")
 
 
 def probe_network(in_channels, num_classes):
@@ -162,9 +166,10 @@ def append_row(row):
 
 
 def summary(scores):
-    """{set: balanced accuracy over its classes of 10 cells or more} of a check's scores."""
+    """{set: balanced accuracy over its classes of 10 cells or more} of a check's scores
+    (its step, minutes and pseudo-label counts left out)."""
     key = "balanced_accuracy_classes_of_10_cells_or_more"
-    return {name: value[key] for name, value in scores.items() if isinstance(value, dict)}
+    return {name: v[key] for name, v in scores.items() if isinstance(v, dict) and key in v}
 
 
 def lab_settings(args):
@@ -199,16 +204,26 @@ def run(args):
     # Square-root class balancing, as the diffusion model's training draws its batches.
     counts = np.bincount(pack.labels[train], minlength=len(pack.classes))
     weights = torch.tensor(1 / np.sqrt(counts[pack.labels[train]]))
+    # CBC and phone-camera train cells without a class (the pack's null-class cells).
+    unlabelled = torch.from_numpy(pack.images[pack.labels < 0])
     network = probe_network(1 if args.input == "grey" else 3, len(pack.classes))
     optimiser = torch.optim.AdamW(network.parameters(), lr=args.lr, weight_decay=1e-4)
     row = {"date": time.strftime("%Y-%m-%d %H:%M"), **vars(args), "lr_schedule": "cosine"}
+    if args.unlabelled:
+        row["pseudo_labels_from"] = "white-cell classes"
     row["checks"] = []
     started, step, next_check = time.time(), 0, args.check_minutes * 60
+    pseudo_labels = []  # per step: the class taken for each unlabelled cell, -1 below threshold
     lab = args.augmentation == "lab" and lab_settings(args)
     while time.time() - started < args.minutes * 60:
         pick = torch.multinomial(weights, BATCH, replacement=True, generator=generator)
         x = augment(images[pick], SIZE, generator, zoom=ZOOM[args.augmentation], lab=lab)
-        loss = F.cross_entropy(network(to_input(x, args.input)), labels[pick].long())
+        if args.unlabelled:
+            extra = unlabelled, lab or True, generator, pack.classes
+            loss, taken = pseudo_labelled_loss(network, x, labels[pick], *extra, args)
+            pseudo_labels.append(taken)
+        else:
+            loss = F.cross_entropy(network(to_input(x, args.input)), labels[pick].long())
         optimiser.zero_grad()
         loss.backward()
         # A cosine decay over the run's time, so that its last checks score a settled network.
@@ -221,6 +236,9 @@ def run(args):
             next_check += args.check_minutes * 60
             check = {"step": step, "minutes": round((time.time() - started) / 60, 1)}
             check.update(score_network(network, sets, pack.classes, args.input))
+            if pseudo_labels:
+                check["pseudo_labels"] = pseudo_label_counts(pseudo_labels, pack.classes)
+                pseudo_labels.clear()
             row["checks"].append(check)
             print(step, f"loss {loss.item():.3f}", summary(check), flush=True)
     if not row["checks"] or row["checks"][-1]["step"] != step:
@@ -232,6 +250,43 @@ def run(args):
         torch.save(network.state_dict(), args.save)
     append_row(row)
     print(json.dumps(row["checks"][-1], indent=1))
+
+
+def pseudo_labelled_loss(network, x, truth, unlabelled, lab, generator, classes, args):
+    """Cross-entropy of the labelled views plus FixMatch's term on unlabelled cells of other
+    labs: a mildly changed view (geometry only) names the class where the probe is sure
+    (``--threshold``), and a strongly changed view (the lab augmentations) is taught it. The
+    cells were annotated as white cells, so a guess is never a platelet or an erythroblast
+    (unrestricted, the probe called nearly all of them platelet and learned that).
+    Returns the loss and the classes taken (-1 where the probe was unsure)."""
+    import torch
+    from torch.nn import functional as F
+
+    from napari_cytodiffusion.core.model.training import ZOOM, augment
+
+    pick = torch.randint(len(unlabelled), (args.unlabelled,), generator=generator)
+    weak = augment(unlabelled[pick], SIZE, generator, zoom=ZOOM["basic"])
+    strong = augment(unlabelled[pick], SIZE, generator, zoom=ZOOM["lab"], lab=lab)
+    # One pass for all three, so that the batch norms see every domain together.
+    logits = network(to_input(torch.cat([x, weak, strong]), args.input))
+    labelled, weak_logits, strong_logits = logits.split([len(x), len(pick), len(pick)])
+    # The cells were boxed as white cells: a guess is one of the white-cell classes.
+    possible = torch.tensor([c not in NOT_WHITE_CELLS for c in classes])
+    weak_logits = weak_logits.detach().masked_fill(~possible, -torch.inf)
+    confidence, guess = weak_logits.softmax(1).max(1)
+    sure = confidence >= args.threshold
+    per_cell = F.cross_entropy(strong_logits, guess, reduction="none")
+    taught = args.unlabelled_weight * (per_cell * sure).mean()
+    return F.cross_entropy(labelled, truth.long()) + taught, torch.where(sure, guess, -1)
+
+
+def pseudo_label_counts(taken, classes):
+    """{class: cells taken, "unsure": cells below the threshold} over the steps of ``taken``."""
+    import torch
+
+    taken = torch.cat(taken)
+    counts = {c: int((taken == i).sum()) for i, c in enumerate(classes)}
+    return {**counts, "unsure": int((taken < 0).sum())}
 
 
 def score_saved(args):
@@ -281,6 +336,11 @@ def main():
         "--colour-strength", type=float, default=1.0, help="lab only: stain and hue ranges times"
     )
     running.add_argument("--lr", type=float, default=1e-3, help="peak, decayed to 0 by the end")
+    running.add_argument(
+        "--unlabelled", type=int, default=0, help="unlabelled CBC / phone cells a step (FixMatch)"
+    )
+    running.add_argument("--threshold", type=float, default=0.95, help="FixMatch's confidence")
+    running.add_argument("--unlabelled-weight", type=float, default=1.0)
     running.add_argument("--seed", type=int, default=0)
     running.add_argument("--save", help="where to keep the trained probe's weights")
     saved = sub.add_parser("score")

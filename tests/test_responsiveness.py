@@ -17,6 +17,7 @@ import gc
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 from qtpy.QtCore import QTimer
@@ -214,3 +215,35 @@ def test_a_new_widget_renders_the_text_glyphs_of_the_first_points_layer(make_nap
     assert not set(_ALIGNMENT_GLYPHS) <= set(font._glyphs)
     GenerateWidget(viewer)
     qtbot.waitUntil(lambda: set(_ALIGNMENT_GLYPHS) <= set(font._glyphs), timeout=2_000)
+
+
+def test_the_classes_layer_comes_with_its_colours_mapped(make_napari_viewer, monkeypatch):
+    """napari maps every value of 16-bit labels to a colour (a Python loop over 65,536 values,
+    0.03 s) at a Labels layer's first draw; the classes layer, built in the worker, brings the
+    map with it, so its first draw does not compute it on the main thread."""
+    import pandas as pd
+    from napari.utils.colormaps import DirectLabelColormap
+
+    from napari_cytodiffusion._widgets._classify import _class_layer
+
+    labels = np.zeros((96, 128), np.uint16)
+    labels[10:30, 10:30], labels[50:80, 60:90] = 1, 2
+    table = pd.DataFrame({"index": [1, 2], "label": ["lymphocyte", "monocyte"]})
+    colours = {None: "transparent", 0: "transparent", 1: "#ff0000", 2: "#0000ff"}
+    model = SimpleNamespace(name="m", image_size=64)
+    result = SimpleNamespace(rbc_diameter=30.0, classes=("lymphocyte", "monocyte"))
+    placement = {"scale": (1, 1), "translate": (0, 0), "fill": False}
+    settings = {"layer": {"name": "x classes", "source": "x", **placement}, "image_path": None}
+    layer = _class_layer(labels, table, colours, model, result, settings)
+    mapped = []
+    original = DirectLabelColormap._map_without_cache
+    monkeypatch.setattr(
+        DirectLabelColormap,
+        "_map_without_cache",
+        lambda self, values: mapped.append(values.dtype) or original(self, values),
+    )
+    viewer = make_napari_viewer()
+    viewer.add_layer(layer)
+    layer.visible = True
+    viewer.window._qt_viewer.canvas._scene_canvas.render()
+    assert mapped == []

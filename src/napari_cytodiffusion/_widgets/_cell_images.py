@@ -192,7 +192,8 @@ class CellImagesWidget(DockForm):
         self._runner.start(job, self._show, text=f"classifying {len(paths)} images")
 
     def _show(self, outcome):
-        """Main thread: the grid, then its tiles, then the review rings, one per turn."""
+        """Main thread: the grid, its tiles, their first draw, then the review rings, one per
+        turn of the event loop."""
         folder, result, layers = outcome
         failed = "; ".join(f"{path.name}: {why}" for path, why in result.failed)
         if layers is None:
@@ -207,6 +208,8 @@ class CellImagesWidget(DockForm):
         colormap = _tile_colormap(table, self._show_classes(table))
         self.tiles_layer = add_tiles(self._viewer, grid, tiled, features, colormap, OUTLINE)
         self._bind(self.tiles_layer, result.classes)
+        yield
+        self.tiles_layer.visible = True
         yield
         self._review_layer = None  # a new result gets its own rings
         self._mark_flagged()

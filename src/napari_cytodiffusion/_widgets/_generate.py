@@ -76,12 +76,15 @@ class GenerateWidget(DockForm):
         self._runner.start(job, self._add_layers, text=text)
 
     def _add_layers(self, result):
-        """Main thread: the grid, then (in the next turn of the event loop) its tiles."""
+        """Main thread: the grid, then its tiles, then their first draw, one per turn of the
+        event loop."""
         from napari_cytodiffusion.core.tasks.generate import summary
 
         cells, tiled, features = result
         name = f"synthetic {cells.labels[0]}"
         grid = add_grid(self._viewer, tiled, name, features, {"synthetic": True})
         yield
-        add_tiles(self._viewer, grid, tiled, features)
+        tiles = add_tiles(self._viewer, grid, tiled, features)
+        yield
+        tiles.visible = True
         self._status.value = f"done: {summary(cells)}"

@@ -102,7 +102,9 @@ def add_grid(viewer, tiled, name, features, metadata=None):
 
 
 def add_tiles(viewer, grid_layer, tiled, features, colormap=None, contour=1):
-    """Add the tiles layer of a grid on top of it: hovering a cell shows its ``features``.
+    """Add the tiles layer of a grid on top of it, hidden: hovering a cell shows its
+    ``features``. Show it in the next turn of the event loop, so that napari's work of adding
+    it and its first draw are two stalls instead of one (see ``update_or_add_in_steps``).
 
     The tiles are outlined ``contour`` crop pixels wide, in ``colormap``'s colour of each
     tile number where given (napari's label colours otherwise)."""
@@ -118,6 +120,7 @@ def add_tiles(viewer, grid_layer, tiled, features, colormap=None, contour=1):
         **({} if colormap is None else {"colormap": colormap}),
         scale=grid_layer.scale,
         translate=grid_layer.translate,
+        visible=False,
     )
     tiles_layer.contour = contour  # outline the tiles; the cells stay visible
     viewer.layers.selection.active = tiles_layer  # hover shows the active layer's features
