@@ -19,8 +19,9 @@ Inputs: ``rgb`` as the diffusion model sees cells; ``grey`` the luminance alone,
 call can rest on the stain's hues. ``--grey-share`` greys that share of the training views
 (``core.model.augment.greyscale``), ``--colour-strength`` widens the stain and hue changes.
 ``--unlabelled N`` adds FixMatch's self-training on N of the pack's unlabelled CBC and
-phone-camera white cells a step (:func:`pseudo_labelled_loss`); each check then counts the
-classes the probe took for them.
+phone-camera white cells a step (:func:`pseudo_labelled_loss`; ``--align`` holds each
+class's share of its guesses to the labelled views', :func:`aligned`); each check then counts
+the classes the probe took for them.
 
 ``score``: saved probes (``run --save``), alone or several together::
 
@@ -214,12 +215,13 @@ def run(args):
     row["checks"] = []
     started, step, next_check = time.time(), 0, args.check_minutes * 60
     pseudo_labels = []  # per step: the class taken for each unlabelled cell, -1 below threshold
+    shares = {}  # --align: running mean class probabilities of the unlabelled cells
     lab = args.augmentation == "lab" and lab_settings(args)
     while time.time() - started < args.minutes * 60:
         pick = torch.multinomial(weights, BATCH, replacement=True, generator=generator)
         x = augment(images[pick], SIZE, generator, zoom=ZOOM[args.augmentation], lab=lab)
         if args.unlabelled:
-            extra = unlabelled, lab or True, generator, pack.classes
+            extra = unlabelled, lab or True, generator, pack.classes, shares
             loss, taken = pseudo_labelled_loss(network, x, labels[pick], *extra, args)
             pseudo_labels.append(taken)
         else:
@@ -252,12 +254,13 @@ def run(args):
     print(json.dumps(row["checks"][-1], indent=1))
 
 
-def pseudo_labelled_loss(network, x, truth, unlabelled, lab, generator, classes, args):
+def pseudo_labelled_loss(network, x, truth, unlabelled, lab, generator, classes, shares, args):
     """Cross-entropy of the labelled views plus FixMatch's term on unlabelled cells of other
     labs: a mildly changed view (geometry only) names the class where the probe is sure
     (``--threshold``), and a strongly changed view (the lab augmentations) is taught it. The
     cells were annotated as white cells, so a guess is never a platelet or an erythroblast
-    (unrestricted, the probe called nearly all of them platelet and learned that).
+    (unrestricted, the probe called nearly all of them platelet and learned that). With
+    ``--align`` the guesses are made from :func:`aligned` probabilities.
     Returns the loss and the classes taken (-1 where the probe was unsure)."""
     import torch
     from torch.nn import functional as F
@@ -273,11 +276,26 @@ def pseudo_labelled_loss(network, x, truth, unlabelled, lab, generator, classes,
     # The cells were boxed as white cells: a guess is one of the white-cell classes.
     possible = torch.tensor([c not in NOT_WHITE_CELLS for c in classes])
     weak_logits = weak_logits.detach().masked_fill(~possible, -torch.inf)
-    confidence, guess = weak_logits.softmax(1).max(1)
+    probability = weak_logits.softmax(1)
+    if args.align:
+        probability = aligned(probability, labelled.detach().softmax(1), possible, shares)
+    confidence, guess = probability.max(1)
     sure = confidence >= args.threshold
     per_cell = F.cross_entropy(strong_logits, guess, reduction="none")
     taught = args.unlabelled_weight * (per_cell * sure).mean()
     return F.cross_entropy(labelled, truth.long()) + taught, torch.where(sure, guess, -1)
+
+
+def aligned(probability, labelled, possible, shares):
+    """Distribution alignment (ReMixMatch): scale the unlabelled cells' class probabilities
+    by the labelled views' class shares (among the white-cell classes) over a running mean of
+    their own, so that no class can take over the pseudo-labels."""
+    mean = probability.mean(0)
+    shares["unlabelled"] = 0.99 * shares.get("unlabelled", mean) + 0.01 * mean
+    target = labelled.mean(0) * possible
+    target = target / target.sum()
+    scaled = probability * target / shares["unlabelled"].clamp_min(1e-6)
+    return scaled / scaled.sum(1, keepdim=True)
 
 
 def pseudo_label_counts(taken, classes):
@@ -341,6 +359,9 @@ def main():
     )
     running.add_argument("--threshold", type=float, default=0.95, help="FixMatch's confidence")
     running.add_argument("--unlabelled-weight", type=float, default=1.0)
+    running.add_argument(
+        "--align", action="store_true", help="FixMatch with distribution alignment"
+    )
     running.add_argument("--seed", type=int, default=0)
     running.add_argument("--save", help="where to keep the trained probe's weights")
     saved = sub.add_parser("score")

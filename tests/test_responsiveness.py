@@ -232,8 +232,8 @@ def test_the_classes_layer_comes_with_its_colours_mapped(make_napari_viewer, mon
     colours = {None: "transparent", 0: "transparent", 1: "#ff0000", 2: "#0000ff"}
     model = SimpleNamespace(name="m", image_size=64)
     result = SimpleNamespace(rbc_diameter=30.0, classes=("lymphocyte", "monocyte"))
-    placement = {"scale": (1, 1), "translate": (0, 0), "fill": False}
-    settings = {"layer": {"name": "x classes", "source": "x", **placement}, "image_path": None}
+    wanted = {"name": "x classes", "source": "x", "scale": (1, 1), "translate": (0, 0)}
+    settings = {"layer": {**wanted, "fill": False}, "image_path": None}
     layer = _class_layer(labels, table, colours, model, result, settings)
     mapped = []
     original = DirectLabelColormap._map_without_cache
