@@ -216,12 +216,14 @@ def run(args):
     started, step, next_check = time.time(), 0, args.check_minutes * 60
     pseudo_labels = []  # per step: the class taken for each unlabelled cell, -1 below threshold
     shares = {}  # --align: running mean class probabilities of the unlabelled cells
+    # The unlabelled cells were boxed as white cells: a guess is one of these classes.
+    possible = torch.tensor([c not in NOT_WHITE_CELLS for c in pack.classes])
     lab = args.augmentation == "lab" and lab_settings(args)
     while time.time() - started < args.minutes * 60:
         pick = torch.multinomial(weights, BATCH, replacement=True, generator=generator)
         x = augment(images[pick], SIZE, generator, zoom=ZOOM[args.augmentation], lab=lab)
         if args.unlabelled:
-            extra = unlabelled, lab or True, generator, pack.classes, shares
+            extra = unlabelled, lab or True, generator, possible, shares
             loss, taken = pseudo_labelled_loss(network, x, labels[pick], *extra, args)
             pseudo_labels.append(taken)
         else:
@@ -254,13 +256,14 @@ def run(args):
     print(json.dumps(row["checks"][-1], indent=1))
 
 
-def pseudo_labelled_loss(network, x, truth, unlabelled, lab, generator, classes, shares, args):
+def pseudo_labelled_loss(network, x, truth, unlabelled, lab, generator, possible, shares, args):
     """Cross-entropy of the labelled views plus FixMatch's term on unlabelled cells of other
     labs: a mildly changed view (geometry only) names the class where the probe is sure
     (``--threshold``), and a strongly changed view (the lab augmentations) is taught it. The
     cells were annotated as white cells, so a guess is never a platelet or an erythroblast
-    (unrestricted, the probe called nearly all of them platelet and learned that). With
-    ``--align`` the guesses are made from :func:`aligned` probabilities.
+    (unrestricted, the probe called nearly all of them platelet and learned that): only the
+    ``possible`` classes are guessed. With ``--align`` the guesses are made from
+    :func:`aligned` probabilities, ``shares`` keeping its running mean.
     Returns the loss and the classes taken (-1 where the probe was unsure)."""
     import torch
     from torch.nn import functional as F
@@ -273,8 +276,6 @@ def pseudo_labelled_loss(network, x, truth, unlabelled, lab, generator, classes,
     # One pass for all three, so that the batch norms see every domain together.
     logits = network(to_input(torch.cat([x, weak, strong]), args.input))
     labelled, weak_logits, strong_logits = logits.split([len(x), len(pick), len(pick)])
-    # The cells were boxed as white cells: a guess is one of the white-cell classes.
-    possible = torch.tensor([c not in NOT_WHITE_CELLS for c in classes])
     weak_logits = weak_logits.detach().masked_fill(~possible, -torch.inf)
     probability = weak_logits.softmax(1)
     if args.align:
