@@ -36,10 +36,12 @@ from napari_cytodiffusion._widgets._common import (
     ModelFields,
     RunRow,
     StatusLabel,
+    added_unselected,
     bind_labelling,
     camera,
     new_class_fields,
     new_class_name,
+    select_then_show,
     strategy_field,
 )
 from napari_cytodiffusion._widgets._grid import add_grid, add_tiles, focus, tile, tile_origin
@@ -209,8 +211,7 @@ class CellImagesWidget(DockForm):
         self.tiles_layer = add_tiles(self._viewer, grid, tiled, features, colormap, OUTLINE)
         self._bind(self.tiles_layer, result.classes)
         yield
-        self.tiles_layer.visible = True
-        yield
+        yield from select_then_show(self._viewer, self.tiles_layer)  # hover shows its features
         self._review_layer = None  # a new result gets its own rings
         self._mark_flagged()
         focus(self._viewer, grid)
@@ -370,17 +371,17 @@ class CellImagesWidget(DockForm):
             self._review_layer.data = world
             self._review_layer.features = ring_features
         else:
-            self._review_layer = self._viewer.add_points(
-                world,
-                name=f"{grid.name} needs review",
-                symbol="disc",
-                size=RING * size * float(grid.scale[0]),
-                face_color="transparent",
-                border_color="red",
-                border_width=0.05,
-                features=ring_features,
-            )
-            self._viewer.layers.selection.active = self.tiles_layer  # hover shows its features
+            with added_unselected(self._viewer):  # hover shows the tiles' features
+                self._review_layer = self._viewer.add_points(
+                    world,
+                    name=f"{grid.name} needs review",
+                    symbol="disc",
+                    size=RING * size * float(grid.scale[0]),
+                    face_color="transparent",
+                    border_color="red",
+                    border_width=0.05,
+                    features=ring_features,
+                )
         self._flagged_tiles = list(zip(world.tolist(), flagged["index"].astype(int), strict=True))
         self._flagged.clear()
         for name, label, why in zip(flagged["file"], flagged["label"], flagged["why"], strict=True):

@@ -24,8 +24,10 @@ from napari_cytodiffusion._widgets._common import (
     ModelFields,
     RunRow,
     StatusLabel,
+    added_unselected,
     camera,
     removed_layer,
+    select_then_show,
     strategy_field,
     update_or_add,
 )
@@ -234,28 +236,32 @@ class ClassifyWidget(DockForm):
         name = image.name
         placement = {"scale": image.scale[:2], "translate": image.translate[:2]}
         self._legend.value = legend_html(result.classes)
-        self.class_layer = self._viewer.add_layer(layers["class_layer"])
+        with added_unselected(self._viewer):
+            self.class_layer = self._viewer.add_layer(layers["class_layer"])
         self._show_fill()  # in case Fill was toggled while the work ran
         yield
-        self.class_layer.visible = True  # its first draw, a turn after napari added it
+        yield from select_then_show(self._viewer, self.class_layer)
+        with added_unselected(self._viewer):
+            layer = self._viewer.add_image(
+                layers["uncertainty"],
+                name=f"{name} uncertainty",
+                colormap="inferno",
+                contrast_limits=(0.0, 1.0),
+                opacity=0.6,
+                blending="additive",
+                visible=False,
+                **placement,
+            )
         yield
-        layer = self._viewer.add_image(
-            layers["uncertainty"],
-            name=f"{name} uncertainty",
-            colormap="inferno",
-            contrast_limits=(0.0, 1.0),
-            opacity=0.6,
-            blending="additive",
-            visible=False,
-            **placement,
-        )
+        self._viewer.layers.selection.active = layer
         yield
         layer.colorbar.visible = True  # its visual takes napari 0.03 s: a turn of its own
         if labels_layer is not None and labels_layer in self._viewer.layers:
             labels_layer.visible = False  # its fill would hide the class outlines
         yield
         new_markers = self._review_name() not in self._viewer.layers
-        markers = self._update_review(hidden=True)
+        with added_unselected(self._viewer):
+            markers = self._update_review(hidden=True)
         show_differential(self._summary, result.differential())
         self._export.enabled = True
         table = self.class_layer.features
@@ -267,7 +273,7 @@ class ClassifyWidget(DockForm):
             # A new points layer's first draw (its shaders, compiled in software here) takes
             # napari about 0.06 s: in a turn of its own, after the 0.05 s of adding it.
             yield
-            markers.visible = True
+            yield from select_then_show(self._viewer, markers)
 
     def _review_name(self):
         return self.class_layer.name.replace(" classes", " needs review")

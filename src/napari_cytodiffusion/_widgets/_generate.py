@@ -8,7 +8,13 @@ again from its seed. The grid's metadata holds the same ``features`` table.
 
 from magicgui.widgets import ComboBox, SpinBox
 
-from napari_cytodiffusion._widgets._common import DockForm, ModelFields, RunRow, sampler_fields
+from napari_cytodiffusion._widgets._common import (
+    DockForm,
+    ModelFields,
+    RunRow,
+    sampler_fields,
+    select_then_show,
+)
 from napari_cytodiffusion._widgets._grid import add_grid, add_tiles, tile
 from napari_cytodiffusion.core.model import sampling
 
@@ -86,5 +92,5 @@ class GenerateWidget(DockForm):
         yield
         tiles = add_tiles(self._viewer, grid, tiled, features)
         yield
-        tiles.visible = True
+        yield from select_then_show(self._viewer, tiles)  # hover shows its features
         self._status.value = f"done: {summary(cells)}"

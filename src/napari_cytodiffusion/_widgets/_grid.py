@@ -10,7 +10,7 @@ layout, so the cells can be cut out again (:func:`layer_cells`).
 
 import numpy as np
 
-from napari_cytodiffusion._widgets._common import camera
+from napari_cytodiffusion._widgets._common import added_unselected, camera
 
 GAP = 4  # pixels between tiles, in crop pixels
 MARGIN = 0.05  # space between the grid and what is already shown, as a fraction of its width
@@ -91,39 +91,41 @@ def add_grid(viewer, tiled, name, features, metadata=None):
     shown; ``features`` (one row per cell) go in its metadata. Returns the layer."""
     grid, _, layout = tiled
     scale, translate = beside(viewer, layout["size"])
-    return viewer.add_image(
-        grid,
-        rgb=True,
-        name=name,
-        metadata={**(metadata or {}), "features": features, "grid": layout},
-        scale=scale,
-        translate=translate,
-    )
+    with added_unselected(viewer):  # its tiles layer is the one selected
+        return viewer.add_image(
+            grid,
+            rgb=True,
+            name=name,
+            metadata={**(metadata or {}), "features": features, "grid": layout},
+            scale=scale,
+            translate=translate,
+        )
 
 
 def add_tiles(viewer, grid_layer, tiled, features, colormap=None, contour=1):
-    """Add the tiles layer of a grid on top of it, hidden: hovering a cell shows its
-    ``features``. Show it in the next turn of the event loop, so that napari's work of adding
-    it and its first draw are two stalls instead of one (see ``update_or_add_in_steps``).
+    """Add the tiles layer of a grid on top of it, hidden and not selected: hovering a cell
+    shows its ``features`` once it is selected. Show and select it in the next turn of the
+    event loop (``select_then_show``), so that napari's work of adding it and its first draw are
+    two stalls instead of one (see ``update_or_add_in_steps``).
 
     The tiles are outlined ``contour`` crop pixels wide, in ``colormap``'s colour of each
     tile number where given (napari's label colours otherwise)."""
     # Labels features are keyed by label value in "index": the tile number, 1 up.
     table = features.rename(columns={"index": "cell"})
     table.insert(0, "index", np.arange(1, len(table) + 1))
-    tiles_layer = viewer.add_labels(
-        tiled[1],
-        name=f"{grid_layer.name} tiles",
-        features=table,
-        opacity=0.4 if colormap is None else 1.0,
-        metadata={"tiles": True},
-        **({} if colormap is None else {"colormap": colormap}),
-        scale=grid_layer.scale,
-        translate=grid_layer.translate,
-        visible=False,
-    )
+    with added_unselected(viewer):
+        tiles_layer = viewer.add_labels(
+            tiled[1],
+            name=f"{grid_layer.name} tiles",
+            features=table,
+            opacity=0.4 if colormap is None else 1.0,
+            metadata={"tiles": True},
+            **({} if colormap is None else {"colormap": colormap}),
+            scale=grid_layer.scale,
+            translate=grid_layer.translate,
+            visible=False,
+        )
     tiles_layer.contour = contour  # outline the tiles; the cells stay visible
-    viewer.layers.selection.active = tiles_layer  # hover shows the active layer's features
     return tiles_layer
 
 
