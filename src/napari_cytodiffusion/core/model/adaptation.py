@@ -144,6 +144,8 @@ def adapt_weights(
                     unet, xt[paired], t[paired], noise[paired], targets[pick][paired]
                 )
                 loss = loss + PAIRED_WEIGHT * rule
+            # A Cancel is seen before the backward pass too, the longest part of a step.
+            report(progress, step - 1, steps)
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             optimiser.step()
