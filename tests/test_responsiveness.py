@@ -280,3 +280,25 @@ def test_a_new_layer_is_selected_a_turn_after_it_is_added(make_napari_viewer, qt
     assert viewer.layers.selection.active is tiles and tiles.visible
     extra = viewer.add_points([[0, 0]])
     assert viewer.layers.selection.active is extra
+
+
+def test_a_layer_removed_between_the_steps_is_not_selected(make_napari_viewer, qtbot, monkeypatch):
+    """A person may remove a new layer in the turn between its adding and its selecting."""
+    from napari_cytodiffusion._widgets._runner import TaskRunner
+
+    viewer = make_napari_viewer()
+    _, generate = viewer.window.add_plugin_dock_widget("napari-cytodiffusion", "Generate cells")
+    generate._count.value, generate._steps.value, generate._device.value = 1, 2, "cpu"
+    original = TaskRunner._next_step
+
+    def next_step(runner):
+        original(runner)
+        tiles = [layer for layer in viewer.layers if "tiles" in layer.metadata]
+        if tiles:
+            viewer.layers.remove(tiles[0])
+
+    monkeypatch.setattr(TaskRunner, "_next_step", next_step)
+    generate._run.native.click()
+    qtbot.waitUntil(lambda: not generate._runner.running, timeout=120_000)
+    assert [layer.name for layer in viewer.layers] == ["synthetic neutrophil"]
+    assert generate._status.value.startswith("done")

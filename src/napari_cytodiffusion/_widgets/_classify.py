@@ -27,6 +27,7 @@ from napari_cytodiffusion._widgets._common import (
     added_unselected,
     camera,
     removed_layer,
+    select,
     select_then_show,
     strategy_field,
     update_or_add,
@@ -253,7 +254,7 @@ class ClassifyWidget(DockForm):
                 **placement,
             )
         yield
-        self._viewer.layers.selection.active = layer
+        select(self._viewer, layer)
         yield
         layer.colorbar.visible = True  # its visual takes napari 0.03 s: a turn of its own
         if labels_layer is not None and labels_layer in self._viewer.layers:

@@ -80,11 +80,17 @@ def added_unselected(viewer):
             layers._activate_on_insert = True
 
 
+def select(viewer, layer):
+    """Make ``layer`` the selected layer, unless a person removed it while the steps ran."""
+    if layer in viewer.layers:
+        viewer.layers.selection.active = layer
+
+
 def select_then_show(viewer, layer, visible=True):
     """Steps of a result handler (``yield from``): select ``layer`` as napari would have when
     adding it, then show it (its first draw: 0.01-0.07 s, a points layer's the longest), each
     in a turn of its own."""
-    viewer.layers.selection.active = layer
+    select(viewer, layer)
     yield
     if visible:
         layer.visible = True
