@@ -8,7 +8,9 @@ gaps between its ticks; the longest gap is the longest stall a person would feel
 each repeat (while the work runs, and from the moment the worker returns until its layers are
 in): one generated cell with the model loaded afresh, the first segmentation and a second one of
 the same image, a classification, eight generated cells, and three changes of the review
-threshold (which move the review markers without running the model). After each run a person
+threshold (which move the review markers without running the model). Before that, in a viewer
+of its own, *Classify cell images* on eight PBC val images (in the first repeat, the first
+layers of the session: napari builds its unit registry then). After each run a person
 looks at the result for ``--pause`` seconds before the next action (0: the next run starts at
 once, as before 2026-12-06's idle collection).
 
@@ -25,12 +27,19 @@ import gc
 import json
 import os
 import platform
+import shutil
 import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import pbc_records  # noqa: E402
+
 RESULTS = Path(__file__).parent / "results" / "responsiveness.json"
 SAMPLE = "cbc_monocyte_eosinophil"
+CELL_IMAGES = 8  # PBC val images, the first of each class
 
 
 class Ticks:
@@ -131,6 +140,38 @@ def sample_with_widgets(viewer):
     return widgets
 
 
+def cell_images_run(folder, pause=0.0):
+    """*Classify cell images* on ``folder`` in a new, empty viewer."""
+    import napari
+    from qtpy.QtWidgets import QApplication
+
+    from napari_cytodiffusion._widgets._cell_images import CellImagesWidget
+
+    viewer = napari.Viewer()
+    app = QApplication.instance()
+    widget = CellImagesWidget(viewer)
+    viewer.window.add_dock_widget(widget)
+    widget._folder.value = str(folder)
+    widget._fields.device.value = "cpu"
+    ticks, collections = Ticks(), FullCollections()
+    spin(app, 1.0)
+    out = run_widget(app, ticks, collections, widget, widget._runner, pause)
+    collections.stop()
+    viewer.close()
+    return out
+
+
+def cell_folder():
+    """A temporary folder of ``CELL_IMAGES`` PBC val images, one class after another."""
+    records = sorted(pbc_records("val"), key=lambda r: (r.label, str(r.path)))
+    classes = sorted({r.label for r in records})
+    chosen = [next(r for r in records if r.label == name) for name in classes]
+    folder = Path(tempfile.mkdtemp(prefix="cell_images_"))
+    for record in chosen[:CELL_IMAGES]:
+        shutil.copy(record.path, folder)
+    return folder
+
+
 def one_repeat(pause=0.0):
     import napari
     from qtpy.QtWidgets import QApplication
@@ -184,10 +225,12 @@ def main():
     commit = subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
     ).stdout.strip()
-    runs = []
+    runs, folder = [], cell_folder()
     for _ in range(args.repeats):
-        runs.append(one_repeat(args.pause))
+        cell_images = cell_images_run(folder, args.pause)
+        runs.append({f"cell_images_{CELL_IMAGES}": cell_images, **one_repeat(args.pause)})
         print(json.dumps(runs[-1]), flush=True)
+    shutil.rmtree(folder)
     results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
     results[args.tag or commit] = {
         "date": time.strftime("%Y-%m-%d %H:%M"),

@@ -194,8 +194,8 @@ class CellImagesWidget(DockForm):
         self._runner.start(job, self._show, text=f"classifying {len(paths)} images")
 
     def _show(self, outcome):
-        """Main thread: the grid, its tiles, their first draw, then the review rings, one per
-        turn of the event loop."""
+        """Main thread: the grid, its tiles, their first draw, the review rings, their first
+        draw, then the tables, one per turn of the event loop."""
         folder, result, layers = outcome
         failed = "; ".join(f"{path.name}: {why}" for path, why in result.failed)
         if layers is None:
@@ -213,7 +213,10 @@ class CellImagesWidget(DockForm):
         yield
         yield from select_then_show(self._viewer, self.tiles_layer)  # hover shows its features
         self._review_layer = None  # a new result gets its own rings
-        self._mark_flagged()
+        self._mark_flagged(hidden=True)
+        yield
+        self._review_layer.visible = True  # its first draw (0.06 s here), a turn of its own
+        yield
         focus(self._viewer, grid)
         show_differential(self._summary, result.differential())
         self._export.enabled = True
@@ -352,8 +355,9 @@ class CellImagesWidget(DockForm):
             f"; saved in {path.name}" if path else ""
         )
 
-    def _mark_flagged(self):
-        """Red rings on the tiles to review that no person has called yet, and their list."""
+    def _mark_flagged(self, hidden=False):
+        """Red rings on the tiles to review that no person has called yet, and their list; a
+        new layer of rings is added ``hidden``."""
         features = self.tiles_layer.features
         flagged = features[features["needs_review"] & (features["annotated"] == "")]
         grid = self._grid
@@ -381,6 +385,7 @@ class CellImagesWidget(DockForm):
                     border_color="red",
                     border_width=0.05,
                     features=ring_features,
+                    visible=not hidden,
                 )
         self._flagged_tiles = list(zip(world.tolist(), flagged["index"].astype(int), strict=True))
         self._flagged.clear()

@@ -22,8 +22,10 @@ from napari_cytodiffusion._widgets._common import (
     DockForm,
     ModelFields,
     RunRow,
+    added_unselected,
     rbc_diameter_field,
     removed_layer,
+    select_then_show,
 )
 from napari_cytodiffusion._widgets._grid import layer_cells, tile_origin
 from napari_cytodiffusion.core.model import counterfactual
@@ -334,26 +336,36 @@ class CounterfactualWidget(DockForm):
             "rbc_diameter": result.site.rbc_diameter,
         }
         name = result.title()
-        self._viewer.add_image(
-            result.edited,
-            rgb=True,
-            name=f"counterfactual {name}",
-            scale=scale,
-            translate=translate,
-            metadata=details,
-        )
-        yield  # one layer per turn of the event loop (see _runner)
+        # Each layer is added hidden, then drawn, one step per turn of the event loop (see
+        # _runner); the heat map, added last, is the one selected.
+        with added_unselected(self._viewer):
+            edited = self._viewer.add_image(
+                result.edited,
+                rgb=True,
+                name=f"counterfactual {name}",
+                scale=scale,
+                translate=translate,
+                metadata=details,
+                visible=False,
+            )
+        yield
+        edited.visible = True
+        yield
         heat = result.heat_crop
-        self._viewer.add_image(
-            heat,
-            name=f"heat map {name}",
-            scale=scale,
-            translate=translate,
-            colormap="magma",
-            opacity=0.6,
-            contrast_limits=(0.0, float(heat.max()) or 1.0),
-            metadata=details,
-        )
+        with added_unselected(self._viewer):
+            heat_layer = self._viewer.add_image(
+                heat,
+                name=f"heat map {name}",
+                scale=scale,
+                translate=translate,
+                colormap="magma",
+                opacity=0.6,
+                contrast_limits=(0.0, float(heat.max()) or 1.0),
+                metadata=details,
+                visible=False,
+            )
+        yield
+        yield from select_then_show(self._viewer, heat_layer)
         self._status.value = f"done: {name} ({result.source_note()})"
 
     def _show_cell_figure(self, result):

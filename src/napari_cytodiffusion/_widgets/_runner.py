@@ -227,6 +227,11 @@ def _with_layer_modules(function):
         from vispy.visuals.line.dash_atlas import DashAtlas
 
         DashAtlas()
+        # napari gives layers units from pint's registry, which is built (0.2-0.5 s here) when
+        # the first layer of a session is made: in an empty viewer, on the main thread.
+        import pint
+
+        pint.get_application_registry().pixel  # noqa: B018 (builds the registry)
         return function(progress)
 
     return run
