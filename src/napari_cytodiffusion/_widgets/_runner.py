@@ -81,6 +81,7 @@ class TaskRunner:
         _connect(cancel_button, self.cancel)
         _set_enabled(cancel_button, False)
         _render_glyphs_soon(_canvas_font())
+        idle_collector().request()  # so that the first task does not start one (see _idle)
 
     @property
     def running(self):
