@@ -96,3 +96,13 @@ def test_cancel_within_a_second_starts_no_test(make_napari_viewer, qtbot, tmp_pa
     assert cancel_latency(widget) < 1.0
     assert widget._progress.value == "cancelled" and not widget.testing
     assert TEST_LAYER not in viewer.layers
+
+
+def test_the_test_goes_on_when_its_layer_is_removed(make_napari_viewer, qtbot, tmp_path):
+    viewer, widget = _widget(make_napari_viewer, tmp_path, 1)
+    widget._build.native.click()
+    qtbot.waitUntil(lambda: widget.testing, timeout=60_000)
+    viewer.layers.remove(TEST_LAYER)
+    widget._real.native.click()
+    assert "cell 2 of 2" in widget._progress.value
+    np.testing.assert_array_equal(viewer.layers[TEST_LAYER].data, widget._panel.images[1])

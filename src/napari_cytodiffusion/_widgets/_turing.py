@@ -166,11 +166,6 @@ class TuringWidget(DockForm):
 
     def _begin(self, panel, out):
         self._panel, self._out_dir, self._answers = panel, out, []
-        scale, translate = beside(self._viewer, panel.images.shape[1])
-        layer = self._viewer.add_image(
-            panel.images[0], rgb=True, name=TEST_LAYER, scale=scale, translate=translate
-        )
-        self._viewer.layers.selection.active = layer
         for key, answer in (("r", turing.REAL), ("s", turing.SYNTHETIC)):
             self._previous_keys[key] = self._viewer.bind_key(
                 key, lambda _viewer, a=answer: self.answer(a), overwrite=True
@@ -180,8 +175,16 @@ class TuringWidget(DockForm):
 
     def _show_item(self):
         index = len(self._answers)
-        layer = self._viewer.layers[TEST_LAYER]
-        layer.data = self._panel.images[index]
+        image = self._panel.images[index]
+        if TEST_LAYER in self._viewer.layers:
+            layer = self._viewer.layers[TEST_LAYER]
+            layer.data = image
+        else:  # the test's start, or a person removed the layer during it
+            scale, translate = beside(self._viewer, image.shape[0])
+            layer = self._viewer.add_image(
+                image, rgb=True, name=TEST_LAYER, scale=scale, translate=translate
+            )
+            self._viewer.layers.selection.active = layer
         focus(self._viewer, layer)
         self._progress.value = f"cell {index + 1} of {len(self._panel)}: real or synthetic?"
         self._shown_at = time.perf_counter()
