@@ -9,10 +9,9 @@ or four layers often set one off just as its layers appeared (docs/napari.md).
 After each run of a widget's task, the collection is therefore made early: once no task is
 running and the viewer has had no input (mouse, keys, wheel, touch) for :data:`IDLE_S`. The
 objects of the next run then rarely reach the quarter by themselves. A new widget asks for
-one too: napari, torch and the plugin's imports leave enough objects that the first task of a
-session often set one off while it ran. Nothing is collected
-that Python would not collect; a person who keeps working past :data:`GIVE_UP_S` leaves the
-collection to Python.
+one too: the imports of napari, torch and the plugin leave enough objects that the first task
+of a session often set one off while it ran. Nothing is collected that Python would not
+collect; a person who keeps working past :data:`GIVE_UP_S` leaves the collection to Python.
 """
 
 import gc
