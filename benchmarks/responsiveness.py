@@ -8,7 +8,8 @@ gaps between its ticks; the longest gap is the longest stall a person would feel
 each repeat (while the work runs, and from the moment the worker returns until its layers are
 in): one generated cell with the model loaded afresh, the first segmentation and a second one of
 the same image, a classification, eight generated cells, and three changes of the review
-threshold (which move the review markers without running the model). Before that, in a viewer
+threshold (which move the review markers without running the model), and four edits in
+*Annotate cells* (a cell given a class, the classes layer recoloured). Before that, in a viewer
 of its own, *Classify cell images* on eight PBC val images (in the first repeat, the first
 layers of the session: napari builds its unit registry then). After each run a person
 looks at the result for ``--pause`` seconds before the next action (0: the next run starts at
@@ -202,9 +203,32 @@ def one_repeat(pause=0.0):
         spin(app, 0.5)
         stalls.append(round(ticks.longest_gap(started, time.perf_counter()), 3))
     out["review_threshold_change_s"] = stalls
+    out["annotate_edit_s"] = annotate_edits(viewer, app, ticks, classify)
     collections.stop()
     viewer.close()
     return out
+
+
+def annotate_edits(viewer, app, ticks, classify, count=4):
+    """The stalls of ``count`` edits in *Annotate cells* (each gives the selected cell a
+    class, recolours the classes layer and saves nothing: the sample has no file)."""
+    from napari_cytodiffusion._widgets._annotate import AnnotateWidget
+
+    widget = AnnotateWidget(viewer)
+    viewer.window.add_dock_widget(widget)
+    widget.reset_choices()
+    widget._layer.value = classify.class_layer
+    spin(app, 1.5)  # a person reads the widget (and its idle collection runs)
+    cells = list(classify.class_layer.features["index"])
+    stalls = []
+    for i in range(count):
+        widget.select(cells[i % len(cells)])
+        spin(app, 0.3)
+        started = time.perf_counter()
+        widget.set_label(("lymphocyte", "monocyte")[i % 2])
+        spin(app, 0.5)
+        stalls.append(round(ticks.longest_gap(started, time.perf_counter()), 3))
+    return stalls
 
 
 def main():

@@ -218,6 +218,18 @@ def test_a_new_widget_collects_at_the_next_quiet_moment(make_napari_viewer, qtbo
     assert len(collections) == 1
 
 
+def test_the_colour_table_filled_at_once_is_naparis_own():
+    from napari.utils.colormaps import DirectLabelColormap
+
+    from napari_cytodiffusion._widgets._classify import _direct_colormap
+
+    colours = {None: "transparent", 0: "transparent", 1: "red", 2: [0, 0, 1, 0.6], 300: "y"}
+    for dtype in (np.dtype(np.uint8), np.dtype(np.uint16)):
+        filled = _direct_colormap(colours, dtype)._cache_mapping[(dtype, dtype)]
+        naparis = DirectLabelColormap(color_dict=colours)._get_mapping_from_cache(dtype)
+        np.testing.assert_array_equal(filled, naparis)
+
+
 def test_a_new_widget_renders_the_text_glyphs_of_the_first_points_layer(make_napari_viewer, qtbot):
     """Rendered at the first draw of a Points layer (its text visual aligns by them), the
     glyphs made that draw 0.04 s longer; a new widget renders them beforehand."""

@@ -379,7 +379,7 @@ class AnnotateWidget(DockForm):
         features = layer.features
         colours = {None: "transparent", 0: "transparent"}
         colours.update(cell_colours(features, self._classes()))
-        layer.colormap = _direct_colormap(colours)
+        layer.colormap = _direct_colormap(colours, np.asarray(layer.data).dtype)
         reviewed = features[(features["annotated"] != "") & (features["annotated"] != DELETED)]
         self._show_markers(layer, reviewed)
         self._hide_reviewed_flags(layer, features)

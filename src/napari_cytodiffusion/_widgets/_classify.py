@@ -409,7 +409,7 @@ def _class_layer(labels, table, colours, model, result, settings):
         labels,
         name=wanted["name"],
         features=table,
-        colormap=_direct_colormap(colours),
+        colormap=_direct_colormap(colours, labels.dtype),
         metadata={
             "class": True,
             "rbc_diameter": result.rbc_diameter,
@@ -426,19 +426,7 @@ def _class_layer(labels, table, colours, model, result, settings):
         visible=False,  # shown a step after it is added (see update_or_add_in_steps)
     )
     _style_fill(layer, wanted["fill"])
-    _map_colours_now(layer)
     return layer
-
-
-def _map_colours_now(layer):
-    """Map every label value of ``layer`` to its colour now, in the worker. napari does it
-    when it first draws a Labels layer of 8- or 16-bit labels (segmentation's are 16-bit), in
-    a Python loop over all 65,536 values (0.03 s here), on the main thread, and keeps the map
-    with the colormap; a napari without this cache draws as before."""
-    dtype = np.asarray(layer.data).dtype
-    build = getattr(layer.colormap, "_get_mapping_from_cache", None)
-    if build is not None and dtype.itemsize <= 2:
-        build(dtype)
 
 
 def _style_fill(layer, fill):
@@ -532,10 +520,25 @@ def _fill(labels, cell_ids, values):
     return lookup[labels]
 
 
-def _direct_colormap(colours):
+def _direct_colormap(colours, dtype=None):
+    """napari's colour map of ``colours`` ({label: colour}); for labels of ``dtype``.
+
+    To draw 8- or 16-bit labels napari first maps every value of the dtype to its colour (all
+    65,536 for 16-bit labels, segmentation's) in a Python loop: 0.03-0.05 s on the main thread
+    at a layer's first draw and at every new colour map. The table is filled here at once,
+    for an unsigned ``dtype``, in napari's own cache (a napari without it builds its own)."""
     from napari.utils.colormaps import DirectLabelColormap
 
-    return DirectLabelColormap(color_dict=colours)
+    colormap = DirectLabelColormap(color_dict=colours)
+    dtype = np.dtype(dtype) if dtype is not None else None
+    cache = getattr(colormap, "_cache_mapping", None)
+    if cache is not None and dtype is not None and dtype.kind == "u" and dtype.itemsize <= 2:
+        table = np.tile(np.asarray(colormap.default_color, np.float32), (256**dtype.itemsize, 1))
+        for label, colour in colormap.color_dict.items():
+            if label is not None and 0 <= label < len(table):
+                table[label] = colour
+        cache[(dtype, dtype)] = table  # napari's key: (data dtype, texture dtype)
+    return colormap
 
 
 def _reason(row, uncertainty_threshold, anomaly_threshold):
