@@ -85,6 +85,22 @@ def synthetic_cells_dir(tmp_path_factory, synthetic_rbc_diameter):
 
 
 @pytest.fixture
+def colour_mapping(monkeypatch):
+    """The value counts napari's label colour maps map to colours in their Python loop (a
+    65,536-value table for 16-bit labels), recorded as it happens."""
+    from napari.utils.colormaps import DirectLabelColormap
+
+    mapped = []
+    original = DirectLabelColormap._map_without_cache
+    monkeypatch.setattr(
+        DirectLabelColormap,
+        "_map_without_cache",
+        lambda self, values: mapped.append(len(values)) or original(self, values),
+    )
+    return mapped
+
+
+@pytest.fixture
 def cancel_latency(qtbot):
     """Press a widget's Cancel; returns the seconds until its work has stopped."""
     import time

@@ -328,23 +328,15 @@ def test_classify_and_export_keep_the_persons_labels(tmp_path, capsys):
     assert Image.open(crop).size == (128, 128)
 
 
-def test_an_edit_maps_no_colours_on_the_main_thread(annotating, monkeypatch):
+def test_an_edit_maps_no_colours_on_the_main_thread(annotating, colour_mapping):
     """Each edit gives the classes layer a new colour map; napari would map all 65,536 values
     of 16-bit labels to colours in a Python loop for it (0.03-0.05 s). The map comes with its
     table filled."""
-    from napari.utils.colormaps import DirectLabelColormap
-
     viewer, widget, layer, _ = annotating
     layer.data = layer.data.astype(np.uint16)  # segmentation's labels are 16-bit
-    mapped = []
-    original = DirectLabelColormap._map_without_cache
-    monkeypatch.setattr(
-        DirectLabelColormap,
-        "_map_without_cache",
-        lambda self, values: mapped.append(len(values)) or original(self, values),
-    )
+    colour_mapping.clear()
     widget.select(1)
     widget.set_label("neutrophil")
     viewer.window._qt_viewer.canvas._scene_canvas.render()
-    assert mapped == []
+    assert colour_mapping == []
     assert np.allclose(layer.colormap.map(np.uint16(1)), layer.colormap.color_dict[1])

@@ -221,11 +221,11 @@ def test_a_new_widget_collects_at_the_next_quiet_moment(make_napari_viewer, qtbo
 def test_the_colour_table_filled_at_once_is_naparis_own():
     from napari.utils.colormaps import DirectLabelColormap
 
-    from napari_cytodiffusion._widgets._classify import _direct_colormap
+    from napari_cytodiffusion._widgets._common import direct_colormap
 
     colours = {None: "transparent", 0: "transparent", 1: "red", 2: [0, 0, 1, 0.6], 300: "y"}
     for dtype in (np.dtype(np.uint8), np.dtype(np.uint16)):
-        filled = _direct_colormap(colours, dtype)._cache_mapping[(dtype, dtype)]
+        filled = direct_colormap(colours, dtype)._cache_mapping[(dtype, dtype)]
         naparis = DirectLabelColormap(color_dict=colours)._get_mapping_from_cache(dtype)
         np.testing.assert_array_equal(filled, naparis)
 
@@ -243,12 +243,11 @@ def test_a_new_widget_renders_the_text_glyphs_of_the_first_points_layer(make_nap
     qtbot.waitUntil(lambda: set(_ALIGNMENT_GLYPHS) <= set(font._glyphs), timeout=2_000)
 
 
-def test_the_classes_layer_comes_with_its_colours_mapped(make_napari_viewer, monkeypatch):
+def test_the_classes_layer_comes_with_its_colours_mapped(make_napari_viewer, colour_mapping):
     """napari maps every value of 16-bit labels to a colour (a Python loop over 65,536 values,
     0.03 s) at a Labels layer's first draw; the classes layer, built in the worker, brings the
     map with it, so its first draw does not compute it on the main thread."""
     import pandas as pd
-    from napari.utils.colormaps import DirectLabelColormap
 
     from napari_cytodiffusion._widgets._classify import _class_layer
 
@@ -261,18 +260,11 @@ def test_the_classes_layer_comes_with_its_colours_mapped(make_napari_viewer, mon
     wanted = {"name": "x classes", "source": "x", "scale": (1, 1), "translate": (0, 0)}
     settings = {"layer": {**wanted, "fill": False}, "image_path": None}
     layer = _class_layer(labels, table, colours, model, result, settings)
-    mapped = []
-    original = DirectLabelColormap._map_without_cache
-    monkeypatch.setattr(
-        DirectLabelColormap,
-        "_map_without_cache",
-        lambda self, values: mapped.append(values.dtype) or original(self, values),
-    )
     viewer = make_napari_viewer()
     viewer.add_layer(layer)
     layer.visible = True
     viewer.window._qt_viewer.canvas._scene_canvas.render()
-    assert mapped == []
+    assert colour_mapping == []
 
 
 def test_a_new_layer_is_selected_a_turn_after_it_is_added(make_napari_viewer, qtbot, monkeypatch):

@@ -18,13 +18,14 @@ from magicgui.widgets import ComboBox, FileEdit, PushButton
 from napari.layers import Labels
 from napari.utils.notifications import show_error, show_info
 
-from napari_cytodiffusion._widgets._classify import _direct_colormap, cell_colours
+from napari_cytodiffusion._widgets._classify import cell_colours
 from napari_cytodiffusion._widgets._common import (
     DockForm,
     RunRow,
     StatusLabel,
     bind_labelling,
     camera,
+    direct_colormap,
     new_class_fields,
     new_class_name,
 )
@@ -379,7 +380,7 @@ class AnnotateWidget(DockForm):
         features = layer.features
         colours = {None: "transparent", 0: "transparent"}
         colours.update(cell_colours(features, self._classes()))
-        layer.colormap = _direct_colormap(colours, np.asarray(layer.data).dtype)
+        layer.colormap = direct_colormap(colours, np.asarray(layer.data).dtype)
         reviewed = features[(features["annotated"] != "") & (features["annotated"] != DELETED)]
         self._show_markers(layer, reviewed)
         self._hide_reviewed_flags(layer, features)

@@ -23,7 +23,6 @@ from napari.utils.notifications import show_error, show_info
 from qtpy.QtWidgets import QFileDialog
 
 from napari_cytodiffusion._widgets._classify import (
-    _direct_colormap,
     cell_colours,
     differential_table,
     flagged_list,
@@ -39,6 +38,7 @@ from napari_cytodiffusion._widgets._common import (
     added_unselected,
     bind_labelling,
     camera,
+    direct_colormap,
     new_class_fields,
     new_class_name,
     select_then_show,
@@ -424,4 +424,4 @@ def _tile_colormap(table, classes):
     has called it."""
     colours = {None: "transparent", 0: "transparent"}
     colours.update(cell_colours(table, classes))
-    return _direct_colormap(colours)
+    return direct_colormap(colours)

@@ -26,6 +26,7 @@ from napari_cytodiffusion._widgets._common import (
     StatusLabel,
     added_unselected,
     camera,
+    direct_colormap,
     removed_layer,
     select,
     select_then_show,
@@ -409,7 +410,7 @@ def _class_layer(labels, table, colours, model, result, settings):
         labels,
         name=wanted["name"],
         features=table,
-        colormap=_direct_colormap(colours, labels.dtype),
+        colormap=direct_colormap(colours, labels.dtype),
         metadata={
             "class": True,
             "rbc_diameter": result.rbc_diameter,
@@ -518,27 +519,6 @@ def _fill(labels, cell_ids, values):
     lookup = np.zeros(int(labels.max()) + 1, np.float32)
     lookup[np.asarray(cell_ids, int)] = np.asarray(values, np.float32)
     return lookup[labels]
-
-
-def _direct_colormap(colours, dtype=None):
-    """napari's colour map of ``colours`` ({label: colour}); for labels of ``dtype``.
-
-    To draw 8- or 16-bit labels napari first maps every value of the dtype to its colour (all
-    65,536 for 16-bit labels, segmentation's) in a Python loop: 0.03-0.05 s on the main thread
-    at a layer's first draw and at every new colour map. The table is filled here at once,
-    for an unsigned ``dtype``, in napari's own cache (a napari without it builds its own)."""
-    from napari.utils.colormaps import DirectLabelColormap
-
-    colormap = DirectLabelColormap(color_dict=colours)
-    dtype = np.dtype(dtype) if dtype is not None else None
-    cache = getattr(colormap, "_cache_mapping", None)
-    if cache is not None and dtype is not None and dtype.kind == "u" and dtype.itemsize <= 2:
-        table = np.tile(np.asarray(colormap.default_color, np.float32), (256**dtype.itemsize, 1))
-        for label, colour in colormap.color_dict.items():
-            if label is not None and 0 <= label < len(table):
-                table[label] = colour
-        cache[(dtype, dtype)] = table  # napari's key: (data dtype, texture dtype)
-    return colormap
 
 
 def _reason(row, uncertainty_threshold, anomaly_threshold):
