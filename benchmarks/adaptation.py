@@ -140,7 +140,9 @@ def adapt_once(paths, labels, picked, name, seed, **settings):
             os.symlink(paths[i], target)
         started = time.perf_counter()
         result = adapt_model(
-            AdaptRequest(folder, name, seed=seed, device="cpu", **settings), log=lambda _: 0
+            # replace: a model of this name left by an earlier, stopped run is made again
+            AdaptRequest(folder, name, seed=seed, device="cpu", replace=True, **settings),
+            log=lambda _: 0,
         )
         return result, time.perf_counter() - started
 

@@ -119,6 +119,23 @@ def test_bad_names_and_data_are_refused_with_a_message(synthetic_cells_dir, isol
     assert not (isolated_cache / "local" / "registry.json").exists()
 
 
+def test_a_local_model_is_replaced_only_when_asked(
+    synthetic_cells_dir, synthetic_rbc_diameter, isolated_cache, capsys
+):
+    options = ["--rbc-diameter", str(synthetic_rbc_diameter), "--device", "cpu"]
+    adapt = ["adapt", str(synthetic_cells_dir), "--out", "lab-a", "--steps", "1", *options]
+    assert main(adapt) == 0
+    sha = weights.find_model("lab-a").sha256
+    capsys.readouterr()
+    assert main(adapt) == 2
+    assert "A local model 'lab-a' exists" in capsys.readouterr().err
+    assert weights.find_model("lab-a").sha256 == sha
+    # Calibrating a local model again keeps its name (the documented default).
+    assert main(["calibrate", "lab-a", str(synthetic_cells_dir), *options]) == 0
+    assert "saved local model 'lab-a'" in capsys.readouterr().out
+    assert main([*adapt, "--replace"]) == 0
+
+
 def test_a_new_class_is_learned_from_its_examples(
     synthetic_cells_dir, synthetic_rbc_diameter, isolated_cache, tmp_path
 ):

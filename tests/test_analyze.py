@@ -14,8 +14,10 @@ from napari_cytodiffusion.core import report
 from napari_cytodiffusion.core.io import open_image, read_image
 from napari_cytodiffusion.core.tasks.analyze import (
     BatchRequest,
+    analysis_settings,
     analyze_files,
     analyze_smear,
+    result_names,
     triage,
 )
 
@@ -125,7 +127,7 @@ def test_report_files_are_written_atomically(field_analysis, tmp_path, monkeypat
     # The differential plot, the overview, and one image per flagged cell.
     images = 2 + len(field_analysis.flagged_crops)
     assert page.read_text().count("data:image/png;base64,") == images
-    assert report.finished(folder, source)
+    assert report.finished(folder, report.fingerprint(source))
     written = {p.name for p in folder.iterdir()}
     assert written == {"cells.csv", "differential.csv", "triage.json", "report.html", "done.json"}
     # A crash while writing the report leaves the earlier files and no "finished" marker.
@@ -139,7 +141,7 @@ def test_report_files_are_written_atomically(field_analysis, tmp_path, monkeypat
     with pytest.raises(OSError, match="disk full"):
         report.write_smear(field_analysis, folder, source)
     assert (folder / "report.html").read_bytes() == before
-    assert not report.finished(folder, source)
+    assert not report.finished(folder, report.fingerprint(source))
     assert not [p for p in folder.iterdir() if "partial" in p.name]
 
 
@@ -165,6 +167,107 @@ def test_batch_on_a_local_cluster_resumes_and_reports_failures(tmp_path, capfd):
     again = analyze_files(request)
     assert sorted(again.skipped) == ["cbc_lymphocyte.jpg", "pbc_lymphocyte.jpg"]
     assert not again.analysed and "broken.png" in again.failed
+
+
+def _batch(paths, out, **settings):
+    """``analyze_files`` on a local cluster of one worker."""
+    return analyze_files(BatchRequest(paths=paths, out=out, workers=1, **settings))
+
+
+def test_a_smear_is_analysed_again_when_its_annotations_or_settings_change(tmp_path):
+    from napari_cytodiffusion.core.annotations import Annotations, CellAnnotation, save_annotations
+
+    smear = tmp_path / "a.jpg"
+    shutil.copy(sample_path("pbc_lymphocyte"), smear)
+    out = tmp_path / "out"
+    assert _batch([smear], out).analysed == ["a.jpg"]
+    cell = pd.read_csv(out / "a.jpg" / "cells.csv").iloc[0]
+    review = CellAnnotation((cell.centroid_row, cell.centroid_col), "platelet")
+    save_annotations(Annotations("a.jpg", read_image(smear).shape, [review]), smear)
+    assert _batch([smear], out).analysed == ["a.jpg"]
+    assert pd.read_csv(out / "a.jpg" / "cells.csv")["annotated"].tolist() == ["platelet"]
+    changed = {"rbc_diameter": 40, "tile_size": 300, "seed": 3}
+    assert _batch([smear], out, **changed).analysed == ["a.jpg"]
+    assert _batch([smear], out, **changed).skipped == ["a.jpg"]
+
+
+def test_every_setting_that_changes_the_results_is_part_of_their_fingerprint(tmp_path):
+    from dataclasses import replace
+
+    from napari_cytodiffusion.core.model.weights import model_path
+
+    base = BatchRequest(paths=[], out=tmp_path)
+    changes = {
+        "model": str(model_path("default")),
+        "rbc_diameter": 40.0,
+        "tile_size": 300,
+        "strategy": "full",
+        "seed": 3,
+        "ignore_annotations": True,
+    }
+    for name, value in changes.items():
+        assert analysis_settings(replace(base, **{name: value})) != analysis_settings(base), name
+    assert analysis_settings(replace(base, workers=3)) == analysis_settings(base)
+
+
+def test_a_smear_that_now_fails_leaves_the_summary(tmp_path):
+    smears = tmp_path / "smears"
+    smears.mkdir()
+    for name in ("pbc_lymphocyte", "cbc_lymphocyte"):
+        shutil.copy(sample_path(name), smears / f"{name}.jpg")
+    out = tmp_path / "out"
+    _batch([smears], out)
+    broken = smears / "pbc_lymphocyte.jpg"
+    broken.write_bytes(broken.read_bytes()[:2000])  # a truncated JPEG
+    result = _batch([smears], out)
+    assert list(result.failed) == ["pbc_lymphocyte.jpg"]
+    assert result.skipped == ["cbc_lymphocyte.jpg"]
+    assert pd.read_csv(out / "summary.csv")["smear"].tolist() == ["cbc_lymphocyte.jpg"]
+    assert report.summary_rows(out) == [
+        json.loads((out / "cbc_lymphocyte.jpg/triage.json").read_text())
+    ]
+
+
+def test_results_folders_stay_with_their_source(tmp_path):
+    first, second = tmp_path / "d1" / "x.jpg", tmp_path / "d2" / "x.jpg"
+    for path, name in ((first, "pbc_lymphocyte"), (second, "cbc_lymphocyte")):
+        path.parent.mkdir()
+        shutil.copy(sample_path(name), path)
+    out = tmp_path / "out"
+    both = _batch([first, second], out)
+    assert len(set(both.analysed)) == 2
+    written = {path: path.read_bytes() for path in out.glob("*/cells.csv")}
+    again = _batch([second], out)
+    assert not again.analysed and again.skipped == result_names([second], out)
+    assert {path: path.read_bytes() for path in out.glob("*/cells.csv")} == written
+    assert sorted(pd.read_csv(out / "summary.csv")["smear"]) == sorted(both.analysed)
+
+
+def test_a_folder_holding_another_smear_is_never_reused(field_analysis, tmp_path):
+    first, second = tmp_path / "d1" / "x.jpg", tmp_path / "d2" / "x.jpg"
+    for path in (first, second):
+        path.parent.mkdir()
+        shutil.copy(sample_path("cbc_lymphocyte"), path)
+    out = tmp_path / "out"
+    report.write_smear(field_analysis, out / "x.jpg", first)
+    (name,) = result_names([second], out)
+    assert name.startswith("x.jpg-") and result_names([first], out) == ["x.jpg"]
+    # The same names whatever the order and company of the sources.
+    assert result_names([second, first], out) == [name, "x.jpg"]
+
+
+def test_triage_json_is_valid_json_without_leukocytes(field_analysis, tmp_path):
+    from dataclasses import replace
+
+    cells = field_analysis.cells.copy()
+    cells["label"] = "platelet"  # no leukocyte: no rate per 100 of them
+    report.write_smear(replace(field_analysis, cells=cells), tmp_path / "cbc")
+
+    def reject(constant):
+        raise ValueError(f"{constant} is not JSON")
+
+    row = json.loads((tmp_path / "cbc" / "triage.json").read_text(), parse_constant=reject)
+    assert row["leukocytes"] == 0 and row["percent_platelet"] is None
 
 
 def _maths_threads():

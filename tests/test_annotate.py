@@ -205,6 +205,47 @@ def test_review_correct_delete_paint_undo_and_save(annotating):
     assert np.array_equal(labels, layer.data)
 
 
+def test_keys_and_clicks_follow_the_chosen_classes_layer(annotating):
+    """Choosing another classes layer takes the keys and clicks off the first one, so that a
+    key pressed on it does not change a cell of the layer chosen now."""
+    viewer, widget, first, _ = annotating
+    second = viewer.add_labels(
+        np.asarray(first.data).copy(),
+        name="smear classes [1]",
+        features=first.features.copy(),
+        metadata=dict(first.metadata),
+    )
+    clicks = len(first.mouse_drag_callbacks)
+    widget.reset_choices()
+    widget._layer.value = second
+    assert not {"1", "2", "3", "N", "U"} & {str(key) for key in first.keymap}
+    assert len(first.mouse_drag_callbacks) == clicks - 1
+    widget.select(2)
+    _press(second, "1")
+    assert second.features.loc[1, "annotated"] == "lymphocyte"
+    assert list(first.features["annotated"]) == ["", ""]
+
+
+def test_unbinding_keeps_a_key_someone_else_bound_since(make_napari_viewer):
+    from types import SimpleNamespace
+
+    from napari_cytodiffusion._widgets._common import bind_labelling
+
+    layer = make_napari_viewer().add_labels(_two_cells())
+    napari_own = list(layer.mouse_drag_callbacks)
+    actions = SimpleNamespace(select=print, set_label=print, next_flagged=print, undo=print)
+    unbind = bind_labelling(layer, CLASSES, actions)
+    assert {"1", "2", "3", "N", "U"} <= {str(key) for key in layer.keymap}
+
+    def theirs(_layer):
+        return None
+
+    layer.bind_key("2", theirs, overwrite=True)
+    unbind()
+    assert {str(key): f for key, f in layer.keymap.items()} == {"2": theirs}
+    assert layer.mouse_drag_callbacks == napari_own
+
+
 def test_actions_without_a_cell_say_what_to_do(annotating, monkeypatch):
     from napari_cytodiffusion._widgets import _annotate
 
@@ -236,6 +277,9 @@ def test_export_writes_the_reviewed_cells_as_a_dataset(annotating, tmp_path, qtb
     assert all(r.rbc_diameter == pytest.approx(64 / 2.5, abs=0.01) for r in records)
     manifest = (out / "manifest.csv").read_text().splitlines()
     assert manifest[0].startswith("file,label,source_image,cell") and len(manifest) == 3
+    # The smear's full path: smears of one name in two folders stay apart.
+    path = annotating[3]
+    assert all(f",{path.resolve()}," in row for row in manifest[1:])
 
 
 def test_a_class_the_model_lacks_is_set_saved_and_exported(annotating, tmp_path, qtbot):
@@ -316,6 +360,7 @@ def test_classify_and_export_keep_the_persons_labels(tmp_path, capsys):
         first["label"],
         other,
     )
+    assert (again[0]["needs_review"], again[0]["why"]) == (False, "")  # reviewed by a person
     assert main(["classify", "--segment", str(image), "--json", "--ignore-annotations"]) == 0
     ignored = json.loads(capsys.readouterr().out.splitlines()[0])
     assert ignored["label"] == first["label"] and "annotated" not in ignored

@@ -64,6 +64,34 @@ def test_cli_usage_error_exits_2(capsys):
     assert stop.value.code == 2
 
 
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["generate", "--label", "neutrophil"],
+        ["counterfactual", "cell.png", "--target", "monocyte"],
+        ["segment", "cell.png"],
+        ["turing", "make", "--real", "cells"],
+        ["analyze", "cell.png"],
+        ["export-cells", "cell.png"],
+    ],
+)
+def test_an_output_folder_that_is_a_file_is_refused_before_any_work(command, tmp_path, capsys):
+    taken = tmp_path / "results"
+    taken.write_text("a file of the user's")
+    with pytest.raises(SystemExit) as stop:
+        main([*command, "--out", str(taken)])
+    assert stop.value.code == 2
+    assert f"argument --out: {taken} is a file" in capsys.readouterr().err
+    assert taken.read_text() == "a file of the user's"
+
+
+def test_an_output_file_that_is_a_folder_is_refused_before_any_work(tmp_path, capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["turing", "score", "answers.csv", "key.csv", "--out", str(tmp_path)])
+    assert stop.value.code == 2
+    assert f"argument --out: {tmp_path} is a folder" in capsys.readouterr().err
+
+
 @pytest.fixture
 def errors(monkeypatch):
     """Collect the widget's error notifications instead of showing them."""
@@ -80,14 +108,16 @@ def test_widget_refuses_wrong_layers(make_napari_viewer, errors):
 
     viewer = make_napari_viewer()
     widget = SegmentWidget(viewer)
+    assert widget.start(None) is None
     labels = viewer.add_labels(np.zeros((32, 32), np.uint32), name="mask")
     gray = viewer.add_image(RGB[..., 0], name="gray")
-    assert widget.start(None) is None
+    assert widget.start(None) is None  # no RGB image to choose: the grey one is named
     assert widget.start(labels) is None
     assert widget.start(gray) is None
     assert "Open a blood-smear image" in errors[0]
-    assert "Labels layer" in errors[1]
-    assert "not an RGB colour image" in errors[2]
+    assert errors[1].startswith("'gray' is not an RGB colour image; Segment needs")
+    assert "Labels layer" in errors[2]
+    assert "not an RGB colour image" in errors[3]
     assert len(viewer.layers) == 2
 
 
@@ -102,3 +132,27 @@ def test_widget_reports_core_errors_without_adding_layers(make_napari_viewer, qt
     assert worker is not None
     assert any("blank" in message for message in errors)
     assert len(viewer.layers) == 1
+
+
+def test_a_folder_held_by_a_running_process_is_refused_a_killed_ones_taken_over(
+    tmp_path, monkeypatch
+):
+    import os
+
+    from napari_cytodiffusion.core import io
+
+    lock = tmp_path / ".napari-cytodiffusion.lock"
+    lock.write_text("999999999")  # no such process: a run that was killed
+    with io.exclusive_folder(tmp_path):
+        assert lock.read_text() == str(os.getpid())
+    assert not lock.exists()
+
+    def another_users_process(pid, signal):
+        raise PermissionError("not allowed to signal it")
+
+    lock.write_text("4242")
+    monkeypatch.setattr(io.os, "kill", another_users_process)
+    with pytest.raises(io.FolderBusyError, match="process 4242"):
+        with io.exclusive_folder(tmp_path):
+            pass
+    assert lock.read_text() == "4242"

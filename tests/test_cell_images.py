@@ -245,6 +245,25 @@ def test_widget_shows_the_cells_as_a_grid_called_and_flagged(
     assert "Artefact button" in errors[-1] and tiles.features["label"][1] == "blast"
 
 
+def _keys(layer):
+    return {str(key) for key in layer.keymap}
+
+
+def test_an_earlier_grid_no_longer_labels_the_newest(images_widget, cell_folder, qtbot):
+    """Keys and clicks act on the grid shown last: an earlier grid's tiles, still in the
+    viewer, must not give a class to a tile of the newest grid (and write it to its folder)."""
+    viewer, widget = images_widget
+    widget._folder.value = cell_folder
+    for _ in range(2):
+        widget._run.native.click()
+        qtbot.waitUntil(lambda: not widget._runner.running, timeout=120_000)
+    first, newest = viewer.layers["export cells tiles"], widget.tiles_layer
+    assert newest is not first
+    assert {"1", "N", "U"} <= _keys(newest)
+    assert not {"1", "N", "U"} & _keys(first)
+    assert len(first.mouse_drag_callbacks) < len(newest.mouse_drag_callbacks)
+
+
 def test_widget_refuses_a_folder_without_images_and_adds_nothing(
     images_widget, tmp_path, monkeypatch
 ):

@@ -162,6 +162,13 @@ def test_widget_adds_class_uncertainty_and_review_layers(classify_widget, pbc_di
     widget._update_review()
     assert not widget.class_layer.features["needs_review"][0]
     assert len(markers.data) == 0 and widget._flagged.count() == 0
+    # A person's correction (Annotate cells writes the layer's features) is counted at once.
+    features.loc[0, ["annotated", "label"]] = "monocyte"
+    widget.class_layer.features = features
+    counts = {
+        widget._summary.item(r, 0).text(): widget._summary.item(r, 1).text() for r in range(8)
+    }
+    assert counts["eosinophil"] == "0" and counts["monocyte"] == "1"
 
     csv = tmp_path / "cells.csv"
     widget.export_csv(csv)
@@ -200,7 +207,7 @@ def test_a_banner_says_when_the_smear_is_unlike_the_training_smears(
 
 
 def test_white_cells_are_offered_only_from_layers_that_fit_the_image(classify_widget):
-    from napari_cytodiffusion._widgets._classify import NO_LABELS
+    from napari_cytodiffusion._widgets._classify import NO_LABELS, ClassifyWidget
 
     viewer, widget = classify_widget
     smear = viewer.add_image(np.zeros((40, 50, 3), np.uint8), name="smear", rgb=True)
@@ -217,6 +224,8 @@ def test_white_cells_are_offered_only_from_layers_that_fit_the_image(classify_wi
     widget._image.value = smear
     assert set(widget._labels.choices) == {white, NO_LABELS, drawn}
     assert widget._labels.value is white  # Segment cells' white cells for this image
+    docked_later = ClassifyWidget(viewer)  # opened after Segment cells ran
+    assert docked_later._image.value is smear and docked_later._labels.value is white
     widget._image.value = other
     assert set(widget._labels.choices) == {NO_LABELS, viewer.layers["other's cells"]}
     assert widget._labels.value == NO_LABELS
@@ -229,10 +238,19 @@ def test_widget_refuses_a_grayscale_layer_and_adds_nothing(classify_widget, monk
     monkeypatch.setattr(_classify, "show_error", errors.append)
     viewer, widget = classify_widget
     viewer.add_image(np.zeros((50, 50)), name="gray")
+    uncertainty = viewer.add_image(np.zeros((50, 50)), name="smear uncertainty")
     widget.reset_choices()
+    assert widget._image.choices == ()  # a grey image is no smear to choose
     widget._run.native.click()
-    assert errors and "RGB" in errors[0]
-    assert [layer.name for layer in viewer.layers] == ["gray"]
+    assert errors == [
+        "'gray' is not an RGB colour image; Classify needs the colour image of "
+        "the smear: open it as RGB."
+    ]
+    smear = viewer.add_image(np.zeros((50, 50, 3), np.uint8), name="smear", rgb=True)
+    assert widget._image.choices == (smear,)
+    viewer.layers.remove(smear)  # the smear gone: no fall-back to a result layer
+    assert widget._image.value is None and uncertainty not in widget._image.choices
+    assert [layer.name for layer in viewer.layers] == ["gray", "smear uncertainty"]
 
 
 def test_cancel_stops_the_work_within_a_second_and_adds_no_layer(

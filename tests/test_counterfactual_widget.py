@@ -71,6 +71,33 @@ def test_click_a_cell_and_get_maps_over_it(make_napari_viewer, qtbot, cells):
     assert heat.metadata["target"] == "eosinophil" and set(heat.metadata["errors"]) >= {"monocyte"}
 
 
+def test_the_images_own_cells_are_chosen_and_only_they_are_offered(make_napari_viewer):
+    """Opened after Segment and Classify cells: the smear's classes layer (its calls are the
+    cells' classes), else its white cells; never red cells, another image's labels or a map."""
+    viewer = make_napari_viewer()
+    smear = viewer.add_image(np.zeros((40, 50, 3), np.uint8), name="smear", rgb=True)
+    viewer.add_image(np.zeros((40, 50)), name="smear uncertainty")
+    shape = (40, 50)
+    viewer.add_labels(
+        np.zeros(shape, np.uint16), name="red", metadata={"source": "smear", "cells": "red"}
+    )
+    white = viewer.add_labels(
+        np.zeros(shape, np.uint16), name="white", metadata={"source": "smear", "cells": "white"}
+    )
+    viewer.add_labels(np.zeros((30, 30), np.uint16), name="another image's cells")
+    widget = CounterfactualWidget(viewer)
+    assert widget._image.choices == (smear,)
+    assert set(widget._labels.choices) == {None, white}
+    assert widget._labels.value is white
+    classes = viewer.add_labels(
+        np.zeros(shape, np.uint16), name="classes", metadata={"source": "smear", "class": True}
+    )
+    assert widget._labels.value is classes
+    widget._labels.value = white  # a person's choice stands when another layer is added
+    drawn = viewer.add_labels(np.zeros(shape, np.uint16), name="drawn by hand")
+    assert widget._labels.value is white and drawn in widget._labels.choices
+
+
 def test_a_missing_cell_is_explained_before_any_work(make_napari_viewer, cells, monkeypatch):
     errors = []
     monkeypatch.setattr("napari.utils.notifications.show_error", errors.append)
@@ -85,10 +112,7 @@ def test_a_missing_cell_is_explained_before_any_work(make_napari_viewer, cells, 
         widget._cell_id.value = cell_id
         widget._explain.native.click()
         assert not widget._runner.running and f"No cell {cell_id}" in errors[-1]
-    widget._labels.value = viewer.add_labels(labels[:100])  # another image's labels
-    widget._cell_id.value = 5
-    widget._explain.native.click()
-    assert not widget._runner.running and "not of the shape" in errors[-1]
+    assert viewer.add_labels(labels[:100]) not in widget._labels.choices  # another image's
 
 
 def test_grid_of_a_stack_of_cells_as_a_figure(make_napari_viewer, qtbot, cells, tmp_path):
@@ -123,6 +147,19 @@ def test_cancel_within_a_second_adds_no_layer(make_napari_viewer, qtbot, cells, 
     qtbot.waitUntil(lambda: widget._runner._state["done"] > 0, timeout=60_000)
     assert cancel_latency(widget) < 1.0
     assert len(viewer.layers) == 1 and widget._status.value == "cancelled"
+
+
+def test_cells_removed_while_a_cell_is_explained_get_no_layers(make_napari_viewer, qtbot, cells):
+    image, labels = _smear(cells[0])
+    viewer, widget = _widget(make_napari_viewer, rbc_diameter=RBC, trials=8)
+    widget._image.value = viewer.add_image(image, name="smear")
+    widget._labels.value = labels_layer = viewer.add_labels(labels, name="cells")
+    widget._cell_id.value = 5
+    widget._explain.native.click()
+    viewer.layers.remove(labels_layer)
+    qtbot.waitUntil(lambda: not widget._runner.running, timeout=60_000)
+    assert [layer.name for layer in viewer.layers] == ["smear"]
+    assert widget._status.value.startswith("cancelled: 'cells' was removed")
 
 
 def test_a_cell_of_a_generated_grid_is_explained_over_its_tile(

@@ -49,3 +49,29 @@ def test_cancel_within_a_second_adds_no_layer(make_napari_viewer, qtbot, cancel_
     assert cancel_latency(widget) < 1.0
     assert len(viewer.layers) == 0
     assert widget._status.value == "cancelled"
+
+
+def test_the_classes_follow_the_chosen_model(make_napari_viewer, tmp_path, monkeypatch):
+    """A model adapted with a class of its own (blast) offers it in Generate, Counterfactuals
+    and the Turing test once chosen; a choice still offered stays."""
+    from napari_cytodiffusion._widgets._common import MODEL_FILE
+    from napari_cytodiffusion._widgets._counterfactual import CounterfactualWidget
+    from napari_cytodiffusion._widgets._turing import TuringWidget
+    from napari_cytodiffusion.core.model import weights
+
+    adapted = tmp_path / "lab-blast.pt"
+    adapted.write_bytes(b"")
+    default = weights.model_classes("default")
+    classes = {str(adapted): (*default, "blast")}
+    original = weights.model_classes
+    monkeypatch.setattr(weights, "model_classes", lambda name: classes.get(name) or original(name))
+    viewer, generate = _widget(make_napari_viewer, 1, 1)
+    explain, turing = CounterfactualWidget(viewer), TuringWidget(viewer)
+    combos = (generate._label, explain._target, explain._source, turing._layer_class)
+    for widget in (generate, explain, turing):
+        widget._fields.model.value = MODEL_FILE
+        widget._fields.file.value = adapted
+    assert [combo.choices[-1] for combo in combos] == ["blast"] * 4
+    assert explain._source.choices[0] == "auto" and generate._label.value == "eosinophil"
+    generate._fields.model.value = "default"
+    assert generate._label.choices == default

@@ -122,7 +122,7 @@ def test_background_balance_reaches_the_reference_colour():
 def test_saved_cells_and_metadata(two_cells, tmp_path):
     path = generation.save_cells(two_cells, tmp_path)
     rows = list(csv.DictReader(open(path)))
-    assert [r["file"] for r in rows] == ["lymphocyte_0000.png", "lymphocyte_0001.png"]
+    assert [r["file"] for r in rows] == ["lymphocyte_0007.png", "lymphocyte_0008.png"]  # seeds
     assert [r["seed"] for r in rows] == ["7", "8"]
     assert {(r["label"], r["steps"], r["guidance"], r["sampler"]) for r in rows} == {
         ("lymphocyte", "3", "2.0", "dpm++2m")
@@ -148,3 +148,35 @@ def test_generate_command_writes_pngs_and_metadata(tmp_path, capsys):
 def test_generate_command_rejects_an_unknown_class(tmp_path, capsys):
     assert cli.main(["generate", "--label", "blast", "--out", str(tmp_path)]) == cli.USAGE_ERROR
     assert "Unknown cell class 'blast'" in capsys.readouterr().err
+
+
+def test_a_second_run_into_the_folder_keeps_the_earlier_cells(tmp_path):
+    out = tmp_path / "gen"
+    argv = ["generate", "--label", "neutrophil", "--steps", "1", "--device", "cpu", "--out"]
+    assert cli.main([*argv, str(out), "-n", "3", "--seed", "0"]) == 0
+    first = (out / "neutrophil_0000.png").read_bytes()
+    # The help's own advice: a cell's seed regenerates it alone.
+    assert cli.main([*argv, str(out), "-n", "1", "--seed", "2"]) == 0
+    rows = list(csv.DictReader(open(out / "metadata.csv")))
+    assert sorted((r["file"], r["seed"]) for r in rows) == [
+        ("neutrophil_0000.png", "0"),
+        ("neutrophil_0001.png", "1"),
+        ("neutrophil_0002.png", "2"),
+    ]
+    assert (out / "neutrophil_0000.png").read_bytes() == first
+    assert sorted(p.name for p in out.glob("*.png")) == [r["file"] for r in rows]
+
+
+def _cells(seed, steps):
+    images = np.full((1, 64, 64, 3), 0.5, np.float32)
+    return generation.SyntheticCells(images, ["monocyte"], [seed], steps, 2.0, "dpm++2m", "m")
+
+
+def test_saving_another_cell_under_a_seeds_file_is_refused(tmp_path):
+    path = generation.save_cells(_cells(seed=4, steps=15), tmp_path)
+    metadata = path.read_text()
+    with pytest.raises(ValueError, match="monocyte_0004.png .* other settings"):
+        generation.save_cells(_cells(seed=4, steps=30), tmp_path)
+    assert path.read_text() == metadata
+    generation.save_cells(_cells(seed=4, steps=15), tmp_path)  # the same cell again: fine
+    assert path.read_text() == metadata

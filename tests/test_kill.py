@@ -73,7 +73,8 @@ def test_train(tmp_path, synthetic_cells_dir, synthetic_rbc_diameter):
     out = tmp_path / "lab.ckpt"
     argv = ["train", str(synthetic_cells_dir), "--out", str(out), "--steps", "20"]
     argv += ["--batch-size", "4", "--channels", "8,16,16", "--device", "cpu"]
-    argv += ["--rbc-diameter", str(synthetic_rbc_diameter)]
+    # A checkpoint saved before the kill is replaced by the run after it.
+    argv += ["--rbc-diameter", str(synthetic_rbc_diameter), "--overwrite"]
     _killed_then_finished(argv, tmp_path, seed=3)
     import torch
 

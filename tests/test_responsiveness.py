@@ -159,6 +159,25 @@ def test_the_result_steps_let_the_viewer_draw_between_them(make_napari_viewer, q
     assert 0.08 <= meter.longest() < 0.16
 
 
+def test_a_failure_while_showing_the_result_is_the_status_not_done(
+    make_napari_viewer, qtbot, monkeypatch
+):
+    """A bug while the layers are added is reported as a failure, not left under 'done'."""
+    viewer = make_napari_viewer()
+    runner = GenerateWidget(viewer)._runner
+    raised = []
+    monkeypatch.setattr("sys.excepthook", lambda kind, error, trace: raised.append(error))
+
+    def show(_):
+        yield
+        raise KeyError("a layer")
+
+    runner.start(lambda progress: None, show)
+    qtbot.waitUntil(lambda: not runner.running, timeout=10_000)
+    assert runner._status.value == "failed while showing the result: 'a layer'"
+    assert [type(error) for error in raised] == [KeyError]
+
+
 def test_the_full_collection_waits_for_a_quiet_viewer(qtbot):
     """Collected once no task runs and no key or mouse input came for ``idle_s``."""
     from qtpy.QtCore import QEvent, Qt

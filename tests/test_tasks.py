@@ -132,6 +132,7 @@ def test_training_cache_follows_the_folder_content(
         data=folder,
         out=tmp_path / "lab.ckpt",
         rbc_diameter=synthetic_rbc_diameter,
+        overwrite=True,  # trained again and again into one file
         **TINY,
     )
     first = core.train_model(request, log=lines.append)
@@ -153,7 +154,9 @@ def test_training_cells_of_one_scanner_share_one_scale(
     synthetic_cells_dir, synthetic_rbc_diameter, tmp_path
 ):
     lines = []
-    request = core.TrainRequest(data=synthetic_cells_dir, out=tmp_path / "lab.ckpt", **TINY)
+    request = core.TrainRequest(
+        data=synthetic_cells_dir, out=tmp_path / "lab.ckpt", overwrite=True, **TINY
+    )
     first = core.train_model(request, log=lines.append)
     (line,) = [line for line in lines if line.startswith("red-cell scale shared")]
     scale = float(line.split(": ")[1].split(" px")[0])  # one scanner: one scale

@@ -148,6 +148,28 @@ def test_cli_fine_tunes_the_default_model(
     assert torch.allclose(state["ema"]["out.weight"], default, atol=1e-3)
 
 
+def test_an_output_that_would_be_lost_or_not_written_is_refused_first(
+    synthetic_cells_dir, tmp_path, capsys
+):
+    """Before any cell is read: a trained model is not replaced unasked, a folder is no
+    model file, and a network too deep for its resolution is caught."""
+    trained = tmp_path / "trained.pt"
+    trained.write_bytes(b"weeks of training")
+    argv = ["train", str(synthetic_cells_dir), "--steps", "1", "--device", "cpu"]
+    assert main([*argv, "--out", str(trained)]) == 2
+    assert "exists: choose another output" in capsys.readouterr().err
+    assert trained.read_bytes() == b"weeks of training"
+    assert main([*argv, "--out", str(tmp_path)]) == 2
+    assert "is a folder; give the model file" in capsys.readouterr().err
+    deep = ["--out", str(tmp_path / "deep.pt"), "--channels", "4,4,4,4,4,4,4"]
+    assert main([*argv, *deep]) == 2
+    error = capsys.readouterr().err
+    assert "multiple of 128 px for 7 levels" in error and "normalising" not in error
+    assert main([*argv, "--out", str(tmp_path / "t.pt"), "--time-limit", "-5"]) == 2
+    assert "time_limit must be more than 0" in capsys.readouterr().err
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["trained.pt"]
+
+
 # ----------------------------------------------------------------------------- v2 preparation
 
 

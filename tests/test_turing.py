@@ -168,3 +168,27 @@ def test_the_real_cells_of_one_scanner_are_cut_at_one_scale(pbc_dir):
     assert len(set(scales)) == 1 and 26 < scales[0] < 32
     given = TuringRequest(n=6, folder=request.folder, rbc_diameter=30.0)
     assert _real_cell_scales(given, records) == 30.0
+
+
+def test_export_refuses_a_folder_holding_a_panel(tmp_path):
+    folder, key_path = turing.export_panel(_panel(), tmp_path)
+    (folder / "answers.csv").write_text("item,file,answer,seconds\n1,item_001.png,real,2.5\n")
+    answers, key = (folder / "answers.csv").read_text(), key_path.read_text()
+    smaller = turing.build_panel(_crops(1, 0.2), ["monocyte"], _crops(1, 0.4), ["monocyte"])
+    with pytest.raises(ValueError, match="choose an empty folder or remove the old panel"):
+        turing.export_panel(smaller, tmp_path)
+    # The expert's answers can still be scored against their key; no item was replaced.
+    assert (folder / "answers.csv").read_text() == answers and key_path.read_text() == key
+    assert len(list(folder.glob("item_*.png"))) == 6
+
+
+def test_turing_make_refuses_a_folder_holding_a_panel_before_generating(
+    pbc_dir, tmp_path, capsys, monkeypatch
+):
+    turing.export_panel(_panel(), tmp_path)
+    key = (tmp_path / "key.csv").read_text()
+    monkeypatch.setattr(cli, "_load_model", lambda *_: pytest.fail("generated a new panel"))
+    make = ["turing", "make", "--real", str(pbc_dir / "splits.csv"), "--n", "1"]
+    assert cli.main([*make, "--out", str(tmp_path)]) == cli.USAGE_ERROR
+    assert "remove the old panel" in capsys.readouterr().err
+    assert (tmp_path / "key.csv").read_text() == key

@@ -250,3 +250,13 @@ def test_models_hash_updates_the_registry(registry, tiny_model_bytes, tmp_path, 
     assert new_hash == weights.file_sha256(new_file)
     assert main(["models", "hash", str(new_file), "--update"]) == 0
     assert weights.find_model(SERVED_NAME).sha256 == new_hash
+
+
+def test_models_hash_records_only_a_model_file(registry, tmp_path, capsys):
+    """A file that only shares the registry file's name is no re-export of the model."""
+    impostor = tmp_path / SERVED_FILE
+    impostor.write_text("not a model")
+    before = weights.find_model(SERVED_NAME).sha256
+    assert main(["models", "hash", str(impostor), "--update"]) == 2
+    assert f"{impostor} is not a model file" in capsys.readouterr().err
+    assert weights.find_model(SERVED_NAME).sha256 == before

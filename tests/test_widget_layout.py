@@ -8,7 +8,8 @@ from qtpy.QtWidgets import QAbstractButton, QAbstractSpinBox, QComboBox, QLineEd
 from napari_cytodiffusion._widgets._adapt import AdaptWidget
 from napari_cytodiffusion._widgets._analyze import AnalyzeWidget
 from napari_cytodiffusion._widgets._annotate import AnnotateWidget
-from napari_cytodiffusion._widgets._classify import TABLE_ROWS, ClassifyWidget
+from napari_cytodiffusion._widgets._cell_images import CellImagesWidget
+from napari_cytodiffusion._widgets._classify import TABLE_ROWS, ClassifyWidget, show_differential
 from napari_cytodiffusion._widgets._counterfactual import CounterfactualWidget
 from napari_cytodiffusion._widgets._generate import GenerateWidget
 from napari_cytodiffusion._widgets._segment import SegmentWidget
@@ -25,6 +26,7 @@ WIDGETS = (
     AnalyzeWidget,
     AnnotateWidget,
     AdaptWidget,
+    CellImagesWidget,
 )
 SCREEN = (1600, 1000)
 
@@ -70,6 +72,28 @@ def test_all_widgets_open_leave_the_canvas_most_of_the_window(docked, qtbot):
     assert widgets[0]._runner._status.tooltip == long_text  # the full text, on hover
     table = widgets[1]._summary  # the differential shows every class without scrolling
     assert table.minimumHeight() >= TABLE_ROWS * table.verticalHeader().defaultSectionSize()
+
+
+def test_the_differential_shows_its_three_columns_in_the_docks_width(docked, qtbot):
+    from napari_cytodiffusion.core.tasks.classify import differential_count
+
+    viewer, widgets = docked
+    classes = widgets[1]._fields.classes()
+    counts = differential_count([*classes, "immature_granulocyte"] * 120, classes)
+    for widget in (widgets[1], widgets[-1]):  # Classify cells, Classify cell images
+        table = widget._summary
+        show_differential(table, counts)
+        qtbot.wait(50)
+        assert not table.horizontalScrollBar().isVisible()
+        assert table.horizontalHeader().length() <= table.viewport().width()
+        for column in (1, 2):  # counts and per cents are never cut
+            widest = max(
+                table.fontMetrics().horizontalAdvance(table.item(r, column).text())
+                for r in range(table.rowCount())
+            )
+            assert table.columnWidth(column) >= widest
+        platelet = next(r for r in range(table.rowCount()) if "platelet" in table.item(r, 0).text())
+        assert table.item(platelet, 0).text() == "platelet *"  # counted per 100, not among them
 
 
 def test_every_control_has_a_tooltip_and_the_main_action_a_shortcut(docked):

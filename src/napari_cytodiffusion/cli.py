@@ -34,6 +34,25 @@ def _seed(text):
     return value
 
 
+def _out_folder(text):
+    """An argparse type: a folder to write into (made if missing), refused before any work
+    when it is a file."""
+    from pathlib import Path
+
+    if Path(text).exists() and not Path(text).is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a file; give the folder to write into")
+    return text
+
+
+def _out_file(text):
+    """An argparse type: a file to write, refused before any work when it is a folder."""
+    from pathlib import Path
+
+    if Path(text).is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a folder; give the file to write")
+    return text
+
+
 def _device(text):
     """An argparse type: a device name the model runs on (this machine need not have it)."""
     from napari_cytodiffusion.core.devices import check_device_name
@@ -54,6 +73,9 @@ def _add_train(subparsers):
     )
     parser.add_argument("data", metavar="DATA")
     parser.add_argument("--out", required=True, metavar="MODEL", help="checkpoint to write")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace --out if it exists (not resumed)"
+    )
     parser.add_argument(
         "--resolution", type=int, help="model image size in px (default: the --init model's, or 64)"
     )
@@ -104,6 +126,7 @@ def _train(args):
         channels=channels,
         resolution=args.resolution,
         time_limit=args.time_limit,
+        overwrite=args.overwrite,
     )
     bar = _progress_bar("training")
     losses = {}
@@ -189,7 +212,7 @@ def _add_generate(subparsers):
     parser.add_argument("--guidance", type=float, default=sampling.DEFAULT_GUIDANCE)
     parser.add_argument("--sampler", choices=sampling.SAMPLERS, default=sampling.DEFAULT_SAMPLER)
     _add_model_arguments(parser)
-    parser.add_argument("--out", required=True, metavar="DIR")
+    parser.add_argument("--out", required=True, metavar="DIR", type=_out_folder)
 
 
 def _generate(args):
@@ -232,7 +255,7 @@ def _add_counterfactual(subparsers):
         metavar="CLASS",
         help="the cell's current class (default: the classifier's call)",
     )
-    parser.add_argument("--out", required=True, metavar="DIR")
+    parser.add_argument("--out", required=True, metavar="DIR", type=_out_folder)
     parser.add_argument("--segment", action="store_true", help="IMAGE is a smear: segment it")
     parser.add_argument("--cell-id", type=int, help="white-cell label id in the segmented smear")
     parser.add_argument("--rbc-diameter", type=float, help="red-cell diameter in pixels")
@@ -311,7 +334,7 @@ def _add_turing(subparsers):
     make = actions.add_parser("make", help="export a blinded panel and its key")
     make.add_argument("--real", required=True, metavar="DIR", help="class folders or splits CSV")
     make.add_argument("--n", type=int, required=True, help="real cells (as many synthetic)")
-    make.add_argument("--out", required=True, metavar="DIR")
+    make.add_argument("--out", required=True, metavar="DIR", type=_out_folder)
     make.add_argument("--split", choices=("train", "val", "test"), help="split of a splits CSV")
     make.add_argument("--rbc-diameter", type=float, help="red-cell diameter of the real images")
     make.add_argument("--steps", type=int, help="sampler steps (default: the generator's)")
@@ -320,7 +343,9 @@ def _add_turing(subparsers):
     score = actions.add_parser("score", help="score answers against the key")
     score.add_argument("answers", metavar="ANSWERS.csv")
     score.add_argument("key", metavar="KEY.csv")
-    score.add_argument("--out", metavar="CSV", help="also write the score table here")
+    score.add_argument(
+        "--out", metavar="CSV", type=_out_file, help="also write the score table here"
+    )
 
 
 def _turing(args):
@@ -344,6 +369,7 @@ def _turing(args):
         return
     if not Path(args.real).exists():
         raise UsageError(f"No such folder or file: {args.real}")
+    turing.check_panel_folder(args.out)  # before the minutes of generating a panel
     request = TuringRequest(
         n=args.n,
         folder=Path(args.real),
@@ -416,8 +442,9 @@ def _classify(args):
             if args.json:
                 record = {"file": str(path), "cell": cell, **call.as_dict()}
                 record["rbc_diameter"] = round(float(result.rbc_diameter), 2)
-                if human:
+                if human:  # a cell a person has called needs no more review
                     record.update(label=human, predicted=call.label, annotated=human)
+                    record.update(needs_review=False, why="")
                 print(json.dumps(record), flush=True)
             else:
                 where = f"cell {cell}" if cell is not None else "central cell"
@@ -496,6 +523,7 @@ def _add_segment(subparsers):
     parser.add_argument(
         "--out",
         metavar="DIR",
+        type=_out_folder,
         help="write IMAGE_wbc_labels.tif, IMAGE_rbc_labels.tif, IMAGE_platelet_labels.tif, "
         "IMAGE_nucleus_labels.tif (uint16 instance labels, uint32 past 65,535 cells; a "
         "nucleus has its white cell's label) and IMAGE_cells.csv (one row per cell) here",
@@ -556,7 +584,7 @@ def _add_analyze(subparsers):
         "smears are skipped, so a stopped run continues where it was.",
     )
     parser.add_argument("paths", nargs="+", metavar="PATH")
-    parser.add_argument("--out", required=True, metavar="DIR")
+    parser.add_argument("--out", required=True, metavar="DIR", type=_out_folder)
     parser.add_argument("--model", default="default", help="registry name or model file")
     parser.add_argument(
         "--device", type=_device, default="auto", help=f"{DEVICE_HELP} (on the workers)"
@@ -635,6 +663,9 @@ def _add_adapt(subparsers):
     parser.add_argument("data", metavar="DATA", help=DATA_HELP)
     parser.add_argument("--base", default="default", help="model to start from (name or file)")
     parser.add_argument("--out", required=True, metavar="NAME", help="name of the new model")
+    parser.add_argument(
+        "--replace", action="store_true", help="replace a local model of that name if it exists"
+    )
     parser.add_argument("--steps", type=int, default=ADAPT_STEPS, help="adaptation steps")
     parser.add_argument(
         "--add-classes",
@@ -664,6 +695,7 @@ def _adapt(args):
         device=args.device,
         seed=args.seed,
         rbc_diameter=args.rbc_diameter,
+        replace=args.replace,
     )
     return _run_adapt(request, "adapting")
 
@@ -693,6 +725,9 @@ def _add_calibrate(subparsers):
         "or MODEL itself for a local model)",
     )
     parser.add_argument(
+        "--replace", action="store_true", help="replace a local model of that name if it exists"
+    )
+    parser.add_argument(
         "--rbc-diameter",
         type=float,
         help="red-cell diameter in pixels (default: one scale for all the images, their median)",
@@ -719,6 +754,7 @@ def _calibrate(args):
         device=args.device,
         seed=args.seed,
         rbc_diameter=args.rbc_diameter,
+        replace=args.replace,
     )
     return _run_adapt(request, "calibrating")
 
@@ -731,7 +767,7 @@ def _add_export_cells(subparsers):
         "by the Annotate cells widget) into a class-folder dataset with a manifest.",
     )
     parser.add_argument("paths", nargs="+", metavar="IMAGE")
-    parser.add_argument("--out", required=True, metavar="DIR")
+    parser.add_argument("--out", required=True, metavar="DIR", type=_out_folder)
     parser.add_argument("--model", default="default", help="the model the crops are made for")
     parser.add_argument("--rbc-diameter", type=float, help="red-cell diameter in pixels")
 
@@ -747,11 +783,20 @@ def _export_cells(args):
         from napari_cytodiffusion.core.model.checkpoint import load_model_file
 
         size = load_model_file(model_path(args.model), "cpu").image_size
+    folders = [path for path in args.paths if os.path.isdir(path)]
+    if folders:  # checked, as the files are, before any cell is written
+        raise UsageError(
+            f"{folders[0]} is a folder: give the annotated smears' image files "
+            f"(e.g. {os.path.join(folders[0], '*.jpg')})."
+        )
     missing = [path for path in args.paths if not os.path.isfile(path)]
-    if missing:  # checked before any cell is written
+    if missing:
         raise ValueError(f"No such file: {', '.join(missing)}")
-    totals = {}
+    smears = {}  # a smear named twice (a.jpg ./a.jpg) would count its cells twice
     for path in args.paths:
+        smears.setdefault(os.path.realpath(path), path)
+    totals = {}
+    for path in smears.values():
         written = export_annotated(path, args.out, size, rbc_diameter=args.rbc_diameter)
         if not written:
             print(f"{path}: no annotations (annotate it with the Annotate cells widget first)")

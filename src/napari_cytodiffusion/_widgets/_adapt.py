@@ -115,6 +115,7 @@ class AdaptWidget(DockForm):
             device=self._device.value,
             seed=self._seed.value,
             rbc_diameter=self._rbc_diameter.value or None,
+            replace=True,  # as the name's tooltip says: adapting again replaces the model
         )
         self._lines, self._shown = [], 0
         self._log.value = ""

@@ -12,13 +12,14 @@ from pathlib import Path
 
 import numpy as np
 from magicgui.widgets import CheckBox, ComboBox, FileEdit
-from napari.layers import Image
 from napari.utils.notifications import show_error, show_info
 
 from napari_cytodiffusion._widgets._common import (
     DockForm,
     ModelFields,
     RunRow,
+    no_smear_message,
+    rgb_images,
     update_or_add_in_steps,
 )
 from napari_cytodiffusion.core.report import count_text
@@ -58,12 +59,12 @@ class AnalyzeWidget(DockForm):
         self.analysis = None
 
     def _image_layers(self, _=None):
-        return [layer for layer in self._viewer.layers if isinstance(layer, Image) and layer.rgb]
+        return rgb_images(self._viewer)
 
     def _start(self):
         layer = self._image.value
         if layer is None:
-            show_error("Open an RGB smear image first: Analyze works on an RGB image layer.")
+            show_error(no_smear_message(self._viewer, "Analyze"))
             return
         if str(self._out.value) in ("", "."):
             show_error("Choose the results folder the report is written to.")

@@ -42,7 +42,7 @@ class AnnotateWidget(DockForm):
         super().__init__()
         self._viewer = napari_viewer
         self._undo = []
-        self._bound = self._on_click = None  # the layer clicks and keys are bound to
+        self._unbind = None  # takes the clicks and keys off the layer they are bound to
         self._layer = ComboBox(
             label="classes layer",
             choices=self._class_layers,
@@ -149,13 +149,9 @@ class AnnotateWidget(DockForm):
 
     def _attach(self, layer):
         """Bind keys and clicks to the chosen classes layer (and only to it)."""
-        if self._bound is not None:
-            self._bound.mouse_drag_callbacks[:] = [
-                callback
-                for callback in self._bound.mouse_drag_callbacks
-                if callback is not self._on_click
-            ]
-        self._bound = None
+        if self._unbind is not None:
+            self._unbind()
+        self._unbind = None
         self._undo.clear()
         if not isinstance(layer, Labels):
             return
@@ -165,10 +161,7 @@ class AnnotateWidget(DockForm):
             if column not in features:
                 features[column] = features["label"] if default is None else default
         layer.features = features
-        self._on_click = bind_labelling(layer, self._classes(), self.select, self.set_label)
-        layer.bind_key("n", lambda _: self.next_flagged(), overwrite=True)
-        layer.bind_key("u", lambda _: self.undo(), overwrite=True)
-        self._bound = layer
+        self._unbind = bind_labelling(layer, self._classes(), self)
         self._redraw()
 
     # ------------------------------------------------------------------------ actions
@@ -306,7 +299,7 @@ class AnnotateWidget(DockForm):
             layer.features.copy(),
             folder,
             layer.metadata["image_size"],
-            Path(layer.metadata.get("path") or image.name).name,
+            _source_name(layer.metadata.get("path"), image.name),
             layer.metadata.get("rbc_diameter"),
         )
 
@@ -423,3 +416,9 @@ class AnnotateWidget(DockForm):
             translate=layer.translate[:2],
         )
         self._viewer.layers.selection.active = layer
+
+
+def _source_name(path, name):
+    """What a crop records as its source: the smear's full path (smears of one name in two
+    folders stay apart), or the layer's name for an image that has no file."""
+    return str(Path(path).resolve()) if path else name

@@ -157,6 +157,7 @@ class CellImagesWidget(DockForm):
         self._set_new.changed.connect(lambda *_: self.set_new_class(self._new_class.value))
         self._export.changed.connect(self._ask_export_path)
         self.tiles_layer = None
+        self._unbind = None  # takes the clicks and keys off the tiles layer they are bound to
         self._review_layer = None
         self._shown = None  # (folder, classes) of the result on screen
         self._grid = None
@@ -237,9 +238,9 @@ class CellImagesWidget(DockForm):
 
     def _bind(self, layer, classes):
         """Clicks select a tile of ``layer``; keys 1-9 give it one of ``classes``."""
-        bind_labelling(layer, classes, self.select, self.set_label)
-        layer.bind_key("n", lambda _: self.next_flagged(), overwrite=True)
-        layer.bind_key("u", lambda _: self.undo(), overwrite=True)
+        if self._unbind is not None:
+            self._unbind()  # an earlier grid's tiles no longer act on this one
+        self._unbind = bind_labelling(layer, classes, self)
         self._undo.clear()
         review = (self._set, self._clear, self._artefact, self._unknown, self._next)
         for button in (*review, self._undo_button, self._set_new):

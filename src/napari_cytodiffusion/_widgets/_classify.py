@@ -14,9 +14,16 @@ from pathlib import Path
 
 import numpy as np
 from magicgui.widgets import CheckBox, ComboBox, FloatSpinBox, Label, PushButton
-from napari.layers import Image, Labels
+from napari.layers import Labels
 from napari.utils.notifications import show_error, show_info
-from qtpy.QtWidgets import QFileDialog, QListWidget, QTableWidget, QTableWidgetItem
+from qtpy.QtCore import Qt
+from qtpy.QtWidgets import (
+    QFileDialog,
+    QHeaderView,
+    QListWidget,
+    QTableWidget,
+    QTableWidgetItem,
+)
 
 from napari_cytodiffusion._widgets._common import (
     Banner,
@@ -27,7 +34,9 @@ from napari_cytodiffusion._widgets._common import (
     added_unselected,
     camera,
     direct_colormap,
+    no_smear_message,
     removed_layer,
+    rgb_images,
     select,
     select_then_show,
     strategy_field,
@@ -131,9 +140,10 @@ class ClassifyWidget(DockForm):
         self._flagged_rows = []
         napari_viewer.layers.events.inserted.connect(self._layer_added)
         napari_viewer.layers.events.removed.connect(lambda *_: self.reset_choices())
+        self._pick_segmented()  # docked after Segment cells ran: its white cells
 
     def _image_layers(self, _=None):
-        return [layer for layer in self._viewer.layers if isinstance(layer, Image)]
+        return rgb_images(self._viewer)
 
     def _labels_layers(self, _=None):
         """Labels layers that can be white cells of the chosen image: its shape, no class or
@@ -171,7 +181,7 @@ class ClassifyWidget(DockForm):
     def _start(self):
         image = self._image.value
         if image is None:
-            show_error("Open a smear image first: Classify works on an RGB image layer.")
+            show_error(no_smear_message(self._viewer, "Classify"))
             return
         if not image.rgb:
             show_error(
@@ -240,6 +250,7 @@ class ClassifyWidget(DockForm):
         self._legend.value = legend_html(result.classes)
         with added_unselected(self._viewer):
             self.class_layer = self._viewer.add_layer(layers["class_layer"])
+        self.class_layer.events.features.connect(self._recount)
         self._show_fill()  # in case Fill was toggled while the work ran
         yield
         yield from select_then_show(self._viewer, self.class_layer)
@@ -276,6 +287,17 @@ class ClassifyWidget(DockForm):
             # napari about 0.06 s: in a turn of its own, after the 0.05 s of adding it.
             yield
             yield from select_then_show(self._viewer, markers)
+
+    def _recount(self, event):
+        """The differential of the shown classes layer again, after a person corrected its
+        calls (Annotate cells)."""
+        layer = self.class_layer
+        if event.source is not layer:
+            return  # an earlier run's layer
+        from napari_cytodiffusion.core.tasks.classify import differential_count
+
+        counts = differential_count(layer.features["label"], layer.metadata["classes"])
+        show_differential(self._summary, counts)
 
     def _review_name(self):
         return self.class_layer.name.replace(" classes", " needs review")
@@ -482,6 +504,14 @@ def differential_table():
         "platelets and smudge cells are counted per 100 white cells, not among them)."
     )
     table.setMinimumHeight(_rows_height(table, TABLE_ROWS))
+    # All three columns in the dock's width: the class names give way (elided), not the
+    # counts, and no sideways scrolling.
+    header = table.horizontalHeader()
+    header.setSectionResizeMode(0, QHeaderView.Stretch)
+    for column in (1, 2):
+        header.setSectionResizeMode(column, QHeaderView.ResizeToContents)
+    table.setHorizontalScrollBarPolicy(Qt.ScrollBarAlwaysOff)
+    table.setTextElideMode(Qt.ElideMiddle)
     return table
 
 
@@ -490,12 +520,17 @@ def show_differential(table, counts):
     table.setRowCount(len(counts))
     rows = counts.itertuples(index=False, name=None)
     for row, (name, count, percent, in_differential) in enumerate(rows):
-        for column, text in enumerate((name, str(count), percent_text(percent))):
+        # As in the HTML report: a star marks the classes counted per 100 white cells but not
+        # among them, whose per cent is not part of the 100.
+        shown = name if in_differential else f"{name} *"
+        for column, text in enumerate((shown, str(count), percent_text(percent))):
             item = QTableWidgetItem(text)
-            if not in_differential:
-                item.setToolTip("Per 100 white cells; not one of them (not in the 100 %).")
+            item.setToolTip(
+                name
+                if in_differential
+                else f"{name}: per 100 white cells; not one of them (not in the 100 %)."
+            )
             table.setItem(row, column, item)
-    table.resizeColumnsToContents()
 
 
 def flagged_list():

@@ -17,7 +17,7 @@ from magicgui.widgets import (
     PushButton,
     SpinBox,
 )
-from napari.layers import Labels, Points
+from napari.layers import Image, Labels, Points
 from napari.utils.notifications import show_error
 from qtpy.QtCore import QSize, Qt
 from qtpy.QtGui import QKeySequence
@@ -50,6 +50,23 @@ class ModelChoice:
         from napari_cytodiffusion.core.model.weights import shared_model
 
         return shared_model(self.name, self.device, progress)
+
+
+def rgb_images(viewer):
+    """The RGB image layers of ``viewer``: the smears and cells a widget can work on (not the
+    uncertainty or heat maps the widgets add as single-channel images)."""
+    return [layer for layer in viewer.layers if isinstance(layer, Image) and layer.rgb]
+
+
+def no_smear_message(viewer, action):
+    """Why ``action`` (Segment, Classify...) has no smear to work on, and what to do."""
+    grey = [layer.name for layer in viewer.layers if isinstance(layer, Image) and not layer.rgb]
+    if grey:
+        return (
+            f"'{grey[0]}' is not an RGB colour image; {action} needs the colour image of the "
+            "smear: open it as RGB."
+        )
+    return f"Open a blood-smear image first: {action} works on an RGB image layer."
 
 
 def removed_layer(viewer, *layers):
@@ -206,22 +223,39 @@ def strategy_field():
     )
 
 
-def bind_labelling(layer, classes, select, set_label):
+def bind_labelling(layer, classes, actions):
     """Let a person call the labels of ``layer``: a click (pan/zoom mode) calls
-    ``select(label value)`` for the label under it, keys 1-9 ``set_label`` with the n-th of
-    ``classes``. Returns the click callback, to take it off the layer again."""
+    ``actions.select(label value)`` for the label under it, keys 1-9 ``actions.set_label``
+    with the n-th of ``classes``, ``n`` ``actions.next_flagged()`` and ``u``
+    ``actions.undo()``. Returns a function that takes all of them off the layer again, so that
+    an earlier layer never acts on the one shown now."""
 
     def on_click(layer, event):
         if layer.mode != "pan_zoom":
             return
         value = layer.get_value(event.position, world=True)
         if value:
-            select(int(value))
+            actions.select(int(value))
 
+    keys = {
+        str(number): (lambda _layer, name=name: actions.set_label(name))
+        for number, name in enumerate(classes[:9], 1)
+    }
+    keys["n"] = lambda _layer: actions.next_flagged()
+    keys["u"] = lambda _layer: actions.undo()
     layer.mouse_drag_callbacks.append(on_click)
-    for number, name in enumerate(classes[:9], 1):
-        layer.bind_key(str(number), lambda _layer, name=name: set_label(name), overwrite=True)
-    return on_click
+    for key, action in keys.items():
+        layer.bind_key(key, action, overwrite=True)
+
+    def unbind():
+        if on_click in layer.mouse_drag_callbacks:
+            layer.mouse_drag_callbacks.remove(on_click)
+        for key, action in keys.items():
+            unbound = layer.bind_key(key, None)
+            if unbound is not None and unbound is not action:
+                layer.bind_key(key, unbound)  # bound since by someone else: theirs stays
+
+    return unbind
 
 
 def new_class_fields():
@@ -341,6 +375,23 @@ class ModelFields:
         from napari_cytodiffusion.core.model.weights import model_classes
 
         return model_classes(self.choice().name) or model_classes("default")
+
+    def follow_classes(self, *combos):
+        """Offer the chosen model's classes in each of ``combos`` (after the choices they
+        start with that are not classes, such as auto), also when another model is chosen: an
+        adapted model may have a class the default lacks, such as blast."""
+        fixed = [[c for c in combo.choices if c not in self.classes()] for combo in combos]
+
+        def offer(*_):
+            classes = self.classes()
+            for combo, before in zip(combos, fixed, strict=True):
+                value = combo.value
+                combo.choices = (*before, *classes)
+                if value in combo.choices:
+                    combo.value = value
+
+        self.model.changed.connect(offer)
+        self.file.changed.connect(offer)
 
 
 class DockForm(Container):

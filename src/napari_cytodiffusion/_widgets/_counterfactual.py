@@ -15,7 +15,7 @@ Figures open in a dock with a "Save PNG..." button.
 
 import napari
 import numpy as np
-from magicgui.widgets import ComboBox, FloatSpinBox, SpinBox, create_widget
+from magicgui.widgets import ComboBox, FloatSpinBox, SpinBox
 from qtpy.QtWidgets import QFileDialog, QPushButton, QVBoxLayout, QWidget
 
 from napari_cytodiffusion._widgets._common import (
@@ -25,6 +25,7 @@ from napari_cytodiffusion._widgets._common import (
     added_unselected,
     rbc_diameter_field,
     removed_layer,
+    rgb_images,
     select_then_show,
 )
 from napari_cytodiffusion._widgets._grid import layer_cells, tile_origin
@@ -39,15 +40,18 @@ class CounterfactualWidget(DockForm):
     def __init__(self, napari_viewer):
         super().__init__()
         self._viewer = napari_viewer
-        self._image = create_widget(
-            annotation=napari.layers.Image,
+        self._image = ComboBox(
             label="image",
-            options={"tooltip": "The smear, a single-cell image, or a stack of cells"},
+            choices=lambda _: rgb_images(napari_viewer),
+            tooltip="The smear, a single-cell image, a stack of cells or a grid of cells.",
         )
-        self._labels = create_widget(
-            annotation=napari.layers.Labels | None,
+        self._labels = ComboBox(
             label="cells (labels)",
-            options={"tooltip": "White-cell labels of the image; none: a single-cell image"},
+            choices=self._cell_layers,
+            nullable=True,
+            tooltip="The image's cells: by default its classes layer from Classify cells (its "
+            "calls are the current classes), else its white cells from Segment cells, or a "
+            "grid's tiles; none: the image is a single cell.",
         )
         self._cell_id = SpinBox(
             value=1,
@@ -72,6 +76,7 @@ class CounterfactualWidget(DockForm):
             label="target class",
             tooltip="The class to explain and edit towards.",
         )
+        self._fields.follow_classes(self._source, self._target)
         self._trials = SpinBox(
             value=counterfactual.DEFAULT_TRIALS,
             min=1,
@@ -141,10 +146,42 @@ class CounterfactualWidget(DockForm):
         self._grid.changed.connect(self._start_grid)
         self._clicked_layer = None
         self._labels.changed.connect(self._watch_clicks)
-        for event in (napari_viewer.layers.events.inserted, napari_viewer.layers.events.removed):
-            event.connect(lambda *_: self.reset_choices())
+        self._image.changed.connect(self._pick_cells)
+        napari_viewer.layers.events.inserted.connect(self._layer_added)
+        napari_viewer.layers.events.removed.connect(lambda *_: self.reset_choices())
         self.reset_choices()
+        self._pick_cells()
         self._watch_clicks()
+
+    # --- choosing the cells -------------------------------------------------------------------
+
+    def _cell_layers(self, _=None):
+        """Labels layers that number the chosen image's cells: of its shape, and no red cells,
+        platelets or nuclei."""
+        image = self._image.value
+        if image is None:
+            return []
+        return [
+            layer
+            for layer in self._viewer.layers
+            if isinstance(layer, napari.layers.Labels)
+            and layer.metadata.get("cells", "white") == "white"
+            and tuple(layer.data.shape) == tuple(image.data.shape[: layer.ndim])
+        ]
+
+    def _pick_cells(self, *_):
+        """The chosen image's own cells: its classes layer, else its white cells, else none."""
+        self._labels.reset_choices()
+        image = self._image.value
+        own = [layer for layer in self._labels.choices if _made_for(layer, image)]
+        own.sort(key=lambda layer: "class" not in layer.metadata)
+        self._labels.value = own[0] if own else None
+
+    def _layer_added(self, event):
+        self.reset_choices()
+        layer, chosen = event.value, self._labels.value
+        if _made_for(layer, self._image.value) and (chosen is None or "class" in layer.metadata):
+            self._labels.value = layer
 
     # --- picking a cell ---------------------------------------------------------------------
 
@@ -270,13 +307,13 @@ class CounterfactualWidget(DockForm):
         picked = self._request()
         if picked is not None:
             data, request, offset = picked
-            image = self._image.value
+            image, labels = self._image.value, self._labels.value
             job = _explain_job(data, request, self._fields.choice())
             self._runner.start(
                 job,
                 lambda result: self._add_layers(result, image, offset),
                 text="explaining the cell",
-                removed_input=lambda: removed_layer(self._viewer, image),
+                removed_input=lambda: removed_layer(self._viewer, image, labels),
             )
 
     def _start_all_classes(self):
@@ -469,3 +506,16 @@ def _grid_job(data, options, model_choice):
         return explain_grid(data, model_choice.load(progress), progress=progress, **options)
 
     return job
+
+
+def _made_for(layer, image):
+    """Whether ``layer`` numbers the cells of ``image``: made for it by Segment or Classify
+    cells, or a grid's tiles."""
+    if layer is None or image is None or not isinstance(layer, napari.layers.Labels):
+        return False
+    if "grid" in image.metadata:
+        return bool(layer.metadata.get("tiles"))
+    return (
+        layer.metadata.get("source") == image.name
+        and layer.metadata.get("cells", "white") == "white"
+    )

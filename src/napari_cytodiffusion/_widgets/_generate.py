@@ -35,6 +35,7 @@ class GenerateWidget(DockForm):
             label="class",
             tooltip="The class of the cells to generate.",
         )
+        self._fields.follow_classes(self._label)
         self._count = SpinBox(
             value=8, min=1, max=4096, label="number of cells", tooltip="Cells to generate."
         )

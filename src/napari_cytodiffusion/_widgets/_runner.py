@@ -170,7 +170,11 @@ class TaskRunner:
             show_info(f"{self._description}: '{removed}' was removed; nothing was added.")
             return
         self._set_status("done")
-        steps = on_result(result)
+        try:
+            steps = on_result(result)
+        except Exception as error:
+            self._set_status(f"failed while showing the result: {error}")
+            raise
         if inspect.isgenerator(steps):
             self._steps = steps
             QTimer.singleShot(_STEP_PAUSE_MS, self._next_step)
@@ -184,6 +188,7 @@ class TaskRunner:
             if self._worker_done:
                 self._finished()
             if not isinstance(error, StopIteration):
+                self._set_status(f"failed while showing the result: {error}")
                 raise
             return
         QTimer.singleShot(_STEP_PAUSE_MS, self._next_step)

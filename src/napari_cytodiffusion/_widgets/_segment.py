@@ -16,8 +16,10 @@ from napari.utils.notifications import show_error, show_info
 from napari_cytodiffusion._widgets._common import (
     DockForm,
     RunRow,
+    no_smear_message,
     rbc_diameter_field,
     removed_layer,
+    rgb_images,
     update_or_add_in_steps,
 )
 
@@ -55,12 +57,12 @@ class SegmentWidget(DockForm):
         return self._runner
 
     def _image_layers(self, _=None):
-        return [layer for layer in self._viewer.layers if isinstance(layer, Image)]
+        return rgb_images(self._viewer)
 
     def start(self, layer):
         """Segment ``layer`` in a worker thread; returns the worker, or None if refused."""
         if layer is None:
-            show_error("Open a blood-smear image first: Segment works on an RGB image layer.")
+            show_error(no_smear_message(self._viewer, "Segment"))
             return None
         if not isinstance(layer, Image):
             show_error(

@@ -132,6 +132,7 @@ class TrainWidget(DockForm):
             resume=resume,
             init="default" if self._from_default.value and resume is None else None,
             rbc_diameter=self._rbc_diameter.value or None,
+            overwrite=True,  # the file dialog asked before an existing file was chosen
         )
         self._progress_text = _progress_text()
         self._counts.value = self._details.value = ""

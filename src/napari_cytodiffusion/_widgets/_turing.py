@@ -11,8 +11,7 @@ and answers with timings, the key and the score are written as CSV files.
 import time
 from pathlib import Path
 
-import napari
-from magicgui.widgets import ComboBox, Container, FileEdit, PushButton, SpinBox, create_widget
+from magicgui.widgets import ComboBox, Container, FileEdit, PushButton, SpinBox
 
 from napari_cytodiffusion._widgets._common import (
     DockForm,
@@ -20,6 +19,7 @@ from napari_cytodiffusion._widgets._common import (
     RunRow,
     StatusLabel,
     rbc_diameter_field,
+    rgb_images,
     sampler_fields,
 )
 from napari_cytodiffusion._widgets._grid import beside, focus, layer_cells
@@ -50,19 +50,18 @@ class TuringWidget(DockForm):
             label="real cell folder",
             tooltip=f"One subfolder of single-cell images per class ({', '.join(classes)}).",
         )
-        self._layer = create_widget(
-            annotation=napari.layers.Image,
+        self._layer = ComboBox(
             label="real cell layer",
-            options={
-                "tooltip": "Single cells: a grid from Generate cells, an image stack, or one "
-                "single-cell image."
-            },
+            choices=lambda _: rgb_images(napari_viewer),
+            tooltip="Single cells: a grid from Generate cells, an image stack, or one "
+            "single-cell image.",
         )
         self._layer_class = ComboBox(
             choices=classes,
             label="class of layer cells",
             tooltip="Used when the layer has no 'label' feature (metadata['features']).",
         )
+        self._fields.follow_classes(self._layer_class)
         self._count = SpinBox(
             value=20, min=1, max=10_000, label="real cells (N)", tooltip="As many are generated."
         )

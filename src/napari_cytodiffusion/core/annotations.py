@@ -322,10 +322,14 @@ def export_cells(
         ``index``, ``annotated``, ``centroid_row``, ``centroid_col`` per cell; rows with an
         empty ``annotated`` and deleted cells are left out.
     out : path
-        The dataset folder: ``out/<class>/<image name>_<cell>.png`` and ``out/manifest.csv``
-        (rows appended; a crop written again replaces its row).
+        The dataset folder: ``out/<class>/<image stem>_<cell>.png`` and ``out/manifest.csv``
+        (rows appended; a crop written again replaces its row). Where the crops of another
+        smear with the same stem are there already, the stem gets a short hash of
+        ``image_name``: ``<image stem>-<hash>_<cell>.png``.
     size : int
         The model's ``image_size``.
+    image_name : str
+        The smear's file path (its name where it has no file), recorded as ``source_image``.
     progress : callable, optional
         ``progress(done, total)`` per cell cropped; raising ``Cancelled`` from it stops before
         anything is written.
@@ -335,11 +339,42 @@ def export_cells(
     dict
         {class: crops written}.
     """
-    import csv
-
     from PIL import Image
 
     from napari_cytodiffusion.core.io import atomic_write, read_table
+    from napari_cytodiffusion.core.smear.crops import FIELD_OF_VIEW_RBC
+
+    # Every crop is cut before the first is written: a cancel leaves the dataset as it was.
+    crops = _cut_crops(image, labels, table, size, rbc_diameter, progress)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    manifest = out / MANIFEST
+    earlier = read_table(manifest, MANIFEST_COLUMNS) if manifest.is_file() else []
+    stem = _crop_stem(str(image_name), earlier)
+    written, rows = {}, {}
+    for row, centre, crop in crops:
+        name = f"{row.annotated}/{stem}_{int(row.index)}.png"
+        (out / str(row.annotated)).mkdir(exist_ok=True)
+        with atomic_write(out / name) as partial:
+            Image.fromarray(crop).save(partial)
+        written[str(row.annotated)] = written.get(str(row.annotated), 0) + 1
+        rows[name] = [
+            name,
+            str(row.annotated),
+            str(image_name),
+            str(int(row.index)),
+            f"{centre[0]:.1f}",
+            f"{centre[1]:.1f}",
+            f"{size / FIELD_OF_VIEW_RBC:.3f}",
+        ]
+    for row in earlier:
+        rows.setdefault(row["file"], [row[c] for c in MANIFEST_COLUMNS])
+    _write_manifest(manifest, rows)
+    return written
+
+
+def _cut_crops(image, labels, table, size, rbc_diameter, progress):
+    """(table row, centre, uint8 crop) of each reviewed cell still in ``labels``."""
     from napari_cytodiffusion.core.progress import report
     from napari_cytodiffusion.core.smear.crops import FIELD_OF_VIEW_RBC, CellSite
     from napari_cytodiffusion.core.smear.prepare import prepare_smear
@@ -352,38 +387,41 @@ def export_cells(
         if int(row.index) in present
     ]
     smear = prepare_smear(image, rbc_diameter)
-    stem = Path(image_name).stem
-    # Every crop is cut before the first is written: a cancel leaves the dataset as it was.
     crops = []
     for done, row in enumerate(reviewed, start=1):
         centre = (float(row.centroid_row), float(row.centroid_col))
         site = CellSite(centre, smear.rbc_diameter, smear.background, 2 * FIELD_OF_VIEW_RBC)
         crops.append((row, centre, (site.crop(smear.rgb, 2 * size) * 255 + 0.5).astype(np.uint8)))
         report(progress, done, len(reviewed))
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    written, rows = {}, {}
-    for row, centre, crop in crops:
-        name = f"{row.annotated}/{stem}_{int(row.index)}.png"
-        (out / str(row.annotated)).mkdir(exist_ok=True)
-        with atomic_write(out / name) as partial:
-            Image.fromarray(crop).save(partial)
-        written[str(row.annotated)] = written.get(str(row.annotated), 0) + 1
-        rows[name] = [
-            name,
-            str(row.annotated),
-            image_name,
-            str(int(row.index)),
-            f"{centre[0]:.1f}",
-            f"{centre[1]:.1f}",
-            f"{size / FIELD_OF_VIEW_RBC:.3f}",
-        ]
-    manifest = out / MANIFEST
-    if manifest.is_file():
-        for earlier in read_table(manifest, MANIFEST_COLUMNS):
-            rows.setdefault(earlier["file"], [earlier[c] for c in MANIFEST_COLUMNS])
-    with atomic_write(manifest) as partial, open(partial, "w", newline="") as handle:
+    return crops
+
+
+def _crop_stem(source, earlier):
+    """The file-name stem of the crops of the smear ``source``, given the ``earlier``
+    manifest rows: the smear's own stem, unless crops of another smear hold it already (two
+    smears named ``a.jpg`` in different folders); then the stem and a short hash of
+    ``source``, the same at every export, so a smear exported again replaces its crops."""
+    import hashlib
+
+    stem = Path(source).stem
+    owners = {row["source_image"] for row in earlier if _stem_of(row["file"]) == stem}
+    if not owners or source in owners:
+        return stem
+    return f"{stem}-{hashlib.sha256(source.encode()).hexdigest()[:8]}"
+
+
+def _stem_of(crop_file):
+    """The smear stem of an exported crop's file, ``<class>/<stem>_<cell>.png``."""
+    return Path(crop_file).stem.rsplit("_", 1)[0]
+
+
+def _write_manifest(path, rows):
+    """Write the manifest's ``rows`` ({file: values}) sorted by file, atomically."""
+    import csv
+
+    from napari_cytodiffusion.core.io import atomic_write
+
+    with atomic_write(path) as partial, open(partial, "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(MANIFEST_COLUMNS)
         writer.writerows(rows[name] for name in sorted(rows))
-    return written

@@ -278,9 +278,12 @@ def exclusive_folder(folder):
 
 
 def _alive(lock):
+    """Whether the process named in ``lock`` still runs."""
     try:
         pid = int(lock.read_text().strip())
         os.kill(pid, 0)
+    except PermissionError:
+        return True  # it runs, as another user: not ours to signal, nor to take over
     except (OSError, ValueError):
         return False
     return True

@@ -2,15 +2,19 @@
 
 ``DIR/<smear>/`` holds ``cells.csv`` (one row per white cell), ``differential.csv``,
 ``triage.json`` and ``report.html``; ``done.json`` is written last and marks the folder
-finished. Every file is written under a temporary name and renamed when complete, so a run
-killed at any moment leaves no half-written file under a final name, and a folder without
-``done.json`` is simply analysed again.
+finished for its source, as it was, with the model and settings used (:func:`fingerprint`).
+Every file is written under a temporary name and renamed when complete, so a run killed at
+any moment leaves no half-written file under a final name, and a folder without a finished
+``done.json`` is simply analysed again. Before a folder's results are made again its marker is
+turned unfinished (:func:`mark_unfinished`): it still names the folder's source, but the old
+results leave the summary until the new ones are complete.
 """
 
 import base64
 import html
 import io
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -20,34 +24,99 @@ from napari_cytodiffusion.core.io import atomic_write
 FINISHED = "done.json"
 SUMMARY = "summary.csv"
 # Bump when the files a smear gets change, so older results are made again.
-OUTPUT_VERSION = 2  # 2: cells.csv gives each cell's area, diameter and nucleus fraction
+# 2: cells.csv gives each cell's area, diameter and nucleus fraction;
+# 3: triage.json writes null for a missing rate; the marker records the settings.
+OUTPUT_VERSION = 3
 
 
-def fingerprint(source):
-    """What identifies an input for resuming: its path, size and modification time."""
-    source = Path(source)
-    stat = source.stat()
+def file_identity(path):
+    """A file's resolved path, size and modification time; size and time None when absent."""
+    path = Path(path).resolve()
+    try:
+        stat = path.stat()
+    except FileNotFoundError:
+        return {"path": str(path), "size": None, "mtime_ns": None}
+    return {"path": str(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+def fingerprint(source, settings=None, inputs=()):
+    """What a smear's results depend on, for resuming: ``done.json`` of a finished folder.
+
+    Parameters
+    ----------
+    source : path
+        The smear's file or OME-Zarr folder, identified by :func:`file_identity`.
+    settings : dict, optional
+        The model and settings the results were made with (JSON-serialisable).
+    inputs : sequence of path
+        Other files the results depend on (a smear's annotations), present or not: one
+        appearing, changing or going away makes the results stale too.
+    """
     return {
-        "source": str(source.resolve()),
-        "size": stat.st_size,
-        "mtime_ns": stat.st_mtime_ns,
         "version": OUTPUT_VERSION,
+        "finished": True,
+        "source": file_identity(source),
+        "inputs": [file_identity(path) for path in inputs],
+        "settings": settings or {},
     }
 
 
-def finished(folder, source):
-    """True if ``folder`` holds complete results of ``source`` as it is now."""
-    marker = Path(folder) / FINISHED
+def read_marker(folder):
+    """The ``done.json`` of ``folder`` as a dict; None when it has none or it is unreadable."""
     try:
-        return json.loads(marker.read_text()) == fingerprint(source)
+        marker = json.loads((Path(folder) / FINISHED).read_text())
     except (OSError, ValueError):
+        return None
+    return marker if isinstance(marker, dict) else None
+
+
+def finished(folder, expected):
+    """True if ``folder`` holds complete results made as the :func:`fingerprint` ``expected``
+    describes."""
+    return read_marker(folder) == expected
+
+
+def marker_source(marker):
+    """The resolved path of the source a marker's folder belongs to, or None."""
+    source = (marker or {}).get("source")
+    # Version 2 markers named the source by its path alone.
+    return source.get("path") if isinstance(source, dict) else source
+
+
+def up_to_date(marker):
+    """True if a marker says finished, by this version, and its source and other inputs are
+    still as they were when the results were made."""
+    if not marker or not marker.get("finished") or marker.get("version") != OUTPUT_VERSION:
         return False
+    recorded = [marker["source"], *marker["inputs"]]
+    return all(file_identity(item["path"]) == item for item in recorded)
 
 
-def write_smear(analysis, folder, source=None):
+def mark_unfinished(folder):
+    """Mark ``folder``'s results as no longer finished, atomically, keeping whose they are;
+    nothing to do for a folder without a marker."""
+    marker = read_marker(folder)
+    if marker is not None and marker.get("finished", True):
+        _write_text(Path(folder) / FINISHED, json.dumps({**marker, "finished": False}))
+
+
+def write_smear(analysis, folder, source=None, marker=None):
     """Write every file of one analysed smear into ``folder``; ``done.json`` last.
 
-    Returns the path of the HTML report.
+    Parameters
+    ----------
+    analysis : SmearAnalysis
+    folder : path
+    source : path, optional
+        The smear's file: ``done.json`` marks the folder finished for it as it is now.
+    marker : dict, optional
+        The :func:`fingerprint` to mark the folder with instead, taken before the smear was
+        read, so that a file changed meanwhile is analysed again.
+
+    Returns
+    -------
+    Path
+        The HTML report.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -55,12 +124,23 @@ def write_smear(analysis, folder, source=None):
         analysis.cells.to_csv(partial, index=False)
     with atomic_write(folder / "differential.csv") as partial:
         analysis.differential().to_csv(partial, index=False)
-    _write_text(folder / "triage.json", json.dumps(analysis.summary(), indent=1))
+    _write_text(folder / "triage.json", json_text(analysis.summary(), indent=1))
     report = folder / "report.html"
     _write_text(report, report_html(analysis))
-    if source is not None:
-        _write_text(folder / FINISHED, json.dumps(fingerprint(source)))
+    if marker is None and source is not None:
+        marker = fingerprint(source)
+    if marker is not None:
+        _write_text(folder / FINISHED, json.dumps(marker))
     return report
+
+
+def json_text(row, **options):
+    """``row`` (a flat dict) as strict JSON: a missing number (NaN) is written as null."""
+    finite = {
+        key: None if isinstance(value, float) and not math.isfinite(value) else value
+        for key, value in row.items()
+    }
+    return json.dumps(finite, allow_nan=False, **options)
 
 
 def write_summary_rows(out_dir, rows):
@@ -74,11 +154,14 @@ def write_summary_rows(out_dir, rows):
 
 
 def summary_rows(out_dir):
-    """The triage rows of every finished smear folder under ``out_dir``, by name."""
+    """The triage rows of every smear folder under ``out_dir`` whose results are finished and
+    still match their source and annotations (:func:`up_to_date`), by folder name."""
     rows = []
-    for marker in sorted(Path(out_dir).glob(f"*/{FINISHED}")):
+    for path in sorted(Path(out_dir).glob(f"*/{FINISHED}")):
+        if not up_to_date(read_marker(path.parent)):
+            continue
         try:
-            rows.append(json.loads((marker.parent / "triage.json").read_text()))
+            rows.append(json.loads((path.parent / "triage.json").read_text()))
         except (OSError, ValueError):
             continue
     return rows

@@ -357,12 +357,33 @@ def read_csv(path, required):
     return read_table(path, required)
 
 
+def check_panel_folder(out_dir):
+    """Refuse an ``out_dir`` that holds a panel already (its key, or anything in ``panel/``).
+
+    Writing over it would lose the key the expert's answers are scored with, or leave items
+    of the old panel that no key row names.
+
+    Raises
+    ------
+    ValueError
+        If ``out_dir`` holds a panel.
+    """
+    out_dir = Path(out_dir)
+    folder = out_dir / "panel"
+    if (out_dir / "key.csv").exists() or (folder.is_dir() and any(folder.iterdir())):
+        raise ValueError(
+            f"{out_dir} holds a Turing panel already (key.csv or panel/); choose an empty "
+            "folder or remove the old panel."
+        )
+
+
 def export_panel(panel, out_dir):
     """Write a panel for an expert and its key, kept apart.
 
     ``out_dir/panel/`` holds the shuffled images and an ``answers.csv`` to fill in (answer:
     real or synthetic); hand that folder to the expert. ``out_dir/key.csv`` is the key: keep
-    it away from the expert and score with ``turing score``.
+    it away from the expert and score with ``turing score``. A folder holding a panel already
+    is refused (:func:`check_panel_folder`).
 
     Returns
     -------
@@ -373,6 +394,7 @@ def export_panel(panel, out_dir):
     from napari_cytodiffusion.core.io import atomic_write
     from napari_cytodiffusion.core.model.generation import to_uint8
 
+    check_panel_folder(out_dir)
     folder = Path(out_dir) / "panel"
     folder.mkdir(parents=True, exist_ok=True)
     for image, row in zip(panel.images, panel.key, strict=True):

@@ -138,6 +138,11 @@ def read_state(path):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
+        if not _written_by_torch(path):
+            raise ModelFileError(
+                f"{path} is not a model file: choose a .pt written by napari-cytodiffusion "
+                "(train, adapt, or a registry model)."
+            ) from error
         raise ModelFileError(
             f"{path} holds Python objects beyond tensors and plain values; it was not loaded, "
             "because loading such a file could run code. Use a model file written by "
@@ -148,6 +153,18 @@ def read_state(path):
         raise ModelFileError(
             f"{path} is not a readable napari-cytodiffusion model: {first}"
         ) from error
+
+
+def _written_by_torch(path):
+    """Whether ``path`` is a file ``torch.save`` wrote: a zip archive, or (before torch 1.6)
+    a pickle, which starts with its protocol byte."""
+    import zipfile
+
+    with open(path, "rb") as file:
+        if zipfile.is_zipfile(file):
+            return True
+        file.seek(0)
+        return file.read(1) == b"\x80"
 
 
 def _contents(path, state):

@@ -182,12 +182,18 @@ def balance_background(crops):
 
 
 def save_cells(cells, out_dir, prefix=None):
-    """Write each cell as a PNG and list it in ``metadata.csv`` beside them.
+    """Write each cell as ``<class>_<seed>.png`` and list it in ``metadata.csv`` beside them.
 
-    The CSV has one row per cell file in the folder (file, label, seed, steps, guidance,
-    model, sampler): rows of earlier runs are kept, rows of files written again are replaced.
-    Every file is written under a temporary name and renamed when complete. Returns the CSV
-    path.
+    Files are named after their seed, so runs into one folder add to it and making a seed's
+    cell again writes the same file. The CSV keeps one row per cell file (file, label, seed,
+    steps, guidance, model, sampler), the rows of earlier runs included. ``prefix`` replaces
+    the class in the names. Every file is written under a temporary name and renamed when
+    complete. Returns the CSV path.
+
+    Raises
+    ------
+    ValueError
+        If a file name is taken by a cell made with other settings (nothing is written).
     """
     from PIL import Image
 
@@ -196,22 +202,35 @@ def save_cells(cells, out_dir, prefix=None):
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     table = cells.features()
-    table.insert(
-        0, "file", [f"{prefix or label}_{i:04d}.png" for i, label in enumerate(cells.labels)]
-    )
-    for name, image in zip(table["file"], cells.images, strict=True):
+    pairs = zip(cells.labels, cells.seeds, strict=True)
+    names = [f"{prefix or label}_{seed:04d}.png" for label, seed in pairs]
+    table.insert(0, "file", names)
+    rows = {row["file"]: row for row in table.to_dict("records")}
+    path = out_dir / METADATA_FILE
+    earlier = {row.get("file"): row for row in read_table(path)} if path.is_file() else {}
+    _check_same_cells(rows, earlier, out_dir)
+    for name, image in zip(names, cells.images, strict=True):
         with atomic_write(out_dir / name) as partial:
             Image.fromarray(to_uint8(image)).save(partial)
-    path = out_dir / METADATA_FILE
-    written = set(table["file"])
-    earlier = read_table(path) if path.is_file() else []
-    rows = [row for row in earlier if row.get("file") not in written]
-    rows += table.to_dict("records")
     with atomic_write(path) as partial, open(partial, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=METADATA_COLUMNS, extrasaction="ignore")
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows({**earlier, **rows}.values())
     return path
+
+
+def _check_same_cells(rows, earlier, out_dir):
+    """Refuse to write over a cell that ``metadata.csv`` says was made another way: its
+    file would then hold another cell than the one its seed and settings make."""
+    for name, row in rows.items():
+        before = earlier.get(name, {})
+        changed = [c for c in METADATA_COLUMNS if c in before and before[c] != str(row[c])]
+        if changed:
+            settings = ", ".join(f"{c} {before[c]}" for c in changed)
+            raise ValueError(
+                f"{out_dir / name} holds a cell made with other settings ({settings}); "
+                "write to another folder."
+            )
 
 
 def to_uint8(image):

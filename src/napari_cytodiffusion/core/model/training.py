@@ -15,7 +15,6 @@ import json
 import math
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
@@ -173,9 +172,10 @@ class _Run:
             "step": self.step,
             "history": json.dumps(self.history),
         }
-        partial = Path(str(out) + ".tmp")
-        torch.save(state, partial)
-        partial.replace(out)
+        from napari_cytodiffusion.core.io import atomic_write
+
+        with atomic_write(out) as partial:
+            torch.save(state, partial)
 
     def update_ema(self, decay):
         import torch

@@ -343,14 +343,27 @@ def update_registry_hash(path):
 
     For maintainers after re-exporting a model file. Returns (entry name, new sha256).
     """
+    from napari_cytodiffusion.core.io import atomic_write
+    from napari_cytodiffusion.core.model.checkpoint import load_model_file
+
     path = Path(path)
     registry = json.loads(REGISTRY_PATH.read_text())
-    for item in registry["models"]:
-        if item["file"] == path.name:
-            item["sha256"] = file_sha256(path)
-            REGISTRY_PATH.write_text(json.dumps(registry, indent=2) + "\n")
-            return item["name"], item["sha256"]
-    raise WeightsError(f"No registry model has the file name {path.name!r}; see {REGISTRY_PATH}.")
+    item = next((item for item in registry["models"] if item["file"] == path.name), None)
+    if item is None:
+        raise WeightsError(
+            f"No registry model has the file name {path.name!r}; see {REGISTRY_PATH}."
+        )
+    model = load_model_file(path, "cpu")  # a damaged or foreign file is refused here
+    if list(model.classes) != list(item["classes"]) or model.image_size != item["image_size"]:
+        raise WeightsError(
+            f"{path} is not a re-export of {item['name']}: it has {model.image_size}-px images "
+            f"and classes {', '.join(model.classes)}, the registry "
+            f"{item['image_size']}-px and {', '.join(item['classes'])}."
+        )
+    item["sha256"] = file_sha256(path)
+    with atomic_write(REGISTRY_PATH) as partial:
+        Path(partial).write_text(json.dumps(registry, indent=2) + "\n")
+    return item["name"], item["sha256"]
 
 
 class _DownloadProgress:

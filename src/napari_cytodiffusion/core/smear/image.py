@@ -51,7 +51,7 @@ class SmearPixels:
     >>> image = np.zeros((20, 30, 3), np.uint8)
     >>> image[5:10, 5:10] = 255
     >>> pixels = SmearPixels(image)
-    >>> pixels.shape, pixels[5:7, 5:7].max(), pixels[0, 0].tolist()
+    >>> pixels.shape, float(pixels[5:7, 5:7].max()), pixels[0, 0].tolist()
     ((20, 30, 3), 1.0, [0.0, 0.0, 0.0])
     """
 

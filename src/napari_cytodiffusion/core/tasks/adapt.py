@@ -40,7 +40,10 @@ class AdaptRequest:
         A folder of class subfolders or a CSV with file, label (and split) columns; cells of
         the ``test`` split are never used.
     name : str
-        The local model to save (an existing local model of that name is replaced).
+        The local model to save.
+    replace : bool
+        Whether an existing local model ``name`` may be replaced; without it that is refused,
+        unless it is ``base`` itself being calibrated again.
     base : str
         Name or path of the model to start from.
     steps : int
@@ -68,6 +71,7 @@ class AdaptRequest:
     device: str = "auto"
     seed: int = 0
     rbc_diameter: float | None = None
+    replace: bool = False
 
 
 @dataclass
@@ -285,8 +289,23 @@ def _validate_request(request):
     if not Path(request.data).exists():
         raise ValueError(f"No such file or folder: {request.data}")
     check_local_name(request.name)
+    _refuse_replacing(request)
     validate_rbc_diameter(request.rbc_diameter)
     check_device_name(request.device)
+
+
+def _refuse_replacing(request):
+    """A local model of that name is only replaced when asked, or recalibrated in place."""
+    from napari_cytodiffusion.core.model.weights import find_model
+
+    existing = find_model(request.name)
+    if existing is None or not existing.local or request.replace:
+        return
+    if request.steps == 0 and find_model(str(request.base)) == existing:
+        return
+    raise ValueError(
+        f"A local model '{request.name}' exists: choose another name, or replace it (--replace)."
+    )
 
 
 def _records(request, classes, log):

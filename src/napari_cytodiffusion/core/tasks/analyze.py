@@ -10,6 +10,7 @@ dask.distributed cluster (see :func:`analyze_files`).
 """
 
 import functools
+import hashlib
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -444,7 +445,8 @@ class BatchRequest:
     paths : list of path
         Image files, OME-Zarr folders, or folders of images (their images, not recursively).
     out : path
-        Results folder: ``OUT/<smear>/`` per smear and ``OUT/summary.csv``.
+        Results folder: ``OUT/<smear>/`` per smear (see :func:`result_names`) and
+        ``OUT/summary.csv``.
     scheduler : str, optional
         Address of a running dask scheduler; a local cluster of ``workers`` processes when
         not given.
@@ -499,21 +501,95 @@ def image_sources(paths):
             sources.append(path)
     if not sources:
         raise ValueError(f"No images found in {', '.join(map(str, paths))}.")
-    return sources
+    # A smear given twice (itself and its folder, say) is analysed once.
+    unique = {}
+    for source in sources:
+        unique.setdefault(source.resolve(), source)
+    return list(unique.values())
 
 
 def _is_zarr(path):
     return any((path / name).exists() for name in (".zattrs", "zarr.json", ".zarray"))
 
 
-def result_names(sources):
-    """Results folder names: the file name, kept whole (a.png and a.jpg do not collide)."""
-    names, seen = [], {}
-    for source in sources:
-        name = source.name
-        seen[name] = seen.get(name, 0) + 1
-        names.append(name if seen[name] == 1 else f"{name}-{seen[name]}")
+def result_names(sources, out):
+    """Results folder names in ``out``, the same for a source whatever the run.
+
+    A source keeps the folder that holds its results already. Otherwise the folder takes its
+    file name, kept whole (a.png and a.jpg do not collide), unless another of ``sources``
+    shares that name or the folder holds another source's results: then the name and a short
+    hash of the source's path (``x.jpg-1a2b3c4d``).
+    """
+    from collections import Counter
+    from pathlib import Path
+
+    owners = _folder_owners(Path(out))
+    held = {source: name for name, source in owners.items()}
+    paths = [str(Path(source).resolve()) for source in sources]
+    sharing = Counter(source.name for source in sources)
+    names = []
+    for source, path in zip(sources, paths, strict=True):
+        if path in held:
+            names.append(held[path])
+        elif sharing[source.name] == 1 and source.name not in owners:
+            names.append(source.name)
+        else:
+            names.append(f"{source.name}-{hashlib.sha256(path.encode()).hexdigest()[:8]}")
     return names
+
+
+def _folder_owners(out):
+    """{folder name: resolved path of the source whose results it holds} in ``out``."""
+    from napari_cytodiffusion.core import report as files
+
+    owners = {}
+    for path in sorted(out.glob(f"*/{files.FINISHED}")):
+        source = files.marker_source(files.read_marker(path.parent))
+        if source:
+            owners[path.parent.name] = source
+    return owners
+
+
+def model_identity(name_or_path):
+    """What identifies a model's calls: a named model's sha256 (checked whenever it is
+    loaded), or a model file's path, size and modification time.
+
+    Raises
+    ------
+    WeightsError
+        If ``name_or_path`` is neither a model name nor a model file.
+    """
+    from napari_cytodiffusion.core.model.weights import find_model, model_path
+    from napari_cytodiffusion.core.report import file_identity
+
+    entry = find_model(str(name_or_path))
+    if entry is not None:
+        return {"sha256": entry.sha256}
+    return file_identity(model_path(name_or_path))
+
+
+def analysis_settings(request):
+    """What a batch's results depend on besides each smear's files: the model and the settings
+    of the analysis, not where or on how many workers it runs."""
+    return {
+        "model": model_identity(request.model),
+        "rbc_diameter": request.rbc_diameter,
+        "tile_size": request.tile_size,
+        "strategy": request.strategy,
+        "seed": request.seed,
+        "ignore_annotations": request.ignore_annotations,
+    }
+
+
+def _fingerprint(request, settings, source):
+    """The :func:`~napari_cytodiffusion.core.report.fingerprint` of a smear's results as
+    ``request`` would make them now."""
+    from napari_cytodiffusion.core import report as files
+    from napari_cytodiffusion.core.annotations import sidecar_path
+
+    # A person's annotations are part of the results unless they are ignored.
+    inputs = [] if request.ignore_annotations else [sidecar_path(source)]
+    return files.fingerprint(source, settings, inputs)
 
 
 @dataclass
@@ -599,12 +675,7 @@ def _analyze_sources(request, sources, out, progress, on_smear):
     from napari_cytodiffusion.core.model.weights import shared_model
 
     result = BatchResult()
-    todo = []
-    for source, name in zip(sources, result_names(sources), strict=True):
-        if files.finished(out / name, source):
-            result.skipped.append(name)
-        else:
-            todo.append((source, name))
+    todo = _plan(request, sources, out, result)
     if todo:
         model = shared_model(request.model, "cpu")  # classes and calibration, for assembling
         with _client(request) as (client, threads):
@@ -614,6 +685,28 @@ def _analyze_sources(request, sources, out, progress, on_smear):
             _run_batch(client, threads, request, model, todo, out, result, progress, on_smear)
     result.summary = files.write_summary_rows(out, files.summary_rows(out))
     return result
+
+
+def _plan(request, sources, out, result):
+    """The (source, folder name, fingerprint) of every smear to analyse; the finished ones go
+    to ``result.skipped``.
+
+    The fingerprint is taken before the smear is read, so a file changed meanwhile is analysed
+    again next time. The stale results of the others are marked unfinished first, so they
+    leave the summary whether or not the smear can be analysed again.
+    """
+    from napari_cytodiffusion.core import report as files
+
+    settings = analysis_settings(request)
+    todo = []
+    for source, name in zip(sources, result_names(sources, out), strict=True):
+        marker = _fingerprint(request, settings, source)
+        if files.finished(out / name, marker):
+            result.skipped.append(name)
+        else:
+            files.mark_unfinished(out / name)
+            todo.append((source, name, marker))
+    return todo
 
 
 def _client(request):
@@ -685,11 +778,11 @@ def _run_batch(client, threads, request, model, todo, out, result, progress, on_
 
     pending, jobs, smears = as_completed(), {}, {}
     total = [0, 0]  # tiles done, tiles known
-    for source, name in todo:
+    for source, name, marker in todo:
         future = client.submit(
             measure_file, str(source), request.rbc_diameter, request.tile_size, pure=False
         )
-        smears[name] = {"source": source, "parts": {}, "info": None}
+        smears[name] = {"source": source, "marker": marker, "parts": {}, "info": None}
         jobs[future.key] = (name, None)
         pending.add(future)
     for future in pending:
@@ -735,7 +828,7 @@ def _run_batch(client, threads, request, model, todo, out, result, progress, on_
                     None if request.ignore_annotations else load_annotations(smear["source"])
                 )
                 analysis = assemble(name, smear["info"], parts, model, annotations)
-                files.write_smear(analysis, out / name, smear["source"])
+                files.write_smear(analysis, out / name, marker=smear["marker"])
             except Exception as error:  # a smear that cannot be written fails alone
                 _fail(name, error, result, on_smear)
                 continue

@@ -57,6 +57,5 @@ def export_annotated(image_path, out, image_size=64, labels=None, rbc_diameter=N
             }
         )
     table = pd.DataFrame(rows, columns=["index", "annotated", "centroid_row", "centroid_col"])
-    return export_cells(
-        smear, labels, table, out, image_size, Path(image_path).name, smear.rbc_diameter
-    )
+    source = str(Path(image_path).resolve())  # the full path: smears of one name stay apart
+    return export_cells(smear, labels, table, out, image_size, source, smear.rbc_diameter)

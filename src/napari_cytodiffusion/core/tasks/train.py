@@ -36,6 +36,9 @@ class TrainRequest:
         images (three or more of one size) share one estimate, and others are measured alone.
     resolution : int, optional
         Model image size for a new model (default 64; taken from ``init`` or ``resume``).
+    overwrite : bool
+        Whether an existing ``out`` may be replaced (it is continued, not replaced, when it
+        is also ``resume``).
     """
 
     data: Path
@@ -51,6 +54,7 @@ class TrainRequest:
     channels: tuple = DEFAULT_CHANNELS
     resolution: int | None = None
     time_limit: float | None = None
+    overwrite: bool = False
 
 
 def train_model(request, progress=None, on_loss=None, log=print, on_data=None):
@@ -81,6 +85,7 @@ def train_model(request, progress=None, on_loss=None, log=print, on_data=None):
     _validate_request(request)
     init = _init_path(request)
     classes, resolution = _model_shape(request, init)
+    _validate_resolution(request, resolution)
     pack, records = _pack_for(request, classes, resolution, log, on_data)
     packing, stepping = phases(
         progress, [_PACK_COST * len(records), _STEP_COST * max(request.steps, 1)]
@@ -123,19 +128,40 @@ def _validate_request(request):
     for name, ok, allowed in checks:
         if not ok:
             raise ValueError(f"{name} must be {allowed}, got {getattr(request, name)}.")
-    if request.resolution is not None and (
-        request.resolution < 8 or request.resolution % 2 ** len(request.channels)
-    ):
-        raise ValueError(
-            f"resolution must be a positive multiple of {2 ** len(request.channels)} px, got "
-            f"{request.resolution}."
-        )
+    if request.time_limit is not None and request.time_limit <= 0:
+        raise ValueError(f"time_limit must be more than 0 seconds, got {request.time_limit}.")
     if not Path(request.data).exists():
         raise ValueError(f"No such file or folder: {request.data}")
     if request.resume is not None and not Path(request.resume).is_file():
         raise ValueError(f"No checkpoint to resume at {request.resume}.")
-    if not Path(request.out).parent.is_dir():
-        raise ValueError(f"The folder of the output {request.out} does not exist; create it first.")
+    _validate_out(request)
+
+
+def _validate_out(request):
+    """Refuse an output the run could not write, or would replace unasked, before any work."""
+    out = Path(request.out)
+    if out.is_dir():
+        raise ValueError(
+            f"{out} is a folder; give the model file to write, such as {out / 'model.pt'}."
+        )
+    if not out.parent.is_dir():
+        raise ValueError(f"The folder of the output {out} does not exist; create it first.")
+    continued = request.resume is not None and Path(request.resume).resolve() == out.resolve()
+    if out.exists() and not (request.overwrite or continued):
+        raise ValueError(
+            f"{out} exists: choose another output, resume it (--resume {out}) or replace it "
+            "(--overwrite)."
+        )
+
+
+def _validate_resolution(request, resolution):
+    """The model's resolution must halve evenly at every level of the network."""
+    levels = 2 ** len(request.channels)
+    if resolution < 8 or resolution % levels:
+        raise ValueError(
+            f"resolution must be a positive multiple of {levels} px for {len(request.channels)} "
+            f"levels of channels, got {resolution}."
+        )
 
 
 def _init_path(request):
