@@ -206,7 +206,14 @@ def test_counterfactual_command(cell, tmp_path, capsys):
     assert np.load(out / "counterfactual.npy").shape == (64, 64, 3)
     for name in ("heatmap.png", "counterfactual.png", "cell.png", "maps_all_classes.png"):
         assert (out / name).is_file()
-    assert "-> eosinophil" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "-> eosinophil" in printed and "smear field" not in printed  # 4.7 red cells across
+
+    # The same image taken at a tenth of the scale is as wide as a smear field: the central
+    # cell is explained, and the output says how to pick a cell.
+    far = ["--trials", "2", "--steps", "4", "--rbc-diameter", "5", "--device", "cpu"]
+    assert cli.main([*argv[:-1], str(tmp_path / "far"), *far]) == 0
+    assert "24 red cells across, a smear field" in capsys.readouterr().out
 
 
 def test_counterfactual_command_needs_both_segment_and_cell_id(tmp_path, capsys):

@@ -320,6 +320,8 @@ def _counterfactual(args):
             with atomic_write(out / name) as partial:
                 write(partial)
     print(f"{result.summary()}; results in {out}")
+    if result.field_warning():
+        print(f"{args.image}: {result.field_warning()}")
 
 
 def _add_turing(subparsers):

@@ -404,6 +404,11 @@ class CounterfactualWidget(DockForm):
         yield
         yield from select_then_show(self._viewer, heat_layer)
         self._status.value = f"done: {name} ({result.source_note()})"
+        if result.field_warning():
+            from napari.utils.notifications import show_warning
+
+            self._status.value += f"; {result.field_warning()}"
+            show_warning(f"Counterfactuals: {result.field_warning()}.")
 
     def _show_cell_figure(self, result):
         title = f"Counterfactuals: {result.maps.source} cell"

@@ -79,6 +79,8 @@ class Explanation:
     cell_id : int or None
     call : CellCall or None
         The classifier's call that gave the current class (None when it was given).
+    central_across : float or None
+        Red cells across the image, when its central cell was taken (no labels given).
     """
 
     site: object
@@ -89,6 +91,7 @@ class Explanation:
     image_shape: tuple
     cell_id: int | None = None
     call: object = None
+    central_across: float | None = None
 
     @property
     def heat_crop(self):
@@ -133,6 +136,20 @@ class Explanation:
             f"({self.source_note()})"
         )
 
+    def field_warning(self):
+        """One sentence when the central cell of an image as wide as a smear field was
+        explained (no labels were given), saying how to pick a cell; "" otherwise."""
+        from napari_cytodiffusion.core.tasks.classify import FIELD_RBC_ACROSS
+
+        across = self.central_across
+        if across is None or across < FIELD_RBC_ACROSS:
+            return ""
+        return (
+            f"this image is about {across:.0f} red cells across, a smear field rather than a "
+            "single-cell image: the cell nearest its centre was explained; to pick a cell, "
+            "choose the image's white cells (or --segment --cell-id)"
+        )
+
     def figure(self):
         """The cell's maps towards every class, with the edits made (matplotlib Figure)."""
         from napari_cytodiffusion.core.model.counterfactual import cell_maps_figure
@@ -161,7 +178,7 @@ def explain(image, model, request, progress=None):
     from napari_cytodiffusion.core.model.classifier import classify_crops
 
     _validate_request(request, model)
-    site, crop, shape = _locate(image, model, request)
+    site, crop, shape, central_across = _locate(image, model, request)
     targets = model.classes if request.all_targets else (_canonical(request.target, model),)
     edit_cost = counterfactual.edit_evaluations(request.strength, request.steps, request.method)
     calling = _CALL_COST * (request.source is None)
@@ -191,7 +208,9 @@ def explain(image, model, request, progress=None):
             step,
         )
     target = _canonical(request.target, model)
-    return Explanation(site, crop, maps, edits, target, shape, request.cell_id, call)
+    return Explanation(
+        site, crop, maps, edits, target, shape, request.cell_id, call, central_across
+    )
 
 
 @dataclass
@@ -293,25 +312,28 @@ def _cell_set(image, model, labels, rbc_diameter):
 
 
 def _locate(image, model, request):
-    """(site, crop, image shape) of the requested cell."""
+    """(site, crop, image shape, red cells across the image or None) of the requested cell;
+    the last is given when the image's central cell is taken."""
     from napari_cytodiffusion.core.smear import crops as cropping
     from napari_cytodiffusion.core.smear.image import to_rgb_float
     from napari_cytodiffusion.core.smear.prepare import prepare_smear
 
     size = model.image_size
     if request.labels is None and not request.segment and cropping.is_model_crop(image, size):
-        return cropping.model_crop_site(size), to_rgb_float(image), (size, size)
+        return cropping.model_crop_site(size), to_rgb_float(image), (size, size), None
     smear = prepare_smear(image, request.rbc_diameter, fallback_rbc_diameter=model.lab_rbc_diameter)
     labels = request.labels
     if request.segment:
         from napari_cytodiffusion.core.smear.segmentation import segment_smear
 
         labels = segment_smear(smear).wbc_labels
+    across = None
     if labels is None:
         site = cropping.central_cell_site(smear)
+        across = min(smear.shape) / smear.rbc_diameter
     else:
         site = cropping.labelled_cell_sites(smear, labels, [request.cell_id])[0]
-    return site, site.crop(smear.rgb, size), smear.shape
+    return site, site.crop(smear.rgb, size), smear.shape, across
 
 
 def _canonical(name, model):
