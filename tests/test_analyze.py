@@ -301,6 +301,10 @@ def test_analyze_command(tmp_path, capsys):
     assert (out / "pbc_lymphocyte.jpg" / "report.html").is_file()
     assert main(["analyze", str(tmp_path / "missing.png"), "--out", str(out)]) == 2
     assert "No such file" in capsys.readouterr().err
+    elsewhere = tmp_path / "elsewhere"
+    image = str(sample_path("pbc_lymphocyte"))
+    assert main(["analyze", image, "--out", str(elsewhere), "--model", "no-such-model"]) == 2
+    assert "neither a model name" in capsys.readouterr().err and not elsewhere.exists()
 
 
 def test_widget_analyses_the_open_image(make_napari_viewer, qtbot, tmp_path):

@@ -664,8 +664,10 @@ def analyze_files(request, progress=None, on_smear=None):
     from pathlib import Path
 
     from napari_cytodiffusion.core.io import exclusive_folder
+    from napari_cytodiffusion.core.model.weights import model_path
 
     sources = image_sources(request.paths)
+    model_path(request.model)  # an unknown model is refused before the folder is made
     with exclusive_folder(request.out) as out:
         return _analyze_sources(request, sources, Path(out), progress, on_smear)
 
