@@ -606,6 +606,8 @@ def _add_analyze(subparsers):
 
 
 def _analyze(args):
+    from pathlib import Path
+
     from tqdm import tqdm
 
     from napari_cytodiffusion.core.report import count_text
@@ -626,7 +628,7 @@ def _analyze(args):
         white = count_text(len(analysis.cells), "white cell")
         tqdm.write(
             f"{name}: {analysis.decision} ({white}, {flagged} flagged) -> "
-            f"{args.out}/{name}/report.html",
+            f"{Path(args.out) / name / 'report.html'}",
             file=sys.stdout,
         )
 

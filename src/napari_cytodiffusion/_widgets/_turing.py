@@ -65,7 +65,10 @@ class TuringWidget(DockForm):
         self._count = SpinBox(
             value=20, min=1, max=10_000, label="real cells (N)", tooltip="As many are generated."
         )
-        self._rbc_diameter = rbc_diameter_field("Of the real images; 0 estimates it per image.")
+        self._rbc_diameter = rbc_diameter_field(
+            "Of the real images; 0: one estimate per scanner for a folder (3 or more images "
+            "of one size), per image otherwise."
+        )
         self._steps, self._guidance = sampler_fields("the synthetic cells")
         self._device, self._seed = self._fields.device, self._fields.seed
         self._out = FileEdit(mode="d", label="results folder", tooltip="Where the CSVs go.")
