@@ -180,3 +180,25 @@ def test_saving_another_cell_under_a_seeds_file_is_refused(tmp_path):
     assert path.read_text() == metadata
     generation.save_cells(_cells(seed=4, steps=15), tmp_path)  # the same cell again: fine
     assert path.read_text() == metadata
+
+
+def test_generate_refuses_a_clash_before_generating(tmp_path, capsys, monkeypatch):
+    from napari_cytodiffusion.core.tasks import generate as task
+
+    argv = [
+        "generate",
+        "--label",
+        "neutrophil",
+        "-n",
+        "1",
+        "--device",
+        "cpu",
+        "--out",
+        str(tmp_path),
+    ]
+    assert cli.main([*argv, "--steps", "2"]) == 0
+    monkeypatch.setattr(task, "generate", lambda *a, **k: pytest.fail("generated first"))
+    assert cli.main([*argv, "--steps", "3"]) == 2
+    assert "neutrophil_0000.png holds a cell made with other settings (steps 2)" in (
+        capsys.readouterr().err
+    )

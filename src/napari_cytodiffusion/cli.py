@@ -216,9 +216,13 @@ def _add_generate(subparsers):
 
 
 def _generate(args):
+    from napari_cytodiffusion.core.model.generation import check_can_save, planned_cells
     from napari_cytodiffusion.core.tasks import generate as task
 
     model = _load_model(args.model, args.device)
+    settings = {"steps": args.steps, "guidance": args.guidance, "sampler": args.sampler}
+    plan = planned_cells(model, args.label, args.n, seed=args.seed, **settings)
+    check_can_save(plan, args.out)  # before the work: a clash is refused now, not after it
     cells = task.generate(
         model,
         args.label,

@@ -114,9 +114,9 @@ def generate_cells(
     from napari_cytodiffusion.core.model.sampling import cell_noise, denoise
 
     started = time.perf_counter()
-    labels = _labels(label, n, model.classes)
+    plan = planned_cells(model, label, n, steps, guidance, seed, sampler)
+    labels, seeds = plan.labels, plan.seeds
     class_ids = torch.tensor([model.classes.index(lab) for lab in labels], device=model.device)
-    seeds = [int(seed) + i for i in range(len(labels))]
     batches = range(0, len(labels), max(1, int(batch_size)))
     total = len(batches) * steps
     images = []
@@ -139,15 +139,30 @@ def generate_cells(
     images = np.concatenate(images)
     if balance_colour:
         images = balance_background(images)
+    plan.images, plan.seconds = images, time.perf_counter() - started
+    return plan
+
+
+def planned_cells(
+    model,
+    label,
+    n=None,
+    steps=DEFAULT_STEPS,
+    guidance=DEFAULT_GUIDANCE,
+    seed=0,
+    sampler=DEFAULT_SAMPLER,
+):
+    """The cells :func:`generate_cells` would make with these arguments, described but not
+    made (``images`` is None): to check where they can be saved before the work."""
+    labels = _labels(label, n, model.classes)
     return SyntheticCells(
-        images=images,
+        images=None,
         labels=labels,
-        seeds=seeds,
+        seeds=[int(seed) + i for i in range(len(labels))],
         steps=int(steps),
         guidance=float(guidance),
         sampler=sampler,
         model_name=getattr(model, "name", "custom"),
-        seconds=time.perf_counter() - started,
     )
 
 
@@ -197,21 +212,15 @@ def save_cells(cells, out_dir, prefix=None):
     """
     from PIL import Image
 
-    from napari_cytodiffusion.core.io import atomic_write, read_table
+    from napari_cytodiffusion.core.io import atomic_write
 
     out_dir = Path(out_dir)
+    rows, earlier = check_can_save(cells, out_dir, prefix)
     out_dir.mkdir(parents=True, exist_ok=True)
-    table = cells.features()
-    pairs = zip(cells.labels, cells.seeds, strict=True)
-    names = [f"{prefix or label}_{seed:04d}.png" for label, seed in pairs]
-    table.insert(0, "file", names)
-    rows = {row["file"]: row for row in table.to_dict("records")}
-    path = out_dir / METADATA_FILE
-    earlier = {row.get("file"): row for row in read_table(path)} if path.is_file() else {}
-    _check_same_cells(rows, earlier, out_dir)
-    for name, image in zip(names, cells.images, strict=True):
+    for name, image in zip(rows, cells.images, strict=True):
         with atomic_write(out_dir / name) as partial:
             Image.fromarray(to_uint8(image)).save(partial)
+    path = out_dir / METADATA_FILE
     with atomic_write(path) as partial, open(partial, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=METADATA_COLUMNS, extrasaction="ignore")
         writer.writeheader()
@@ -219,18 +228,34 @@ def save_cells(cells, out_dir, prefix=None):
     return path
 
 
-def _check_same_cells(rows, earlier, out_dir):
-    """Refuse to write over a cell that ``metadata.csv`` says was made another way: its
-    file would then hold another cell than the one its seed and settings make."""
+def check_can_save(cells, out_dir, prefix=None):
+    """Refuse (ValueError) to save ``cells`` where ``metadata.csv`` says a file of theirs
+    holds a cell made another way: it would then hold another cell than the one its seed and
+    settings make. ``cells`` may be :func:`planned_cells`, to check before the work.
+
+    Returns
+    -------
+    (dict, dict)
+        The cells' metadata rows and the folder's earlier ones, by file name.
+    """
+    from napari_cytodiffusion.core.io import read_table
+
+    table = cells.features()
+    pairs = zip(cells.labels, cells.seeds, strict=True)
+    table.insert(0, "file", [f"{prefix or label}_{seed:04d}.png" for label, seed in pairs])
+    rows = {row["file"]: row for row in table.to_dict("records")}
+    path = Path(out_dir) / METADATA_FILE
+    earlier = {row.get("file"): row for row in read_table(path)} if path.is_file() else {}
     for name, row in rows.items():
         before = earlier.get(name, {})
         changed = [c for c in METADATA_COLUMNS if c in before and before[c] != str(row[c])]
         if changed:
             settings = ", ".join(f"{c} {before[c]}" for c in changed)
             raise ValueError(
-                f"{out_dir / name} holds a cell made with other settings ({settings}); "
+                f"{Path(out_dir) / name} holds a cell made with other settings ({settings}); "
                 "write to another folder."
             )
+    return rows, earlier
 
 
 def to_uint8(image):
