@@ -321,10 +321,11 @@ def test_the_widget_refuses_a_missing_folder(make_napari_viewer, monkeypatch, is
     from napari_cytodiffusion._widgets import _adapt
 
     errors = []
-    monkeypatch.setattr(_adapt, "show_error", errors.append)
+    monkeypatch.setattr("napari.utils.notifications.show_error", errors.append)
     widget = _adapt.AdaptWidget(make_napari_viewer())
     widget._calibrate.native.click()
     assert not widget._runner.running and "cell folder" in errors[0]
+    assert widget._status.value == f"not started: {errors[0]}"
 
 
 def test_a_lab_folder_of_two_scanners_is_warned_about(synthetic_cells_dir, tmp_path):

@@ -176,6 +176,23 @@ def test_widget_adds_class_uncertainty_and_review_layers(classify_widget, pbc_di
     assert header.startswith("index,label,predicted,annotated,added,p_basophil")
 
 
+def test_a_multiscale_image_is_classified_at_full_resolution(classify_widget, pbc_dir, qtbot):
+    """Not at its smallest level, which is what np.asarray of multiscale data gives."""
+    from napari_cytodiffusion.core.io import read_image
+
+    viewer, widget = classify_widget
+    full = read_image(pbc_dir / EOSINOPHIL)
+    image = viewer.add_image([full, full[::2, ::2]], multiscale=True, rgb=True, name="cell")
+    widget.reset_choices()
+    widget._image.value = image
+    widget._single.value = True
+    widget._device.value = "cpu"
+    widget._run.native.click()
+    qtbot.waitUntil(lambda: not widget._runner.running, timeout=120_000)
+    assert widget.class_layer.data.shape == full.shape[:2]
+    assert widget.class_layer.features["label"][0] == "eosinophil"
+
+
 def test_a_banner_says_when_the_smear_is_unlike_the_training_smears(
     classify_widget, pbc_dir, qtbot
 ):

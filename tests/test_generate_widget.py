@@ -40,6 +40,13 @@ def test_generates_a_grid_beside_the_smear(make_napari_viewer, qtbot):
     status = str(tiles.get_status(tiles.data_to_world((32, 64 + 4 + 32)), world=True))
     assert "eosinophil" in status and "seed: 12" in status
     assert widget._status.value.startswith("done: 2 eosinophil cells in")
+    # Removing the grid takes its tiles with it; the next grid's tiles are named after it.
+    viewer.layers.remove(grid)
+    assert [layer.name for layer in viewer.layers] == ["smear"]
+    widget._run.native.click()
+    qtbot.waitUntil(lambda: len(viewer.layers) == 3, timeout=60_000)
+    qtbot.waitUntil(lambda: not widget._runner.running, timeout=10_000)
+    assert [layer.name for layer in viewer.layers][1:] == [grid.name, tiles.name]
 
 
 def test_cancel_within_a_second_adds_no_layer(make_napari_viewer, qtbot, cancel_latency):

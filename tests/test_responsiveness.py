@@ -164,7 +164,8 @@ def test_a_failure_while_showing_the_result_is_the_status_not_done(
 ):
     """A bug while the layers are added is reported as a failure, not left under 'done'."""
     viewer = make_napari_viewer()
-    runner = GenerateWidget(viewer)._runner
+    widget = GenerateWidget(viewer)  # kept: its buttons live as long as it does
+    runner = widget._runner
     raised = []
     monkeypatch.setattr("sys.excepthook", lambda kind, error, trace: raised.append(error))
 

@@ -75,11 +75,13 @@ def test_cancel_saves_and_the_next_run_resumes(
 
 def test_a_missing_folder_is_explained(make_napari_viewer, tmp_path, monkeypatch):
     errors = []
-    monkeypatch.setattr(_train, "show_error", errors.append)
+    monkeypatch.setattr("napari.utils.notifications.show_error", errors.append)
     _, widget = _widget(make_napari_viewer, tmp_path / "nowhere", tmp_path / "x.ckpt", 0, 1, True)
+    widget._status.value = "done: an earlier run"
     widget._run.native.click()
     assert not widget._runner.running
     assert "cell folder" in errors[-1]
+    assert widget._status.value == f"not started: {errors[-1]}"  # not the earlier run's
 
 
 def test_a_failed_run_says_why(
@@ -93,3 +95,12 @@ def test_a_failed_run_says_why(
     qtbot.waitUntil(lambda: not widget._runner.running, timeout=30_000)
     assert widget._status.value.startswith("failed: ") and "does not exist" in widget._status.value
     assert "does not exist" in errors[-1]
+
+
+def test_every_widgets_model_file_field_offers_what_train_model_writes(make_napari_viewer):
+    from napari_cytodiffusion._widgets._common import ModelFields
+    from napari_cytodiffusion._widgets._train import TrainWidget
+
+    written = TrainWidget(make_napari_viewer())._out.filter  # the checkpoint Train model saves
+    offered = ModelFields().file.filter.split()
+    assert written in offered and "*.pt" in offered

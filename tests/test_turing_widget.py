@@ -73,6 +73,9 @@ def test_needs_a_results_folder(make_napari_viewer, monkeypatch):
     _, widget = _widget(make_napari_viewer, None, 2)
     widget._build.native.click()
     assert not widget._runner.running and "results folder" in errors[-1]
+    widget._out.value = __file__  # a file: the answers could not be saved at the end
+    widget._build.native.click()
+    assert not widget._runner.running and errors[-1].startswith("Cannot write into")
 
 
 def test_too_few_real_cells_is_reported_not_raised(
@@ -106,3 +109,30 @@ def test_the_test_goes_on_when_its_layer_is_removed(make_napari_viewer, qtbot, t
     widget._real.native.click()
     assert "cell 2 of 2" in widget._progress.value
     np.testing.assert_array_equal(viewer.layers[TEST_LAYER].data, widget._panel.images[1])
+
+
+def test_a_test_can_be_ended_early_and_closing_the_panel_ends_it(
+    make_napari_viewer, qtbot, tmp_path
+):
+    """End test saves and scores the answers so far; closing the panel mid-test ends the test
+    too, so that R and S are given back and no hidden panel goes on taking answers."""
+    viewer, widget = _widget(make_napari_viewer, tmp_path, 2)
+    widget._build.native.click()
+    qtbot.waitUntil(lambda: widget.testing, timeout=60_000)
+    widget._real.native.click()
+    widget._end.native.click()
+    assert not widget.testing and widget._progress.value == "ended: 1 of 4 answers"
+    (answers_file,) = tmp_path.glob("turing_answers_*.csv")
+    assert len(list(csv.DictReader(open(answers_file)))) == 1
+    assert "R" not in {str(key) for key in viewer.keymap}
+
+    widget._build.native.click()
+    qtbot.waitUntil(lambda: widget.testing, timeout=60_000)
+    assert "R" in {str(key) for key in viewer.keymap}
+    (dock,) = [
+        d for d in viewer.window._wrapped_dock_widgets.values() if d.widget() is widget.native
+    ]
+    viewer.window.remove_dock_widget(dock)  # what the panel's close button does
+    assert not widget.testing and widget._progress.value == "ended: 0 of 4 answers; nothing saved"
+    assert "R" not in {str(key) for key in viewer.keymap}
+    assert len(list(tmp_path.glob("turing_answers_*.csv"))) == 1

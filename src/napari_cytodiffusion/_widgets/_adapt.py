@@ -10,7 +10,7 @@ accuracy), cancelled (nothing registered) or failed with the reason.
 from pathlib import Path
 
 from magicgui.widgets import CheckBox, FileEdit, LineEdit, SpinBox
-from napari.utils.notifications import show_error, show_info, show_warning
+from napari.utils.notifications import show_info, show_warning
 from qtpy.QtCore import QTimer
 
 from napari_cytodiffusion._widgets._common import (
@@ -98,13 +98,15 @@ class AdaptWidget(DockForm):
 
         data = Path(self._data.value)
         if str(self._data.value) in ("", ".") or not data.is_dir():
-            show_error("Choose the cell folder: one subfolder of labelled cells per class.")
+            self._runner.refuse(
+                "Choose the cell folder: one subfolder of labelled cells per class."
+            )
             return
         name = self._name.value.strip()
         try:
             check_local_name(name)
         except ValueError as error:
-            show_error(str(error))
+            self._runner.refuse(str(error))
             return
         request = AdaptRequest(
             data=data,
@@ -144,8 +146,9 @@ class AdaptWidget(DockForm):
         lines = result.summary()
         self._log.value = "\n".join(lines)
         self._status.value = (
-            f"done: {result.entry.name!r}, held-back balanced accuracy "
-            f"{result.held_back_balanced_accuracy:.3f}"
+            f"done: {result.entry.name!r}, balanced accuracy "
+            f"{result.held_back_balanced_accuracy:.3f} on its calibration cells (optimistic: "
+            "fitted on them; measure it on other cells of the lab)"
         )
         show_info(f"Saved the local model {result.entry.name!r}; choose it as the model.")
 

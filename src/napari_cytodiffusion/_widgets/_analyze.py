@@ -12,12 +12,13 @@ from pathlib import Path
 
 import numpy as np
 from magicgui.widgets import CheckBox, ComboBox, FileEdit
-from napari.utils.notifications import show_error, show_info
+from napari.utils.notifications import show_info
 
 from napari_cytodiffusion._widgets._common import (
     DockForm,
     ModelFields,
     RunRow,
+    full_resolution,
     no_smear_message,
     rgb_images,
     update_or_add_in_steps,
@@ -64,12 +65,12 @@ class AnalyzeWidget(DockForm):
     def _start(self):
         layer = self._image.value
         if layer is None:
-            show_error(no_smear_message(self._viewer, "Analyze"))
+            self._runner.refuse(no_smear_message(self._viewer, "Analyze"))
             return
         if str(self._out.value) in ("", "."):
-            show_error("Choose the results folder the report is written to.")
+            self._runner.refuse("Choose the results folder the report is written to.")
             return
-        data = layer.data[0] if layer.multiscale else layer.data
+        data = full_resolution(layer)
         folder = Path(self._out.value) / layer.name
         choice, seed = self._fields.choice(), self._fields.seed.value
 

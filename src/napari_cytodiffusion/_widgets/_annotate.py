@@ -26,6 +26,7 @@ from napari_cytodiffusion._widgets._common import (
     bind_labelling,
     camera,
     direct_colormap,
+    full_resolution,
     new_class_fields,
     new_class_name,
 )
@@ -294,7 +295,7 @@ class AnnotateWidget(DockForm):
             return None
         # Copies: the person may go on annotating while the cells are written.
         arguments = (
-            np.asarray(image.data),
+            np.asarray(full_resolution(image)),
             np.array(layer.data),
             layer.features.copy(),
             folder,

@@ -34,6 +34,7 @@ from napari_cytodiffusion._widgets._common import (
     added_unselected,
     camera,
     direct_colormap,
+    full_resolution,
     no_smear_message,
     removed_layer,
     rgb_images,
@@ -216,7 +217,7 @@ class ClassifyWidget(DockForm):
                 "source": image.name,
             },
         }
-        data = image.data
+        data = full_resolution(image)
         self._banner.say([])
         self._runner.start(
             lambda progress: _work(data, settings, progress),

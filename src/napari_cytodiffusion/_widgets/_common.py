@@ -58,6 +58,12 @@ def rgb_images(viewer):
     return [layer for layer in viewer.layers if isinstance(layer, Image) and layer.rgb]
 
 
+def full_resolution(layer):
+    """An image layer's pixels at full resolution, not loaded (level 0 of a multiscale
+    layer, whose ``np.asarray`` would give its smallest level)."""
+    return layer.data[0] if layer.multiscale else layer.data
+
+
 def no_smear_message(viewer, action):
     """Why ``action`` (Segment, Classify...) has no smear to work on, and what to do."""
     grey = [layer.name for layer in viewer.layers if isinstance(layer, Image) and not layer.rgb]
@@ -354,9 +360,9 @@ class ModelFields:
         self.file = FileEdit(
             label="model file",
             mode="r",
-            filter="*.pt",
+            filter="*.pt *.ckpt",
             visible=False,
-            tooltip="A model file (.pt), such as one made by Train model.",
+            tooltip="A model file (.pt), or a checkpoint (.ckpt) made by Train model.",
         )
         self.model.changed.connect(lambda value: setattr(self.file, "visible", value == MODEL_FILE))
         self.device = device_field()

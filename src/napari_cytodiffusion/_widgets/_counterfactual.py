@@ -23,6 +23,7 @@ from napari_cytodiffusion._widgets._common import (
     ModelFields,
     RunRow,
     added_unselected,
+    full_resolution,
     rbc_diameter_field,
     removed_layer,
     rgb_images,
@@ -249,7 +250,7 @@ class CounterfactualWidget(DockForm):
             labels=None if labels is None else np.asarray(labels.data),
             rbc_diameter=self._rbc_diameter.value or _rbc_from_metadata(labels, image),
         )
-        data = np.asarray(image.data) if plane is None else plane
+        data = np.asarray(full_resolution(image)) if plane is None else plane
         return data, request, (0, 0)
 
     def _grid_cell_request(self, image, cell_id, all_targets):
@@ -333,7 +334,7 @@ class CounterfactualWidget(DockForm):
         if labels is not None and labels.metadata.get("tiles"):
             labels = None  # a grid's tiles number its cells; the grid is the set itself
         if labels is not None:
-            data = np.asarray(image.data)
+            data = np.asarray(full_resolution(image))
         elif _is_stack(image) or "grid" in image.metadata:
             data = layer_cells(image)
         else:

@@ -10,7 +10,7 @@ layout, so the cells can be cut out again (:func:`layer_cells`).
 
 import numpy as np
 
-from napari_cytodiffusion._widgets._common import added_unselected, camera
+from napari_cytodiffusion._widgets._common import added_unselected, camera, full_resolution
 
 GAP = 4  # pixels between tiles, in crop pixels
 MARGIN = 0.05  # space between the grid and what is already shown, as a fraction of its width
@@ -59,7 +59,7 @@ def untile(grid, layout):
 
 def layer_cells(layer):
     """The single cells an image layer holds: a grid's tiles, a stack's planes, or the image."""
-    data = np.asarray(layer.data)
+    data = np.asarray(full_resolution(layer))
     if "grid" in layer.metadata:
         return untile(data, layer.metadata["grid"])
     return data[None] if layer.ndim == 2 else data
@@ -126,7 +126,20 @@ def add_tiles(viewer, grid_layer, tiled, features, colormap=None, contour=1):
             visible=False,
         )
     tiles_layer.contour = contour  # outline the tiles; the cells stay visible
+    _removed_together(viewer, grid_layer, tiles_layer)
     return tiles_layer
+
+
+def _removed_together(viewer, grid_layer, tiles_layer):
+    """The tiles go when their grid is removed (outlines of nothing would stay behind)."""
+
+    def removed(event):
+        if event.value is grid_layer and tiles_layer in viewer.layers:
+            viewer.layers.remove(tiles_layer)
+        if event.value in (grid_layer, tiles_layer):
+            viewer.layers.events.removed.disconnect(removed)  # and lets the layers go
+
+    viewer.layers.events.removed.connect(removed)
 
 
 def focus(viewer, layer):

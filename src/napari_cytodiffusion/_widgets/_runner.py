@@ -205,6 +205,14 @@ class TaskRunner:
         message = f"{self._description} failed: {error}"
         (on_error or show_error)(message)
 
+    def refuse(self, reason):
+        """Tell the person why the work was not started; the status line says it too, so that
+        it never still describes an earlier run made with other fields."""
+        from napari.utils.notifications import show_error
+
+        self._set_status(f"not started: {reason}")
+        show_error(reason)
+
     def _set_status(self, text):
         if self._status is not None:
             self._status.value = text

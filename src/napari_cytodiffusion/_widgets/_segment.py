@@ -16,6 +16,7 @@ from napari.utils.notifications import show_error, show_info
 from napari_cytodiffusion._widgets._common import (
     DockForm,
     RunRow,
+    full_resolution,
     no_smear_message,
     rbc_diameter_field,
     removed_layer,
@@ -76,7 +77,7 @@ class SegmentWidget(DockForm):
                 "segmentation needs the colour image of a stained smear."
             )
             return None
-        data = layer.data[0] if layer.multiscale else layer.data
+        data = full_resolution(layer)
         diameter, nuclei = self._diameter.value or None, self._nuclei.value
 
         def work(progress):

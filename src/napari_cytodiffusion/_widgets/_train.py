@@ -113,13 +113,13 @@ class TrainWidget(DockForm):
 
         data, out = Path(self._data.value), Path(self._out.value)
         if not data.is_dir():
-            show_error(
+            self._runner.refuse(
                 "Choose the cell folder: one subfolder of single-cell images per class, named "
                 "after the model's classes."
             )
             return
         if str(self._out.value) in ("", ".") or out.is_dir():
-            show_error("Choose the output file the trained model is written to (.ckpt).")
+            self._runner.refuse("Choose the output file the trained model is written to (.ckpt).")
             return
         resume = out if self._resume.value and out.is_file() else None
         request = TrainRequest(

@@ -8,10 +8,12 @@ The key is held only in memory until the last answer; then the score (accuracy w
 and answers with timings, the key and the score are written as CSV files.
 """
 
+import os
 import time
 from pathlib import Path
 
 from magicgui.widgets import ComboBox, Container, FileEdit, PushButton, SpinBox
+from qtpy.QtCore import QEvent, QObject
 
 from napari_cytodiffusion._widgets._common import (
     DockForm,
@@ -83,6 +85,12 @@ class TuringWidget(DockForm):
         self._answer_row = Container(
             widgets=[self._real, self._synthetic], layout="horizontal", labels=False
         )
+        self._end = PushButton(
+            text="End test",
+            enabled=False,
+            tooltip="Stop the test now: the answers given so far are saved and scored, the "
+            "rest counted as unanswered. Closing this panel does the same.",
+        )
         self._result = StatusLabel()
         self.add(
             self._source,
@@ -97,11 +105,16 @@ class TuringWidget(DockForm):
             self._out,
             row,
             self._answer_row,
+            self._end,
             self._result,
         )
         self._build.changed.connect(self._start)
         self._real.changed.connect(lambda: self.answer(turing.REAL))
         self._synthetic.changed.connect(lambda: self.answer(turing.SYNTHETIC))
+        self._end.changed.connect(self.end_test)
+        # The panel's close button takes the widget out of its dock: the test ends with it, so
+        # that R and S are given back and no hidden test goes on taking answers.
+        _WhenUndocked(self.native, self.end_test)
         self._source.changed.connect(self._show_source)
         for event in (napari_viewer.layers.events.inserted, napari_viewer.layers.events.removed):
             event.connect(lambda *_: self.reset_choices())
@@ -131,6 +144,10 @@ class TuringWidget(DockForm):
         out = Path(self._out.value)
         if str(self._out.value) in ("", "."):
             show_error("Choose the results folder the answers, key and score are written to.")
+            return
+        if not _writable_folder(out):
+            # Checked now: the answers are saved at the end of the test, and must not be lost.
+            show_error(f"Cannot write into {out}: choose a results folder you can write to.")
             return
         request = TuringRequest(
             n=self._count.value,
@@ -172,7 +189,7 @@ class TuringWidget(DockForm):
             self._previous_keys[key] = self._viewer.bind_key(
                 key, lambda _viewer, a=answer: self.answer(a), overwrite=True
             )
-        self._answer_row.enabled = True
+        self._answer_row.enabled = self._end.enabled = True
         self._show_item()
 
     def _show_item(self):
@@ -210,6 +227,11 @@ class TuringWidget(DockForm):
         else:
             self._finish()
 
+    def end_test(self, *_):
+        """Stop a running test: the answers so far are saved and scored (none: nothing)."""
+        if self.testing:
+            self._finish()
+
     def _finish(self):
         from napari.utils.notifications import show_info
 
@@ -218,12 +240,19 @@ class TuringWidget(DockForm):
         for key, previous in self._previous_keys.items():
             self._viewer.bind_key(key, previous, overwrite=True)
         self._previous_keys = {}
-        self._answer_row.enabled = False
+        self._answer_row.enabled = self._end.enabled = False
+        given = f"{len(answers)} of {len(panel)} answers"
+        if not answers:
+            self._progress.value = f"ended: {given}; nothing saved"
+            return
         result = turing.score(answers, panel.key)
         paths = save_results(self._out_dir, answers, panel.key, result)
-        self._progress.value = f"done: {len(answers)} answers"
+        ended = "done" if len(answers) == len(panel) else "ended"
+        self._progress.value = f"{ended}: {given}"
         self._result.value = turing.score_text(result) + f"\nsaved in {paths[0].parent}"
-        show_info(f"Turing test scored; answers, key and score saved in {paths[0].parent}")
+        show_info(
+            f"Turing test {ended} ({given}); answers, key and score saved in {paths[0].parent}"
+        )
 
 
 def save_results(folder, answers, key, result):
@@ -254,3 +283,27 @@ def _layer_labels(layer, count, fallback):
     if table is not None and "label" in table and len(table) == count:
         return [str(label) for label in table["label"]]
     return [fallback] * count
+
+
+def _writable_folder(folder):
+    """Whether ``folder`` is (or can be made) a folder this process can write into."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return False
+    return os.access(folder, os.W_OK | os.X_OK)
+
+
+class _WhenUndocked(QObject):
+    """Calls ``callback`` when ``widget`` leaves its dock (napari takes it out of the dock,
+    leaving it without a parent, when the panel is closed)."""
+
+    def __init__(self, widget, callback):
+        super().__init__(widget)
+        self._callback = callback
+        widget.installEventFilter(self)
+
+    def eventFilter(self, watched, event):
+        if event.type() == QEvent.ParentChange and watched.parent() is None:
+            self._callback()
+        return False

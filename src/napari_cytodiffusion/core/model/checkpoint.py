@@ -140,8 +140,8 @@ def read_state(path):
     except pickle.UnpicklingError as error:
         if not _written_by_torch(path):
             raise ModelFileError(
-                f"{path} is not a model file: choose a .pt written by napari-cytodiffusion "
-                "(train, adapt, or a registry model)."
+                f"{path} is not a model file: choose a .pt or .ckpt written by "
+                "napari-cytodiffusion (train, adapt, or a registry model)."
             ) from error
         raise ModelFileError(
             f"{path} holds Python objects beyond tensors and plain values; it was not loaded, "

@@ -123,9 +123,10 @@ class AdaptResult:
             )
         if self.rbc_diameter:
             lines.append(f"red-cell scale of the lab's images: {self.rbc_diameter:.1f} px")
+        cells = "held-back cells" if self.training else "cells"
         lines.append(
-            f"calibrated on {sum(self.calibrated_on.values())} held-back cells: balanced "
-            f"accuracy {self.held_back_balanced_accuracy:.3f}, "
+            f"calibrated on {sum(self.calibrated_on.values())} {cells}: on them (optimistic: "
+            f"fitted on them) balanced accuracy {self.held_back_balanced_accuracy:.3f}, "
             f"{100 * self.held_back_flagged:.0f}% flagged for review"
         )
         lines.append(f"use it with --model {self.entry.name}; took {self.seconds:.0f} s")
