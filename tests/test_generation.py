@@ -202,3 +202,16 @@ def test_generate_refuses_a_clash_before_generating(tmp_path, capsys, monkeypatc
     assert "neutrophil_0000.png holds a cell made with other settings (steps 2)" in (
         capsys.readouterr().err
     )
+
+
+def test_generate_refuses_settings_the_sampler_cannot_use(default_model):
+    from napari_cytodiffusion.core.tasks.generate import generate
+
+    for settings, message in (
+        ({"steps": 2.5}, "steps must be a whole number"),
+        ({"steps": None}, "steps must be a whole number"),
+        ({"guidance": "2"}, "guidance must be a finite number"),
+        ({"n": 1.7}, "a whole number from 1"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            generate(default_model, "platelet", **{"n": 1, **settings})

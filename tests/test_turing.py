@@ -192,3 +192,40 @@ def test_turing_make_refuses_a_folder_holding_a_panel_before_generating(
     assert cli.main([*make, "--out", str(tmp_path)]) == cli.USAGE_ERROR
     assert "remove the old panel" in capsys.readouterr().err
     assert (tmp_path / "key.csv").read_text() == key
+
+
+def test_a_request_that_cannot_make_a_panel_is_refused_with_what_to_give(default_model):
+    from napari_cytodiffusion.core.tasks.turing import TuringRequest, make_turing_panel
+
+    stack = np.full((2, 64, 64, 3), 0.8, np.float32)
+    bad = {
+        "Give the real cells": TuringRequest(n=1),
+        "one class per image in labels: 2 images, no labels": TuringRequest(n=1, images=stack),
+        "2 images, 1 labels": TuringRequest(n=1, images=stack, labels=["platelet"]),
+        "guidance must be a finite number": TuringRequest(
+            n=1, images=stack, labels=["platelet"] * 2, guidance=-1.0
+        ),
+        "steps must be a whole number": TuringRequest(
+            n=1, images=stack, labels=["platelet"] * 2, steps=2.5
+        ),
+    }
+    for message, request in bad.items():
+        with pytest.raises(ValueError, match=message):
+            make_turing_panel(default_model, request)
+
+
+def test_guidance_0_is_used_not_replaced_by_the_default(default_model):
+    from napari_cytodiffusion.core.tasks.turing import TuringRequest, make_turing_panel
+
+    stack = np.full((1, 64, 64, 3), 0.9, np.float32)
+    stack[:, 16:48, 16:48] = [0.4, 0.2, 0.6]  # a cell-like blot on the glass
+
+    def synthetic(guidance):
+        request = TuringRequest(
+            n=1, images=stack, labels=["platelet"], steps=2, guidance=guidance, rbc_diameter=29
+        )
+        panel = make_turing_panel(default_model, request)
+        rows = zip(panel.images, panel.key, strict=True)
+        return next(image for image, row in rows if row["truth"] == "synthetic")
+
+    assert not np.array_equal(synthetic(0.0), synthetic(2.0))

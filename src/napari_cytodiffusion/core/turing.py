@@ -170,8 +170,8 @@ def make_panel(
     cells = generation.generate_cells(
         model,
         list(real_labels),
-        steps=steps or sampling.DEFAULT_STEPS,
-        guidance=guidance or sampling.DEFAULT_GUIDANCE,
+        steps=sampling.DEFAULT_STEPS if steps is None else steps,
+        guidance=sampling.DEFAULT_GUIDANCE if guidance is None else guidance,
         seed=seed,
         progress=progress,
     )

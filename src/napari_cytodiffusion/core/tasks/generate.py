@@ -13,7 +13,7 @@ from napari_cytodiffusion.core.model.sampling import (
 # Most cells one request makes: 10,000 cells of 64 px are 0.5 GB of float images.
 MAX_CELLS = 10_000
 
-__all__ = ["generate", "save_cells", "summary", "MAX_CELLS"]
+__all__ = ["generate", "save_cells", "summary", "check_sampler_settings", "MAX_CELLS"]
 
 
 def generate(
@@ -37,15 +37,27 @@ def generate(
         With the seconds the generation took.
     """
     count = n if isinstance(label, str) else len(label)
-    if count is not None and not 1 <= count <= MAX_CELLS:
-        raise ValueError(f"The number of cells must be 1 to {MAX_CELLS}, got {count}.")
-    if steps < 1:
-        raise ValueError(f"steps must be at least 1, got {steps}.")
-    if not (np.isfinite(guidance) and guidance >= 0):
-        raise ValueError(f"guidance must be a finite number >= 0 (1 = none), got {guidance}.")
+    if count is not None and not (_whole(count) and 1 <= count <= MAX_CELLS):
+        raise ValueError(
+            f"The number of cells must be a whole number from 1 to {MAX_CELLS}, got {count}."
+        )
+    check_sampler_settings(steps, guidance, sampler)
+    return generate_cells(model, label, n, steps, guidance, seed, sampler, progress=progress)
+
+
+def check_sampler_settings(steps, guidance, sampler=DEFAULT_SAMPLER):
+    """Raise ValueError, naming the setting, unless the sampler can run with these."""
+    if not (_whole(steps) and steps >= 1):
+        raise ValueError(f"steps must be a whole number, at least 1, got {steps!r}.")
+    real = isinstance(guidance, int | float | np.number) and not isinstance(guidance, bool)
+    if not (real and np.isfinite(guidance) and guidance >= 0):
+        raise ValueError(f"guidance must be a finite number >= 0 (1 = none), got {guidance!r}.")
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}.")
-    return generate_cells(model, label, n, steps, guidance, seed, sampler, progress=progress)
+
+
+def _whole(value):
+    return isinstance(value, int | np.integer) and not isinstance(value, bool)
 
 
 def summary(cells):

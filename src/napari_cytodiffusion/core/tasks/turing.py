@@ -56,8 +56,7 @@ def make_turing_panel(model, request, progress=None):
     -------
     turing.Panel
     """
-    if request.n < 1:
-        raise ValueError(f"The panel needs at least 1 real cell, got n = {request.n}.")
+    _validate_request(request)
     normalising, generating = phases(progress, _PROGRESS_WEIGHTS)
     if request.folder is not None:
         records = turing.select_real_cells(
@@ -85,6 +84,33 @@ def make_turing_panel(model, request, progress=None):
         request.guidance,
         origins=origins,
         progress=generating,
+    )
+
+
+def _validate_request(request):
+    """Check every field before any work, with a message saying what to give."""
+    from napari_cytodiffusion.core.model import sampling
+    from napari_cytodiffusion.core.tasks.generate import check_sampler_settings
+
+    if not (isinstance(request.n, int | np.integer) and request.n >= 1):
+        raise ValueError(
+            f"The panel needs a whole number of real cells, at least 1, got n = {request.n!r}."
+        )
+    if (request.folder is None) == (request.images is None):
+        raise ValueError(
+            "Give the real cells: a folder of class subfolders (folder=...), or images with "
+            "one class each (images=..., labels=...), not both."
+        )
+    if request.images is not None and (
+        request.labels is None or len(request.labels) != len(request.images)
+    ):
+        raise ValueError(
+            f"Give one class per image in labels: {len(request.images)} images, "
+            f"{'no' if request.labels is None else len(request.labels)} labels."
+        )
+    check_sampler_settings(
+        sampling.DEFAULT_STEPS if request.steps is None else request.steps,
+        sampling.DEFAULT_GUIDANCE if request.guidance is None else request.guidance,
     )
 
 
