@@ -156,3 +156,13 @@ def test_a_folder_held_by_a_running_process_is_refused_a_killed_ones_taken_over(
         with io.exclusive_folder(tmp_path):
             pass
     assert lock.read_text() == "4242"
+
+
+def test_a_path_from_the_home_folder_is_read(tmp_path, monkeypatch):
+    from PIL import Image
+
+    from napari_cytodiffusion.core.io import read_image
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    Image.fromarray(RGB).save(tmp_path / "smear.png")
+    assert read_image("~/smear.png").shape == RGB.shape

@@ -92,6 +92,18 @@ def test_a_perfect_expert_beats_chance_and_blanks_are_not_scored():
     assert "better than chance" in turing.score_text(result)
 
 
+def test_a_spreadsheets_trailing_empty_row_is_not_an_answer(tmp_path):
+    from napari_cytodiffusion.core.tasks.turing import score_turing_test
+
+    key = _key(["real", "synthetic"], ["neutrophil"] * 2)
+    key_file = tmp_path / "key.csv"
+    turing.write_csv(key_file, key, turing.KEY_COLUMNS)
+    answers = tmp_path / "answers.csv"
+    answers.write_text("item;file;answer;seconds\n1;a.png;real;2\n2;b.png;S;3\n;;;\n;;;\n")
+    result = score_turing_test(answers, key_file)
+    assert result["overall"]["n"] == 2 and result["overall"]["correct"] == 2
+
+
 def test_bad_answers_are_explained():
     key = _key(["real"], ["neutrophil"])
     with pytest.raises(ValueError, match="neither real"):

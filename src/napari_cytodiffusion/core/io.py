@@ -19,7 +19,7 @@ def read_image(path):
     InputFileError
         If the file does not exist or is not a readable image.
     """
-    path = Path(path)
+    path = Path(path).expanduser()
     if path.is_dir():
         if not folder_images(path):
             raise InputFileError(no_images_message(path))
@@ -189,8 +189,8 @@ def _channels_last(array):
 def read_table(path, required=()):
     """Rows of a CSV file as dicts, as spreadsheets write them.
 
-    A byte-order mark is dropped, ``;`` or tab separators are recognised, and column names are
-    stripped of spaces.
+    A byte-order mark is dropped, ``;`` or tab separators are recognised, column names are
+    stripped of spaces, and rows of empty cells (``,,,`` at the end of a sheet) are skipped.
 
     Raises
     ------
@@ -210,7 +210,11 @@ def read_table(path, required=()):
     csv.field_size_limit(1 << 24)
     reader = csv.DictReader(text.splitlines(), delimiter=delimiter)
     try:
-        rows = [{(k or "").strip(): v for k, v in row.items()} for row in reader]
+        rows = [
+            {(k or "").strip(): v for k, v in row.items()}
+            for row in reader
+            if any(str(value or "").strip() for value in row.values())
+        ]
     except csv.Error as error:
         raise ValueError(f"{path}, line {reader.line_num}: {error}") from error
     columns = {(name or "").strip() for name in reader.fieldnames or ()}
