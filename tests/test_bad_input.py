@@ -20,6 +20,7 @@ RGB = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
         (np.where(RGB > 250, np.nan, RGB / 255.0), "NaN"),
         (np.zeros((0, 0, 3), np.uint8), "too small"),
         (RGB > 128, "boolean"),
+        ("smear.png", "read it first, with napari_cytodiffusion.core.io.read_image"),
     ],
 )
 def test_core_rejects_unusable_images(image, message):

@@ -5,6 +5,8 @@ such as a memory-mapped TIFF, zarr or dask array) and converts only the windows 
 so a large smear is never converted to float all at once.
 """
 
+from pathlib import PurePath
+
 import numpy as np
 
 from napari_cytodiffusion.core.smear.threads import in_threads
@@ -59,6 +61,11 @@ class SmearPixels:
     ndim = 3
 
     def __init__(self, image):
+        if isinstance(image, str | PurePath):
+            raise ImageError(
+                f"Got the path {str(image)!r}, not its pixels: read it first, with "
+                "napari_cytodiffusion.core.io.read_image (or open_image for a large file)."
+            )
         if not (hasattr(image, "shape") and hasattr(image, "dtype")):
             image = np.asarray(image)
         _validate_layout(image.shape, image.dtype)
