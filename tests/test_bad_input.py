@@ -167,3 +167,16 @@ def test_a_path_from_the_home_folder_is_read(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))
     Image.fromarray(RGB).save(tmp_path / "smear.png")
     assert read_image("~/smear.png").shape == RGB.shape
+
+
+def test_a_scale_below_any_red_cells_is_not_used():
+    """8 x 8 pixels inside a white cell hold no red cell to measure: the estimate (about 1 px)
+    would be below what a person may give, so the message asks for the diameter."""
+    from napari_cytodiffusion.core.io import read_image
+    from napari_cytodiffusion.core.smear.prepare import prepare_smear
+
+    image = read_image(sample_path("cbc_monocyte_eosinophil"))
+    inside = image[333:341, 109:117]
+    with pytest.raises(ImageError, match="give the red-cell diameter"):
+        prepare_smear(inside)
+    assert prepare_smear(inside, rbc_diameter=30).rbc_diameter == 30

@@ -11,7 +11,7 @@ from functools import cached_property
 
 import numpy as np
 
-from napari_cytodiffusion.core.smear.image import SmearPixels
+from napari_cytodiffusion.core.smear.image import ImageError, SmearPixels
 from napari_cytodiffusion.core.smear.scale import (
     GIVEN,
     WHITE_CELL,
@@ -106,7 +106,8 @@ def prepare_smear(
     Raises
     ------
     ImageError
-        If the image is not a usable RGB(A) image.
+        If the image is not a usable RGB(A) image, or too small or featureless for its scale
+        to be estimated (give ``rbc_diameter`` then).
     ValueError
         If ``rbc_diameter`` is not a plausible number of pixels.
 
@@ -143,6 +144,12 @@ def prepare_smear(
         rbc_diameter, source = estimate.diameter, estimate.source
         if fallback_rbc_diameter and source == WHITE_CELL:
             rbc_diameter, source = fallback_rbc_diameter, GIVEN
+        if rbc_diameter < MIN_RBC_DIAMETER:  # a few pixels of one cell, or of noise
+            raise ImageError(
+                f"No red-cell scale can be read from this {pixels.shape[0]} x "
+                f"{pixels.shape[1]} image (it measures {rbc_diameter:.1f} px): give the "
+                "red-cell diameter in pixels."
+            )
     return PreparedSmear(
         pixels, background, float(rbc_diameter), normalisation or DEFAULT_NORMALISATION, source
     )
