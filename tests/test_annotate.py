@@ -17,6 +17,7 @@ from napari_cytodiffusion.core.annotations import (
     Annotations,
     CellAnnotation,
     annotate_labels,
+    annotations_from_table,
     decode_mask,
     encode_mask,
     load_annotations,
@@ -94,6 +95,55 @@ def test_a_damaged_sidecar_is_reported_not_used(tmp_path):
     with pytest.raises(ValueError, match="move it away"):
         load_annotations(image)
     assert load_annotations(tmp_path / "other.png") is None
+
+
+def test_labels_written_another_way_mean_the_class(tmp_path):
+    """A hand-written or older sidecar's "Neutrophil", "IG" or "Deleted" is the class (or the
+    deletion) it names, not a class of its own."""
+    annotations = Annotations(
+        "smear.png",
+        (100, 120),
+        [CellAnnotation((20.0, 20.0), " Neutrophil"), CellAnnotation((60.0, 70.0), "Deleted")],
+    )
+    labels, human, _ = annotate_labels(_two_cells(), annotations)
+    assert human == {1: "neutrophil"} and not (labels == 2).any()
+    centres = np.array([[20.0, 20.0], [60.0, 70.0]])
+    assert match_centres(centres, annotations, 5) == ["neutrophil", DELETED]
+    annotations.cells[0].label = "IG"
+    save_annotations(annotations, tmp_path / "smear.png")
+    loaded = load_annotations(tmp_path / "smear.png")
+    assert [cell.label for cell in loaded.cells] == ["immature_granulocyte", DELETED]
+
+
+def test_a_reloaded_tables_empty_cells_are_not_calls(tmp_path):
+    """pandas reads an empty cell as NaN, which is neither a class "nan" nor a painted cell."""
+    labels = _two_cells()
+    table = pd.DataFrame(
+        {
+            "index": [1, 2],
+            "label": ["lymphocyte", "monocyte"],
+            "predicted": ["lymphocyte", "monocyte"],
+            "annotated": ["Neutrophil", ""],
+            "added": [None, False],
+            "centroid_row": [19.5, 59.5],
+            "centroid_col": [19.5, 69.5],
+        }
+    )
+    table.to_csv(tmp_path / "cells.csv", index=False)
+    reloaded = pd.read_csv(tmp_path / "cells.csv")
+    (cell,) = annotations_from_table(reloaded, labels, "smear.png").cells
+    assert (cell.label, cell.predicted, cell.added) == ("neutrophil", "lymphocyte", False)
+
+
+def test_a_painted_cell_fits_labels_whose_type_is_full():
+    labels = _two_cells().astype(np.uint16)
+    labels[labels == 2] = np.iinfo(np.uint16).max
+    painted = np.zeros(labels.shape, bool)
+    painted[80:95, 5:20] = True
+    cell = CellAnnotation((87.0, 12.0), "monocyte", added=True, mask=encode_mask(painted))
+    out, human, (new,) = annotate_labels(labels, Annotations("smear.png", labels.shape, [cell]))
+    assert new == 65536 and human[new] == "monocyte" and np.array_equal(out == new, painted)
+    assert (out == 65535).sum() == (labels == 65535).sum()  # the other cells are kept
 
 
 # ---------------------------------------------------------------------------- the widget

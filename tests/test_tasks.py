@@ -50,6 +50,59 @@ def test_classify_a_smear_reports_cells_of_the_model_classes(default_model):
     assert seen == sorted(seen) and seen[-1] == 1000
 
 
+def test_classify_takes_what_segment_returns_and_a_persons_labels_as_written(default_model):
+    """The natural notebook call: ``classify(image, model, segmentation=segment(image))``; an
+    annotation written "Neutrophil" counts as a neutrophil."""
+    from napari_cytodiffusion.core.annotations import Annotations, CellAnnotation
+
+    image = read_image(sample_path("cbc_lymphocyte"))
+    found = core.segment(image)
+    (centre,) = found.segmentation.table("wbc")[["centroid_row", "centroid_col"]].to_numpy()
+    review = Annotations("smear.jpg", image.shape, [CellAnnotation(tuple(centre), "Neutrophil")])
+    result = core.classify(image, default_model, segmentation=found, annotations=review)
+    assert result.segmentation is found.segmentation and result.annotated == ["neutrophil"]
+    counts = result.differential().set_index("class")["count"]
+    assert list(counts.index) == list(default_model.classes) and counts["neutrophil"] == 1
+
+
+def test_classify_refuses_a_segmentation_of_another_image_or_scale(default_model):
+    image = read_image(sample_path("cbc_lymphocyte"))
+    found = core.segment(image)
+    with pytest.raises(ValueError, match=r"another image.*\(480, 640\)"):
+        core.classify(image[:400], default_model, segmentation=found)
+    with pytest.raises(ValueError, match="segment again with rbc_diameter=40"):
+        core.classify(image, default_model, segmentation=found, rbc_diameter=40)
+
+
+@pytest.mark.parametrize("bad", ["negative", "fraction", "nan"])
+def test_labels_that_are_not_whole_numbers_are_refused(default_model, bad):
+    image = read_image(sample_path("cbc_lymphocyte"))
+    labels = np.zeros(image.shape[:2], np.int32)
+    labels[100:150, 100:150], labels[300:350, 300:350] = 1, 2
+    labels = {
+        "negative": np.where(labels == 2, -1, labels),
+        "fraction": np.where(labels == 2, 2.5, labels),
+        "nan": np.where(labels == 2, np.nan, labels),
+    }[bad]
+    with pytest.raises(ValueError, match="whole numbers"):
+        core.classify(image, default_model, labels=labels)
+
+
+def test_float_labels_of_whole_numbers_are_taken_and_no_cells_give_an_empty_table(
+    default_model,
+):
+    image = read_image(sample_path("cbc_lymphocyte"))
+    empty = core.classify(image, default_model, labels=np.zeros(image.shape[:2]))
+    assert empty.labels.dtype.kind == "i"  # painted cells and label look-ups need integers
+    table = empty.table()
+    assert len(table) == 0 and list(table["label"]) == []
+    assert {"index", "predicted", "annotated", "added", "centroid_row"} <= set(table.columns)
+    assert f"p_{default_model.classes[0]}" in table.columns
+    assert empty.differential()["count"].sum() == 0
+    nothing = core.tasks.classify.CellImages([], [], None, [], default_model.classes, [], [], [])
+    assert {"file", "label", "annotated", "warning"} <= set(nothing.table().columns)
+
+
 def test_explain_refuses_the_background_and_runs_one_bar(default_model):
     cell = core.generate(default_model, "lymphocyte", 1, steps=2, seed=4).images[0]
     labels = np.zeros((64, 64), np.uint32)

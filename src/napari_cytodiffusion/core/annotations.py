@@ -55,7 +55,9 @@ class CellAnnotation:
     centroid : tuple of float
         (row, col) in image pixels.
     label : str
-        The person's call: a class, ``artefact``, ``unknown``, or ``deleted`` (not a cell).
+        The person's call: a class, ``artefact``, ``unknown``, or ``deleted`` (not a cell),
+        read as :func:`~napari_cytodiffusion.core.classes.class_key` writes it ("IG" is
+        ``immature_granulocyte``) wherever annotations are loaded or applied.
     predicted : str
         The model's call when the person reviewed it ("" for a painted cell).
     added : bool
@@ -160,7 +162,7 @@ def load_annotations(image_path):
         cells = [
             CellAnnotation(
                 centroid=tuple(float(v) for v in item["centroid"]),
-                label=str(item["label"]),
+                label=class_key(item["label"]),
                 predicted=str(item.get("predicted", "")),
                 added=bool(item.get("added", False)),
                 mask=item.get("mask"),
@@ -201,7 +203,8 @@ def decode_mask(encoded, shape):
 def annotate_labels(labels, annotations):
     """Apply ``annotations`` to instance ``labels`` of the same image.
 
-    Deleted cells are removed and painted cells added (with new label values).
+    Deleted cells are removed and painted cells added (with new label values, in a wider
+    integer type where ``labels``' own cannot hold them).
 
     Returns
     -------
@@ -212,23 +215,33 @@ def annotate_labels(labels, annotations):
     added : set
         The label values of painted cells.
     """
-    labels = np.array(labels, copy=True)
-    _check_shape(labels.shape, annotations)
+    _check_shape(np.shape(labels), annotations)
+    painted = sum(1 for cell in annotations.cells if cell.added and cell.mask is not None)
+    labels = _widened(labels, painted)
     human, added = {}, set()
     new_value = int(labels.max()) + 1  # painted cells never reuse a deleted cell's value
     for cell in annotations.cells:
+        label = class_key(cell.label)
         if cell.added and cell.mask is not None:
             value, new_value = new_value, new_value + 1
             labels[decode_mask(cell.mask, labels.shape) & (labels == 0)] = value
             added.add(value)
         else:
             value = _label_at(labels, cell.centroid)
-            if value and cell.label == DELETED:
+            if value and label == DELETED:
                 labels[labels == value] = 0
                 continue
-        if value and cell.label != DELETED:
-            human[value] = cell.label
+        if value and label != DELETED:
+            human[value] = label
     return labels, human, added
+
+
+def _widened(labels, count):
+    """A copy of ``labels`` in a type that holds ``count`` new values above its largest
+    (uint16 labels already at 65,535 become uint32)."""
+    labels = np.asarray(labels)
+    last = int(labels.max()) + count
+    return labels.astype(np.promote_types(labels.dtype, np.min_scalar_type(last)))
 
 
 def match_centres(centres, annotations, radius):
@@ -240,7 +253,8 @@ def match_centres(centres, annotations, radius):
     Returns
     -------
     list of str or None
-        The person's label of each cell (``deleted`` included), or None.
+        The person's label of each cell (``deleted`` included, written as
+        :func:`~napari_cytodiffusion.core.classes.class_key` writes it), or None.
     """
     _check_shape(None, annotations)
     kept = [cell for cell in annotations.cells if not cell.added]
@@ -249,7 +263,10 @@ def match_centres(centres, annotations, radius):
     points = np.array([cell.centroid for cell in kept], float)
     distance = np.linalg.norm(np.asarray(centres, float)[:, None] - points[None], axis=2)
     nearest = distance.argmin(axis=1)
-    return [kept[j].label if distance[i, j] <= radius else None for i, j in enumerate(nearest)]
+    return [
+        class_key(kept[j].label) if distance[i, j] <= radius else None
+        for i, j in enumerate(nearest)
+    ]
 
 
 def _label_at(labels, centroid):
@@ -276,13 +293,14 @@ def annotations_from_table(table, labels, image_name):
     """Annotations from a classes layer: its features ``table`` (columns ``index``, ``label``
     or ``predicted``, ``annotated``, ``added``) and its ``labels``; rows with an empty
     ``annotated`` are not reviewed and are left out. Deleted cells keep their row with
-    ``annotated`` = ``deleted`` and their centroid."""
+    ``annotated`` = ``deleted`` and their centroid. Empty cells of a table read back from a
+    file (NaN) are empty text, or False in ``added``."""
     cells = []
     for row in table.itertuples(index=False):
-        human = getattr(row, "annotated", "") or ""
+        human = class_key(_text(getattr(row, "annotated", "")))
         if not human:
             continue
-        added = bool(getattr(row, "added", False))
+        added = _flag(getattr(row, "added", False))
         mask = None
         if added and human != DELETED:
             pixels = labels == int(row.index)
@@ -292,13 +310,27 @@ def annotations_from_table(table, labels, image_name):
         cells.append(
             CellAnnotation(
                 centroid=(float(row.centroid_row), float(row.centroid_col)),
-                label=str(human),
-                predicted="" if added else str(getattr(row, "predicted", row.label)),
+                label=human,
+                predicted="" if added else _text(getattr(row, "predicted", row.label)),
                 added=added,
                 mask=mask,
             )
         )
     return Annotations(image_name, tuple(int(v) for v in labels.shape[:2]), cells)
+
+
+def _text(value):
+    """A table cell as text: "" where empty (None, or the NaN pandas reads an empty cell as)."""
+    import pandas as pd
+
+    return "" if pd.isna(value) else str(value)
+
+
+def _flag(value):
+    """A table cell as a flag: False where empty (None or NaN)."""
+    import pandas as pd
+
+    return False if pd.isna(value) else bool(value)
 
 
 def export_cells(

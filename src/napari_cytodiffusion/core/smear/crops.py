@@ -89,6 +89,36 @@ def central_cell_site(smear, field_of_view=FIELD_OF_VIEW_RBC):
     return smear_cell_site(smear, locate_central_cell(smear), field_of_view)
 
 
+def instance_labels(labels):
+    """``labels`` as an integer array, checked to be instance labels: 0 for the background
+    and a positive whole number for each cell, of an integer type or floats that are whole
+    numbers (as a labels image read from some file formats is).
+
+    Raises
+    ------
+    ValueError
+        If a value is negative, not a whole number, or not a number.
+    """
+    labels = np.asarray(labels)
+    if labels.dtype.kind in "bu":
+        return labels
+    if labels.dtype.kind not in "if":
+        raise _not_labels(f"values of type {labels.dtype}")
+    bad = ~np.isfinite(labels) | (labels < 0) | (labels != np.round(labels))
+    if bad.any():
+        raise _not_labels(repr(labels[bad][0].item()))
+    return labels if labels.dtype.kind == "i" else labels.astype(np.int64)
+
+
+def _not_labels(found):
+    """The error for labels holding ``found``, saying what labels are and how to make them."""
+    return ValueError(
+        "Cell labels must be whole numbers, 0 for the background and 1, 2, ... for the "
+        f"cells; these hold {found}. Label the cells again (a napari labels layer, or "
+        "skimage.measure.label)."
+    )
+
+
 def labelled_cell_sites(smear, labels, cell_ids=None):
     """Sites of labelled cells, each at its label's centroid.
 
@@ -96,16 +126,17 @@ def labelled_cell_sites(smear, labels, cell_ids=None):
     ----------
     smear : PreparedSmear
     labels : ndarray
-        Instance labels of the smear's shape.
+        Instance labels of the smear's shape (see :func:`instance_labels`).
     cell_ids : sequence of int, optional
         The cells wanted; every label when not given.
 
     Raises
     ------
     ValueError
-        If the shapes differ, or a wanted cell id is 0 or absent from ``labels``.
+        If the shapes differ, a label is not a non-negative whole number, or a wanted cell id
+        is 0 or absent from ``labels``.
     """
-    labels = np.asarray(labels)
+    labels = instance_labels(labels)
     if labels.shape != smear.shape:
         raise ValueError(
             f"The labels {labels.shape} do not match the image {smear.shape}: they differ in "

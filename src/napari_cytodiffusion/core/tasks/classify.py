@@ -71,12 +71,11 @@ class Classification:
         """One row per cell (see :func:`calls_table`); ``index`` is its value in
         :meth:`cell_labels` (1 for the single cell of a single-cell image). ``predicted`` is
         the model's call, ``annotated`` the person's (or ""), and ``label`` the person's call
-        where there is one, else the model's."""
+        where there is one, else the model's. Without cells: these columns and no rows."""
         ids = [1] if self.single_cell else self.cell_ids
-        table = calls_table(self.calls, ids, self.centres)
-        if len(table):
-            _with_person_calls(table, self.annotated or [""] * len(table))
-            table.insert(4, "added", self.added or [False] * len(table))
+        table = calls_table(self.calls, ids, self.centres, self.classes)
+        _with_person_calls(table, self.annotated or [""] * len(table))
+        table.insert(4, "added", self.added or [False] * len(table))
         return table
 
     def domain_shift(self):
@@ -172,15 +171,20 @@ def classify(
     segment : bool
         True for a smear field (every white cell is found and classified), False for a
         single-cell image (PBC / CellaVision style: the cell nearest the centre).
-    segmentation : SmearSegmentation, optional
-        Reuse an existing segmentation of ``image`` instead of segmenting again.
+    segmentation : Segmented or SmearSegmentation, optional
+        Reuse an existing segmentation of ``image`` (what
+        :func:`~napari_cytodiffusion.core.tasks.segment.segment` returns, or its
+        ``segmentation``) instead of segmenting again; its cells are cropped at the red-cell
+        scale it was made at.
     labels : ndarray, optional
         Instance labels of the white cells to classify (for example edited by the user);
         each label is cut out around its centroid. Overrides ``segment``.
     rbc_diameter : float, optional
         Red-cell diameter in pixels; estimated from the image when not given (an image with
         too few red cells to measure takes the scale of the lab an adapted model was
-        adapted to, ``model.lab_rbc_diameter``, where it has one).
+        adapted to, ``model.lab_rbc_diameter``, where it has one). With ``segmentation``,
+        leave it out (or give the scale the segmentation was made at): segment with the
+        scale wanted instead.
     strategy, seed, uncertainty_threshold, anomaly_threshold
         See :func:`~napari_cytodiffusion.core.model.classifier.classify_crops`.
     annotations : Annotations, optional
@@ -193,6 +197,13 @@ def classify(
     Returns
     -------
     Classification
+
+    Raises
+    ------
+    ValueError
+        If ``segmentation`` or ``labels`` are not of ``image`` (another shape),
+        ``rbc_diameter`` differs from the scale of ``segmentation``, or ``labels`` are not
+        whole numbers of 0 and up.
     """
     from napari_cytodiffusion.core.model.classifier import classify_crops
     from napari_cytodiffusion.core.smear import crops as cropping
@@ -201,13 +212,14 @@ def classify(
 
     scaling, segmenting, classifying = phases(progress, _PROGRESS_WEIGHTS)
     if segmentation is not None:
+        segmentation = _segmentation_of(image, segmentation, rbc_diameter)
         smear = segmentation.smear
     else:
         smear = prepare_smear(
             image, rbc_diameter, scaling, fallback_rbc_diameter=model.lab_rbc_diameter
         )
     if labels is not None:
-        labels = np.asarray(labels)
+        labels = cropping.instance_labels(labels)
         sites = cropping.labelled_cell_sites(smear, labels)
         cell_ids = [int(v) for v in np.unique(labels) if v != 0]
     elif segment or segmentation is not None:
@@ -257,6 +269,30 @@ def classify(
     )
 
 
+def _segmentation_of(image, segmentation, rbc_diameter):
+    """The SmearSegmentation of ``segmentation`` (unwrapped from what ``segment`` returns),
+    checked to be of ``image`` and, where ``rbc_diameter`` is given, at that scale."""
+    from napari_cytodiffusion.core.tasks.segment import Segmented
+
+    if isinstance(segmentation, Segmented):
+        segmentation = segmentation.segmentation
+    made_of = tuple(segmentation.smear.shape)
+    shape = tuple(image.shape[:2] if hasattr(image, "shape") else np.shape(image)[:2])
+    if shape != made_of:
+        raise ValueError(
+            f"The segmentation is of another image, of {made_of} pixels, not {shape}: "
+            "segment this image (segment(image)), or classify the image it was made of."
+        )
+    scale = segmentation.smear.rbc_diameter
+    if rbc_diameter and not np.isclose(rbc_diameter, scale):
+        raise ValueError(
+            f"The segmentation was made at a red-cell diameter of {scale:.1f} px, not "
+            f"{rbc_diameter}: segment again with rbc_diameter={rbc_diameter}, or leave "
+            "rbc_diameter out to classify at the segmentation's scale."
+        )
+    return segmentation
+
+
 @dataclass
 class CellImages:
     """The central cells of a set of single-cell images (a CellaVision export, a folder of
@@ -296,12 +332,11 @@ class CellImages:
         :func:`calls_table` with ``predicted`` (the model's call) and ``annotated`` (the
         person's, or "") after ``label`` (the person's call where there is one, else the
         model's), ``rbc_diameter`` and ``warning``."""
-        table = calls_table(self.calls, list(range(1, len(self.calls) + 1)))
-        if len(table):
-            table.insert(1, "file", [str(path) for path in self.paths])
-            _with_person_calls(table, self.annotated)
-            table["rbc_diameter"] = self.rbc_diameters
-            table["warning"] = self.warnings
+        table = calls_table(self.calls, list(range(1, len(self.calls) + 1)), classes=self.classes)
+        table.insert(1, "file", [str(path) for path in self.paths])
+        _with_person_calls(table, self.annotated)
+        table["rbc_diameter"] = self.rbc_diameters
+        table["warning"] = self.warnings
         return table
 
     def folder_warning(self):
@@ -540,8 +575,22 @@ def _with_person_calls(table, annotated):
     table["label"] = table["annotated"].where(table["annotated"] != "", table["predicted"])
 
 
-def calls_table(calls, cell_ids=None, centres=None):
-    """Per-cell results as a pandas DataFrame.
+# The columns of calls_table after the probabilities: CellCall's attributes of these names.
+_CALL_COLUMNS = (
+    "uncertainty",
+    "anomaly_score",
+    "domain_shift",
+    "softness",
+    "size_ratio",
+    "needs_review",
+    "why",
+    "unet_evals",
+)
+
+
+def calls_table(calls, cell_ids=None, centres=None, classes=()):
+    """Per-cell results as a pandas DataFrame; without ``calls``, its columns and no rows
+    (the probabilities' columns those of ``classes``).
 
     Columns: ``index`` (the cell's label value, 0 where not given), ``label``, ``p_<class>``
     for every class, ``uncertainty``, ``anomaly_score``, ``domain_shift``, ``softness``
@@ -557,20 +606,16 @@ def calls_table(calls, cell_ids=None, centres=None):
         cell = cell_ids[i] if cell_ids is not None else None
         row = {"index": int(cell) if cell is not None else 0, "label": call.label}
         row.update({f"p_{name}": p for name, p in call.probabilities.items()})
-        row.update(
-            uncertainty=call.uncertainty,
-            anomaly_score=call.anomaly_score,
-            domain_shift=call.domain_shift,
-            softness=call.softness,
-            size_ratio=call.size_ratio,
-            needs_review=call.needs_review,
-            why=call.why,
-            unet_evals=call.unet_evals,
-        )
+        row.update({name: getattr(call, name) for name in _CALL_COLUMNS})
         if centres is not None:
             row.update(centroid_row=float(centres[i][0]), centroid_col=float(centres[i][1]))
         rows.append(row)
-    return pd.DataFrame(rows)
+    if rows:
+        return pd.DataFrame(rows)
+    columns = ["index", "label", *(f"p_{name}" for name in classes), *_CALL_COLUMNS]
+    if centres is not None:
+        columns += ["centroid_row", "centroid_col"]
+    return pd.DataFrame(columns=columns)
 
 
 def with_new_classes(labels, classes):
