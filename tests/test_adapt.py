@@ -130,8 +130,12 @@ def test_a_local_model_is_replaced_only_when_asked(
     assert main(adapt) == 2
     assert "A local model 'lab-a' exists" in capsys.readouterr().err
     assert weights.find_model("lab-a").sha256 == sha
-    # Calibrating a local model again keeps its name (the documented default).
+    # Calibrating a local model again keeps its name (the documented default), whether it
+    # is given by its name or by its file.
     assert main(["calibrate", "lab-a", str(synthetic_cells_dir), *options]) == 0
+    assert "saved local model 'lab-a'" in capsys.readouterr().out
+    own_file = str(weights.model_path("lab-a"))
+    assert main(["calibrate", own_file, str(synthetic_cells_dir), "--out", "lab-a", *options]) == 0
     assert "saved local model 'lab-a'" in capsys.readouterr().out
     assert main([*adapt, "--replace"]) == 0
 

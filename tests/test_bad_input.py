@@ -180,3 +180,5 @@ def test_a_scale_below_any_red_cells_is_not_used():
     with pytest.raises(ImageError, match="give the red-cell diameter"):
         prepare_smear(inside)
     assert prepare_smear(inside, rbc_diameter=30).rbc_diameter == 30
+    # A lab's scale, where an adapted model has one, is used instead.
+    assert prepare_smear(inside, fallback_rbc_diameter=37.5).rbc_diameter == 37.5

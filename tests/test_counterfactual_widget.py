@@ -98,6 +98,22 @@ def test_the_images_own_cells_are_chosen_and_only_they_are_offered(make_napari_v
     assert widget._labels.value is white and drawn in widget._labels.choices
 
 
+def test_a_grid_gets_its_own_tiles_when_two_grids_have_one_size(make_napari_viewer, cells):
+    from napari_cytodiffusion._widgets._grid import add_grid, add_tiles, tile
+
+    viewer = make_napari_viewer()
+    features = pd.DataFrame({"index": [0, 1], "label": ["neutrophil", "lymphocyte"]})
+    tiled = tile(cells)
+    grids = {}
+    for name in ("first", "second"):
+        grid = add_grid(viewer, tiled, name, features)
+        grids[name] = (grid, add_tiles(viewer, grid, tiled, features))
+    widget = CounterfactualWidget(viewer)
+    for grid, tiles in grids.values():
+        widget._image.value = grid
+        assert widget._labels.value is tiles
+
+
 def test_a_missing_cell_is_explained_before_any_work(make_napari_viewer, cells, monkeypatch):
     errors = []
     monkeypatch.setattr("napari.utils.notifications.show_error", errors.append)

@@ -53,3 +53,17 @@ def test_a_folder_is_refused_with_what_to_give(tmp_path, white_cell, capsys):
     error = capsys.readouterr().err
     assert f"{folder} is a folder" in error and "image files" in error
     assert not out.exists()
+
+
+def test_a_dataset_exported_before_full_paths_is_exported_into_again(tmp_path, white_cell, capsys):
+    """Earlier exports recorded a smear by its file name alone: exporting it again replaces
+    its crops, not a second, hashed copy of every cell."""
+    smear = _annotated_smear(tmp_path / "ex" / "a.jpg", white_cell)
+    out = tmp_path / "exo"
+    assert main(["export-cells", str(smear), "--out", str(out)]) == 0
+    manifest = out / "manifest.csv"
+    manifest.write_text(manifest.read_text().replace(str(smear.resolve()), "a.jpg"))
+    assert main(["export-cells", str(smear), "--out", str(out)]) == 0
+    rows = list(csv.DictReader(open(manifest)))
+    assert [row["source_image"] for row in rows] == [str(smear.resolve())]
+    assert len(list(out.rglob("*.png"))) == 1

@@ -215,3 +215,17 @@ def test_generate_refuses_settings_the_sampler_cannot_use(default_model):
     ):
         with pytest.raises(ValueError, match=message):
             generate(default_model, "platelet", **{"n": 1, **settings})
+
+
+def test_a_model_file_is_the_same_model_however_its_path_is_written(tmp_path, monkeypatch):
+    import shutil
+
+    from napari_cytodiffusion.core.model import weights
+
+    shutil.copy(weights.model_path("default"), tmp_path / "m.pt")
+    monkeypatch.chdir(tmp_path)
+    argv = ["generate", "--label", "platelet", "-n", "1", "--steps", "2", "--device", "cpu"]
+    for model in ("m.pt", str(tmp_path / "m.pt")):
+        assert cli.main([*argv, "--model", model, "--out", "cells"]) == 0
+    (row,) = list(csv.DictReader(open(tmp_path / "cells" / "metadata.csv")))
+    assert row["model"] == str((tmp_path / "m.pt").resolve())

@@ -84,6 +84,20 @@ def test_a_missing_folder_is_explained(make_napari_viewer, tmp_path, monkeypatch
     assert widget._status.value == f"not started: {errors[-1]}"  # not the earlier run's
 
 
+def test_a_trained_model_is_not_replaced_unless_resumed(
+    make_napari_viewer, synthetic_cells_dir, tmp_path, monkeypatch
+):
+    errors = []
+    monkeypatch.setattr("napari.utils.notifications.show_error", errors.append)
+    out = tmp_path / "trained.ckpt"
+    out.write_bytes(b"weeks of training")
+    _, widget = _widget(make_napari_viewer, synthetic_cells_dir, out, 0, 1, True)
+    widget._resume.value = False
+    widget._run.native.click()
+    assert not widget._runner.running and "trained.ckpt exists" in errors[-1]
+    assert out.read_bytes() == b"weeks of training"
+
+
 def test_a_failed_run_says_why(
     make_napari_viewer, qtbot, synthetic_cells_dir, tmp_path, monkeypatch
 ):

@@ -136,3 +136,17 @@ def test_a_test_can_be_ended_early_and_closing_the_panel_ends_it(
     assert not widget.testing and widget._progress.value == "ended: 0 of 4 answers; nothing saved"
     assert "R" not in {str(key) for key in viewer.keymap}
     assert len(list(tmp_path.glob("turing_answers_*.csv"))) == 1
+
+
+def test_closing_the_panel_while_it_is_built_starts_no_test(make_napari_viewer, qtbot, tmp_path):
+    viewer, widget = _widget(make_napari_viewer, tmp_path, 3)
+    widget._steps.value = 200  # generating the synthetic cells: long enough to close midway
+    widget._build.native.click()
+    qtbot.waitUntil(lambda: widget._runner._state["done"] > 0, timeout=60_000)
+    (dock,) = [
+        d for d in viewer.window._wrapped_dock_widgets.values() if d.widget() is widget.native
+    ]
+    viewer.window.remove_dock_widget(dock)
+    qtbot.waitUntil(lambda: not widget._runner.running, timeout=10_000)
+    assert not widget.testing and TEST_LAYER not in viewer.layers
+    assert "R" not in {str(key) for key in viewer.keymap}

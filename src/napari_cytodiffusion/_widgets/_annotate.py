@@ -295,7 +295,7 @@ class AnnotateWidget(DockForm):
             return None
         # Copies: the person may go on annotating while the cells are written.
         arguments = (
-            np.asarray(full_resolution(image)),
+            full_resolution(image),  # read in the worker
             np.array(layer.data),
             layer.features.copy(),
             folder,
@@ -307,7 +307,8 @@ class AnnotateWidget(DockForm):
         def work(progress):
             from napari_cytodiffusion.core.annotations import export_cells
 
-            return export_cells(*arguments, progress=progress)
+            image, *rest = arguments
+            return export_cells(np.asarray(image), *rest, progress=progress)
 
         def done(written):
             text = ", ".join(f"{name} {count}" for name, count in sorted(written.items()))

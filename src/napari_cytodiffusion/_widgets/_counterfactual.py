@@ -250,7 +250,8 @@ class CounterfactualWidget(DockForm):
             labels=None if labels is None else np.asarray(labels.data),
             rbc_diameter=self._rbc_diameter.value or _rbc_from_metadata(labels, image),
         )
-        data = np.asarray(full_resolution(image)) if plane is None else plane
+        # Not read here: a large image is read in the worker, the viewer stays responsive.
+        data = full_resolution(image) if plane is None else plane
         return data, request, (0, 0)
 
     def _grid_cell_request(self, image, cell_id, all_targets):
@@ -334,7 +335,7 @@ class CounterfactualWidget(DockForm):
         if labels is not None and labels.metadata.get("tiles"):
             labels = None  # a grid's tiles number its cells; the grid is the set itself
         if labels is not None:
-            data = np.asarray(full_resolution(image))
+            data = full_resolution(image)  # read in the worker
         elif _is_stack(image) or "grid" in image.metadata:
             data = layer_cells(image)
         else:
@@ -509,7 +510,8 @@ def _grid_job(data, options, model_choice):
     def job(progress):
         from napari_cytodiffusion.core.tasks.explain import explain_grid
 
-        return explain_grid(data, model_choice.load(progress), progress=progress, **options)
+        model = model_choice.load(progress)
+        return explain_grid(np.asarray(data), model, progress=progress, **options)
 
     return job
 
@@ -520,7 +522,7 @@ def _made_for(layer, image):
     if layer is None or image is None or not isinstance(layer, napari.layers.Labels):
         return False
     if "grid" in image.metadata:
-        return bool(layer.metadata.get("tiles"))
+        return layer.metadata.get("tiles") == image.name
     return (
         layer.metadata.get("source") == image.name
         and layer.metadata.get("cells", "white") == "white"

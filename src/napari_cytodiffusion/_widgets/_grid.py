@@ -119,7 +119,7 @@ def add_tiles(viewer, grid_layer, tiled, features, colormap=None, contour=1):
             name=f"{grid_layer.name} tiles",
             features=table,
             opacity=0.4 if colormap is None else 1.0,
-            metadata={"tiles": True},
+            metadata={"tiles": grid_layer.name},  # which grid they number
             **({} if colormap is None else {"colormap": colormap}),
             scale=grid_layer.scale,
             translate=grid_layer.translate,

@@ -122,6 +122,12 @@ class TrainWidget(DockForm):
             self._runner.refuse("Choose the output file the trained model is written to (.ckpt).")
             return
         resume = out if self._resume.value and out.is_file() else None
+        if out.is_file() and resume is None:
+            self._runner.refuse(
+                f"{out.name} exists: tick 'resume the output file' to continue training it, "
+                "or choose another output file (a trained model is not replaced)."
+            )
+            return
         request = TrainRequest(
             data=data,
             out=out,
@@ -132,7 +138,6 @@ class TrainWidget(DockForm):
             resume=resume,
             init="default" if self._from_default.value and resume is None else None,
             rbc_diameter=self._rbc_diameter.value or None,
-            overwrite=True,  # the file dialog asked before an existing file was chosen
         )
         self._progress_text = _progress_text()
         self._counts.value = self._details.value = ""

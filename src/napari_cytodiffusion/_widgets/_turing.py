@@ -105,16 +105,17 @@ class TuringWidget(DockForm):
             self._out,
             row,
             self._answer_row,
-            self._end,
+            Container(widgets=[self._end], labels=False),  # a row of its own, below the answers
             self._result,
         )
         self._build.changed.connect(self._start)
         self._real.changed.connect(lambda: self.answer(turing.REAL))
         self._synthetic.changed.connect(lambda: self.answer(turing.SYNTHETIC))
         self._end.changed.connect(self.end_test)
-        # The panel's close button takes the widget out of its dock: the test ends with it, so
-        # that R and S are given back and no hidden test goes on taking answers.
-        _WhenUndocked(self.native, self.end_test)
+        # The panel's close button takes the widget out of its dock: the test (or the panel
+        # being built for one) ends with it, so that R and S are given back and no hidden test
+        # goes on taking answers.
+        _WhenUndocked(self.native, self._closed)
         self._source.changed.connect(self._show_source)
         for event in (napari_viewer.layers.events.inserted, napari_viewer.layers.events.removed):
             event.connect(lambda *_: self.reset_choices())
@@ -226,6 +227,10 @@ class TuringWidget(DockForm):
             self._show_item()
         else:
             self._finish()
+
+    def _closed(self):
+        self._runner.cancel()
+        self.end_test()
 
     def end_test(self, *_):
         """Stop a running test: the answers so far are saved and scored (none: nothing)."""

@@ -437,7 +437,8 @@ def _crop_stem(source, earlier):
 
     stem = Path(source).stem
     owners = {row["source_image"] for row in earlier if _stem_of(row["file"]) == stem}
-    if not owners or source in owners:
+    # Exports before 2026-12-07 recorded the smear's file name alone: taken as this smear's.
+    if not owners or source in owners or Path(source).name in owners:
         return stem
     return f"{stem}-{hashlib.sha256(source.encode()).hexdigest()[:8]}"
 

@@ -300,7 +300,8 @@ def load_model(name_or_path="default", device="auto", progress=None):
 
     path = model_path(name_or_path, progress)
     entry = find_model(str(name_or_path))
-    return load_model_file(path, device, name=entry.name if entry else str(path))
+    # A file is named by its full path: the same file, however it was typed, is one model.
+    return load_model_file(path, device, name=entry.name if entry else str(path.resolve()))
 
 
 _SHARED = {}

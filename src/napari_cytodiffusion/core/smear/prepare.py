@@ -142,9 +142,10 @@ def prepare_smear(
     if not rbc_diameter:
         estimate = estimate_scale(pixels, background, progress)
         rbc_diameter, source = estimate.diameter, estimate.source
-        if fallback_rbc_diameter and source == WHITE_CELL:
+        too_small = rbc_diameter < MIN_RBC_DIAMETER  # a few pixels of one cell, or of noise
+        if fallback_rbc_diameter and (source == WHITE_CELL or too_small):
             rbc_diameter, source = fallback_rbc_diameter, GIVEN
-        if rbc_diameter < MIN_RBC_DIAMETER:  # a few pixels of one cell, or of noise
+        elif too_small:
             raise ImageError(
                 f"No red-cell scale can be read from this {pixels.shape[0]} x "
                 f"{pixels.shape[1]} image (it measures {rbc_diameter:.1f} px): give the "

@@ -297,12 +297,16 @@ def _validate_request(request):
 
 def _refuse_replacing(request):
     """A local model of that name is only replaced when asked, or recalibrated in place."""
-    from napari_cytodiffusion.core.model.weights import find_model
+    from napari_cytodiffusion.core.model.weights import find_model, model_path
 
     existing = find_model(request.name)
     if existing is None or not existing.local or request.replace:
         return
-    if request.steps == 0 and find_model(str(request.base)) == existing:
+    base = Path(str(request.base)).expanduser()
+    in_place = find_model(str(request.base)) == existing or (
+        base.is_file() and base.resolve() == model_path(existing.name).resolve()
+    )
+    if request.steps == 0 and in_place:
         return
     raise ValueError(
         f"A local model '{request.name}' exists: choose another name, or replace it (--replace)."
