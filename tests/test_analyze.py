@@ -311,9 +311,15 @@ def test_widget_analyses_the_open_image(make_napari_viewer, qtbot, tmp_path):
     viewer = make_napari_viewer()
     viewer.add_image(read_image(sample_path("cbc_lymphocyte")), name="field", rgb=True)
     widget = _analyze_widget(viewer, tmp_path)
+    # A batch analysed a smear named "field" into the folder before: its marker must no
+    # longer call the folder's files its finished results once the widget has written them.
+    (tmp_path / "field").mkdir()
+    batch = report.fingerprint(sample_path("cbc_lymphocyte"))
+    (tmp_path / "field" / report.FINISHED).write_text(json.dumps(batch))
     widget._run.native.click()
     qtbot.waitUntil(lambda: widget.analysis is not None, timeout=120_000)
     qtbot.waitUntil(lambda: not widget._runner.running, timeout=10_000)
+    assert not report.finished(tmp_path / "field", batch)
     assert [layer.name for layer in viewer.layers] == ["field", "field cells", "field needs review"]
     assert all(layer.visible for layer in viewer.layers)  # new layers are shown a step later
     cells = viewer.layers["field cells"]

@@ -75,11 +75,13 @@ class AnalyzeWidget(DockForm):
         choice, seed = self._fields.choice(), self._fields.seed.value
 
         def job(progress):
-            from napari_cytodiffusion.core.report import write_smear
+            from napari_cytodiffusion.core.report import mark_unfinished, write_smear
             from napari_cytodiffusion.core.tasks.analyze import analyze_smear
 
             model = choice.load(progress)
             analysis = analyze_smear(data, model, layer.name, seed=seed, progress=progress)
+            # A batch's results in that folder are replaced: its marker must not call them its.
+            mark_unfinished(folder)
             return analysis, write_smear(analysis, folder), _cell_points(analysis)
 
         self._runner.start(job, lambda result: self._show(layer, *result), text="analysing")
