@@ -68,6 +68,18 @@ def test_annotations_apply_to_labels_by_position(tmp_path):
         annotate_labels(np.zeros((10, 10), np.uint32), annotations)
 
 
+def test_a_cell_beside_its_centroid_is_found_in_labels_of_any_integer_type():
+    """A person's click just outside a cell's pixels still names that cell, whatever the
+    labels' integer type (numpy cannot count uint64 values with bincount)."""
+    for dtype in (np.uint8, np.int64, np.uint64):
+        labels = _two_cells().astype(dtype)
+        annotations = Annotations(
+            "smear.png", (100, 120), [CellAnnotation((31.0, 20.0), "neutrophil")]
+        )
+        _, human, _ = annotate_labels(labels, annotations)
+        assert human[1] == "neutrophil", dtype
+
+
 def test_a_crash_while_saving_leaves_the_previous_file_intact(tmp_path, monkeypatch):
     image = tmp_path / "smear.png"
     first = Annotations("smear.png", (100, 120), [CellAnnotation((20.0, 20.0), "monocyte")])

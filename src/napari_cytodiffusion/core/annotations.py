@@ -277,8 +277,8 @@ def _label_at(labels, centroid):
     if labels[r, c]:
         return int(labels[r, c])
     window = labels[max(r - 3, 0) : r + 4, max(c - 3, 0) : c + 4]
-    values = window[window > 0]
-    return int(np.bincount(values).argmax()) if values.size else 0
+    values, counts = np.unique(window[window > 0], return_counts=True)  # any integer dtype
+    return int(values[counts.argmax()]) if values.size else 0
 
 
 def _check_shape(shape, annotations):
