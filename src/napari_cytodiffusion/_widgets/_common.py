@@ -386,7 +386,8 @@ class ModelFields:
         """Offer the chosen model's classes in each of ``combos`` (after the choices they
         start with that are not classes, such as auto), also when another model is chosen: an
         adapted model may have a class the default lacks, such as blast."""
-        fixed = [[c for c in combo.choices if c not in self.classes()] for combo in combos]
+        classes = self.classes()
+        fixed = [[c for c in combo.choices if c not in classes] for combo in combos]
 
         def offer(*_):
             classes = self.classes()

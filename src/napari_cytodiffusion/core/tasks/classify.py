@@ -112,13 +112,11 @@ class Classification:
         (only its central cell was classified), saying what to do; "" otherwise."""
         if not self.single_cell:
             return ""
-        across = min(self.smear.shape) / self.rbc_diameter
-        if across < FIELD_RBC_ACROSS:
-            return ""
-        return (
-            f"this image is about {across:.0f} red cells across, a smear field rather than a "
-            "single-cell image: only the cell nearest its centre was classified; classify "
-            "it as a smear (--segment, or untick 'single-cell image') for every white cell"
+        return smear_field_note(
+            min(self.smear.shape) / self.rbc_diameter,
+            "only the cell nearest its centre was classified",
+            "classify it as a smear (--segment, or untick 'single-cell image') for every "
+            "white cell",
         )
 
     def warnings(self):
@@ -266,6 +264,17 @@ def classify(
         segmentation,
         annotated=[human.get(cell, "") for cell in cell_ids],
         added=[cell in added for cell in cell_ids],
+    )
+
+
+def smear_field_note(across, done, advice):
+    """One sentence when an image taken as a single cell is ``across`` red cells wide, as wide
+    as a smear field (saying what was ``done`` and the ``advice``); "" when it is narrower."""
+    if across is None or across < FIELD_RBC_ACROSS:
+        return ""
+    return (
+        f"this image is about {across:.0f} red cells across, a smear field rather than a "
+        f"single-cell image: {done}; {advice}"
     )
 
 

@@ -139,15 +139,12 @@ class Explanation:
     def field_warning(self):
         """One sentence when the central cell of an image as wide as a smear field was
         explained (no labels were given), saying how to pick a cell; "" otherwise."""
-        from napari_cytodiffusion.core.tasks.classify import FIELD_RBC_ACROSS
+        from napari_cytodiffusion.core.tasks.classify import smear_field_note
 
-        across = self.central_across
-        if across is None or across < FIELD_RBC_ACROSS:
-            return ""
-        return (
-            f"this image is about {across:.0f} red cells across, a smear field rather than a "
-            "single-cell image: the cell nearest its centre was explained; to pick a cell, "
-            "choose the image's white cells (or --segment --cell-id)"
+        return smear_field_note(
+            self.central_across,
+            "the cell nearest its centre was explained",
+            "to pick a cell, choose the image's white cells (or --segment --cell-id)",
         )
 
     def figure(self):
