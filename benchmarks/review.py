@@ -9,6 +9,9 @@
     classifier's own calibration (spread, class biases, temperature, uncertainty threshold: fitted
     on all 1,735 val cells at 64 trials on an H100) is kept. ``--write`` stores the result in the
     shipped model file and records its new sha256 in ``models/registry.json``.
+``fit-colour [--write]``
+    Only the smear part of the domain reference (the smears' colour references, which are
+    blind to exposure since 2026-12-07), refitted on the same caches; the rest is kept.
 ``report``
     With the model's calibration, on cells never used for fitting: the domain-shift AUROC of
     WBC dataset 1 cells and CBC white cells against PBC test cells (encoder features and
@@ -108,6 +111,28 @@ def fit_sharpness(args):
         "sharpness": reference["sharpness"],
         "val_domain_flagged_before": float(np.mean(before > 1)),
         "val_domain_flagged": float(np.mean(after > 1)),
+        "train_cells": int(len(train["crops"])),
+        "val_cells": int(len(val_features["crops"])),
+    }
+    if args.write:
+        report["registry"] = write_shipped(model, domain=reference)
+    return report
+
+
+def fit_colour(args):
+    """Refit only the smear part (colour references) of the shipped domain reference, from
+    the caches' colours; the encoder, sharpness and anomaly parts and the trust decay stay."""
+    from napari_cytodiffusion.core.model.checkpoint import load_model_file
+
+    model = load_model_file(SHIPPED, "cpu")
+    train, val_features = load("pbc_train"), load("pbc_val_features")
+    reference = dict(model.calibration["domain"])
+    reference["colour"] = domain._fit_colour_reference(train["colours"], val_features["colours"])
+    cell, smear = _parts(reference, val_features)
+    report = {
+        "colour": reference["colour"],
+        "val_smear_part_flagged": float(np.mean(smear > 1)),
+        "val_domain_flagged": float(np.mean(np.fmax(cell, smear) > 1)),
         "train_cells": int(len(train["crops"])),
         "val_cells": int(len(val_features["crops"])),
     }
@@ -237,9 +262,16 @@ def main():
     f.add_argument("--write", action="store_true")
     s = sub.add_parser("fit-sharpness")
     s.add_argument("--write", action="store_true")
+    c = sub.add_parser("fit-colour")
+    c.add_argument("--write", action="store_true")
     sub.add_parser("report")
     args = parser.parse_args()
-    parts = {"fit": fit, "fit-sharpness": fit_sharpness, "report": report}
+    parts = {
+        "fit": fit,
+        "fit-sharpness": fit_sharpness,
+        "fit-colour": fit_colour,
+        "report": report,
+    }
     result = parts[args.part](args)
     result["hardware"] = "2-core CPU shared with other developers' jobs"
     out = RESULTS / f"review_{args.part.replace('-', '_')}.json"

@@ -217,6 +217,31 @@ def test_single_cell_image_is_classified_end_to_end(default_model, pbc_dir):
     assert {f"p_{c}" for c in default_model.classes} <= set(table)
 
 
+def test_a_dimmer_exposure_is_not_an_unfamiliar_smear(default_model):
+    from napari_cytodiffusion._sample_data import sample_path
+    from napari_cytodiffusion.core.io import read_image
+    from napari_cytodiffusion.core.tasks.classify import classify
+
+    # White balance divides the lamp's brightness out of every crop, and the domain-shift
+    # score must not count it either: a dimmer lamp once tripled a CBC field's shift, which
+    # made its calls near uniform.
+    def both(name, segment):
+        image = read_image(sample_path(name)).astype(np.float64)
+        return [
+            classify((factor * image).round().astype(np.uint8), default_model, segment=segment)
+            for factor in (1.0, 0.6)
+        ]
+
+    bright, dim = both("cbc_monocyte_eosinophil", segment=True)
+    assert len(dim.calls) == len(bright.calls) == 2
+    for a, b in zip(bright.calls, dim.calls, strict=True):
+        assert b.domain_shift == pytest.approx(a.domain_shift, rel=0.05)
+    bright, dim = both("pbc_lymphocyte", segment=False)
+    assert dim.calls[0].label == bright.calls[0].label == "lymphocyte"
+    top = bright.calls[0].probabilities["lymphocyte"]
+    assert dim.calls[0].probabilities["lymphocyte"] == pytest.approx(top, abs=0.05)
+
+
 def test_a_batch_of_single_cell_images_shares_one_scale(pbc_dir):
     from napari_cytodiffusion.core.io import read_image
     from napari_cytodiffusion.core.smear.image import to_rgb_float

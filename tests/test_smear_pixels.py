@@ -37,6 +37,16 @@ def test_pixels_convert_only_the_windows_that_are_read():
         np.testing.assert_allclose(SmearPixels(scaled)[:2, :2], image[:2, :2] / 255, atol=1e-3)
 
 
+@pytest.mark.parametrize("bits", [8, 10, 12, 14, 16])
+def test_a_cameras_bit_depth_in_uint16_is_read_as_full_intensity(bits):
+    # A 10- or 14-bit camera stores its values in uint16: its brightest value is white, not a
+    # quarter of white.
+    image = np.random.default_rng(0).integers(0, 256, (120, 100, 3)).astype(np.float64)
+    image[0, 0] = 255
+    stored = np.round(image / 255 * (2**bits - 1)).astype(np.uint16)
+    np.testing.assert_allclose(SmearPixels(stored)[:10, :10], image[:10, :10] / 255, atol=2e-3)
+
+
 def test_block_means_are_exact_means_including_edge_blocks():
     image = np.random.default_rng(1).integers(0, 255, (103, 97, 3), dtype=np.uint8)
     means = SmearPixels(image).block_means(4)

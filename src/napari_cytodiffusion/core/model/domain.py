@@ -15,9 +15,9 @@ cells (``fit_domain_reference``, stored in the model's calibration under ``"doma
   platelet or an erythroblast with confidence (their denoisers expect smooth images), and the
   encoder's features alone let most such cells through (``benchmarks/perturbations.py``);
 * **the smear** (lamp and stain): the colour references the normalisation measured on the
-  smear (:meth:`~napari_cytodiffusion.core.smear.normalise.ColourMap.statistics`: background,
-  red-cell optical density, nuclear hue), by Mahalanobis distance; a reference that was not
-  found counts as typical.
+  smear (:meth:`~napari_cytodiffusion.core.smear.normalise.ColourMap.statistics`: the
+  background's tint, red-cell optical density, nuclear hue; all blind to exposure), by
+  Mahalanobis distance; a reference that was not found counts as typical.
 
 Each part is divided by its review threshold (the ``1 - FALSE_ALARM`` quantile on validation
 cells), and the cell's domain-shift score is the larger of the two: above 1 means *unlike the

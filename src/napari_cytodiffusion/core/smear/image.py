@@ -187,6 +187,7 @@ def _intensity_top(dtype, values):
 
     The range is read off the brightest 0.01 % but one, so a single hot or corrupt pixel
     (1e38 in a float file, 65535 in a 12-bit camera's image) does not darken the whole image.
+    A uint16 image's top is that of the fewest bits (8, 10, 12, 14 or 16) that hold its range.
     """
     if np.issubdtype(dtype, np.integer) and np.dtype(dtype).itemsize == 1:
         return 255.0
@@ -195,8 +196,8 @@ def _intensity_top(dtype, values):
         _check_finite(flat)
     highest = float(np.percentile(flat, 99.99)) if flat.size > 10_000 else float(flat.max())
     if np.issubdtype(dtype, np.integer):
-        if dtype == np.uint16:
-            return 65535.0 if highest > 4095 else 4095.0 if highest > 255 else 255.0
+        if dtype == np.uint16:  # a camera's 8 to 16 bits, stored in 16
+            return next(2.0**bits - 1 for bits in (8, 10, 12, 14, 16) if highest <= 2**bits - 1)
         return float(max(highest, 1))
     if highest <= 1.0:
         return 1.0

@@ -110,11 +110,24 @@ class ColourMap:
 
     def statistics(self):
         """The smear's colour references as one feature vector (for the domain-shift score):
-        background RGB, red-cell OD, nuclear OD direction; NaN where not measured."""
+        the background's colour (RGB over its brightest channel), red-cell OD, nuclear OD
+        direction; NaN where not measured.
+
+        Every part is blind to exposure, as the crops are (white balance divides it out): a
+        dimmer lamp or shorter exposure is not an unfamiliar smear.
+
+        Examples
+        --------
+        >>> bright = ColourMap(np.array([0.9, 0.8, 0.7]))
+        >>> dim = ColourMap(np.array([0.45, 0.4, 0.35]))
+        >>> bool(np.allclose(bright.statistics()[:3], dim.statistics()[:3]))
+        True
+        """
         missing = np.full(3, np.nan, np.float32)
         rbc = self.rbc_density if self.rbc_density is not None else missing
         nucleus = self.nucleus_direction if self.nucleus_direction is not None else missing
-        return np.concatenate([self.background, rbc, nucleus]).astype(np.float32)
+        tint = self.background / max(float(np.max(self.background)), 1e-3)
+        return np.concatenate([tint, rbc, nucleus]).astype(np.float32)
 
     def as_dict(self):
         def listed(v):
