@@ -52,6 +52,7 @@ def make_files(folder):
         files[Path(name).stem] = path
 
     image("gray.png", field[..., 0])
+    image("cbc_lymphocyte.png", field)  # the field's name, another file
     image("rgba.png", np.dstack([field, np.full(field.shape[:2], 255, np.uint8)]))
     image("blank.png", np.full((200, 300, 3), 210, np.uint8))
     image("tiny.png", field[:5, :5])
@@ -213,8 +214,13 @@ def cases(files, csvs, out):
         add(f"segment out {place}", ["segment", files["field"], "--out", files[place]], "error")
     add(
         "segment out same stem",
-        ["segment", files["field"], files["field"], "--out", out / "s"],
+        ["segment", files["field"], files["cbc_lymphocyte"], "--out", out / "s"],
         "error",
+    )
+    add(
+        "segment out same file twice",
+        ["segment", files["field"], files["field"], "--out", out / "twice"],
+        "ok",
     )
     add("segment out ok", ["segment", files["field"], "--out", out / "seg"], "ok")
     for image in ("cell", "cell_big", "field_hot", "cmyk", "field_planar"):

@@ -41,9 +41,9 @@ def test_adapt_registers_a_calibrated_local_model(
 
     argv = ["adapt", str(synthetic_cells_dir), "--out", "lab-a", "--steps", "2"]
     assert main([*argv, "--rbc-diameter", str(synthetic_rbc_diameter), "--device", "cpu"]) == 0
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
     assert "saved local model 'lab-a'" in out and "use it with --model lab-a" in out
-    assert "cells per class: lymphocyte 6, neutrophil 6" in out
+    assert "cells per class: lymphocyte 6, neutrophil 6" in err
 
     entry = weights.find_model("lab-a")
     assert entry.local and entry.sha256 == weights.file_sha256(weights.model_path("lab-a"))
@@ -80,8 +80,8 @@ def test_adapt_registers_a_calibrated_local_model(
     # Calibrating the local model again replaces it under the same name. Without a given
     # scale, the lab's images share one (their median), which the model keeps.
     assert main(["calibrate", "lab-a", str(synthetic_cells_dir), "--device", "cpu"]) == 0
-    out = capsys.readouterr().out
-    assert "saved local model 'lab-a'" in out and "shared by the 12 images" in out
+    out, err = capsys.readouterr()
+    assert "saved local model 'lab-a'" in out and "shared by the 12 images" in err
     assert weights.find_model("lab-a").sha256 != entry.sha256
     lab_scale = weights.load_model("lab-a", device="cpu").lab_rbc_diameter
     assert abs(lab_scale - synthetic_rbc_diameter) < 0.2 * synthetic_rbc_diameter

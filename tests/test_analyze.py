@@ -1,8 +1,11 @@
 """Analysing smears: tiles counted once, lazily read images, triage, reports, a resumable
 batch on a dask LocalCluster, and the command and widget over the same pipeline."""
 
+import html
 import json
 import shutil
+from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -107,8 +110,6 @@ def test_triage_reasons():
 
 
 def test_a_class_a_person_added_is_counted_and_reported(field_analysis, tmp_path):
-    from dataclasses import replace
-
     cells = field_analysis.cells.copy()
     cells["label"] = "blast"  # a person's call of a class the model lacks
     analysis = replace(field_analysis, cells=cells)
@@ -118,6 +119,71 @@ def test_a_class_a_person_added_is_counted_and_reported(field_analysis, tmp_path
     assert analysis.summary()["percent_blast"] == 100
     page = report.write_smear(analysis, tmp_path / "cbc", sample_path("cbc_lymphocyte"))
     assert "blast" in page.read_text()
+
+
+def test_class_names_are_shown_as_plain_text(field_analysis, tmp_path):
+    name = r"a$\foo$b"  # matplotlib would read it as maths, and fail
+    analysis = replace(field_analysis, cells=field_analysis.cells.assign(label=name))
+    page = report.write_smear(analysis, tmp_path / "cbc")
+    assert f"<td>{html.escape(name)}</td>" in page.read_text()
+    labels = report._differential_figure(analysis.differential()).axes[0].get_yticklabels()
+    assert name in [label.get_text() for label in labels]
+    assert not any(label.get_parse_math() for label in labels)
+
+
+def test_report_says_what_its_counts_count(field_analysis):
+    cells = pd.concat([field_analysis.cells] * 2, ignore_index=True)
+    cells["id"], cells["label"] = [1, 2], ["lymphocyte", "platelet"]
+    analysis = replace(field_analysis, cells=cells)
+    page = report.report_html(analysis)
+    # Every call, the leukocytes the differential is per, and the segmentation's platelets.
+    assert "2 white cells classified" in page and "Per 100 leukocytes: 1 leukocyte," in page
+    platelets = report.count_text(field_analysis.counts["platelet"], "platelet")
+    assert f"{platelets} found by segmentation" in page
+    # The classes counted apart are marked in the plot as in the table.
+    assert "<td>platelet *</td>" in page
+    labels = report._differential_figure(analysis.differential()).axes[0].get_yticklabels()
+    assert "platelet *" in [label.get_text() for label in labels]
+
+
+def test_a_smear_without_white_cells_has_every_column(field_analysis, default_model, tmp_path):
+    blank = np.full((300, 300, 3), (230, 220, 210), np.uint8)
+    analysis = analyze_smear(blank, default_model, "blank", rbc_diameter=30)
+    report.write_smear(analysis, tmp_path / "blank")
+    cells = pd.read_csv(tmp_path / "blank" / "cells.csv")
+    assert cells.empty and list(cells.columns) == list(field_analysis.cells.columns)
+
+
+def test_reasons_are_a_list_and_keep_their_semicolons(field_analysis, tmp_path):
+    from napari_cytodiffusion.core.model.domain import SOFT_ADVICE
+
+    reasons = [f"unfamiliar stain or scanner; {SOFT_ADVICE}; review", "too few white cells"]
+    analysis = replace(field_analysis, reasons=reasons)
+    report.write_smear(analysis, tmp_path / "cbc", sample_path("cbc_lymphocyte"))
+    assert json.loads((tmp_path / "cbc" / "triage.json").read_text())["reasons"] == reasons
+    report.write_summary_rows(tmp_path, report.summary_rows(tmp_path))
+    (joined,) = pd.read_csv(tmp_path / "summary.csv")["reasons"]
+    assert joined.split(report.REASONS_SEPARATOR) == reasons
+
+
+def test_results_of_an_earlier_version_leave_the_summary(field_analysis, tmp_path):
+    source = sample_path("cbc_lymphocyte")
+    folder = tmp_path / "cbc"
+    report.write_smear(field_analysis, folder, source)
+    # Version 3 wrote the reasons as one string: such results are made again, not read.
+    row = json.loads((folder / "triage.json").read_text())
+    (folder / "triage.json").write_text(json.dumps({**row, "reasons": "; ".join(row["reasons"])}))
+    marker = report.read_marker(folder)
+    (folder / report.FINISHED).write_text(json.dumps({**marker, "version": 3}))
+    assert not report.finished(folder, report.fingerprint(source))
+    assert report.summary_rows(tmp_path) == []
+
+
+def test_a_summary_without_finished_smears_has_its_header(field_analysis, tmp_path):
+    report.write_summary_rows(tmp_path, [])
+    empty = pd.read_csv(tmp_path / "summary.csv")
+    columns = [name for name in field_analysis.summary() if not name.startswith("percent_")]
+    assert empty.empty and list(empty.columns) == columns
 
 
 def test_report_files_are_written_atomically(field_analysis, tmp_path, monkeypatch):
@@ -130,19 +196,20 @@ def test_report_files_are_written_atomically(field_analysis, tmp_path, monkeypat
     assert report.finished(folder, report.fingerprint(source))
     written = {p.name for p in folder.iterdir()}
     assert written == {"cells.csv", "differential.csv", "triage.json", "report.html", "done.json"}
-    # A crash while writing the report leaves the earlier files and no "finished" marker.
+    # New results whose report fails leave every earlier file as it was, not a mix of old and
+    # new, and no "finished" marker.
     (folder / "done.json").unlink()
-    before = (folder / "report.html").read_bytes()
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
 
     def crash(_):
         raise OSError("disk full")
 
     monkeypatch.setattr(report, "report_html", crash)
+    again = replace(field_analysis, cells=field_analysis.cells.assign(label="blast"))
     with pytest.raises(OSError, match="disk full"):
-        report.write_smear(field_analysis, folder, source)
-    assert (folder / "report.html").read_bytes() == before
+        report.write_smear(again, folder, source)
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
     assert not report.finished(folder, report.fingerprint(source))
-    assert not [p for p in folder.iterdir() if "partial" in p.name]
 
 
 def test_batch_on_a_local_cluster_resumes_and_reports_failures(tmp_path, capfd):
@@ -192,8 +259,6 @@ def test_a_smear_is_analysed_again_when_its_annotations_or_settings_change(tmp_p
 
 
 def test_every_setting_that_changes_the_results_is_part_of_their_fingerprint(tmp_path):
-    from dataclasses import replace
-
     from napari_cytodiffusion.core.model.weights import model_path
 
     base = BatchRequest(paths=[], out=tmp_path)
@@ -240,7 +305,15 @@ def test_results_folders_stay_with_their_source(tmp_path):
     again = _batch([second], out)
     assert not again.analysed and again.skipped == result_names([second], out)
     assert {path: path.read_bytes() for path in out.glob("*/cells.csv")} == written
-    assert sorted(pd.read_csv(out / "summary.csv")["smear"]) == sorted(both.analysed)
+    summary = pd.read_csv(out / "summary.csv")
+    assert sorted(summary["smear"]) == sorted(both.analysed)
+    # The folder names alone do not tell the two apart: the summary and each smear's files
+    # name the input.
+    assert sorted(summary["source"]) == sorted(str(path.resolve()) for path in (first, second))
+    for name, source in zip(summary["smear"], summary["source"], strict=True):
+        assert json.loads((out / name / "triage.json").read_text())["source"] == source
+        page = (out / name / "report.html").read_text()
+        assert f"<h1>{name}</h1><p>{html.escape(source)}</p>" in page
 
 
 def test_a_folder_holding_another_smear_is_never_reused(field_analysis, tmp_path):
@@ -257,8 +330,6 @@ def test_a_folder_holding_another_smear_is_never_reused(field_analysis, tmp_path
 
 
 def test_triage_json_is_valid_json_without_leukocytes(field_analysis, tmp_path):
-    from dataclasses import replace
-
     cells = field_analysis.cells.copy()
     cells["label"] = "platelet"  # no leukocyte: no rate per 100 of them
     report.write_smear(replace(field_analysis, cells=cells), tmp_path / "cbc")
@@ -297,7 +368,8 @@ def test_analyze_command(tmp_path, capsys):
     )
     captured = capsys.readouterr()
     assert code == 0
-    assert "pbc_lymphocyte.jpg: review (1 white cell," in captured.out
+    source = Path(sample_path("pbc_lymphocyte")).resolve()  # the whole path, not the name
+    assert f"{source}: review (1 white cell," in captured.out
     assert (out / "pbc_lymphocyte.jpg" / "report.html").is_file()
     assert main(["analyze", str(tmp_path / "missing.png"), "--out", str(out)]) == 2
     assert "No such file" in capsys.readouterr().err

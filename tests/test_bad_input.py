@@ -65,6 +65,16 @@ def test_cli_usage_error_exits_2(capsys):
     assert stop.value.code == 2
 
 
+@pytest.mark.parametrize("tile_size", [300.5, 100, True])
+def test_a_tile_size_that_is_not_a_whole_number_of_pixels_is_refused(tile_size):
+    from napari_cytodiffusion.core.tasks.analyze import BatchRequest, analyze_files
+
+    with pytest.raises(ValueError, match="tile_size"):
+        segment_smear(RGB, rbc_diameter=8, tile_size=tile_size)
+    with pytest.raises(ValueError, match="tile_size"):
+        analyze_files(BatchRequest(paths=[], out="never-made", tile_size=tile_size))
+
+
 @pytest.mark.parametrize(
     "command",
     [
@@ -182,3 +192,47 @@ def test_a_scale_below_any_red_cells_is_not_used():
     assert prepare_smear(inside, rbc_diameter=30).rbc_diameter == 30
     # A lab's scale, where an adapted model has one, is used instead.
     assert prepare_smear(inside, fallback_rbc_diameter=37.5).rbc_diameter == 37.5
+
+
+def test_a_training_error_is_printed_on_its_own_line_after_the_bar(tmp_path, capsys):
+    import shutil
+
+    shutil.copy(sample_path("pbc_lymphocyte"), tmp_path / "a.jpg")
+    table = tmp_path / "cells.csv"
+    table.write_text("file,label\na.jpg,lymphocyte\nmissing.jpg,neutrophil\n")
+    argv = ["train", str(table), "--out", str(tmp_path / "m.pt"), "--steps", "1"]
+    assert main([*argv, "--device", "cpu"]) == 2
+    lines = capsys.readouterr().err.rstrip("\n").split("\n")  # a bar redraws with \r
+    assert lines[-1].startswith("napari-cytodiffusion train: error: ")
+    assert "missing.jpg" in lines[-1]
+
+
+def test_an_interruption_closes_the_bar_before_saying_so(monkeypatch, capsys):
+    from napari_cytodiffusion import cli
+
+    def interrupted(args):
+        cli._progress_bar("working")(1, 10)
+        raise KeyboardInterrupt
+
+    monkeypatch.setitem(cli.COMMANDS, "segment", (cli._add_segment, interrupted))
+    assert main(["segment", "smear.png"]) == 130
+    assert capsys.readouterr().err.endswith("\ninterrupted\n")
+
+
+@pytest.mark.parametrize("command", [["adapt", "cells"], ["calibrate", "m", "x"]])
+def test_adapt_and_calibrate_write_their_notes_to_stderr_as_train_does(
+    command, monkeypatch, capsys
+):
+    from types import SimpleNamespace
+
+    from napari_cytodiffusion.core.tasks import adapt
+
+    def noted(request, progress, log):
+        log("only 3 cells of basophil")
+        return SimpleNamespace(summary=lambda: ["saved local model 'lab'"])
+
+    monkeypatch.setattr(adapt, "adapt_model", noted)
+    assert main([*command, "--out", "lab"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == "saved local model 'lab'\n"
+    assert "only 3 cells of basophil" in captured.err

@@ -304,3 +304,45 @@ def test_cli_classifies_the_images_of_a_folder(pbc_dir, tmp_path, capsys):
     files = [json.loads(line)["file"] for line in out.strip().splitlines()]
     assert files == [str(folder / "a.jpg"), str(folder / "b.jpg")]
     assert "a folder with no image files" in err and "1 of 3 files" in err
+
+
+def test_cli_json_of_a_smear_without_white_cells_says_so_on_stderr(tmp_path, capsys):
+    from PIL import Image
+
+    blank = tmp_path / "blank.png"
+    Image.fromarray(np.full((300, 300, 3), (230, 220, 210), np.uint8)).save(blank)
+    args = ["classify", "--segment", "--json", "--rbc-diameter", "30", "--device", "cpu"]
+    assert main([*args, str(blank)]) == 0
+    out, err = capsys.readouterr()
+    assert out == ""  # stdout holds cell records only, for scripts
+    assert f"{blank}: no white cells found" in err
+
+
+def test_cli_json_tells_of_a_soft_image_on_stderr(pbc_dir, tmp_path, capsys):
+    from PIL import Image
+    from scipy import ndimage as ndi
+
+    from napari_cytodiffusion.core.io import read_image
+
+    soft = tmp_path / "soft.png"
+    image = read_image(pbc_dir / EOSINOPHIL).astype(np.float32)
+    Image.fromarray(ndi.gaussian_filter(image, (1.7, 1.7, 0)).round().astype(np.uint8)).save(soft)
+    assert main(["classify", str(soft), "--json", "--device", "cpu"]) == 0
+    out, err = capsys.readouterr()
+    assert set(json.loads(out)) == JSON_KEYS
+    assert f"{soft}: this smear is unlike the training smears" in err
+
+
+def test_cli_classifies_a_file_named_twice_once(tmp_path, monkeypatch, capsys):
+    import shutil
+
+    from napari_cytodiffusion._sample_data import sample_path
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "more").mkdir()
+    shutil.copy(sample_path("pbc_lymphocyte"), "more/a.jpg")
+    named = ["more/a.jpg", "./more/a.jpg", str(tmp_path / "more" / "a.jpg"), "more"]
+    assert main(["classify", *named, "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("central cell:") == 1
+    assert "single-cell image" not in out  # no differential of one image counted four times

@@ -88,3 +88,21 @@ def test_a_folder_stands_for_its_images(tmp_path, capsys):
     out, err = capsys.readouterr()
     assert out.startswith(str(tmp_path / "cell.jpg")) and "1 white cell" in out
     assert "a folder with no image files" in err and "1 of 2 images" in err
+
+
+def test_earlier_results_are_replaced_only_when_asked(tmp_path, capsys):
+    curated = tmp_path / "pbc_lymphocyte_cells.csv"
+    curated.write_text("corrected by hand\n")
+    assert main(["segment", PBC, "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert f"{curated} exists, from an earlier run" in err and "(--overwrite)" in err
+    assert curated.read_text() == "corrected by hand\n"
+    assert not (tmp_path / "pbc_lymphocyte_wbc_labels.tif").exists()  # refused before work
+    assert main(["segment", PBC, "--out", str(tmp_path), "--overwrite"]) == 0
+    assert "centroid_row" in curated.read_text()
+
+
+def test_a_run_that_writes_nothing_leaves_no_folder(tmp_path, capsys):
+    out = tmp_path / "new"
+    assert main(["segment", str(tmp_path / "nope.png"), "--out", str(out)]) == 2
+    assert "No such file" in capsys.readouterr().err and not out.exists()

@@ -162,6 +162,16 @@ def test_mean_map_grid_groups_cells_by_source(default_model, cell):
     np.testing.assert_allclose(mean_crops[n], (cell + cell[::-1]) / 2, atol=1e-6)
 
 
+def test_a_grid_refuses_sources_for_cells_it_does_not_hold(default_model, cell):
+    from napari_cytodiffusion.core.tasks.explain import explain_grid
+
+    stack = (np.stack([cell, cell[::-1]]) * 255).astype(np.uint8)
+    with pytest.raises(ValueError, match=r"not in the set: \[5\]"):
+        explain_grid(
+            stack, default_model, sources={0: "neutrophil", 5: "monocyte"}, rbc_diameter=16
+        )
+
+
 def test_figures_render(explanation, cell, tmp_path):
     figure = counterfactual.cell_maps_figure(cell, explanation, {"eosinophil": cell})
     figure.savefig(tmp_path / "cell.png")
@@ -229,3 +239,44 @@ def test_counterfactual_command_needs_both_segment_and_cell_id(tmp_path, capsys)
     ]
     assert cli.main(argv) == cli.USAGE_ERROR
     assert "--segment and --cell-id go together" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("name", "segment"), [("cbc_lymphocyte", True), ("pbc_lymphocyte", False)])
+def test_explain_calls_a_cell_as_classify_does(default_model, name, segment):
+    # The same crop, colours and seed: the same call, domain shift and review flag.
+    from napari_cytodiffusion._sample_data import sample_path
+    from napari_cytodiffusion.core.io import read_image
+    from napari_cytodiffusion.core.tasks.classify import classify
+    from napari_cytodiffusion.core.tasks.explain import ExplainRequest, explain
+
+    image = read_image(sample_path(name))
+    classified = classify(image, default_model, segment=segment)
+    cell_id = classified.cell_ids[0]
+    request = ExplainRequest("lymphocyte", cell_id=cell_id, segment=segment, trials=1, steps=1)
+    explained = explain(image, default_model, request)
+    np.testing.assert_allclose(explained.crop, classified.crops[0], atol=1e-6)
+    call, expected = explained.call, classified.calls[0]
+    assert call.label == expected.label
+    assert call.probabilities == pytest.approx(expected.probabilities, abs=1e-6)
+    assert call.domain_shift == pytest.approx(expected.domain_shift)
+    assert (call.needs_review, call.why) == (expected.needs_review, expected.why)
+    assert ("NEEDS REVIEW" in explained.source_note()) == expected.needs_review
+
+
+def test_counterfactual_replaces_earlier_maps_only_when_asked(tmp_path, capsys, monkeypatch):
+    from napari_cytodiffusion._sample_data import sample_path
+
+    earlier = tmp_path / "heatmap.png"
+    earlier.write_text("an earlier run's map")
+
+    def loading(*_):
+        raise RuntimeError("loading the model")  # the work starts here: far enough
+
+    monkeypatch.setattr(cli, "_load_model", loading)
+    argv = ["counterfactual", str(sample_path("pbc_lymphocyte")), "--target", "monocyte"]
+    assert cli.main([*argv, "--out", str(tmp_path)]) == cli.USAGE_ERROR
+    err = capsys.readouterr().err
+    assert f"{earlier} exists, from an earlier run" in err and "(--overwrite)" in err
+    assert cli.main([*argv, "--out", str(tmp_path), "--overwrite"]) == cli.USAGE_ERROR
+    assert "loading the model" in capsys.readouterr().err
+    assert earlier.read_text() == "an earlier run's map"

@@ -229,3 +229,14 @@ def test_a_model_file_is_the_same_model_however_its_path_is_written(tmp_path, mo
         assert cli.main([*argv, "--model", model, "--out", "cells"]) == 0
     (row,) = list(csv.DictReader(open(tmp_path / "cells" / "metadata.csv")))
     assert row["model"] == str((tmp_path / "m.pt").resolve())
+
+
+def test_generate_refuses_a_folder_inside_a_file_before_generating(tmp_path, capsys, monkeypatch):
+    taken = tmp_path / "bad.png"
+    taken.write_text("a file of the user's")
+    monkeypatch.setattr(cli, "_load_model", lambda *_: pytest.fail("generated before checking"))
+    with pytest.raises(SystemExit) as stop:
+        cli.main(["generate", "--label", "lymphocyte", "-n", "1", "--out", str(taken / "sub")])
+    assert stop.value.code == cli.USAGE_ERROR
+    assert f"{taken} is a file, so {taken / 'sub'} cannot be made" in capsys.readouterr().err
+    assert taken.read_text() == "a file of the user's"

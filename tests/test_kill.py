@@ -57,7 +57,8 @@ def test_segment_out(tmp_path, seed):
     for i in range(6):
         Image.fromarray(np.roll(field, 40 * i, axis=1)).save(images / f"field_{i}.png")
     out = tmp_path / "out"
-    argv = ["segment", *sorted(map(str, images.iterdir())), "--out", str(out)]
+    # The files written before the kill are replaced by the run after it.
+    argv = ["segment", *sorted(map(str, images.iterdir())), "--out", str(out), "--overwrite"]
     _killed_then_finished(argv, out, seed)
     assert len(list(out.glob("*_cells.csv"))) == 6
 

@@ -241,3 +241,27 @@ def test_guidance_0_is_used_not_replaced_by_the_default(default_model):
         return next(image for image, row in rows if row["truth"] == "synthetic")
 
     assert not np.array_equal(synthetic(0.0), synthetic(2.0))
+
+
+@pytest.mark.parametrize(
+    ("table", "message"),
+    [
+        (None, "has no split column"),
+        ("file,label\nlymphocyte/a.jpg,lymphocyte\n", "has no split column"),
+        ("file,label,split\nlymphocyte/a.jpg,lymphocyte,train\n", "None of the cells of"),
+    ],
+)
+def test_a_split_without_cells_says_why(tmp_path, table, message):
+    import shutil
+
+    from napari_cytodiffusion._sample_data import sample_path
+
+    (tmp_path / "lymphocyte").mkdir()
+    shutil.copy(sample_path("pbc_lymphocyte"), tmp_path / "lymphocyte" / "a.jpg")
+    data = tmp_path
+    if table is not None:
+        data = tmp_path / "cells.csv"
+        data.write_text(table)
+    with pytest.raises(ValueError, match=f"{message}.* split 'test'"):
+        turing.select_real_cells(data, 1, split="test")
+    assert len(turing.select_real_cells(data, 1)) == 1

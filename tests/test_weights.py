@@ -260,3 +260,28 @@ def test_models_hash_records_only_a_model_file(registry, tmp_path, capsys):
     assert main(["models", "hash", str(impostor), "--update"]) == 2
     assert f"{impostor} is not a model file" in capsys.readouterr().err
     assert weights.find_model(SERVED_NAME).sha256 == before
+
+
+@pytest.mark.parametrize(
+    ("kind", "message"),
+    [
+        ("text", "not a model file saved by napari-cytodiffusion (train, adapt"),
+        ("cut short", "damaged or cut short (PytorchStreamReader failed reading zip archive"),
+    ],
+)
+def test_a_file_that_is_no_model_is_refused_saying_what_it_is(tmp_path, capsys, kind, message):
+    path = tmp_path / "bad.png"
+    if kind == "text":
+        path.write_text("in a text file, torch reads a key of 105\n")
+    else:
+        torch.save({"weights": torch.zeros(1000)}, path)
+        path.write_bytes(path.read_bytes()[:2000])  # an interrupted copy
+    argv = ["generate", "--label", "lymphocyte", "--model", str(path), "--out", str(tmp_path)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"error: {path} is " in err and message in err and "\n" not in err.rstrip("\n")
+
+
+def test_models_hash_of_a_folder_says_it_is_a_folder(tmp_path, capsys):
+    assert main(["models", "hash", str(tmp_path)]) == 2
+    assert f"{tmp_path} is a folder: give the model file in it" in capsys.readouterr().err

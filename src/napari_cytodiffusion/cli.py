@@ -36,11 +36,21 @@ def _seed(text):
 
 def _out_folder(text):
     """An argparse type: a folder to write into (made if missing), refused before any work
-    when it is a file."""
+    when it, or a folder it would be made in, is a file or cannot be written."""
     from pathlib import Path
 
-    if Path(text).exists() and not Path(text).is_dir():
-        raise argparse.ArgumentTypeError(f"{text} is a file; give the folder to write into")
+    path = Path(text)
+    existing = next(folder for folder in (path, *path.parents) if folder.exists())
+    if not existing.is_dir():
+        if existing == path:
+            raise argparse.ArgumentTypeError(f"{text} is a file; give the folder to write into")
+        raise argparse.ArgumentTypeError(
+            f"{existing} is a file, so {text} cannot be made in it; give a folder to write into"
+        )
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise argparse.ArgumentTypeError(
+            f"{existing} cannot be written (no permission); give a folder you can write into"
+        )
     return text
 
 
@@ -187,6 +197,8 @@ def _models(args):
                 args.name, progress=_progress_bar(f"downloading {args.name}", in_bytes=True)
             )
         )
+    elif Path(args.file).is_dir():
+        raise UsageError(f"{args.file} is a folder: give the model file in it to hash.")
     elif not Path(args.file).is_file():
         raise UsageError(f"No such file: {args.file}")
     elif args.update:
@@ -240,6 +252,18 @@ def _generate(args):
     print(f"{task.summary(cells)}: {path}")
 
 
+# What counterfactual writes into DIR, in this order.
+COUNTERFACTUAL_FILES = (
+    "heatmap_crop.npy",
+    "heatmap.npy",
+    "counterfactual.npy",
+    "cell.png",
+    "counterfactual.png",
+    "heatmap.png",
+    "maps_all_classes.png",
+)
+
+
 def _add_counterfactual(subparsers):
     from napari_cytodiffusion.core.model import counterfactual
 
@@ -260,6 +284,9 @@ def _add_counterfactual(subparsers):
         help="the cell's current class (default: the classifier's call)",
     )
     parser.add_argument("--out", required=True, metavar="DIR", type=_out_folder)
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace the files of an earlier run in DIR"
+    )
     parser.add_argument("--segment", action="store_true", help="IMAGE is a smear: segment it")
     parser.add_argument("--cell-id", type=int, help="white-cell label id in the segmented smear")
     parser.add_argument("--rbc-diameter", type=float, help="red-cell diameter in pixels")
@@ -291,6 +318,8 @@ def _counterfactual(args):
 
     if args.segment != (args.cell_id is not None):
         raise UsageError("--segment and --cell-id go together: segment the smear, pick a cell.")
+    out = Path(args.out)
+    _refuse_replacing([out / name for name in COUNTERFACTUAL_FILES], args.overwrite)
     image = read_image(args.image)
     request = ExplainRequest(
         target=args.target,
@@ -307,7 +336,6 @@ def _counterfactual(args):
     )
     model = _load_model(args.model, args.device)
     result = explain(image, model, request, progress=_progress_bar("explaining the cell"))
-    out = Path(args.out)
     heat = result.heat_on_image()
     overlay = heat_overlay(to_rgb_float(image), heat)
     writers = {
@@ -320,9 +348,9 @@ def _counterfactual(args):
         "maps_all_classes.png": lambda path: result.figure().savefig(path),
     }
     with exclusive_folder(out):
-        for name, write in writers.items():
+        for name in COUNTERFACTUAL_FILES:
             with atomic_write(out / name) as partial:
-                write(partial)
+                writers[name](partial)
     print(f"{result.summary()}; results in {out}")
     if result.field_warning():
         print(f"{args.image}: {result.field_warning()}")
@@ -412,7 +440,12 @@ def _add_classify(subparsers):
         help="red-cell diameter in pixels; by default estimated per smear, or once for "
         "three or more single-cell images of one size (one scanner)",
     )
-    parser.add_argument("--json", action="store_true", help="one JSON object per cell")
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        help="one JSON object per cell on stdout; notes on an image (no white cells, unlike "
+        "the training smears) go to stderr",
+    )
     parser.add_argument(
         "--ignore-annotations",
         action="store_true",
@@ -466,8 +499,12 @@ def _classify(args):
             print(f"{path}: {count_text(len(result.calls), 'white cell')}")
             # "-" where there is no rate: no leukocyte to count per (percent_text's dash).
             print(result.differential().to_string(index=False, float_format="%.1f", na_rep="-"))
-        for warning in [] if args.json else result.warnings():
-            print(f"{path}: {warning}")
+        # With --json, stdout holds only cell records; what a person must know goes to stderr.
+        notes = result.warnings()
+        if args.json and args.segment and not result.calls:
+            notes.insert(0, "no white cells found")
+        for note in notes:
+            print(f"{path}: {note}", file=sys.stderr if args.json else sys.stdout)
         if not args.segment:
             central_calls += result.final_labels()
     if len(central_calls) > 1 and not args.json:
@@ -483,15 +520,17 @@ def _classify(args):
 
 def _with_folder_images(paths):
     """``paths`` with each folder replaced by the image files in it (sorted); a folder without
-    any stays, to be reported as unreadable with the other files."""
+    any stays, to be reported as unreadable with the other files. A file named twice (a.jpg
+    ./a.jpg, or in its folder too) is kept once, where first named: else it would count twice."""
     from pathlib import Path
 
     from napari_cytodiffusion.core.io import folder_images
 
-    expanded = []
+    expanded = {}  # {real path: the path as named}
     for path in map(Path, paths):
-        expanded += (folder_images(path) if path.is_dir() else []) or [path]
-    return expanded
+        for found in (folder_images(path) if path.is_dir() else []) or [path]:
+            expanded.setdefault(os.path.realpath(found), found)
+    return list(expanded.values())
 
 
 def _add_model_arguments(parser, seed_help=None):
@@ -534,6 +573,11 @@ def _add_segment(subparsers):
         "IMAGE_nucleus_labels.tif (uint16 instance labels, uint32 past 65,535 cells; a "
         "nucleus has its white cell's label) and IMAGE_cells.csv (one row per cell) here",
     )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the files of an earlier run in DIR (labels a person may have corrected)",
+    )
     parser.add_argument("--json", action="store_true", help="one JSON object per image")
     parser.add_argument(
         "--rbc-diameter", type=float, help="red-cell diameter in pixels (default: estimated)"
@@ -552,6 +596,10 @@ def _segment(args):
     out = Path(args.out) if args.out else None
     images = _with_folder_images(args.images)
     stems = [path.stem for path in images]
+    if out is not None:
+        earlier = [out / name for stem in stems for name in _segment_files(stem)]
+        _refuse_replacing(earlier, args.overwrite)
+    made = out is not None and not out.exists()
     failed = 0
     with exclusive_folder(out) if out is not None else contextlib.nullcontext():
         for path, stem in zip(images, stems, strict=True):
@@ -572,10 +620,31 @@ def _segment(args):
                 print(json.dumps({"file": str(path), **result.record()}), flush=True)
             else:
                 print(f"{path}: {result.summary()}", flush=True)
+    if made and not any(out.iterdir()):
+        out.rmdir()  # nothing was written: leave no empty folder behind
     if failed:
         print(f"{failed} of {len(images)} images could not be segmented", file=sys.stderr)
         return USAGE_ERROR
     return 0
+
+
+def _segment_files(stem):
+    """The names ``write_segmentation`` gives the files of image ``stem``."""
+    from napari_cytodiffusion.core.smear.segmentation import CELL_TYPES
+
+    labels = [f"{stem}_{kind}_labels.tif" for kind in (*CELL_TYPES, "nucleus")]
+    return [*labels, f"{stem}_cells.csv"]
+
+
+def _refuse_replacing(paths, overwrite):
+    """Refuse, before any work, to replace an earlier run's files unless ``overwrite``: a
+    person may have corrected them since."""
+    earlier = [path for path in paths if path.exists()]
+    if earlier and not overwrite:
+        raise UsageError(
+            f"{earlier[0]} exists, from an earlier run, and may have been corrected since: "
+            "choose another --out folder, or replace the earlier results (--overwrite)."
+        )
 
 
 def _add_analyze(subparsers):
@@ -630,8 +699,9 @@ def _analyze(args):
             return
         flagged = int(analysis.cells["needs_review"].sum())
         white = count_text(len(analysis.cells), "white cell")
+        # The source's path: two smears of one file name differ only in it.
         tqdm.write(
-            f"{name}: {analysis.decision} ({white}, {flagged} flagged) -> "
+            f"{analysis.source or name}: {analysis.decision} ({white}, {flagged} flagged) -> "
             f"{Path(args.out) / name / 'report.html'}",
             file=sys.stdout,
         )
@@ -709,9 +779,16 @@ def _adapt(args):
 
 
 def _run_adapt(request, description):
+    from tqdm import tqdm
+
     from napari_cytodiffusion.core.tasks.adapt import adapt_model
 
-    result = adapt_model(request, progress=_progress_bar(description), log=print)
+    result = adapt_model(
+        request,
+        progress=_progress_bar(description),
+        # Notes and warnings on stderr above the bar, as train's: stdout keeps the summary.
+        log=lambda message: tqdm.write(message, file=sys.stderr),
+    )
     print("\n".join(result.summary()))
     return 0
 
@@ -820,6 +897,16 @@ def _export_cells(args):
     return 0
 
 
+# The progress bars drawing now: closed when the command ends (see _run), so that an error
+# is not glued to one and followed by a stale one.
+_open_bars = []
+
+
+def _close_bars():
+    while _open_bars:
+        _open_bars.pop().close()
+
+
 def _progress_bar(description, in_bytes=False):
     """Return a ``progress(done, total, postfix=None)`` callback drawing a bar on stderr.
 
@@ -838,12 +925,15 @@ def _progress_bar(description, in_bytes=False):
                     total=total or None, desc=description, file=sys.stderr, mininterval=0.5, **units
                 )
             )
+            _open_bars.append(bars[0])
         bar = bars[0]
         if postfix:
             bar.set_postfix_str(postfix, refresh=False)
         bar.update(done - bar.n)
         if total and done >= total:
             bar.close()
+            # By identity: tqdm compares bars by their screen position.
+            _open_bars[:] = [other for other in _open_bars if other is not bar]
 
     return update
 
@@ -880,7 +970,7 @@ def build_parser():
 def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
-        return COMMANDS[args.command][1](args) or 0
+        return _run(args)
     except BrokenPipeError:
         # The reader went away (``| head``): stop quietly, as other command-line tools do.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
@@ -893,6 +983,15 @@ def main(argv=None):
             raise
         print(f"napari-cytodiffusion {args.command}: error: {_describe(error)}", file=sys.stderr)
         return USAGE_ERROR
+
+
+def _run(args):
+    """Run the command; its progress bars are closed however it ends, so that what is printed
+    next (an error, "interrupted") has a line of its own, after them."""
+    try:
+        return COMMANDS[args.command][1](args) or 0
+    finally:
+        _close_bars()
 
 
 def _describe(error):

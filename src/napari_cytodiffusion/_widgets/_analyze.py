@@ -73,13 +73,16 @@ class AnalyzeWidget(DockForm):
         data = full_resolution(layer)
         folder = Path(self._out.value) / layer.name
         choice, seed = self._fields.choice(), self._fields.seed.value
+        source = layer.source.path  # the file it was opened from, named in the report
 
         def job(progress):
             from napari_cytodiffusion.core.report import mark_unfinished, write_smear
             from napari_cytodiffusion.core.tasks.analyze import analyze_smear
 
             model = choice.load(progress)
-            analysis = analyze_smear(data, model, layer.name, seed=seed, progress=progress)
+            analysis = analyze_smear(
+                data, model, layer.name, seed=seed, progress=progress, source=source
+            )
             # A batch's results in that folder are replaced: its marker must not call them its.
             mark_unfinished(folder)
             return analysis, write_smear(analysis, folder), _cell_points(analysis)

@@ -511,7 +511,11 @@ def _grid_job(data, options, model_choice):
         from napari_cytodiffusion.core.tasks.explain import explain_grid
 
         model = model_choice.load(progress)
-        return explain_grid(np.asarray(data), model, progress=progress, **options)
+        cells, labels, sources = np.asarray(data), options["labels"], options["sources"]
+        if isinstance(sources, dict):  # a deleted cell's feature row outlives its pixels
+            present = set(range(len(cells))) if labels is None else set(np.unique(labels).tolist())
+            sources = {key: name for key, name in sources.items() if key in present}
+        return explain_grid(cells, model, progress=progress, **{**options, "sources": sources})
 
     return job
 

@@ -3,11 +3,13 @@
 ``DIR/<smear>/`` holds ``cells.csv`` (one row per white cell), ``differential.csv``,
 ``triage.json`` and ``report.html``; ``done.json`` is written last and marks the folder
 finished for its source, as it was, with the model and settings used (:func:`fingerprint`).
-Every file is written under a temporary name and renamed when complete, so a run killed at
-any moment leaves no half-written file under a final name, and a folder without a finished
-``done.json`` is simply analysed again. Before a folder's results are made again its marker is
-turned unfinished (:func:`mark_unfinished`): it still names the folder's source, but the old
-results leave the summary until the new ones are complete.
+Every file's content is made before any is written, so a smear whose report cannot be made
+leaves the folder's earlier files as they were, not a mix of old and new. Each is written under
+a temporary name and renamed when complete, so a run killed at any moment leaves no
+half-written file under a final name, and a folder without a finished ``done.json`` is simply
+analysed again. Before a folder's results are made again its marker is turned unfinished
+(:func:`mark_unfinished`): it still names the folder's source, but the old results leave the
+summary until the new ones are complete.
 """
 
 import base64
@@ -25,8 +27,25 @@ FINISHED = "done.json"
 SUMMARY = "summary.csv"
 # Bump when the files a smear gets change, so older results are made again.
 # 2: cells.csv gives each cell's area, diameter and nucleus fraction;
-# 3: triage.json writes null for a missing rate; the marker records the settings.
-OUTPUT_VERSION = 3
+# 3: triage.json writes null for a missing rate; the marker records the settings;
+# 4: triage.json names the source and lists the reasons; cells.csv of a smear without white
+# cells has every column; the report names the source and the leukocytes counted.
+OUTPUT_VERSION = 4
+# summary.csv's first columns (then percent_<class>), there even when no smear is finished.
+SUMMARY_COLUMNS = (
+    "smear",
+    "source",
+    "decision",
+    "reasons",
+    "white_cells",
+    "leukocytes",
+    "flagged",
+    "red_cells",
+    "platelets",
+    "rbc_diameter_px",
+)
+# summary.csv joins a smear's reasons with this: a reason may hold a semicolon.
+REASONS_SEPARATOR = " | "
 
 
 def file_identity(path):
@@ -119,23 +138,26 @@ def write_smear(analysis, folder, source=None, marker=None):
         The HTML report.
     """
     folder = Path(folder)
+    # "\n": writing the text gives the platform's line ends.
+    contents = {
+        "cells.csv": analysis.cells.to_csv(index=False, lineterminator="\n"),
+        "differential.csv": analysis.differential().to_csv(index=False, lineterminator="\n"),
+        "triage.json": json_text(analysis.summary(), indent=1),
+        "report.html": report_html(analysis),
+    }
     folder.mkdir(parents=True, exist_ok=True)
-    with atomic_write(folder / "cells.csv") as partial:
-        analysis.cells.to_csv(partial, index=False)
-    with atomic_write(folder / "differential.csv") as partial:
-        analysis.differential().to_csv(partial, index=False)
-    _write_text(folder / "triage.json", json_text(analysis.summary(), indent=1))
-    report = folder / "report.html"
-    _write_text(report, report_html(analysis))
+    for name, text in contents.items():
+        _write_text(folder / name, text)
     if marker is None and source is not None:
         marker = fingerprint(source)
     if marker is not None:
         _write_text(folder / FINISHED, json.dumps(marker))
-    return report
+    return folder / "report.html"
 
 
 def json_text(row, **options):
-    """``row`` (a flat dict) as strict JSON: a missing number (NaN) is written as null."""
+    """``row`` (a dict of numbers, strings and lists) as strict JSON: a missing number (NaN)
+    is written as null."""
     finite = {
         key: None if isinstance(value, float) and not math.isfinite(value) else value
         for key, value in row.items()
@@ -144,12 +166,15 @@ def json_text(row, **options):
 
 
 def write_summary_rows(out_dir, rows):
-    """``DIR/summary.csv``: one row per smear (decision, reasons, counts, differential)."""
+    """``DIR/summary.csv``: one row per smear (decision, reasons joined by
+    :data:`REASONS_SEPARATOR`, counts, differential); the header alone without any."""
     import pandas as pd
 
+    lines = [{**row, "reasons": REASONS_SEPARATOR.join(row["reasons"])} for row in rows]
+    table = pd.DataFrame(lines) if lines else pd.DataFrame(columns=SUMMARY_COLUMNS)
     path = Path(out_dir) / SUMMARY
     with atomic_write(path) as partial:
-        pd.DataFrame(rows).to_csv(partial, index=False)
+        table.to_csv(partial, index=False)
     return path
 
 
@@ -184,7 +209,7 @@ def count_text(count, noun):
 
 
 def percent_text(percent):
-    """A differential's rate per 100 white cells as shown: one decimal, or a dash where there
+    """A differential's rate per 100 leukocytes as shown: one decimal, or a dash where there
     is none (no leukocyte to count per).
 
     Examples
@@ -198,23 +223,29 @@ def percent_text(percent):
 def report_html(analysis):
     """A self-contained HTML page: triage, counts, differential plot, overview, flagged cells."""
     title = html.escape(analysis.name)
+    # Two smears may share a file name: the path tells them apart.
+    source = f"<p>{html.escape(analysis.source)}</p>" if analysis.source else ""
     decision = analysis.decision.upper()
     reasons = "".join(f"<li>{html.escape(r)}</li>" for r in analysis.reasons) or (
         "<li>nothing needs a person's eyes</li>"
     )
     counts = analysis.differential()
+    labels = class_labels(counts)
     rows = "".join(
-        f"<tr><td>{html.escape(c)}{'' if inside else ' *'}</td><td>{n}</td>"
-        f"<td>{percent_text(p)}</td></tr>"
-        for c, n, p, inside in counts.itertuples(index=False)
+        f"<tr><td>{html.escape(label)}</td><td>{n}</td><td>{percent_text(p)}</td></tr>"
+        for label, n, p in zip(labels, counts["count"], counts["percent"], strict=True)
     )
     found = analysis.counts
+    # The segmentation's platelets, apart from the white-cell detections called platelet.
     summary = (
         f"{count_text(len(analysis.cells), 'white cell')} classified, "
-        f"{int(analysis.cells['needs_review'].sum())} flagged; "
+        f"{int(analysis.cells['needs_review'].sum())} flagged. "
         f"{count_text(found['rbc'], 'red cell')} and {count_text(found['platelet'], 'platelet')}"
+        " found by segmentation"
     )
-    plot, overview = _png(_differential_plot(counts)), _png(_overview(analysis))
+    leukocytes = count_text(analysis.leukocytes(), "leukocyte")
+    plot = _png(_rgb(_differential_figure(counts)))
+    overview = _png(_overview(analysis))
     return f"""<!DOCTYPE html>
 <html><head><meta charset="utf-8"><title>{title}: napari-cytodiffusion report</title>
 <style>body{{font-family:sans-serif;margin:2em;max-width:1100px}}
@@ -222,12 +253,14 @@ def report_html(analysis):
 td,th{{border:1px solid #ccc;padding:2px 8px;text-align:right}}
 figure{{display:inline-block;margin:4px;text-align:center;font-size:11px;width:140px}}
 img.cell{{width:128px;height:128px;image-rendering:pixelated}}</style></head>
-<body><h1>{title}</h1>
+<body><h1>{title}</h1>{source}
 <h2 class="{analysis.decision}">{decision}</h2><ul>{reasons}</ul>
-<p>{summary} found. Image
+<p>{summary}. Image
 {analysis.shape[1]} x {analysis.shape[0]} px, red-cell diameter {analysis.rbc_diameter:.1f} px.</p>
-<h2>Differential count</h2><table><tr><th>class</th><th>count</th><th>%</th></tr>{rows}</table>
-<p>* per 100 white cells, not one of them: not part of the 100 %.</p>
+<h2>Differential count</h2><p>Per 100 leukocytes: {leukocytes}, the white cells of the classes
+without *.</p>
+<table><tr><th>class</th><th>count</th><th>per 100</th></tr>{rows}</table>
+<p>* counted per 100 leukocytes, not among them: not part of the 100 %.</p>
 <p><img alt="differential" src="data:image/png;base64,{plot}"></p>
 <h2>The smear</h2><p>White cells outlined in the colour of their class; flagged cells in red.</p>
 <p><img alt="overview" style="max-width:100%" src="data:image/png;base64,{overview}"></p>
@@ -273,20 +306,35 @@ def _overview(analysis):
     return np.asarray(image)
 
 
-def _differential_plot(counts):
+def class_labels(counts):
+    """A differential's classes as the report shows them: those counted apart marked *."""
+    return [
+        name if inside else f"{name} *"
+        for name, inside in zip(counts["class"], counts["in_differential"], strict=True)
+    ]
+
+
+def _differential_figure(counts):
     from matplotlib.figure import Figure
 
     figure = Figure(figsize=(6, 2.6), dpi=100)
     axis = figure.subplots()
     colours = class_colours(tuple(counts["class"]))
-    axis.barh(counts["class"], counts["percent"], color=[colours[c] for c in counts["class"]])
-    axis.set_xlabel("per 100 white cells")
+    positions = np.arange(len(counts))
+    axis.barh(positions, counts["percent"], color=[colours[c] for c in counts["class"]])
+    # Plain text: matplotlib reads a person's class name with two "$" as maths, or fails.
+    axis.set_yticks(positions, class_labels(counts), parse_math=False)
+    axis.set_xlabel("per 100 leukocytes (* not among them)")
     axis.invert_yaxis()
     figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png")
+    return figure
+
+
+def _rgb(figure):
     from PIL import Image
 
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
     return np.asarray(Image.open(io.BytesIO(buffer.getvalue())).convert("RGB"))
 
 

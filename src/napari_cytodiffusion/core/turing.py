@@ -83,10 +83,30 @@ def select_real_cells(data, n, seed=0, split=None, classes=None):
 
     records = list_labelled_images(data, classes=classes or CLASSES)
     if split is not None:
-        records = [r for r in records if r.split == split]
+        records = _of_split(records, data, split)
     if len(records) < n:
         raise ValueError(f"Asked for {n} real cells but {data} holds only {len(records)}.")
     return [records[i] for i in choose(len(records), n, seed)]
+
+
+def _of_split(records, data, split):
+    """The records of ``split``; an error saying why when there are none (without a split
+    column every cell counts as training data, so "0 cells" would hide the reason)."""
+    from napari_cytodiffusion.core.io import read_table
+
+    kept = [r for r in records if r.split == split]
+    if kept:
+        return kept
+    if not (Path(data).is_file() and "split" in read_table(data)[0]):
+        raise ValueError(
+            f"{data} has no split column, so none of its cells is of split {split!r}: "
+            "choosing a split needs a CSV with file, label and split columns (such as PBC's "
+            "splits.csv); or leave the split out to choose among all its cells."
+        )
+    raise ValueError(
+        f"None of the cells of {data} is of split {split!r}: choose another split, or leave "
+        "the split out to choose among all its cells."
+    )
 
 
 def normalise_real_cells(cells, size, rbc_diameter=None, progress=None):

@@ -131,40 +131,47 @@ def read_state(path):
         If the file is missing, damaged, or holds Python objects beyond tensors and plain
         values (a pickle, which could run code: it is refused, never loaded).
     """
-    import pickle
-
     import torch
 
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        if not _written_by_torch(path):
-            raise ModelFileError(
-                f"{path} is not a model file: choose a .pt or .ckpt written by "
-                "napari-cytodiffusion (train, adapt, or a registry model)."
-            ) from error
-        raise ModelFileError(
+    except Exception as error:
+        raise _unreadable(path, error) from error
+
+
+def _unreadable(path, error):
+    """The ModelFileError for a file ``torch.load`` failed on, saying what it is instead
+    (torch's own message names a byte or a key, not the problem)."""
+    import pickle
+
+    if isinstance(error, OSError):
+        return ModelFileError(f"{path} cannot be read: {error.strerror or error}.")
+    if not _written_by_torch(path):
+        return ModelFileError(
+            f"{path} is not a model file saved by napari-cytodiffusion (train, adapt, or a "
+            "registry model): it is another kind of file. Choose the .pt or .ckpt they write."
+        )
+    if isinstance(error, pickle.UnpicklingError):
+        return ModelFileError(
             f"{path} holds Python objects beyond tensors and plain values; it was not loaded, "
             "because loading such a file could run code. Use a model file written by "
             "napari-cytodiffusion (train, or a registry model)."
-        ) from error
-    except Exception as error:
-        first = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise ModelFileError(
-            f"{path} is not a readable napari-cytodiffusion model: {first}"
-        ) from error
+        )
+    # The first sentence: torch goes on about how files get damaged.
+    reason = (str(error) or type(error).__name__).splitlines()[0].split(". ")[0]
+    return ModelFileError(
+        f"{path} is a PyTorch file that cannot be read as a model, damaged or cut short "
+        f"({reason}): save it again with train or adapt, or download it again."
+    )
 
 
 def _written_by_torch(path):
-    """Whether ``path`` is a file ``torch.save`` wrote: a zip archive, or (before torch 1.6)
-    a pickle, which starts with its protocol byte."""
-    import zipfile
-
+    """Whether ``path`` starts as a file ``torch.save`` wrote: a zip archive, or (before torch
+    1.6) a pickle, which starts with its protocol byte. By the start alone, so that a file cut
+    short (an interrupted copy) counts too."""
     with open(path, "rb") as file:
-        if zipfile.is_zipfile(file):
-            return True
-        file.seek(0)
-        return file.read(1) == b"\x80"
+        start = file.read(4)
+    return start == b"PK\x03\x04" or start[:1] == b"\x80"
 
 
 def _contents(path, state):

@@ -20,6 +20,7 @@ in threads); a cell belongs to the tile that holds its centroid, so each cell is
 once and always whole.
 """
 
+import numbers
 import threading
 from dataclasses import dataclass, replace
 
@@ -219,6 +220,14 @@ def shared_settings(smear):
     return SharedSettings(factor, replace(measured, rbc_diameter=smear.rbc_diameter / factor))
 
 
+def check_tile_size(tile_size):
+    """Refuse a tile side that is not a whole number of at least 256 pixels."""
+    if isinstance(tile_size, bool) or not isinstance(tile_size, numbers.Integral):
+        raise ValueError(f"tile_size must be a whole number of pixels, got {tile_size!r}.")
+    if tile_size < 256:
+        raise ValueError(f"tile_size must be at least 256 pixels, got {tile_size}.")
+
+
 def segment_smear(
     image,
     rbc_diameter=None,
@@ -261,8 +270,7 @@ def segment_smear(
     ValueError
         If ``rbc_diameter`` or ``tile_size`` is not a sensible positive number.
     """
-    if tile_size < 256:
-        raise ValueError(f"tile_size must be at least 256 pixels, got {tile_size}.")
+    check_tile_size(tile_size)
     tracker = _ProgressTracker(progress)
     tracker.check()
     smear = prepare_smear(image, rbc_diameter, lambda *_: tracker.check())

@@ -53,7 +53,9 @@ class SmearAnalysis:
     overview : ndarray uint8
         The smear shrunk to at most a megapixel, and ``overview_factor`` its shrinking factor.
     decision, reasons
-        The triage: ``"release"`` or ``"review"``, and why.
+        The triage: ``"release"`` or ``"review"``, and why (a list of sentences).
+    source : str or None
+        The file the smear was read from (a batch's: its resolved path), None when not known.
     """
 
     name: str
@@ -67,6 +69,7 @@ class SmearAnalysis:
     overview_factor: int
     decision: str = "release"
     reasons: list = field(default_factory=list)
+    source: str | None = None
 
     def differential(self):
         """Number of white cells per class and per 100 leukocytes (see ``differential_count``)."""
@@ -74,16 +77,23 @@ class SmearAnalysis:
 
         return differential_count(self.cells["label"], self.classes)
 
+    def leukocytes(self):
+        """The differential's 100 %: the white cells called a leukocyte class, not the calls it
+        counts apart (erythroblast, platelet, smudge cell) nor a person's artefacts."""
+        differential = self.differential()
+        return int(differential["count"][differential["in_differential"]].sum())
+
     def summary(self):
-        """One row for the summary table across smears."""
+        """One row for the summary table across smears (``triage.json``); its reasons a list,
+        as one reason may hold a semicolon."""
         differential = self.differential()
         row = {
             "smear": self.name,
+            "source": self.source,
             "decision": self.decision,
-            "reasons": "; ".join(self.reasons),
+            "reasons": list(self.reasons),
             "white_cells": len(self.cells),
-            # the differential's 100 %: leukocytes, not the calls it counts apart
-            "leukocytes": int(differential["count"][differential["in_differential"]].sum()),
+            "leukocytes": self.leukocytes(),
             "flagged": int(self.cells["needs_review"].sum()) if len(self.cells) else 0,
             "red_cells": self.counts["rbc"],
             "platelets": self.counts["platelet"],
@@ -104,6 +114,7 @@ def analyze_smear(
     seed=0,
     annotations=None,
     progress=None,
+    source=None,
 ):
     """Segment, classify and triage one smear of any size, in this process.
 
@@ -124,11 +135,16 @@ def analyze_smear(
         they deleted are dropped (see :func:`apply_annotations`).
     progress : callable, optional
         ``progress(done, total)``; raise ``Cancelled`` from it to stop.
+    source : path, optional
+        The file the image was read from, named in the report and the summary.
 
     Returns
     -------
     SmearAnalysis
     """
+    from napari_cytodiffusion.core.smear.segmentation import check_tile_size
+
+    check_tile_size(tile_size)
     measuring, analysing = phases(progress, [1, 9])
     prepared = prepare(image, rbc_diameter, measuring)
     info = describe(prepared, tile_size)
@@ -137,7 +153,7 @@ def analyze_smear(
         # Each tile reports as it goes, so a Cancel stops the work within a tile.
         share = phase(analysing, i / count, (i + 1) / count)
         parts.append(analyze_tile(prepared, tile, model, strategy, seed, info.segmentation, share))
-    return assemble(name, info, parts, model, annotations)
+    return assemble(name, info, parts, model, annotations, source)
 
 
 def prepare(image, rbc_diameter=None, progress=None):
@@ -268,9 +284,9 @@ def _global_coordinates(table, origin):
     return table
 
 
-def assemble(name, info, parts, model, annotations=None):
+def assemble(name, info, parts, model, annotations=None, source=None):
     """One :class:`SmearAnalysis` from the tiles' parts (in tile order), with its triage;
-    ``annotations`` as in :func:`analyze_smear`."""
+    ``annotations`` and ``source`` as in :func:`analyze_smear`."""
     import pandas as pd
 
     from napari_cytodiffusion.core.tasks.classify import calls_table
@@ -287,7 +303,8 @@ def assemble(name, info, parts, model, annotations=None):
         calls += part.calls
         crops += list(part.crops)
     features = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame()
-    cells = _cell_rows(features, calls_table(calls), limits)
+    # The model's classes give a smear without white cells the columns of one with them.
+    cells = _cell_rows(features, calls_table(calls, classes=model.classes), limits)
     if annotations is not None:
         cells, crops = apply_annotations(cells, crops, annotations, info.rbc_diameter)
     flagged = {
@@ -306,6 +323,7 @@ def assemble(name, info, parts, model, annotations=None):
         flagged_crops=flagged,
         overview=info.overview,
         overview_factor=info.overview_factor,
+        source=None if source is None else str(source),
     )
     analysis.decision, analysis.reasons = triage(cells)
     return analysis
@@ -326,15 +344,15 @@ CELL_COLUMNS = (
 
 
 def _cell_rows(features, calls, limits):
-    """The per-cell table: position, size, call, probabilities, flags and why."""
+    """The per-cell table: position, size, call, probabilities, flags and why; without calls,
+    its columns and no rows."""
     import pandas as pd
 
+    calls = calls.drop(columns=["index", "unet_evals"])
     if not len(calls):
-        columns = [*CELL_COLUMNS, "label", "uncertainty", "anomaly_score", "needs_review", "why"]
-        return pd.DataFrame(columns=columns)
+        return pd.DataFrame(columns=[*CELL_COLUMNS, *calls.columns])
     cells = features[list(CELL_COLUMNS[1:])].reset_index(drop=True)
     cells.insert(0, "id", np.arange(1, len(cells) + 1))
-    calls = calls.drop(columns=["index", "unet_evals"])
     cells = pd.concat([cells, calls.reset_index(drop=True)], axis=1)
     unknown = [np.nan] * len(cells)
     shift = cells["domain_shift"] if "domain_shift" in cells else unknown
@@ -665,7 +683,9 @@ def analyze_files(request, progress=None, on_smear=None):
 
     from napari_cytodiffusion.core.io import exclusive_folder
     from napari_cytodiffusion.core.model.weights import model_path
+    from napari_cytodiffusion.core.smear.segmentation import check_tile_size
 
+    check_tile_size(request.tile_size)
     sources = image_sources(request.paths)
     model_path(request.model)  # an unknown model is refused before the folder is made
     with exclusive_folder(request.out) as out:
@@ -829,7 +849,8 @@ def _run_batch(client, threads, request, model, todo, out, result, progress, on_
                 annotations = (
                     None if request.ignore_annotations else load_annotations(smear["source"])
                 )
-                analysis = assemble(name, smear["info"], parts, model, annotations)
+                source = smear["source"].resolve()  # the full path: names may repeat
+                analysis = assemble(name, smear["info"], parts, model, annotations, source)
                 files.write_smear(analysis, out / name, marker=smear["marker"])
             except Exception as error:  # a smear that cannot be written fails alone
                 _fail(name, error, result, on_smear)

@@ -122,6 +122,8 @@ class Explanation:
         if self.call is not None:
             p = self.call.probabilities[source]
             note = f"{source}: the classifier's call, p = {p:.2f}"
+            if self.call.needs_review:  # flagged as classify flags it
+                note += f", NEEDS REVIEW ({self.call.why})"
         else:
             note = f"{source}: as given"
         if self.maps.predicted != source:
@@ -175,7 +177,7 @@ def explain(image, model, request, progress=None):
     from napari_cytodiffusion.core.model.classifier import classify_crops
 
     _validate_request(request, model)
-    site, crop, shape, central_across = _locate(image, model, request)
+    site, crop, shape, central_across, colours = _locate(image, model, request)
     targets = model.classes if request.all_targets else (_canonical(request.target, model),)
     edit_cost = counterfactual.edit_evaluations(request.strength, request.steps, request.method)
     calling = _CALL_COST * (request.source is None)
@@ -185,7 +187,11 @@ def explain(image, model, request, progress=None):
     )
     call, source = None, request.source
     if source is None:
-        call = classify_crops(model, crop[None], seed=request.seed, progress=classifying)[0]
+        # The smear's colours, as classify gives them: its domain-shift score (and so the
+        # review flag and the call itself) then matches classify's for this cell.
+        call = classify_crops(
+            model, crop[None], seed=request.seed, progress=classifying, colour_statistics=colours
+        )[0]
         source = call.label
     maps = counterfactual.explain_cell(
         model, crop, source, request.trials, request.seed, explaining
@@ -275,6 +281,12 @@ def explain_grid(
         raise ValueError(f"trials must be at least 1, got {trials}.")
     crops, keys = _cell_set(image, model, labels, rbc_diameter)
     if isinstance(sources, dict) or sources is None:
+        unknown = sorted(set(sources or {}) - set(keys), key=str)
+        if unknown:
+            raise ValueError(
+                f"sources names cells that are not in the set: {unknown}; its keys are cell ids "
+                "of the labels (or plane indices of the stack)."
+            )
         chosen = [(sources or {}).get(key) for key in keys]
     else:
         chosen = [sources] * len(keys)
@@ -309,15 +321,16 @@ def _cell_set(image, model, labels, rbc_diameter):
 
 
 def _locate(image, model, request):
-    """(site, crop, image shape, red cells across the image or None) of the requested cell;
-    the last is given when the image's central cell is taken."""
+    """(site, crop, image shape, red cells across the image or None, colour statistics or
+    None) of the requested cell: red cells across when the image's central cell is taken,
+    colour statistics (1, 9) of the smear it was cropped from (None for a model crop)."""
     from napari_cytodiffusion.core.smear import crops as cropping
     from napari_cytodiffusion.core.smear.image import to_rgb_float
     from napari_cytodiffusion.core.smear.prepare import prepare_smear
 
     size = model.image_size
     if request.labels is None and not request.segment and cropping.is_model_crop(image, size):
-        return cropping.model_crop_site(size), to_rgb_float(image), (size, size), None
+        return cropping.model_crop_site(size), to_rgb_float(image), (size, size), None, None
     smear = prepare_smear(image, request.rbc_diameter, fallback_rbc_diameter=model.lab_rbc_diameter)
     labels = request.labels
     if request.segment:
@@ -330,7 +343,8 @@ def _locate(image, model, request):
         across = min(smear.shape) / smear.rbc_diameter
     else:
         site = cropping.labelled_cell_sites(smear, labels, [request.cell_id])[0]
-    return site, site.crop(smear.rgb, size), smear.shape, across
+    colours = smear.colour_map.statistics()[None]
+    return site, site.crop(smear.rgb, size), smear.shape, across, colours
 
 
 def _canonical(name, model):
