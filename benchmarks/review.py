@@ -212,7 +212,7 @@ def report(args):
     reference = model.calibration["domain"]
     pbc = load("pbc_test_features")
     sets = {"wbc_dataset1": load("dataset1"), "cbc_train": load("cbc_train")}
-    out = {"model_sha256_note": "the shipped file after `review.py fit --write`"}
+    out = {"model_sha256_note": "the shipped file (fit, fit-sharpness and fit-colour --write)"}
     pbc_cell, pbc_smear = _parts(reference, pbc)
     pbc_score = np.fmax(pbc_cell, pbc_smear)
     out["pbc_test_domain_flagged"] = float(np.mean(pbc_score > 1))

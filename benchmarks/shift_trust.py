@@ -18,10 +18,11 @@ and checks it on cells it never saw.
     The maximum-likelihood decay on the val cells; ``--write`` stores it in the shipped
     model's domain reference (``calibration["domain"]["trust_decay"]``) and its sha256 in
     ``models/registry.json``.
-``report``
+``report [--decay D]``
     Per set, before and after: accuracy, mean top probability, expected calibration error,
     mean log-likelihood of the true class, and the share flagged (the uncertainty recomputed
-    from the trusted probabilities).
+    from the trusted probabilities); with ``--decay``, for that decay instead of the shipped
+    model's (``shift_trust_decay_D.json``).
 
 Results: ``benchmarks/results/shift_trust.json``.
 """
@@ -196,7 +197,7 @@ def report(args):
     from napari_cytodiffusion.core.model.checkpoint import load_model_file
 
     calibration = load_model_file(SHIPPED, "cpu").calibration
-    decay = calibration["domain"].get("trust_decay")
+    decay = args.decay if args.decay is not None else calibration["domain"].get("trust_decay")
     if decay is None:
         raise SystemExit("the shipped model has no trust decay yet: run `fit --write` first")
     limits = (calibration["uncertainty_threshold"], calibration["anomaly_threshold"])
@@ -235,6 +236,7 @@ def main():
     f = sub.add_parser("fit")
     f.add_argument("--write", action="store_true")
     r = sub.add_parser("report")
+    r.add_argument("--decay", type=float, help="a decay to try instead of the shipped model's")
     for p in (c, f, r):
         p.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
@@ -242,7 +244,8 @@ def main():
     if result is not None:
         print(json.dumps(result, indent=1))
         if args.command == "report":
-            OUT.write_text(json.dumps(result, indent=1) + "\n")
+            out = OUT if args.decay is None else OUT.with_stem(f"{OUT.stem}_decay_{args.decay}")
+            out.write_text(json.dumps(result, indent=1) + "\n")
         elif args.command == "fit":
             (RESULTS / "shift_trust_fit.json").write_text(json.dumps(result, indent=1) + "\n")
 

@@ -75,6 +75,12 @@ def test_a_tile_size_that_is_not_a_whole_number_of_pixels_is_refused(tile_size):
         analyze_files(BatchRequest(paths=[], out="never-made", tile_size=tile_size))
 
 
+def test_a_tile_size_from_numpy_is_a_whole_number():
+    from napari_cytodiffusion.core.smear.segmentation import check_tile_size
+
+    check_tile_size(np.int64(300))  # a spin box's or an array's value: accepted
+
+
 @pytest.mark.parametrize(
     "command",
     [

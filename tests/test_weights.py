@@ -6,6 +6,7 @@ import json
 import sys
 import threading
 
+import numpy as np
 import pytest
 import torch
 
@@ -267,12 +268,19 @@ def test_models_hash_records_only_a_model_file(registry, tmp_path, capsys):
     [
         ("text", "not a model file saved by napari-cytodiffusion (train, adapt"),
         ("cut short", "damaged or cut short (PytorchStreamReader failed reading zip archive"),
+        ("npz", "not a model file saved by napari-cytodiffusion (train, adapt"),
+        ("empty", "empty (an interrupted copy or download?)"),
     ],
 )
 def test_a_file_that_is_no_model_is_refused_saying_what_it_is(tmp_path, capsys, kind, message):
     path = tmp_path / "bad.png"
     if kind == "text":
         path.write_text("in a text file, torch reads a key of 105\n")
+    elif kind == "npz":  # a zip archive too, of numpy's
+        with open(path, "wb") as file:
+            np.savez(file, a=np.zeros(3))
+    elif kind == "empty":
+        path.write_bytes(b"")
     else:
         torch.save({"weights": torch.zeros(1000)}, path)
         path.write_bytes(path.read_bytes()[:2000])  # an interrupted copy

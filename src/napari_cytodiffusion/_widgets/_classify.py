@@ -501,8 +501,8 @@ def differential_table():
     table.setHorizontalHeaderLabels(["class", "count", "%"])
     table.verticalHeader().setVisible(False)
     table.setToolTip(
-        "The differential count of the last run, per 100 white cells (erythroblasts, "
-        "platelets and smudge cells are counted per 100 white cells, not among them)."
+        "The differential count of the last run, per 100 leukocytes (erythroblasts, "
+        "platelets and smudge cells are counted per 100 leukocytes, not among them)."
     )
     table.setMinimumHeight(_rows_height(table, TABLE_ROWS))
     # All three columns in the dock's width: the class names give way (elided), not the
@@ -521,7 +521,7 @@ def show_differential(table, counts):
     table.setRowCount(len(counts))
     rows = counts.itertuples(index=False, name=None)
     for row, (name, count, percent, in_differential) in enumerate(rows):
-        # As in the HTML report: a star marks the classes counted per 100 white cells but not
+        # As in the HTML report: a star marks the classes counted per 100 leukocytes but not
         # among them, whose per cent is not part of the 100.
         shown = name if in_differential else f"{name} *"
         for column, text in enumerate((shown, str(count), percent_text(percent))):
@@ -529,7 +529,7 @@ def show_differential(table, counts):
             item.setToolTip(
                 name
                 if in_differential
-                else f"{name}: per 100 white cells; not one of them (not in the 100 %)."
+                else f"{name}: per 100 leukocytes; not one of them (not in the 100 %)."
             )
             table.setItem(row, column, item)
 

@@ -17,7 +17,7 @@ CLASSES = (
 )
 
 # Cells a white-cell differential counts but leaves out of its 100: nucleated red cells are
-# reported per 100 white cells, as haematology reports them; a platelet (or clump) the
+# reported per 100 leukocytes, as haematology reports them; a platelet (or clump) the
 # segmentation took for a cell is not a white cell at all; smudge cells (a class a lab can
 # add when adapting, see docs/annotation.md) are broken cells, reported apart.
 OUTSIDE_DIFFERENTIAL = ("erythroblast", "platelet", "smudge_cell")

@@ -2,6 +2,7 @@
 
 import json
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from napari_cytodiffusion.core.classes import CLASSES
 
@@ -146,6 +147,11 @@ def _unreadable(path, error):
 
     if isinstance(error, OSError):
         return ModelFileError(f"{path} cannot be read: {error.strerror or error}.")
+    if Path(path).stat().st_size == 0:
+        return ModelFileError(
+            f"{path} is empty (an interrupted copy or download?): save it again with train or "
+            "adapt, or download it again."
+        )
     if not _written_by_torch(path):
         return ModelFileError(
             f"{path} is not a model file saved by napari-cytodiffusion (train, adapt, or a "
@@ -157,8 +163,8 @@ def _unreadable(path, error):
             "because loading such a file could run code. Use a model file written by "
             "napari-cytodiffusion (train, or a registry model)."
         )
-    # The first sentence: torch goes on about how files get damaged.
-    reason = (str(error) or type(error).__name__).splitlines()[0].split(". ")[0]
+    # The first line: torch goes on about how files get damaged.
+    reason = (str(error) or type(error).__name__).strip().splitlines()[0]
     return ModelFileError(
         f"{path} is a PyTorch file that cannot be read as a model, damaged or cut short "
         f"({reason}): save it again with train or adapt, or download it again."
@@ -166,12 +172,22 @@ def _unreadable(path, error):
 
 
 def _written_by_torch(path):
-    """Whether ``path`` starts as a file ``torch.save`` wrote: a zip archive, or (before torch
-    1.6) a pickle, which starts with its protocol byte. By the start alone, so that a file cut
-    short (an interrupted copy) counts too."""
+    """Whether ``path`` is a file ``torch.save`` wrote: a zip archive holding a pickle
+    (``*/data.pkl``), or (before torch 1.6) a pickle, which starts with its protocol byte. A
+    zip too damaged to list (a file cut short) counts too; another zip (``.npz``) does not."""
+    import zipfile
+
     with open(path, "rb") as file:
         start = file.read(4)
-    return start == b"PK\x03\x04" or start[:1] == b"\x80"
+    if start[:1] == b"\x80":
+        return True
+    if start != b"PK\x03\x04":
+        return False
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return any(name.endswith("/data.pkl") for name in archive.namelist())
+    except zipfile.BadZipFile:
+        return True
 
 
 def _contents(path, state):

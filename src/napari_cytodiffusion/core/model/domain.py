@@ -32,8 +32,8 @@ FALSE_ALARM = 0.005
 # training cells each one needs at least (a lab's few dozen cells support only a few).
 COMPONENTS = 32
 CELLS_PER_COMPONENT = 4
-# Floors on the SD of the colour references (background, red-cell OD, nuclear direction), so
-# that a scanner family's near-constant lamp does not make every other lamp "infinitely" far.
+# Floors on the SD of the colour references (background tint, red-cell OD, nuclear direction),
+# so that a scanner family's near-constant lamp does not make every other lamp "infinitely" far.
 COLOUR_SD_FLOOR = np.array([0.01] * 3 + [0.02] * 3 + [0.02] * 3)
 # Gaussian scales (model pixels) that split a crop's detail into a fine band (below the first)
 # and a middle band (between the two) for the sharpness measure.

@@ -196,7 +196,7 @@ def _intensity_top(dtype, values):
         _check_finite(flat)
     highest = float(np.percentile(flat, 99.99)) if flat.size > 10_000 else float(flat.max())
     if np.issubdtype(dtype, np.integer):
-        if dtype == np.uint16:  # a camera's 8 to 16 bits, stored in 16
+        if np.dtype(dtype).kind == "u" and np.dtype(dtype).itemsize == 2:  # a camera's 8-16 bits
             return next(2.0**bits - 1 for bits in (8, 10, 12, 14, 16) if highest <= 2**bits - 1)
         return float(max(highest, 1))
     if highest <= 1.0:

@@ -642,7 +642,7 @@ def with_new_classes(labels, classes):
 
 
 def differential_count(labels, classes):
-    """Number of cells per class, and per 100 white cells, in ``classes`` order, then the
+    """Number of cells per class, and per 100 leukocytes, in ``classes`` order, then the
     classes a person added that ``classes`` lack (such as blast, :func:`with_new_classes`).
 
     The 100 are the leukocytes: erythroblasts, platelets and smudge cells
