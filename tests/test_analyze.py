@@ -409,6 +409,19 @@ def test_widget_analyses_the_open_image(make_napari_viewer, qtbot, tmp_path):
     assert cells.border_color[0].tolist() != [0.0, 0.0, 0.0, 1.0]  # the class colour again
 
 
+def test_widget_names_the_file_an_image_was_opened_from(make_napari_viewer, qtbot, tmp_path):
+    viewer = make_napari_viewer()
+    (layer,) = viewer.open(sample_path("cbc_lymphocyte"), plugin="napari")
+    widget = _analyze_widget(viewer, tmp_path / "results")
+    widget._run.native.click()
+    qtbot.waitUntil(lambda: widget.analysis is not None, timeout=120_000)
+    qtbot.waitUntil(lambda: not widget._runner.running, timeout=10_000)
+    source = str(Path(sample_path("cbc_lymphocyte")).resolve())
+    assert widget.analysis.source == source
+    triage = json.loads((tmp_path / "results" / layer.name / "triage.json").read_text())
+    assert triage["source"] == source
+
+
 def test_widget_cancel_within_a_tile_adds_nothing(
     make_napari_viewer, qtbot, tmp_path, cancel_latency
 ):

@@ -447,3 +447,31 @@ def test_an_edit_maps_no_colours_on_the_main_thread(annotating, colour_mapping):
     viewer.window._qt_viewer.canvas._scene_canvas.render()
     assert colour_mapping == []
     assert np.allclose(layer.colormap.map(np.uint16(1)), layer.colormap.color_dict[1])
+
+
+def test_counterfactual_numbers_cells_and_takes_the_persons_label_as_classify_does(
+    tmp_path, capsys
+):
+    from napari_cytodiffusion.core.io import read_image
+    from napari_cytodiffusion.core.smear.prepare import prepare_smear
+    from napari_cytodiffusion.core.smear.segmentation import segment_smear
+
+    image = tmp_path / "smear.jpg"
+    shutil.copy(SAMPLES / "cbc_monocyte_eosinophil.jpg", image)
+    pixels = read_image(image)
+    first, second = segment_smear(prepare_smear(pixels)).table("wbc").iloc[:2].itertuples()
+    # The first white cell deleted, the second called monocyte by a person: classify's cell 2.
+    cells = [
+        CellAnnotation((first.centroid_row, first.centroid_col), "deleted", ""),
+        CellAnnotation((second.centroid_row, second.centroid_col), "monocyte", ""),
+    ]
+    save_annotations(Annotations(image.name, pixels.shape[:2], cells), image)
+    argv = ["counterfactual", str(image), "--segment", "--target", "lymphocyte", "--device", "cpu"]
+    argv += ["--trials", "1", "--steps", "1"]
+    assert main([*argv, "--cell-id", "2", "--out", str(tmp_path / "a")]) == 0
+    assert "monocyte -> lymphocyte (monocyte: a person's label" in capsys.readouterr().out
+    assert main([*argv, "--cell-id", "1", "--out", str(tmp_path / "b")]) == 2
+    assert "No cell with label 1" in capsys.readouterr().err  # deleted by the person
+    ignoring = [*argv, "--cell-id", "1", "--out", str(tmp_path / "c"), "--ignore-annotations"]
+    assert main(ignoring) == 0
+    assert "the classifier's call" in capsys.readouterr().out

@@ -281,14 +281,26 @@ def _add_counterfactual(subparsers):
     parser.add_argument(
         "--source",
         metavar="CLASS",
-        help="the cell's current class (default: the classifier's call)",
+        help="the cell's current class (default: a person's label of it, else the classifier's "
+        "call)",
     )
     parser.add_argument("--out", required=True, metavar="DIR", type=_out_folder)
     parser.add_argument(
         "--overwrite", action="store_true", help="replace the files of an earlier run in DIR"
     )
     parser.add_argument("--segment", action="store_true", help="IMAGE is a smear: segment it")
-    parser.add_argument("--cell-id", type=int, help="white-cell label id in the segmented smear")
+    parser.add_argument(
+        "--cell-id",
+        type=int,
+        help="white-cell label id in the segmented smear, as classify --segment numbers it",
+    )
+    parser.add_argument(
+        "--ignore-annotations",
+        action="store_true",
+        help="with --segment, do not apply the annotations saved beside IMAGE "
+        "(IMAGE.annotations.json); by default they number the cells and a person's label is "
+        "the cell's current class, as in classify",
+    )
     parser.add_argument("--rbc-diameter", type=float, help="red-cell diameter in pixels")
     parser.add_argument("--trials", type=int, default=counterfactual.DEFAULT_TRIALS)
     parser.add_argument("--strength", type=float, default=counterfactual.DEFAULT_STRENGTH)
@@ -310,6 +322,7 @@ def _counterfactual(args):
     import numpy as np
     from PIL import Image
 
+    from napari_cytodiffusion.core.annotations import load_annotations
     from napari_cytodiffusion.core.io import atomic_write, exclusive_folder, read_image
     from napari_cytodiffusion.core.model.counterfactual import heat_overlay
     from napari_cytodiffusion.core.model.generation import to_uint8
@@ -321,10 +334,14 @@ def _counterfactual(args):
     out = Path(args.out)
     _refuse_replacing([out / name for name in COUNTERFACTUAL_FILES], args.overwrite)
     image = read_image(args.image)
+    annotations = None
+    if args.segment and not args.ignore_annotations:
+        annotations = load_annotations(args.image)
     request = ExplainRequest(
         target=args.target,
         cell_id=args.cell_id,
         segment=args.segment,
+        annotations=annotations,
         source=args.source,
         trials=args.trials,
         strength=args.strength,

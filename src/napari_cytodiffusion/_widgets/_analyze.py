@@ -73,7 +73,8 @@ class AnalyzeWidget(DockForm):
         data = full_resolution(layer)
         folder = Path(self._out.value) / layer.name
         choice, seed = self._fields.choice(), self._fields.seed.value
-        source = layer.source.path  # the file it was opened from, named in the report
+        # The file it was opened from, named in the report as a batch names its smears.
+        source = Path(layer.source.path).resolve() if layer.source.path else None
 
         def job(progress):
             from napari_cytodiffusion.core.report import mark_unfinished, write_smear

@@ -8,6 +8,7 @@ class grid of mean maps.
 """
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 
@@ -43,6 +44,11 @@ class ExplainRequest:
         The cell's current class; the classifier's call (``classify_crops``) when not given.
     all_targets : bool
         Edit towards every class, not only ``target`` (for the all-classes figure).
+    annotations : Annotations, optional
+        A person's review of the smear (with ``labels`` or ``segment``), applied as classify
+        applies it: deleted cells are gone, painted cells added, so ``cell_id`` numbers the
+        cells as classify does; the person's label, where it is a class of the model, is the
+        cell's current class unless ``source`` is given.
     """
 
     target: str
@@ -58,6 +64,20 @@ class ExplainRequest:
     seed: int = 0
     rbc_diameter: float | None = None
     all_targets: bool = False
+    annotations: object = None
+
+
+class _Located(NamedTuple):
+    """The requested cell: its site, its crop, the image's shape, red cells across the image
+    (when its central cell was taken), the smear's colour statistics (1, 9) (None for a model
+    crop), and a person's label of it ("" where none)."""
+
+    site: object
+    crop: np.ndarray
+    shape: tuple
+    across: float | None
+    colours: np.ndarray | None
+    person: str
 
 
 @dataclass
@@ -81,6 +101,8 @@ class Explanation:
         The classifier's call that gave the current class (None when it was given).
     central_across : float or None
         Red cells across the image, when its central cell was taken (no labels given).
+    annotated : bool
+        The current class is a person's label of the cell (from the annotations).
     """
 
     site: object
@@ -92,6 +114,7 @@ class Explanation:
     cell_id: int | None = None
     call: object = None
     central_across: float | None = None
+    annotated: bool = False
 
     @property
     def heat_crop(self):
@@ -125,7 +148,7 @@ class Explanation:
             if self.call.needs_review:  # flagged as classify flags it
                 note += f", NEEDS REVIEW ({self.call.why})"
         else:
-            note = f"{source}: as given"
+            note = f"{source}: a person's label" if self.annotated else f"{source}: as given"
         if self.maps.predicted != source:
             note += f"; the quick best fit of these trials, {self.maps.predicted}, disagrees"
         return note
@@ -177,20 +200,27 @@ def explain(image, model, request, progress=None):
     from napari_cytodiffusion.core.model.classifier import classify_crops
 
     _validate_request(request, model)
-    site, crop, shape, central_across, colours = _locate(image, model, request)
+    located = _locate(image, model, request)
+    site, crop = located.site, located.crop
+    # A person's label of the cell is its current class, as classify keeps it over the call.
+    annotated = request.source is None and located.person in model.classes
+    call, source = None, request.source or (located.person if annotated else None)
     targets = model.classes if request.all_targets else (_canonical(request.target, model),)
     edit_cost = counterfactual.edit_evaluations(request.strength, request.steps, request.method)
-    calling = _CALL_COST * (request.source is None)
+    calling = _CALL_COST * (source is None)
     classifying, explaining, *editing = phases(
         progress,
         [calling, request.trials * (len(model.classes) + 1)] + [3 * edit_cost] * len(targets),
     )
-    call, source = None, request.source
     if source is None:
         # The smear's colours, as classify gives them: its domain-shift score (and so the
         # review flag and the call itself) then matches classify's for this cell.
         call = classify_crops(
-            model, crop[None], seed=request.seed, progress=classifying, colour_statistics=colours
+            model,
+            crop[None],
+            seed=request.seed,
+            progress=classifying,
+            colour_statistics=located.colours,
         )[0]
         source = call.label
     maps = counterfactual.explain_cell(
@@ -212,7 +242,16 @@ def explain(image, model, request, progress=None):
         )
     target = _canonical(request.target, model)
     return Explanation(
-        site, crop, maps, edits, target, shape, request.cell_id, call, central_across
+        site,
+        crop,
+        maps,
+        edits,
+        target,
+        located.shape,
+        request.cell_id,
+        call,
+        located.across,
+        annotated,
     )
 
 
@@ -321,22 +360,27 @@ def _cell_set(image, model, labels, rbc_diameter):
 
 
 def _locate(image, model, request):
-    """(site, crop, image shape, red cells across the image or None, colour statistics or
-    None) of the requested cell: red cells across when the image's central cell is taken,
-    colour statistics (1, 9) of the smear it was cropped from (None for a model crop)."""
+    """The requested cell, as a :class:`_Located`."""
     from napari_cytodiffusion.core.smear import crops as cropping
     from napari_cytodiffusion.core.smear.image import to_rgb_float
     from napari_cytodiffusion.core.smear.prepare import prepare_smear
 
     size = model.image_size
     if request.labels is None and not request.segment and cropping.is_model_crop(image, size):
-        return cropping.model_crop_site(size), to_rgb_float(image), (size, size), None, None
+        crop = to_rgb_float(image)
+        return _Located(cropping.model_crop_site(size), crop, (size, size), None, None, "")
     smear = prepare_smear(image, request.rbc_diameter, fallback_rbc_diameter=model.lab_rbc_diameter)
     labels = request.labels
     if request.segment:
         from napari_cytodiffusion.core.smear.segmentation import segment_smear
 
         labels = segment_smear(smear).wbc_labels
+    person = ""
+    if request.annotations is not None:
+        from napari_cytodiffusion.core.annotations import annotate_labels
+
+        labels, human, _ = annotate_labels(labels, request.annotations)
+        person = human.get(int(request.cell_id), "")
     across = None
     if labels is None:
         site = cropping.central_cell_site(smear)
@@ -344,7 +388,7 @@ def _locate(image, model, request):
     else:
         site = cropping.labelled_cell_sites(smear, labels, [request.cell_id])[0]
     colours = smear.colour_map.statistics()[None]
-    return site, site.crop(smear.rgb, size), smear.shape, across, colours
+    return _Located(site, site.crop(smear.rgb, size), smear.shape, across, colours, person)
 
 
 def _canonical(name, model):
@@ -366,6 +410,10 @@ def _validate_request(request, model):
         )
     if request.labels is not None and request.segment:
         raise ValueError("Give labels or segment the image, not both.")
+    if request.annotations is not None and not picks:
+        raise ValueError(
+            "Annotations number a smear's cells: give labels or segment the image with them."
+        )
     checks = (
         ("trials", request.trials >= 1, "at least 1"),
         ("steps", request.steps >= 1, "at least 1"),
