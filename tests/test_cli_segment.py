@@ -43,8 +43,9 @@ def test_json_has_one_object_per_image(json_lines):
     records, _ = json_lines
     assert [r["file"] for r in records] == [CBC, PBC]
     for record in records:
-        assert set(record) == {"file", "n_wbc", "n_rbc", "n_platelet", "wbc_boxes"}
+        assert set(record) == {"file", "n_wbc", "n_rbc", "n_platelet", "rbc_diameter", "wbc_boxes"}
         assert len(record["wbc_boxes"]) == record["n_wbc"]
+        assert 20 < record["rbc_diameter"] < 90  # PBC's about 29 px, CBC's about 77
         for box in record["wbc_boxes"]:
             assert len(box) == 4 and all(isinstance(v, int) for v in box)
             assert box[0] < box[2] and box[1] < box[3]

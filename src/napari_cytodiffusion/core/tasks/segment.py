@@ -37,9 +37,11 @@ class Segmented:
         )
 
     def record(self):
-        """The counts and the white-cell boxes as plain values (for JSON)."""
+        """The counts, the red-cell diameter in pixels (the scale every size depends on) and
+        the white-cell boxes as plain values (for JSON)."""
         counts = {f"n_{kind}": n for kind, n in self.counts().items()}
-        return {**counts, "wbc_boxes": self.segmentation.boxes("wbc")}
+        diameter = round(float(self.segmentation.rbc_diameter), 2)
+        return {**counts, "rbc_diameter": diameter, "wbc_boxes": self.segmentation.boxes("wbc")}
 
 
 def segment(image, rbc_diameter=None, tile_size=DEFAULT_TILE, progress=None):
