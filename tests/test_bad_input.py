@@ -242,3 +242,13 @@ def test_adapt_and_calibrate_write_their_notes_to_stderr_as_train_does(
     captured = capsys.readouterr()
     assert captured.out == "saved local model 'lab'\n"
     assert "only 3 cells of basophil" in captured.err
+
+
+@pytest.mark.parametrize("value", ["-5", "nan", "abc", "5000"])
+def test_an_implausible_red_cell_diameter_is_refused_once_before_any_work(value, capsys):
+    images = [str(sample_path("cbc_lymphocyte")), str(sample_path("pbc_lymphocyte"))]
+    with pytest.raises(SystemExit) as stop:
+        main(["segment", *images, "--rbc-diameter", value])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("argument --rbc-diameter:") == 1 and "Traceback" not in err

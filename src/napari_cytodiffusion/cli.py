@@ -34,6 +34,22 @@ def _seed(text):
     return value
 
 
+def _rbc_diameter(text):
+    """An argparse type: a red-cell diameter in pixels (0: estimate it), refused before any
+    work when implausible, not once per file."""
+    from napari_cytodiffusion.core.smear.prepare import validate_rbc_diameter
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of pixels") from None
+    try:
+        validate_rbc_diameter(value)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return value
+
+
 def _out_folder(text):
     """An argparse type: a folder to write into (made if missing), refused before any work
     when it, or a folder it would be made in, is a file or cannot be written."""
@@ -103,7 +119,7 @@ def _add_train(subparsers):
     )
     parser.add_argument(
         "--rbc-diameter",
-        type=float,
+        type=_rbc_diameter,
         help="red-cell diameter in pixels of the training images (one scanner); by default "
         "estimated once for each scanner's images (three or more of one size), else per image",
     )
@@ -301,7 +317,7 @@ def _add_counterfactual(subparsers):
         "(IMAGE.annotations.json); by default they number the cells and a person's label is "
         "the cell's current class, as in classify",
     )
-    parser.add_argument("--rbc-diameter", type=float, help="red-cell diameter in pixels")
+    parser.add_argument("--rbc-diameter", type=_rbc_diameter, help="red-cell diameter in pixels")
     parser.add_argument("--trials", type=int, default=counterfactual.DEFAULT_TRIALS)
     parser.add_argument("--strength", type=float, default=counterfactual.DEFAULT_STRENGTH)
     parser.add_argument("--guidance", type=float, default=counterfactual.DEFAULT_EDIT_GUIDANCE)
@@ -387,7 +403,9 @@ def _add_turing(subparsers):
     make.add_argument("--n", type=int, required=True, help="real cells (as many synthetic)")
     make.add_argument("--out", required=True, metavar="DIR", type=_out_folder)
     make.add_argument("--split", choices=("train", "val", "test"), help="split of a splits CSV")
-    make.add_argument("--rbc-diameter", type=float, help="red-cell diameter of the real images")
+    make.add_argument(
+        "--rbc-diameter", type=_rbc_diameter, help="red-cell diameter of the real images"
+    )
     make.add_argument("--steps", type=int, help="sampler steps (default: the generator's)")
     make.add_argument("--guidance", type=float, help="guidance (default: the generator's)")
     _add_model_arguments(make, seed_help="seeds the choice, cells and shuffle")
@@ -453,7 +471,7 @@ def _add_classify(subparsers):
     parser.add_argument("--strategy", default="adaptive", choices=["adaptive", "exhaustive"])
     parser.add_argument(
         "--rbc-diameter",
-        type=float,
+        type=_rbc_diameter,
         help="red-cell diameter in pixels; by default estimated per smear, or once for "
         "three or more single-cell images of one size (one scanner)",
     )
@@ -597,7 +615,9 @@ def _add_segment(subparsers):
     )
     parser.add_argument("--json", action="store_true", help="one JSON object per image")
     parser.add_argument(
-        "--rbc-diameter", type=float, help="red-cell diameter in pixels (default: estimated)"
+        "--rbc-diameter",
+        type=_rbc_diameter,
+        help="red-cell diameter in pixels (default: estimated)",
     )
 
 
@@ -685,7 +705,7 @@ def _add_analyze(subparsers):
     parser.add_argument(
         "--workers", type=int, help="worker processes of the local cluster (default: cores, <= 4)"
     )
-    parser.add_argument("--rbc-diameter", type=float, help="red-cell diameter in pixels")
+    parser.add_argument("--rbc-diameter", type=_rbc_diameter, help="red-cell diameter in pixels")
     parser.add_argument("--tile-size", type=int, default=ANALYSIS_TILE, help="tile side (px)")
     parser.add_argument("--seed", type=_seed, default=0)
     parser.add_argument(
@@ -769,7 +789,7 @@ def _add_adapt(subparsers):
     )
     parser.add_argument(
         "--rbc-diameter",
-        type=float,
+        type=_rbc_diameter,
         help="red-cell diameter in pixels (default: one scale for all the images, their median)",
     )
     parser.add_argument("--device", type=_device, default="auto", help=DEVICE_HELP)
@@ -831,7 +851,7 @@ def _add_calibrate(subparsers):
     )
     parser.add_argument(
         "--rbc-diameter",
-        type=float,
+        type=_rbc_diameter,
         help="red-cell diameter in pixels (default: one scale for all the images, their median)",
     )
     parser.add_argument("--device", type=_device, default="auto", help=DEVICE_HELP)
@@ -871,7 +891,7 @@ def _add_export_cells(subparsers):
     parser.add_argument("paths", nargs="+", metavar="IMAGE")
     parser.add_argument("--out", required=True, metavar="DIR", type=_out_folder)
     parser.add_argument("--model", default="default", help="the model the crops are made for")
-    parser.add_argument("--rbc-diameter", type=float, help="red-cell diameter in pixels")
+    parser.add_argument("--rbc-diameter", type=_rbc_diameter, help="red-cell diameter in pixels")
 
 
 def _export_cells(args):
