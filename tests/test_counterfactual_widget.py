@@ -133,7 +133,8 @@ def test_a_missing_cell_is_explained_before_any_work(make_napari_viewer, cells, 
 
 def test_grid_of_a_stack_of_cells_as_a_figure(make_napari_viewer, qtbot, cells, tmp_path):
     viewer, widget = _widget(make_napari_viewer, trials=2)
-    features = pd.DataFrame({"index": [0, 1], "label": ["neutrophil", "lymphocyte"]})
+    # The row of a cell deleted since (index 7) names no cell of the set: it is passed over.
+    features = pd.DataFrame({"index": [0, 1, 7], "label": ["neutrophil", "lymphocyte", "monocyte"]})
     widget._image.value = viewer.add_image(cells, rgb=True, metadata={"features": features})
     widget._grid.native.click()
     qtbot.waitUntil(lambda: not widget._runner.running, timeout=60_000)
