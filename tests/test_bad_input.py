@@ -252,3 +252,15 @@ def test_an_implausible_red_cell_diameter_is_refused_once_before_any_work(value,
     assert stop.value.code == 2
     err = capsys.readouterr().err
     assert err.count("argument --rbc-diameter:") == 1 and "Traceback" not in err
+
+
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_debug_shows_the_traceback_before_or_after_the_command(where, capsys):
+    from napari_cytodiffusion.cli import UsageError
+
+    command = ["models", "hash", "no-such-model.pt"]
+    argv = ["--debug", *command] if where == "before" else [*command, "--debug"]
+    with pytest.raises(UsageError, match="No such file"):
+        main(argv)
+    assert main(command) == 2  # without it: one line
+    assert "error: No such file: no-such-model.pt" in capsys.readouterr().err

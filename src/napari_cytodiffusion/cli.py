@@ -995,13 +995,26 @@ def build_parser():
         prog="napari-cytodiffusion",
         description="Blood-smear analysis with a class-conditional diffusion model.",
     )
-    parser.add_argument(
-        "--debug", action="store_true", help="show the full traceback of an error (for bugs)"
-    )
     subparsers = parser.add_subparsers(dest="command", required=True)
     for add, _ in COMMANDS.values():
         add(subparsers)
+    _add_debug(parser, default=False)
     return parser
+
+
+def _add_debug(parser, default):
+    """``--debug`` before or after the command's name (``segment ... --debug``): its
+    subcommands' flag leaves the default to the main parser's unless given."""
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        default=default,
+        help="show the full traceback of an error (for bugs)",
+    )
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for subparser in action.choices.values():
+                _add_debug(subparser, default=argparse.SUPPRESS)
 
 
 def main(argv=None):
