@@ -113,7 +113,9 @@ def test_bad_names_and_data_are_refused_with_a_message(synthetic_cells_dir, isol
     assert main(["adapt", "/no/such/folder", "--out", "lab"]) == 2
     assert "No such file or folder" in capsys.readouterr().err
     # A bad scale is refused before any work, not after the cells are read.
-    assert main(["adapt", str(synthetic_cells_dir), "--out", "lab", "--rbc-diameter", "-4"]) == 2
+    with pytest.raises(SystemExit) as stop:  # refused by the argument's own check
+        main(["adapt", str(synthetic_cells_dir), "--out", "lab", "--rbc-diameter", "-4"])
+    assert stop.value.code == 2
     captured = capsys.readouterr()
     assert "implausible" in captured.err and "cells per class" not in captured.out
     assert not (isolated_cache / "local" / "registry.json").exists()
