@@ -628,13 +628,17 @@ def _segment(args):
 
     from napari_cytodiffusion.core.io import InputFileError, exclusive_folder, read_image
     from napari_cytodiffusion.core.smear.image import ImageError
-    from napari_cytodiffusion.core.tasks.segment import segment, write_segmentation
+    from napari_cytodiffusion.core.tasks.segment import (
+        segment,
+        segmentation_files,
+        write_segmentation,
+    )
 
     out = Path(args.out) if args.out else None
     images = _with_folder_images(args.images)
     stems = [path.stem for path in images]
     if out is not None:
-        earlier = [out / name for stem in stems for name in _segment_files(stem)]
+        earlier = [path for stem in stems for path in segmentation_files(out / stem)]
         _refuse_replacing(earlier, args.overwrite)
     made = out is not None and not out.exists()
     failed = 0
@@ -663,14 +667,6 @@ def _segment(args):
         print(f"{failed} of {len(images)} images could not be segmented", file=sys.stderr)
         return USAGE_ERROR
     return 0
-
-
-def _segment_files(stem):
-    """The names ``write_segmentation`` gives the files of image ``stem``."""
-    from napari_cytodiffusion.core.smear.segmentation import CELL_TYPES
-
-    labels = [f"{stem}_{kind}_labels.tif" for kind in (*CELL_TYPES, "nucleus")]
-    return [*labels, f"{stem}_cells.csv"]
 
 
 def _refuse_replacing(paths, overwrite):

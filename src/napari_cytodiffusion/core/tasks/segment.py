@@ -73,6 +73,16 @@ def segment(image, rbc_diameter=None, tile_size=DEFAULT_TILE, progress=None):
     return Segmented(segment_smear(image, rbc_diameter, progress, tile_size))
 
 
+LABEL_KINDS = (*CELL_TYPES, "nucleus")
+
+
+def segmentation_files(stem):
+    """The paths :func:`write_segmentation` writes for ``stem``: the labels of each kind,
+    then the cells table."""
+    labels = [Path(f"{stem}_{kind}_labels.tif") for kind in LABEL_KINDS]
+    return [*labels, Path(f"{stem}_cells.csv")]
+
+
 def write_segmentation(result, stem):
     """Write ``STEM_{wbc,rbc,platelet,nucleus}_labels.tif`` and ``STEM_cells.csv``.
 
@@ -87,16 +97,13 @@ def write_segmentation(result, stem):
     from napari_cytodiffusion.core.io import atomic_write
 
     segmentation = result.segmentation
-    paths = []
-    for kind in (*CELL_TYPES, "nucleus"):
-        path = Path(f"{stem}_{kind}_labels.tif")
+    *label_paths, table_path = paths = segmentation_files(stem)
+    for kind, path in zip(LABEL_KINDS, label_paths, strict=True):
         # One full-resolution array at a time: all but the white cells are made on access.
         labels = getattr(segmentation, f"{kind}_labels")
         with atomic_write(path) as partial:
             tifffile.imwrite(partial, labels, compression="zlib")
         del labels
-        paths.append(path)
-    path = Path(f"{stem}_cells.csv")
-    with atomic_write(path) as partial:
+    with atomic_write(table_path) as partial:
         segmentation.features.to_csv(partial, index=False)
-    return [*paths, path]
+    return paths
