@@ -50,23 +50,29 @@ def _rbc_diameter(text):
     return value
 
 
+def _tile_size(text):
+    """An argparse type: a tile side the segmentation accepts (see ``check_tile_size``)."""
+    from napari_cytodiffusion.core.smear.segmentation import check_tile_size
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of pixels") from None
+    try:
+        check_tile_size(value)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return value
+
+
 def _out_folder(text):
     """An argparse type: a folder to write into (made if missing), refused before any work
     when it, or a folder it would be made in, is a file or cannot be written."""
-    from pathlib import Path
+    from napari_cytodiffusion.core.io import folder_problem
 
-    path = Path(text)
-    existing = next(folder for folder in (path, *path.parents) if folder.exists())
-    if not existing.is_dir():
-        if existing == path:
-            raise argparse.ArgumentTypeError(f"{text} is a file; give the folder to write into")
-        raise argparse.ArgumentTypeError(
-            f"{existing} is a file, so {text} cannot be made in it; give a folder to write into"
-        )
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise argparse.ArgumentTypeError(
-            f"{existing} cannot be written (no permission); give a folder you can write into"
-        )
+    problem = folder_problem(text)
+    if problem:
+        raise argparse.ArgumentTypeError(f"{problem}; give a folder you can write into")
     return text
 
 
@@ -702,7 +708,9 @@ def _add_analyze(subparsers):
         "--workers", type=int, help="worker processes of the local cluster (default: cores, <= 4)"
     )
     parser.add_argument("--rbc-diameter", type=_rbc_diameter, help="red-cell diameter in pixels")
-    parser.add_argument("--tile-size", type=int, default=ANALYSIS_TILE, help="tile side (px)")
+    parser.add_argument(
+        "--tile-size", type=_tile_size, default=ANALYSIS_TILE, help="tile side (px, 256 or more)"
+    )
     parser.add_argument("--seed", type=_seed, default=0)
     parser.add_argument(
         "--ignore-annotations",
@@ -721,8 +729,6 @@ def _analyze(args):
 
     if args.workers is not None and args.workers < 1:
         raise UsageError("--workers must be at least 1.")
-    if args.tile_size < 256:
-        raise UsageError("--tile-size must be at least 256 pixels.")
     bar = _progress_bar("analysing tiles")
 
     def finished(name, analysis, error):

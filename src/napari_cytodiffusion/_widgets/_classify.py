@@ -43,7 +43,12 @@ from napari_cytodiffusion._widgets._common import (
     strategy_field,
     update_or_add,
 )
-from napari_cytodiffusion.core.report import class_colours, count_text, percent_text
+from napari_cytodiffusion.core.report import (
+    class_colours,
+    class_labels,
+    count_text,
+    percent_text,
+)
 
 NO_LABELS = "none: segment the image first"
 # Rows of the differential table visible without scrolling.
@@ -520,11 +525,11 @@ def show_differential(table, counts):
     """Fill a :func:`differential_table` with ``counts`` (see ``differential_count``)."""
     table.setRowCount(len(counts))
     rows = counts.itertuples(index=False, name=None)
+    # As in the HTML report: a star marks the classes counted per 100 leukocytes but not
+    # among them, whose per cent is not part of the 100.
+    shown = class_labels(counts)
     for row, (name, count, percent, in_differential) in enumerate(rows):
-        # As in the HTML report: a star marks the classes counted per 100 leukocytes but not
-        # among them, whose per cent is not part of the 100.
-        shown = name if in_differential else f"{name} *"
-        for column, text in enumerate((shown, str(count), percent_text(percent))):
+        for column, text in enumerate((shown[row], str(count), percent_text(percent))):
             item = QTableWidgetItem(text)
             item.setToolTip(
                 name

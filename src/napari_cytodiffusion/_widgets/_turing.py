@@ -8,7 +8,6 @@ The key is held only in memory until the last answer; then the score (accuracy w
 and answers with timings, the key and the score are written as CSV files.
 """
 
-import os
 import time
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from napari_cytodiffusion._widgets._common import (
 )
 from napari_cytodiffusion._widgets._grid import beside, focus, layer_cells
 from napari_cytodiffusion.core import turing
+from napari_cytodiffusion.core.io import folder_problem
 
 FOLDER, LAYER = "folder", "image layer"
 TEST_LAYER = "Turing test"
@@ -146,9 +146,12 @@ class TuringWidget(DockForm):
         if str(self._out.value) in ("", "."):
             show_error("Choose the results folder the answers, key and score are written to.")
             return
-        if not _writable_folder(out):
+        problem = folder_problem(out)
+        if problem:
             # Checked now: the answers are saved at the end of the test, and must not be lost.
-            show_error(f"Cannot write into {out}: choose a results folder you can write to.")
+            show_error(
+                f"Cannot write into {out}: {problem}; choose a results folder you can write to."
+            )
             return
         request = TuringRequest(
             n=self._count.value,
@@ -288,15 +291,6 @@ def _layer_labels(layer, count, fallback):
     if table is not None and "label" in table and len(table) == count:
         return [str(label) for label in table["label"]]
     return [fallback] * count
-
-
-def _writable_folder(folder):
-    """Whether ``folder`` is (or can be made) a folder this process can write into."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError:
-        return False
-    return os.access(folder, os.W_OK | os.X_OK)
 
 
 class _WhenUndocked(QObject):

@@ -224,6 +224,26 @@ def read_table(path, required=()):
     return rows
 
 
+def folder_problem(folder):
+    """Why ``folder`` cannot be written into (made where missing), or "" when it can: checked
+    before any work, so that results are not lost at the end.
+
+    Examples
+    --------
+    >>> folder_problem(__file__).endswith("is a file")
+    True
+    """
+    path = Path(folder).expanduser()
+    existing = next(part for part in (path, *path.parents) if part.exists())
+    if not existing.is_dir():
+        if existing == path:
+            return f"{folder} is a file"
+        return f"{existing} is a file, so {folder} cannot be made in it"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"{existing} cannot be written (no permission)"
+    return ""
+
+
 @contextmanager
 def atomic_write(path):
     """Yield a temporary path beside ``path``; it becomes ``path`` only if the block succeeds.

@@ -243,7 +243,7 @@ def report_html(analysis):
         f"{count_text(found['rbc'], 'red cell')} and {count_text(found['platelet'], 'platelet')}"
         " found by segmentation"
     )
-    leukocytes = count_text(analysis.leukocytes(), "leukocyte")
+    leukocytes = count_text(analysis.leukocytes(counts), "leukocyte")
     plot = _png(_rgb(_differential_figure(counts)))
     overview = _png(_overview(analysis))
     return f"""<!DOCTYPE html>

@@ -77,10 +77,12 @@ class SmearAnalysis:
 
         return differential_count(self.cells["label"], self.classes)
 
-    def leukocytes(self):
+    def leukocytes(self, differential=None):
         """The differential's 100 %: the white cells called a leukocyte class, not the calls it
-        counts apart (erythroblast, platelet, smudge cell) nor a person's artefacts."""
-        differential = self.differential()
+        counts apart (erythroblast, platelet, smudge cell) nor a person's artefacts; from
+        ``differential`` where it is already made."""
+        if differential is None:
+            differential = self.differential()
         return int(differential["count"][differential["in_differential"]].sum())
 
     def summary(self):
@@ -93,7 +95,7 @@ class SmearAnalysis:
             "decision": self.decision,
             "reasons": list(self.reasons),
             "white_cells": len(self.cells),
-            "leukocytes": self.leukocytes(),
+            "leukocytes": self.leukocytes(differential),
             "flagged": int(self.cells["needs_review"].sum()) if len(self.cells) else 0,
             "red_cells": self.counts["rbc"],
             "platelets": self.counts["platelet"],
