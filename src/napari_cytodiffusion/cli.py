@@ -39,27 +39,24 @@ def _rbc_diameter(text):
     work when implausible, not once per file."""
     from napari_cytodiffusion.core.smear.prepare import validate_rbc_diameter
 
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of pixels") from None
-    try:
-        validate_rbc_diameter(value)
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
-    return value
+    return _checked(text, float, validate_rbc_diameter, "a number of pixels")
 
 
 def _tile_size(text):
     """An argparse type: a tile side the segmentation accepts (see ``check_tile_size``)."""
     from napari_cytodiffusion.core.smear.segmentation import check_tile_size
 
+    return _checked(text, int, check_tile_size, "a whole number of pixels")
+
+
+def _checked(text, convert, check, what):
+    """``text`` converted, then checked by the core's own check; its message on failure."""
     try:
-        value = int(text)
+        value = convert(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of pixels") from None
+        raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
     try:
-        check_tile_size(value)
+        check(value)
     except ValueError as error:
         raise argparse.ArgumentTypeError(str(error)) from None
     return value
