@@ -41,6 +41,22 @@ def test_smear_without_cells_gives_empty_result():
     assert list(result.table("wbc").columns) == list(result.features.columns)
 
 
+def test_a_single_cell_image_without_a_cell_is_refused_not_called(default_model, tmp_path):
+    from napari_cytodiffusion.core.tasks.classify import classify, classify_cell_images
+
+    empty = np.full((160, 160, 3), 232, np.uint8)
+    empty += np.random.default_rng(1).integers(0, 6, empty.shape, dtype=np.uint8)
+    with pytest.raises(ImageError, match="No cell found"):
+        classify(empty, default_model, segment=False)
+    path = tmp_path / "empty.png"
+    from PIL import Image
+
+    Image.fromarray(empty).save(path)
+    result = classify_cell_images([path], default_model)
+    assert not result.calls and result.failed[0][0] == path
+    assert "No cell found" in result.failed[0][1]
+
+
 def test_cli_reports_missing_and_unreadable_files_and_goes_on(tmp_path, capsys):
     broken = tmp_path / "broken.png"
     broken.write_text("not an image")

@@ -1,6 +1,7 @@
 """The task layer: one call per user action, the model's own classes, one progress bar,
 a prepared smear passed on, and a training cache that cannot go stale."""
 
+import dataclasses
 import shutil
 
 import numpy as np
@@ -201,6 +202,28 @@ def test_training_cache_follows_the_folder_content(
     changed = core.train_model(request, log=lines.append)
     assert changed["pack"] != first["pack"] and not first["pack"].exists()
     assert len(load_pack(changed["pack"]).labels) == cells_before + 1
+
+
+def test_a_new_model_learns_the_classes_it_has_cells_of(
+    synthetic_cells_dir, synthetic_rbc_diameter, tmp_path
+):
+    from napari_cytodiffusion.core.model.weights import load_model
+
+    folder = tmp_path / "cells"
+    shutil.copytree(synthetic_cells_dir, folder)
+    (folder / "monocyte").mkdir()  # a class of the default list without a cell
+    request = core.TrainRequest(
+        data=folder, out=tmp_path / "lab.ckpt", rbc_diameter=synthetic_rbc_diameter, **TINY
+    )
+    lines = []
+    core.train_model(request, log=lines.append)
+    assert load_model(request.out, "cpu").classes == ("lymphocyte", "neutrophil")
+    assert "a new model of the classes with cells: lymphocyte, neutrophil" in lines
+    shutil.rmtree(folder / "neutrophil")
+    with pytest.raises(ValueError, match="at least two classes.*lymphocyte only"):
+        core.train_model(dataclasses.replace(request, overwrite=True))
+    with pytest.raises(ValueError, match="steps must be at least 1"):
+        core.train_model(dataclasses.replace(request, out=tmp_path / "x.ckpt", steps=0))
 
 
 def test_training_cells_of_one_scanner_share_one_scale(

@@ -322,16 +322,22 @@ def _manifest_scales(root):
     }
 
 
-def pack_cache_path(out, records, image_size, rbc_diameter=None, quality=JPEG_QUALITY):
+def pack_cache_path(
+    out, records, image_size, rbc_diameter=None, quality=JPEG_QUALITY, classes=CLASSES
+):
     """Where the packed crops of ``records`` for the model file ``out`` are cached.
 
     The name holds a digest of every image's path, class, split, size and modification time
-    and of the packing settings (``quality`` as :func:`pack_cells` takes it), so adding,
-    removing or editing an image gives a new name: a cache can never be stale.
+    and of the packing settings (``quality`` and ``classes`` as :func:`pack_cells` takes
+    them), so adding, removing or editing an image gives a new name: a cache can never be
+    stale.
     """
     settings = f"{PACK_VERSION} {image_size} {rbc_diameter}"
-    if quality != JPEG_QUALITY:  # the default keeps the names of existing caches
+    # The defaults keep the names of existing caches.
+    if quality != JPEG_QUALITY:
         settings += f" {quality}"
+    if tuple(classes) != CLASSES:
+        settings += " " + ",".join(classes)
     digest = hashlib.sha256(settings.encode())
     for record in sorted(records, key=lambda r: str(r.path)):
         try:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage as ndi
 
+from napari_cytodiffusion.core.smear.image import ImageError
 from napari_cytodiffusion.core.smear.normalise import REFERENCE_BACKGROUND
 from napari_cytodiffusion.core.smear.stain import nucleus_mask, optical_density
 
@@ -174,7 +175,13 @@ def locate_central_cell(smear):
     Only the pixels within ``CENTRAL_SEARCH_RBC`` red-cell diameters of the centre are looked
     at (a single-cell image is smaller than that, and a large image is never converted whole).
     Nucleus fragments closer than a third of a red cell are merged first, so the lobes of a
-    neutrophil count as one cell. Falls back to the image centre if nothing is stained.
+    neutrophil count as one cell.
+
+    Raises
+    ------
+    ImageError
+        If nothing near the centre is stained as a nucleus or a platelet is (an empty field,
+        a background photo): there is no cell to classify.
     """
     rbc_diameter = smear.rbc_diameter
     reach = int(np.ceil(CENTRAL_SEARCH_RBC * rbc_diameter))
@@ -183,7 +190,11 @@ def locate_central_cell(smear):
     origin = np.array([w.start for w in window], float)
     nuclei = nucleus_mask(optical_density(np.asarray(smear.rgb[window]), smear.background))
     if nuclei.sum() < 4:
-        return tuple(centre)
+        raise ImageError(
+            f"No cell found: nothing within {CENTRAL_SEARCH_RBC:.0f} red-cell diameters of the "
+            "image centre is stained as a nucleus or a platelet is. Check that this is an "
+            "image of a stained blood cell (a smear field: segment it instead)."
+        )
     grown = ndi.binary_dilation(nuclei, iterations=max(1, int(rbc_diameter / 3)))
     labels, count = ndi.label(grown)
     labels[~nuclei] = 0

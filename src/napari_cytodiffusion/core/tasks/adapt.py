@@ -440,7 +440,12 @@ def _packed(records, request, model, classes, scale, progress, log):
     folder = local_registry_path().parent / "cells"
     folder.mkdir(parents=True, exist_ok=True)
     pack = datasets.pack_cache_path(
-        folder / f"{request.name}.pt", records, model.image_size, scale, quality=None
+        folder / f"{request.name}.pt",
+        records,
+        model.image_size,
+        scale,
+        quality=None,
+        classes=classes,
     )
     if pack.is_file():
         log(f"using the normalised cells in {pack.name} (the data are unchanged)")

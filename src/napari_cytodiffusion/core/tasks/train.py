@@ -86,7 +86,7 @@ def train_model(request, progress=None, on_loss=None, log=print, on_data=None):
     init = _init_path(request)
     classes, resolution = _model_shape(request, init)
     _validate_resolution(request, resolution)
-    pack, records = _pack_for(request, classes, resolution, log, on_data)
+    pack, records, classes = _pack_for(request, classes, resolution, log, on_data)
     packing, stepping = phases(
         progress, [_PACK_COST * len(records), _STEP_COST * max(request.steps, 1)]
     )
@@ -120,7 +120,7 @@ def train_model(request, progress=None, on_loss=None, log=print, on_data=None):
 
 def _validate_request(request):
     checks = (
-        ("steps", request.steps >= 0, "0 or more"),
+        ("steps", request.steps >= 1, "at least 1"),
         ("batch_size", request.batch_size >= 1, "at least 1"),
         ("lr", 0 < request.lr < 1, "between 0 and 1"),
         ("channels", all(int(c) >= 4 for c in request.channels), "4 or more per level"),
@@ -213,12 +213,13 @@ def _with_scanner_scales(records, log):
 
 
 def _pack_for(request, classes, resolution, log, on_data=None):
-    """(pack path, records still to pack): a given pack, a cached one, or one to make."""
+    """(pack path, records still to pack, classes to pack them as): a given pack, a cached
+    one, or one to make."""
     from napari_cytodiffusion.core import datasets
 
     data = Path(request.data)
     if data.suffix.lower() == ".npz":
-        return data, []
+        return data, [], classes
     records = datasets.list_labelled_images(data, classes=classes)
     records = [r for r in records if r.split in ("train", "val")]
     skipped = datasets.unknown_classes(data, classes)
@@ -231,10 +232,36 @@ def _pack_for(request, classes, resolution, log, on_data=None):
     log("cells per class: " + ", ".join(f"{name} {n}" for name, n in counts.items()))
     if on_data is not None:
         on_data(counts, skipped)
+    classes = _taught_classes(request, counts, log)
+    records = [r for r in records if r.label in classes]
     if request.rbc_diameter is None:
         records = _with_scanner_scales(records, log)
-    pack = datasets.pack_cache_path(request.out, records, resolution, request.rbc_diameter)
+    pack = datasets.pack_cache_path(
+        request.out, records, resolution, request.rbc_diameter, classes=classes
+    )
     if pack.is_file():
         log(f"using the normalised cells in {pack.name} (the folder is unchanged)")
-        return pack, []
-    return pack, records
+        return pack, [], classes
+    return pack, records, classes
+
+
+def _taught_classes(request, counts, log):
+    """The classes of the model trained from {class: cells} ``counts``: a new model learns the
+    classes it has cells of (a class without cells would be noise to it); a model continued
+    or fine-tuned keeps all of its own, and is told which get no new cells."""
+    empty = [name for name, n in counts.items() if not n]
+    if request.resume is not None or request.init is not None:
+        if empty:
+            log(f"warning: no cells of {', '.join(empty)}: the model keeps what it knew of them")
+        return tuple(counts)
+    present = tuple(name for name, n in counts.items() if n)
+    if len(present) < 2:
+        raise ValueError(
+            f"A new model needs cells of at least two classes; {request.data} has cells of "
+            f"{present[0] if present else 'none'} only. Add a subfolder of cells for each "
+            "class, or fine-tune the default model (--init default, or tick 'start from the "
+            "default model's weights'), which keeps the classes it knows."
+        )
+    if empty:
+        log(f"a new model of the classes with cells: {', '.join(present)}")
+    return present
