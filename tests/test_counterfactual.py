@@ -214,8 +214,9 @@ def test_counterfactual_command(cell, tmp_path, capsys):
     assert np.isfinite(heat).sum() == pytest.approx(64 * 64, rel=0.05)
     assert np.load(out / "heatmap_crop.npy").shape == (64, 64)
     assert np.load(out / "counterfactual.npy").shape == (64, 64, 3)
-    for name in ("heatmap.png", "counterfactual.png", "cell.png", "maps_all_classes.png"):
-        assert (out / name).is_file()
+    from napari_cytodiffusion.core.tasks.explain import EXPLANATION_FILES
+
+    assert sorted(path.name for path in out.iterdir()) == sorted(EXPLANATION_FILES)
     printed = capsys.readouterr().out
     assert "-> eosinophil" in printed and "smear field" not in printed  # 4.7 red cells across
 

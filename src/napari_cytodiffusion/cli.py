@@ -271,18 +271,6 @@ def _generate(args):
     print(f"{task.summary(cells)}: {path}")
 
 
-# What counterfactual writes into DIR, in this order.
-COUNTERFACTUAL_FILES = (
-    "heatmap_crop.npy",
-    "heatmap.npy",
-    "counterfactual.npy",
-    "cell.png",
-    "counterfactual.png",
-    "heatmap.png",
-    "maps_all_classes.png",
-)
-
-
 def _add_counterfactual(subparsers):
     from napari_cytodiffusion.core.model import counterfactual
 
@@ -338,20 +326,19 @@ def _add_counterfactual(subparsers):
 def _counterfactual(args):
     from pathlib import Path
 
-    import numpy as np
-    from PIL import Image
-
     from napari_cytodiffusion.core.annotations import load_annotations
-    from napari_cytodiffusion.core.io import atomic_write, exclusive_folder, read_image
-    from napari_cytodiffusion.core.model.counterfactual import heat_overlay
-    from napari_cytodiffusion.core.model.generation import to_uint8
-    from napari_cytodiffusion.core.smear.image import to_rgb_float
-    from napari_cytodiffusion.core.tasks.explain import ExplainRequest, explain
+    from napari_cytodiffusion.core.io import read_image
+    from napari_cytodiffusion.core.tasks.explain import (
+        EXPLANATION_FILES,
+        ExplainRequest,
+        explain,
+        write_explanation,
+    )
 
     if args.segment != (args.cell_id is not None):
         raise UsageError("--segment and --cell-id go together: segment the smear, pick a cell.")
     out = Path(args.out)
-    _refuse_replacing([out / name for name in COUNTERFACTUAL_FILES], args.overwrite)
+    _refuse_replacing([out / name for name in EXPLANATION_FILES], args.overwrite)
     image = read_image(args.image)
     annotations = None
     if args.segment and not args.ignore_annotations:
@@ -372,21 +359,7 @@ def _counterfactual(args):
     )
     model = _load_model(args.model, args.device)
     result = explain(image, model, request, progress=_progress_bar("explaining the cell"))
-    heat = result.heat_on_image()
-    overlay = heat_overlay(to_rgb_float(image), heat)
-    writers = {
-        "heatmap_crop.npy": lambda path: np.save(path, result.heat_crop),
-        "heatmap.npy": lambda path: np.save(path, heat),
-        "counterfactual.npy": lambda path: np.save(path, result.edited),
-        "cell.png": lambda path: Image.fromarray(to_uint8(result.crop)).save(path),
-        "counterfactual.png": lambda path: Image.fromarray(to_uint8(result.edited)).save(path),
-        "heatmap.png": lambda path: Image.fromarray(to_uint8(overlay)).save(path),
-        "maps_all_classes.png": lambda path: result.figure().savefig(path),
-    }
-    with exclusive_folder(out):
-        for name in COUNTERFACTUAL_FILES:
-            with atomic_write(out / name) as partial:
-                writers[name](partial)
+    write_explanation(result, image, out)
     print(f"{result.summary()}; results in {out}")
     if result.field_warning():
         print(f"{args.image}: {result.field_warning()}")

@@ -179,6 +179,55 @@ class Explanation:
         return cell_maps_figure(self.crop, self.maps, self.edits)
 
 
+# What write_explanation writes into its folder, in this order.
+EXPLANATION_FILES = (
+    "heatmap_crop.npy",
+    "heatmap.npy",
+    "counterfactual.npy",
+    "cell.png",
+    "counterfactual.png",
+    "heatmap.png",
+    "maps_all_classes.png",
+)
+
+
+def write_explanation(explanation, image, out):
+    """Write :data:`EXPLANATION_FILES` of ``explanation`` (made of ``image``) into the folder
+    ``out``: the maps in crop and image pixels (NaN outside the crop), the cell and its edit
+    as arrays and pictures, the map over the image, and the maps towards every class.
+
+    Each file is written under a temporary name and renamed when complete, with the folder
+    held against another run (:func:`~napari_cytodiffusion.core.io.exclusive_folder`).
+    Returns the paths written.
+    """
+    from pathlib import Path
+
+    from PIL import Image
+
+    from napari_cytodiffusion.core.io import atomic_write, exclusive_folder
+    from napari_cytodiffusion.core.model.counterfactual import heat_overlay
+    from napari_cytodiffusion.core.model.generation import to_uint8
+    from napari_cytodiffusion.core.smear.image import to_rgb_float
+
+    heat = explanation.heat_on_image()
+    overlay = heat_overlay(to_rgb_float(image), heat)
+    writers = (  # in the order of EXPLANATION_FILES
+        lambda path: np.save(path, explanation.heat_crop),
+        lambda path: np.save(path, heat),
+        lambda path: np.save(path, explanation.edited),
+        lambda path: Image.fromarray(to_uint8(explanation.crop)).save(path),
+        lambda path: Image.fromarray(to_uint8(explanation.edited)).save(path),
+        lambda path: Image.fromarray(to_uint8(overlay)).save(path),
+        lambda path: explanation.figure().savefig(path),
+    )
+    paths = [Path(out) / name for name in EXPLANATION_FILES]
+    with exclusive_folder(out):
+        for path, write in zip(paths, writers, strict=True):
+            with atomic_write(path) as partial:
+                write(partial)
+    return paths
+
+
 def explain(image, model, request, progress=None):
     """Heat maps of one cell towards every class, and its edit towards ``request.target``.
 
