@@ -220,6 +220,9 @@ def test_a_request_that_cannot_make_a_panel_is_refused_with_what_to_give(default
         "steps must be a whole number": TuringRequest(
             n=1, images=stack, labels=["platelet"] * 2, steps=2.5
         ),
+        "a whole number of real cells": TuringRequest(
+            n=True, images=stack, labels=["platelet"] * 2
+        ),
     }
     for message, request in bad.items():
         with pytest.raises(ValueError, match=message):

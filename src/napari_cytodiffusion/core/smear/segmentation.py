@@ -20,13 +20,13 @@ in threads); a cell belongs to the tile that holds its centroid, so each cell is
 once and always whole.
 """
 
-import numbers
 import threading
 from dataclasses import dataclass, replace
 
 import numpy as np
 from scipy import ndimage as ndi
 
+from napari_cytodiffusion.core.checks import is_whole_number
 from napari_cytodiffusion.core.smear.detector import DETECTOR_RBC, load_detector
 from napari_cytodiffusion.core.smear.image import SmearPixels
 from napari_cytodiffusion.core.smear.prepare import PreparedSmear, prepare_smear
@@ -222,7 +222,7 @@ def shared_settings(smear):
 
 def check_tile_size(tile_size):
     """Refuse a tile side that is not a whole number of at least 256 pixels."""
-    if isinstance(tile_size, bool) or not isinstance(tile_size, numbers.Integral):
+    if not is_whole_number(tile_size):
         raise ValueError(f"tile_size must be a whole number of pixels, got {tile_size!r}.")
     if tile_size < 256:
         raise ValueError(f"tile_size must be at least 256 pixels, got {tile_size}.")

@@ -2,6 +2,7 @@
 
 import numpy as np
 
+from napari_cytodiffusion.core.checks import is_whole_number
 from napari_cytodiffusion.core.model.generation import generate_cells, save_cells
 from napari_cytodiffusion.core.model.sampling import (
     DEFAULT_GUIDANCE,
@@ -37,7 +38,7 @@ def generate(
         With the seconds the generation took.
     """
     count = n if isinstance(label, str) else len(label)
-    if count is not None and not (_whole(count) and 1 <= count <= MAX_CELLS):
+    if count is not None and not (is_whole_number(count) and 1 <= count <= MAX_CELLS):
         raise ValueError(
             f"The number of cells must be a whole number from 1 to {MAX_CELLS}, got {count}."
         )
@@ -47,17 +48,13 @@ def generate(
 
 def check_sampler_settings(steps, guidance, sampler=DEFAULT_SAMPLER):
     """Raise ValueError, naming the setting, unless the sampler can run with these."""
-    if not (_whole(steps) and steps >= 1):
+    if not (is_whole_number(steps) and steps >= 1):
         raise ValueError(f"steps must be a whole number, at least 1, got {steps!r}.")
     real = isinstance(guidance, int | float | np.number) and not isinstance(guidance, bool)
     if not (real and np.isfinite(guidance) and guidance >= 0):
         raise ValueError(f"guidance must be a finite number >= 0 (1 = none), got {guidance!r}.")
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}.")
-
-
-def _whole(value):
-    return isinstance(value, int | np.integer) and not isinstance(value, bool)
 
 
 def summary(cells):

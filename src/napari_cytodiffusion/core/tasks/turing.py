@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 
 from napari_cytodiffusion.core import turing
+from napari_cytodiffusion.core.checks import is_whole_number
 from napari_cytodiffusion.core.progress import phases
 
 # Shares of the progress bar: normalising the real cells, generating the synthetic ones.
@@ -92,7 +93,7 @@ def _validate_request(request):
     from napari_cytodiffusion.core.model import sampling
     from napari_cytodiffusion.core.tasks.generate import check_sampler_settings
 
-    if not (isinstance(request.n, int | np.integer) and request.n >= 1):
+    if not (is_whole_number(request.n) and request.n >= 1):
         raise ValueError(
             f"The panel needs a whole number of real cells, at least 1, got n = {request.n!r}."
         )
