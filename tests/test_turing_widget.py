@@ -42,6 +42,13 @@ def test_blinded_panel_answered_with_buttons_and_keys(make_napari_viewer, qtbot,
     press("S")
     assert "cell 3 of 4" in widget._progress.value
     assert list(tmp_path.iterdir()) == []  # nothing, and no key, written before the end
+    (dock,) = [
+        d for d in viewer.window._wrapped_dock_widgets.values() if d.widget() is widget.native
+    ]
+    dock.hide()  # a hidden panel takes no answers from the keys
+    press("R")
+    assert "cell 3 of 4" in widget._progress.value
+    dock.show()
     press("R")
     widget._synthetic.native.click()
     assert not widget.testing

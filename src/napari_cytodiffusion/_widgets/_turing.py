@@ -13,6 +13,7 @@ from pathlib import Path
 
 from magicgui.widgets import ComboBox, Container, FileEdit, PushButton, SpinBox
 from qtpy.QtCore import QEvent, QObject
+from qtpy.QtWidgets import QDockWidget
 
 from napari_cytodiffusion._widgets._common import (
     DockForm,
@@ -191,7 +192,7 @@ class TuringWidget(DockForm):
         self._panel, self._out_dir, self._answers = panel, out, []
         for key, answer in (("r", turing.REAL), ("s", turing.SYNTHETIC)):
             self._previous_keys[key] = self._viewer.bind_key(
-                key, lambda _viewer, a=answer: self.answer(a), overwrite=True
+                key, lambda _viewer, a=answer: self._key_answer(a), overwrite=True
             )
         self._answer_row.enabled = self._end.enabled = True
         self._show_item()
@@ -230,6 +231,16 @@ class TuringWidget(DockForm):
             self._show_item()
         else:
             self._finish()
+
+    def _key_answer(self, answer):
+        """A key's answer, taken only while the panel is on screen: with the panel hidden a
+        person pressing R or S is working elsewhere in the viewer, not answering."""
+        widget = self.native  # hidden up to its dock (the window need not be shown)
+        while widget is not None and not widget.isHidden():
+            if isinstance(widget, QDockWidget):
+                self.answer(answer)
+                return
+            widget = widget.parentWidget()
 
     def _closed(self):
         self._runner.cancel()
