@@ -270,6 +270,12 @@ def test_an_implausible_red_cell_diameter_is_refused_once_before_any_work(value,
     assert err.count("argument --rbc-diameter:") == 1 and "Traceback" not in err
 
 
+def test_a_red_cell_diameter_of_0_on_the_command_line_is_not_given_as_in_the_widgets():
+    from napari_cytodiffusion.cli import _rbc_diameter
+
+    assert _rbc_diameter("0") is None and _rbc_diameter("31.5") == 31.5
+
+
 @pytest.mark.parametrize("where", ["before", "after"])
 def test_debug_shows_the_traceback_before_or_after_the_command(where, capsys):
     from napari_cytodiffusion.cli import UsageError

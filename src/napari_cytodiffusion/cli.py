@@ -39,7 +39,8 @@ def _rbc_diameter(text):
     work when implausible, not once per file."""
     from napari_cytodiffusion.core.smear.prepare import validate_rbc_diameter
 
-    return _checked(text, float, validate_rbc_diameter, "a number of pixels")
+    # 0 is "not given", as in the widgets: each task then estimates it its own way.
+    return _checked(text, float, validate_rbc_diameter, "a number of pixels") or None
 
 
 def _tile_size(text):
