@@ -181,6 +181,8 @@ def test_training_cache_follows_the_folder_content(
     folder = tmp_path / "cells"
     shutil.copytree(synthetic_cells_dir, folder)
     (folder / "smudge").mkdir()  # not a class of the model: listed, left out
+    shutil.copy(folder / "lymphocyte" / "lymphocyte_0.png", folder / "smudge")
+    (folder / "empty_class").mkdir()  # no cells to leave out: not named
     lines = []
     request = core.TrainRequest(
         data=folder,
@@ -190,7 +192,9 @@ def test_training_cache_follows_the_folder_content(
         **TINY,
     )
     first = core.train_model(request, log=lines.append)
-    assert any("smudge" in line for line in lines)
+    (warning,) = [line for line in lines if "left out" in line]
+    # The new model's classes: those with cells, not the eight a new model may learn.
+    assert warning.endswith("left out: smudge (its classes: lymphocyte, neutrophil)")
     assert any(line.startswith("cells per class:") and "lymphocyte 6" in line for line in lines)
     again = core.train_model(request, log=lines.append)
     assert again["pack"] == first["pack"]  # unchanged folder: the cache is reused
@@ -224,6 +228,26 @@ def test_a_new_model_learns_the_classes_it_has_cells_of(
         core.train_model(dataclasses.replace(request, overwrite=True))
     with pytest.raises(ValueError, match="steps must be at least 1"):
         core.train_model(dataclasses.replace(request, out=tmp_path / "x.ckpt", steps=0))
+
+
+def test_test_split_cells_are_left_out_and_said_to_be(synthetic_cells_dir, tmp_path):
+    """A CSV's test rows are never trained on; when too few cells remain, the message says
+    which are there and that test cells were left out."""
+    lymphocyte, neutrophil = sorted(synthetic_cells_dir.glob("*/*_0.png"))
+    table = tmp_path / "cells.csv"
+    rows = [f"{lymphocyte},lymphocyte,test", f"{neutrophil},neutrophil,test"]
+    table.write_text("file,label,split\n" + "\n".join(rows) + "\n")
+    request = core.TrainRequest(data=table, out=tmp_path / "x.ckpt", rbc_diameter=18, **TINY)
+    lines = []
+    message = r"cells.csv has no cells to train on \(2 cells of the test split left out"
+    with pytest.raises(ValueError, match=message):
+        core.train_model(request, log=lines.append)
+    assert "2 cells of the test split left out (kept for testing, never trained on)" in lines
+    table.write_text("file,label,split\n" + f"{rows[0]}\n{neutrophil},neutrophil,train\n")
+    message = r"has cells of neutrophil only \(1 cell of the test split left out"
+    with pytest.raises(ValueError, match=message):
+        core.train_model(request)
+    assert not any(tmp_path.glob("*.npz"))  # refused before any cell was normalised
 
 
 def test_training_cells_of_one_scanner_share_one_scale(

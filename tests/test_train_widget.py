@@ -51,6 +51,33 @@ def test_fine_tuning_the_default_model(
     assert len(viewer.layers) == 0
 
 
+def test_a_new_model_is_shown_with_the_classes_it_will_have(
+    synthetic_cells_dir, synthetic_rbc_diameter, tmp_path
+):
+    """From scratch, the model learns only the classes with cells: the counts line and the
+    warning name those, not the eight of the default list; an empty folder is not named."""
+    from napari_cytodiffusion.core.progress import Cancelled
+    from napari_cytodiffusion.core.tasks.train import TrainRequest
+
+    folder = tmp_path / "cells"
+    shutil.copytree(synthetic_cells_dir, folder)
+    shutil.copytree(folder / "lymphocyte", folder / "blasts")
+    (folder / "empty_class").mkdir()
+    request = TrainRequest(
+        data=folder, out=tmp_path / "new.ckpt", rbc_diameter=synthetic_rbc_diameter, steps=1
+    )
+    text = _train._progress_text()
+
+    def cancel(_done, _total):  # the listing is all this test needs
+        raise Cancelled()
+
+    assert _train._train(request, text, cancel) is None
+    assert "; a new model of lymphocyte, neutrophil;" in text["counts"]
+    assert text["counts"].endswith("left out (not classes of the model): blasts")
+    (warning,) = text["warnings"]
+    assert warning.endswith("they are not classes of the model (lymphocyte, neutrophil).")
+
+
 def test_cancel_saves_and_the_next_run_resumes(
     make_napari_viewer, qtbot, synthetic_cells_dir, synthetic_rbc_diameter, tmp_path, cancel_latency
 ):

@@ -98,16 +98,14 @@ def test_init_starts_from_the_given_weights(trained, tiny_pack, tmp_path):
             assert torch.equal(state[part][key], value), (part, key)
 
 
-def test_init_with_another_architecture_is_refused(trained, tiny_pack, tmp_path):
+def test_init_or_resume_with_another_architecture_is_refused(trained, tiny_pack, tmp_path):
     checkpoint, _ = trained
+    other = {**TINY, "channels": (16, 32, 64)}
     with pytest.raises(ValueError, match="same channels"):
-        train(
-            tiny_pack,
-            tmp_path / "x.ckpt",
-            steps=0,
-            init=checkpoint,
-            **{**TINY, "channels": (16, 32, 64)},
-        )
+        train(tiny_pack, tmp_path / "x.ckpt", steps=0, init=checkpoint, **other)
+    # Resuming says what to change too, not torch's list of mismatched tensor sizes.
+    with pytest.raises(ValueError, match=r"to resume it, train with .*--channels 16,32,32 "):
+        train(tiny_pack, tmp_path / "y.ckpt", steps=50, resume=checkpoint, **other)
 
 
 def test_export_round_trip(trained, tmp_path):
@@ -168,6 +166,61 @@ def test_an_output_that_would_be_lost_or_not_written_is_refused_first(
     assert main([*argv, "--out", str(tmp_path / "t.pt"), "--time-limit", "-5"]) == 2
     assert "time_limit must be more than 0" in capsys.readouterr().err
     assert sorted(path.name for path in tmp_path.iterdir()) == ["trained.pt"]
+
+
+def test_a_start_that_does_not_fit_is_refused_before_any_cell_is_normalised(
+    trained, synthetic_cells_dir, tmp_path, capsys
+):
+    """The model to start from or resume is checked with the other arguments: a mismatch
+    is not found only after every cell was normalised."""
+    import shutil
+
+    checkpoint, _ = trained  # 40 steps, channels 16,32,32, 64 px
+    resumed = tmp_path / "r.ckpt"
+    shutil.copy(checkpoint, resumed)
+    model_file = tmp_path / "mine.pt"
+    export_model(checkpoint, model_file)
+    argv = ["train", str(synthetic_cells_dir), "--device", "cpu", "--batch-size", "2"]
+    tiny = ["--channels", "16,32,32", "--steps", "41"]
+    refused = {
+        "--resolution 32": (
+            [
+                *tiny,
+                "--out",
+                str(tmp_path / "a.ckpt"),
+                "--init",
+                str(checkpoint),
+                "--resolution",
+                "32",
+            ],
+            "same channels and resolution (--channels 16,32,32 --resolution 64)",
+        ),
+        "--channels": (
+            ["--channels", "32,64", "--steps", "1", "--out", str(tmp_path / "b.ckpt")]
+            + ["--init", str(checkpoint)],
+            "this run: channels 32,64, 64 px",
+        ),
+        "a model file to resume": (
+            [*tiny, "--out", str(model_file), "--resume", str(model_file)],
+            "mine.pt is a model file, not a training checkpoint to resume",
+        ),
+        "steps already taken": (
+            ["--channels", "16,32,32", "--steps", "5", "--out", str(resumed)]
+            + ["--resume", str(resumed)],
+            "r.ckpt is at step 40 already; give more than 40 steps",
+        ),
+        # 0 is a size like -64 or 60, not "the default".
+        "--resolution 0": (
+            [*tiny, "--out", str(tmp_path / "c.ckpt"), "--resolution", "0"],
+            "resolution must be a positive multiple of 8 px for 3 levels of channels, got 0",
+        ),
+    }
+    for case, (options, message) in refused.items():
+        assert main([*argv, *options]) == 2, case
+        error = capsys.readouterr().err
+        assert message in error and "normalising" not in error, (case, error)
+    assert torch.load(resumed, weights_only=True)["step"] == 40
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["mine.pt", "r.ckpt"]
 
 
 # ----------------------------------------------------------------------------- v2 preparation

@@ -5,9 +5,10 @@ steps than training from scratch. The run writes a training checkpoint, which ot
 and the CLI load by its path like any model file. A cancelled run saves its checkpoint first,
 so training the same output file again resumes it.
 
-Before the first step the dock lists the cells found per class, and a warning names the
-subfolders left out (not classes of the model). The status line ends in done, cancelled or
-failed with the reason; a second line shows the step, the loss and the last log line.
+Before the first step the dock lists the cells found per class (and a new model's classes:
+those with cells), and a warning names the subfolders whose cells are left out (not classes of
+the model). The status line ends in done, cancelled or failed with the reason; a second line
+shows the step, the loss and the last log line.
 """
 
 from pathlib import Path
@@ -192,17 +193,18 @@ def _train(request, text, progress):
     """
     from napari_cytodiffusion.core.tasks.train import train_model
 
-    def on_data(counts, skipped):
+    def on_data(counts, skipped, classes):
         found = ", ".join(f"{name.replace('_', ' ')} {n}" for name, n in counts.items())
         text["counts"] = f"cells per class: {found} ({sum(counts.values())} in all)"
+        model = ", ".join(name.replace("_", " ") for name in classes)
+        if tuple(classes) != tuple(counts):  # a new model learns only the classes with cells
+            text["counts"] += f"; a new model of {model}"
         if skipped:
             text["counts"] += f"; left out (not classes of the model): {', '.join(skipped)}"
             text["warnings"].append(
                 f"Training leaves out the cells of {', '.join(skipped)}: they are not classes "
-                f"of the model ({', '.join(counts)})."
+                f"of the model ({model})."
             )
-        if not any(counts.values()):
-            raise ValueError(f"No cell images in the class folders of {request.data}.")
 
     def on_loss(step, loss):
         text["loss"] = f"step {step}/{request.steps}, loss {loss:.4f}"

@@ -144,12 +144,8 @@ class _Run:
         self.step = 0
         self.history = {"train_loss": [], "val_loss": []}
 
-    def resume(self, path):
-        from napari_cytodiffusion.core.model.checkpoint import ModelFileError, read_state
-
-        state = read_state(path)
-        if not all(key in state for key in ("model", "ema", "optimizer", "generator", "step")):
-            raise ModelFileError(f"{path} is a model file, not a training checkpoint to resume.")
+    def resume(self, state):
+        """Continue from a training checkpoint's ``state`` (see :func:`starting_point`)."""
         self.model.load_state_dict(state["model"])
         self.ema.load_state_dict(state["ema"])
         self.optimiser.load_state_dict(state["optimizer"])
@@ -221,7 +217,7 @@ def train(
     steps : int
         Total optimiser steps (counting those of a resumed checkpoint).
     resume : path, optional
-        Checkpoint to continue from.
+        Checkpoint to continue from; its classes, channels and image size must match.
     init : path, optional
         Model file whose weights start a new run (fine-tuning a lab's own stain or scanner);
         ignored when resuming. Its classes, channels and image size must match.
@@ -267,7 +263,10 @@ def train(
     cells.augmentation = augmentation
     run = _Run(cells.classes, channels, image_size, lr, seed, device)
     if resume:
-        run.resume(resume)
+        start = starting_point(resume, resume=True)
+        start.check(cells.classes, channels, image_size)
+        run.resume(start.weights)
+        del start  # its tensors are copied into the run: not held through training
         log(f"resumed from {resume} at step {run.step}")
     elif init:
         load_initial_weights(run.model, run.ema, init, cells.classes)
@@ -369,23 +368,89 @@ def _validate(run, cells, image_size, started, log):
 
 def load_initial_weights(model, ema, path, classes):
     """Copy the weights of the model file at ``path`` into ``model`` and ``ema``."""
-    from napari_cytodiffusion.core.model.checkpoint import load_model_file
+    start = starting_point(path)
+    start.check(classes, model.config["channels"], model.config["image_size"])
+    model.load_state_dict(start.weights)
+    ema.load_state_dict(start.weights)
 
-    start = load_model_file(path, "cpu")
-    architecture = ("num_classes", "channels", "image_size")
-    if tuple(start.classes) != tuple(classes) or any(
-        start.unet.config[key] != model.config[key] for key in architecture
-    ):
+
+# What a training checkpoint holds beyond a model file's weights: what resuming exactly needs.
+RESUMABLE = ("model", "ema", "optimizer", "generator", "step")
+
+
+@dataclass
+class StartingPoint:
+    """The model file a run starts from (``init``) or the checkpoint it continues (``resume``).
+
+    Read once by :func:`starting_point`, so that a task can check a run against it before any
+    cell is normalised, and training loads what was checked.
+    """
+
+    path: object
+    classes: tuple
+    channels: tuple
+    image_size: int
+    step: int
+    weights: dict  # resume: the whole checkpoint; otherwise the network's state dict
+    resume: bool = False
+
+    def check(self, classes, channels, image_size):
+        """Refuse a run of other classes, channels or image size: the weights would not fit."""
+        channels, classes = tuple(int(c) for c in channels), tuple(classes)
+        if (self.classes, self.channels, self.image_size) == (classes, channels, image_size):
+            return
+        action = "resume" if self.resume else "start from"
         raise ValueError(
-            f"{path} holds a model with channels {start.unet.config['channels']}, image size "
-            f"{start.image_size} and classes {', '.join(start.classes)}; to start from it, train "
-            f"with the same channels, resolution and classes (this run: channels "
-            f"{model.config['channels']}, {model.config['image_size']} px, classes "
-            f"{', '.join(classes)})."
+            f"{self.path} holds a model with channels {_listed(self.channels)}, image size "
+            f"{self.image_size} and classes {', '.join(self.classes)}; to {action} it, train "
+            f"with the same channels and resolution (--channels {_listed(self.channels)} "
+            f"--resolution {self.image_size}) on cells of its classes (this run: channels "
+            f"{_listed(channels)}, {image_size} px, classes {', '.join(classes)})."
         )
-    weights = start.unet.state_dict()
-    model.load_state_dict(weights)
-    ema.load_state_dict(weights)
+
+
+def _listed(channels):
+    return ",".join(str(c) for c in channels)
+
+
+def starting_point(path, resume=False):
+    """Read the :class:`StartingPoint` at ``path``: any model file (or checkpoint) whose
+    weights start a run, or, with ``resume``, a training checkpoint to continue.
+
+    Raises
+    ------
+    ModelFileError
+        If ``path`` is no model file, or (``resume``) a model file without the optimiser state
+        and step that resuming needs.
+    """
+    from napari_cytodiffusion.core.model.checkpoint import (
+        ModelFileError,
+        load_model_file,
+        read_state,
+    )
+
+    if not resume:
+        model = load_model_file(path, "cpu")
+        channels = tuple(int(c) for c in model.unet.config["channels"])
+        return StartingPoint(
+            path, tuple(model.classes), channels, model.image_size, 0, model.unet.state_dict()
+        )
+    state = read_state(path)
+    if not isinstance(state, dict) or not all(key in state for key in RESUMABLE):
+        raise ModelFileError(
+            f"{path} is a model file, not a training checkpoint to resume: write another "
+            f"output file (with --init {path} to start from its weights)."
+        )
+    try:
+        config = json.loads(state["config"])
+        channels = tuple(int(c) for c in config["channels"])
+        classes, size = tuple(str(c) for c in state["classes"]), int(config["image_size"])
+    except (KeyError, TypeError, ValueError) as error:
+        raise ModelFileError(
+            f"{path} is an incomplete training checkpoint (missing or bad {error}); train "
+            "into another output file."
+        ) from error
+    return StartingPoint(path, classes, channels, size, int(state["step"]), state, resume=True)
 
 
 def validation_loss(model, images, labels, image_size, max_images=512, seed=1234):

@@ -8,6 +8,7 @@ stale after images are added, removed or edited.
 from dataclasses import dataclass
 from pathlib import Path
 
+from napari_cytodiffusion.core.checks import is_whole_number
 from napari_cytodiffusion.core.model.training import DEFAULT_CHANNELS
 from napari_cytodiffusion.core.progress import phases
 
@@ -35,7 +36,9 @@ class TrainRequest:
         Red-cell diameter of the images in pixels (one scanner). If None, each scanner's
         images (three or more of one size) share one estimate, and others are measured alone.
     resolution : int, optional
-        Model image size for a new model (default 64; taken from ``init`` or ``resume``).
+        Model image size: None for 64 in a new model, the ``init`` or ``resume`` model's
+        otherwise (which a given one must equal). 0, and any size the network's levels do not
+        halve evenly, are refused.
     overwrite : bool
         Whether an existing ``out`` may be replaced (it is continued, not replaced, when it
         is also ``resume``).
@@ -71,8 +74,9 @@ def train_model(request, progress=None, on_loss=None, log=print, on_data=None):
     log : callable
         Receives lines about the data (cells per class, folders left out) and training.
     on_data : callable, optional
-        ``on_data(counts, skipped)`` once the folder is listed, before any training:
-        {class: cells} and the names of the subfolders left out (not classes of the model).
+        ``on_data(counts, skipped, classes)`` once the folder is listed, before any training:
+        {class: cells}, the names of the subfolders with cells left out (not classes of the
+        model) and the classes of the model trained (a new model's: those with cells).
 
     Returns
     -------
@@ -85,7 +89,6 @@ def train_model(request, progress=None, on_loss=None, log=print, on_data=None):
     _validate_request(request)
     init = _init_path(request)
     classes, resolution = _model_shape(request, init)
-    _validate_resolution(request, resolution)
     pack, records, classes = _pack_for(request, classes, resolution, log, on_data)
     packing, stepping = phases(
         progress, [_PACK_COST * len(records), _STEP_COST * max(request.steps, 1)]
@@ -157,7 +160,7 @@ def _validate_out(request):
 def _validate_resolution(request, resolution):
     """The model's resolution must halve evenly at every level of the network."""
     levels = 2 ** len(request.channels)
-    if resolution < 8 or resolution % levels:
+    if not is_whole_number(resolution) or resolution < 8 or resolution % levels:
         raise ValueError(
             f"resolution must be a positive multiple of {levels} px for {len(request.channels)} "
             f"levels of channels, got {resolution}."
@@ -174,16 +177,28 @@ def _init_path(request):
 
 
 def _model_shape(request, init):
-    """(classes, resolution) of the model this run trains."""
+    """(classes, resolution) of the model this run trains, once the model it starts from or
+    continues is found to fit the run: before any cell is normalised, not after."""
     from napari_cytodiffusion.core.classes import CLASSES
+    from napari_cytodiffusion.core.model.training import starting_point
 
-    start = request.resume or init
-    if start is None:
-        return CLASSES, request.resolution or 64
-    from napari_cytodiffusion.core.model.checkpoint import load_model_file
-
-    model = load_model_file(start, "cpu")
-    return tuple(model.classes), request.resolution or model.image_size
+    # None is "not given"; 0 is refused with the other bad sizes, not read as the default.
+    given = request.resolution
+    if request.resume is None and init is None:
+        resolution = 64 if given is None else given
+        _validate_resolution(request, resolution)
+        return CLASSES, resolution
+    start = starting_point(request.resume or init, resume=request.resume is not None)
+    resolution = start.image_size if given is None else given
+    _validate_resolution(request, resolution)
+    start.check(start.classes, request.channels, resolution)
+    # Steps count those of the resumed run: fewer would save the checkpoint untrained.
+    if start.resume and start.step >= request.steps:
+        raise ValueError(
+            f"{request.resume} is at step {start.step} already; give more than {start.step} "
+            "steps (--steps, which count the resumed ones) to train on."
+        )
+    return start.classes, resolution
 
 
 def _with_scanner_scales(records, log):
@@ -221,18 +236,22 @@ def _pack_for(request, classes, resolution, log, on_data=None):
     if data.suffix.lower() == ".npz":
         return data, [], classes
     records = datasets.list_labelled_images(data, classes=classes)
+    tested = sum(r.split == "test" for r in records)
     records = [r for r in records if r.split in ("train", "val")]
-    skipped = datasets.unknown_classes(data, classes)
+    if tested:
+        log(f"{_cells(tested)} of the test split left out (kept for testing, never trained on)")
+    counts = datasets.class_counts(records, classes)
+    log("cells per class: " + ", ".join(f"{name} {n}" for name, n in counts.items()))
+    taught = _taught_classes(request, counts, tested, log)
+    skipped = [n for n in datasets.unknown_classes(data, classes) if _has_cells(data, n)]
     if skipped:
         log(
             f"warning: cells of classes this model does not have were left out: "
-            f"{', '.join(skipped)} (classes: {', '.join(classes)})"
+            f"{', '.join(skipped)} (its classes: {', '.join(taught)})"
         )
-    counts = datasets.class_counts(records, classes)
-    log("cells per class: " + ", ".join(f"{name} {n}" for name, n in counts.items()))
     if on_data is not None:
-        on_data(counts, skipped)
-    classes = _taught_classes(request, counts, log)
+        on_data(counts, skipped, taught)
+    classes = taught
     records = [r for r in records if r.label in classes]
     if request.rbc_diameter is None:
         records = _with_scanner_scales(records, log)
@@ -245,22 +264,45 @@ def _pack_for(request, classes, resolution, log, on_data=None):
     return pack, records, classes
 
 
-def _taught_classes(request, counts, log):
+def _cells(n):
+    return f"{n} cell" if n == 1 else f"{n} cells"
+
+
+def _has_cells(data, name):
+    """Whether the subfolder (or label) ``name`` of ``data`` holds any cell: an empty folder
+    holds none to leave out, so it is not named among the classes left out."""
+    from napari_cytodiffusion.core.io import folder_images
+
+    folder = Path(data) / name
+    return not folder.is_dir() or bool(folder_images(folder))
+
+
+def _taught_classes(request, counts, tested, log):
     """The classes of the model trained from {class: cells} ``counts``: a new model learns the
     classes it has cells of (a class without cells would be noise to it); a model continued
-    or fine-tuned keeps all of its own, and is told which get no new cells."""
+    or fine-tuned keeps all of its own, and is told which get no new cells. ``tested``: the
+    test-split cells left out, named when too few cells remain."""
+    present = tuple(name for name, n in counts.items() if n)
+    left_out = f" ({_cells(tested)} of the test split left out: training uses train and val)"
+    left_out = left_out if tested else ""
+    if not present:
+        raise ValueError(
+            f"{request.data} has no cells to train on{left_out}. Give cells of the classes "
+            f"{', '.join(counts)}: subfolders named after them, or CSV rows with split train "
+            "or val."
+        )
     empty = [name for name, n in counts.items() if not n]
     if request.resume is not None or request.init is not None:
         if empty:
             log(f"warning: no cells of {', '.join(empty)}: the model keeps what it knew of them")
         return tuple(counts)
-    present = tuple(name for name, n in counts.items() if n)
     if len(present) < 2:
         raise ValueError(
             f"A new model needs cells of at least two classes; {request.data} has cells of "
-            f"{present[0] if present else 'none'} only. Add a subfolder of cells for each "
-            "class, or fine-tune the default model (--init default, or tick 'start from the "
-            "default model's weights'), which keeps the classes it knows."
+            f"{present[0]} only{left_out}. Add cells of another class (a subfolder, or CSV "
+            "rows with split train or val), or fine-tune the default model (--init default, "
+            "or tick 'start from the default model's weights'), which keeps the classes it "
+            "knows."
         )
     if empty:
         log(f"a new model of the classes with cells: {', '.join(present)}")
