@@ -240,3 +240,98 @@ def test_generate_refuses_a_folder_inside_a_file_before_generating(tmp_path, cap
     assert stop.value.code == cli.USAGE_ERROR
     assert f"{taken} is a file, so {taken / 'sub'} cannot be made" in capsys.readouterr().err
     assert taken.read_text() == "a file of the user's"
+
+
+def test_guidance_below_1_is_refused_for_the_cells_would_leave_their_class(default_model):
+    from napari_cytodiffusion.core.tasks.generate import generate
+
+    # At 0 every class gives the same cell, which would yet be labelled with its class.
+    for guidance in (0, 0.0, 0.5, 0.99):
+        with pytest.raises(ValueError, match="guidance must be a finite number of at least 1"):
+            generate(default_model, "platelet", n=1, steps=1, guidance=guidance)
+    assert generate(default_model, "platelet", n=1, steps=1, guidance=1).guidance == 1.0
+
+
+def test_a_file_or_metadata_not_made_by_generation_is_not_replaced(tmp_path):
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "metadata.csv").write_text("patient,count\nA,3\n")
+    with pytest.raises(ValueError, match="not a list of generated cells.* another folder"):
+        generation.save_cells(_cells(seed=4, steps=15), theirs)
+    assert (theirs / "metadata.csv").read_text() == "patient,count\nA,3\n"
+    assert not (theirs / "monocyte_0004.png").exists()
+
+    unlisted = tmp_path / "unlisted"
+    unlisted.mkdir()
+    (unlisted / "monocyte_0004.png").write_bytes(b"a person's image")
+    with pytest.raises(ValueError, match="monocyte_0004.png exists and .* does not list it"):
+        generation.save_cells(_cells(seed=4, steps=15), unlisted)
+    assert (unlisted / "monocyte_0004.png").read_bytes() == b"a person's image"
+    assert not (unlisted / "metadata.csv").exists()
+
+
+def test_columns_a_person_added_to_the_metadata_are_kept(tmp_path):
+    path = generation.save_cells(_cells(seed=4, steps=15), tmp_path)
+    rows = list(csv.DictReader(open(path)))
+    rows[0]["note"] = "blurred"
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    generation.save_cells(_cells(seed=5, steps=15), tmp_path)
+    rows = list(csv.DictReader(open(path)))
+    assert [(r["file"], r["note"]) for r in rows] == [
+        ("monocyte_0004.png", "blurred"),
+        ("monocyte_0005.png", ""),
+    ]
+
+
+def test_generate_refuses_a_users_file_before_generating(tmp_path, capsys, monkeypatch):
+    from napari_cytodiffusion.core.tasks import generate as task
+
+    (tmp_path / "eosinophil_0000.png").write_bytes(b"a person's image")
+    monkeypatch.setattr(task, "generate", lambda *a, **k: pytest.fail("generated first"))
+    argv = ["generate", "--label", "eosinophil", "-n", "1", "--device", "cpu"]
+    assert cli.main([*argv, "--out", str(tmp_path)]) == cli.USAGE_ERROR
+    assert "does not list it as a generated cell" in capsys.readouterr().err
+    assert (tmp_path / "eosinophil_0000.png").read_bytes() == b"a person's image"
+
+
+def test_every_cells_seed_can_be_given_back(tmp_path, capsys):
+    largest = 2**63 - 1
+    argv = ["generate", "--label", "platelet", "--steps", "1", "--device", "cpu", "--out"]
+    assert cli.main([*argv, str(tmp_path), "-n", "2", "--seed", str(largest)]) == cli.USAGE_ERROR
+    assert f"seed must be from 0 to {largest - 1} for 2 cells" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+    # The largest seed is a cell's seed, and --seed takes it back.
+    assert cli.main([*argv, str(tmp_path), "-n", "1", "--seed", str(largest)]) == 0
+    (row,) = csv.DictReader(open(tmp_path / "metadata.csv"))
+    assert row["seed"] == str(largest) and (tmp_path / row["file"]).is_file()
+
+
+def test_a_save_stopped_midway_can_be_run_again(tmp_path, monkeypatch):
+    """A run killed while writing its cells leaves no file the next run must refuse to
+    replace: the metadata lists them before they are written."""
+    cells = generation.SyntheticCells(
+        np.full((2, 64, 64, 3), 0.5, np.float32), ["monocyte"] * 2, [4, 5], 15, 2.0, "ddim", "m"
+    )
+    written = []
+    original = generation.to_uint8
+
+    def stop_at_the_second(image):
+        if written:
+            raise KeyboardInterrupt
+        written.append(1)
+        return original(image)
+
+    monkeypatch.setattr(generation, "to_uint8", stop_at_the_second)
+    with pytest.raises(KeyboardInterrupt):
+        generation.save_cells(cells, tmp_path)
+    assert [p.name for p in tmp_path.glob("*.png")] == ["monocyte_0004.png"]
+    monkeypatch.setattr(generation, "to_uint8", original)
+    path = generation.save_cells(cells, tmp_path)
+    assert [r["file"] for r in csv.DictReader(open(path))] == [
+        "monocyte_0004.png",
+        "monocyte_0005.png",
+    ]
+    assert (tmp_path / "monocyte_0005.png").is_file()

@@ -1,6 +1,7 @@
 """The blinded Turing test: panel building, exporting and the scoring maths."""
 
 import csv
+import re
 
 import numpy as np
 import pytest
@@ -169,6 +170,27 @@ def test_turing_score_rejects_missing_files(tmp_path, capsys):
     assert "No such file" in capsys.readouterr().err
 
 
+def test_turing_score_replaces_no_input_and_no_file_unasked(tmp_path, capsys):
+    key = _key(["real", "synthetic"], ["neutrophil"] * 2)
+    key_file, answers = tmp_path / "key.csv", tmp_path / "answers.csv"
+    turing.write_csv(key_file, key, turing.KEY_COLUMNS)
+    answers.write_text("item,answer\n1,real\n2,synthetic\n")
+    kept = tmp_path / "score.csv"
+    kept.write_text("a person's notes\n")
+    inputs = {path: path.read_text() for path in (key_file, answers, kept)}
+    score = ["turing", "score", str(answers), str(key_file), "--out"]
+    for out, flags, message in (
+        (key_file, ["--overwrite"], "is the file .*key.csv given to score"),
+        (answers, ["--overwrite"], "is the file .*answers.csv given to score"),
+        (kept, [], "score.csv exists; choose another --out file, or replace it"),
+    ):
+        assert cli.main([*score, str(out), *flags]) == cli.USAGE_ERROR
+        assert re.search(message, capsys.readouterr().err)
+    assert {path: path.read_text() for path in inputs} == inputs
+    assert cli.main([*score, str(kept), "--overwrite"]) == 0
+    assert next(csv.DictReader(open(kept)))["group"] == "overall"
+
+
 def test_the_real_cells_of_one_scanner_are_cut_at_one_scale(pbc_dir):
     from napari_cytodiffusion.core.tasks.turing import TuringRequest, _real_cell_scales
 
@@ -217,6 +239,12 @@ def test_a_request_that_cannot_make_a_panel_is_refused_with_what_to_give(default
         "guidance must be a finite number": TuringRequest(
             n=1, images=stack, labels=["platelet"] * 2, guidance=-1.0
         ),
+        "guidance must be a finite number of at least 1": TuringRequest(
+            n=1, images=stack, labels=["platelet"] * 2, guidance=0.5
+        ),
+        "seed must be from 0 to 9223372036854775806 for 2 cells": TuringRequest(
+            n=2, images=stack, labels=["platelet"] * 2, seed=2**63 - 1
+        ),
         "steps must be a whole number": TuringRequest(
             n=1, images=stack, labels=["platelet"] * 2, steps=2.5
         ),
@@ -229,7 +257,7 @@ def test_a_request_that_cannot_make_a_panel_is_refused_with_what_to_give(default
             make_turing_panel(default_model, request)
 
 
-def test_guidance_0_is_used_not_replaced_by_the_default(default_model):
+def test_a_given_guidance_is_used_not_replaced_by_the_default(default_model):
     from napari_cytodiffusion.core.tasks.turing import TuringRequest, make_turing_panel
 
     stack = np.full((1, 64, 64, 3), 0.9, np.float32)
@@ -243,7 +271,9 @@ def test_guidance_0_is_used_not_replaced_by_the_default(default_model):
         rows = zip(panel.images, panel.key, strict=True)
         return next(image for image, row in rows if row["truth"] == "synthetic")
 
-    assert not np.array_equal(synthetic(0.0), synthetic(2.0))
+    # 2 is the default: not given, it is used; given, 1 is used instead.
+    assert not np.array_equal(synthetic(1.0), synthetic(2.0))
+    np.testing.assert_array_equal(synthetic(None), synthetic(2.0))
 
 
 @pytest.mark.parametrize(

@@ -94,7 +94,7 @@ def test_too_few_real_cells_is_reported_not_raised(
     widget._build.native.click()
     qtbot.waitUntil(lambda: not widget._runner.running, timeout=30_000)
     assert widget._progress.value.startswith("failed") and not widget.testing
-    assert "Asked for 5 real cells but the layer holds 3" in errors[-1]
+    assert "Asked for 5 real cells but layer 'real' holds 3" in errors[-1]
     assert TEST_LAYER not in viewer.layers
 
 
@@ -157,3 +157,43 @@ def test_closing_the_panel_while_it_is_built_starts_no_test(make_napari_viewer, 
     qtbot.waitUntil(lambda: not widget._runner.running, timeout=10_000)
     assert not widget.testing and TEST_LAYER not in viewer.layers
     assert "R" not in {str(key) for key in viewer.keymap}
+
+
+def test_a_later_test_is_shown_beside_what_was_opened_since(make_napari_viewer, qtbot, tmp_path):
+    viewer, widget = _widget(make_napari_viewer, tmp_path, 1)
+    widget._build.native.click()
+    qtbot.waitUntil(lambda: widget.testing, timeout=60_000)
+    widget.end_test()
+    smear = viewer.add_image(np.zeros((300, 400, 3), np.uint8), rgb=True, name="smear")
+    assert viewer.layers[TEST_LAYER].translate[1] < 400  # now under the smear
+    widget._build.native.click()
+    qtbot.waitUntil(lambda: widget.testing, timeout=60_000)
+    layer = viewer.layers[TEST_LAYER]
+    assert layer.translate[1] > smear.extent.world[1][1]  # right of the smear, not on it
+    assert viewer.layers[-1] is layer and layer.visible
+    np.testing.assert_array_equal(layer.data, widget._panel.images[0])
+
+
+def test_the_key_names_the_layer_and_its_planes_or_tiles(make_napari_viewer, qtbot, tmp_path):
+    from napari_cytodiffusion._widgets._grid import tile
+
+    viewer, widget = _widget(make_napari_viewer, tmp_path, 2)
+
+    def real_origins():
+        widget._build.native.click()
+        qtbot.waitUntil(lambda: widget.testing, timeout=60_000)
+        origins = sorted(row["origin"] for row in widget._panel.key if row["truth"] == "real")
+        widget.end_test()
+        return origins
+
+    assert real_origins() == ["layer 'real', plane 1", "layer 'real', plane 2"]
+    grid, _, layout = tile(_real_cells())
+    features = pd.DataFrame({"index": [0, 1, 2], "label": ["platelet"] * 3})
+    layer = viewer.add_image(
+        grid, rgb=True, name="synthetic platelet", metadata={"features": features, "grid": layout}
+    )
+    widget._layer.value = layer
+    assert real_origins() == [
+        "layer 'synthetic platelet', tile 1",
+        "layer 'synthetic platelet', tile 2",
+    ]

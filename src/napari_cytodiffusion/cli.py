@@ -241,7 +241,13 @@ def _add_generate(subparsers):
     parser.add_argument("--label", required=True, metavar="CLASS", help=_class_help())
     parser.add_argument("-n", type=int, default=8, help="number of cells (default 8)")
     parser.add_argument("--steps", type=int, default=sampling.DEFAULT_STEPS)
-    parser.add_argument("--guidance", type=float, default=sampling.DEFAULT_GUIDANCE)
+    parser.add_argument(
+        "--guidance",
+        type=float,
+        default=sampling.DEFAULT_GUIDANCE,
+        help="at least 1: 1 = the class alone, higher follows it more strictly (default "
+        f"{sampling.DEFAULT_GUIDANCE})",
+    )
     parser.add_argument("--sampler", choices=sampling.SAMPLERS, default=sampling.DEFAULT_SAMPLER)
     _add_model_arguments(parser)
     parser.add_argument("--out", required=True, metavar="DIR", type=_out_folder)
@@ -392,6 +398,7 @@ def _add_turing(subparsers):
     score.add_argument(
         "--out", metavar="CSV", type=_out_file, help="also write the score table here"
     )
+    score.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
 
 
 def _turing(args):
@@ -408,6 +415,8 @@ def _turing(args):
         for path in (args.answers, args.key):
             if not Path(path).is_file():
                 raise UsageError(f"No such file: {path}")
+        if args.out:
+            _refuse_replacing_score(Path(args.out), (args.answers, args.key), args.overwrite)
         result = score_turing_test(args.answers, args.key)
         print(turing.score_text(result))
         if args.out:
@@ -432,6 +441,20 @@ def _turing(args):
     with exclusive_folder(args.out):
         folder, key = turing.export_panel(panel, args.out)
     print(f"{len(panel)} cells in {folder} (give this folder to the expert); key: {key}")
+
+
+def _refuse_replacing_score(out, inputs, overwrite):
+    """Refuse, before scoring, an --out that is one of the inputs (always: it would lose the
+    answers or the key) or an existing file (unless ``overwrite``)."""
+    if not out.exists():
+        return
+    for path in inputs:
+        if out.samefile(path):
+            raise UsageError(
+                f"--out {out} is the file {path} given to score; write the score to another file."
+            )
+    if not overwrite:
+        raise UsageError(f"{out} exists; choose another --out file, or replace it (--overwrite).")
 
 
 def _add_classify(subparsers):

@@ -173,7 +173,8 @@ class TuringWidget(DockForm):
                 return
             request.images = layer_cells(layer)
             request.labels = _layer_labels(layer, len(request.images), self._layer_class.value)
-            request.images_name = "the layer"
+            request.images_name = f"layer {layer.name!r}"
+            request.image_word = "tile" if "grid" in layer.metadata else "plane"
         choice = self._fields.choice()
         self._result.value = ""
         self._runner.start(
@@ -203,6 +204,14 @@ class TuringWidget(DockForm):
         if TEST_LAYER in self._viewer.layers:
             layer = self._viewer.layers[TEST_LAYER]
             layer.data = image
+            if index == 0:
+                # An earlier test's layer may lie under what was opened since: placed beside
+                # everything, on top. (Moved, not removed: removing an image under a Labels
+                # layer crashes napari on software OpenGL, see docs/napari.md.)
+                layers = self._viewer.layers
+                layers.move(layers.index(layer), len(layers))
+                layer.visible = True
+                layer.scale, layer.translate = beside(self._viewer, image.shape[0])
         else:  # the test's start, or a person removed the layer during it
             scale, translate = beside(self._viewer, image.shape[0])
             layer = self._viewer.add_image(

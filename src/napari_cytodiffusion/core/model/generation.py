@@ -21,6 +21,9 @@ from napari_cytodiffusion.core.model.sampling import (
 
 METADATA_FILE = "metadata.csv"
 METADATA_COLUMNS = ("file", "label", "seed", "steps", "guidance", "model", "sampler")
+# The largest seed the command line's --seed takes: a cell's seed past it could not be given
+# back to make the cell again.
+MAX_SEED = 2**63 - 1
 
 
 @dataclass
@@ -155,6 +158,7 @@ def planned_cells(
     """The cells :func:`generate_cells` would make with these arguments, described but not
     made (``images`` is None): to check where they can be saved before the work."""
     labels = _labels(label, n, model.classes)
+    check_seeds(seed, len(labels))
     return SyntheticCells(
         images=None,
         labels=labels,
@@ -164,6 +168,17 @@ def planned_cells(
         sampler=sampler,
         model_name=getattr(model, "name", "custom"),
     )
+
+
+def check_seeds(seed, count):
+    """Raise ValueError unless the seeds of ``count`` cells from ``seed`` (``seed + i``) are
+    all seeds from 0 to ``MAX_SEED``, so that each cell can be made again from its own."""
+    largest = MAX_SEED - int(count) + 1
+    if not 0 <= int(seed) <= largest:
+        raise ValueError(
+            f"seed must be from 0 to {largest} for {count} cells, got {seed}: cell i gets seed "
+            f"+ i, which must stay at most 2**63 - 1 for the cell to be made again from it."
+        )
 
 
 def _labels(label, n, classes):
@@ -201,14 +216,15 @@ def save_cells(cells, out_dir, prefix=None):
 
     Files are named after their seed, so runs into one folder add to it and making a seed's
     cell again writes the same file. The CSV keeps one row per cell file (file, label, seed,
-    steps, guidance, model, sampler), the rows of earlier runs included. ``prefix`` replaces
-    the class in the names. Every file is written under a temporary name and renamed when
-    complete. Returns the CSV path.
+    steps, guidance, model, sampler, and any columns a person added), the rows of earlier runs
+    included. ``prefix`` replaces the class in the names. Every file is written under a
+    temporary name and renamed when complete. Returns the CSV path.
 
     Raises
     ------
     ValueError
-        If a file name is taken by a cell made with other settings (nothing is written).
+        If a file would be replaced that is not the same cell (see :func:`check_can_save`;
+        nothing is written).
     """
     from PIL import Image
 
@@ -217,21 +233,28 @@ def save_cells(cells, out_dir, prefix=None):
     out_dir = Path(out_dir)
     rows, earlier = check_can_save(cells, out_dir, prefix)
     out_dir.mkdir(parents=True, exist_ok=True)
+    # Columns a person added to the earlier rows are kept, not dropped.
+    added = dict.fromkeys(c for row in earlier.values() for c in row if c)
+    columns = [*METADATA_COLUMNS, *(c for c in added if c not in METADATA_COLUMNS)]
+    path = out_dir / METADATA_FILE
+    # The list first: a run killed while writing the cells leaves only files it lists, which
+    # the next run may write again, never unlisted ones it would have to refuse to replace.
+    with atomic_write(path) as partial, open(partial, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows({**earlier, **rows}.values())
     for name, image in zip(rows, cells.images, strict=True):
         with atomic_write(out_dir / name) as partial:
             Image.fromarray(to_uint8(image)).save(partial)
-    path = out_dir / METADATA_FILE
-    with atomic_write(path) as partial, open(partial, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=METADATA_COLUMNS, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows({**earlier, **rows}.values())
     return path
 
 
 def check_can_save(cells, out_dir, prefix=None):
-    """Refuse (ValueError) to save ``cells`` where ``metadata.csv`` says a file of theirs
-    holds a cell made another way: it would then hold another cell than the one its seed and
-    settings make. ``cells`` may be :func:`planned_cells`, to check before the work.
+    """Refuse (ValueError) to save ``cells`` in ``out_dir`` where they would replace what they
+    did not make: a ``metadata.csv`` that is not a list of generated cells, a file of theirs
+    that it does not list (a person's), or one it lists as a cell made another way (it would
+    then hold another cell than the one its seed and settings make). ``cells`` may be
+    :func:`planned_cells`, to check before the work.
 
     Returns
     -------
@@ -240,19 +263,33 @@ def check_can_save(cells, out_dir, prefix=None):
     """
     from napari_cytodiffusion.core.io import read_table
 
+    out_dir = Path(out_dir)
     table = cells.features()
     pairs = zip(cells.labels, cells.seeds, strict=True)
     table.insert(0, "file", [f"{prefix or label}_{seed:04d}.png" for label, seed in pairs])
     rows = {row["file"]: row for row in table.to_dict("records")}
-    path = Path(out_dir) / METADATA_FILE
-    earlier = {row.get("file"): row for row in read_table(path)} if path.is_file() else {}
+    path = out_dir / METADATA_FILE
+    earlier = {}
+    if path.exists():
+        try:
+            earlier = {row.get("file"): row for row in read_table(path, METADATA_COLUMNS)}
+        except ValueError as error:
+            raise ValueError(
+                f"{error} It is not a list of generated cells, and saving cells in "
+                f"{out_dir} would replace it: write them to another folder."
+            ) from None
     for name, row in rows.items():
+        if name not in earlier and (out_dir / name).exists():
+            raise ValueError(
+                f"{out_dir / name} exists and {path} does not list it as a generated cell; "
+                "saving would replace it: write to another folder."
+            )
         before = earlier.get(name, {})
         changed = [c for c in METADATA_COLUMNS if c in before and before[c] != str(row[c])]
         if changed:
             settings = ", ".join(f"{c} {before[c]}" for c in changed)
             raise ValueError(
-                f"{Path(out_dir) / name} holds a cell made with other settings ({settings}); "
+                f"{out_dir / name} holds a cell made with other settings ({settings}); "
                 "write to another folder."
             )
     return rows, earlier

@@ -51,8 +51,14 @@ def check_sampler_settings(steps, guidance, sampler=DEFAULT_SAMPLER):
     if not (is_whole_number(steps) and steps >= 1):
         raise ValueError(f"steps must be a whole number, at least 1, got {steps!r}.")
     real = isinstance(guidance, int | float | np.number) and not isinstance(guidance, bool)
-    if not (real and np.isfinite(guidance) and guidance >= 0):
-        raise ValueError(f"guidance must be a finite number >= 0 (1 = none), got {guidance!r}.")
+    # Below 1 the cells drift from their class towards no class (at 0 every class gives the
+    # same cell), yet they would be labelled with the class.
+    if not (real and np.isfinite(guidance) and guidance >= 1):
+        raise ValueError(
+            f"guidance must be a finite number of at least 1 (1: the class alone, higher: "
+            f"follow it more strictly; below 1 the cells drift from their class towards no "
+            f"class), got {guidance!r}."
+        )
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}.")
 

@@ -36,6 +36,9 @@ class TuringRequest:
         did; images given as arrays are each measured alone.
     images_name : str
         What ``images`` are called in messages and in the key's origins.
+    image_word : str
+        What one of ``images`` is called in the key's origins, before its index (0 up):
+        "plane" of a stack, "tile" of a grid.
     """
 
     n: int
@@ -48,6 +51,7 @@ class TuringRequest:
     guidance: float | None = None
     rbc_diameter: float | None = None
     images_name: str = "the image stack"
+    image_word: str = "plane"
 
 
 def make_turing_panel(model, request, progress=None):
@@ -72,7 +76,7 @@ def make_turing_panel(model, request, progress=None):
         chosen = turing.choose(count, request.n, request.seed)
         cells = [request.images[i] for i in chosen]
         labels = [_model_class(request.labels[i], model) for i in chosen]
-        origins = [f"{name}, plane {i}" for i in chosen]
+        origins = [f"{name}, {request.image_word} {i}" for i in chosen]
     real = turing.normalise_real_cells(
         cells, model.image_size, _real_cell_scales(request, cells), normalising
     )
@@ -91,6 +95,7 @@ def make_turing_panel(model, request, progress=None):
 def _validate_request(request):
     """Check every field before any work, with a message saying what to give."""
     from napari_cytodiffusion.core.model import sampling
+    from napari_cytodiffusion.core.model.generation import check_seeds
     from napari_cytodiffusion.core.tasks.generate import check_sampler_settings
 
     if not (is_whole_number(request.n) and request.n >= 1):
@@ -113,6 +118,7 @@ def _validate_request(request):
         sampling.DEFAULT_STEPS if request.steps is None else request.steps,
         sampling.DEFAULT_GUIDANCE if request.guidance is None else request.guidance,
     )
+    check_seeds(request.seed, request.n)  # the synthetic cells' seeds, before any work
 
 
 def _real_cell_scales(request, cells):
