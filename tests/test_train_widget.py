@@ -21,7 +21,7 @@ def _widget(make_napari_viewer, folder, out, rbc_diameter, steps, from_default):
     widget._batch_size.value = 2
     widget._device.value = "cpu"
     widget._rbc_diameter.value = rbc_diameter
-    widget._from_default.value = from_default
+    widget._start_from.model.value = "default" if from_default else _train.NEW_MODEL
     return viewer, widget
 
 
@@ -136,6 +136,29 @@ def test_a_failed_run_says_why(
     qtbot.waitUntil(lambda: not widget._runner.running, timeout=30_000)
     assert widget._status.value.startswith("failed: ") and "does not exist" in widget._status.value
     assert "does not exist" in errors[-1]
+
+
+def test_the_run_starts_from_the_model_chosen(
+    make_napari_viewer, qtbot, synthetic_cells_dir, tmp_path, monkeypatch
+):
+    """Start from: a new model, the shipped one, local ones, or a model file, which is used."""
+    from napari_cytodiffusion._widgets._common import MODEL_FILE
+
+    errors = []
+    monkeypatch.setattr("napari.utils.notifications.show_error", errors.append)
+    monkeypatch.setattr(_train, "show_error", errors.append)
+    _, widget = _widget(make_napari_viewer, synthetic_cells_dir, tmp_path / "x.ckpt", 0, 1, True)
+    choices = widget._start_from.model.choices
+    assert choices[:2] == (_train.NEW_MODEL, "default") and choices[-1] == MODEL_FILE
+    widget._start_from.model.value = MODEL_FILE
+    widget._run.native.click()
+    assert not widget._runner.running and "model file to start from" in errors[-1]
+    start = tmp_path / "lab.pt"
+    start.write_bytes(b"not a model")
+    widget._start_from.file.value = start
+    widget._run.native.click()
+    qtbot.waitUntil(lambda: not widget._runner.running, timeout=30_000)
+    assert widget._status.value.startswith("failed: ") and "lab.pt" in widget._status.value
 
 
 def test_every_widgets_model_file_field_offers_what_train_model_writes(make_napari_viewer):

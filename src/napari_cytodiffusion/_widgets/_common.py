@@ -347,15 +347,26 @@ def refresh_model_choices():
 
 
 class ModelFields:
-    """The model, device and (optionally) seed fields, the same in every widget."""
+    """The model, device and (optionally) seed fields, the same in every widget.
 
-    def __init__(self, seed=True, seed_tooltip="Same seed, same result."):
+    ``none`` (a text, such as "none: a new model") is offered first where a run may use no
+    model; ``label`` and ``tooltip`` name the model field for what the widget does with it.
+    """
+
+    def __init__(
+        self,
+        seed=True,
+        seed_tooltip="Same seed, same result.",
+        none=None,
+        label="model",
+        tooltip="default: the shipped model; the registry's models; models adapted or "
+        "calibrated on this computer; or a model file (such as one made by Train model).",
+    ):
         self.model = ComboBox(
-            label="model",
-            choices=model_names,
+            label=label,
+            choices=model_names if none is None else lambda _=None: [none, *model_names()],
             value="default",
-            tooltip="default: the shipped model; the registry's models; models adapted or "
-            "calibrated on this computer; or a model file (such as one made by Train model).",
+            tooltip=tooltip,
         )
         self.file = FileEdit(
             label="model file",

@@ -1,9 +1,9 @@
 """The "Train model" widget: train the diffusion model on a lab's own labelled cells.
 
-Starting from the default model's weights adapts it to another stain or scanner in far fewer
-steps than training from scratch. The run writes a training checkpoint, which other widgets
-and the CLI load by its path like any model file. A cancelled run saves its checkpoint first,
-so training the same output file again resumes it.
+Starting from a model's weights (the shipped one, a local one or a model file) adapts it to
+another stain or scanner in far fewer steps than training from scratch. The run writes a
+training checkpoint, which other widgets and the CLI load by its path like any model file. A
+cancelled run saves its checkpoint first, so training the same output file again resumes it.
 
 Before the first step the dock lists the cells found per class (and a new model's classes:
 those with cells), and a warning names the subfolders whose cells are left out (not classes of
@@ -18,13 +18,17 @@ from napari.utils.notifications import show_error, show_info, show_warning
 from qtpy.QtCore import QTimer
 
 from napari_cytodiffusion._widgets._common import (
+    MODEL_FILE,
     DockForm,
+    ModelFields,
     RunRow,
     StatusLabel,
-    device_field,
     rbc_diameter_field,
 )
 from napari_cytodiffusion.core.progress import Cancelled
+
+# The start-from choice of training a new model, from scratch.
+NEW_MODEL = "none: a new model"
 
 
 class TrainWidget(DockForm):
@@ -66,16 +70,18 @@ class TrainWidget(DockForm):
             label="learning rate",
             tooltip="Peak learning rate; 1e-4 suits fine-tuning, 3e-4 training from scratch.",
         )
-        self._device = device_field()
+        self._start_from = ModelFields(
+            seed=False,
+            none=NEW_MODEL,
+            label="start from",
+            tooltip="The model whose weights the run starts from (its classes and resolution): "
+            "the shipped model, one adapted on this computer, or a model file. 'none' trains a "
+            "new model from scratch, of the classes the folder has cells of.",
+        )
+        self._device = self._start_from.device
         self._rbc_diameter = rbc_diameter_field(
             "Red-cell diameter in the images (one scanner); 0 estimates it once per scanner (per "
             "image size)."
-        )
-        self._from_default = CheckBox(
-            value=True,
-            text="start from the default model's weights",
-            tooltip="Adapt the shipped model (its classes and resolution) instead of training "
-            "a new one from scratch.",
         )
         self._resume = CheckBox(
             value=True,
@@ -94,9 +100,8 @@ class TrainWidget(DockForm):
             self._steps,
             self._batch_size,
             self._lr,
-            self._device,
             self._rbc_diameter,
-            self._from_default,
+            *self._start_from.widgets,
             self._resume,
             row,
             self._counts,
@@ -129,6 +134,10 @@ class TrainWidget(DockForm):
                 "or choose another output file (a trained model is not replaced)."
             )
             return
+        start = self._start_from.choice().name
+        if self._start_from.model.value == MODEL_FILE and not Path(start).is_file():
+            self._runner.refuse("Choose the model file to start from (.pt or .ckpt).")
+            return
         request = TrainRequest(
             data=data,
             out=out,
@@ -137,7 +146,7 @@ class TrainWidget(DockForm):
             lr=self._lr.value,
             device=self._device.value,
             resume=resume,
-            init="default" if self._from_default.value and resume is None else None,
+            init=None if start == NEW_MODEL or resume is not None else start,
             rbc_diameter=self._rbc_diameter.value or None,
         )
         self._progress_text = _progress_text()

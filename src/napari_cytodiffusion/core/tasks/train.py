@@ -301,8 +301,7 @@ def _taught_classes(request, counts, tested, log):
             f"A new model needs cells of at least two classes; {request.data} has cells of "
             f"{present[0]} only{left_out}. Add cells of another class (a subfolder, or CSV "
             "rows with split train or val), or fine-tune the default model (--init default, "
-            "or tick 'start from the default model's weights'), which keeps the classes it "
-            "knows."
+            "or 'start from: default' in the widget), which keeps the classes it knows."
         )
     if empty:
         log(f"a new model of the classes with cells: {', '.join(present)}")
