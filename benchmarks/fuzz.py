@@ -119,7 +119,8 @@ def turing_files(folder):
 def lab_files(folder):
     """Labelled cell folders and CSVs for adapt and calibrate, good and bad; {name: path}.
 
-    Each class's cells are one sample image turned, so no two classes share a cell."""
+    Each class's cells are one sample image turned and mirrored (8 a class: enough held back
+    for the lab's domain reference), so no two classes share a cell."""
     from PIL import Image
 
     folder = Path(folder)
@@ -128,9 +129,10 @@ def lab_files(folder):
     for label, name in sources.items():
         cell = Image.open(SAMPLES / name).convert("RGB")
         (folder / "lab" / label).mkdir(parents=True, exist_ok=True)
-        for turns in range(3):
-            path = folder / "lab" / label / f"{label}_{turns}.png"
-            cell.rotate(90 * turns, expand=True).save(path)
+        for view in range(8):
+            path = folder / "lab" / label / f"{label}_{view}.png"
+            turned = cell.rotate(90 * (view % 4), expand=True)
+            (turned.transpose(Image.FLIP_LEFT_RIGHT) if view >= 4 else turned).save(path)
             rows.append(f"{path},{label}")
     broken = folder / "lab_broken"
     if not broken.exists():

@@ -177,6 +177,64 @@ def test_classes_with_few_cells_are_warned_about(
     assert result.adapted_on["lymphocyte"] == 2 and "lymphocyte" not in result.calibrated_on
 
 
+def test_calibrating_a_few_cells_keeps_the_base_reference_and_says_so(
+    synthetic_cells_dir, synthetic_rbc_diameter, isolated_cache, tmp_path, capsys
+):
+    """Two cells of each class cannot carry a reference of their own (fitted on one cell its
+    threshold was NaN and the check silently off): the base's stays, and the run says so."""
+    import warnings
+
+    folder = tmp_path / "cells"
+    for label in ("lymphocyte", "neutrophil"):
+        (folder / label).mkdir(parents=True)
+        for path in sorted((synthetic_cells_dir / label).glob("*.png"))[:2]:
+            shutil.copy(path, folder / label / path.name)
+    options = ["--out", "lab-few", "--rbc-diameter", str(synthetic_rbc_diameter)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # no 0 / 0 on the way either
+        assert main(["calibrate", "default", str(folder), *options, "--device", "cpu"]) == 0
+    out, err = capsys.readouterr()
+    assert "warning: few labelled cells for lymphocyte (2), neutrophil (2)" in err
+    assert "too few to fit the lab's own 'unlike the training smears' reference" in err
+    assert "still means unlike the base model's training smears" in out
+    model = weights.load_model("lab-few", device="cpu")
+    base = weights.load_model("default", device="cpu")
+    assert model.calibration["domain"] == base.calibration["domain"]
+    assert model.metadata["domain_reference"] == "base"
+    thresholds = [
+        model.calibration["uncertainty_threshold"],
+        model.calibration["anomaly_threshold"],
+        model.calibration["domain"]["features"]["threshold"],
+    ]
+    assert np.all(np.isfinite(thresholds))
+
+
+def test_adapting_on_too_few_cells_for_a_reference_is_refused(
+    synthetic_cells_dir, synthetic_rbc_diameter, isolated_cache, tmp_path
+):
+    """The adapted encoder is not the base's, so the base's reference cannot stand in."""
+    folder = tmp_path / "cells"
+    for label in ("lymphocyte", "neutrophil"):
+        (folder / label).mkdir(parents=True)
+        for path in sorted((synthetic_cells_dir / label).glob("*.png"))[:3]:
+            shutil.copy(path, folder / label / path.name)
+    lines = []
+    with pytest.raises(ValueError, match="at least 4 adapting cells.*give 2 and 4"):
+        _quick_adapt(folder, "lab-few", synthetic_rbc_diameter, lines, steps=1)
+    assert not any("normalis" in line for line in lines)  # refused before any work
+    assert weights.find_model("lab-few") is None
+
+
+def test_an_undefined_threshold_is_never_saved():
+    from napari_cytodiffusion.core.tasks.adapt import _check_thresholds
+
+    calibration = {"anomaly_threshold": 2.0, "domain": {"features": {"threshold": 1.5}}}
+    _check_thresholds(calibration)
+    calibration["domain"]["features"]["threshold"] = float("nan")
+    with pytest.raises(ValueError, match=r"domain\.features\.threshold came out undefined"):
+        _check_thresholds(calibration)
+
+
 def test_a_new_class_is_learned_from_a_folders_cell_labels(
     synthetic_cells_dir, synthetic_rbc_diameter, isolated_cache, tmp_path
 ):
@@ -289,6 +347,36 @@ def test_the_widget_cancels_within_a_second_and_registers_nothing(
     assert cancel_latency(widget) < 1.0
     assert widget._status.value.startswith("cancelled")
     assert weights.find_model("lab-c") is None
+
+
+def test_the_widget_replaces_a_local_model_only_when_ticked(
+    make_napari_viewer, qtbot, synthetic_cells_dir, synthetic_rbc_diameter, isolated_cache
+):
+    """As the command line needs --replace: the task's own check, before any work."""
+    from napari_cytodiffusion._widgets._adapt import AdaptWidget
+
+    _quick_adapt(synthetic_cells_dir, "my-lab", synthetic_rbc_diameter, [], steps=0)
+    sha = weights.find_model("my-lab").sha256
+    viewer = make_napari_viewer()
+    widget = AdaptWidget(viewer)
+    viewer.window.add_dock_widget(widget)
+    assert widget._name.value == "my-lab"
+    for button in (widget._calibrate, widget._adapt):
+        widget._data.value = synthetic_cells_dir
+        button.native.click()
+        assert not widget._runner.running
+        assert widget._status.value.startswith("not started: A local model 'my-lab' exists")
+        assert "replace the local model of this name" in widget._status.value
+    assert weights.find_model("my-lab").sha256 == sha
+    assert not widget._replace.value  # unticked unless the person ticks it
+    widget._replace.value = True
+    widget._device.value = "cpu"
+    widget._calibrate.native.click()
+    assert widget._runner.running  # started; cancelled, it replaces nothing
+    widget._cancel.native.click()
+    qtbot.waitUntil(lambda: not widget._runner.running, timeout=60_000)
+    assert widget._status.value.startswith("cancelled")
+    assert weights.find_model("my-lab").sha256 == sha
 
 
 def _start_adapting(widget, folder, name, steps, rbc_diameter):

@@ -14,14 +14,17 @@ import pytest
 from napari_cytodiffusion.cli import main
 from napari_cytodiffusion.core.annotations import (
     DELETED,
+    UNKNOWN,
     Annotations,
     CellAnnotation,
     annotate_labels,
     annotations_from_table,
+    begin_review,
     decode_mask,
     encode_mask,
     load_annotations,
     match_centres,
+    merge_annotations,
     save_annotations,
     sidecar_path,
 )
@@ -158,6 +161,41 @@ def test_a_painted_cell_fits_labels_whose_type_is_full():
     assert (out == 65535).sum() == (labels == 65535).sum()  # the other cells are kept
 
 
+def test_a_save_stands_for_the_cells_the_layer_shows_even_once_deleted():
+    """The layer's own rows replace the stored entries of its cells, a cell deleted in this
+    session included (its pixels gone, its entry is still found); the rest is kept."""
+    stored = Annotations(
+        "smear.png",
+        (100, 120),
+        [
+            CellAnnotation((20.0, 20.0), "neutrophil", "lymphocyte"),
+            CellAnnotation((60.0, 70.0), "monocyte", "monocyte"),
+            CellAnnotation((90.0, 110.0), DELETED, "lymphocyte"),  # left out of the layer
+        ],
+    )
+    labels, _, _ = annotate_labels(_two_cells(), stored)
+    table = pd.DataFrame(
+        {
+            "index": [1, 2],
+            "label": ["neutrophil", "monocyte"],
+            "predicted": ["lymphocyte", "monocyte"],
+            "annotated": ["neutrophil", "monocyte"],
+            "added": [False, False],
+            "centroid_row": [19.5, 59.5],
+            "centroid_col": [19.5, 69.5],
+        }
+    )
+    review = begin_review(stored, table, labels)
+    labels[labels == 1] = 0  # the person deletes cell 1
+    table.loc[0, ["annotated", "label"]] = DELETED
+    merged, _ = merge_annotations(stored, table, labels, "smear.png", review)
+    assert [(c.label, c.centroid) for c in merged.cells] == [
+        (DELETED, (90.0, 110.0)),
+        (DELETED, (19.5, 19.5)),
+        ("monocyte", (59.5, 69.5)),
+    ]
+
+
 # ---------------------------------------------------------------------------- the widget
 
 
@@ -215,6 +253,36 @@ def annotating(make_napari_viewer, tmp_path):
     return viewer, widget, layer, path
 
 
+def _classified(viewer, path, labels, annotations=None):
+    """A classes layer of the smear at ``path`` as Classify cells makes it: ``labels`` with
+    ``annotations`` applied (deleted cells left out, painted ones added, reviewed ones
+    called), the model calling every cell a lymphocyte."""
+    from scipy import ndimage as ndi
+
+    human, added = {}, set()
+    if annotations is not None:
+        labels, human, added = annotate_labels(labels, annotations)
+    cells = [int(v) for v in np.unique(labels) if v]
+    centres = np.array(ndi.center_of_mass(labels > 0, labels, cells)).reshape(-1, 2)
+    features = pd.DataFrame(
+        {
+            "index": cells,
+            "label": [human.get(v, "lymphocyte") for v in cells],
+            "predicted": "lymphocyte",
+            "annotated": [human.get(v, "") for v in cells],
+            "added": [v in added for v in cells],
+            "needs_review": False,
+            "centroid_row": centres[:, 0],
+            "centroid_col": centres[:, 1],
+        }
+    )
+    metadata = {"class": True, "classes": CLASSES, "image_size": 64, "rbc_diameter": 20.0}
+    metadata.update(source="smear", path=str(path))
+    return viewer.add_labels(
+        labels, name="smear classes [again]", features=features, metadata=metadata
+    )
+
+
 def _press(layer, key):
     (callback,) = [f for k, f in layer.keymap.items() if str(k).lower() == key]
     callback(layer)
@@ -265,6 +333,105 @@ def test_review_correct_delete_paint_undo_and_save(annotating):
     labels, human, added = annotate_labels(_two_cells(), load_annotations(path))
     assert human == {1: "neutrophil", 3: "monocyte"} and added == {3}
     assert np.array_equal(labels, layer.data)
+
+
+def test_a_later_session_keeps_the_cells_deleted_and_painted_before(annotating):
+    """Classify cells leaves a deleted cell out of its layer: reviewing that layer in a later
+    session keeps the deletion, and replaces the painted cell's entry without losing its mask."""
+    viewer, widget, layer, path = annotating
+    widget.select(2)
+    widget.delete_cell()
+    widget.start_painting()
+    layer.data[80:95, 5:20] = 3
+    widget._class.value = "monocyte"
+    widget.add_painted_cell()
+    # Reopened and classified again.
+    again = _classified(viewer, path, _two_cells(), load_annotations(path))
+    assert list(again.features["index"]) == [1, 3]
+    widget.reset_choices()
+    widget._layer.value = again
+    widget.select(1)
+    widget.set_label(UNKNOWN)
+    widget.select(3)
+    widget.set_label("lymphocyte")
+    saved = load_annotations(path)
+    assert sorted((c.label, c.added) for c in saved.cells) == [
+        (DELETED, False),
+        ("lymphocyte", True),
+        (UNKNOWN, False),
+    ]
+    labels, human, _ = annotate_labels(_two_cells(), saved)
+    assert human == {1: UNKNOWN, 3: "lymphocyte"} and np.array_equal(labels, again.data)
+    _press(again, "u")
+    _press(again, "u")  # back to the review as it was loaded
+    assert sorted((c.label, c.added) for c in load_annotations(path).cells) == [
+        (DELETED, False),
+        ("monocyte", True),
+    ]
+
+
+def test_a_single_cell_review_of_a_smear_keeps_the_smears_review(annotating):
+    """Classified as a single-cell image, the smear shows one cell (a disc about its central
+    cell): calling it replaces that cell's entry alone, and undoing brings the earlier back."""
+    viewer, widget, _, path = annotating
+    painted = np.zeros((100, 120), bool)
+    painted[80:95, 5:20] = True
+    smear_review = [
+        CellAnnotation((19.5, 19.5), "neutrophil", "lymphocyte"),
+        CellAnnotation((59.5, 69.5), DELETED, "monocyte"),
+        CellAnnotation((87.0, 12.0), "monocyte", added=True, mask=encode_mask(painted)),
+    ]
+    save_annotations(Annotations(path.name, (100, 120), smear_review), path)
+    rows, cols = np.ogrid[:100, :120]
+    disc = ((rows - 20) ** 2 + (cols - 20) ** 2 <= 18**2).astype(np.uint32)
+    single = _classified(viewer, path, disc)
+    widget.reset_choices()
+    widget._layer.value = single
+    widget.select(1)
+    widget.set_label("lymphocyte")
+    saved = load_annotations(path).cells
+    assert sorted(c.label for c in saved) == [DELETED, "lymphocyte", "monocyte"]
+    assert [c.mask for c in saved if c.added] == [encode_mask(painted)]
+    _press(single, "u")
+    assert load_annotations(path).cells == smear_review
+
+
+def test_a_damaged_sidecar_is_not_written_over(annotating, monkeypatch):
+    """A sidecar that cannot be read (a hand edit half done) is reported, never replaced."""
+    from napari_cytodiffusion._widgets import _annotate
+
+    errors = []
+    monkeypatch.setattr(_annotate, "show_error", errors.append)
+    _, widget, _, path = annotating
+    sidecar_path(path).write_text('{"format": "napari-cytodiffusion annotations", "cells": [')
+    widget.select(1)
+    widget.set_label("neutrophil")
+    assert widget._status.value.endswith("NOT saved") and "move it away" in errors[0]
+    assert sidecar_path(path).read_text().endswith('"cells": [')
+
+
+def test_a_change_whose_save_failed_is_saved_with_the_next(annotating, monkeypatch):
+    """An undo whose save failed (a full disk) still counts: the next save leaves out the
+    call it took back."""
+    from napari_cytodiffusion._widgets import _annotate
+    from napari_cytodiffusion.core import annotations
+
+    monkeypatch.setattr(_annotate, "show_error", lambda message: None)
+    _, widget, layer, path = annotating
+    widget.select(1)
+    widget.set_label("neutrophil")
+    with monkeypatch.context() as failing:
+        failing.setattr(annotations, "save_annotations", _no_space)
+        _press(layer, "u")
+    assert widget._status.value.endswith("NOT saved")
+    assert [c.label for c in load_annotations(path).cells] == ["neutrophil"]
+    widget.select(2)
+    widget.set_label("monocyte")
+    assert [c.label for c in load_annotations(path).cells] == ["monocyte"]
+
+
+def _no_space(*args):
+    raise OSError(28, "No space left on device")
 
 
 def test_keys_and_clicks_follow_the_chosen_classes_layer(annotating):

@@ -176,6 +176,31 @@ def test_widget_adds_class_uncertainty_and_review_layers(classify_widget, pbc_di
     assert header.startswith("index,label,predicted,annotated,added,p_basophil")
 
 
+def test_export_csv_is_atomic(classify_widget, tmp_path, monkeypatch):
+    """A failed export leaves the earlier file as it was, and no partial file."""
+    import pandas as pd
+
+    viewer, widget = classify_widget
+    features = pd.DataFrame({"index": [1, 2], "label": ["monocyte", "lymphocyte"]})
+    widget.class_layer = viewer.add_labels(np.zeros((4, 4), np.int32), features=features)
+    csv = tmp_path / "cells.csv"
+    csv.write_text("an earlier export\n")
+    write = pd.DataFrame.to_csv
+
+    def disk_full(table, path, **options):
+        write(table.head(1), path, **options)  # part of the table, then the disk fills
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(pd.DataFrame, "to_csv", disk_full)
+    with pytest.raises(OSError, match="No space"):
+        widget.export_csv(csv)
+    assert csv.read_text() == "an earlier export\n"
+    assert [path.name for path in tmp_path.iterdir()] == ["cells.csv"]
+    monkeypatch.setattr(pd.DataFrame, "to_csv", write)
+    widget.export_csv(csv)
+    assert csv.read_text().splitlines() == ["index,label", "1,monocyte", "2,lymphocyte"]
+
+
 def test_a_multiscale_image_is_classified_at_full_resolution(classify_widget, pbc_dir, qtbot):
     """Not at its smallest level, which is what np.asarray of multiscale data gives."""
     from napari_cytodiffusion.core.io import read_image

@@ -67,3 +67,95 @@ def test_a_dataset_exported_before_full_paths_is_exported_into_again(tmp_path, w
     rows = list(csv.DictReader(open(manifest)))
     assert [row["source_image"] for row in rows] == [str(smear.resolve())]
     assert len(list(out.rglob("*.png"))) == 1
+
+
+def _smear_and_cells():
+    """A small smear with two white cells, its labels and a classes table of them."""
+    import numpy as np
+    import pandas as pd
+
+    labels = np.zeros((100, 120), np.uint32)
+    labels[10:30, 10:30] = 1
+    labels[50:70, 60:80] = 2
+    pixels = np.empty((100, 120, 3), np.uint8)
+    pixels[:] = (245, 230, 210)
+    pixels[labels > 0] = (120, 70, 150)
+    table = pd.DataFrame(
+        {
+            "index": [1, 2],
+            "annotated": ["neutrophil", "monocyte"],
+            "centroid_row": [19.5, 59.5],
+            "centroid_col": [19.5, 69.5],
+        }
+    )
+    return pixels, labels, table
+
+
+def test_exporting_a_smear_again_replaces_its_earlier_crops(tmp_path):
+    """A cell relabelled since its last export keeps no crop under its old class, and a cell
+    deleted since keeps none at all; other smears' crops and files the manifest does not list
+    stay."""
+    from napari_cytodiffusion.core.annotations import export_cells
+
+    pixels, labels, table = _smear_and_cells()
+    out = tmp_path / "dataset"
+    smear, other = str(tmp_path / "ex" / "a.jpg"), str(tmp_path / "ex" / "b.jpg")
+    export_cells(pixels, labels, table, out, 32, smear, rbc_diameter=20.0)
+    export_cells(pixels, labels, table.iloc[:1], out, 32, other, rbc_diameter=20.0)
+    (out / "monocyte" / "mine.png").write_bytes(b"a person's own file")
+    assert {p.relative_to(out).as_posix() for p in out.rglob("*.png")} == {
+        "neutrophil/a_1.png",
+        "monocyte/a_2.png",
+        "neutrophil/b_1.png",
+        "monocyte/mine.png",
+    }
+
+    table.loc[0, "annotated"] = "lymphocyte"  # relabelled
+    table.loc[1, "annotated"] = "deleted"  # deleted
+    assert export_cells(pixels, labels, table, out, 32, smear, rbc_diameter=20.0) == {
+        "lymphocyte": 1
+    }
+    assert {p.relative_to(out).as_posix() for p in out.rglob("*.png")} == {
+        "lymphocyte/a_1.png",
+        "neutrophil/b_1.png",
+        "monocyte/mine.png",
+    }
+    # A class folder the export emptied goes: it would still name a class with no cell.
+    table.loc[0, "annotated"] = "blast"
+    export_cells(pixels, labels, table, out, 32, smear, rbc_diameter=20.0)
+    table.loc[0, "annotated"] = "lymphocyte"
+    export_cells(pixels, labels, table, out, 32, smear, rbc_diameter=20.0)
+    assert sorted(p.name for p in out.iterdir()) == [
+        "lymphocyte",
+        "manifest.csv",
+        "monocyte",
+        "neutrophil",
+    ]
+    rows = list(csv.DictReader(open(out / "manifest.csv")))
+    assert [(row["file"], row["label"], row["source_image"]) for row in rows] == [
+        ("lymphocyte/a_1.png", "lymphocyte", smear),
+        ("neutrophil/b_1.png", "neutrophil", other),
+    ]
+
+
+def test_an_exported_crop_is_the_cell_as_classify_crops_it(default_model, tmp_path):
+    """Stain-normalised as classify normalises it: the export's centre is classify's crop."""
+    import numpy as np
+    from PIL import Image
+
+    from napari_cytodiffusion.core.annotations import export_cells
+    from napari_cytodiffusion.core.io import read_image
+    from napari_cytodiffusion.core.tasks.classify import classify
+
+    pixels = read_image(SAMPLES / "cbc_monocyte_eosinophil.jpg")
+    result = classify(pixels, default_model)
+    table = result.table()
+    table["annotated"] = table["label"]
+    out = tmp_path / "dataset"
+    size = default_model.image_size
+    export_cells(pixels, result.cell_labels(), table, out, size, "smear.jpg")
+    assert len(table) == 2
+    for crop, row in zip(result.crops, table.itertuples(), strict=True):
+        exported = np.asarray(Image.open(out / row.label / f"smear_{row.index}.png"))
+        centre = exported[size // 2 : size // 2 + size, size // 2 : size // 2 + size]
+        assert np.abs(centre.astype(int) - np.round(crop * 255)).max() <= 1

@@ -214,6 +214,60 @@ def test_own_files_load_by_path_and_unknown_names_are_explained(tiny_model_bytes
         weights.model_path("no-such-model")
 
 
+def test_a_failed_replace_leaves_the_earlier_local_model_loading(
+    tiny_model_bytes, tmp_path, isolated_cache, monkeypatch
+):
+    """The weights of a replaced local model are written before the list that names them
+    with their sha256; a list that cannot be written must not leave a mismatched pair."""
+    from contextlib import contextmanager
+    from pathlib import Path
+
+    from napari_cytodiffusion.core import io
+    from napari_cytodiffusion.core.model.checkpoint import load_model_file
+
+    own = tmp_path / "own.pt"
+    own.write_bytes(tiny_model_bytes)
+    model = load_model_file(own, "cpu")
+    first = weights.register_local_model(model, "lab")
+    model.calibration = {**model.calibration, "inverse_temperature": 2.0}  # other contents
+
+    write = io.atomic_write
+
+    @contextmanager
+    def full_disk(path):
+        if Path(path) == weights.local_registry_path():
+            raise OSError("No space left on device")
+        with write(path) as partial:
+            yield partial
+
+    monkeypatch.setattr(io, "atomic_write", full_disk)
+    with pytest.raises(OSError, match="No space"):
+        weights.register_local_model(model, "lab")
+    monkeypatch.setattr(io, "atomic_write", write)
+    assert weights.find_model("lab") == first
+    assert (
+        weights.load_model("lab", device="cpu").calibration
+        == load_model_file(own, "cpu").calibration
+    )
+    local = isolated_cache / "local"
+    assert _files(local) == sorted([first.file, "registry.json"])  # nothing left behind
+
+    second = weights.register_local_model(model, "lab")  # replaced: the earlier file goes
+    assert second.sha256 != first.sha256
+    assert weights.load_model("lab", device="cpu").calibration["inverse_temperature"] == 2.0
+    assert _files(local) == sorted([second.file, "registry.json"])
+
+
+def test_every_model_option_offers_local_models(capsys):
+    for command in ("classify", "analyze", "generate", "counterfactual"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        text = " ".join(capsys.readouterr().out.split())
+        assert "--model MODEL model name (shipped or local, see `models list`) or model file" in (
+            text
+        ), command
+
+
 class Payload:
     """An arbitrary object that a weights-only load must refuse to unpickle."""
 

@@ -12,6 +12,7 @@ import sys
 USAGE_ERROR = 2
 # core.devices.DEVICE_TYPES, spelled out: importing the core would slow --help.
 DEVICE_HELP = "auto, cpu, cuda (or cuda:N for the N-th GPU) or mps"
+MODEL_HELP = "model name (shipped or local, see `models list`) or model file"
 # What a labelled dataset (train, adapt, calibrate) may be.
 DATA_HELP = (
     "folder of class subfolders, a CSV (file, label), or a folder of single-cell images with "
@@ -570,7 +571,7 @@ def _with_folder_images(paths):
 
 def _add_model_arguments(parser, seed_help=None):
     """--model, --device and --seed, the same for every command that runs the model."""
-    parser.add_argument("--model", default="default", help="registry name or model file")
+    parser.add_argument("--model", default="default", help=MODEL_HELP)
     parser.add_argument("--device", type=_device, default="auto", help=DEVICE_HELP)
     parser.add_argument("--seed", type=_seed, default=0, help=seed_help)
 
@@ -693,7 +694,7 @@ def _add_analyze(subparsers):
     )
     parser.add_argument("paths", nargs="+", metavar="PATH")
     parser.add_argument("--out", required=True, metavar="DIR", type=_out_folder)
-    parser.add_argument("--model", default="default", help="registry name or model file")
+    parser.add_argument("--model", default="default", help=MODEL_HELP)
     parser.add_argument(
         "--device", type=_device, default="auto", help=f"{DEVICE_HELP} (on the workers)"
     )

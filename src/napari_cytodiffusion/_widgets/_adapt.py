@@ -44,7 +44,13 @@ class AdaptWidget(DockForm):
         self._name = LineEdit(
             value="my-lab",
             label="new model name",
-            tooltip="Letters, digits, '-', '_' and '.'; a local model of this name is replaced.",
+            tooltip="Letters, digits, '-', '_' and '.'. A local model of this name is kept "
+            "unless 'replace the local model of this name' is ticked.",
+        )
+        self._replace = CheckBox(
+            text="replace the local model of this name",
+            tooltip="Without it, a new model name that a local model has is refused (calibrating "
+            "a local model again under its own name replaces it, as the command line does).",
         )
         self._steps = SpinBox(
             value=ADAPT_STEPS,
@@ -77,6 +83,7 @@ class AdaptWidget(DockForm):
             self._data,
             *self._fields.widgets,
             self._name,
+            self._replace,
             self._steps,
             self._add_classes,
             self._rbc_diameter,
@@ -93,8 +100,7 @@ class AdaptWidget(DockForm):
 
     def start(self, calibrate_only=False):
         """Read the fields and run the task in a worker."""
-        from napari_cytodiffusion.core.model.weights import check_local_name
-        from napari_cytodiffusion.core.tasks.adapt import AdaptRequest
+        from napari_cytodiffusion.core.tasks.adapt import AdaptRequest, check_request
 
         data = Path(self._data.value)
         if str(self._data.value) in ("", ".") or not data.is_dir():
@@ -102,23 +108,22 @@ class AdaptWidget(DockForm):
                 "Choose the cell folder: one subfolder of labelled cells per class."
             )
             return
-        name = self._name.value.strip()
-        try:
-            check_local_name(name)
-        except ValueError as error:
-            self._runner.refuse(str(error))
-            return
         request = AdaptRequest(
             data=data,
-            name=name,
+            name=self._name.value.strip(),
             base=self._fields.choice().name,
             steps=0 if calibrate_only else self._steps.value,
             add_classes=self._add_classes.value and not calibrate_only,
             device=self._device.value,
             seed=self._seed.value,
             rbc_diameter=self._rbc_diameter.value or None,
-            replace=True,  # as the name's tooltip says: adapting again replaces the model
+            replace=self._replace.value,
         )
+        try:  # the task's own checks (a name, an existing local model), before any work
+            check_request(request)
+        except ValueError as error:
+            self._runner.refuse(str(error))
+            return
         self._lines, self._shown = [], 0
         self._log.value = ""
         lines = self._lines

@@ -11,6 +11,7 @@ read again. *Export cells* writes the reviewed cells as a dataset for Train / Ad
 worker (progress, Cancel).
 """
 
+from contextlib import suppress
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +44,9 @@ class AnnotateWidget(DockForm):
         super().__init__()
         self._viewer = napari_viewer
         self._undo = []
+        # Each classes layer's share of its image's sidecar (core.annotations.LayerReview),
+        # by layer: a save keeps the entries a layer does not stand for.
+        self._reviews = {}
         self._unbind = None  # takes the clicks and keys off the layer they are bound to
         self._layer = ComboBox(
             label="classes layer",
@@ -162,6 +166,7 @@ class AnnotateWidget(DockForm):
             if column not in features:
                 features[column] = features["label"] if default is None else default
         layer.features = features
+        self._begin_review(layer)
         self._unbind = bind_labelling(layer, self._classes(), self)
         self._redraw()
 
@@ -339,6 +344,7 @@ class AnnotateWidget(DockForm):
         return row
 
     def _remember(self, pixels=None, value=0):
+        self._begin_review(self.layer)
         self._undo.append((self.layer.features.copy(), pixels, value))
         del self._undo[:-UNDO_DEPTH]
 
@@ -352,19 +358,48 @@ class AnnotateWidget(DockForm):
         saved = self._save()
         self._status.value = f"{text}; {saved}"
 
+    def _begin_review(self, layer):
+        """Take the layer's share of its sidecar before its first change (a deleted cell is
+        no longer there to find its entries on); a damaged sidecar is reported on saving."""
+        from napari_cytodiffusion.core.annotations import AnnotationError
+
+        with suppress(AnnotationError):
+            self._review(layer)
+
+    def _review(self, layer):
+        """The layer's :class:`~napari_cytodiffusion.core.annotations.LayerReview`, begun
+        from its image's sidecar the first time (None for an image without a file).
+
+        Raises
+        ------
+        AnnotationError
+            If the sidecar is damaged or of another image.
+        """
+        from napari_cytodiffusion.core.annotations import begin_review, load_annotations
+
+        path = layer.metadata.get("path") if layer is not None else None
+        if not path:
+            return None
+        if layer.unique_id not in self._reviews:
+            stored = load_annotations(path)
+            self._reviews[layer.unique_id] = begin_review(
+                stored, layer.features, np.asarray(layer.data)
+            )
+        return self._reviews[layer.unique_id]
+
     def _save(self):
-        from napari_cytodiffusion.core.annotations import annotations_from_table, save_annotations
+        from napari_cytodiffusion.core.annotations import AnnotationError, save_review
 
         layer = self.layer
         path = layer.metadata.get("path")
         if not path:
             return "not saved: the image has no file (export the cells instead)"
-        annotations = annotations_from_table(
-            layer.features, np.asarray(layer.data), Path(path).name
-        )
         try:
-            saved = save_annotations(annotations, path)
-        except OSError as error:
+            review = self._review(layer)
+            saved, review = save_review(path, layer.features, np.asarray(layer.data), review)
+            # Kept once saved: after a failed save the next one merges with the file as it is.
+            self._reviews[layer.unique_id] = review
+        except (OSError, AnnotationError) as error:
             show_error(f"Could not save the annotations beside {path}: {error}")
             return "NOT saved"
         return f"saved to {saved.name}"

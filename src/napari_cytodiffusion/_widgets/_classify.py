@@ -382,11 +382,15 @@ class ClassifyWidget(DockForm):
             self.export_csv(path)
 
     def export_csv(self, path):
-        """Write the last result's per-cell table to ``path`` (CSV)."""
+        """Write the last result's per-cell table to ``path`` (CSV, written atomically: a
+        failed export leaves an earlier file there as it was)."""
         if self.class_layer is None:
             show_error("Nothing to export yet: run Classify first.")
             return
-        self.class_layer.features.to_csv(Path(path), index=False)
+        from napari_cytodiffusion.core.io import atomic_write
+
+        with atomic_write(Path(path)) as temporary:
+            self.class_layer.features.to_csv(temporary, index=False)
         show_info(f"Saved {len(self.class_layer.features)} cells to {path}")
 
 

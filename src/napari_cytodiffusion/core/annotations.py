@@ -4,7 +4,9 @@ An annotation sidecar (``<image file>.annotations.json``) lists the cells a pers
 where each is (its centroid in image pixels), the class they gave it (a class of the model,
 ``artefact`` or ``unknown``), what the model had called it, and cells they deleted (false
 detections) or painted (missed cells; their mask is stored run-length encoded). It is written
-atomically, so a crash mid-save leaves the previous file intact. ``classify`` and ``analyze``
+atomically, so a crash mid-save leaves the previous file intact, and a classes layer's review
+is merged into it (:func:`merge_annotations`): saving keeps every entry the layer does not
+stand for, such as cells deleted in an earlier session. ``classify`` and ``analyze``
 read it beside the image they are given and keep the human label over the model's; the
 viewer loads it again when the image is reopened.
 
@@ -319,6 +321,152 @@ def annotations_from_table(table, labels, image_name):
     return Annotations(image_name, tuple(int(v) for v in labels.shape[:2]), cells)
 
 
+@dataclass
+class LayerReview:
+    """What one classes layer holds of its image's sidecar, carried from save to save (see
+    :func:`merge_annotations`).
+
+    Attributes
+    ----------
+    others : list of (CellAnnotation, int)
+        The sidecar's entries that are not the layer's own, each with the layer cell it lies
+        on (0: none), found before the layer's cells were changed.
+    written : list of CellAnnotation
+        The layer's own entries at its last save.
+    held : list of CellAnnotation
+        Entries of ``others`` left out of the last save: they lie on a cell the layer has
+        reviewed since.
+    """
+
+    others: list = field(default_factory=list)
+    written: list = field(default_factory=list)
+    held: list = field(default_factory=list)
+
+
+def begin_review(stored, table, labels):
+    """The :class:`LayerReview` of a classes layer (``table``, ``labels``, as
+    :func:`annotations_from_table` takes them) of an image whose sidecar holds ``stored``
+    (None: nothing yet). Take it before the layer's first change: a cell deleted since is no
+    longer in ``labels`` to find its entries on.
+
+    Raises
+    ------
+    AnnotationError
+        If ``stored`` was made on an image of another shape.
+    """
+    return LayerReview(others=_entries_under(stored, [], table, labels))
+
+
+def merge_annotations(stored, table, labels, image_name, review):
+    """The annotations to save for a classes layer's review: the layer's own rows (see
+    :func:`annotations_from_table`) and every entry of the sidecar (``stored``) the layer
+    does not stand for, so that saving one layer loses nothing a person did elsewhere.
+
+    The layer stands for the entries it wrote itself and for those on a cell it has reviewed
+    (deleted included). Every other entry is kept: cells deleted in an earlier session (the
+    layer, classified with them applied, lacks them), cells painted or reviewed that the layer
+    does not show (a single-cell classification shows only its central cell, none of the
+    smear's deletions or painted cells), and entries another layer of the image wrote. An
+    entry on a cell the layer has reviewed comes back when that review is undone. A deleted
+    cell's entry is on no cell (the cell is gone; a cell there now is another one), a painted
+    cell's is on the painted cell of the layer that covers most of its mask, any other's on
+    the segmented cell at its centroid, as :func:`annotate_labels` applies them.
+
+    Returns
+    -------
+    annotations : Annotations
+    review : LayerReview
+        ``review`` (from :func:`begin_review` or the last save) for the next save, once
+        these annotations are saved.
+
+    Raises
+    ------
+    AnnotationError
+        If ``stored`` was made on an image of another shape.
+    """
+    labels = np.asarray(labels)
+    stored_cells = stored.cells if stored is not None else []
+    # An entry gone from the file though the layer kept it there was removed by someone else.
+    others = [
+        (cell, on) for cell, on in review.others if cell in stored_cells or cell in review.held
+    ]
+    known = review.written + [cell for cell, _ in others]
+    others += _entries_under(stored, known, table, labels)
+    own = annotations_from_table(table, labels, image_name).cells
+    annotated = _column(table, "annotated", lambda value: class_key(_text(value)))
+    reviewed = set(table.loc[annotated != "", "index"].astype(int))
+    kept = [cell for cell, on in others if on not in reviewed]
+    held = [cell for cell, on in others if on in reviewed]
+    # Deletions and calls before painted cells, as a layer's own rows are: a cell painted
+    # over a deleted one is then added whole (annotate_labels paints only empty pixels).
+    cells = sorted(kept + own, key=_painted)
+    shape = tuple(int(v) for v in labels.shape[:2])
+    return Annotations(image_name, shape, cells), LayerReview(others, own, held)
+
+
+def save_review(image_path, table, labels, review):
+    """Save a classes layer's review of ``image_path`` beside it, merged with what its
+    sidecar holds (:func:`merge_annotations`), atomically.
+
+    Returns
+    -------
+    path : Path
+        The sidecar's.
+    review : LayerReview
+        The review to merge the next save with.
+
+    Raises
+    ------
+    AnnotationError
+        If the sidecar is damaged or of another image: it is left as it is.
+    """
+    stored = load_annotations(image_path)
+    merged, review = merge_annotations(stored, table, labels, Path(image_path).name, review)
+    return save_annotations(merged, image_path), review
+
+
+def _entries_under(stored, known, table, labels):
+    """(entry, the layer cell it lies on) for the entries of ``stored`` not in ``known``."""
+    if stored is None:
+        return []
+    labels = np.asarray(labels)
+    _check_shape(labels.shape[:2], stored)
+    added = _column(table, "added", _flag).astype(bool)
+    index = table["index"].astype(int)
+    painted, segmented = set(index[added]), set(index[~added])
+    return [
+        (cell, _cell_under(cell, labels, painted, segmented))
+        for cell in stored.cells
+        if cell not in known
+    ]
+
+
+def _cell_under(cell, labels, painted, segmented):
+    """The layer cell an entry lies on (0: none); see :func:`merge_annotations`."""
+    if class_key(cell.label) == DELETED:
+        return 0
+    if _painted(cell):
+        values = labels[decode_mask(cell.mask, labels.shape[:2])]
+        values = values[np.isin(values, list(painted))]
+        found, counts = np.unique(values, return_counts=True)
+        return int(found[counts.argmax()]) if found.size else 0
+    value = _label_at(labels, cell.centroid)
+    return value if value in segmented else 0
+
+
+def _painted(cell):
+    return bool(cell.added and cell.mask is not None)
+
+
+def _column(table, name, read):
+    """A column of a classes layer's table read with ``read`` (empty where it is missing)."""
+    import pandas as pd
+
+    if name not in table:
+        return pd.Series(read(None), index=table.index)
+    return table[name].map(read)
+
+
 def _text(value):
     """A table cell as text: "" where empty (None, or the NaN pandas reads an empty cell as)."""
     import pandas as pd
@@ -355,9 +503,11 @@ def export_cells(
         empty ``annotated`` and deleted cells are left out.
     out : path
         The dataset folder: ``out/<class>/<image stem>_<cell>.png`` and ``out/manifest.csv``
-        (rows appended; a crop written again replaces its row). Where the crops of another
-        smear with the same stem are there already, the stem gets a short hash of
-        ``image_name``: ``<image stem>-<hash>_<cell>.png``.
+        (other smears' rows kept). The smear's own earlier rows are replaced, and the crops
+        they list removed unless written again, so a cell relabelled or deleted since its last
+        export keeps no crop under its old class. Where the crops of another smear with the
+        same stem are there already, the stem gets a short hash of ``image_name``:
+        ``<image stem>-<hash>_<cell>.png``.
     size : int
         The model's ``image_size``.
     image_name : str
@@ -400,15 +550,43 @@ def export_cells(
             f"{size / FIELD_OF_VIEW_RBC:.3f}",
         ]
     for row in earlier:
-        rows.setdefault(row["file"], [row[c] for c in MANIFEST_COLUMNS])
+        if row["file"] in rows:
+            continue
+        if _of_smear(row, str(image_name), stem):
+            # Removed before the manifest no longer lists it: a crash in between leaves a
+            # row without a file (harmless), never a crop under a class the cell lost.
+            _remove_crop(out, row["file"])
+        else:
+            rows[row["file"]] = [row[c] for c in MANIFEST_COLUMNS]
     _write_manifest(manifest, rows)
     return written
+
+
+def _of_smear(row, source, stem):
+    """Whether an earlier manifest ``row`` is a crop of the smear ``source`` exported under
+    ``stem``: recorded with its path, or (exports before 2026-12-07) its name and stem, as
+    :func:`_crop_stem` takes them."""
+    if row["source_image"] == source:
+        return True
+    return row["source_image"] == Path(source).name and _stem_of(row["file"]) == stem
+
+
+def _remove_crop(out, crop_file):
+    """Delete the crop ``crop_file`` listed in ``out``'s manifest (nothing outside ``out``),
+    and its class folder if that leaves it empty: an empty folder would still name a class
+    (a new class to adapt to, with no cell)."""
+    path = (out / crop_file).resolve()
+    if not (path.is_relative_to(out.resolve()) and path.is_file()):
+        return
+    path.unlink()
+    if path.parent != out.resolve() and not any(path.parent.iterdir()):
+        path.parent.rmdir()
 
 
 def _cut_crops(image, labels, table, size, rbc_diameter, progress):
     """(table row, centre, uint8 crop) of each reviewed cell still in ``labels``."""
     from napari_cytodiffusion.core.progress import report
-    from napari_cytodiffusion.core.smear.crops import FIELD_OF_VIEW_RBC, CellSite
+    from napari_cytodiffusion.core.smear.crops import FIELD_OF_VIEW_RBC, smear_cell_site
     from napari_cytodiffusion.core.smear.prepare import prepare_smear
 
     annotated = table["annotated"].fillna("").astype(str)
@@ -422,7 +600,8 @@ def _cut_crops(image, labels, table, size, rbc_diameter, progress):
     crops = []
     for done, row in enumerate(reviewed, start=1):
         centre = (float(row.centroid_row), float(row.centroid_col))
-        site = CellSite(centre, smear.rbc_diameter, smear.background, 2 * FIELD_OF_VIEW_RBC)
+        # The site classify crops the cell at (stain normalisation included), twice as wide.
+        site = smear_cell_site(smear, centre, 2 * FIELD_OF_VIEW_RBC)
         crops.append((row, centre, (site.crop(smear.rgb, 2 * size) * 255 + 0.5).astype(np.uint8)))
         report(progress, done, len(reviewed))
     return crops

@@ -15,8 +15,9 @@ A file that does not match is never replaced or deleted here: the user decides w
 with it. A user's own model file is given by its path and loaded as it is. Models a lab adapts
 or calibrates (``adapt``, ``calibrate``) are registered as *local* models: the file is kept in
 ``<cache>/local/`` and listed, with its sha256, in ``<cache>/local/registry.json``, so every
-command and widget offers them by name and checks them like the others. Loading never
-unpickles (see :func:`napari_cytodiffusion.core.model.checkpoint.load_model_file`).
+command and widget offers them by name and checks them like the others (each version of a
+local model is a new file, named after its sha256, so the list always names a matching file).
+Loading never unpickles (see :func:`napari_cytodiffusion.core.model.checkpoint.load_model_file`).
 """
 
 import hashlib
@@ -147,25 +148,26 @@ def check_local_name(name):
 def register_local_model(model, name, description=""):
     """Save ``model`` (a DiffusionModel) as the local model ``name`` and list it.
 
-    The file and the list are written under temporary names and renamed, so an interrupted
-    call leaves the earlier model of that name, if any, intact and listed.
+    The weights go to a new file named after their sha256 (``<name>.<sha256[:12]>.pt``), the
+    list is then replaced atomically to name it, and only then is the earlier file of that name
+    removed: an interrupted or failed call leaves the list naming a file that matches its
+    sha256, the earlier model (intact and listed) or the new one.
 
     Returns
     -------
     ModelEntry
     """
     from napari_cytodiffusion.core.io import atomic_write
-    from napari_cytodiffusion.core.model.checkpoint import save_model_file
 
     check_local_name(name)
     folder = local_registry_path().parent
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{name}.pt"
-    save_model_file(model, path)
+    listed = read_local_models()
+    path, sha256 = _save_weights(model, folder, name)
     item = {
         "name": name,
         "file": path.name,
-        "sha256": file_sha256(path),
+        "sha256": sha256,
         "url": None,
         "classes": list(model.classes),
         "image_size": model.image_size,
@@ -174,15 +176,42 @@ def register_local_model(model, name, description=""):
     }
     others = [
         {key: getattr(entry, key) for key in (*_ENTRY_FIELDS, "description")}
-        for entry in read_local_models()
+        for entry in listed
         if entry.name != name
     ]
-    with atomic_write(local_registry_path()) as partial:
-        Path(partial).write_text(json.dumps({"models": [*others, item]}, indent=2) + "\n")
+    # The earlier file of this name, once the list no longer names it.
+    kept = {other["file"] for other in others} | {path.name}
+    earlier = {entry.file for entry in listed if entry.name == name} - kept
+    try:
+        with atomic_write(local_registry_path()) as partial:
+            Path(partial).write_text(json.dumps({"models": [*others, item]}, indent=2) + "\n")
+    except BaseException:
+        if path.name not in {entry.file for entry in listed}:
+            path.unlink(missing_ok=True)  # listed nowhere: the earlier model stays as it was
+        raise
+    for file in earlier:  # listed no more (a hand-edited list may name a path: not that)
+        if Path(file).name == file:
+            (folder / file).unlink(missing_ok=True)
     with _SHARED_LOCK:  # widgets must not keep using the model this one replaced
         for key in [key for key in _SHARED if key[0] == name]:
             del _SHARED[key]
     return _entry(item, local=True)
+
+
+def _save_weights(model, folder, name):
+    """(path, sha256) of ``model`` saved in ``folder`` under a name no listed file of other
+    contents has: ``<name>.<sha256[:12]>.pt``."""
+    from napari_cytodiffusion.core.model.checkpoint import save_model_file
+
+    staged = folder / f".{name}.{os.getpid()}.staged.pt"
+    try:
+        save_model_file(model, staged)
+        sha256 = file_sha256(staged)
+        path = folder / f"{name}.{sha256[:12]}.pt"
+        os.replace(staged, path)  # the same contents if that file exists: it stays consistent
+    finally:
+        staged.unlink(missing_ok=True)
+    return path, sha256
 
 
 def cache_dir():

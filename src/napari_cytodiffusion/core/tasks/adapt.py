@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from napari_cytodiffusion.core.model.adaptation import ADAPT_STEPS
+from napari_cytodiffusion.core.model.domain import CELLS_PER_COMPONENT
 from napari_cytodiffusion.core.progress import phases
 
 CALIBRATION_TRIALS = 32
@@ -26,6 +27,12 @@ BIAS_TRIALS = 16
 HELD_BACK = 0.3
 MIN_HELD_BACK = 2
 FEW_CELLS = 5  # fewer a class: warned (the smallest K the adaptation benchmark measures)
+# The lab's "unlike the training smears" reference: one principal component needs
+# CELLS_PER_COMPONENT fitting cells, and its threshold at least as many cells as a class is
+# calibrated on. Fewer make it degenerate (on one cell its variances are 0 and its threshold
+# NaN, which switches the check off without a word).
+MIN_REFERENCE_FITTED = CELLS_PER_COMPONENT
+MIN_REFERENCE_THRESHOLDED = MIN_HELD_BACK
 # Rough seconds per unit on a CPU, to share one progress bar between the phases.
 _PACK_COST, _STEP_COST, _EVAL_COST = 0.05, 0.3, 0.015
 
@@ -74,6 +81,13 @@ class AdaptRequest:
     replace: bool = False
 
 
+# Said when a calibrate-only run keeps the base model's domain reference.
+BASE_REFERENCE_NOTE = (
+    "'unlike the training smears' still means unlike the base model's training smears: too "
+    "few cells to fit the lab's own reference; calibrate again on more of the lab's cells"
+)
+
+
 @dataclass
 class AdaptResult:
     """A registered adapted or calibrated model and what it was made from.
@@ -96,6 +110,9 @@ class AdaptResult:
     rbc_diameter : float or None
         The red-cell scale the cells were cut at and the model keeps for the lab's images
         (``DiffusionModel.lab_rbc_diameter``); None when every cell came with its own.
+    domain_reference : str
+        ``lab`` when the "unlike the training smears" reference was fitted on the lab's cells,
+        ``base`` when it is the base model's (calibrated on too few cells for one of its own).
     """
 
     entry: object
@@ -107,6 +124,7 @@ class AdaptResult:
     training: dict | None
     seconds: float
     rbc_diameter: float | None = None
+    domain_reference: str = "lab"
 
     def summary(self):
         """Lines a person reads after the run."""
@@ -129,6 +147,8 @@ class AdaptResult:
             f"fitted on them) balanced accuracy {self.held_back_balanced_accuracy:.3f}, "
             f"{100 * self.held_back_flagged:.0f}% flagged for review"
         )
+        if self.domain_reference == "base":
+            lines.append(BASE_REFERENCE_NOTE)
         lines.append(f"use it with --model {self.entry.name}; took {self.seconds:.0f} s")
         return lines
 
@@ -167,7 +187,7 @@ def adapt_model(request, progress=None, log=print):
     from napari_cytodiffusion.core.model import adaptation, weights
 
     started = time.perf_counter()
-    _validate_request(request)
+    check_request(request)
     model = weights.load_model(request.base, request.device)
     base_calibration = dict(model.calibration)
     records, new_classes = _records(request, model.classes, log)
@@ -177,6 +197,12 @@ def adapt_model(request, progress=None, log=print):
     log("cells per class: " + ", ".join(f"{c} {n}" for c, n in counts.items() if n))
     _check_new_classes(new_classes, counts, request)
     _warn_few_cells(counts, request, log)
+    # Too few cells for the domain reference are refused before any work on the planned split
+    # (and again on the split itself, once copies of a cell are kept together).
+    planned = sum(_held_count(n, request) for n in counts.values())
+    _reference_cells(
+        np.arange(sum(counts.values()) - planned), np.arange(planned), request, base_calibration
+    )
     labels = np.array([classes.index(record.label) for record in records])
     packing, adapting, calibrating = _phases(progress, labels, len(classes), request)
     scale = request.rbc_diameter or _lab_scale(records, log)
@@ -185,6 +211,7 @@ def adapt_model(request, progress=None, log=print):
     groups = datasets.copy_groups(crops)
     labels = _without_disagreeing_copies(labels, groups, records, request.data, log)
     adapt_ids, held_ids = _split(labels, groups, len(classes), request)
+    reference_cells = _reference_cells(adapt_ids, held_ids, request, base_calibration, log)
     training = None
     if request.steps:
         log(f"adapting on {len(adapt_ids)} cells, {request.steps} steps")
@@ -208,8 +235,13 @@ def adapt_model(request, progress=None, log=print):
         _extended(base_calibration, len(new_classes)),
         calibrating,
     )
-    model.calibration["domain"] = _lab_domain_reference(model, crops, adapt_ids, held_ids)
+    if reference_cells is not None:
+        model.calibration["domain"] = _lab_domain_reference(model, crops, *reference_cells)
+    else:  # calibrate only, on too few cells: the base's network, so the base's reference
+        model.calibration["domain"] = base_calibration["domain"]
     _keep_base_measures(model, base_calibration)
+    _check_thresholds(model.calibration)
+    domain_reference = "base" if reference_cells is None else "lab"
     held_labels = labels[held_ids]
     model.metadata = {
         **model.metadata,
@@ -220,6 +252,7 @@ def adapt_model(request, progress=None, log=print):
         "steps": request.steps,
         "seed": request.seed,
         "rbc_diameter": scale,
+        "domain_reference": domain_reference,
         "date": time.strftime("%Y-%m-%d %H:%M"),
     }
     kind = "adapted" if request.steps else "calibrated"
@@ -238,6 +271,7 @@ def adapt_model(request, progress=None, log=print):
         training=training,
         seconds=time.perf_counter() - started,
         rbc_diameter=scale,
+        domain_reference=domain_reference,
     )
 
 
@@ -274,7 +308,10 @@ def _balanced_accuracy(calls, labels, classes):
     return float(np.mean([np.mean(predicted[labels == c] == c) for c in np.unique(labels)]))
 
 
-def _validate_request(request):
+def check_request(request):
+    """Raise ValueError, saying what to change, for settings :func:`adapt_model` refuses before
+    any work (also an existing local model ``name`` without ``replace``); the widget checks its
+    fields with it before starting."""
     from napari_cytodiffusion.core.devices import check_device_name
     from napari_cytodiffusion.core.model.weights import check_local_name
     from napari_cytodiffusion.core.smear.prepare import validate_rbc_diameter
@@ -309,7 +346,8 @@ def _refuse_replacing(request):
     if request.steps == 0 and in_place:
         return
     raise ValueError(
-        f"A local model '{request.name}' exists: choose another name, or replace it (--replace)."
+        f"A local model '{request.name}' exists: choose another name, or replace it "
+        "(--replace; in the widget, tick 'replace the local model of this name')."
     )
 
 
@@ -350,15 +388,22 @@ def _check_new_classes(new_classes, counts, request):
 
 
 def _warn_few_cells(counts, request, log):
-    """Say which classes have too few cells for calls a lab can trust."""
+    """Say which classes have too few cells for calls a lab can trust (calibrating only, too:
+    its probabilities and review thresholds are then fitted on those few cells)."""
     few = {name: n for name, n in counts.items() if 0 < n < FEW_CELLS}
-    if few and request.steps:
+    if not few:
+        return
+    listed = ", ".join(f"{name} ({n})" for name, n in few.items())
+    if request.steps:
         log(
-            "warning: few labelled cells for "
-            + ", ".join(f"{name} ({n})" for name, n in few.items())
-            + f": give each class at least {FEW_CELLS}, some to adapt on and "
-            f"{MIN_HELD_BACK} or more to calibrate on (a class of {MIN_HELD_BACK} or fewer "
-            "is not calibrated on cells of its own)"
+            f"warning: few labelled cells for {listed}: give each class at least {FEW_CELLS}, "
+            f"some to adapt on and {MIN_HELD_BACK} or more to calibrate on (a class of "
+            f"{MIN_HELD_BACK} or fewer is not calibrated on cells of its own)"
+        )
+    else:
+        log(
+            f"warning: few labelled cells for {listed}: give each class at least {FEW_CELLS} "
+            "to calibrate on (its probabilities and review thresholds are fitted on them)"
         )
 
 
@@ -497,22 +542,73 @@ def _model_crops(images, size):
     return images[:, window, window].astype(np.float32) / 255
 
 
-def _lab_domain_reference(model, crops, adapt_ids, held_ids):
+def _reference_cells(adapt_ids, held_ids, request, base_calibration, log=None):
+    """(fitting ids, thresholding ids) of the lab's domain reference: the adapting and the
+    held-back cells (a calibrate-only run splits its cells: every other one fits).
+
+    None when they are too few and the base's reference stands: only when calibrating, since
+    then the network is the base's (said in ``log``). Adapting changes the encoder the
+    reference measures, so too few cells there, or a base without a reference, are refused.
+    """
+    fitted, thresholded = adapt_ids, held_ids
+    if request.steps == 0:
+        fitted, thresholded = held_ids[::2], held_ids[1::2]
+    if len(fitted) >= MIN_REFERENCE_FITTED and len(thresholded) >= MIN_REFERENCE_THRESHOLDED:
+        return fitted, thresholded
+    if request.steps == 0:
+        needed = max(2 * MIN_REFERENCE_FITTED - 1, 2 * MIN_REFERENCE_THRESHOLDED)
+        if (base_calibration or {}).get("domain"):
+            (log or (lambda _: None))(
+                f"warning: {len(held_ids)} cells are too few to fit the lab's own 'unlike the "
+                f"training smears' reference (it needs {needed}); the base model's is kept"
+            )
+            return None
+        raise ValueError(
+            f"Too few cells ({len(held_ids)}) to fit the 'unlike the training smears' "
+            f"reference of the lab's smears (at least {needed}), and the base model has none "
+            "to keep: give more labelled cells."
+        )
+    raise ValueError(
+        "Too few cells for the adapted model's 'unlike the training smears' reference: it is "
+        f"fitted on at least {MIN_REFERENCE_FITTED} adapting cells and thresholded on at least "
+        f"{MIN_REFERENCE_THRESHOLDED} held-back ones; these cells give {len(fitted)} and "
+        f"{len(thresholded)}. Give more labelled cells, or only calibrate (steps 0)."
+    )
+
+
+def _lab_domain_reference(model, crops, fitted, thresholded):
     """The adapted model's "unlike the training smears" reference, fitted on the lab's cells.
 
     The base model's reference describes the smears the base was trained on, which are no
     longer this model's; without one of its own, an adapted model would call cells of other
     smears (PBC's among them) without a word. Its cells' encoder features are fitted on the
-    adapting cells and thresholded on the held-back ones (a calibrate-only run splits its
-    cells); no smear colours, since packed cells do not keep their smears'.
+    ``fitted`` cells and thresholded on the ``thresholded`` ones (:func:`_reference_cells`); no
+    smear colours, since packed cells do not keep their smears'.
     """
     from napari_cytodiffusion.core.model.domain import cell_features, fit_domain_reference
 
-    fitted, thresholded = adapt_ids, held_ids
-    if not len(adapt_ids):  # calibrate only: every other cell fits, the rest threshold
-        fitted, thresholded = held_ids[::2], held_ids[1::2] if len(held_ids) > 1 else held_ids
     features = cell_features(model, crops)
     return fit_domain_reference(features[fitted], None, features[thresholded], None)
+
+
+def _check_thresholds(calibration):
+    """Refuse to save a calibration with an undefined (NaN or infinite) threshold: a check
+    with one never flags, and no one would be told it is off."""
+    bad = sorted(_undefined_thresholds(calibration))
+    if bad:
+        raise ValueError(
+            f"The calibration's {', '.join(bad)} came out undefined on these cells; nothing "
+            "was saved. Give more labelled cells."
+        )
+
+
+def _undefined_thresholds(tree, prefix=""):
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            yield from _undefined_thresholds(value, f"{prefix}{key}.")
+        elif key.endswith("threshold") and isinstance(value, int | float):
+            if not np.isfinite(value):
+                yield prefix + key
 
 
 def _calibrate(model, held, adapting, request, base, progress):
