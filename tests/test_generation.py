@@ -1,6 +1,7 @@
 """Synthetic cells: reproducible per-cell seeds, the samplers' accuracy, files written."""
 
 import csv
+import dataclasses
 
 import numpy as np
 import pytest
@@ -335,3 +336,14 @@ def test_a_save_stopped_midway_can_be_run_again(tmp_path, monkeypatch):
         "monocyte_0005.png",
     ]
     assert (tmp_path / "monocyte_0005.png").is_file()
+    # A listed cell whose file the stopped run never wrote may be made with other settings.
+    (tmp_path / "monocyte_0005.png").unlink()
+
+    def one(seed):
+        return dataclasses.replace(
+            cells, images=cells.images[:1], labels=["monocyte"], seeds=[seed], steps=30
+        )
+
+    generation.check_can_save(one(5), tmp_path)  # its file is missing: free
+    with pytest.raises(ValueError, match="other settings"):
+        generation.check_can_save(one(4), tmp_path)  # its file was written: kept

@@ -257,6 +257,17 @@ def test_a_request_that_cannot_make_a_panel_is_refused_with_what_to_give(default
             make_turing_panel(default_model, request)
 
 
+def test_a_real_image_without_a_cell_is_named(tmp_path):
+    from napari_cytodiffusion.core.smear.image import ImageError
+    from napari_cytodiffusion.core.turing import normalise_real_cells
+
+    empty = np.full((120, 120, 3), 232, np.uint8)
+    empty += np.random.default_rng(1).integers(0, 6, empty.shape, dtype=np.uint8)
+    crop = np.random.default_rng(0).random((64, 64, 3)).astype(np.float32)  # a model crop
+    with pytest.raises(ImageError, match=r"^image 1 \(counted from 0\): No cell found"):
+        normalise_real_cells([crop, empty], 64, 30.0)
+
+
 def test_a_given_guidance_is_used_not_replaced_by_the_default(default_model):
     from napari_cytodiffusion.core.tasks.turing import TuringRequest, make_turing_panel
 

@@ -123,7 +123,8 @@ def normalise_real_cells(cells, size, rbc_diameter=None, progress=None):
     crops = []
     for done, (cell, scale) in enumerate(zip(cells, scales, strict=True), 1):
         image = read_image(cell.path) if hasattr(cell, "path") else cell
-        crops.append(single_cell_crop(image, size, scale))
+        name = cell.path if hasattr(cell, "path") else f"image {done - 1} (counted from 0)"
+        crops.append(single_cell_crop(image, size, scale, name))
         report(progress, done, len(cells))
     return np.stack(crops).astype(np.float32)
 

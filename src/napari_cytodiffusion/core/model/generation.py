@@ -284,7 +284,8 @@ def check_can_save(cells, out_dir, prefix=None):
                 f"{out_dir / name} exists and {path} does not list it as a generated cell; "
                 "saving would replace it: write to another folder."
             )
-        before = earlier.get(name, {})
+        # A listed cell whose file is missing (a run stopped midway) is free to be made anew.
+        before = earlier.get(name, {}) if (out_dir / name).exists() else {}
         changed = [c for c in METADATA_COLUMNS if c in before and before[c] != str(row[c])]
         if changed:
             settings = ", ".join(f"{c} {before[c]}" for c in changed)

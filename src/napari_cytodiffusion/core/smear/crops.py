@@ -230,13 +230,22 @@ def normalised_cell(image, size, rbc_diameter=None, field_of_view=FIELD_OF_VIEW_
     return central_cell_site(smear, field_of_view).crop(smear.rgb, size)
 
 
-def single_cell_crop(image, size, rbc_diameter=None):
-    """:func:`normalised_cell`, except that a ``size`` x ``size`` image is a crop already."""
+def single_cell_crop(image, size, rbc_diameter=None, name=None):
+    """:func:`normalised_cell`, except that a ``size`` x ``size`` image is a crop already.
+
+    ``name`` (a file, "plane 3") starts the message of an image that cannot be used, so that
+    one image of many is found.
+    """
     from napari_cytodiffusion.core.smear.image import to_rgb_float
 
     if is_model_crop(image, size):
         return to_rgb_float(image)
-    return normalised_cell(image, size, rbc_diameter)
+    try:
+        return normalised_cell(image, size, rbc_diameter)
+    except ImageError as error:
+        if name is None:
+            raise
+        raise ImageError(f"{name}: {error}") from error
 
 
 def crop_cell(

@@ -404,7 +404,10 @@ def _cell_set(image, model, labels, rbc_diameter):
             "A grid needs a set of cells: a labels layer of the image's cells, or an image "
             "stack of single cells."
         )
-    crops = [cropping.single_cell_crop(plane, size, rbc_diameter) for plane in image]
+    crops = [
+        cropping.single_cell_crop(plane, size, rbc_diameter, f"plane {i}")
+        for i, plane in enumerate(image)
+    ]
     return np.stack(crops), list(range(len(crops)))
 
 
