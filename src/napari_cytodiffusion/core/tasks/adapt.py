@@ -33,6 +33,8 @@ FEW_CELLS = 5  # fewer a class: warned (the smallest K the adaptation benchmark 
 # NaN, which switches the check off without a word).
 MIN_REFERENCE_FITTED = CELLS_PER_COMPONENT
 MIN_REFERENCE_THRESHOLDED = MIN_HELD_BACK
+# A calibrate-only run fits on every other cell and thresholds on the rest.
+MIN_REFERENCE_CALIBRATING = max(2 * MIN_REFERENCE_FITTED - 1, 2 * MIN_REFERENCE_THRESHOLDED)
 # Rough seconds per unit on a CPU, to share one progress bar between the phases.
 _PACK_COST, _STEP_COST, _EVAL_COST = 0.05, 0.3, 0.015
 
@@ -211,7 +213,13 @@ def adapt_model(request, progress=None, log=print):
     groups = datasets.copy_groups(crops)
     labels = _without_disagreeing_copies(labels, groups, records, request.data, log)
     adapt_ids, held_ids = _split(labels, groups, len(classes), request)
-    reference_cells = _reference_cells(adapt_ids, held_ids, request, base_calibration, log)
+    reference_cells = _reference_cells(adapt_ids, held_ids, request, base_calibration)
+    if reference_cells is None:
+        log(
+            f"warning: {len(held_ids)} cells are too few to fit the lab's own 'unlike the "
+            f"training smears' reference (it needs {MIN_REFERENCE_CALIBRATING}); the base "
+            "model's is kept"
+        )
     training = None
     if request.steps:
         log(f"adapting on {len(adapt_ids)} cells, {request.steps} steps")
@@ -542,13 +550,13 @@ def _model_crops(images, size):
     return images[:, window, window].astype(np.float32) / 255
 
 
-def _reference_cells(adapt_ids, held_ids, request, base_calibration, log=None):
+def _reference_cells(adapt_ids, held_ids, request, base_calibration):
     """(fitting ids, thresholding ids) of the lab's domain reference: the adapting and the
     held-back cells (a calibrate-only run splits its cells: every other one fits).
 
     None when they are too few and the base's reference stands: only when calibrating, since
-    then the network is the base's (said in ``log``). Adapting changes the encoder the
-    reference measures, so too few cells there, or a base without a reference, are refused.
+    then the network is the base's. Adapting changes the encoder the reference measures, so
+    too few cells there, or a base without a reference, are refused.
     """
     fitted, thresholded = adapt_ids, held_ids
     if request.steps == 0:
@@ -556,17 +564,12 @@ def _reference_cells(adapt_ids, held_ids, request, base_calibration, log=None):
     if len(fitted) >= MIN_REFERENCE_FITTED and len(thresholded) >= MIN_REFERENCE_THRESHOLDED:
         return fitted, thresholded
     if request.steps == 0:
-        needed = max(2 * MIN_REFERENCE_FITTED - 1, 2 * MIN_REFERENCE_THRESHOLDED)
         if (base_calibration or {}).get("domain"):
-            (log or (lambda _: None))(
-                f"warning: {len(held_ids)} cells are too few to fit the lab's own 'unlike the "
-                f"training smears' reference (it needs {needed}); the base model's is kept"
-            )
             return None
         raise ValueError(
             f"Too few cells ({len(held_ids)}) to fit the 'unlike the training smears' "
-            f"reference of the lab's smears (at least {needed}), and the base model has none "
-            "to keep: give more labelled cells."
+            f"reference of the lab's smears (at least {MIN_REFERENCE_CALIBRATING}), and the "
+            "base model has none to keep: give more labelled cells."
         )
     raise ValueError(
         "Too few cells for the adapted model's 'unlike the training smears' reference: it is "
