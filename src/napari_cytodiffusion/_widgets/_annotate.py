@@ -3,7 +3,8 @@
 Works on the classes layer that Classify cells made. Click a cell (pan/zoom mode) to select
 it, then give it a class from the list or with keys 1-9, or one the model lacks (New class:
 blast, say, which Export cells and Adapt turn into a class), or mark it artefact / unknown;
-delete a false detection; paint a missed cell and add it; undo. The person's label sits in
+delete a false detection, and restore a cell deleted by mistake (click where it was, in this
+session or an earlier one); paint a missed cell and add it; undo. The person's label sits in
 the layer's ``features`` beside the model's (``annotated`` beside ``predicted``); reviewed
 cells are drawn opaque and marked. Every change is saved at once, atomically, beside the
 image (``<image>.annotations.json``), which Classify cells, ``classify`` and ``analyze``
@@ -31,7 +32,17 @@ from napari_cytodiffusion._widgets._common import (
     new_class_fields,
     new_class_name,
 )
-from napari_cytodiffusion.core.annotations import ARTEFACT, DELETED, UNKNOWN
+from napari_cytodiffusion.core.annotations import (
+    ARTEFACT,
+    DELETED,
+    UNKNOWN,
+    decode_mask,
+    earlier_call,
+    encode_mask,
+    restorable_deletions,
+    restore_deletions,
+    restored_values,
+)
 
 NO_LAYER = "none: classify the image first"
 UNDO_DEPTH = 50
@@ -45,9 +56,11 @@ class AnnotateWidget(DockForm):
         self._viewer = napari_viewer
         self._undo = []
         # Each classes layer's share of its image's sidecar (core.annotations.LayerReview),
-        # by layer: a save keeps the entries a layer does not stand for.
+        # by layer: a save keeps the entries a layer does not stand for. Dropped with the
+        # layer (_forget_removed).
         self._reviews = {}
         self._unbind = None  # takes the clicks and keys off the layer they are bound to
+        self._clicked = None  # the empty place last clicked: where Restore deleted looks
         self._layer = ComboBox(
             label="classes layer",
             choices=self._class_layers,
@@ -67,6 +80,11 @@ class AnnotateWidget(DockForm):
         self._new_class, self._set_new = new_class_fields()
         self._delete = PushButton(
             text="Delete cell", tooltip="Remove a false detection; it stays removed when re-run."
+        )
+        self._restore = PushButton(
+            text="Restore deleted",
+            tooltip="Bring back the deleted cell where you last clicked (pan/zoom mode), "
+            "deleted now or in an earlier session; it stays back when re-run.",
         )
         self._paint = PushButton(
             text="Paint a missed cell", tooltip="Switch to the brush with a new cell number."
@@ -100,6 +118,7 @@ class AnnotateWidget(DockForm):
             self._new_class,
             self._set_new,
             self._delete,
+            self._restore,
             self._paint,
             self._add,
             self._next,
@@ -114,6 +133,7 @@ class AnnotateWidget(DockForm):
         self._unknown.changed.connect(lambda *_: self.set_label(UNKNOWN))
         self._set_new.changed.connect(lambda *_: self.set_new_class(self._new_class.value))
         self._delete.changed.connect(lambda *_: self.delete_cell())
+        self._restore.changed.connect(lambda *_: self.restore_deleted())
         self._paint.changed.connect(lambda *_: self.start_painting())
         self._add.changed.connect(lambda *_: self.add_painted_cell())
         self._next.changed.connect(lambda *_: self.next_flagged())
@@ -122,6 +142,8 @@ class AnnotateWidget(DockForm):
         self._layer.changed.connect(self._attach)
         for event in (napari_viewer.layers.events.inserted, napari_viewer.layers.events.removed):
             event.connect(lambda *_: self.reset_choices())
+        # A bound method: napari holds it weakly, so it does not keep a closed widget alive.
+        napari_viewer.layers.events.removed.connect(self._forget_removed)
         self._attach(self._layer.value)
 
     # ------------------------------------------------------------------ choices and binding
@@ -158,6 +180,7 @@ class AnnotateWidget(DockForm):
             self._unbind()
         self._unbind = None
         self._undo.clear()
+        self._clicked = None
         if not isinstance(layer, Labels):
             return
         self._class.reset_choices()
@@ -167,8 +190,40 @@ class AnnotateWidget(DockForm):
                 features[column] = features["label"] if default is None else default
         layer.features = features
         self._begin_review(layer)
-        self._unbind = bind_labelling(layer, self._classes(), self)
+        unbind_keys, unwatch = bind_labelling(layer, self._classes(), self), self._watch(layer)
+
+        def unbind():
+            unbind_keys()
+            unwatch()
+
+        self._unbind = unbind
         self._redraw()
+
+    def _watch(self, layer):
+        """Remember the empty place a person clicks on ``layer`` (pan/zoom mode), where
+        Restore deleted looks, and say whether a deleted cell is there. Returns a function
+        that takes the click off the layer again."""
+
+        def clicked(layer, event):
+            if layer.mode != "pan_zoom":
+                return
+            self._clicked = None
+            if not layer.get_value(event.position, world=True):
+                self._clicked = np.asarray(layer.world_to_data(event.position), float)[-2:]
+                self._tell_deleted(layer, self._clicked)
+
+        layer.mouse_drag_callbacks.append(clicked)
+
+        def unwatch():
+            if clicked in layer.mouse_drag_callbacks:
+                layer.mouse_drag_callbacks.remove(clicked)
+
+        return unwatch
+
+    def _forget_removed(self, event):
+        """A removed layer's review goes with it: kept, it would pile up, and the layer added
+        again would be saved with its share of the sidecar as it was long before."""
+        self._reviews.pop(event.value.unique_id, None)
 
     # ------------------------------------------------------------------------ actions
 
@@ -211,8 +266,12 @@ class AnnotateWidget(DockForm):
             return
         layer = self.layer
         cell = int(layer.selected_label)
-        pixels = np.nonzero(layer.data == cell)
+        mask = np.asarray(layer.data) == cell
+        pixels = np.nonzero(mask)
         self._remember(pixels, cell)
+        review = self._reviews.get(layer.unique_id)
+        if review is not None and len(pixels[0]):
+            review.outlines[cell] = encode_mask(mask)  # saved with the deletion: restorable
         layer.data[pixels] = 0
         features = layer.features
         features.loc[row, ["annotated", "label"]] = DELETED
@@ -222,13 +281,53 @@ class AnnotateWidget(DockForm):
         layer.refresh()
         self._changed(f"cell {cell} deleted")
 
+    def restore_deleted(self, position=None):
+        """Bring back the deleted cell nearest ``position`` ((row, col) in the layer's pixels;
+        by default the empty place last clicked), within a red-cell diameter.
+
+        A cell deleted in this session comes back as it was called before (by a person in an
+        earlier session, else by the model), one deleted in an earlier session (its entry in
+        the sidecar) as the model called it, not reviewed; with its outline where that was
+        kept. Saved at once, so it stays back in later sessions, ``classify`` and
+        ``analyze``; Undo takes it back.
+        """
+        layer = self.layer
+        if layer is None:
+            show_error("Choose a classes layer first: Classify cells makes one.")
+            return
+        position = self._clicked if position is None else position
+        self._begin_review(layer)
+        found = None if position is None else self._deleted_near(layer, position)
+        if found is None:
+            show_error(
+                "No deleted cell there: click the place where the deleted cell was "
+                "(pan/zoom mode), then press Restore deleted."
+            )
+            return
+        own = found[2]
+        review = self._reviews.get(layer.unique_id)
+        deletions = self._deletions_at(layer, review, found[0])
+        cell = own if own is not None else self._unused_value(layer)
+        # Its outline: taken as it was deleted in this session, else kept in the sidecar.
+        outlines = [review.outlines.get(own)] if review is not None else []
+        outline = next((m for m in outlines + [d.mask for d in deletions] if m), None)
+        pixels = _outline_pixels(layer, outline)
+        self._remember(pixels, 0)
+        layer.data[pixels] = cell
+        layer.refresh()
+        layer.features = self._with_restored(layer.features, review, found, cell)
+        if deletions:
+            self._reviews[layer.unique_id] = restore_deletions(review, deletions, cell)
+        self.select(cell)
+        self._changed(f"cell {cell} restored")
+
     def start_painting(self):
         """Switch the layer to painting a new cell (a label value no cell has)."""
         layer = self.layer
         if layer is None:
             show_error("Choose a classes layer first: Classify cells makes one.")
             return
-        layer.selected_label = int(max(layer.data.max(), layer.features["index"].max())) + 1
+        layer.selected_label = self._unused_value(layer)
         layer.brush_size = max(3, int(layer.metadata.get("rbc_diameter", 20) / 3))
         layer.mode = "paint"
         self._status.value = "paint the missed cell, then press Add painted cell"
@@ -326,6 +425,81 @@ class AnnotateWidget(DockForm):
 
     # ----------------------------------------------------------------------- plumbing
 
+    def _deleted_near(self, layer, position):
+        """(centroid, model's call, the layer's cell or None) of the deleted cell nearest
+        ``position`` within a red-cell diameter, or None: a cell the layer deleted, or a
+        deletion in its sidecar that it does not show (core.annotations.restorable_deletions)."""
+        features = layer.features
+        own = features[(features["annotated"] == DELETED) & ~features["added"].eq(True)]
+        found = [
+            ((row.centroid_row, row.centroid_col), row.predicted, int(row.index))
+            for row in own.itertuples(index=False)
+        ]
+        review = self._reviews.get(layer.unique_id)
+        if review is not None:
+            found += [
+                (entry.centroid, entry.predicted, None)
+                for entry in restorable_deletions(review, features)
+            ]
+        reach = layer.metadata.get("rbc_diameter", 20)
+        distances = [np.hypot(*np.subtract(centre, position)) for centre, _, _ in found]
+        nearest = int(np.argmin(distances)) if found else None
+        return found[nearest] if found and distances[nearest] <= reach else None
+
+    def _deletions_at(self, layer, review, centre):
+        """The sidecar's deletions within half a red-cell diameter of ``centre`` (where
+        ``analyze`` matches a cell): all name the cell restored there, and one left would
+        delete it again."""
+        if review is None:
+            return []
+        radius = 0.5 * layer.metadata.get("rbc_diameter", 20)
+        return [
+            entry
+            for entry in restorable_deletions(review, layer.features)
+            if np.hypot(*np.subtract(entry.centroid, centre)) <= radius
+        ]
+
+    def _tell_deleted(self, layer, position):
+        """Say on the status line whether a deleted cell is at the place clicked."""
+        found = self._deleted_near(layer, position)
+        if found is not None:
+            self._status.value = (
+                f"a cell deleted here (model: {found[1] or 'no call'}): "
+                "Restore deleted brings it back"
+            )
+
+    def _with_restored(self, features, review, found, cell):
+        """``features`` with the deleted cell ``found`` (see :meth:`_deleted_near`) back as
+        ``cell``: the layer's own row called again as before its deletion (a person's call
+        of an earlier session, else the model's), or a new row for a deletion of the sidecar,
+        with the model's call at the time, not reviewed (the scores of that call were not
+        kept)."""
+        centre, predicted, own = found
+        if own is not None:
+            call = earlier_call(review, cell) if review is not None else ""
+            features.loc[self._row(cell), ["annotated", "label"]] = [call, call or predicted]
+            return features
+        row = {column: np.nan for column in features.columns}
+        row.update(
+            index=cell,
+            label=predicted or UNKNOWN,
+            predicted=predicted,
+            annotated="",
+            added=False,
+            needs_review=False,
+            centroid_row=float(centre[0]),
+            centroid_col=float(centre[1]),
+        )
+        features.loc[len(features)] = row
+        return features
+
+    def _unused_value(self, layer):
+        """A label value for a new cell: none of ``layer``'s cells has it, nor a restore
+        used it (an undone restore's value stays taken: core.annotations.restore_deletions)."""
+        review = self._reviews.get(layer.unique_id)
+        taken = restored_values(review) if review is not None else set()
+        return int(max(layer.data.max(), layer.features["index"].max(), *taken)) + 1
+
     def _row(self, cell):
         layer = self.layer
         if layer is None:
@@ -368,7 +542,8 @@ class AnnotateWidget(DockForm):
 
     def _review(self, layer):
         """The layer's :class:`~napari_cytodiffusion.core.annotations.LayerReview`, begun
-        from its image's sidecar the first time (None for an image without a file).
+        from its image's sidecar the first time (from nothing for an image without a file:
+        it still keeps the outlines of deleted cells, for Restore deleted).
 
         Raises
         ------
@@ -377,11 +552,11 @@ class AnnotateWidget(DockForm):
         """
         from napari_cytodiffusion.core.annotations import begin_review, load_annotations
 
-        path = layer.metadata.get("path") if layer is not None else None
-        if not path:
+        if layer is None:
             return None
         if layer.unique_id not in self._reviews:
-            stored = load_annotations(path)
+            path = layer.metadata.get("path")
+            stored = load_annotations(path) if path else None
             self._reviews[layer.unique_id] = begin_review(
                 stored, layer.features, np.asarray(layer.data)
             )
@@ -453,6 +628,15 @@ class AnnotateWidget(DockForm):
             translate=layer.translate[:2],
         )
         self._viewer.layers.selection.active = layer
+
+
+def _outline_pixels(layer, outline):
+    """The pixels of an encoded ``outline`` that no cell of ``layer`` has taken since (none
+    where the outline was not kept)."""
+    data = np.asarray(layer.data)
+    if outline is None:
+        return np.nonzero(np.zeros(data.shape, bool))
+    return np.nonzero(decode_mask(outline, data.shape) & (data == 0))
 
 
 def _source_name(path, name):

@@ -6,7 +6,8 @@ where each is (its centroid in image pixels), the class they gave it (a class of
 detections) or painted (missed cells; their mask is stored run-length encoded). It is written
 atomically, so a crash mid-save leaves the previous file intact, and a classes layer's review
 is merged into it (:func:`merge_annotations`): saving keeps every entry the layer does not
-stand for, such as cells deleted in an earlier session. ``classify`` and ``analyze``
+stand for, such as cells deleted in an earlier session, which a person may restore
+(:func:`restore_deletions`). ``classify`` and ``analyze``
 read it beside the image they are given and keep the human label over the model's; the
 viewer loads it again when the image is reopened.
 
@@ -20,7 +21,7 @@ A folder of single-cell images keeps a person's calls in one table instead,
 """
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -66,7 +67,9 @@ class CellAnnotation:
         Painted by the person (a cell the segmentation missed).
     mask : dict or None
         For a painted cell: ``{"bbox": [r0, c0, r1, c1], "runs": [...]}``, the run lengths of
-        the mask in its box, row by row, starting with a run of background.
+        the mask in its box, row by row, starting with a run of background. For a deleted
+        segmented cell, its outline the same way where it was kept (deleted since
+        2026-12-07): a restore draws it again; the deletion itself applies at the centroid.
     """
 
     centroid: tuple
@@ -291,12 +294,15 @@ def _check_shape(shape, annotations):
         )
 
 
-def annotations_from_table(table, labels, image_name):
+def annotations_from_table(table, labels, image_name, outlines=None):
     """Annotations from a classes layer: its features ``table`` (columns ``index``, ``label``
     or ``predicted``, ``annotated``, ``added``) and its ``labels``; rows with an empty
     ``annotated`` are not reviewed and are left out. Deleted cells keep their row with
-    ``annotated`` = ``deleted`` and their centroid. Empty cells of a table read back from a
-    file (NaN) are empty text, or False in ``added``."""
+    ``annotated`` = ``deleted`` and their centroid, and a deleted segmented cell its outline
+    from ``outlines`` ({cell: :func:`encode_mask` of its pixels}, taken before they were
+    cleared) where it is there. Empty cells of a table read back from a file (NaN) are empty
+    text, or False in ``added``."""
+    outlines = outlines or {}
     cells = []
     for row in table.itertuples(index=False):
         human = class_key(_text(getattr(row, "annotated", "")))
@@ -304,7 +310,10 @@ def annotations_from_table(table, labels, image_name):
             continue
         added = _flag(getattr(row, "added", False))
         mask = None
-        if added and human != DELETED:
+        if human == DELETED:
+            # A painted cell's deletion keeps no mask: an added entry with one is painted.
+            mask = None if added else outlines.get(int(row.index))
+        elif added:
             pixels = labels == int(row.index)
             if not pixels.any():
                 continue
@@ -330,17 +339,23 @@ class LayerReview:
     ----------
     others : list of (CellAnnotation, int)
         The sidecar's entries that are not the layer's own, each with the layer cell it lies
-        on (0: none), found before the layer's cells were changed.
+        on (0: none), found before the layer's cells were changed; a deletion lies on the
+        cell a person restored it as (:func:`restore_deletions`).
     written : list of CellAnnotation
         The layer's own entries at its last save.
     held : list of CellAnnotation
         Entries of ``others`` left out of the last save: they lie on a cell the layer has
-        reviewed since.
+        reviewed, or restored, since.
+    outlines : dict
+        {cell: :func:`encode_mask` of its pixels} of the layer's cells deleted in this
+        session (their pixels are gone from the layer): saved with their deletion, so that a
+        later session can restore them as they were.
     """
 
     others: list = field(default_factory=list)
     written: list = field(default_factory=list)
     held: list = field(default_factory=list)
+    outlines: dict = field(default_factory=dict)
 
 
 def begin_review(stored, table, labels):
@@ -368,7 +383,9 @@ def merge_annotations(stored, table, labels, image_name, review):
     does not show (a single-cell classification shows only its central cell, none of the
     smear's deletions or painted cells), and entries another layer of the image wrote. An
     entry on a cell the layer has reviewed comes back when that review is undone. A deleted
-    cell's entry is on no cell (the cell is gone; a cell there now is another one), a painted
+    cell's entry is on no cell (the cell is gone; a cell there now is another one) until a
+    person restores it (:func:`restore_deletions`): the layer then stands for it while it has
+    the restored cell, reviewed or not, and it comes back when the restore is undone. A painted
     cell's is on the painted cell of the layer that covers most of its mask, any other's on
     the segmented cell at its centroid, as :func:`annotate_labels` applies them.
 
@@ -392,16 +409,18 @@ def merge_annotations(stored, table, labels, image_name, review):
     ]
     known = review.written + [cell for cell, _ in others]
     others += _entries_under(stored, known, table, labels)
-    own = annotations_from_table(table, labels, image_name).cells
+    own = annotations_from_table(table, labels, image_name, review.outlines).cells
     annotated = _column(table, "annotated", lambda value: class_key(_text(value)))
     reviewed = set(table.loc[annotated != "", "index"].astype(int))
-    kept = [cell for cell, on in others if on not in reviewed]
-    held = [cell for cell, on in others if on in reviewed]
+    segmented = _segmented_cells(table)
+    stands = [_stands_for(cell, on, reviewed, segmented) for cell, on in others]
+    kept = [cell for (cell, _), out in zip(others, stands, strict=True) if not out]
+    held = [cell for (cell, _), out in zip(others, stands, strict=True) if out]
     # Deletions and calls before painted cells, as a layer's own rows are: a cell painted
     # over a deleted one is then added whole (annotate_labels paints only empty pixels).
     cells = sorted(kept + own, key=_painted)
     shape = tuple(int(v) for v in labels.shape[:2])
-    return Annotations(image_name, shape, cells), LayerReview(others, own, held)
+    return Annotations(image_name, shape, cells), LayerReview(others, own, held, review.outlines)
 
 
 def save_review(image_path, table, labels, review):
@@ -425,6 +444,60 @@ def save_review(image_path, table, labels, review):
     return save_annotations(merged, image_path), review
 
 
+def restorable_deletions(review, table):
+    """The deletions a classes layer does not show that a person may restore: entries of its
+    sidecar (``review.others``) deleting a segmented cell (cells deleted in an earlier
+    session, or by another layer of the image), less those restored as a cell the layer
+    has (``table``'s ``index``, ``added``). A painted cell deleted is painted again instead."""
+    segmented = _segmented_cells(table)
+    return [
+        cell
+        for cell, on in review.others
+        if _deleted(cell) and not cell.added and on not in segmented
+    ]
+
+
+def restore_deletions(review, deletions, cell):
+    """``review`` with ``deletions`` (of :func:`restorable_deletions`) restored as the
+    layer's segmented ``cell``: saves leave them out while the layer has that cell (so the
+    cell stays in ``classify`` and ``analyze``), and keep them again once it is gone (a
+    restore that added the cell, undone). ``cell`` is the layer's own deleted cell brought
+    back, or a new value: none of the layer's cells, nor one an earlier restore used
+    (:func:`restored_values`)."""
+    others = [(entry, cell if entry in deletions else on) for entry, on in review.others]
+    return replace(review, others=others)
+
+
+def restored_values(review):
+    """The cell values deletions were restored as (taken, even where the restore was
+    undone since)."""
+    return {on for entry, on in review.others if _deleted(entry) and on}
+
+
+def earlier_call(review, cell):
+    """The person's call of the layer's ``cell`` in the sidecar, "" where none: what a cell
+    reviewed in an earlier session and deleted in this one comes back as."""
+    calls = [entry.label for entry, on in review.others if on == cell and not _deleted(entry)]
+    return class_key(calls[0]) if calls else ""
+
+
+def _stands_for(entry, on, reviewed, segmented):
+    """Whether a save leaves out ``entry``, which lies on the layer cell ``on`` (see
+    :func:`merge_annotations`): a deletion while the cell restored from it is there, any
+    other entry while that cell is reviewed."""
+    return on in (segmented if _deleted(entry) else reviewed)
+
+
+def _segmented_cells(table):
+    """The values of a classes layer's cells that a segmentation found (not painted)."""
+    added = _column(table, "added", _flag).astype(bool)
+    return set(table.loc[~added, "index"].astype(int))
+
+
+def _deleted(entry):
+    return class_key(entry.label) == DELETED
+
+
 def _entries_under(stored, known, table, labels):
     """(entry, the layer cell it lies on) for the entries of ``stored`` not in ``known``."""
     if stored is None:
@@ -443,7 +516,7 @@ def _entries_under(stored, known, table, labels):
 
 def _cell_under(cell, labels, painted, segmented):
     """The layer cell an entry lies on (0: none); see :func:`merge_annotations`."""
-    if class_key(cell.label) == DELETED:
+    if _deleted(cell):
         return 0
     if _painted(cell):
         values = labels[decode_mask(cell.mask, labels.shape[:2])]
