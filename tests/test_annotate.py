@@ -270,11 +270,16 @@ def annotating(make_napari_viewer, tmp_path):
             "rbc_diameter": 20.0,
             "source": "smear",
             "path": str(path),
+            "image_id": "smear-id",
+            "shows": "classes",
         },
     )
     viewer.add_points(
-        [[19.5, 19.5]], name="smear needs review", features={"index": [1], "label": ["lymphocyte"]}
-    )  # Classify cells' markers of the cells to review
+        [[19.5, 19.5]],
+        name="smear needs review",
+        features={"index": [1], "label": ["lymphocyte"]},
+        metadata={"image_id": "smear-id", "shows": "needs review"},
+    )  # Classify cells' markers of the cells to review, tied to the image as it ties them
     widget = AnnotateWidget(viewer)
     viewer.window.add_dock_widget(widget)
     widget.reset_choices()
@@ -380,6 +385,20 @@ def test_review_correct_delete_paint_undo_and_save(annotating):
     labels, human, added = annotate_labels(_two_cells(), load_annotations(path))
     assert human == {1: "neutrophil", 3: "monocyte"} and added == {3}
     assert np.array_equal(labels, layer.data)
+
+
+def test_a_renamed_classes_layer_keeps_its_markers_and_itself(annotating):
+    """Markers are found by what they record, not by a name made from the classes layer's:
+    renamed, that name would be the classes layer's own."""
+    viewer, widget, layer, _ = annotating
+    layer.name = "patient 7"
+    widget.select(1)
+    widget._class.value = "neutrophil"
+    widget.set_label("neutrophil")
+    assert viewer.layers["patient 7"] is layer and layer.data.any()
+    assert viewer.layers["smear needs review"].border_color[0][3] == 0
+    (reviewed,) = [x for x in viewer.layers if x.metadata.get("shows") == "reviewed"]
+    assert len(reviewed.data) == 1
 
 
 def test_a_later_session_keeps_the_cells_deleted_and_painted_before(annotating):

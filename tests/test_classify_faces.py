@@ -177,9 +177,14 @@ def test_widget_adds_class_uncertainty_and_review_layers(classify_widget, pbc_di
 
 
 def test_export_csv_is_atomic(classify_widget, tmp_path, monkeypatch):
-    """A failed export leaves the earlier file as it was, and no partial file."""
+    """A failed export leaves the earlier file as it was, and no partial file; the person is
+    told why, with no traceback."""
     import pandas as pd
 
+    from napari_cytodiffusion._widgets import _classify
+
+    errors = []
+    monkeypatch.setattr(_classify, "show_error", errors.append)
     viewer, widget = classify_widget
     features = pd.DataFrame({"index": [1, 2], "label": ["monocyte", "lymphocyte"]})
     widget.class_layer = viewer.add_labels(np.zeros((4, 4), np.int32), features=features)
@@ -192,8 +197,9 @@ def test_export_csv_is_atomic(classify_widget, tmp_path, monkeypatch):
         raise OSError("No space left on device")
 
     monkeypatch.setattr(pd.DataFrame, "to_csv", disk_full)
-    with pytest.raises(OSError, match="No space"):
-        widget.export_csv(csv)
+    widget.export_csv(csv)
+    assert errors == [f"Could not export the cells to {csv}: No space left on device."]
+    assert widget._status.value == "export failed: No space left on device"
     assert csv.read_text() == "an earlier export\n"
     assert [path.name for path in tmp_path.iterdir()] == ["cells.csv"]
     monkeypatch.setattr(pd.DataFrame, "to_csv", write)
@@ -250,6 +256,7 @@ def test_a_banner_says_when_the_smear_is_unlike_the_training_smears(
 
 def test_white_cells_are_offered_only_from_layers_that_fit_the_image(classify_widget):
     from napari_cytodiffusion._widgets._classify import NO_LABELS, ClassifyWidget
+    from napari_cytodiffusion._widgets._common import layer_id
 
     viewer, widget = classify_widget
     smear = viewer.add_image(np.zeros((40, 50, 3), np.uint8), name="smear", rgb=True)
@@ -260,9 +267,8 @@ def test_white_cells_are_offered_only_from_layers_that_fit_the_image(classify_wi
         np.zeros((40, 50), np.uint32), name="red", metadata={"source": "smear", "cells": "red"}
     )
     viewer.add_labels(np.zeros((40, 50), np.uint32), name="classes", metadata={"class": True})
-    white = viewer.add_labels(
-        np.zeros((40, 50), np.uint32), name="white", metadata={"source": "smear", "cells": "white"}
-    )
+    segmented = {"source": "smear", "image_id": layer_id(smear), "cells": "white"}
+    white = viewer.add_labels(np.zeros((40, 50), np.uint32), name="white", metadata=segmented)
     widget._image.value = smear
     assert set(widget._labels.choices) == {white, NO_LABELS, drawn}
     assert widget._labels.value is white  # Segment cells' white cells for this image

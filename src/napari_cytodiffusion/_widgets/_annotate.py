@@ -29,8 +29,12 @@ from napari_cytodiffusion._widgets._common import (
     camera,
     direct_colormap,
     full_resolution,
+    layer_id,
+    linked_layer,
     new_class_fields,
     new_class_name,
+    result_link,
+    review_markers,
 )
 from napari_cytodiffusion.core.annotations import (
     ARTEFACT,
@@ -597,8 +601,7 @@ class AnnotateWidget(DockForm):
 
     def _hide_reviewed_flags(self, layer, features):
         """The review markers Classify cells added stay only on cells still to review."""
-        name = layer.name.replace(" classes", " needs review")
-        flags = self._viewer.layers[name] if name in self._viewer.layers else None
+        flags = review_markers(self._viewer, layer)
         if flags is None or "index" not in flags.features or not len(flags.data):
             return
         done = set(features.loc[features["annotated"] != "", "index"].astype(int))
@@ -610,16 +613,21 @@ class AnnotateWidget(DockForm):
         flags.border_color = colours
 
     def _show_markers(self, layer, reviewed):
-        name = layer.name.replace(" classes", " reviewed")
+        # Found by what they record, not by a name made from the classes layer's: a person
+        # may rename that layer, and the name would then be its own. Tied to the image where
+        # Classify cells recorded it, so that its next run's classes layer finds them.
+        link = result_link(layer.metadata.get("image_id") or layer_id(layer), "reviewed")
         points = reviewed[["centroid_row", "centroid_col"]].to_numpy(float).reshape(-1, 2)
         size = 0.5 * layer.metadata.get("rbc_diameter", 20)
-        if name in self._viewer.layers:
-            markers = self._viewer.layers[name]
+        markers = linked_layer(self._viewer, "points", link)
+        if markers is not None:
             markers.data = points
             return
+        name = layer.name.removesuffix(" classes")
         self._viewer.add_points(
             points,
-            name=name,
+            name=f"{name} reviewed",
+            metadata=link,
             symbol="square",
             size=size,
             face_color="white",

@@ -7,7 +7,10 @@ the cells that need review. The dock shows the legend, the differential count an
 flagged cells; clicking one centres the view on it.
 
 The white-cell list offers only Labels layers of the chosen image's shape, never a class or
-red-cell layer, and picks the white cells that Segment cells made for that image.
+red-cell layer, and picks the white cells that Segment cells made for that image. Running
+again on an image brings its earlier result layers up to date instead of adding more; they
+are tied to the image and to each other by their metadata (``image_id``, ``shows``), not by
+names a person may change.
 """
 
 from pathlib import Path
@@ -35,13 +38,17 @@ from napari_cytodiffusion._widgets._common import (
     camera,
     direct_colormap,
     full_resolution,
+    layer_id,
+    linked_layer,
     no_smear_message,
     removed_layer,
+    result_link,
+    review_markers,
     rgb_images,
-    select,
     select_then_show,
     strategy_field,
     update_or_add,
+    update_or_add_in_steps,
 )
 from napari_cytodiffusion.core.report import (
     class_colours,
@@ -58,6 +65,65 @@ FILL_OPACITY, OUTLINE_OPACITY = 0.5, 1.0
 # Cells not yet reviewed by a person are drawn fainter than reviewed ones.
 UNREVIEWED_ALPHA = 0.6
 NOT_CELL_COLOUR = "#9e9e9e"  # artefact, unknown
+# What a review threshold's box shows while it stands for the model's calibrated value.
+CALIBRATED = "calibrated"
+# Beyond 16 bits napari colours labels only with numba installed, and their colour table
+# cannot be filled at once (direct_colormap): larger cell ids are numbered 1, 2, ... instead.
+LARGEST_CELL_ID = np.iinfo(np.uint16).max
+
+
+class ReviewThreshold:
+    """A review threshold's box: the chosen model's calibrated value until the person sets one.
+
+    The box reads "calibrated" until a run has told the model's value, then shows it rounded
+    to the box's decimals; flags use the exact value (0.11767, not 0.12), as the command line
+    does, until the person changes the box. Its lowest setting, one step below ``lowest``,
+    reads "calibrated" and means the model's value again.
+    """
+
+    def __init__(self, label, lowest, highest, step, tooltip):
+        self._tooltip = f"{tooltip} '{CALIBRATED}': the model's own, as calibrated."
+        self.box = FloatSpinBox(
+            label=label,
+            value=lowest - step,
+            min=lowest - step,
+            max=highest,
+            step=step,
+            tooltip=self._tooltip,
+        )
+        self.box.native.setSpecialValueText(CALIBRATED)
+        self.box.changed.connect(self._set_by_person)
+        self.own = False  # the person's value, not the model's
+        self.calibrated = None  # the exact value of the model of the last result
+
+    def _set_by_person(self, *_):
+        native = self.box.native
+        self.own = native.value() != native.minimum()
+
+    def for_run(self):
+        """The person's value, or None: the model's calibrated one (exact)."""
+        return self.box.value if self.own else None
+
+    def for_review(self):
+        """The value the shown result is flagged by: the person's, or its model's (exact)."""
+        return self.box.value if self.own or self.calibrated is None else self.calibrated
+
+    def show_calibrated(self, value, shown=True):
+        """A run's model calibrated ``value``, ``shown`` (rounded) unless the person set one."""
+        self.calibrated = float(value)
+        if not shown:
+            return
+        self.box.tooltip = f"{self._tooltip} This model's: {self.calibrated:.5g}."
+        if not self.own:
+            with self.box.changed.blocked():
+                self.box.value = self.calibrated
+
+    def reset(self):
+        """Back to the model's value ("calibrated"), for another model."""
+        self.own = False
+        self.box.tooltip = self._tooltip
+        with self.box.changed.blocked():
+            self.box.value = self.box.min
 
 
 class ClassifyWidget(DockForm):
@@ -84,23 +150,19 @@ class ClassifyWidget(DockForm):
         self._device, self._seed = self._fields.device, self._fields.seed
         self._device_used = StatusLabel()
         self._strategy = strategy_field()
-        self._uncertainty = FloatSpinBox(
-            label="flag uncertainty >",
-            value=0.12,
-            min=0.0,
-            max=1.0,
-            step=0.01,
-            tooltip="Cells more uncertain than this are flagged (the model's calibrated "
-            "threshold after the first run).",
+        self._thresholds = (
+            ReviewThreshold(
+                "flag uncertainty >", 0.0, 1.0, 0.01, "Cells more uncertain than this are flagged."
+            ),
+            ReviewThreshold(
+                "flag anomaly >",
+                -10.0,
+                100.0,
+                0.1,
+                "Cells less like any known class than this are flagged.",
+            ),
         )
-        self._anomaly = FloatSpinBox(
-            label="flag anomaly >",
-            value=2.2,
-            min=-10.0,
-            max=100.0,
-            step=0.1,
-            tooltip="Cells less like any known class than this are flagged.",
-        )
+        self._uncertainty, self._anomaly = (threshold.box for threshold in self._thresholds)
         self._fill = CheckBox(
             text="fill classes",
             tooltip="Fill each cell with its class colour instead of outlining it.",
@@ -139,10 +201,12 @@ class ClassifyWidget(DockForm):
         self._export.changed.connect(self._ask_export_path)
         self._uncertainty.changed.connect(self._update_review)
         self._anomaly.changed.connect(self._update_review)
+        self._fields.model.changed.connect(self._model_changed)
+        self._fields.file.changed.connect(self._model_changed)
         self._fill.changed.connect(self._show_fill)
         self._image.changed.connect(self._pick_segmented)
+        self._single.changed.connect(self._offer_labels)
         self.class_layer = None
-        self._thresholds_from_model = False
         self._flagged_rows = []
         napari_viewer.layers.events.inserted.connect(self._layer_added)
         napari_viewer.layers.events.removed.connect(lambda *_: self.reset_choices())
@@ -179,6 +243,18 @@ class ClassifyWidget(DockForm):
         mine = [c for c in self._labels.choices if _segmented_from(c, self._image.value)]
         self._labels.value = mine[0] if mine else NO_LABELS
 
+    def _offer_labels(self, single):
+        """A single-cell image is classified at its centre: no white cells are used."""
+        self._labels.enabled = not single
+
+    def _model_changed(self, *_):
+        """Another model: its own calibrated thresholds, whatever was set for the last one (a
+        threshold means something else on another model's scale); the shown result is
+        flagged again by its own model's."""
+        for threshold in self._thresholds:
+            threshold.reset()
+        self._update_review()
+
     def _show_fill(self, *_):
         layer = self.class_layer
         if layer is not None and layer in self._viewer.layers:
@@ -195,22 +271,24 @@ class ClassifyWidget(DockForm):
                 "the colour image of the smear."
             )
             return
-        labels_layer = None if self._labels.value == NO_LABELS else self._labels.value
+        single = self._single.value
+        labels_layer = None if single or self._labels.value == NO_LABELS else self._labels.value
         if labels_layer is not None and labels_layer.data.shape != image.data.shape[:2]:
             show_error(
                 f"'{labels_layer.name}' ({labels_layer.data.shape}) is not of the shape of "
                 f"'{image.name}' ({image.data.shape[:2]}): choose the image's white cells."
             )
             return
+        uncertainty, anomaly = (threshold.for_run() for threshold in self._thresholds)
         settings = {
             "model": self._fields.choice(),
-            "segment": not self._single.value,
+            "segment": not single,
             "labels": None if labels_layer is None else np.asarray(labels_layer.data),
             "rbc_diameter": (labels_layer.metadata.get("rbc_diameter") if labels_layer else None),
             "strategy": self._strategy.value,
             "seed": self._seed.value,
-            "uncertainty_threshold": self._uncertainty.value,
-            "anomaly_threshold": self._anomaly.value,
+            "uncertainty_threshold": uncertainty,
+            "anomaly_threshold": anomaly,
             # A person's corrections saved beside the image are kept over the model's calls.
             "image_path": image_path(image),
             # The class layer is built in the worker (napari takes 0.03-0.04 s for it).
@@ -220,65 +298,87 @@ class ClassifyWidget(DockForm):
                 "translate": image.translate[:2],
                 "fill": self._fill.value,
                 "source": image.name,
+                "image_id": layer_id(image),
             },
         }
         data = full_resolution(image)
         self._banner.say([])
         self._runner.start(
             lambda progress: _work(data, settings, progress),
-            lambda result: self._show(image, labels_layer, result),
+            lambda result: self._show(image, labels_layer, settings["model"], result),
             text=f"classifying {image.name}",
             removed_input=lambda: removed_layer(self._viewer, image, labels_layer),
         )
 
-    def _show(self, image, labels_layer, outcome):
+    def _show(self, image, labels_layer, choice, outcome):
         """Main thread: add the layers prepared by the worker, one per turn of the event loop
-        (see ``_runner``)."""
+        (see ``_runner``); on an error, the layers this result added are taken away again."""
         model, result, layers = outcome
         from napari_cytodiffusion.core.model.diffusion import network_precision
 
         self._device_used.value = f"ran on: {model.device} ({network_precision(model.device)})"
-        if not self._thresholds_from_model:
-            # Start from the thresholds calibrated with the model; the user may change them.
-            self._thresholds_from_model = True
-            calibration = model.calibration or {}
-            with self._uncertainty.changed.blocked(), self._anomaly.changed.blocked():
-                self._uncertainty.value = calibration.get(
-                    "uncertainty_threshold", self._uncertainty.value
-                )
-                self._anomaly.value = calibration.get("anomaly_threshold", self._anomaly.value)
+        # Not shown where another model was chosen while this one ran: its boxes are its own.
+        shown = choice == self._fields.choice()
+        for threshold, value in zip(self._thresholds, calibrated_thresholds(model), strict=True):
+            threshold.show_calibrated(value, shown)
         if layers is None:
-            self._status.value = "done: no white cells found"
+            self._forget_result()
+            self._status.value = (
+                "done: no white cells found; the earlier result is no longer listed or exported"
+            )
             show_info("No white cells were found in this image; nothing to classify.")
             return
-        name = image.name
-        placement = {"scale": image.scale[:2], "translate": image.translate[:2]}
+        before = {layer_id(layer) for layer in self._viewer.layers}
+        try:
+            yield from self._add_result(image, labels_layer, result, layers)
+        except Exception:
+            self._take_back(before, layers["class_layer"].metadata["image_id"])
+            raise
+
+    def _add_result(self, image, labels_layer, result, layers):
+        """The steps of :meth:`_show`: an earlier result of this image is brought up to date,
+        its layers where they were, as the person left them."""
+        new = layers["class_layer"]
         self._legend.value = legend_html(result.classes)
-        with added_unselected(self._viewer):
-            self.class_layer = self._viewer.add_layer(layers["class_layer"])
-        self.class_layer.events.features.connect(self._recount)
-        self._show_fill()  # in case Fill was toggled while the work ran
-        yield
-        yield from select_then_show(self._viewer, self.class_layer)
-        with added_unselected(self._viewer):
-            layer = self._viewer.add_image(
-                layers["uncertainty"],
-                name=f"{name} uncertainty",
-                colormap="inferno",
-                contrast_limits=(0.0, 1.0),
-                opacity=0.6,
-                blending="additive",
-                visible=False,
-                **placement,
-            )
-        yield
-        select(self._viewer, layer)
-        yield
-        layer.colorbar.visible = True  # its visual takes napari 0.03 s: a turn of its own
+        earlier = yield from self._replace_classes(new)
+        yield from self._show_uncertainty(image, new.metadata["image_id"], layers["uncertainty"])
         if labels_layer is not None and labels_layer in self._viewer.layers:
             labels_layer.visible = False  # its fill would hide the class outlines
-        yield
-        new_markers = self._review_name() not in self._viewer.layers
+        yield from self._show_review(result)
+        if earlier is not None and earlier in self._viewer.layers:
+            # Removed last (0.13 s, a turn of its own): an error before leaves it as it was.
+            yield
+            name = earlier.name
+            self._viewer.layers.remove(name)
+            new.name = name
+
+    def _show_uncertainty(self, image, image_id, uncertainty):
+        """Steps: the uncertainty layer, new (hidden, with a colour bar) or updated."""
+        link = result_link(image_id, "uncertainty")
+        new = linked_layer(self._viewer, "image", link) is None
+        layer = yield from update_or_add_in_steps(
+            self._viewer,
+            "image",
+            uncertainty,
+            f"{image.name} uncertainty",
+            None,
+            {"source": image.name, **link},
+            link=link,
+            colormap="inferno",
+            contrast_limits=(0.0, 1.0),
+            opacity=0.6,
+            blending="additive",
+            visible=False,
+            scale=image.scale[:2],
+            translate=image.translate[:2],
+        )
+        if new:
+            layer.colorbar.visible = True  # its visual takes napari 0.03 s: a turn of its own
+            yield
+
+    def _show_review(self, result):
+        """Steps: the review markers, the differential, the flagged list and the status."""
+        new_markers = review_markers(self._viewer, self.class_layer) is None
         with added_unselected(self._viewer):
             markers = self._update_review(hidden=True)
         show_differential(self._summary, result.differential())
@@ -288,11 +388,53 @@ class ClassifyWidget(DockForm):
         self._status.value = f"done: {count_text(len(table), 'white cell')}, {flagged} to review"
         self._banner.say(result.warnings())  # the image as a whole, not only per-cell flags
         show_info(f"Classified {count_text(len(table), 'white cell')}; {flagged} to review.")
-        if new_markers and markers is not None:
+        if new_markers:
             # A new points layer's first draw (its shaders, compiled in software here) takes
             # napari about 0.06 s: in a turn of its own, after the 0.05 s of adding it.
             yield
             yield from select_then_show(self._viewer, markers)
+
+    def _replace_classes(self, new):
+        """Steps: add the classes layer ``new``; returns the earlier run's classes layer of
+        its image (None if none), which ``new`` goes right above, as visible as it was.
+
+        The earlier layer is replaced, not updated in place: Annotate cells keeps a review and
+        an Undo history per classes layer, begun from its cells, which new cells under the
+        same layer would make wrong."""
+        link = result_link(new.metadata["image_id"], "classes")
+        earlier = linked_layer(self._viewer, "labels", link)
+        with added_unselected(self._viewer):
+            if earlier is None:
+                self._viewer.add_layer(new)
+            else:
+                self._viewer.layers.insert(self._viewer.layers.index(earlier) + 1, new)
+        self.class_layer = new
+        new.events.features.connect(self._recount)
+        self._show_fill()  # in case Fill was toggled while the work ran
+        yield
+        visible = earlier is None or earlier.visible
+        yield from select_then_show(self._viewer, new, visible)
+        return earlier
+
+    def _take_back(self, before, image_id):
+        """After an error while the result was shown: remove the layers of ``image_id`` it
+        added (those whose id is not in ``before``), and forget the result."""
+        added = [
+            layer.name
+            for layer in self._viewer.layers
+            if layer_id(layer) not in before and layer.metadata.get("image_id") == image_id
+        ]
+        for name in added:
+            self._viewer.layers.remove(name)
+        self._forget_result()
+
+    def _forget_result(self):
+        """The dock no longer shows, lists or exports a result."""
+        self.class_layer = None
+        self._summary.setRowCount(0)
+        self._flagged_rows = []
+        self._flagged.clear()
+        self._export.enabled = False
 
     def _recount(self, event):
         """The differential of the shown classes layer again, after a person corrected its
@@ -305,46 +447,38 @@ class ClassifyWidget(DockForm):
         counts = differential_count(layer.features["label"], layer.metadata["classes"])
         show_differential(self._summary, counts)
 
-    def _review_name(self):
-        return self.class_layer.name.replace(" classes", " needs review")
-
     def _update_review(self, *_, hidden=False):
-        """Apply the review thresholds to the last result (no new model runs); the review
-        markers' layer (added ``hidden`` when new)."""
-        if self.class_layer is None or self.class_layer not in self._viewer.layers:
+        """Apply the review thresholds to the last result (no new model runs): its
+        ``needs_review`` and ``why`` as the classifier gives them, and the review markers'
+        layer (added ``hidden`` when new)."""
+        layer = self.class_layer
+        if layer is None or layer not in self._viewer.layers:
             return None
-        table = self.class_layer.features
-        table["needs_review"] = (table["uncertainty"] > self._uncertainty.value) | (
-            table["anomaly_score"] > self._anomaly.value
-        )
-        for ratio in ("domain_shift", "size_ratio"):  # in units of their thresholds
-            if ratio in table:
-                table["needs_review"] |= table[ratio].fillna(0) > 1.0
-        if "annotated" in table:  # a cell a person has called needs no more review
-            table["needs_review"] &= table["annotated"] == ""
-        self.class_layer.features = table
+        limits = (*(threshold.for_review() for threshold in self._thresholds), 1.0)
+        table = with_review(layer.features, limits)
+        layer.features = table
         flagged = table[table["needs_review"]]
         points = self._world(flagged[["centroid_row", "centroid_col"]].to_numpy(float))
-        size = 2.2 * self.class_layer.metadata["rbc_diameter"] * float(self.class_layer.scale[0])
-        reasons = [
-            _reason(row, self._uncertainty.value, self._anomaly.value)
-            for _, row in flagged.iterrows()
-        ]
+        size = 2.2 * layer.metadata["rbc_diameter"] * float(layer.scale[0])
+        reasons = [_reason(row, *limits[:2]) for _, row in flagged.iterrows()]
         review_features = {
             "index": flagged["index"].to_numpy(),
             "label": flagged["label"].to_numpy(),
             "reason": reasons,
         }
-        # The markers of this classes layer (a new result's layer has a name of its own);
-        # a new threshold moves them in place (0.03 s; a new layer stalled the viewer
+        # The markers of this classes layer, found by what they record, whatever either is
+        # named. A new threshold moves them in place (0.03 s; a new layer stalled the viewer
         # 0.34 s), every ring red again, as Annotate cells hides reviewed ones.
+        source = layer.metadata.get("source")
+        link = result_link(layer.metadata.get("image_id", ""), "needs review")
         markers = update_or_add(
             self._viewer,
             "points",
             points.reshape(-1, 2),
-            self._review_name(),
+            f"{source} needs review",
             review_features,
-            {"source": self.class_layer.metadata.get("source")},
+            {"source": source, **link},
+            link=link,
             symbol="disc",
             size=size,
             face_color="transparent",
@@ -389,8 +523,14 @@ class ClassifyWidget(DockForm):
             return
         from napari_cytodiffusion.core.io import atomic_write
 
-        with atomic_write(Path(path)) as temporary:
-            self.class_layer.features.to_csv(temporary, index=False)
+        try:
+            with atomic_write(Path(path)) as temporary:
+                self.class_layer.features.to_csv(temporary, index=False)
+        except OSError as error:  # no such folder, a folder's path, no permission, disk full
+            reason = error.strerror or str(error)
+            show_error(f"Could not export the cells to {path}: {reason}.")
+            self._status.value = f"export failed: {reason}"
+            return
         show_info(f"Saved {len(self.class_layer.features)} cells to {path}")
 
 
@@ -422,7 +562,9 @@ def _work(data, settings, progress):
         return model, result, None
     table = result.table()
     labels = result.cell_labels()
-    if settings["labels"] is not None:
+    if labels.max() > LARGEST_CELL_ID:
+        labels, table = numbered_from_one(labels, table)
+    elif settings["labels"] is not None:
         labels = labels.copy()  # the class layer must not share the user's labels
     colours = {None: "transparent", 0: "transparent"}
     colours.update(cell_colours(table, result.classes))
@@ -453,6 +595,7 @@ def _class_layer(labels, table, colours, model, result, settings):
             "contour": max(1, int(round(result.rbc_diameter / 16))),
             "source": wanted["source"],
             "path": settings["image_path"],
+            **result_link(wanted.get("image_id"), "classes"),
         },
         scale=wanted["scale"],
         translate=wanted["translate"],
@@ -494,11 +637,14 @@ def cell_colours(table, classes):
 
 
 def _segmented_from(layer, image):
-    """Whether ``layer`` holds the white cells Segment cells made for ``image``."""
+    """Whether ``layer`` holds the white cells Segment cells made for ``image``: of its name,
+    its shape and the image itself (another image opened under the same name is not it)."""
     return (
         isinstance(layer, Labels)
         and image is not None
         and layer.metadata.get("source") == image.name
+        and layer.metadata.get("image_id") == layer_id(image)
+        and tuple(layer.data.shape) == tuple(image.data.shape[:2])
         and layer.metadata.get("cells", "white") == "white"
         and "class" not in layer.metadata
     )
@@ -564,6 +710,48 @@ def _fill(labels, cell_ids, values):
     lookup = np.zeros(int(labels.max()) + 1, np.float32)
     lookup[np.asarray(cell_ids, int)] = np.asarray(values, np.float32)
     return lookup[labels]
+
+
+def calibrated_thresholds(model):
+    """The model's calibrated (uncertainty, anomaly) review thresholds, exact, with the
+    defaults ``calls_from_errors`` takes for a model without them."""
+    calibration = model.calibration or {}
+    return (
+        float(calibration.get("uncertainty_threshold", 0.3)),
+        float(calibration.get("anomaly_threshold", 3.0)),
+    )
+
+
+def with_review(table, limits):
+    """``table`` (a classes layer's features) with ``needs_review`` and ``why`` for the
+    review thresholds ``limits`` (uncertainty, anomaly, domain shift in its units), as the
+    classifier and the command line give them (``review_reasons``): a cell a person has
+    called needs no more review, and has no reasons."""
+    from napari_cytodiffusion.core.model.classifier import review_reasons
+
+    scores = table.reindex(columns=["uncertainty", "anomaly_score", "domain_shift", "size_ratio"])
+    reviewed = table["annotated"] != "" if "annotated" in table else np.zeros(len(table), bool)
+    why = [
+        "" if done else "; ".join(review_reasons(u, a, shift, limits, size_ratio=size))
+        for (u, a, shift, size), done in zip(scores.itertuples(index=False), reviewed, strict=True)
+    ]
+    table = table.copy()
+    table["why"] = why
+    table["needs_review"] = [bool(reasons) for reasons in why]
+    return table
+
+
+def numbered_from_one(labels, table):
+    """``labels`` with their cells numbered 1, 2, ... (uint16 where they fit) and ``table``
+    with ``index`` following them; the cells' own ids in ``original_index``, after it."""
+    from skimage.segmentation import relabel_sequential
+
+    numbered, forward, _ = relabel_sequential(labels)
+    dtype = np.promote_types(np.uint16, np.min_scalar_type(int(numbered.max())))
+    table = table.copy()
+    table.insert(1, "original_index", table["index"])
+    table["index"] = forward[np.array(table["index"])].astype(int)  # (a writable copy)
+    return numbered.astype(dtype), table
 
 
 def _reason(row, uncertainty_threshold, anomaly_threshold):

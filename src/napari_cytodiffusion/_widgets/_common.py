@@ -147,25 +147,71 @@ def _fill_colour_table(colormap, dtype):
     cache[(dtype, dtype)] = table  # napari's key: (data dtype, texture dtype)
 
 
-def update_or_add(viewer, kind, data, name, features, metadata, **new_only):
-    """The ``kind`` ("labels" or "points") layer ``name`` showing ``data``.
+# The layer kinds update_or_add makes and finds.
+LAYER_TYPES = {"image": Image, "labels": Labels, "points": Points}
 
-    An earlier run's layer of that name, kind (and, for labels, shape) takes the new data,
-    features and metadata in place: a rerun keeps what the person set (opacity, visibility,
-    place in the list), and costs napari a fraction of removing the layer and adding a new
-    one (0.05 s against 0.13 + 0.1-0.3 s on a 2-core CPU drawing in software).
+
+def layer_id(layer):
+    """A text that names ``layer`` and no other, whatever it is renamed to (napari's
+    ``unique_id``): what a result's metadata records of the image it was made of."""
+    return str(layer.unique_id)
+
+
+def linked_layer(viewer, kind, link):
+    """The first ``kind`` layer whose metadata holds every item of ``link`` ({key: text}), or
+    None.
+
+    Ties a result's layers to their image and to each other by what they record, not by
+    names: a person may rename a layer, and a name made from another layer's name may then
+    name an unrelated one."""
+    for layer in viewer.layers:
+        if isinstance(layer, LAYER_TYPES[kind]) and all(
+            isinstance(layer.metadata.get(key), str) and layer.metadata[key] == value
+            for key, value in link.items()
+        ):
+            return layer
+    return None
+
+
+def result_link(image_id, shows):
+    """The metadata that ties a result layer of Classify cells to the image it was made of
+    (``image_id``, see :func:`layer_id`): ``shows`` is "classes", "uncertainty" or "needs
+    review" (or "reviewed": Annotate cells' markers)."""
+    return {"image_id": image_id, "shows": shows}
+
+
+def review_markers(viewer, classes_layer):
+    """The review markers (a Points layer) Classify cells made with ``classes_layer``, whatever
+    either is named, or None."""
+    image_id = classes_layer.metadata.get("image_id", "")
+    return linked_layer(viewer, "points", result_link(image_id, "needs review"))
+
+
+def update_or_add(viewer, kind, data, name, features, metadata, link=None, **new_only):
+    """The ``kind`` ("image", "labels" or "points") layer showing ``data``.
+
+    An earlier run's layer takes the new data, features (None for an image) and metadata in
+    place: a rerun keeps what the person set (opacity, visibility, place in the list), and
+    costs napari a fraction of removing the layer and adding a new one (0.05 s against 0.13 +
+    0.1-0.3 s on a 2-core CPU drawing in software). The earlier layer is the one named
+    ``name``, or with ``link`` the one :func:`linked_layer` finds, whatever its name; one that
+    no longer fits (labels or an image of another shape) is replaced. A layer of another kind
+    is never removed: the new one then gets a name of its own (napari adds " [1]").
     ``new_only`` styles a new layer; of it, ``scale``, ``translate`` and a points layer's
     ``size`` and ``border_color`` are applied to an updated one too (they may differ point by
     point, and napari would give new points the first ones).
     """
-    layer = _fitting_layer(viewer, kind, data, name)
+    layer = _fitting_layer(viewer, kind, data, name, link)
     if layer is None:
-        if name in viewer.layers:
-            viewer.layers.remove(name)
+        earlier = _earlier_layer(viewer, kind, name, link)
+        if earlier is not None:
+            viewer.layers.remove(earlier.name)
         add = getattr(viewer, f"add_{kind}")
-        return add(data, name=name, features=features, metadata=metadata, **new_only)
+        table = {} if features is None else {"features": features}
+        return add(data, name=name, metadata=metadata, **table, **new_only)
     layer.data = data
-    layer.features = features
+    if features is not None:
+        layer.features = features
     layer.metadata = metadata
     for key in ("scale", "translate", "size", "border_color"):
         if key in new_only:
@@ -173,7 +219,9 @@ def update_or_add(viewer, kind, data, name, features, metadata, **new_only):
     return layer
 
 
-def update_or_add_in_steps(viewer, kind, data, name, features, metadata, settings=(), **new_only):
+def update_or_add_in_steps(
+    viewer, kind, data, name, features, metadata, settings=(), link=None, **new_only
+):
     """:func:`update_or_add` as steps of a result handler: ``layer = yield from ...``.
 
     A new layer is added hidden and shown in the next step. napari draws a layer for the first
@@ -183,11 +231,11 @@ def update_or_add_in_steps(viewer, kind, data, name, features, metadata, setting
     ``settings`` (attribute, value) pairs are set on a new and an updated layer alike, before
     it is shown.
     """
-    new = _fitting_layer(viewer, kind, data, name) is None
+    new = _fitting_layer(viewer, kind, data, name, link) is None
     visible = new_only.pop("visible", True)
     with added_unselected(viewer):
         layer = update_or_add(
-            viewer, kind, data, name, features, metadata, visible=False, **new_only
+            viewer, kind, data, name, features, metadata, link, visible=False, **new_only
         )
     for attribute, value in settings:
         setattr(layer, attribute, value)
@@ -197,15 +245,25 @@ def update_or_add_in_steps(viewer, kind, data, name, features, metadata, setting
     return layer
 
 
-def _fitting_layer(viewer, kind, data, name):
-    """The layer ``name`` if it is of ``kind`` (and, for labels, of ``data``'s shape), else None.
+def _earlier_layer(viewer, kind, name, link):
+    """The ``kind`` layer ``link`` finds (see :func:`linked_layer`), or without a link the
+    layer ``name`` if it is of ``kind``; else None.
 
     (A plugin's viewer hands out a new proxy of a layer at each look-up, so layers are not
     compared by identity.)"""
+    if link is not None:
+        return linked_layer(viewer, kind, link)
     layer = viewer.layers[name] if name in viewer.layers else None
-    if not isinstance(layer, {"labels": Labels, "points": Points}[kind]):
+    return layer if isinstance(layer, LAYER_TYPES[kind]) else None
+
+
+def _fitting_layer(viewer, kind, data, name, link=None):
+    """The earlier layer (see :func:`_earlier_layer`) if it can take ``data`` in place
+    (labels and images: of its shape), else None."""
+    layer = _earlier_layer(viewer, kind, name, link)
+    if layer is None:
         return None
-    fits = kind != "labels" or (not layer.multiscale and layer.data.shape == data.shape)
+    fits = kind == "points" or (not layer.multiscale and layer.data.shape == data.shape)
     return layer if fits else None
 
 

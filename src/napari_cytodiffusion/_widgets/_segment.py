@@ -17,6 +17,7 @@ from napari_cytodiffusion._widgets._common import (
     DockForm,
     RunRow,
     full_resolution,
+    layer_id,
     no_smear_message,
     rbc_diameter_field,
     removed_layer,
@@ -143,7 +144,13 @@ class SegmentWidget(DockForm):
             result.wbc_labels,
             f"{name} white cells",
             result.table("wbc"),
-            {"rbc_diameter": result.rbc_diameter, "source": name, "cells": "white"},
+            # Classify cells picks these for this image only: its name and its id.
+            {
+                "rbc_diameter": result.rbc_diameter,
+                "source": name,
+                "image_id": layer_id(image),
+                "cells": "white",
+            },
             opacity=0.6,
             **placement,
         )
