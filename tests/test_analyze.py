@@ -14,22 +14,57 @@ import pytest
 from napari_cytodiffusion._sample_data import sample_path
 from napari_cytodiffusion.cli import main
 from napari_cytodiffusion.core import report
+from napari_cytodiffusion.core.annotations import (
+    Annotations,
+    CellAnnotation,
+    encode_mask,
+    save_annotations,
+    sidecar_path,
+)
 from napari_cytodiffusion.core.io import open_image, read_image
 from napari_cytodiffusion.core.tasks.analyze import (
     BatchRequest,
     analysis_settings,
     analyze_files,
     analyze_smear,
+    hashed_name,
     result_names,
     triage,
 )
 
 COLUMNS = ["id", "centroid_row", "centroid_col", "bbox_min_row", "bbox_max_col", "label"]
+# The white cell of the bundled cbc_lymphocyte field (480 x 640), and an empty place of it.
+CBC_CELL = (179.0, 131.7)
+CBC_EMPTY = (slice(300, 360), slice(400, 460))
 
 
 @pytest.fixture(scope="module")
 def field_analysis(default_model):
     return analyze_smear(read_image(sample_path("cbc_lymphocyte")), default_model, "cbc")
+
+
+@pytest.fixture(scope="module")
+def scheduler():
+    """The address of a running dask cluster of one worker, as ``--scheduler`` takes it."""
+    from distributed import LocalCluster
+
+    with LocalCluster(
+        n_workers=1, threads_per_worker=1, host="127.0.0.1", dashboard_address=None
+    ) as cluster:
+        yield cluster.scheduler_address
+
+
+def _cbc_review(*cells):
+    """Annotations of the bundled cbc_lymphocyte field: the white cell called ``blast``, a
+    cell painted where there is none (lymphocyte), and ``cells``."""
+    painted = np.zeros((480, 640), bool)
+    painted[CBC_EMPTY] = True
+    review = [
+        CellAnnotation(CBC_CELL, "blast", predicted="lymphocyte"),
+        CellAnnotation((329.5, 429.5), "lymphocyte", added=True, mask=encode_mask(painted)),
+        *cells,
+    ]
+    return Annotations("cbc_lymphocyte.jpg", (480, 640), review)
 
 
 def test_one_field_gives_cells_counts_and_a_triage(field_analysis, default_model):
@@ -61,6 +96,33 @@ def test_tiles_count_each_cell_once(default_model):
     )
     # Red cells at a tile's edge are split differently, so their counts may differ a little.
     assert abs(whole.counts["rbc"] - tiled.counts["rbc"]) <= 0.15 * whole.counts["rbc"]
+
+
+def test_painted_cells_are_counted_with_the_persons_label(default_model):
+    image = read_image(sample_path("cbc_lymphocyte"))
+    # A painted cell deleted since is not counted.
+    deleted = CellAnnotation((50.0, 50.0), "deleted", added=True)
+    # Small tiles: each cell, painted or not, belongs to the one tile holding its centroid.
+    analysis = analyze_smear(image, default_model, tile_size=256, annotations=_cbc_review(deleted))
+    cells = analysis.cells.set_index("added")
+    assert len(cells) == 2 and cells.loc[False, "label"] == "blast"
+    painted = cells.loc[True]
+    assert painted["label"] == painted["annotated"] == "lymphocyte"
+    assert painted["predicted"] in default_model.classes and not painted["needs_review"]
+    box = [painted[f"bbox_{side}"] for side in ("min_row", "min_col", "max_row", "max_col")]
+    assert box == [300, 400, 360, 460] and painted["area"] == 3600
+    assert (painted["centroid_row"], painted["centroid_col"]) == (329.5, 429.5)
+    assert np.isnan(painted["nucleus_fraction"])  # a person's outline: no nucleus measured
+    counts = analysis.differential().set_index("class")["count"]
+    assert counts["lymphocyte"] == counts["blast"] == 1
+
+
+def test_annotations_of_another_image_are_refused(default_model):
+    from napari_cytodiffusion.core.annotations import AnnotationError
+
+    image = read_image(sample_path("pbc_lymphocyte"))
+    with pytest.raises(AnnotationError, match="they belong to another image"):
+        analyze_smear(image, default_model, annotations=_cbc_review())
 
 
 def test_a_large_tiff_is_read_lazily(tmp_path):
@@ -166,6 +228,16 @@ def test_reasons_are_a_list_and_keep_their_semicolons(field_analysis, tmp_path):
     assert joined.split(report.REASONS_SEPARATOR) == reasons
 
 
+def test_a_class_one_smear_lacks_is_none_of_its_leukocytes(field_analysis, tmp_path):
+    rows = [field_analysis.summary() for _ in range(3)]
+    for row, name, leukocytes in zip(rows, "abc", (1, 1, 0), strict=True):
+        row["smear"], row["leukocytes"] = name, leukocytes  # c: no rate per 100 leukocytes
+    rows[0]["percent_blast"] = 100.0  # a person's class in one smear
+    report.write_summary_rows(tmp_path, rows)
+    summary = pd.read_csv(tmp_path / "summary.csv").set_index("smear")["percent_blast"]
+    assert summary["a"] == 100 and summary["b"] == 0 and np.isnan(summary["c"])
+
+
 def test_results_of_an_earlier_version_leave_the_summary(field_analysis, tmp_path):
     source = sample_path("cbc_lymphocyte")
     folder = tmp_path / "cbc"
@@ -218,6 +290,9 @@ def test_batch_on_a_local_cluster_resumes_and_reports_failures(tmp_path, capfd):
     for name in ("pbc_lymphocyte", "cbc_lymphocyte"):
         shutil.copy(sample_path(name), smears / f"{name}.jpg")
     (smears / "broken.png").write_bytes(b"not an image")
+    # A sidecar made for another image (a copied or renamed file) is refused, not applied.
+    shutil.copy(sample_path("pbc_lymphocyte"), smears / "copied.jpg")
+    save_annotations(_cbc_review(), smears / "copied.jpg")
     out = tmp_path / "out"
     ended = []
     request = BatchRequest(paths=[smears], out=out, workers=1)
@@ -225,6 +300,7 @@ def test_batch_on_a_local_cluster_resumes_and_reports_failures(tmp_path, capfd):
     assert sorted(result.analysed) == ["cbc_lymphocyte.jpg", "pbc_lymphocyte.jpg"]
     assert "broken.png" in result.failed and ("broken.png", False) in ended
     assert result.failed["broken.png"].startswith("Cannot read")
+    assert "they belong to another image" in result.failed["copied.jpg"]
     # A person's unreadable file is reported in one line, not logged by dask as a crash.
     assert "Compute Failed" not in capfd.readouterr().err
     summary = pd.read_csv(out / "summary.csv")
@@ -233,7 +309,7 @@ def test_batch_on_a_local_cluster_resumes_and_reports_failures(tmp_path, capfd):
     assert triage_row["white_cells"] == triage_row["leukocytes"] == 1
     again = analyze_files(request)
     assert sorted(again.skipped) == ["cbc_lymphocyte.jpg", "pbc_lymphocyte.jpg"]
-    assert not again.analysed and "broken.png" in again.failed
+    assert not again.analysed and sorted(again.failed) == ["broken.png", "copied.jpg"]
 
 
 def _batch(paths, out, **settings):
@@ -242,19 +318,23 @@ def _batch(paths, out, **settings):
 
 
 def test_a_smear_is_analysed_again_when_its_annotations_or_settings_change(tmp_path):
-    from napari_cytodiffusion.core.annotations import Annotations, CellAnnotation, save_annotations
-
     smear = tmp_path / "a.jpg"
     shutil.copy(sample_path("pbc_lymphocyte"), smear)
     out = tmp_path / "out"
     assert _batch([smear], out).analysed == ["a.jpg"]
     cell = pd.read_csv(out / "a.jpg" / "cells.csv").iloc[0]
     review = CellAnnotation((cell.centroid_row, cell.centroid_col), "platelet")
-    save_annotations(Annotations("a.jpg", read_image(smear).shape, [review]), smear)
+    painted = np.zeros(read_image(smear).shape[:2], bool)
+    painted[10:40, 10:40] = True  # a corner without cells
+    added = CellAnnotation((24.5, 24.5), "monocyte", added=True, mask=encode_mask(painted))
+    save_annotations(Annotations("a.jpg", painted.shape, [review, added]), smear)
     assert _batch([smear], out).analysed == ["a.jpg"]
-    assert pd.read_csv(out / "a.jpg" / "cells.csv")["annotated"].tolist() == ["platelet"]
+    # A person's painted cell is counted with their label, in the workers' tiles too.
+    cells = pd.read_csv(out / "a.jpg" / "cells.csv", keep_default_na=False)
+    assert cells["annotated"].tolist() == ["platelet", "monocyte"]
+    assert cells["added"].tolist() == [False, True] and cells["area"].tolist()[1] == 900
     changed = {"rbc_diameter": 40, "tile_size": 300, "seed": 3}
-    assert _batch([smear], out, **changed).analysed == ["a.jpg"]
+    assert _batch([smear], out, overwrite=True, **changed).analysed == ["a.jpg"]
     assert _batch([smear], out, **changed).skipped == ["a.jpg"]
 
 
@@ -329,6 +409,98 @@ def test_a_folder_holding_another_smear_is_never_reused(field_analysis, tmp_path
     assert result_names([second, first], out) == [name, "x.jpg"]
 
 
+def test_results_can_go_into_the_smears_own_folder(tmp_path, scheduler):
+    folder = tmp_path / "smears"
+    folder.mkdir()
+    shutil.copy(sample_path("pbc_lymphocyte"), folder / "x.jpg")
+    request = BatchRequest(paths=[folder], out=folder, scheduler=scheduler)
+    (name,) = analyze_files(request).analysed
+    # The smear's own file holds its name: its results take the name and a hash.
+    assert name == hashed_name("x.jpg", (folder / "x.jpg").resolve())
+    assert (folder / name / "report.html").is_file()
+    assert analyze_files(request).skipped == [name]
+
+
+def test_workers_read_the_smear_given_wherever_they_run(tmp_path, scheduler, monkeypatch):
+    import os
+
+    from distributed import Client
+
+    here, there = tmp_path / "here", tmp_path / "there"
+    for folder in (here, there):
+        folder.mkdir()
+    shutil.copy(sample_path("pbc_lymphocyte"), here / "x.jpg")
+    (there / "x.jpg").write_bytes(b"another file of that name")
+    monkeypatch.chdir(here)
+    with Client(scheduler) as client:
+        started_in = client.run(os.getcwd)
+        client.run(os.chdir, str(there))  # a worker started in another folder
+        try:
+            result = analyze_files(BatchRequest(paths=["x.jpg"], out="out", scheduler=scheduler))
+        finally:
+            for folder in set(started_in.values()):
+                client.run(os.chdir, folder)
+    assert result.analysed == ["x.jpg"] and not result.failed
+    triage_row = json.loads((here / "out" / "x.jpg" / "triage.json").read_text())
+    assert triage_row["source"] == str((here / "x.jpg").resolve())
+
+
+def _no_cuda():
+    import torch
+
+    return not torch.cuda.is_available()
+
+
+@pytest.mark.skipif(not _no_cuda(), reason="this machine has a CUDA GPU")
+def test_a_device_the_workers_lack_is_reported_in_one_line(tmp_path, scheduler, capfd):
+    smear = tmp_path / "x.jpg"
+    shutil.copy(sample_path("pbc_lymphocyte"), smear)
+    # A local cluster runs on this machine: its devices are checked before any work.
+    out = tmp_path / "out"
+    assert main(["analyze", str(smear), "--out", str(out), "--device", "cuda"]) == 2
+    assert "no CUDA GPU; use --device cpu" in capfd.readouterr().err and not out.exists()
+    # A cluster's workers may have one: a worker that lacks it fails the smear in one line.
+    request = BatchRequest(paths=[smear], out=out, scheduler=scheduler, device="cuda")
+    result = analyze_files(request)
+    assert "no CUDA GPU" in result.failed["x.jpg"]
+    assert "Compute Failed" not in capfd.readouterr().err
+
+
+def test_results_of_other_settings_are_replaced_only_when_asked(tmp_path, scheduler, capsys):
+    smear = tmp_path / "x.jpg"
+    shutil.copy(sample_path("pbc_lymphocyte"), smear)
+    out = tmp_path / "out"
+    request = BatchRequest(paths=[smear], out=out, scheduler=scheduler)
+    analyze_files(request)
+    cells = out / "x.jpg" / "cells.csv"
+    cells.write_text(cells.read_text().replace("lymphocyte", "monocyte"))  # a person's edit
+    edited = cells.read_bytes()
+    with pytest.raises(ValueError, match="exists, from an earlier run with other settings"):
+        analyze_files(replace(request, seed=1))
+    command = ["analyze", str(smear), "--out", str(out), "--scheduler", scheduler]
+    assert main([*command, "--seed", "1"]) == 2
+    assert "replace the earlier results (--overwrite)" in capsys.readouterr().err
+    assert cells.read_bytes() == edited
+    assert analyze_files(replace(request, seed=1, overwrite=True)).analysed == ["x.jpg"]
+    # A run of these settings stopped midway continues without asking.
+    report.mark_unfinished(out / "x.jpg")
+    cells.write_text("partly written")
+    assert analyze_files(replace(request, seed=1)).analysed == ["x.jpg"]
+
+
+def test_a_scheduler_that_cannot_be_reached_leaves_no_folder(tmp_path):
+    import dask
+
+    out = tmp_path / "out"
+    request = BatchRequest(
+        paths=[sample_path("pbc_lymphocyte")], out=out, scheduler="tcp://127.0.0.1:9"
+    )
+    with dask.config.set({"distributed.comm.timeouts.connect": "1s"}):
+        with pytest.raises(OSError, match="Timed out"):
+            analyze_files(request)
+    assert not out.exists()
+
+
 def test_triage_json_is_valid_json_without_leukocytes(field_analysis, tmp_path):
     cells = field_analysis.cells.copy()
     cells["label"] = "platelet"  # no leukocyte: no rate per 100 of them
@@ -371,6 +543,9 @@ def test_analyze_command(tmp_path, capsys):
     source = Path(sample_path("pbc_lymphocyte")).resolve()  # the whole path, not the name
     assert f"{source}: review (1 white cell," in captured.out
     assert (out / "pbc_lymphocyte.jpg" / "report.html").is_file()
+    # A smear finished before is named by its path too.
+    assert main(["analyze", str(sample_path("pbc_lymphocyte")), "--out", str(out)]) == 0
+    assert f"{source}: finished before, skipped" in capsys.readouterr().out
     assert main(["analyze", str(tmp_path / "missing.png"), "--out", str(out)]) == 2
     assert "No such file" in capsys.readouterr().err
     elsewhere = tmp_path / "elsewhere"
@@ -382,29 +557,23 @@ def test_analyze_command(tmp_path, capsys):
 def test_widget_analyses_the_open_image(make_napari_viewer, qtbot, tmp_path):
     viewer = make_napari_viewer()
     viewer.add_image(read_image(sample_path("cbc_lymphocyte")), name="field", rgb=True)
+    # Classify cells' review layer of the image: Analyze smear's flagged cells go apart.
+    classify_review = viewer.add_points([[1.0, 2.0]], name="field needs review")
     widget = _analyze_widget(viewer, tmp_path)
-    # A batch analysed a smear named "field" into the folder before: its marker must no
-    # longer call the folder's files its finished results once the widget has written them.
-    (tmp_path / "field").mkdir()
-    batch = report.fingerprint(sample_path("cbc_lymphocyte"))
-    (tmp_path / "field" / report.FINISHED).write_text(json.dumps(batch))
-    widget._run.native.click()
-    qtbot.waitUntil(lambda: widget.analysis is not None, timeout=120_000)
-    qtbot.waitUntil(lambda: not widget._runner.running, timeout=10_000)
-    assert not report.finished(tmp_path / "field", batch)
-    assert [layer.name for layer in viewer.layers] == ["field", "field cells", "field needs review"]
+    _analyze(widget, qtbot)
+    names = ["field", "field needs review", "field cells", "field analysis flagged"]
+    assert [layer.name for layer in viewer.layers] == names
+    assert classify_review.data.tolist() == [[1.0, 2.0]]
     assert all(layer.visible for layer in viewer.layers)  # new layers are shown a step later
     cells = viewer.layers["field cells"]
     assert len(cells.data) == 1 and "label" in cells.features
+    assert len(viewer.layers["field analysis flagged"].data) == 1
     assert (tmp_path / "field" / "report.html").is_file()
     assert "report" in widget._status.value.lower()
     # Run again: the same layers take the new result.
     cells.border_color = [[0.0, 0.0, 0.0, 1.0]]
-    widget.analysis = None
-    widget._run.native.click()
-    qtbot.waitUntil(lambda: widget.analysis is not None, timeout=120_000)
-    qtbot.waitUntil(lambda: not widget._runner.running, timeout=10_000)
-    assert [layer.name for layer in viewer.layers] == ["field", "field cells", "field needs review"]
+    _analyze(widget, qtbot)
+    assert [layer.name for layer in viewer.layers] == names
     assert viewer.layers["field cells"] is cells and len(cells.data) == 1
     assert cells.border_color[0].tolist() != [0.0, 0.0, 0.0, 1.0]  # the class colour again
 
@@ -413,13 +582,71 @@ def test_widget_names_the_file_an_image_was_opened_from(make_napari_viewer, qtbo
     viewer = make_napari_viewer()
     (layer,) = viewer.open(sample_path("cbc_lymphocyte"), plugin="napari")
     widget = _analyze_widget(viewer, tmp_path / "results")
-    widget._run.native.click()
-    qtbot.waitUntil(lambda: widget.analysis is not None, timeout=120_000)
-    qtbot.waitUntil(lambda: not widget._runner.running, timeout=10_000)
+    # A batch analysed this smear into the folder before: its marker must no longer call the
+    # folder's files its finished results once the widget has written them.
+    folder = tmp_path / "results" / layer.name
+    folder.mkdir(parents=True)
+    batch = report.fingerprint(sample_path("cbc_lymphocyte"))
+    (folder / report.FINISHED).write_text(json.dumps(batch))
+    _analyze(widget, qtbot)
+    assert not report.finished(folder, batch)
     source = str(Path(sample_path("cbc_lymphocyte")).resolve())
     assert widget.analysis.source == source
-    triage = json.loads((tmp_path / "results" / layer.name / "triage.json").read_text())
-    assert triage["source"] == source
+    assert json.loads((folder / "triage.json").read_text())["source"] == source
+
+
+def test_widget_never_writes_into_another_images_results(make_napari_viewer, qtbot, tmp_path):
+    first, second = tmp_path / "d1" / "x.jpg", tmp_path / "d2" / "x.jpg"
+    for path, name in ((first, "cbc_lymphocyte"), (second, "pbc_lymphocyte")):
+        path.parent.mkdir()
+        shutil.copy(sample_path(name), path)
+    out = tmp_path / "results"
+    viewer = make_napari_viewer()
+    (layer,) = viewer.open(first, plugin="napari")
+    widget = _analyze_widget(viewer, out)
+    _analyze(widget, qtbot)
+    written = {path.name: path.read_bytes() for path in (out / "x").iterdir()}
+    viewer.layers.remove(layer)
+    (layer,) = viewer.open(second, plugin="napari")
+    widget._image.value = layer
+    _analyze(widget, qtbot)
+    assert {path.name: path.read_bytes() for path in (out / "x").iterdir()} == written
+    folder = out / hashed_name("x", second.resolve())
+    assert json.loads((folder / "triage.json").read_text())["source"] == str(second.resolve())
+    # An image not opened from a file cannot be told apart from the folder's: refused.
+    viewer.layers.remove(layer)
+    widget._image.value = viewer.add_image(read_image(second), name="x", rgb=True)
+    widget._run.native.click()
+    assert widget._status.value.startswith(f"not started: {out / 'x'} holds the results of")
+    # A results folder that is a file is refused before any work, not after it.
+    (tmp_path / "a file").write_text("the user's")
+    widget._out.value = tmp_path / "a file"
+    widget._run.native.click()
+    assert widget._status.value.startswith("not started:") and "is a file" in widget._status.value
+    assert not widget._runner.running
+
+
+def test_widget_applies_the_images_annotations(make_napari_viewer, qtbot, tmp_path):
+    smear = tmp_path / "cbc.jpg"
+    shutil.copy(sample_path("cbc_lymphocyte"), smear)
+    viewer = make_napari_viewer()
+    viewer.open(smear, plugin="napari")
+    widget = _analyze_widget(viewer, tmp_path / "results")
+    # A damaged or foreign sidecar is reported with what to do, before any work.
+    sidecar_path(smear).write_text("{not json")
+    widget._run.native.click()
+    qtbot.waitUntil(lambda: widget._status.value.startswith("failed"), timeout=30_000)
+    assert "move it away" in widget._status.value
+    save_annotations(replace(_cbc_review(), shape=(10, 10)), smear)
+    widget._run.native.click()
+    qtbot.waitUntil(lambda: widget._status.value.startswith("failed"), timeout=30_000)
+    assert "they belong to another image" in widget._status.value
+    assert [layer.name for layer in viewer.layers] == ["cbc"]
+    save_annotations(_cbc_review(), smear)
+    _analyze(widget, qtbot)
+    cells = viewer.layers["cbc cells"].features
+    assert cells["label"].tolist() == ["blast", "lymphocyte"]
+    assert cells["added"].tolist() == [False, True]
 
 
 def test_widget_cancel_within_a_tile_adds_nothing(
@@ -436,6 +663,14 @@ def test_widget_cancel_within_a_tile_adds_nothing(
     assert widget._status.value.startswith("cancelled")
     assert [layer.name for layer in viewer.layers] == ["four"]
     assert not (tmp_path / "four").exists()
+
+
+def _analyze(widget, qtbot):
+    """Run the widget and wait until its layers are added."""
+    widget.analysis = None
+    widget._run.native.click()
+    qtbot.waitUntil(lambda: widget.analysis is not None, timeout=120_000)
+    qtbot.waitUntil(lambda: not widget._runner.running, timeout=10_000)
 
 
 def _analyze_widget(viewer, out):

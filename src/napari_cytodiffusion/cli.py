@@ -712,6 +712,12 @@ def _add_analyze(subparsers):
         action="store_true",
         help="do not apply the annotations saved beside a smear (PATH.annotations.json)",
     )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace results in DIR made with other settings (a person may have corrected "
+        "them); without it they are refused, while a stopped run of the same settings goes on",
+    )
 
 
 def _analyze(args):
@@ -751,10 +757,11 @@ def _analyze(args):
         ignore_annotations=args.ignore_annotations,
         tile_size=args.tile_size,
         seed=args.seed,
+        overwrite=args.overwrite,
     )
     result = analyze_files(request, progress=bar, on_smear=finished)
     for name in result.skipped:
-        print(f"{name}: finished before, skipped")
+        print(f"{result.sources[name]}: finished before, skipped -> {Path(args.out) / name}")
     print(f"summary: {result.summary}")
     if result.failed:
         print(f"{len(result.failed)} smear(s) failed", file=sys.stderr)

@@ -5,7 +5,9 @@ The image is read lazily (a multiscale or dask layer is never loaded whole), cut
 and every white cell segmented, classified and flagged; the smear's files and its HTML report
 are written to the results folder (the report opens in the browser), and two Points layers
 are added: the white cells outlined in the colour of their class (per-cell results in
-``features``, on hover), and red rings on the cells to review.
+``features``, on hover), and red rings on the cells to review (``<image> analysis flagged``,
+apart from *Classify cells*' ``<image> needs review``). A person's annotations saved beside
+the image's file are applied, as ``analyze`` applies them.
 """
 
 from pathlib import Path
@@ -23,7 +25,12 @@ from napari_cytodiffusion._widgets._common import (
     rgb_images,
     update_or_add_in_steps,
 )
+from napari_cytodiffusion.core.io import folder_problem
 from napari_cytodiffusion.core.report import count_text
+
+# The layers' names after the image's: the flagged cells' differs from Classify's review
+# layer, so that neither takes over the other's.
+LAYER_SUFFIXES = ("cells", "analysis flagged")
 
 
 class AnalyzeWidget(DockForm):
@@ -41,7 +48,8 @@ class AnalyzeWidget(DockForm):
             mode="d",
             label="results folder",
             tooltip="The smear's cells.csv, differential.csv, triage.json and report.html go "
-            "into a folder named after the layer here.",
+            "into a folder named after the layer here (with a short hash of the image's path "
+            "where that folder holds another image's results).",
         )
         self._open = CheckBox(
             value=True,
@@ -70,19 +78,30 @@ class AnalyzeWidget(DockForm):
         if str(self._out.value) in ("", "."):
             self._runner.refuse("Choose the results folder the report is written to.")
             return
-        data = full_resolution(layer)
-        folder = Path(self._out.value) / layer.name
-        choice, seed = self._fields.choice(), self._fields.seed.value
         # The file it was opened from, named in the report as a batch names its smears.
-        source = Path(layer.source.path).resolve() if layer.source.path else None
+        source = str(Path(layer.source.path).resolve()) if layer.source.path else None
+        folder = self._results_folder(layer.name, source)
+        if folder is None:
+            return
+        data = full_resolution(layer)
+        choice, seed = self._fields.choice(), self._fields.seed.value
 
         def job(progress):
+            from napari_cytodiffusion.core.annotations import load_annotations
             from napari_cytodiffusion.core.report import mark_unfinished, write_smear
             from napari_cytodiffusion.core.tasks.analyze import analyze_smear
 
+            # Read first: a damaged or foreign sidecar is reported before any work.
+            annotations = load_annotations(source) if source else None
             model = choice.load(progress)
             analysis = analyze_smear(
-                data, model, layer.name, seed=seed, progress=progress, source=source
+                data,
+                model,
+                folder.name,
+                seed=seed,
+                annotations=annotations,
+                progress=progress,
+                source=source,
             )
             # A batch's results in that folder are replaced: its marker must not call them its.
             mark_unfinished(folder)
@@ -90,13 +109,31 @@ class AnalyzeWidget(DockForm):
 
         self._runner.start(job, lambda result: self._show(layer, *result), text="analysing")
 
+    def _results_folder(self, name, source):
+        """The smear's results folder, checked before any work (the results are written at
+        the end): the layer's name, or that and a hash of ``source``'s path where the folder
+        holds another image's results; None, with the reason shown, where there is none."""
+        from napari_cytodiffusion.core.tasks.analyze import result_name
+
+        out = Path(self._out.value)
+        try:
+            folder = out / result_name(name, source, out)
+        except ValueError as error:
+            self._runner.refuse(str(error))
+            return None
+        problem = folder_problem(folder)
+        if problem:
+            self._runner.refuse(f"{problem}; choose a results folder you can write into.")
+            return None
+        return folder
+
     def _show(self, layer, analysis, report, points):
         """Main thread: the layers (one per turn of the event loop, an earlier run's updated
         in place), the status, and the report in the browser."""
         self.analysis = analysis
         if layer in self._viewer.layers:  # the report stands even if the image was removed
             placement = {"scale": layer.scale[-2:], "translate": layer.translate[-2:]}
-            for suffix, markers in zip(("cells", "needs review"), points, strict=True):
+            for suffix, markers in zip(LAYER_SUFFIXES, points, strict=True):
                 yield from update_or_add_in_steps(
                     self._viewer,
                     "points",
@@ -126,7 +163,7 @@ def _cell_points(analysis):
     sizes = np.maximum(
         cells["bbox_max_row"] - cells["bbox_min_row"], cells["bbox_max_col"] - cells["bbox_min_col"]
     ).to_numpy(float)
-    colours = class_colours(analysis.classes)
+    colours = class_colours(tuple(analysis.differential()["class"]))  # a person's new too
     outline = [colours[label] for label in cells["label"]]
     everyone = {
         "data": centres,

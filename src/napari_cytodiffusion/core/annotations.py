@@ -249,11 +249,17 @@ def _widened(labels, count):
     return labels.astype(np.promote_types(labels.dtype, np.min_scalar_type(last)))
 
 
-def match_centres(centres, annotations, radius):
+def match_centres(centres, annotations, radius, shape=None):
     """For cells at ``centres`` (n, 2), the nearest annotation within ``radius`` pixels.
 
     For results without label images (the tiles of ``analyze``). Painted cells are not
-    matched: only ``classify`` and the viewer, which hold label images, can add cells.
+    matched: they are cells of their own (see :func:`painted_cells`).
+
+    Parameters
+    ----------
+    shape : tuple, optional
+        The image's (rows, cols): annotations made on an image of another shape are refused
+        (:class:`AnnotationError`), as :func:`annotate_labels` refuses them.
 
     Returns
     -------
@@ -261,7 +267,7 @@ def match_centres(centres, annotations, radius):
         The person's label of each cell (``deleted`` included, written as
         :func:`~napari_cytodiffusion.core.classes.class_key` writes it), or None.
     """
-    _check_shape(None, annotations)
+    _check_shape(shape, annotations)
     kept = [cell for cell in annotations.cells if not cell.added]
     if not kept or not len(centres):
         return [None] * len(centres)
@@ -272,6 +278,20 @@ def match_centres(centres, annotations, radius):
         class_key(kept[j].label) if distance[i, j] <= radius else None
         for i, j in enumerate(nearest)
     ]
+
+
+def painted_cells(annotations, shape):
+    """The cells a person painted on an image of ``shape`` (each with its mask), for results
+    without label images (the tiles of ``analyze``), which add them as
+    :func:`annotate_labels` does.
+
+    Raises
+    ------
+    AnnotationError
+        If the annotations were made on an image of another shape.
+    """
+    _check_shape(shape, annotations)
+    return [cell for cell in annotations.cells if cell.added and cell.mask is not None]
 
 
 def _label_at(labels, centroid):

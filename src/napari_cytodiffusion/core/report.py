@@ -9,7 +9,8 @@ a temporary name and renamed when complete, so a run killed at any moment leaves
 half-written file under a final name, and a folder without a finished ``done.json`` is simply
 analysed again. Before a folder's results are made again its marker is turned unfinished
 (:func:`mark_unfinished`): it still names the folder's source, but the old results leave the
-summary until the new ones are complete.
+summary until the new ones are complete. A batch's files are covered by its marker from the
+first one written, so a batch stopped and started again knows them for its own.
 """
 
 import base64
@@ -25,6 +26,8 @@ from napari_cytodiffusion.core.io import atomic_write
 
 FINISHED = "done.json"
 SUMMARY = "summary.csv"
+# The files of a smear's results, besides its marker.
+RESULT_FILES = ("cells.csv", "differential.csv", "triage.json", "report.html")
 # Bump when the files a smear gets change, so older results are made again.
 # 2: cells.csv gives each cell's area, diameter and nucleus fraction;
 # 3: triage.json writes null for a missing rate; the marker records the settings;
@@ -102,6 +105,20 @@ def marker_source(marker):
     return source.get("path") if isinstance(source, dict) else source
 
 
+def folder_source(folder):
+    """The resolved path of the source whose results ``folder`` holds: its marker's (a
+    batch's results), else its ``triage.json``'s (the *Analyze smear* widget's); None when
+    neither names one."""
+    source = marker_source(read_marker(folder))
+    if source:
+        return source
+    try:
+        row = json.loads((Path(folder) / "triage.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return row.get("source") if isinstance(row, dict) else None
+
+
 def up_to_date(marker):
     """True if a marker says finished, by this version, and its source and other inputs are
     still as they were when the results were made."""
@@ -111,12 +128,19 @@ def up_to_date(marker):
     return all(file_identity(item["path"]) == item for item in recorded)
 
 
-def mark_unfinished(folder):
+def mark_unfinished(folder, remade_with=None):
     """Mark ``folder``'s results as no longer finished, atomically, keeping whose they are;
-    nothing to do for a folder without a marker."""
+    nothing to do for a folder without a marker.
+
+    ``remade_with``: the :func:`fingerprint` of the run that makes them again, recorded
+    instead, so that the run, stopped and started again, knows the folder for its own.
+    """
     marker = read_marker(folder)
-    if marker is not None and marker.get("finished", True):
-        _write_text(Path(folder) / FINISHED, json.dumps({**marker, "finished": False}))
+    if marker is None:
+        return
+    unfinished = {**(remade_with or marker), "finished": False}
+    if unfinished != marker:
+        _write_text(Path(folder) / FINISHED, json.dumps(unfinished))
 
 
 def write_smear(analysis, folder, source=None, marker=None):
@@ -145,11 +169,14 @@ def write_smear(analysis, folder, source=None, marker=None):
         "triage.json": json_text(analysis.summary(), indent=1),
         "report.html": report_html(analysis),
     }
-    folder.mkdir(parents=True, exist_ok=True)
-    for name, text in contents.items():
-        _write_text(folder / name, text)
     if marker is None and source is not None:
         marker = fingerprint(source)
+    folder.mkdir(parents=True, exist_ok=True)
+    if marker is not None:
+        # The files under way are this run's: stopped, it continues without asking.
+        _write_text(folder / FINISHED, json.dumps({**marker, "finished": False}))
+    for name, text in contents.items():
+        _write_text(folder / name, text)
     if marker is not None:
         _write_text(folder / FINISHED, json.dumps(marker))
     return folder / "report.html"
@@ -167,11 +194,18 @@ def json_text(row, **options):
 
 def write_summary_rows(out_dir, rows):
     """``DIR/summary.csv``: one row per smear (decision, reasons joined by
-    :data:`REASONS_SEPARATOR`, counts, differential); the header alone without any."""
+    :data:`REASONS_SEPARATOR`, counts, differential); the header alone without any.
+
+    A class one smear has and another lacks (a person's ``blast``, say) is 0 per 100 in the
+    other; blank only where there is no rate (a smear without leukocytes).
+    """
     import pandas as pd
 
     lines = [{**row, "reasons": REASONS_SEPARATOR.join(row["reasons"])} for row in rows]
     table = pd.DataFrame(lines) if lines else pd.DataFrame(columns=SUMMARY_COLUMNS)
+    counted = table["leukocytes"] > 0
+    for column in (name for name in table.columns if name.startswith("percent_")):
+        table.loc[counted & table[column].isna(), column] = 0.0
     path = Path(out_dir) / SUMMARY
     with atomic_write(path) as partial:
         table.to_csv(partial, index=False)

@@ -12,7 +12,7 @@ dask.distributed cluster (see :func:`analyze_files`).
 import functools
 import hashlib
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -133,8 +133,8 @@ def analyze_smear(
     tile_size : int
         Side of the tiles analysed one at a time, in pixels.
     annotations : Annotations, optional
-        A person's review of this smear: their labels are kept over the model's and cells
-        they deleted are dropped (see :func:`apply_annotations`).
+        A person's review of this smear: their labels are kept over the model's, cells they
+        deleted are dropped and cells they painted are added (see :func:`apply_annotations`).
     progress : callable, optional
         ``progress(done, total)``; raise ``Cancelled`` from it to stop.
     source : path, optional
@@ -143,19 +143,45 @@ def analyze_smear(
     Returns
     -------
     SmearAnalysis
+
+    Raises
+    ------
+    AnnotationError
+        If ``annotations`` were made on an image of another shape.
     """
     from napari_cytodiffusion.core.smear.segmentation import check_tile_size
 
     check_tile_size(tile_size)
     measuring, analysing = phases(progress, [1, 9])
     prepared = prepare(image, rbc_diameter, measuring)
+    painted = _painted(annotations, prepared.shape)
     info = describe(prepared, tile_size)
     parts, count = [], len(info.tiles)
     for i, tile in enumerate(info.tiles):
         # Each tile reports as it goes, so a Cancel stops the work within a tile.
         share = phase(analysing, i / count, (i + 1) / count)
-        parts.append(analyze_tile(prepared, tile, model, strategy, seed, info.segmentation, share))
+        own = _painted_in(tile, painted)
+        parts.append(
+            analyze_tile(prepared, tile, model, strategy, seed, info.segmentation, share, own)
+        )
     return assemble(name, info, parts, model, annotations, source)
+
+
+def _painted(annotations, shape):
+    """The cells a person painted on the smear (none without annotations); annotations of
+    another image are refused before any tile is analysed."""
+    from napari_cytodiffusion.core.annotations import painted_cells
+
+    return [] if annotations is None else painted_cells(annotations, shape)
+
+
+def _painted_in(tile, painted):
+    """The painted cells whose centroid lies in ``tile``'s core: like a segmented cell, each is
+    counted by one tile."""
+    if not painted:
+        return []
+    inside = _inside(np.array([cell.centroid for cell in painted], float), tile[0])
+    return [cell for cell, own in zip(painted, inside, strict=True) if own]
 
 
 def prepare(image, rbc_diameter=None, progress=None):
@@ -214,19 +240,27 @@ def _on_grid(window, factor):
 
 @dataclass
 class TilePart:
-    """What one tile contributes: its own white cells (table, calls), crops, counts."""
+    """What one tile contributes: its own white cells (table, calls), crops, counts, and the
+    person's label of each cell they painted ("" for a segmented cell)."""
 
     cells: object
     calls: list
     crops: np.ndarray
     counts: dict
+    painted: list
 
 
-def analyze_tile(smear, tile, model, strategy="adaptive", seed=0, shared=None, progress=None):
+def analyze_tile(
+    smear, tile, model, strategy="adaptive", seed=0, shared=None, progress=None, painted=()
+):
     """Segment one tile and classify the white cells whose centroid lies in its core.
 
     ``shared``: the smear's segmentation settings (:attr:`SmearInfo.segmentation`);
-    ``progress(done, total)`` as in :func:`analyze_smear`."""
+    ``progress(done, total)`` as in :func:`analyze_smear`; ``painted``: the cells a person
+    painted whose centroid lies in the core (:func:`_painted_in`), added after the segmented
+    ones."""
+    import pandas as pd
+
     from napari_cytodiffusion.core.model.classifier import classify_crops
     from napari_cytodiffusion.core.smear.crops import smear_cell_site
     from napari_cytodiffusion.core.smear.prepare import PreparedSmear
@@ -244,6 +278,9 @@ def analyze_tile(smear, tile, model, strategy="adaptive", seed=0, shared=None, p
         centre = table[["centroid_row", "centroid_col"]].to_numpy(float) + origin
         own = _inside(centre, core)
         tables[kind], counts[kind] = table[own].reset_index(drop=True), int(own.sum())
+    added, labels = _painted_rows(painted, found.wbc_labels, window)
+    if labels:
+        tables["wbc"] = pd.concat([tables["wbc"], added], ignore_index=True)
     cells = _global_coordinates(tables["wbc"], origin)
     size = model.image_size
     crops = np.zeros((len(cells), size, size, 3), np.float32)
@@ -263,7 +300,61 @@ def analyze_tile(smear, tile, model, strategy="adaptive", seed=0, shared=None, p
         if len(crops)
         else []
     )
-    return TilePart(cells, calls, (crops * 255 + 0.5).astype(np.uint8), counts)
+    crops = (crops * 255 + 0.5).astype(np.uint8)
+    return TilePart(cells, calls, crops, counts, [""] * counts["wbc"] + labels)
+
+
+def _painted_rows(painted, wbc_labels, window):
+    """(feature rows in the tile's pixels, the person's labels) of the painted cells: each on
+    the pixels of the tile no segmented or earlier painted cell holds, as ``classify`` paints
+    them (marked in ``wbc_labels``; a cell left without any is dropped, as there); the nucleus
+    is not measured."""
+    import pandas as pd
+
+    rows, labels = [], []
+    for cell in painted:
+        box, mask = _painted_mask(cell, window)
+        free = mask & (wbc_labels[box] == 0)
+        if not free.any():
+            continue
+        wbc_labels[box][free] = wbc_labels.max() + 1
+        rr, cc = np.nonzero(free)
+        rr, cc = rr + box[0].start, cc + box[1].start
+        rows.append(
+            {
+                "area": rr.size,
+                "equivalent_diameter": np.sqrt(4 * rr.size / np.pi),
+                "centroid_row": rr.mean(),
+                "centroid_col": cc.mean(),
+                "bbox_min_row": rr.min(),
+                "bbox_min_col": cc.min(),
+                "bbox_max_row": rr.max() + 1,
+                "bbox_max_col": cc.max() + 1,
+                "nucleus_fraction": np.nan,
+            }
+        )
+        labels.append(cell.label)
+    return pd.DataFrame(rows, columns=list(CELL_COLUMNS[1:])), labels
+
+
+def _painted_mask(cell, window):
+    """(box, mask): a painted cell's mask within ``window``, ``box`` in the window's pixels;
+    decoded in the mask's own box, never at the size of the image."""
+    from napari_cytodiffusion.core.annotations import decode_mask
+
+    r0, c0, r1, c1 = cell.mask["bbox"]
+    size = (r1 - r0, c1 - c0)
+    own = decode_mask({"bbox": [0, 0, *size], "runs": cell.mask["runs"]}, size)
+    rows, own_rows = _overlap(r0, r1, window[0])
+    cols, own_cols = _overlap(c0, c1, window[1])
+    return (rows, cols), own[own_rows, own_cols]
+
+
+def _overlap(start, stop, window):
+    """The part of [start, stop) inside the slice ``window``: (in the window's pixels, in
+    those of [start, stop))."""
+    low, high = (min(max(v, window.start), window.stop) for v in (start, stop))
+    return slice(low - window.start, high - window.start), slice(low - start, high - start)
 
 
 def _inside(centres, core):
@@ -299,16 +390,19 @@ def assemble(name, info, parts, model, annotations=None, source=None):
         float(calibration.get("anomaly_threshold", 3.0)),
         1.0,  # the domain-shift score is in units of its threshold
     )
-    tables, calls, crops = [], [], []
+    tables, calls, crops, painted = [], [], [], []
     for part in parts:
         tables.append(part.cells)
         calls += part.calls
         crops += list(part.crops)
+        painted += part.painted
     features = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame()
     # The model's classes give a smear without white cells the columns of one with them.
     cells = _cell_rows(features, calls_table(calls, classes=model.classes), limits)
     if annotations is not None:
-        cells, crops = apply_annotations(cells, crops, annotations, info.rbc_diameter)
+        cells, crops = apply_annotations(
+            cells, crops, annotations, info.rbc_diameter, info.shape, painted
+        )
     flagged = {
         int(cell_id): crop
         for cell_id, crop, review in zip(cells["id"], crops, cells["needs_review"], strict=True)
@@ -368,15 +462,22 @@ def _cell_rows(features, calls, limits):
     return cells
 
 
-def apply_annotations(cells, crops, annotations, rbc_diameter):
+def apply_annotations(cells, crops, annotations, rbc_diameter, shape, painted):
     """The per-cell table with a person's review applied: ``predicted`` (the model's call),
-    ``annotated`` (the person's, or ""), ``label`` the person's where given; reviewed cells
-    no longer need review; deleted cells are dropped (with their crops) and ids renumbered.
-    Cells are matched to annotations within half a red-cell diameter."""
-    from napari_cytodiffusion.core.annotations import DELETED, match_centres
+    ``annotated`` (the person's, or ""), ``added`` (painted by the person), ``label`` the
+    person's where given; reviewed cells no longer need review; deleted cells are dropped
+    (with their crops) and ids renumbered.
 
-    centres = cells[["centroid_row", "centroid_col"]].to_numpy(float)
-    human = [h or "" for h in match_centres(centres, annotations, 0.5 * rbc_diameter)]
+    Segmented cells are matched to annotations within half a red-cell diameter; ``painted``
+    gives the person's label of each painted cell ("" for a segmented one). Annotations of an
+    image of another ``shape`` are refused (``AnnotationError``)."""
+    from napari_cytodiffusion.core.annotations import DELETED, match_centres
+    from napari_cytodiffusion.core.classes import class_key
+
+    added = np.array([bool(label) for label in painted], bool)
+    centres = cells[["centroid_row", "centroid_col"]].to_numpy(float)[~added]
+    matched = iter(match_centres(centres, annotations, 0.5 * rbc_diameter, shape))
+    human = [class_key(label) if label else next(matched) or "" for label in painted]
     keep = np.array([h != DELETED for h in human], bool)
     cells = cells[keep].reset_index(drop=True)
     human = [h for h, k in zip(human, keep, strict=True) if k]
@@ -385,6 +486,7 @@ def apply_annotations(cells, crops, annotations, rbc_diameter):
     position = list(cells.columns).index("label")
     cells.insert(position, "predicted", cells["label"])
     cells.insert(position + 1, "annotated", human)
+    cells.insert(position + 2, "added", added[keep])
     reviewed = cells["annotated"] != ""
     cells.loc[reviewed, "label"] = cells.loc[reviewed, "annotated"]
     cells.loc[reviewed, "needs_review"] = False
@@ -473,6 +575,11 @@ class BatchRequest:
     ignore_annotations : bool
         Do not apply the annotations saved beside a smear (by default a person's labels are
         kept over the model's).
+    overwrite : bool
+        Replace results made with other settings (or not by a batch): a person may have
+        corrected them, so they are refused otherwise. Results of these settings are made
+        again without it where their smear or its annotations changed, and an unfinished run
+        continues.
     """
 
     paths: list
@@ -486,15 +593,18 @@ class BatchRequest:
     strategy: str = "adaptive"
     seed: int = 0
     ignore_annotations: bool = False
+    overwrite: bool = False
 
 
 @dataclass
 class BatchResult:
-    """Which smears were analysed now, skipped as finished, or failed (with the reason)."""
+    """Which smears were analysed now, skipped as finished, or failed (with the reason), by
+    results folder name; ``sources``: {folder name: the smear's full path}."""
 
     analysed: list = field(default_factory=list)
     skipped: list = field(default_factory=list)
     failed: dict = field(default_factory=dict)
+    sources: dict = field(default_factory=dict)
     summary: object = None
 
 
@@ -535,39 +645,76 @@ def _is_zarr(path):
 def result_names(sources, out):
     """Results folder names in ``out``, the same for a source whatever the run.
 
-    A source keeps the folder that holds its results already. Otherwise the folder takes its
-    file name, kept whole (a.png and a.jpg do not collide), unless another of ``sources``
-    shares that name or the folder holds another source's results: then the name and a short
-    hash of the source's path (``x.jpg-1a2b3c4d``).
+    A source keeps the folder that holds a batch's results of it already. Otherwise the
+    folder takes its file name, kept whole (a.png and a.jpg do not collide), unless another of
+    ``sources`` shares that name, or ``out`` holds a file of that name (the smear itself, when
+    ``out`` is its folder) or another source's results (a batch's or the *Analyze smear*
+    widget's): then the name and a short hash of the source's path (``x.jpg-1a2b3c4d``).
     """
     from collections import Counter
     from pathlib import Path
 
-    owners = _folder_owners(Path(out))
-    held = {source: name for name, source in owners.items()}
+    from napari_cytodiffusion.core import report as files
+
+    out = Path(out)
+    held = {}  # {source: the folder of a batch's results of it}
+    for path in sorted(out.glob(f"*/{files.FINISHED}")):
+        source = files.marker_source(files.read_marker(path.parent))
+        if source:
+            held[source] = path.parent.name
     paths = [str(Path(source).resolve()) for source in sources]
     sharing = Counter(source.name for source in sources)
     names = []
     for source, path in zip(sources, paths, strict=True):
         if path in held:
             names.append(held[path])
-        elif sharing[source.name] == 1 and source.name not in owners:
+        elif sharing[source.name] == 1 and _free(out / source.name, path):
             names.append(source.name)
         else:
-            names.append(f"{source.name}-{hashlib.sha256(path.encode()).hexdigest()[:8]}")
+            names.append(hashed_name(source.name, path))
     return names
 
 
-def _folder_owners(out):
-    """{folder name: resolved path of the source whose results it holds} in ``out``."""
+def result_name(name, source, out):
+    """The results folder in ``out`` of one smear analysed on its own (the *Analyze smear*
+    widget): ``name``, unless that folder holds another source's results (a batch's or an
+    earlier such run's), then ``name`` and a short hash of ``source``'s path as in
+    :func:`result_names`.
+
+    Raises
+    ------
+    ValueError
+        If ``source`` is not known (None) and the folder holds a known source's results.
+    """
+    from pathlib import Path
+
     from napari_cytodiffusion.core import report as files
 
-    owners = {}
-    for path in sorted(out.glob(f"*/{files.FINISHED}")):
-        source = files.marker_source(files.read_marker(path.parent))
-        if source:
-            owners[path.parent.name] = source
-    return owners
+    folder = Path(out) / name
+    owner = files.folder_source(folder)
+    if owner is None or owner == source:
+        return name
+    if source is None:
+        raise ValueError(
+            f"{folder} holds the results of {owner}: choose another results folder or name."
+        )
+    return hashed_name(name, source)
+
+
+def hashed_name(name, source):
+    """``name`` and a short hash of the full path ``source``: the same for it in every run."""
+    return f"{name}-{hashlib.sha256(str(source).encode()).hexdigest()[:8]}"
+
+
+def _free(folder, source):
+    """Whether ``folder`` can take the results of ``source`` (a full path): it is not a file
+    and holds no other source's results."""
+    from napari_cytodiffusion.core import report as files
+
+    return (folder.is_dir() or not folder.exists()) and files.folder_source(folder) in (
+        None,
+        source,
+    )
 
 
 def model_identity(name_or_path):
@@ -613,28 +760,29 @@ def _fingerprint(request, settings, source):
 
 
 @dataclass
-class InputProblem:
-    """A smear file a worker could not use, returned rather than raised: dask logs every
-    raised error with its traceback, and a person's unreadable file is not a bug."""
+class WorkerProblem:
+    """Why a worker could not do its task, returned rather than raised: dask logs every raised
+    error with its traceback, and a person's unreadable file, or a device the worker lacks,
+    is not a bug."""
 
     error: Exception
 
 
-def _returning_input_problems(function):
-    """``function`` (a worker task) with the errors a person's files cause returned as an
-    :class:`InputProblem`; a bug still raises."""
+def _returning_problems(function):
+    """``function`` (a worker task) with the errors a person's files cause returned as a
+    :class:`WorkerProblem`; a bug still raises."""
 
     @functools.wraps(function)
     def run(*args, **kwargs):
         try:
             return function(*args, **kwargs)
         except (OSError, ValueError) as error:
-            return InputProblem(error)
+            return WorkerProblem(error)
 
     return run
 
 
-@_returning_input_problems
+@_returning_problems
 def measure_file(path, rbc_diameter=None, tile_size=ANALYSIS_TILE):
     """Open a smear file lazily and measure what its tiles share (runs on a worker)."""
     from napari_cytodiffusion.core.io import open_image
@@ -642,9 +790,10 @@ def measure_file(path, rbc_diameter=None, tile_size=ANALYSIS_TILE):
     return describe(prepare(open_image(path), rbc_diameter), tile_size)
 
 
-@_returning_input_problems
-def analyze_file_tile(path, info, tile, model, device, strategy, seed, threads=None):
-    """Analyse one tile of a smear file (runs on a worker, which keeps the model loaded)."""
+@_returning_problems
+def analyze_file_tile(path, info, tile, model, device, strategy, seed, threads=None, painted=()):
+    """Analyse one tile of a smear file (runs on a worker, which keeps the model loaded);
+    ``painted`` as in :func:`analyze_tile`."""
     from napari_cytodiffusion.core.io import open_image
     from napari_cytodiffusion.core.model.weights import shared_model
     from napari_cytodiffusion.core.smear.image import SmearPixels
@@ -654,11 +803,14 @@ def analyze_file_tile(path, info, tile, model, device, strategy, seed, threads=N
         import torch
 
         torch.set_num_threads(threads)
+    try:
+        model = shared_model(model, device)
+    except RuntimeError as error:  # a device this worker lacks (resolve_device): not a bug
+        return WorkerProblem(error)
     pixels = SmearPixels.trusted(open_image(path), info.top)
     smear = PreparedSmear(pixels, info.background, info.rbc_diameter)
     smear.colour_map = info.colour_map  # measured once on the whole smear, not per tile
-    model = shared_model(model, device)
-    return analyze_tile(smear, tile, model, strategy, seed, info.segmentation)
+    return analyze_tile(smear, tile, model, strategy, seed, info.segmentation, None, painted)
 
 
 def analyze_files(request, progress=None, on_smear=None):
@@ -680,9 +832,18 @@ def analyze_files(request, progress=None, on_smear=None):
     Returns
     -------
     BatchResult
+
+    Raises
+    ------
+    ValueError
+        For input it cannot use, before any work: no images, an unknown model, results of
+        other settings in the way (see ``BatchRequest.overwrite``).
+    RuntimeError
+        If a local cluster is asked for a device this machine lacks.
     """
     from pathlib import Path
 
+    from napari_cytodiffusion.core.devices import resolve_device
     from napari_cytodiffusion.core.io import exclusive_folder
     from napari_cytodiffusion.core.model.weights import model_path
     from napari_cytodiffusion.core.smear.segmentation import check_tile_size
@@ -690,8 +851,16 @@ def analyze_files(request, progress=None, on_smear=None):
     check_tile_size(request.tile_size)
     sources = image_sources(request.paths)
     model_path(request.model)  # an unknown model is refused before the folder is made
-    with exclusive_folder(request.out) as out:
-        return _analyze_sources(request, sources, Path(out), progress, on_smear)
+    if not request.scheduler:  # the workers are this machine's: its devices are theirs
+        resolve_device(request.device)
+    out = Path(request.out)
+    made = not out.exists()
+    try:
+        with exclusive_folder(out):
+            return _analyze_sources(request, sources, out, progress, on_smear)
+    finally:
+        if made and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()  # nothing was written (no scheduler, say): leave no empty folder
 
 
 def _analyze_sources(request, sources, out, progress, on_smear):
@@ -701,6 +870,7 @@ def _analyze_sources(request, sources, out, progress, on_smear):
     result = BatchResult()
     todo = _plan(request, sources, out, result)
     if todo:
+        request = replace(request, model=_for_workers(request.model))
         model = shared_model(request.model, "cpu")  # classes and calibration, for assembling
         with _client(request) as (client, threads):
             from napari_cytodiffusion.core.tasks._workers import LoadModelEarly
@@ -711,26 +881,56 @@ def _analyze_sources(request, sources, out, progress, on_smear):
     return result
 
 
+def _for_workers(model):
+    """A model as a worker finds it: a model file by its full path (a worker may run in
+    another folder), a model name as it is."""
+    from napari_cytodiffusion.core.model.weights import find_model, model_path
+
+    return model if find_model(str(model)) else str(model_path(model).resolve())
+
+
 def _plan(request, sources, out, result):
     """The (source, folder name, fingerprint) of every smear to analyse; the finished ones go
     to ``result.skipped``.
 
     The fingerprint is taken before the smear is read, so a file changed meanwhile is analysed
-    again next time. The stale results of the others are marked unfinished first, so they
-    leave the summary whether or not the smear can be analysed again.
+    again next time. Results of other settings in the way are refused unless
+    ``request.overwrite``; then the stale results of the others are marked unfinished, as
+    being made again with these settings, so they leave the summary whether or not the smear
+    can be analysed again, and a stopped run continues without asking.
     """
     from napari_cytodiffusion.core import report as files
 
     settings = analysis_settings(request)
     todo = []
     for source, name in zip(sources, result_names(sources, out), strict=True):
+        result.sources[name] = str(source.resolve())
         marker = _fingerprint(request, settings, source)
         if files.finished(out / name, marker):
             result.skipped.append(name)
         else:
-            files.mark_unfinished(out / name)
             todo.append((source, name, marker))
+    if not request.overwrite:
+        _refuse_replacing([out / name for _, name, _ in todo], settings)
+    for _, name, marker in todo:
+        files.mark_unfinished(out / name, marker)
     return todo
+
+
+def _refuse_replacing(folders, settings):
+    """Refuse, before any work, to replace results that a batch of these ``settings`` did not
+    make: a person may have corrected them since."""
+    from napari_cytodiffusion.core import report as files
+
+    for folder in folders:
+        present = [folder / name for name in files.RESULT_FILES if (folder / name).exists()]
+        marker = files.read_marker(folder)
+        if present and (marker is None or marker.get("settings") != settings):
+            raise ValueError(
+                f"{present[0]} exists, from an earlier run with other settings, and may have "
+                "been corrected since: choose another --out folder, or replace the earlier "
+                "results (--overwrite)."
+            )
 
 
 def _client(request):
@@ -795,18 +995,43 @@ def _environment(values):
                 os.environ[name] = value
 
 
+@dataclass
+class _Smear:
+    """One smear of a batch as its results come back from the workers."""
+
+    source: object  # its path as given
+    marker: dict
+    info: object = None
+    annotations: object = None
+    painted: list = field(default_factory=list)
+    parts: dict = field(default_factory=dict)
+
+    @property
+    def path(self):
+        """The full path, for the workers: one may run in another folder."""
+        return str(self.source.resolve())
+
+    def measured(self, info, request):
+        """Take the smear's measurements and, unless ignored, the annotations beside it,
+        checked to be of this image before any tile is analysed."""
+        from napari_cytodiffusion.core.annotations import load_annotations
+
+        self.info = info
+        if not request.ignore_annotations:
+            self.annotations = load_annotations(self.source)
+        self.painted = _painted(self.annotations, info.shape)
+
+
 def _run_batch(client, threads, request, model, todo, out, result, progress, on_smear):
     from distributed import as_completed
-
-    from napari_cytodiffusion.core import report as files
 
     pending, jobs, smears = as_completed(), {}, {}
     total = [0, 0]  # tiles done, tiles known
     for source, name, marker in todo:
+        smears[name] = smear = _Smear(source, marker)
         future = client.submit(
-            measure_file, str(source), request.rbc_diameter, request.tile_size, pure=False
+            measure_file, smear.path, request.rbc_diameter, request.tile_size, pure=False
         )
-        smears[name] = {"source": source, "marker": marker, "parts": {}, "info": None}
         jobs[future.key] = (name, None)
         pending.add(future)
     for future in pending:
@@ -814,53 +1039,67 @@ def _run_batch(client, threads, request, model, todo, out, result, progress, on_
         smear = smears[name]
         if name in result.failed:
             continue
-        if future.status == "error":  # a bug on the worker
-            _fail(name, future.exception(), result, on_smear)
-            continue
-        value = future.result()
-        if isinstance(value, InputProblem):
-            _fail(name, value.error, result, on_smear)
+        try:
+            value = _outcome(future)
+            if index is None:
+                smear.measured(value, request)
+        except Exception as error:  # the smear fails alone
+            _fail(name, error, result, on_smear)
             continue
         if index is None:
-            smear["info"] = info = value
-            total[1] += len(info.tiles)
-            for number, tile in enumerate(info.tiles):
+            total[1] += len(smear.info.tiles)
+            for number, tile in enumerate(smear.info.tiles):
                 task = client.submit(
                     analyze_file_tile,
-                    str(smear["source"]),
-                    info,
+                    smear.path,
+                    smear.info,
                     tile,
                     request.model,
                     request.device,
                     request.strategy,
                     request.seed,
                     threads,
+                    _painted_in(tile, smear.painted),
                     pure=False,
                 )
                 jobs[task.key] = (name, number)
                 pending.add(task)
             continue
-        smear["parts"][index] = value
+        smear.parts[index] = value
         total[0] += 1
         report(progress, total[0], total[1])
-        if len(smear["parts"]) == len(smear["info"].tiles):
-            parts = [smear["parts"][i] for i in range(len(smear["parts"]))]
-            try:
-                from napari_cytodiffusion.core.annotations import load_annotations
-
-                annotations = (
-                    None if request.ignore_annotations else load_annotations(smear["source"])
-                )
-                source = smear["source"].resolve()  # the full path: names may repeat
-                analysis = assemble(name, smear["info"], parts, model, annotations, source)
-                files.write_smear(analysis, out / name, marker=smear["marker"])
-            except Exception as error:  # a smear that cannot be written fails alone
-                _fail(name, error, result, on_smear)
-                continue
-            result.analysed.append(name)
+        if len(smear.parts) == len(smear.info.tiles):
+            _finish(name, smear, model, out, result, on_smear)
             smears[name] = None  # its tiles are no longer needed
-            if on_smear is not None:
-                on_smear(name, analysis, None)
+
+
+def _outcome(future):
+    """A finished worker task's value; raises what went wrong on the worker: a bug, or the
+    problem it returned (:class:`WorkerProblem`)."""
+    if future.status == "error":
+        raise future.exception()
+    value = future.result()
+    if isinstance(value, WorkerProblem):
+        raise value.error
+    return value
+
+
+def _finish(name, smear, model, out, result, on_smear):
+    """Put a smear's tiles together and write its files; a smear that cannot be written
+    fails alone."""
+    from napari_cytodiffusion.core import report as files
+
+    parts = [smear.parts[i] for i in range(len(smear.parts))]
+    try:
+        # The full path: names may repeat.
+        analysis = assemble(name, smear.info, parts, model, smear.annotations, smear.path)
+        files.write_smear(analysis, out / name, marker=smear.marker)
+    except Exception as error:
+        _fail(name, error, result, on_smear)
+        return
+    result.analysed.append(name)
+    if on_smear is not None:
+        on_smear(name, analysis, None)
 
 
 def _fail(name, error, result, on_smear):
