@@ -765,7 +765,11 @@ def test_classify_and_export_keep_the_persons_labels(tmp_path, capsys):
     assert (again[0]["needs_review"], again[0]["why"]) == (False, "")  # reviewed by a person
     assert main(["classify", "--segment", str(image), "--json", "--ignore-annotations"]) == 0
     ignored = json.loads(capsys.readouterr().out.splitlines()[0])
-    assert ignored["label"] == first["label"] and "annotated" not in ignored
+    assert (ignored["label"], ignored["annotated"]) == (first["label"], "")
+    # Every record has the same keys, reviewed or not, and says where its cell is.
+    assert set(ignored) == set(again[0]) == set(first)
+    centre = (again[0]["centroid_row"], again[0]["centroid_col"])
+    assert centre == pytest.approx((white.centroid_row, white.centroid_col), abs=1.0)
 
     assert main(["export-cells", str(image), "--out", str(out)]) == 0
     assert capsys.readouterr().out.strip().startswith(f"1 cells in {out}: {other} 1")

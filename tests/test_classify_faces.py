@@ -22,6 +22,10 @@ JSON_KEYS = {
     "why",
     "unet_evals",
     "seconds",
+    "predicted",
+    "annotated",
+    "centroid_row",
+    "centroid_col",
     "rbc_diameter",
 }
 

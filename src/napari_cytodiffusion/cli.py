@@ -513,14 +513,10 @@ def _classify(args):
             print(f"napari-cytodiffusion classify: {path}: {error}", file=sys.stderr)
             failed += 1
             continue
-        for cell, call, human in zip(result.cell_ids, result.calls, result.annotated, strict=True):
+        cells = zip(result.cell_ids, result.calls, result.annotated, result.centres, strict=True)
+        for cell, call, human, centre in cells:
             if args.json:
-                record = {"file": str(path), "cell": cell, **call.as_dict()}
-                record["rbc_diameter"] = round(float(result.rbc_diameter), 2)
-                if human:  # a cell a person has called needs no more review
-                    record.update(label=human, predicted=call.label, annotated=human)
-                    record.update(needs_review=False, why="")
-                print(json.dumps(record), flush=True)
+                print(json.dumps(_call_record(path, cell, call, human, centre, result)), flush=True)
             else:
                 where = f"cell {cell}" if cell is not None else "central cell"
                 flag = f"  NEEDS REVIEW ({call.why})" if call.needs_review and not human else ""
@@ -552,6 +548,17 @@ def _classify(args):
         print(f"{failed} of {len(paths)} files could not be classified", file=sys.stderr)
         return USAGE_ERROR
     return 0
+
+
+def _call_record(path, cell, call, human, centre, result):
+    """One cell's ``classify --json`` record: the same keys for every cell, where it is and
+    the person's call beside the model's (a cell a person has called needs no more review)."""
+    record = {"file": str(path), "cell": cell, **call.as_dict(), "predicted": call.label}
+    record.update(annotated=human, centroid_row=float(centre[0]), centroid_col=float(centre[1]))
+    record["rbc_diameter"] = round(float(result.rbc_diameter), 2)
+    if human:
+        record.update(label=human, needs_review=False, why="")
+    return record
 
 
 def _with_folder_images(paths):
