@@ -7,7 +7,8 @@ A fresh viewer opens the bundled field ``cbc_monocyte_eosinophil`` with *Segment
 gaps between its ticks; the longest gap is the longest stall a person would feel. Measured for
 each repeat (while the work runs, and from the moment the worker returns until its layers are
 in): one generated cell with the model loaded afresh, the first segmentation and a second one of
-the same image, a classification, eight generated cells, and three changes of the review
+the same image, a classification and a second one of the same image (its earlier result's
+layers brought up to date), eight generated cells, and three changes of the review
 threshold (which move the review markers without running the model), and four edits in
 *Annotate cells* (a cell given a class, the classes layer recoloured). Before that, in a viewer
 of its own, *Classify cell images* on eight PBC val images (in the first repeat, the first
@@ -193,7 +194,8 @@ def one_repeat(pause=0.0):
     for key in ("segment_first", "segment_again"):
         out[key] = run_widget(app, ticks, collections, segment, segment.runner, pause)
     classify.reset_choices()
-    out["classify"] = run_widget(app, ticks, collections, classify, classify._runner, pause)
+    for key in ("classify", "classify_again"):  # again: the earlier result's layers replaced
+        out[key] = run_widget(app, ticks, collections, classify, classify._runner, pause)
     generate._count.value = 8
     out["generate_8"] = run_widget(app, ticks, collections, generate, generate._runner, pause)
     stalls = []

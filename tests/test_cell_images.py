@@ -3,6 +3,7 @@
 import shutil
 
 import numpy as np
+import pandas as pd
 import pytest
 
 # PBC val cells of three classes (val: not the test split).
@@ -269,17 +270,17 @@ def test_widget_refuses_a_folder_without_images_and_adds_nothing(
 ):
     from PIL import Image
 
-    from napari_cytodiffusion._widgets import _cell_images
-
     errors = []
-    monkeypatch.setattr(_cell_images, "show_error", errors.append)
+    monkeypatch.setattr("napari.utils.notifications.show_error", errors.append)
     viewer, widget = images_widget
     widget._run.native.click()
     (tmp_path / "notes.txt").write_text("no images here")
     widget._folder.value = tmp_path
+    widget._status.value = "done: 3 images, 1 to review"  # an earlier run's
     widget._run.native.click()
     assert errors[0] == "Choose the folder of single-cell images to classify."
     assert "no image files" in errors[1]
+    assert widget._status.value == f"not started: {errors[1]}"
     # A class-folder dataset: the message says where its images are.
     (tmp_path / "lymphocyte").mkdir()
     Image.new("RGB", (8, 8)).save(tmp_path / "lymphocyte" / "a.png")
@@ -314,3 +315,178 @@ def test_a_folder_unlike_the_training_smears_gets_a_banner_saying_what_to_do():
     text = cells(2.6, 2.6, 0.5).folder_warning()
     assert text.startswith("2 of 3 images are unlike the training smears")
     assert "adapt the model to this folder" in text
+
+
+def _call(label, flagged):
+    """The model's sure call ``label``, flagged as uncertain where ``flagged``."""
+    from napari_cytodiffusion.core.classes import CLASSES
+    from napari_cytodiffusion.core.model.classifier import CellCall
+
+    probabilities = {name: float(name == label) for name in CLASSES}
+    why = "uncertain" if flagged else ""
+    return CellCall(label, probabilities, 0.5 * flagged, 0.0, flagged, 10, why=why)
+
+
+def test_an_image_a_person_has_called_needs_no_more_review():
+    """As ``classify --json`` says it: the table every face shows (the grid's features, its
+    CSV, the count to review) does not flag an image a person has called."""
+    from pathlib import Path
+
+    from napari_cytodiffusion.core.classes import CLASSES
+    from napari_cytodiffusion.core.tasks.classify import CellImages
+
+    calls = [_call("neutrophil", True), _call("lymphocyte", True)]
+    crops = np.zeros((2, 64, 64, 3), np.float32)
+    paths = [Path("a.png"), Path("b.png")]
+    images = CellImages(paths, calls, crops, [30.0] * 2, CLASSES, [], [""] * 2, ["monocyte", ""])
+    table = images.table()
+    assert list(table["needs_review"]) == [False, True]
+    assert list(table["why"]) == ["", "uncertain"]
+    assert list(table["label"]) == ["monocyte", "lymphocyte"]
+
+
+def test_a_damaged_table_of_calls_is_refused_before_any_work(tmp_path):
+    from napari_cytodiffusion.core.annotations import AnnotationError
+    from napari_cytodiffusion.core.tasks.classify import classify_files
+
+    (tmp_path / "cell_labels.csv").write_text("name,class\na.png,monocyte\n")
+    files = classify_files([tmp_path / "a.png", tmp_path / "b.png"], model=None)
+    with pytest.raises(AnnotationError) as refused:
+        next(files)  # no image classified, no model used
+    message = str(refused.value)
+    assert message.startswith(f"{tmp_path / 'cell_labels.csv'} lacks the column(s)")
+    assert message.endswith("fix it, or move it aside to classify without them.")
+
+
+# The calls the stand-in for the task gives a folder's images in turn: (class, flagged).
+FAKE_CALLS = (("eosinophil", False), ("lymphocyte", False), ("neutrophil", True))
+
+
+@pytest.fixture
+def fake_task(images_widget, monkeypatch):
+    """The widget with a stand-in for classify_cell_images: each readable image gets the next
+    of FAKE_CALLS, and the person's calls of its folder, as the task gives them. Returns the
+    viewer, the widget and the paths of each run."""
+    from types import SimpleNamespace
+
+    from napari_cytodiffusion.core.annotations import load_folder_labels
+    from napari_cytodiffusion.core.classes import CLASSES
+    from napari_cytodiffusion.core.io import InputFileError, read_image
+    from napari_cytodiffusion.core.tasks import classify
+
+    runs = []
+
+    def classify_cell_images(paths, model, **_):
+        runs.append(list(paths))
+        readable, failed = [], []
+        for path in paths:
+            try:
+                read_image(path)
+                readable.append(path)
+            except InputFileError as error:
+                failed.append((path, str(error)))
+        calls = [_call(*FAKE_CALLS[i % len(FAKE_CALLS)]) for i in range(len(readable))]
+        n = len(readable)
+        return classify.CellImages(
+            readable,
+            calls,
+            np.zeros((n, 64, 64, 3), np.float32),
+            [30.0] * n,
+            CLASSES,
+            failed,
+            [""] * n,
+            [load_folder_labels(path.parent).get(path.name, "") for path in readable],
+        )
+
+    viewer, widget = images_widget
+    model = SimpleNamespace(image_size=64, classes=CLASSES)
+    monkeypatch.setattr(widget._fields, "choice", lambda: SimpleNamespace(load=lambda _: model))
+    monkeypatch.setattr(classify, "classify_cell_images", classify_cell_images)
+    return viewer, widget, runs
+
+
+def _images(folder, *names):
+    from PIL import Image
+
+    folder.mkdir(exist_ok=True)
+    for name in names:
+        Image.new("RGB", (16, 16), (200, 150, 150)).save(folder / name)
+    return folder
+
+
+def _classify(widget, qtbot, folder):
+    widget._folder.value = folder
+    widget._run.native.click()
+    qtbot.waitUntil(lambda: not widget._runner.running, timeout=60_000)
+
+
+def test_widget_counts_only_images_nobody_has_called_to_review(fake_task, qtbot, tmp_path):
+    from napari_cytodiffusion.core.annotations import save_folder_labels
+
+    viewer, widget, _ = fake_task
+    folder = _images(tmp_path / "cells", "a.png", "b.png", "c.png")
+    save_folder_labels(folder, {"c.png": "monocyte"})  # the flagged one
+    _classify(widget, qtbot, folder)
+    assert widget._status.value == "done: 3 images, 0 to review"
+    tiles, rings = widget.tiles_layer, viewer.layers["cells cells needs review"]
+    assert not tiles.features["needs_review"].any() and len(rings.data) == 0
+    widget.export_csv(tmp_path / "calls.csv")
+    exported = pd.read_csv(tmp_path / "calls.csv", keep_default_na=False)
+    assert list(exported.loc[2, ["needs_review", "why"]]) == [False, ""]
+
+    # Model's call: the model's flag is back; a person's call takes it away again.
+    widget.select(3)
+    widget.set_label("")
+    assert list(tiles.features.loc[2, ["needs_review", "why"]]) == [True, "uncertain"]
+    assert len(rings.data) == 1 and widget._flagged.count() == 1
+    widget.set_label("basophil")
+    assert list(tiles.features.loc[2, ["needs_review", "why"]]) == [False, ""]
+    assert len(rings.data) == 0 and widget._flagged.count() == 0
+
+
+def test_a_refused_or_empty_run_leaves_no_earlier_result_on_screen(
+    fake_task, qtbot, tmp_path, monkeypatch
+):
+    errors = []
+    monkeypatch.setattr("napari.utils.notifications.show_error", errors.append)
+    viewer, widget, runs = fake_task
+    _classify(widget, qtbot, _images(tmp_path / "cells", "a.png", "b.png", "c.png"))
+    assert widget._export.enabled and widget._flagged.count() == 1
+
+    # A damaged table of a person's calls: refused before any work, saying what to do.
+    damaged = _images(tmp_path / "damaged", "a.png")
+    (damaged / "cell_labels.csv").write_text("name,class\na.png,monocyte\n")
+    _classify(widget, qtbot, damaged)
+    assert len(runs) == 1 and widget._status.value == f"not started: {errors[-1]}"
+    assert "cell_labels.csv lacks the column(s)" in errors[-1]
+    assert errors[-1].endswith("fix it, or move it aside to classify without them.")
+
+    # No image could be read: the earlier result is no longer listed, reviewed or exported.
+    unreadable = tmp_path / "unreadable"
+    unreadable.mkdir()
+    (unreadable / "a.png").write_bytes(b"not an image")
+    _classify(widget, qtbot, unreadable)
+    assert widget._status.value.startswith("done: no image could be classified (a.png: ")
+    assert widget._summary.rowCount() == 0 and widget._flagged.count() == 0
+    assert not widget._export.enabled and not widget._set.enabled
+    assert widget.tiles_layer is None
+    tiles = viewer.layers["cells cells tiles"]
+    assert not {"1", "N", "U"} & {str(key) for key in tiles.keymap}
+
+
+def test_the_review_rings_go_with_their_grid(fake_task, qtbot, tmp_path):
+    viewer, widget, _ = fake_task
+    _classify(widget, qtbot, _images(tmp_path / "cells", "a.png", "b.png", "c.png"))
+    assert [layer.name for layer in viewer.layers][-1] == "cells cells needs review"
+    viewer.layers.remove("cells cells")
+    assert len(viewer.layers) == 0
+
+
+def test_an_image_named_twice_in_a_folder_counts_once(fake_task, qtbot, tmp_path):
+    """A link to an image of the folder is that image: as the command line counts it."""
+    _, widget, runs = fake_task
+    folder = _images(tmp_path / "cells", "a.png", "b.png")
+    (folder / "z_link.png").symlink_to(folder / "a.png")
+    _classify(widget, qtbot, folder)
+    assert [path.name for path in runs[-1]] == ["a.png", "b.png"]
+    assert widget._status.value.startswith("done: 2 images")

@@ -281,3 +281,84 @@ def test_counterfactual_replaces_earlier_maps_only_when_asked(tmp_path, capsys, 
     assert cli.main([*argv, "--out", str(tmp_path), "--overwrite"]) == cli.USAGE_ERROR
     assert "loading the model" in capsys.readouterr().err
     assert earlier.read_text() == "an earlier run's map"
+
+
+def _calls_row(label, p, needs_review, why, annotated=""):
+    """A cell's row of a calls table, as Classify cells' classes layer holds it."""
+    row = {"index": 5, "label": annotated or label, "predicted": label, "annotated": annotated}
+    row.update({f"p_{name}": p if name == label else (1 - p) / 7 for name in CLASSES})
+    row.update(uncertainty=0.4, anomaly_score=0.1, needs_review=needs_review, why=why)
+    return row
+
+
+def test_the_current_class_says_where_it_came_from(default_model, cell):
+    """A table's row gives the cell's current class without calling it again: the
+    classifier's call it records (its p and review flag), or a person's call; a source
+    given is as given."""
+    from napari_cytodiffusion.core.tasks.explain import ExplainRequest, explain
+
+    def note(**request):
+        options = {"trials": 1, "steps": 1, "strength": 0.1}
+        return explain(cell, default_model, ExplainRequest("eosinophil", **request, **options))
+
+    flagged = note(row=_calls_row("neutrophil", 0.61, True, "uncertain"))
+    assert flagged.maps.source == "neutrophil" and flagged.call.needs_review
+    assert flagged.source_note().startswith(
+        "neutrophil: the classifier's call, p = 0.61, NEEDS REVIEW (uncertain)"
+    )
+    person = note(row=_calls_row("neutrophil", 0.61, False, "", annotated="monocyte"))
+    assert person.source_note().startswith("monocyte: a person's label")
+    assert "the quick best fit of these trials" in person.source_note()  # not a monocyte
+    given = note(source="lymphocyte", row=_calls_row("neutrophil", 0.61, False, ""))
+    assert given.source_note().startswith("lymphocyte: as given")
+
+
+def _smear_with_two_cells(cell):
+    """A 'smear' holding ``cell`` at the model's scale (cell 5) and an empty disc (cell 6)."""
+    image = np.broadcast_to(REFERENCE_BACKGROUND, (100, 200, 3)).copy()
+    image[18:82, 18:82] = cell
+    rows, cols = np.ogrid[:100, :200]
+    labels = np.zeros((100, 200), np.uint16)
+    labels[(rows - 50) ** 2 + (cols - 50) ** 2 < 15**2] = 5
+    labels[(rows - 50) ** 2 + (cols - 150) ** 2 < 15**2] = 6
+    return image, labels
+
+
+def test_a_cell_a_person_deleted_is_refused_saying_so(default_model, cell):
+    from napari_cytodiffusion.core.annotations import Annotations, CellAnnotation
+    from napari_cytodiffusion.core.tasks.explain import ExplainRequest, explain
+
+    image, labels = _smear_with_two_cells(cell)
+    deleted = Annotations("smear.png", (100, 200), [CellAnnotation((50, 50), "deleted")])
+    request = ExplainRequest("eosinophil", cell_id=5, labels=labels, annotations=deleted)
+    with pytest.raises(ValueError, match="No cell with label 5") as refused:
+        explain(image, default_model, request)
+    assert "a person deleted it" in str(refused.value) and "click" not in str(refused.value)
+    assert "smear.png.annotations.json" in str(refused.value)
+    # A cell that is not there: nothing a terminal user cannot do.
+    with pytest.raises(ValueError, match="No cell with label 9") as missing:
+        explain(image, default_model, ExplainRequest("eosinophil", cell_id=9, labels=labels))
+    assert "click" not in str(missing.value)
+
+
+def test_a_grid_of_a_smear_applies_a_persons_review(default_model, cell):
+    """Deleted cells are left out, a person's label is the cell's current class."""
+    from napari_cytodiffusion.core.annotations import Annotations, CellAnnotation
+    from napari_cytodiffusion.core.tasks.explain import explain_grid
+
+    image, labels = _smear_with_two_cells(cell)
+    review = Annotations(
+        "smear.png",
+        (100, 200),
+        [CellAnnotation((50, 50), "monocyte"), CellAnnotation((50, 150), "deleted")],
+    )
+    grid = explain_grid(
+        image,
+        default_model,
+        labels=labels,
+        sources={6: "neutrophil"},  # a row the deletion outlived: passed over
+        trials=1,
+        rbc_diameter=25.6,
+        annotations=review,
+    )
+    assert grid.cells == 1 and grid.counts[CLASSES.index("monocyte")] == 1

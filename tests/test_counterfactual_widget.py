@@ -125,15 +125,17 @@ def test_a_missing_cell_is_explained_before_any_work(make_napari_viewer, cells, 
     labels_layer.selected_label = 5  # the cell id follows the layer's selected cell
     assert widget._cell_id.value == 5
     for cell_id in (9, 0):
+        widget._status.value = "done: cell 5 neutrophil -> monocyte"  # an earlier run's
         widget._cell_id.value = cell_id
         widget._explain.native.click()
         assert not widget._runner.running and f"No cell {cell_id}" in errors[-1]
+        assert widget._status.value.startswith(f"not started: No cell {cell_id}")
     assert viewer.add_labels(labels[:100]) not in widget._labels.choices  # another image's
 
 
 def test_grid_of_a_stack_of_cells_as_a_figure(make_napari_viewer, qtbot, cells, tmp_path):
     viewer, widget = _widget(make_napari_viewer, trials=2)
-    # The row of a cell deleted since (index 7) names no cell of the set: it is passed over.
+    # A row past the stack's planes (of a cell deleted since) names no cell: passed over.
     features = pd.DataFrame({"index": [0, 1, 7], "label": ["neutrophil", "lymphocyte", "monocyte"]})
     widget._image.value = viewer.add_image(cells, rgb=True, metadata={"features": features})
     widget._grid.native.click()
@@ -202,3 +204,102 @@ def test_a_cell_of_a_generated_grid_is_explained_over_its_tile(
     widget._cell_id.value = 3
     widget._explain.native.click()
     assert not widget._runner.running and "No cell 3 in the grid" in errors[-1]
+
+
+def _explained_requests(monkeypatch):
+    """The requests the widget sends to the core's explain / explain_grid: each run stops
+    there (a cancel), after the model is loaded."""
+    from napari_cytodiffusion.core.progress import Cancelled
+    from napari_cytodiffusion.core.tasks import explain
+
+    sent = []
+
+    def capture(*args, **options):
+        sent.append((args, options))
+        raise Cancelled()
+
+    monkeypatch.setattr(explain, "explain", capture)
+    monkeypatch.setattr(explain, "explain_grid", capture)
+    return sent
+
+
+def test_a_tile_of_a_cell_images_grid_has_its_own_call(
+    make_napari_viewer, qtbot, cells, monkeypatch
+):
+    """Classify cell images numbers its table from 1, Generate from 0: either way, tile n is
+    the grid's row n - 1, for one cell and for the grid of all cells."""
+    from napari_cytodiffusion._widgets._grid import add_grid, add_tiles, tile
+
+    sent = _explained_requests(monkeypatch)
+    viewer, widget = _widget(make_napari_viewer, trials=2)
+    for first in (1, 0):  # Classify cell images' numbering, then Generate's
+        features = pd.DataFrame(
+            {"index": [first, first + 1], "label": ["eosinophil", "lymphocyte"]}
+        )
+        tiled = tile(cells)
+        grid = add_grid(viewer, tiled, f"from {first}", features)
+        tiles = add_tiles(viewer, grid, tiled, features)
+        widget._image.value, widget._labels.value = grid, tiles
+        for number, label in ((1, "eosinophil"), (2, "lymphocyte")):
+            tiles.selected_label = number
+            widget._explain.native.click()
+            qtbot.waitUntil(lambda: not widget._runner.running, timeout=60_000)
+            assert sent[-1][0][2].row["label"] == label
+        widget._grid.native.click()
+        qtbot.waitUntil(lambda: not widget._runner.running, timeout=60_000)
+        assert sent[-1][1]["sources"] == {0: "eosinophil", 1: "lymphocyte"}
+
+
+def test_a_classified_cell_starts_from_its_call_or_a_persons_label(
+    make_napari_viewer, qtbot, cells, monkeypatch
+):
+    """The classes layer's row of the cell goes to the core (which says where the class came
+    from), not its label as a class given; the image's annotations go with it."""
+    sent = _explained_requests(monkeypatch)
+    image, labels = _smear(cells[0])
+    viewer, widget = _widget(make_napari_viewer, rbc_diameter=RBC)
+    widget._image.value = viewer.add_image(image, name="smear")
+    row = {"index": 5, "label": "monocyte", "predicted": "neutrophil", "annotated": "monocyte"}
+    classes = viewer.add_labels(labels, name="classes", features=pd.DataFrame([row]))
+    widget._labels.value = classes
+    widget._cell_id.value = 5
+    widget._explain.native.click()
+    qtbot.waitUntil(lambda: not widget._runner.running, timeout=60_000)
+    request = sent[-1][0][2]
+    assert request.source is None and request.row == row
+    assert request.annotations is None  # an image made in memory has none
+
+
+def test_the_images_annotations_are_applied_as_the_command_line_applies_them(
+    make_napari_viewer, qtbot, cells, tmp_path, monkeypatch
+):
+    """A cell a person deleted is refused with the core's message; their label of a cell is
+    its current class, and the status line says so."""
+    from PIL import Image
+
+    from napari_cytodiffusion.core.annotations import Annotations, CellAnnotation, save_annotations
+
+    errors = []
+    monkeypatch.setattr("napari.utils.notifications.show_error", errors.append)
+    image, labels = _smear(cells[0])
+    path = tmp_path / "smear.png"
+    Image.fromarray((image * 255).round().astype(np.uint8)).save(path)
+    viewer, widget = _widget(make_napari_viewer, rbc_diameter=RBC, trials=1, steps=1)
+    (smear,) = viewer.open(str(path))
+    widget._image.value = smear
+    widget._labels.value = viewer.add_labels(labels, name="white cells")
+    widget._cell_id.value = 5
+    for label in ("deleted", "monocyte"):
+        cell = CellAnnotation((104, 124), label)
+        save_annotations(Annotations(path.name, labels.shape, [cell]), path)
+        widget._explain.native.click()
+        qtbot.waitUntil(lambda: not widget._runner.running, timeout=60_000)
+    assert "No cell with label 5: a person deleted it" in errors[-1]
+    assert "smear.png.annotations.json" in errors[-1]
+    assert "(monocyte: a person's label" in widget._status.value
+    assert len(viewer.layers) == 4  # the smear, its cells, and one result's two layers
+
+    path.with_name("smear.png.annotations.json").write_text("{damaged")
+    widget._explain.native.click()
+    assert not widget._runner.running and widget._status.value.startswith("not started:")
+    assert "cannot be read as annotations" in errors[-1]

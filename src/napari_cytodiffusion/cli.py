@@ -567,13 +567,12 @@ def _with_folder_images(paths):
     ./a.jpg, or in its folder too) is kept once, where first named: else it would count twice."""
     from pathlib import Path
 
-    from napari_cytodiffusion.core.io import folder_images
+    from napari_cytodiffusion.core.io import distinct_files, folder_images
 
-    expanded = {}  # {real path: the path as named}
+    expanded = []
     for path in map(Path, paths):
-        for found in (folder_images(path) if path.is_dir() else []) or [path]:
-            expanded.setdefault(os.path.realpath(found), found)
-    return list(expanded.values())
+        expanded += (folder_images(path) if path.is_dir() else []) or [path]
+    return distinct_files(expanded)
 
 
 def _add_model_arguments(parser, seed_help=None):
@@ -906,6 +905,7 @@ def _add_export_cells(subparsers):
 
 
 def _export_cells(args):
+    from napari_cytodiffusion.core.io import distinct_files
     from napari_cytodiffusion.core.model.weights import find_model, model_path
     from napari_cytodiffusion.core.tasks.annotate import export_annotated
 
@@ -925,11 +925,8 @@ def _export_cells(args):
     missing = [path for path in args.paths if not os.path.isfile(path)]
     if missing:
         raise ValueError(f"No such file: {', '.join(missing)}")
-    smears = {}  # a smear named twice (a.jpg ./a.jpg) would count its cells twice
-    for path in args.paths:
-        smears.setdefault(os.path.realpath(path), path)
     totals = {}
-    for path in smears.values():
+    for path in distinct_files(args.paths):  # named twice, a smear's cells would count twice
         written = export_annotated(path, args.out, size, rbc_diameter=args.rbc_diameter)
         if not written:
             print(f"{path}: no annotations (annotate it with the Annotate cells widget first)")

@@ -44,7 +44,14 @@ from napari_cytodiffusion._widgets._common import (
     select_then_show,
     strategy_field,
 )
-from napari_cytodiffusion._widgets._grid import add_grid, add_tiles, focus, tile, tile_origin
+from napari_cytodiffusion._widgets._grid import (
+    add_grid,
+    add_tiles,
+    focus,
+    removed_with,
+    tile,
+    tile_origin,
+)
 from napari_cytodiffusion.core.annotations import ARTEFACT, UNKNOWN
 from napari_cytodiffusion.core.report import count_text
 
@@ -162,17 +169,25 @@ class CellImagesWidget(DockForm):
         self._shown = None  # (folder, classes) of the result on screen
         self._grid = None
         self._flagged_tiles = []
+        self._model_review = []  # (needs_review, why) of each tile as the model called it
 
     def _start(self):
         folder = Path(str(self._folder.value))
         if str(self._folder.value) in ("", ".") or not folder.is_dir():
-            show_error("Choose the folder of single-cell images to classify.")
+            self._runner.refuse("Choose the folder of single-cell images to classify.")
             return
-        from napari_cytodiffusion.core.io import folder_images, no_images_message
+        from napari_cytodiffusion.core.annotations import AnnotationError
+        from napari_cytodiffusion.core.io import distinct_files, folder_images, no_images_message
+        from napari_cytodiffusion.core.tasks.classify import folder_calls
 
-        paths = folder_images(folder)
+        paths = distinct_files(folder_images(folder))  # a link to an image counts once
         if not paths:
-            show_error(no_images_message(folder) + ".")
+            self._runner.refuse(no_images_message(folder) + ".")
+            return
+        try:
+            folder_calls(paths)  # a damaged cell_labels.csv is refused before any work
+        except AnnotationError as error:
+            self._runner.refuse(str(error))
             return
         choice, strategy = self._fields.choice(), self._strategy.value
         seed = self._fields.seed.value
@@ -200,7 +215,11 @@ class CellImagesWidget(DockForm):
         folder, result, layers = outcome
         failed = "; ".join(f"{path.name}: {why}" for path, why in result.failed)
         if layers is None:
+            earlier = self.tiles_layer is not None
+            self._forget_result()
             self._status.value = f"done: no image could be classified ({failed})"
+            if earlier:
+                self._status.value += "; the earlier result is no longer listed or exported"
             show_error(f"No image of {folder} could be classified: {failed}")
             return
         tiled, table = layers
@@ -208,6 +227,7 @@ class CellImagesWidget(DockForm):
         yield
         features = table.drop(columns="index")
         self._shown, self._grid = (folder, result.classes), grid
+        self._model_review = [(call.needs_review, call.why) for call in result.calls]
         colormap = _tile_colormap(table, self._show_classes(table))
         self.tiles_layer = add_tiles(self._viewer, grid, tiled, features, colormap, OUTLINE)
         self._bind(self.tiles_layer, result.classes)
@@ -234,7 +254,33 @@ class CellImagesWidget(DockForm):
         self._banner.say([result.folder_warning()])
         show_info(f"Classified {count_text(len(table), 'image')}; {flagged} to review.")
 
+    def _forget_result(self):
+        """The dock no longer shows, reviews or exports a result; its grid's tiles no longer
+        take keys."""
+        if self._unbind is not None:
+            self._unbind()
+            self._unbind = None
+        self.tiles_layer, self._grid, self._shown = None, None, None
+        for button in (*self._review_buttons(), self._export):
+            button.enabled = False
+        self._undo.clear()
+        self._summary.setRowCount(0)
+        self._flagged_tiles = []
+        self._flagged.clear()
+        self._review.value = ""
+
     # ------------------------------------------------------------------------ review
+
+    def _review_buttons(self):
+        return (
+            self._set,
+            self._clear,
+            self._artefact,
+            self._unknown,
+            self._next,
+            self._undo_button,
+            self._set_new,
+        )
 
     def _bind(self, layer, classes):
         """Clicks select a tile of ``layer``; keys 1-9 give it one of ``classes``."""
@@ -242,8 +288,7 @@ class CellImagesWidget(DockForm):
             self._unbind()  # an earlier grid's tiles no longer act on this one
         self._unbind = bind_labelling(layer, classes, self)
         self._undo.clear()
-        review = (self._set, self._clear, self._artefact, self._unknown, self._next)
-        for button in (*review, self._undo_button, self._set_new):
+        for button in self._review_buttons():
             button.enabled = True
         self._update_review_count()
 
@@ -301,11 +346,14 @@ class CellImagesWidget(DockForm):
         self._go_to_flagged(target)
 
     def _call(self, row, label):
-        """Set tile ``row``'s person's call, redraw, recount and save."""
+        """Set tile ``row``'s person's call, redraw, recount and save; a tile a person has
+        called needs no more review (as the next run's table says), else the model's flag."""
         layer = self.tiles_layer
         features = layer.features
         features.loc[row, "annotated"] = label
         features.loc[row, "label"] = label or features.loc[row, "predicted"]
+        review = (False, "") if label else self._model_review[row]
+        features.loc[row, ["needs_review", "why"]] = review
         layer.features = features
         try:
             path = self._save_labels(features)
@@ -357,10 +405,10 @@ class CellImagesWidget(DockForm):
         )
 
     def _mark_flagged(self, hidden=False):
-        """Red rings on the tiles to review that no person has called yet, and their list; a
-        new layer of rings is added ``hidden``."""
+        """Red rings on the tiles to review, and their list; a new layer of rings is added
+        ``hidden``, and goes when its grid is removed."""
         features = self.tiles_layer.features
-        flagged = features[features["needs_review"] & (features["annotated"] == "")]
+        flagged = features[features["needs_review"]]
         grid = self._grid
         layout = grid.metadata["grid"]
         size = layout["size"]
@@ -388,6 +436,7 @@ class CellImagesWidget(DockForm):
                     features=ring_features,
                     visible=not hidden,
                 )
+            removed_with(self._viewer, grid, self._review_layer)
         self._flagged_tiles = list(zip(world.tolist(), flagged["index"].astype(int), strict=True))
         self._flagged.clear()
         for name, label, why in zip(flagged["file"], flagged["label"], flagged["why"], strict=True):

@@ -18,6 +18,7 @@ import numpy as np
 from magicgui.widgets import ComboBox, FloatSpinBox, SpinBox
 from qtpy.QtWidgets import QFileDialog, QPushButton, QVBoxLayout, QWidget
 
+from napari_cytodiffusion._widgets._classify import image_path
 from napari_cytodiffusion._widgets._common import (
     DockForm,
     ModelFields,
@@ -29,7 +30,8 @@ from napari_cytodiffusion._widgets._common import (
     rgb_images,
     select_then_show,
 )
-from napari_cytodiffusion._widgets._grid import layer_cells, tile_origin
+from napari_cytodiffusion._widgets._grid import by_cell, layer_cells, tile_origin
+from napari_cytodiffusion.core.annotations import AnnotationError
 from napari_cytodiffusion.core.model import counterfactual
 
 AUTO = "auto"
@@ -68,8 +70,9 @@ class CounterfactualWidget(DockForm):
             choices=(AUTO, *classes),
             value=AUTO,
             label="current class",
-            tooltip="auto: the labels layer's 'label' feature for this cell if there is one "
-            "(what Classify cells wrote), else the classifier's call on the cell.",
+            tooltip="auto: a person's label of the cell (the image's annotations, or the "
+            "layer's), else the call Classify cells made of it, else the classifier's call "
+            "on the cell.",
         )
         self._target = ComboBox(
             choices=classes,
@@ -219,27 +222,30 @@ class CounterfactualWidget(DockForm):
 
     def _request(self, all_targets=False):
         """(cell image, request, offset) for one cell, read on the main thread; None after a
-        message. ``offset`` is where the cell image lies in the layer (a grid's tile)."""
-        from napari.utils.notifications import show_error
-
+        refusal. ``offset`` is where the cell image lies in the layer (a grid's tile)."""
         image, labels = self._image.value, self._labels.value
         if image is None:
-            show_error("Add or choose an image layer first.")
+            self._runner.refuse("Add or choose an image layer first.")
             return None
         cell_id = self._cell_id.value
         if "grid" in image.metadata or (labels is not None and labels.metadata.get("tiles")):
             return self._grid_cell_request(image, cell_id, all_targets)
         if labels is not None and labels.data.shape != image.data.shape[: labels.ndim]:
-            show_error(
+            self._runner.refuse(
                 f"'{labels.name}' ({labels.data.shape}) is not of the shape of '{image.name}' "
                 f"({image.data.shape[:2]}): choose the white cells of this image."
             )
             return None
         if labels is not None and (cell_id < 1 or not np.any(labels.data == cell_id)):
-            show_error(
+            self._runner.refuse(
                 f"No cell {cell_id} in {labels.name}: click a cell in the labels layer (select "
                 "that layer first) or type an existing id (0 is the background)."
             )
+            return None
+        try:
+            annotations = None if labels is None else _saved_annotations(image)
+        except AnnotationError as error:
+            self._runner.refuse(str(error))
             return None
         index, plane = (cell_id, None) if labels is not None else _plane(self._viewer, image)
         request = self._explain_request(
@@ -248,6 +254,7 @@ class CounterfactualWidget(DockForm):
             all_targets,
             cell_id=cell_id if labels is not None else None,
             labels=None if labels is None else np.asarray(labels.data),
+            annotations=annotations,
             rbc_diameter=self._rbc_diameter.value or _rbc_from_metadata(labels, image),
         )
         # Not read here: a large image is read in the worker, the viewer stays responsive.
@@ -256,17 +263,15 @@ class CounterfactualWidget(DockForm):
 
     def _grid_cell_request(self, image, cell_id, all_targets):
         """(cell, request, offset) for cell ``cell_id`` (its tile number) of a grid."""
-        from napari.utils.notifications import show_error
-
         if "grid" not in image.metadata:
-            show_error(
+            self._runner.refuse(
                 f"The tiles layer '{self._labels.value.name}' numbers the cells of a grid: "
                 "choose that grid as the image."
             )
             return None
         cells = layer_cells(image)
         if not 1 <= cell_id <= len(cells):
-            show_error(
+            self._runner.refuse(
                 f"No cell {cell_id} in the grid '{image.name}': its cells are 1 to "
                 f"{len(cells)} (click one in its tiles layer, or type its number)."
             )
@@ -275,14 +280,16 @@ class CounterfactualWidget(DockForm):
         return cells[cell_id - 1], request, tile_origin(image.metadata["grid"], cell_id - 1)
 
     def _explain_request(self, layer, index, all_targets, **where):
-        """The request for the cell ``index`` of ``layer`` (its current class from the
-        layer's features unless chosen), with the fields' settings."""
+        """The request for the cell ``index`` of ``layer`` (by label value, or by position in
+        a set of cells), with the fields' settings: its current class as chosen, else from
+        its row of the layer's features (a person's call or the classifier's, which the
+        status line then names)."""
         from napari_cytodiffusion.core.tasks.explain import ExplainRequest
 
-        source = None if self._source.value == AUTO else self._source.value
         return ExplainRequest(
             target=self._target.value,
-            source=source or self._known_labels(layer).get(index),
+            source=None if self._source.value == AUTO else self._source.value,
+            row=_cell_row(layer, index),
             trials=self._trials.value,
             strength=self._strength.value,
             steps=self._steps.value,
@@ -294,13 +301,13 @@ class CounterfactualWidget(DockForm):
         )
 
     def _known_labels(self, layer):
-        """{index: class} of the layer's 'label' feature, for the model's classes only."""
+        """{cell: class} of the layer's 'label' feature (cells as :func:`_features_by_cell`
+        keys them), for the model's classes only."""
+        table = _features_by_cell(layer)
+        if table is None or "label" not in table:
+            return {}
         classes = set(self._target.choices)
-        return {
-            index: name
-            for index, name in _labels_by_index(_features(layer)).items()
-            if name in classes
-        }
+        return {cell: name for cell, name in table["label"].items() if name in classes}
 
     def _start(self, job, on_result, text):
         self._runner.start(job, on_result, text=text)
@@ -326,11 +333,9 @@ class CounterfactualWidget(DockForm):
             self._start(job, self._show_cell_figure, "maps towards every class")
 
     def _start_grid(self):
-        from napari.utils.notifications import show_error
-
         image, labels = self._image.value, self._labels.value
         if image is None:
-            show_error("Add or choose an image layer first.")
+            self._runner.refuse("Add or choose an image layer first.")
             return
         if labels is not None and labels.metadata.get("tiles"):
             labels = None  # a grid's tiles number its cells; the grid is the set itself
@@ -339,10 +344,15 @@ class CounterfactualWidget(DockForm):
         elif _is_stack(image) or "grid" in image.metadata:
             data = layer_cells(image)
         else:
-            show_error(
+            self._runner.refuse(
                 "A grid needs a set of cells: a labels layer of the image's cells, a grid from "
                 "Generate cells, or an image stack of single cells."
             )
+            return
+        try:
+            annotations = None if labels is None else _saved_annotations(image)
+        except AnnotationError as error:
+            self._runner.refuse(str(error))
             return
         fixed = None if self._source.value == AUTO else self._source.value
         sources = fixed or self._known_labels(labels if labels is not None else image)
@@ -352,6 +362,7 @@ class CounterfactualWidget(DockForm):
             "trials": self._trials.value,
             "seed": self._seed.value,
             "rbc_diameter": self._rbc_diameter.value or _rbc_from_metadata(labels, image),
+            "annotations": annotations,
         }
         job = _grid_job(data, options, self._fields.choice())
         self._start(job, self._show_grid_figure, "mean maps over all cells")
@@ -488,13 +499,39 @@ def _rbc_from_metadata(*layers):
     return None
 
 
-def _labels_by_index(features):
-    """{index: class} from a feature table's 'index' and 'label' columns (empty if absent)."""
-    if features is None or "label" not in features or "index" not in features:
-        return {}
-    return {
-        int(i): str(label) for i, label in zip(features["index"], features["label"], strict=True)
-    }
+def _saved_annotations(image):
+    """A person's review saved beside the file ``image`` was opened from (None where none):
+    applied as the command line applies it, it numbers the cells and gives a person's labels.
+
+    Raises
+    ------
+    AnnotationError
+        If the file beside the image is damaged or not an annotation file.
+    """
+    from napari_cytodiffusion.core.annotations import load_annotations
+
+    path = image_path(image)
+    return load_annotations(path) if path else None
+
+
+def _features_by_cell(layer):
+    """The layer's feature table indexed by cell (None where it has none): by label value
+    (``index``) for a labels layer; by position for a set of cells (:func:`._grid.by_cell`),
+    as :func:`layer_cells` and ``explain_grid`` number them."""
+    table = _features(layer)
+    if table is None:
+        return None
+    if not isinstance(layer, napari.layers.Labels):
+        return by_cell(table)
+    return table.set_index(table["index"].astype(int)) if "index" in table else None
+
+
+def _cell_row(layer, cell):
+    """The row of ``cell`` in the layer's features, as a dict (None where it has none)."""
+    table = _features_by_cell(layer)
+    if table is None or cell not in table.index:
+        return None
+    return table.loc[[cell]].iloc[0].to_dict()
 
 
 def _explain_job(image, request, model_choice):

@@ -65,6 +65,14 @@ def layer_cells(layer):
     return data[None] if layer.ndim == 2 else data
 
 
+def by_cell(table):
+    """A set of cells' feature ``table`` indexed by cell, in its order: row ``i`` is cell ``i``
+    of :func:`layer_cells`, tile ``i + 1`` of the tiles layer (its label value), whatever the
+    table's own ``index`` column counts from (Generate's from 0, Classify cell images' from
+    1)."""
+    return table.reset_index(drop=True)
+
+
 def beside(viewer, size):
     """(scale, translate) for a grid of ``size``-px crops right of everything shown.
 
@@ -126,17 +134,18 @@ def add_tiles(viewer, grid_layer, tiled, features, colormap=None, contour=1):
             visible=False,
         )
     tiles_layer.contour = contour  # outline the tiles; the cells stay visible
-    _removed_together(viewer, grid_layer, tiles_layer)
+    removed_with(viewer, grid_layer, tiles_layer)
     return tiles_layer
 
 
-def _removed_together(viewer, grid_layer, tiles_layer):
-    """The tiles go when their grid is removed (outlines of nothing would stay behind)."""
+def removed_with(viewer, grid_layer, layer):
+    """``layer`` drawn over a grid (its tiles, its review rings) goes when the grid is
+    removed: outlines and rings of nothing would stay behind."""
 
     def removed(event):
-        if event.value is grid_layer and tiles_layer in viewer.layers:
-            viewer.layers.remove(tiles_layer)
-        if event.value in (grid_layer, tiles_layer):
+        if event.value is grid_layer and layer in viewer.layers:
+            viewer.layers.remove(layer)
+        if event.value in (grid_layer, layer):
             viewer.layers.events.removed.disconnect(removed)  # and lets the layers go
 
     viewer.layers.events.removed.connect(removed)

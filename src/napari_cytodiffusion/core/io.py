@@ -98,6 +98,22 @@ def folder_images(folder):
     return sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
 
 
+def distinct_files(paths):
+    """``paths`` with each file once, where first named: the same file named twice (``a.jpg``
+    and ``./a.jpg``, a link to it, or a file of a folder named beside the folder) would else
+    be counted twice.
+
+    Examples
+    --------
+    >>> distinct_files(["a.jpg", "./a.jpg", "b.jpg"])
+    ['a.jpg', 'b.jpg']
+    """
+    found = {}  # {real path: the path as named}
+    for path in paths:
+        found.setdefault(os.path.realpath(path), path)
+    return list(found.values())
+
+
 def no_images_message(folder):
     """Why ``folder``, which holds no image files, cannot be read, and where images are: a
     class-folder dataset keeps them one level down."""

@@ -150,7 +150,7 @@ def labelled_cell_sites(smear, labels, cell_ids=None):
     missing = sorted(set(int(i) for i in cell_ids) - set(int(i) for i in present))
     if missing:
         raise ValueError(
-            f"No cell with label {missing[0]}: click a cell or give an existing id "
+            f"No cell with label {missing[0]}: give the label value of an existing cell "
             "(0 is the background)."
         )
     ids = [int(i) for i in cell_ids]

@@ -71,7 +71,8 @@ class Classification:
         """One row per cell (see :func:`calls_table`); ``index`` is its value in
         :meth:`cell_labels` (1 for the single cell of a single-cell image). ``predicted`` is
         the model's call, ``annotated`` the person's (or ""), and ``label`` the person's call
-        where there is one, else the model's. Without cells: these columns and no rows."""
+        where there is one, else the model's; a cell a person has called is not flagged for
+        review. Without cells: these columns and no rows."""
         ids = [1] if self.single_cell else self.cell_ids
         table = calls_table(self.calls, ids, self.centres, self.classes)
         _with_person_calls(table, self.annotated or [""] * len(table))
@@ -340,7 +341,8 @@ class CellImages:
         """One row per image: ``index`` (1 up), ``file``, then the columns of
         :func:`calls_table` with ``predicted`` (the model's call) and ``annotated`` (the
         person's, or "") after ``label`` (the person's call where there is one, else the
-        model's), ``rbc_diameter`` and ``warning``."""
+        model's; an image a person has called is not flagged for review), ``rbc_diameter``
+        and ``warning``."""
         table = calls_table(self.calls, list(range(1, len(self.calls) + 1)), classes=self.classes)
         table.insert(1, "file", [str(path) for path in self.paths])
         _with_person_calls(table, self.annotated)
@@ -395,6 +397,11 @@ def classify_cell_images(
     CellImages
         Unreadable images are listed in ``failed`` with the reason, not raised. A person's
         calls saved in the folder's ``cell_labels.csv`` are kept over the model's.
+
+    Raises
+    ------
+    AnnotationError
+        Before any work, if a folder's ``cell_labels.csv`` cannot be read (:func:`folder_calls`).
     """
     classified, failed, warnings = [], [], []
     for path, result, error in classify_files(
@@ -440,23 +447,27 @@ def classify_files(
     smear fields (``segment``) are measured one by one. With ``use_annotations`` a person's
     calls are kept over the model's: those saved beside each smear, or in a single-cell
     image's folder (``cell_labels.csv``, see
-    :func:`~napari_cytodiffusion.core.annotations.load_folder_labels`). The progress bar
-    covers all files.
+    :func:`folder_calls`). The progress bar covers all files.
+
+    Raises
+    ------
+    AnnotationError
+        Before any image is classified, if a folder's ``cell_labels.csv`` cannot be read.
     """
     from pathlib import Path
 
-    from napari_cytodiffusion.core.annotations import load_annotations, load_folder_labels
+    from napari_cytodiffusion.core.annotations import load_annotations
     from napari_cytodiffusion.core.io import InputFileError, read_image
     from napari_cytodiffusion.core.progress import phase, report
     from napari_cytodiffusion.core.smear.image import ImageError
 
     paths = [Path(path) for path in paths]
+    person_calls = folder_calls(paths) if use_annotations and not segment else None
     scales, start = [rbc_diameter] * len(paths), 0.0
     if rbc_diameter is None and not segment:
         start = _SCALE_SHARE
         scales = batch_rbc_diameters(paths, progress=phase(progress, 0.0, start))
     step = (1.0 - start) / max(len(paths), 1)
-    folder_labels = {}  # {folder: {file name: the person's class}}, read once per folder
     for i, (path, scale) in enumerate(zip(paths, scales, strict=True)):
         file_progress = phase(progress, start + i * step, start + (i + 1) * step)
         try:
@@ -471,15 +482,41 @@ def classify_files(
                 annotations=annotations,
                 progress=file_progress,
             )
-            if use_annotations and not segment:
-                if path.parent not in folder_labels:
-                    folder_labels[path.parent] = load_folder_labels(path.parent)
-                result.annotated = [folder_labels[path.parent].get(path.name, "")]
+            if person_calls is not None:
+                result.annotated = [person_calls[path.parent].get(path.name, "")]
         except (ImageError, InputFileError, ValueError) as error:
             report(file_progress, 1, 1)  # a file that failed is done with too
             yield path, None, str(error)
             continue
         yield path, result, ""
+
+
+def folder_calls(paths):
+    """{folder: {file name: a person's class}} from the ``cell_labels.csv`` of each folder of
+    the single-cell images ``paths`` (see
+    :func:`~napari_cytodiffusion.core.annotations.load_folder_labels`), read before any work:
+    a damaged table is refused at once, not after every image was classified.
+
+    Raises
+    ------
+    AnnotationError
+        Naming the table that cannot be read and saying how to go on.
+    """
+    from pathlib import Path
+
+    from napari_cytodiffusion.core.annotations import AnnotationError, load_folder_labels
+
+    calls = {}
+    for folder in dict.fromkeys(Path(path).parent for path in paths):
+        try:
+            calls[folder] = load_folder_labels(folder)
+        except AnnotationError as error:
+            reason = error.__cause__ or error  # what is wrong with it, without the advice
+            raise AnnotationError(
+                f"{reason} It holds a person's calls of the images in its folder (columns "
+                "file and label): fix it, or move it aside to classify without them."
+            ) from error
+    return calls
 
 
 def shared_rbc_diameter(paths, most=25, progress=None):
@@ -577,11 +614,15 @@ def size_groups(paths):
 
 def _with_person_calls(table, annotated):
     """``predicted`` (the model's call) and ``annotated`` (the person's, or "") right after
-    ``label``, which becomes the person's call where there is one, in place."""
+    ``label``, which becomes the person's call where there is one, in place; a cell a person
+    has called needs no more review (``needs_review`` False, no ``why``), as every face says."""
     at = table.columns.get_loc("label") + 1
     table.insert(at, "predicted", table["label"])
     table.insert(at + 1, "annotated", list(annotated))
-    table["label"] = table["annotated"].where(table["annotated"] != "", table["predicted"])
+    called = table["annotated"] != ""
+    table["label"] = table["annotated"].where(called, table["predicted"])
+    table.loc[called, "needs_review"] = False
+    table.loc[called, "why"] = ""
 
 
 # The columns of calls_table after the probabilities: CellCall's attributes of these names.

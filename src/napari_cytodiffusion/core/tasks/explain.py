@@ -41,14 +41,23 @@ class ExplainRequest:
     segment : bool
         Segment the image first and take cell ``cell_id`` of its white cells.
     source : str, optional
-        The cell's current class; the classifier's call (``classify_crops``) when not given.
+        The cell's current class, as given; when not given, a person's label of it (from
+        ``annotations``, then from ``row``), else the call ``row`` records, else the
+        classifier's call (``classify_crops``).
     all_targets : bool
         Edit towards every class, not only ``target`` (for the all-classes figure).
     annotations : Annotations, optional
         A person's review of the smear (with ``labels`` or ``segment``), applied as classify
         applies it: deleted cells are gone, painted cells added, so ``cell_id`` numbers the
         cells as classify does; the person's label, where it is a class of the model, is the
-        cell's current class unless ``source`` is given.
+        cell's current class unless ``source`` is given. A cell a person deleted is refused.
+    row : dict, optional
+        The cell's row of a table of cells as a face shows it: of a calls table
+        (:meth:`~napari_cytodiffusion.core.tasks.classify.Classification.table`,
+        :meth:`~napari_cytodiffusion.core.tasks.classify.CellImages.table`), whose person's
+        call (``annotated``) or else classifier's call (``predicted``, ``p_<class>``,
+        ``needs_review``, ``why``) is the current class without calling the cell again; or of
+        another table, whose ``label`` is then the current class as given.
     """
 
     target: str
@@ -65,6 +74,7 @@ class ExplainRequest:
     rbc_diameter: float | None = None
     all_targets: bool = False
     annotations: object = None
+    row: dict | None = None
 
 
 class _Located(NamedTuple):
@@ -98,7 +108,8 @@ class Explanation:
         (rows, cols) of the image the cell came from.
     cell_id : int or None
     call : CellCall or None
-        The classifier's call that gave the current class (None when it was given).
+        The classifier's call that gave the current class: made here, or the one the
+        request's ``row`` records (None when the class was given or is a person's label).
     central_across : float or None
         Red cells across the image, when its central cell was taken (no labels given).
     annotated : bool
@@ -251,9 +262,7 @@ def explain(image, model, request, progress=None):
     _validate_request(request, model)
     located = _locate(image, model, request)
     site, crop = located.site, located.crop
-    # A person's label of the cell is its current class, as classify keeps it over the call.
-    annotated = request.source is None and located.person in model.classes
-    call, source = None, request.source or (located.person if annotated else None)
+    source, call, annotated = _known_class(request, located.person, model)
     targets = model.classes if request.all_targets else (_canonical(request.target, model),)
     edit_cost = counterfactual.edit_evaluations(request.strength, request.steps, request.method)
     calling = _CALL_COST * (source is None)
@@ -341,6 +350,7 @@ def explain_grid(
     trials=DEFAULT_TRIALS,
     seed=0,
     rbc_diameter=None,
+    annotations=None,
     progress=None,
 ):
     """Mean heat maps over every labelled cell of a smear, or every image of a stack.
@@ -354,9 +364,14 @@ def explain_grid(
         White-cell instance labels of the smear.
     sources : str or dict, optional
         The cells' current classes: one class for all, or {cell id or plane index: class}
-        (missing or None: the best fit in these trials).
+        (missing or None: a person's label of it, else the best fit in these trials).
     trials, seed : int
     rbc_diameter : float, optional
+    annotations : Annotations, optional
+        A person's review of the smear (with ``labels``), applied as classify applies it:
+        deleted cells are left out (their ``sources`` too), painted cells added, and a
+        person's label of a cell the model knows is its current class where ``sources``
+        gives none.
     progress : callable, optional
 
     Returns
@@ -367,6 +382,8 @@ def explain_grid(
 
     if not trials >= 1:
         raise ValueError(f"trials must be at least 1, got {trials}.")
+    if annotations is not None and labels is not None:
+        labels, sources = _annotated_set(labels, annotations, sources, model)
     crops, keys = _cell_set(image, model, labels, rbc_diameter)
     if isinstance(sources, dict) or sources is None:
         unknown = sorted(set(sources or {}) - set(keys), key=str)
@@ -411,6 +428,22 @@ def _cell_set(image, model, labels, rbc_diameter):
     return np.stack(crops), list(range(len(crops)))
 
 
+def _annotated_set(labels, annotations, sources, model):
+    """``labels`` with a person's ``annotations`` applied, and the cells' ``sources``: those
+    given, else a person's label of a class of the model; none for a cell they deleted."""
+    from napari_cytodiffusion.core.annotations import annotate_labels
+
+    annotated, human, _ = annotate_labels(labels, annotations)
+    if isinstance(sources, str):
+        return annotated, sources
+    kept = set(np.unique(annotated).tolist()) - {0}
+    # Painted again over a cell already painted (a classes layer), a label has no pixels.
+    known = {cell: name for cell, name in human.items() if cell in kept and name in model.classes}
+    deleted = set(np.unique(labels).tolist()) - kept
+    given = {cell: name for cell, name in (sources or {}).items() if cell not in deleted}
+    return annotated, {**known, **given}
+
+
 def _locate(image, model, request):
     """The requested cell, as a :class:`_Located`."""
     from napari_cytodiffusion.core.smear import crops as cropping
@@ -421,18 +454,14 @@ def _locate(image, model, request):
     if request.labels is None and not request.segment and cropping.is_model_crop(image, size):
         crop = to_rgb_float(image)
         return _Located(cropping.model_crop_site(size), crop, (size, size), None, None, "")
+    labels, person = request.labels, ""
+    if labels is not None:  # before any work: a cell a person deleted is refused at once
+        labels, person = _annotated_cell(labels, request)
     smear = prepare_smear(image, request.rbc_diameter, fallback_rbc_diameter=model.lab_rbc_diameter)
-    labels = request.labels
     if request.segment:
         from napari_cytodiffusion.core.smear.segmentation import segment_smear
 
-        labels = segment_smear(smear).wbc_labels
-    person = ""
-    if request.annotations is not None:
-        from napari_cytodiffusion.core.annotations import annotate_labels
-
-        labels, human, _ = annotate_labels(labels, request.annotations)
-        person = human.get(int(request.cell_id), "")
+        labels, person = _annotated_cell(segment_smear(smear).wbc_labels, request)
     across = None
     if labels is None:
         site = cropping.central_cell_site(smear)
@@ -441,6 +470,64 @@ def _locate(image, model, request):
         site = cropping.labelled_cell_sites(smear, labels, [request.cell_id])[0]
     colours = smear.colour_map.statistics()[None]
     return _Located(site, site.crop(smear.rgb, size), smear.shape, across, colours, person)
+
+
+def _annotated_cell(labels, request):
+    """``labels`` with the request's annotations applied (unchanged without), and a person's
+    label of the requested cell ("" where none); a cell a person deleted is refused, saying
+    so."""
+    annotations = request.annotations
+    if annotations is None:
+        return labels, ""
+    from napari_cytodiffusion.core.annotations import SUFFIX, annotate_labels
+
+    cell = int(request.cell_id)
+    annotated, human, _ = annotate_labels(labels, annotations)
+    # A painted cell takes a value above every label's: the cell's value is gone only if
+    # the person deleted it.
+    if not np.any(annotated == cell) and np.any(np.asarray(labels) == cell):
+        raise ValueError(
+            f"No cell with label {cell}: a person deleted it as not a white cell (in "
+            f"{annotations.image}{SUFFIX}); choose another cell."
+        )
+    return annotated, human.get(cell, "")
+
+
+def _known_class(request, person, model):
+    """(class, call, whether a person's label) of the cell's current class as known before
+    any call: the ``source`` given, a person's label of a class of the model (``person`` from
+    the annotations, then the row's), the call the row records, or the row's ``label`` as
+    given; (None, None, False) when the classifier is to call the cell."""
+    if request.source is not None:
+        return request.source, None, False
+    row = request.row or {}
+    for human in (person, row.get("annotated")):
+        if human in model.classes:
+            return human, None, True
+    label = row.get("predicted", row.get("label"))
+    if label not in model.classes:
+        return None, None, False
+    call = _recorded_call(row, label, model.classes) if "needs_review" in row else None
+    return label, call, False
+
+
+def _recorded_call(row, label, classes):
+    """The classifier's call ``label`` that a calls table's ``row`` records."""
+    from napari_cytodiffusion.core.model.classifier import CellCall
+
+    values = {name: float(row.get(name, np.nan)) for name in _RECORDED_SCORES}
+    return CellCall(
+        label=label,
+        probabilities={name: float(row.get(f"p_{name}", np.nan)) for name in classes},
+        needs_review=bool(row["needs_review"]),
+        unet_evals=int(row.get("unet_evals", 0)),
+        why=str(row.get("why") or ""),
+        **values,
+    )
+
+
+# The scores of a CellCall that a calls table keeps in columns of the same names.
+_RECORDED_SCORES = ("uncertainty", "anomaly_score", "domain_shift", "softness", "size_ratio")
 
 
 def _canonical(name, model):
