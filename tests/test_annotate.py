@@ -401,6 +401,23 @@ def test_a_renamed_classes_layer_keeps_its_markers_and_itself(annotating):
     assert len(reviewed.data) == 1
 
 
+def test_cells_replaced_by_classify_begin_the_review_afresh(annotating):
+    """Classify cells, run again, updates the classes layer in place: Undo cannot take back
+    an edit of cells that are gone, and the counter counts the new cells."""
+    viewer, widget, layer, _ = annotating
+    widget.select(1)
+    widget.set_label("neutrophil")
+    assert widget._undo
+    features = layer.features.iloc[:1].copy()
+    features.loc[0, ["label", "annotated", "needs_review"]] = ["monocyte", "", True]
+    labels = np.zeros_like(layer.data)
+    labels[10:30, 10:30] = 1
+    layer.features = features
+    layer.data = labels  # as Classify cells sets them: the features first
+    assert not widget._undo
+    assert widget._counter.value == "0 of 1 cells reviewed; 1 flagged left"
+
+
 def test_a_later_session_keeps_the_cells_deleted_and_painted_before(annotating):
     """Classify cells leaves a deleted cell out of its layer: reviewing that layer in a later
     session keeps the deletion, and replaces the painted cell's entry without losing its mask."""

@@ -203,8 +203,11 @@ def test_running_again_updates_the_earlier_layers(classify_widget, pbc_dir, qtbo
     uncertainty, markers = viewer.layers["cell uncertainty"], viewer.layers["cell needs review"]
     uncertainty.visible, markers.visible = True, False
     widget.class_layer.name = "mine"
+    classes = widget.class_layer
     _classify_now(widget, qtbot)
     assert widget._status.value.startswith("done: 1 white cell")
+    # Updated in place: napari makes a full garbage collection whenever a layer is removed.
+    assert widget.class_layer is classes
     assert [layer.name for layer in viewer.layers] == [
         "cell",
         "mine",

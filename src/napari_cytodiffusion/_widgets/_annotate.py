@@ -195,10 +195,12 @@ class AnnotateWidget(DockForm):
         layer.features = features
         self._begin_review(layer)
         unbind_keys, unwatch = bind_labelling(layer, self._classes(), self), self._watch(layer)
+        layer.events.data.connect(self._cells_replaced)
 
         def unbind():
             unbind_keys()
             unwatch()
+            layer.events.data.disconnect(self._cells_replaced)
 
         self._unbind = unbind
         self._redraw()
@@ -223,6 +225,15 @@ class AnnotateWidget(DockForm):
                 layer.mouse_drag_callbacks.remove(clicked)
 
         return unwatch
+
+    def _cells_replaced(self, event):
+        """Classify cells ran again and gave the layer new cells (its edits change pixels in
+        place, never the whole data): the review and Undo begin afresh from them, as they
+        carry the sidecar's review already."""
+        layer = self.layer
+        if layer is not None and layer.unique_id == event.source.unique_id:
+            self._reviews.pop(layer.unique_id, None)
+            self._attach(layer)
 
     def _forget_removed(self, event):
         """A removed layer's review goes with it: kept, it would pile up, and the layer added
