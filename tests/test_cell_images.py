@@ -442,6 +442,13 @@ def test_widget_counts_only_images_nobody_has_called_to_review(fake_task, qtbot,
     widget.set_label("basophil")
     assert list(tiles.features.loc[2, ["needs_review", "why"]]) == [False, ""]
     assert len(rings.data) == 0 and widget._flagged.count() == 0
+    # The grid's own table, what Counterfactuals reads of a tile, follows the calls.
+    grid_table = widget._grid.metadata["features"]
+    assert list(grid_table.iloc[2][["label", "annotated", "needs_review"]]) == [
+        "basophil",
+        "basophil",
+        False,
+    ]
 
 
 def test_a_refused_or_empty_run_leaves_no_earlier_result_on_screen(

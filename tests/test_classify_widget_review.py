@@ -219,6 +219,21 @@ def test_running_again_updates_the_earlier_layers(classify_widget, pbc_dir, qtbo
     assert viewer.layers["cell needs review"] is markers and not markers.visible
 
 
+def test_an_image_of_another_shape_gets_one_classes_layer(classify_widget, pbc_dir, qtbot):
+    """The earlier classes layer cannot take cells of another shape: it is replaced, not
+    left to be found (and passed over) by every later run."""
+    viewer, widget = classify_widget
+    image = _cell(viewer, pbc_dir / EOSINOPHIL)
+    widget._single.value = True
+    _classify_now(widget, qtbot)
+    image.data = image.data[:150, :150]
+    for _ in range(2):
+        _classify_now(widget, qtbot)
+        assert widget._status.value.startswith("done: 1 white cell")
+        classes = [layer for layer in viewer.layers if layer.metadata.get("shows") == "classes"]
+        assert classes == [widget.class_layer] and widget.class_layer.data.shape == (150, 150)
+
+
 def test_a_run_without_white_cells_clears_the_earlier_result(classify_widget, pbc_dir, qtbot):
     viewer, widget = classify_widget
     image = _cell(viewer, pbc_dir / EOSINOPHIL)

@@ -355,6 +355,10 @@ class CellImagesWidget(DockForm):
         review = (False, "") if label else self._model_review[row]
         features.loc[row, ["needs_review", "why"]] = review
         layer.features = features
+        # The grid keeps its own copy of the table, what Counterfactuals reads of a tile.
+        copy = self._grid.metadata["features"]
+        columns = ["annotated", "label", "needs_review", "why"]
+        copy.loc[copy.index[row], columns] = features.loc[row, columns].to_numpy()
         try:
             path = self._save_labels(features)
         except (OSError, ValueError) as error:  # a read-only folder, a damaged table

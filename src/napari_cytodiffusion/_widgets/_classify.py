@@ -395,7 +395,8 @@ class ClassifyWidget(DockForm):
         Updated in place, not replaced: napari collects all garbage whenever a layer is
         removed (a full ``gc.collect()``, 0.2-0.3 s on this CPU). *Annotate cells* begins the
         layer's review and Undo afresh when its cells are replaced (its ``data`` event), so
-        set last, once the features and metadata it reads are the new ones."""
+        set last, once the features and metadata it reads are the new ones. An earlier layer
+        of another shape (the image's pixels were changed) is replaced."""
         link = result_link(new.metadata["image_id"], "classes")
         earlier = linked_layer(self._viewer, "labels", link)
         if earlier is not None and earlier.data.shape == new.data.shape:
@@ -415,6 +416,11 @@ class ClassifyWidget(DockForm):
         self._show_fill()  # in case Fill was toggled while the work ran
         yield
         yield from select_then_show(self._viewer, new)
+        if earlier is not None:
+            # Of another shape (the image's pixels were changed): it shows cells of no image
+            # and, left, would be found again by the next run instead of this one.
+            self._viewer.layers.remove(earlier)
+            yield
 
     def _take_back(self, before, image_id):
         """After an error while the result was shown: remove the layers of ``image_id`` it
