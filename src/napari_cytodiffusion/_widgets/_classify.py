@@ -314,12 +314,13 @@ class ClassifyWidget(DockForm):
         """Main thread: add the layers prepared by the worker, one per turn of the event loop
         (see ``_runner``); on an error, the layers this result added are taken away again."""
         model, result, layers = outcome
+        from napari_cytodiffusion.core.model.classifier import review_thresholds
         from napari_cytodiffusion.core.model.diffusion import network_precision
 
         self._device_used.value = f"ran on: {model.device} ({network_precision(model.device)})"
         # Not shown where another model was chosen while this one ran: its boxes are its own.
         shown = choice == self._fields.choice()
-        for threshold, value in zip(self._thresholds, calibrated_thresholds(model), strict=True):
+        for threshold, value in zip(self._thresholds, review_thresholds(model), strict=True):
             threshold.show_calibrated(value, shown)
         if layers is None:
             self._forget_result()
@@ -716,16 +717,6 @@ def _fill(labels, cell_ids, values):
     lookup = np.zeros(int(labels.max()) + 1, np.float32)
     lookup[np.asarray(cell_ids, int)] = np.asarray(values, np.float32)
     return lookup[labels]
-
-
-def calibrated_thresholds(model):
-    """The model's calibrated (uncertainty, anomaly) review thresholds, exact, with the
-    defaults ``calls_from_errors`` takes for a model without them."""
-    calibration = model.calibration or {}
-    return (
-        float(calibration.get("uncertainty_threshold", 0.3)),
-        float(calibration.get("anomaly_threshold", 3.0)),
-    )
 
 
 def with_review(table, limits):

@@ -541,6 +541,16 @@ def split_null(model, errors, null=None):
     return errors, None
 
 
+def review_thresholds(model):
+    """The model's calibrated (uncertainty, anomaly) review thresholds, exact; (0.3, 3.0) for a
+    model without calibration."""
+    calibration = model.calibration or {}
+    return (
+        float(calibration.get("uncertainty_threshold", 0.3)),
+        float(calibration.get("anomaly_threshold", 3.0)),
+    )
+
+
 def calls_from_errors(
     model,
     errors,
@@ -567,10 +577,11 @@ def calls_from_errors(
     # Evidence is in per-trial standard deviations; the fitted inverse temperature turns it
     # into log-odds. Without calibration one SD of mean excess counts as one nat.
     temperature = float(calibration.get("inverse_temperature", 1.0))
+    calibrated = review_thresholds(model)
     if uncertainty_threshold is None:
-        uncertainty_threshold = float(calibration.get("uncertainty_threshold", 0.3))
+        uncertainty_threshold = calibrated[0]
     if anomaly_threshold is None:
-        anomaly_threshold = float(calibration.get("anomaly_threshold", 3.0))
+        anomaly_threshold = calibrated[1]
     if domain_threshold is None:
         domain_threshold = 1.0
     real, null = split_null(model, errors)
