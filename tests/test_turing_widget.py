@@ -126,6 +126,8 @@ def test_a_test_can_be_ended_early_and_closing_the_panel_ends_it(
     viewer, widget = _widget(make_napari_viewer, tmp_path, 2)
     widget._build.native.click()
     qtbot.waitUntil(lambda: widget.testing, timeout=60_000)
+    # The panel's last layer steps may still run (a loaded machine): Build waits for them.
+    qtbot.waitUntil(lambda: not widget._runner.running, timeout=60_000)
     widget._real.native.click()
     widget._end.native.click()
     assert not widget.testing and widget._progress.value == "ended: 1 of 4 answers"
