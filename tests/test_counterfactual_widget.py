@@ -73,25 +73,33 @@ def test_click_a_cell_and_get_maps_over_it(make_napari_viewer, qtbot, cells):
 
 def test_the_images_own_cells_are_chosen_and_only_they_are_offered(make_napari_viewer):
     """Opened after Segment and Classify cells: the smear's classes layer (its calls are the
-    cells' classes), else its white cells; never red cells, another image's labels or a map."""
+    cells' classes), else its white cells; never red cells, another image's labels or a map.
+    The layers are the smear's by its id, whatever either is renamed to."""
+    from napari_cytodiffusion._widgets._common import layer_id
+
     viewer = make_napari_viewer()
     smear = viewer.add_image(np.zeros((40, 50, 3), np.uint8), name="smear", rgb=True)
     viewer.add_image(np.zeros((40, 50)), name="smear uncertainty")
-    shape = (40, 50)
-    viewer.add_labels(
-        np.zeros(shape, np.uint16), name="red", metadata={"source": "smear", "cells": "red"}
-    )
+    shape, mine = (40, 50), {"source": "smear", "image_id": layer_id(smear)}
+    viewer.add_labels(np.zeros(shape, np.uint16), name="red", metadata={**mine, "cells": "red"})
     white = viewer.add_labels(
-        np.zeros(shape, np.uint16), name="white", metadata={"source": "smear", "cells": "white"}
+        np.zeros(shape, np.uint16), name="white", metadata={**mine, "cells": "white"}
     )
     viewer.add_labels(np.zeros((30, 30), np.uint16), name="another image's cells")
+    smear.name, white.name = "renamed smear", "renamed cells"
     widget = CounterfactualWidget(viewer)
     assert widget._image.choices == (smear,)
     assert set(widget._labels.choices) == {None, white}
     assert widget._labels.value is white
     classes = viewer.add_labels(
-        np.zeros(shape, np.uint16), name="classes", metadata={"source": "smear", "class": True}
+        np.zeros(shape, np.uint16), name="classes", metadata={**mine, "class": True}
     )
+    assert widget._labels.value is classes
+    # Another image opened under the smear's first name lends it none of them.
+    other = viewer.add_image(np.zeros((40, 50, 3), np.uint8), name="smear", rgb=True)
+    widget._image.value = other
+    assert widget._labels.value is None
+    widget._image.value = smear
     assert widget._labels.value is classes
     widget._labels.value = white  # a person's choice stands when another layer is added
     drawn = viewer.add_labels(np.zeros(shape, np.uint16), name="drawn by hand")

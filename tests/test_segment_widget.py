@@ -78,6 +78,17 @@ def test_segment_adds_labelled_layers_with_features(make_napari_viewer, qtbot):
     _, classify = viewer.window.add_plugin_dock_widget(PLUGIN, "Classify cells")
     assert white in classify._labels.choices and nuclei not in classify._labels.choices
 
+    # Renamed, the image and its layers stay tied by the image's id, not their names.
+    image.name, white.name, nuclei.name = "field 1", "my cells", "my nuclei"
+    classify._pick_segmented()
+    assert classify._labels.value is white
+    widget._nuclei.value = False
+    widget._run.native.click()
+    qtbot.waitUntil(lambda: not widget.runner.running, timeout=60000)
+    assert viewer.layers["my cells"] is white and white.metadata["source"] == "field 1"
+    assert "my nuclei" not in viewer.layers  # not asked for: it goes, whatever its name
+    assert len(viewer.layers) == 4
+
 
 def test_cancel_stops_quickly_and_adds_nothing(make_napari_viewer, qtbot):
     viewer = make_napari_viewer()

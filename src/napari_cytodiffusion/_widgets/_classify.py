@@ -40,6 +40,7 @@ from napari_cytodiffusion._widgets._common import (
     full_resolution,
     layer_id,
     linked_layer,
+    made_for,
     no_smear_message,
     removed_layer,
     result_link,
@@ -644,17 +645,9 @@ def cell_colours(table, classes):
 
 
 def _segmented_from(layer, image):
-    """Whether ``layer`` holds the white cells Segment cells made for ``image``: of its name,
-    its shape and the image itself (another image opened under the same name is not it)."""
-    return (
-        isinstance(layer, Labels)
-        and image is not None
-        and layer.metadata.get("source") == image.name
-        and layer.metadata.get("image_id") == layer_id(image)
-        and tuple(layer.data.shape) == tuple(image.data.shape[:2])
-        and layer.metadata.get("cells", "white") == "white"
-        and "class" not in layer.metadata
-    )
+    """Whether ``layer`` holds the white cells Segment cells made for ``image`` (see
+    :func:`made_for`; not a classes layer)."""
+    return made_for(layer, image) and "class" not in layer.metadata
 
 
 def differential_table():

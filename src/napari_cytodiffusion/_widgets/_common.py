@@ -187,6 +187,19 @@ def review_markers(viewer, classes_layer):
     return linked_layer(viewer, "points", result_link(image_id, "needs review"))
 
 
+def made_for(layer, image):
+    """Whether ``layer`` numbers the white cells this plugin found for ``image`` (Segment
+    cells' white cells, Classify cells' classes): by the image's id, so whatever either is
+    named, and never for another image opened under the same name."""
+    return (
+        isinstance(layer, Labels)
+        and image is not None
+        and layer.metadata.get("image_id") == layer_id(image)
+        and layer.metadata.get("cells", "white") == "white"
+        and tuple(layer.data.shape) == tuple(image.data.shape[:2])
+    )
+
+
 def update_or_add(viewer, kind, data, name, features, metadata, link=None, **new_only):
     """The ``kind`` ("image", "labels" or "points") layer showing ``data``.
 

@@ -25,6 +25,7 @@ from napari_cytodiffusion._widgets._common import (
     RunRow,
     added_unselected,
     full_resolution,
+    made_for,
     rbc_diameter_field,
     removed_layer,
     rgb_images,
@@ -564,7 +565,4 @@ def _made_for(layer, image):
         return False
     if "grid" in image.metadata:
         return layer.metadata.get("tiles") == image.name
-    return (
-        layer.metadata.get("source") == image.name
-        and layer.metadata.get("cells", "white") == "white"
-    )
+    return made_for(layer, image)

@@ -3,9 +3,10 @@
 Adds, all at once when the work is done: a Labels layer of white cells whose ``features`` (one
 row per cell, ``index`` = label) show on hover, a Labels layer of red cells and a Points layer
 of platelets, and on request a Labels layer of the white cells' nuclei (each with its cell's
-label, drawn as outlines), all aligned with the image layer. The Labels layers' metadata
-names the image they were made for (``source``) and their cells (``cells``: white, red or
-nuclei), which is how Classify cells picks the right white cells.
+label, drawn as outlines), all aligned with the image layer. Each layer's metadata names the
+image it was made for (``source``, and ``image_id``: the image whatever it is renamed to) and
+its cells (``cells``: white, red, platelets or nuclei). That is how a rerun finds its earlier
+layers, renamed or not, and how Classify cells picks the right white cells.
 """
 
 import numpy as np
@@ -18,6 +19,7 @@ from napari_cytodiffusion._widgets._common import (
     RunRow,
     full_resolution,
     layer_id,
+    linked_layer,
     no_smear_message,
     rbc_diameter_field,
     removed_layer,
@@ -101,8 +103,16 @@ class SegmentWidget(DockForm):
         earlier run's layers of the same image take the new data in place."""
         result, name = found.segmentation, image.name
         placement = {"scale": image.scale[-2:], "translate": image.translate[-2:]}
-        if nucleus_labels is None and f"{name} nuclei" in self._viewer.layers:
-            self._viewer.layers.remove(f"{name} nuclei")  # not asked for this time
+
+        def link(cells):
+            return {"image_id": layer_id(image), "cells": cells}
+
+        def metadata(cells):
+            return {"source": name, **link(cells)}
+
+        earlier_nuclei = linked_layer(self._viewer, "labels", link("nuclei"))
+        if nucleus_labels is None and earlier_nuclei is not None:
+            self._viewer.layers.remove(earlier_nuclei.name)  # not asked for this time
         platelets = result.table("platelet")
         yield from update_or_add_in_steps(
             self._viewer,
@@ -110,7 +120,8 @@ class SegmentWidget(DockForm):
             rbc_labels,
             f"{name} red cells",
             result.table("rbc"),
-            {"source": name, "cells": "red"},
+            metadata("red"),
+            link=link("red"),
             opacity=0.35,
             **placement,
         )
@@ -120,7 +131,8 @@ class SegmentWidget(DockForm):
             platelets[["centroid_row", "centroid_col"]].to_numpy(float),
             f"{name} platelets",
             platelets,
-            {"source": name, "cells": "platelets"},
+            metadata("platelets"),
+            link=link("platelets"),
             size=max(4.0, 0.5 * result.rbc_diameter),
             face_color="transparent",
             border_color="#00ff66",
@@ -134,8 +146,9 @@ class SegmentWidget(DockForm):
                 nucleus_labels,
                 f"{name} nuclei",
                 result.table("wbc"),  # a nucleus has its white cell's label
-                {"source": name, "cells": "nuclei"},
+                metadata("nuclei"),
                 settings=[("contour", 1)],
+                link=link("nuclei"),
                 **placement,
             )
         wbc = yield from update_or_add_in_steps(
@@ -144,13 +157,9 @@ class SegmentWidget(DockForm):
             result.wbc_labels,
             f"{name} white cells",
             result.table("wbc"),
-            # Classify cells picks these for this image only: its name and its id.
-            {
-                "rbc_diameter": result.rbc_diameter,
-                "source": name,
-                "image_id": layer_id(image),
-                "cells": "white",
-            },
+            # Classify cells picks these for this image only (by its id).
+            {"rbc_diameter": result.rbc_diameter, **metadata("white")},
+            link=link("white"),
             opacity=0.6,
             **placement,
         )
