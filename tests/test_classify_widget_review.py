@@ -320,3 +320,44 @@ def test_a_failed_export_says_why(classify_widget, tmp_path, monkeypatch):
         assert errors.pop() == f"Could not export the cells to {path}: {reason}."
         assert widget._status.value == f"export failed: {reason}"
     assert list(tmp_path.iterdir()) == []
+
+
+def test_an_edit_saved_while_classifying_shows_in_the_result(
+    classify_widget, classify_calls, monkeypatch, tmp_path, qtbot
+):
+    """A person who labels a cell in Annotate cells while Classify cells runs on its image
+    sees the label in the result (classified again with it), not the cell as unreviewed."""
+    import shutil
+    from pathlib import Path
+
+    from napari_cytodiffusion.core.annotations import (
+        Annotations,
+        CellAnnotation,
+        load_annotations,
+        save_annotations,
+    )
+    from napari_cytodiffusion.core.tasks import classify as task
+
+    samples = Path(__file__).resolve().parents[1] / "src" / "napari_cytodiffusion" / "sample_data"
+    path = tmp_path / "field.jpg"
+    shutil.copy(samples / "cbc_monocyte_eosinophil.jpg", path)
+    viewer, widget = classify_widget
+    (image,) = viewer.open(str(path), plugin="napari")
+    widget._image.value = image
+    recorded = task.classify
+
+    def edited_meanwhile(data, model, **options):
+        result = recorded(data, model, **options)
+        if load_annotations(path) is None:  # the first run: a person labels its first cell
+            row = result.table().iloc[0]
+            cell = CellAnnotation((row.centroid_row, row.centroid_col), "basophil")
+            save_annotations(Annotations(path.name, data.shape[:2], [cell]), path)
+        return result
+
+    monkeypatch.setattr(task, "classify", edited_meanwhile)
+    _classify_now(widget, qtbot)
+    assert len(classify_calls) == 2
+    assert classify_calls[0]["annotations"] is None
+    assert classify_calls[1]["annotations"] == load_annotations(path)
+    table = widget.class_layer.features
+    assert table["annotated"].tolist()[0] == "basophil" and table["label"].iloc[0] == "basophil"

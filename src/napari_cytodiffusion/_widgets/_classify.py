@@ -71,6 +71,8 @@ CALIBRATED = "calibrated"
 # Beyond 16 bits napari colours labels only with numba installed, and their colour table
 # cannot be filled at once (direct_colormap): larger cell ids are numbered 1, 2, ... instead.
 LARGEST_CELL_ID = np.iinfo(np.uint16).max
+# Classifications of one run at most while a person keeps editing the image's review.
+RUNS_FOR_EDITS = 3
 
 
 class ReviewThreshold:
@@ -548,24 +550,26 @@ def _work(data, settings, progress):
     from napari_cytodiffusion.core.tasks.classify import classify
 
     model = settings["model"].load(progress)
-    annotations = None
-    if settings["segment"] and settings["image_path"] is not None:
-        from napari_cytodiffusion.core.annotations import load_annotations
-
-        annotations = load_annotations(settings["image_path"])
-    result = classify(
-        np.asarray(data),
-        model,
-        segment=settings["segment"],
-        labels=settings["labels"],
-        rbc_diameter=settings["rbc_diameter"],
-        strategy=settings["strategy"],
-        seed=settings["seed"],
-        uncertainty_threshold=settings["uncertainty_threshold"],
-        anomaly_threshold=settings["anomaly_threshold"],
-        annotations=annotations,
-        progress=progress,
-    )
+    path = settings["image_path"] if settings["segment"] else None
+    for _ in range(RUNS_FOR_EDITS):
+        annotations = _annotations(path)
+        result = classify(
+            np.asarray(data),
+            model,
+            segment=settings["segment"],
+            labels=settings["labels"],
+            rbc_diameter=settings["rbc_diameter"],
+            strategy=settings["strategy"],
+            seed=settings["seed"],
+            uncertainty_threshold=settings["uncertainty_threshold"],
+            anomaly_threshold=settings["anomaly_threshold"],
+            annotations=annotations,
+            progress=progress,
+        )
+        # A person who edited the review in Annotate cells meanwhile (saved to the sidecar)
+        # would see the edited cells as not reviewed in this result: classified again with it.
+        if _annotations(path) == annotations:
+            break
     if not result.calls:
         return model, result, None
     table = result.table()
@@ -581,6 +585,15 @@ def _work(data, settings, progress):
         "uncertainty": _fill(labels, table["index"], table["uncertainty"]),
     }
     return model, result, layers
+
+
+def _annotations(image_path):
+    """The review saved beside ``image_path`` (None: no file, or none saved)."""
+    if image_path is None:
+        return None
+    from napari_cytodiffusion.core.annotations import load_annotations
+
+    return load_annotations(image_path)
 
 
 def _class_layer(labels, table, colours, model, result, settings):
