@@ -626,6 +626,64 @@ def test_widget_never_writes_into_another_images_results(make_napari_viewer, qtb
     assert not widget._runner.running
 
 
+def test_widget_keeps_a_batchs_results_of_other_settings_unless_asked(
+    make_napari_viewer, qtbot, tmp_path, field_analysis
+):
+    from napari_cytodiffusion._widgets._common import MODEL_FILE
+    from napari_cytodiffusion.core.model.weights import model_path
+
+    smear = tmp_path / "cbc.jpg"
+    shutil.copy(sample_path("cbc_lymphocyte"), smear)
+    viewer = make_napari_viewer()
+    viewer.open(smear, plugin="napari")
+    out = tmp_path / "results"
+    folder = out / "cbc"
+    # A batch of seed 1 analysed the smear into the layer's folder, and a person corrected it.
+    corrected = replace(field_analysis, cells=field_analysis.cells.assign(label="blast"))
+    _batch_results(corrected, folder, smear, seed=1)
+    before = {path.name: path.read_bytes() for path in folder.iterdir()}
+    widget = _analyze_widget(viewer, out)
+    assert not widget._replace.value
+    advice = "tick *replace earlier results* or choose another results folder."
+    widget._run.native.click()
+    assert widget._status.value == (
+        f"not started: {folder} holds results a batch made with other settings "
+        f"(seed 1 instead of seed 0): {advice}"
+    )
+    widget._fields.model.value = MODEL_FILE
+    widget._fields.file.value = model_path("default")  # the same weights, as a file
+    widget._run.native.click()
+    assert "(another model, seed 1 instead of seed 0)" in widget._status.value
+    assert not widget._runner.running and [layer.name for layer in viewer.layers] == ["cbc"]
+    assert {path.name: path.read_bytes() for path in folder.iterdir()} == before
+    # Asked, the widget replaces them, and the batch's marker no longer calls them its.
+    widget._fields.model.value = "default"
+    widget._replace.value = True
+    _analyze(widget, qtbot)
+    calls = field_analysis.cells["label"].tolist()
+    assert _labels(folder) == calls and not report.read_marker(folder)["finished"]
+    assert viewer.layers["cbc cells"].features["label"].tolist() == calls
+    # Its own results are replaced without asking, as are a batch's of its settings.
+    widget._replace.value = False
+    for batch_seed in (None, 0):
+        if batch_seed is not None:
+            _batch_results(corrected, folder, smear, seed=batch_seed)
+        _analyze(widget, qtbot)
+        assert "Report:" in widget._status.value and _labels(folder) == calls
+
+
+def _batch_results(analysis, folder, source, **settings):
+    """``folder`` as a batch of ``settings`` leaves it: ``analysis``'s files, and the marker
+    calling them its finished results of ``source``."""
+    request = BatchRequest(paths=[source], out=folder.parent, **settings)
+    marker = report.fingerprint(source, analysis_settings(request), [sidecar_path(source)])
+    report.write_smear(analysis, folder, marker=marker)
+
+
+def _labels(folder):
+    return pd.read_csv(folder / "cells.csv")["label"].tolist()
+
+
 def test_widget_applies_the_images_annotations(make_napari_viewer, qtbot, tmp_path):
     smear = tmp_path / "cbc.jpg"
     shutil.copy(sample_path("cbc_lymphocyte"), smear)

@@ -56,12 +56,20 @@ class AnalyzeWidget(DockForm):
             text="open the report when done",
             tooltip="Show report.html in the web browser when the analysis ends.",
         )
+        self._replace = CheckBox(
+            value=False,
+            text="replace earlier results",
+            tooltip="Replace the results a batch (napari-cytodiffusion analyze) made of this "
+            "image in the results folder with other settings, as its --overwrite does; without "
+            "it they are kept and the run is refused. The widget's own results are replaced "
+            "either way.",
+        )
         self._fields = ModelFields(seed_tooltip="Same seed, same calls.")
         row = RunRow("Analysing the smear", "Analyze")
         self._run, self._cancel, self._status = row.buttons[0], row.cancel, row.status
         self._runner = row.runner
         self._run.tooltip = "Segment, classify and triage every white cell of the image."
-        self.add(self._image, self._out, self._open, *self._fields.widgets, row)
+        self.add(self._image, self._out, self._open, self._replace, *self._fields.widgets, row)
         self._run.changed.connect(self._start)
         for event in (napari_viewer.layers.events.inserted, napari_viewer.layers.events.removed):
             event.connect(lambda *_: self.reset_choices())
@@ -80,11 +88,11 @@ class AnalyzeWidget(DockForm):
             return
         # The file it was opened from, named in the report as a batch names its smears.
         source = str(Path(layer.source.path).resolve()) if layer.source.path else None
-        folder = self._results_folder(layer.name, source)
+        choice, seed = self._fields.choice(), self._fields.seed.value
+        folder = self._results_folder(layer.name, source, choice.name, seed)
         if folder is None:
             return
         data = full_resolution(layer)
-        choice, seed = self._fields.choice(), self._fields.seed.value
 
         def job(progress):
             from napari_cytodiffusion.core.annotations import load_annotations
@@ -109,21 +117,46 @@ class AnalyzeWidget(DockForm):
 
         self._runner.start(job, lambda result: self._show(layer, *result), text="analysing")
 
-    def _results_folder(self, name, source):
+    def _results_folder(self, name, source, model, seed):
         """The smear's results folder, checked before any work (the results are written at
         the end): the layer's name, or that and a hash of ``source``'s path where the folder
-        holds another image's results; None, with the reason shown, where there is none."""
-        from napari_cytodiffusion.core.tasks.analyze import result_name
+        holds another image's results; None, with the reason shown, where there is none, or
+        where it holds a batch's results of other settings than ``model`` and ``seed`` and
+        *replace earlier results* is off."""
+        from napari_cytodiffusion.core.tasks.analyze import (
+            BatchRequest,
+            analysis_settings,
+            earlier_results,
+            result_name,
+        )
 
         out = Path(self._out.value)
         try:
             folder = out / result_name(name, source, out)
-        except ValueError as error:
+            # What a batch of this smear records: the widget analyses with a batch's defaults
+            # (tile size, strategy, measured red cells, the annotations applied).
+            settings = analysis_settings(
+                BatchRequest(paths=[source], out=out, model=model, seed=seed)
+            )
+        except ValueError as error:  # a model file that is not there, too
             self._runner.refuse(str(error))
             return None
         problem = folder_problem(folder)
         if problem:
             self._runner.refuse(f"{problem}; choose a results folder you can write into.")
+            return None
+        earlier = earlier_results(folder, settings)
+        # Only a batch's finished results of other settings are kept unasked, as the command
+        # line keeps them. The widget writes no marker of its own (one would make its results
+        # a batch's, skipped and summed up by the next batch of those settings), so its own
+        # results (no marker, or a batch's it turned unfinished) tell nothing of their
+        # settings, and a rerun replaces them as before, whatever the settings.
+        if earlier is not None and earlier.finished and not self._replace.value:
+            made = f" ({earlier.differences})" if earlier.differences else ""
+            self._runner.refuse(
+                f"{folder} holds results a batch made with other settings{made}: tick "
+                "*replace earlier results* or choose another results folder."
+            )
             return None
         return folder
 

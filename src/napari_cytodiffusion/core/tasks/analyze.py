@@ -920,17 +920,80 @@ def _plan(request, sources, out, result):
 def _refuse_replacing(folders, settings):
     """Refuse, before any work, to replace results that a batch of these ``settings`` did not
     make: a person may have corrected them since."""
-    from napari_cytodiffusion.core import report as files
-
     for folder in folders:
-        present = [folder / name for name in files.RESULT_FILES if (folder / name).exists()]
-        marker = files.read_marker(folder)
-        if present and (marker is None or marker.get("settings") != settings):
+        earlier = earlier_results(folder, settings)
+        if earlier is not None:
             raise ValueError(
-                f"{present[0]} exists, from an earlier run with other settings, and may have "
+                f"{earlier.path} exists, from an earlier run with other settings, and may have "
                 "been corrected since: choose another --out folder, or replace the earlier "
                 "results (--overwrite)."
             )
+
+
+@dataclass(frozen=True)
+class EarlierResults:
+    """Results in a smear's folder that a batch of the settings at hand did not make.
+
+    Attributes
+    ----------
+    path : Path
+        The first of their files.
+    finished : bool
+        Whether a batch's marker calls them its finished results: not the *Analyze smear*
+        widget's (no marker, or one it turned unfinished), a person's, or a stopped run's.
+    differences : str
+        The settings the marker records otherwise, in words ("another model, seed 1 instead
+        of seed 0"); empty where it records none (no marker, or an earlier version's).
+    """
+
+    path: object
+    finished: bool
+    differences: str
+
+
+def earlier_results(folder, settings):
+    """The results in ``folder`` that a batch of ``settings`` (:func:`analysis_settings`) would
+    replace although it did not make them; None where there are none, or where its marker
+    records these settings.
+
+    Returns
+    -------
+    EarlierResults or None
+    """
+    from napari_cytodiffusion.core import report as files
+
+    present = [folder / name for name in files.RESULT_FILES if (folder / name).exists()]
+    marker = files.read_marker(folder)
+    if not present or (marker is not None and marker.get("settings") == settings):
+        return None
+    recorded = (marker or {}).get("settings") or {}
+    return EarlierResults(
+        present[0],
+        bool(marker and marker.get("finished")),
+        _differences(recorded, settings) if isinstance(recorded, dict) else "",
+    )
+
+
+def _differences(recorded, settings):
+    """How ``recorded`` settings differ from ``settings``, in words; a model only as another
+    one: its sha256, or its file's size and time, mean nothing to a person."""
+
+    def shown(key, value):
+        if key == "ignore_annotations":
+            return "annotations ignored" if value else "annotations applied"
+        if key == "rbc_diameter":
+            return "red-cell diameter measured" if value is None else f"red-cell diameter {value}"
+        return f"{key.replace('_', ' ')} {value}"
+
+    if not recorded:
+        return ""
+    return ", ".join(
+        "another model"
+        if key == "model"
+        else f"{shown(key, recorded.get(key))} instead of {shown(key, value)}"
+        for key, value in settings.items()
+        if recorded.get(key) != value
+    )
 
 
 def _client(request):
