@@ -273,3 +273,25 @@ def test_train_reports_progress_as_done_and_total(synthetic_cells_dir, tmp_path)
     assert seen and all(total == 1000 for _, total in seen) and seen[-1][0] == 1000
     with pytest.raises(ValueError, match="folder of the output"):
         core.train_model(core.TrainRequest(data=synthetic_cells_dir, out=tmp_path / "no/x.ckpt"))
+
+
+def test_the_core_and_the_command_line_import_without_torch_or_napari():
+    """The core runs headless and on a GPU machine without napari, and napari starts fast:
+    importing the tasks and the command line loads no torch, napari, Qt or magicgui (torch
+    is imported inside the functions that run the model)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import importlib, pkgutil, sys\n"
+        "import napari_cytodiffusion.core.tasks as tasks\n"
+        "import napari_cytodiffusion.cli\n"
+        "for module in pkgutil.iter_modules(tasks.__path__):\n"
+        "    if module.name != '_workers':  # dask's distributed, only inside functions\n"
+        "        importlib.import_module(f'{tasks.__name__}.{module.name}')\n"
+        "heavy = ('torch', 'napari', 'qtpy', 'PyQt5', 'PySide6', 'magicgui')\n"
+        "print(sorted(name for name in heavy if name in sys.modules))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"

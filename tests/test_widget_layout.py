@@ -96,6 +96,26 @@ def test_the_differential_shows_its_three_columns_in_the_docks_width(docked, qtb
         assert table.item(platelet, 0).text() == "platelet *"  # counted per 100, not among them
 
 
+def test_no_field_label_is_clipped(docked, qtbot):
+    """Every field's label shows whole in napari's font, also in the narrowest dock (Analyze
+    smear's "results folder" read "results folde")."""
+    from magicgui.widgets import Container
+
+    _, widgets = docked
+    qtbot.wait(50)
+    clipped = [
+        (type(widget).__name__, field.label)
+        for widget in widgets
+        for field in widget.form
+        if not isinstance(field, Container)
+        and field._labeled_widget() is not None
+        and field.visible
+        and (label := field._labeled_widget()._label_widget.native).width()
+        < label.sizeHint().width()
+    ]
+    assert not clipped
+
+
 def test_every_control_has_a_tooltip_and_the_main_action_a_shortcut(docked):
     _, widgets = docked
     for widget in widgets:

@@ -19,7 +19,7 @@ from magicgui.widgets import (
 )
 from napari.layers import Image, Labels, Points
 from napari.utils.notifications import show_error
-from qtpy.QtCore import QSize, Qt
+from qtpy.QtCore import QEvent, QSize, Qt
 from qtpy.QtGui import QKeySequence
 from qtpy.QtWidgets import QComboBox, QFrame, QScrollArea, QShortcut, QSizePolicy, QWidget
 
@@ -496,7 +496,7 @@ class DockForm(Container):
         super().__init__(labels=False)
         self.form = Container()
         self.form.native.layout().setAlignment(Qt.AlignTop)  # rows stay packed when docks grow
-        self._scroll = _FormScrollArea()
+        self._scroll = _FormScrollArea(self._fit_labels)
         self._scroll.setFrameShape(QFrame.NoFrame)
         self._scroll.setWidget(self.form.native)
         self.native.layout().addWidget(self._scroll)
@@ -504,6 +504,21 @@ class DockForm(Container):
 
     def reset_choices(self, *_):
         self.form.reset_choices()
+
+    def _fit_labels(self):
+        """Give the label column the width of its widest label in the dock's own font.
+
+        magicgui measures the labels' text in the application's default font and leaves out a
+        label's margins; napari's stylesheet, applied when the dock is shown, sets a larger
+        font, so in a narrow dock the widest label was clipped ("results folde")."""
+        labels = [
+            row._label_widget.native
+            for row in (widget._labeled_widget() for widget in self.form)
+            if row is not None
+        ]
+        width = max((label.sizeHint().width() for label in labels), default=0)
+        for label in labels:
+            label.setMinimumWidth(width)
 
     def add(self, *widgets):
         """Append widgets to the form, eliding long combo-box texts.
@@ -547,10 +562,17 @@ MIN_FORM_HEIGHT = 60
 class _FormScrollArea(QScrollArea):
     """Scrolls vertically; as wide as the form needs, never narrower."""
 
-    def __init__(self):
+    def __init__(self, fit_labels):
         super().__init__()
         self.setWidgetResizable(True)
         self.setHorizontalScrollBarPolicy(Qt.ScrollBarAlwaysOff)
+        self._fit_labels = fit_labels
+
+    def event(self, event):
+        # Shown, the form has napari's font; a new font size in napari's settings changes it.
+        if event.type() in (QEvent.Show, QEvent.FontChange, QEvent.StyleChange):
+            self._fit_labels()
+        return super().event(event)
 
     def minimumSizeHint(self):
         inner = self.widget().minimumSizeHint() if self.widget() else QSize(0, 0)
