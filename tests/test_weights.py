@@ -214,6 +214,23 @@ def test_own_files_load_by_path_and_unknown_names_are_explained(tiny_model_bytes
         weights.model_path("no-such-model")
 
 
+def test_a_model_files_classes_are_read_without_building_its_network(
+    tiny_model_bytes, tmp_path, monkeypatch
+):
+    """Widgets ask on the main thread whenever a person picks a file: no network is built."""
+    own = tmp_path / "own.pt"
+    own.write_bytes(tiny_model_bytes)
+    classes = weights.load_model(str(own), device="cpu").classes
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("the network was built")
+
+    monkeypatch.setattr("napari_cytodiffusion.core.model.unet.CellUNet", no_network)
+    assert weights.model_classes(str(own)) == classes
+    (tmp_path / "notes.pt").write_text("not a model")
+    assert weights.model_classes(str(tmp_path / "notes.pt")) is None
+
+
 def test_a_failed_replace_leaves_the_earlier_local_model_loading(
     tiny_model_bytes, tmp_path, isolated_cache, monkeypatch
 ):

@@ -69,9 +69,7 @@ def load_model_file(path, device="cpu", name=None):
     from napari_cytodiffusion.core.model.unet import CellUNet
 
     device = resolve_device(device)
-    state = read_state(path)
-    if not isinstance(state, dict) or state.get("format") != MODEL_FORMAT:
-        raise ModelFileError(f"{path} is not a napari-cytodiffusion model file.")
+    state = _model_state(path)
     config, weights, classes = _contents(path, state)
     try:
         unet = CellUNet(
@@ -121,6 +119,26 @@ def save_model_file(model, path):
     }
     with atomic_write(path) as partial:
         torch.save(contents, partial)
+
+
+def model_file_classes(path):
+    """The classes of a model file, read without building its network (widgets ask on the
+    main thread, whenever a person picks a file).
+
+    Raises
+    ------
+    ModelFileError
+        As :func:`load_model_file`.
+    """
+    return _contents(path, _model_state(path))[2]
+
+
+def _model_state(path):
+    """:func:`read_state` of a file that must be a napari-cytodiffusion model."""
+    state = read_state(path)
+    if not isinstance(state, dict) or state.get("format") != MODEL_FORMAT:
+        raise ModelFileError(f"{path} is not a napari-cytodiffusion model file.")
+    return state
 
 
 def read_state(path):

@@ -360,10 +360,10 @@ def model_classes(name_or_path="default"):
     path = Path(name_or_path).expanduser()
     if not path.is_file():
         return None
-    from napari_cytodiffusion.core.model.checkpoint import ModelFileError, load_model_file
+    from napari_cytodiffusion.core.model.checkpoint import ModelFileError, model_file_classes
 
     try:
-        return load_model_file(path, "cpu").classes
+        return model_file_classes(path)
     except ModelFileError:
         return None
 
