@@ -1,4 +1,4 @@
-"""The "Train / adapt model" widget: trains on a folder of class subfolders showing the counts
+"""The "Train model" widget: trains on a folder of class subfolders showing the counts
 and the loss, warns about folders it leaves out, and a cancelled run leaves a checkpoint that
 the next run resumes."""
 
