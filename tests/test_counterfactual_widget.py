@@ -116,6 +116,7 @@ def test_a_grid_gets_its_own_tiles_when_two_grids_have_one_size(make_napari_view
     for name in ("first", "second"):
         grid = add_grid(viewer, tiled, name, features)
         grids[name] = (grid, add_tiles(viewer, grid, tiled, features))
+    grids["first"][0].name = "renamed"  # the grid's tiles stay its own
     widget = CounterfactualWidget(viewer)
     for grid, tiles in grids.values():
         widget._image.value = grid

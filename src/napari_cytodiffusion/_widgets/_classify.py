@@ -659,8 +659,8 @@ def cell_colours(table, classes):
 
 def _segmented_from(layer, image):
     """Whether ``layer`` holds the white cells Segment cells made for ``image`` (see
-    :func:`made_for`; not a classes layer)."""
-    return made_for(layer, image) and "class" not in layer.metadata
+    :func:`made_for`; not a classes layer, nor a grid's tiles)."""
+    return made_for(layer, image) and not {"class", "tiles"} & layer.metadata.keys()
 
 
 def differential_table():

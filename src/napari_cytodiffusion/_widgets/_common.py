@@ -189,8 +189,8 @@ def review_markers(viewer, classes_layer):
 
 def made_for(layer, image):
     """Whether ``layer`` numbers the white cells this plugin found for ``image`` (Segment
-    cells' white cells, Classify cells' classes): by the image's id, so whatever either is
-    named, and never for another image opened under the same name."""
+    cells' white cells, Classify cells' classes, a grid's tiles): by the image's id, so
+    whatever either is named, and never for another image opened under the same name."""
     return (
         isinstance(layer, Labels)
         and image is not None

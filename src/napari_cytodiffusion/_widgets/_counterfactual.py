@@ -560,9 +560,5 @@ def _grid_job(data, options, model_choice):
 
 def _made_for(layer, image):
     """Whether ``layer`` numbers the cells of ``image``: made for it by Segment or Classify
-    cells, or a grid's tiles."""
-    if layer is None or image is None or not isinstance(layer, napari.layers.Labels):
-        return False
-    if "grid" in image.metadata:
-        return layer.metadata.get("tiles") == image.name
-    return made_for(layer, image)
+    cells, or a grid's tiles (by the image's id, whatever either is named)."""
+    return made_for(layer, image) and ("tiles" in layer.metadata) == ("grid" in image.metadata)

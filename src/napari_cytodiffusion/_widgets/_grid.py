@@ -10,7 +10,12 @@ layout, so the cells can be cut out again (:func:`layer_cells`).
 
 import numpy as np
 
-from napari_cytodiffusion._widgets._common import added_unselected, camera, full_resolution
+from napari_cytodiffusion._widgets._common import (
+    added_unselected,
+    camera,
+    full_resolution,
+    layer_id,
+)
 
 GAP = 4  # pixels between tiles, in crop pixels
 MARGIN = 0.05  # space between the grid and what is already shown, as a fraction of its width
@@ -127,7 +132,8 @@ def add_tiles(viewer, grid_layer, tiled, features, colormap=None, contour=1):
             name=f"{grid_layer.name} tiles",
             features=table,
             opacity=0.4 if colormap is None else 1.0,
-            metadata={"tiles": grid_layer.name},  # which grid they number
+            # Which grid they number, whatever it is renamed to (see _common.made_for).
+            metadata={"tiles": grid_layer.name, "image_id": layer_id(grid_layer)},
             **({} if colormap is None else {"colormap": colormap}),
             scale=grid_layer.scale,
             translate=grid_layer.translate,
