@@ -243,8 +243,10 @@ def annotating(make_napari_viewer, tmp_path):
     for r, c in ((15, 70), (40, 30), (85, 95), (30, 105)):
         pixels[(rows - r) ** 2 + (cols - c) ** 2 < 81] = (215, 140, 140)
     Image.fromarray(pixels).save(path)
+    from napari_cytodiffusion._widgets._common import layer_id
+
     viewer = make_napari_viewer()
-    viewer.add_image(pixels, name="smear", rgb=True)
+    smear_id = layer_id(viewer.add_image(pixels, name="smear", rgb=True))
     features = pd.DataFrame(
         {
             "index": [1, 2],
@@ -270,7 +272,7 @@ def annotating(make_napari_viewer, tmp_path):
             "rbc_diameter": 20.0,
             "source": "smear",
             "path": str(path),
-            "image_id": "smear-id",
+            "image_id": smear_id,
             "shows": "classes",
         },
     )
@@ -278,7 +280,7 @@ def annotating(make_napari_viewer, tmp_path):
         [[19.5, 19.5]],
         name="smear needs review",
         features={"index": [1], "label": ["lymphocyte"]},
-        metadata={"image_id": "smear-id", "shows": "needs review"},
+        metadata={"image_id": smear_id, "shows": "needs review"},
     )  # Classify cells' markers of the cells to review, tied to the image as it ties them
     widget = AnnotateWidget(viewer)
     viewer.window.add_dock_widget(widget)
@@ -679,13 +681,18 @@ def test_actions_without_a_cell_say_what_to_do(annotating, monkeypatch):
 
 
 def test_export_writes_the_reviewed_cells_as_a_dataset(annotating, tmp_path, qtbot):
+    from PIL import Image
+
     from napari_cytodiffusion.core.datasets import list_labelled_images
 
-    _, widget, layer, _ = annotating
+    viewer, widget, layer, _ = annotating
     widget.select(1)
     widget.set_label("neutrophil")
     widget.select(2)
     widget.set_label("monocyte")
+    # The cells come from the image they were classified in, whatever the names say now.
+    viewer.layers["smear"].name = "field"
+    viewer.add_image(np.zeros((100, 120, 3), np.uint8), name="smear", rgb=True)
     out = tmp_path / "dataset"
     assert widget.export(out) is not None  # in a worker: the viewer stays responsive
     qtbot.waitUntil(lambda: not widget._export_runner.running, timeout=30_000)
@@ -699,6 +706,13 @@ def test_export_writes_the_reviewed_cells_as_a_dataset(annotating, tmp_path, qtb
     # The smear's full path: smears of one name in two folders stay apart.
     path = annotating[3]
     assert all(f",{path.resolve()}," in row for row in manifest[1:])
+    assert all(np.asarray(Image.open(r.path)).mean() > 100 for r in records)  # not the black one
+    viewer.layers.remove("field")  # its image closed, the export says so
+    errors = []
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("napari_cytodiffusion._widgets._annotate.show_error", errors.append)
+        assert widget.export(tmp_path / "again") is None
+    assert "no longer open" in errors[0]
 
 
 def test_a_class_the_model_lacks_is_set_saved_and_exported(annotating, tmp_path, qtbot):

@@ -29,6 +29,7 @@ from napari_cytodiffusion._widgets._common import (
     camera,
     direct_colormap,
     full_resolution,
+    image_of,
     layer_id,
     linked_layer,
     new_class_fields,
@@ -408,9 +409,15 @@ class AnnotateWidget(DockForm):
         """Write the reviewed cells of the layer as a class-folder dataset in ``folder``, in a
         worker; returns the worker, or None if refused. The counts end in the status line."""
         layer = self.layer
-        image = self._image()
-        if layer is None or image is None or not str(folder) or str(folder) == ".":
+        if layer is None or not str(folder) or str(folder) == ".":
             show_error("Choose the classes layer and a dataset folder first.")
+            return None
+        image = self._image()
+        if image is None:
+            show_error(
+                f"The image '{layer.name}' was classified from is no longer open: open it "
+                "again and classify it, then export its cells."
+            )
             return None
         # Copies: the person may go on annotating while the cells are written.
         arguments = (
@@ -538,8 +545,7 @@ class AnnotateWidget(DockForm):
         del self._undo[:-UNDO_DEPTH]
 
     def _image(self):
-        source = self.layer.metadata.get("source") if self.layer is not None else None
-        return self._viewer.layers[source] if source in self._viewer.layers else None
+        return image_of(self._viewer, self.layer) if self.layer is not None else None
 
     def _changed(self, text):
         self._class.reset_choices()  # a class a person added (or undid) is listed, or not

@@ -187,6 +187,20 @@ def review_markers(viewer, classes_layer):
     return linked_layer(viewer, "points", result_link(image_id, "needs review"))
 
 
+def image_of(viewer, layer):
+    """The image layer that ``layer``'s metadata ties it to (``image_id``, see
+    :func:`layer_id`), whatever either is named; None where it is no longer open."""
+    image_id = layer.metadata.get("image_id")
+    return next(
+        (
+            image
+            for image in viewer.layers
+            if isinstance(image, Image) and image_id is not None and layer_id(image) == image_id
+        ),
+        None,
+    )
+
+
 def made_for(layer, image):
     """Whether ``layer`` numbers the white cells this plugin found for ``image`` (Segment
     cells' white cells, Classify cells' classes, a grid's tiles): by the image's id, so
