@@ -576,6 +576,15 @@ def test_widget_analyses_the_open_image(make_napari_viewer, qtbot, tmp_path):
     assert [layer.name for layer in viewer.layers] == names
     assert viewer.layers["field cells"] is cells and len(cells.data) == 1
     assert cells.border_color[0].tolist() != [0.0, 0.0, 0.0, 1.0]  # the class colour again
+    # Renamed, the image keeps its layers (tied by its id); another image of its first name
+    # gets layers of its own.
+    viewer.layers["field"].name = "renamed"
+    other = viewer.add_image(read_image(sample_path("cbc_lymphocyte")), name="field", rgb=True)
+    _analyze(widget, qtbot)  # the image chosen is still the renamed one
+    assert len(viewer.layers) == 5 and viewer.layers["field cells"] is cells
+    widget._image.value = other
+    _analyze(widget, qtbot)
+    assert len(viewer.layers) == 7 and viewer.layers["field cells"] is cells
 
 
 def test_widget_names_the_file_an_image_was_opened_from(make_napari_viewer, qtbot, tmp_path):

@@ -21,7 +21,9 @@ from napari_cytodiffusion._widgets._common import (
     ModelFields,
     RunRow,
     full_resolution,
+    layer_id,
     no_smear_message,
+    result_link,
     rgb_images,
     update_or_add_in_steps,
 )
@@ -167,13 +169,17 @@ class AnalyzeWidget(DockForm):
         if layer in self._viewer.layers:  # the report stands even if the image was removed
             placement = {"scale": layer.scale[-2:], "translate": layer.translate[-2:]}
             for suffix, markers in zip(LAYER_SUFFIXES, points, strict=True):
+                # Tied to the image by its id: renamed, or beside another image of its
+                # name, a rerun updates its own layers and no other image's.
+                link = result_link(layer_id(layer), f"analysis {suffix}")
                 yield from update_or_add_in_steps(
                     self._viewer,
                     "points",
                     markers.pop("data"),
                     f"{layer.name} {suffix}",
                     markers.pop("features"),
-                    {"source": layer.name},
+                    {"source": layer.name, **link},
+                    link=link,
                     **markers,
                     **placement,
                 )
