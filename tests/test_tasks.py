@@ -100,7 +100,9 @@ def test_float_labels_of_whole_numbers_are_taken_and_no_cells_give_an_empty_tabl
     assert {"index", "predicted", "annotated", "added", "centroid_row"} <= set(table.columns)
     assert f"p_{default_model.classes[0]}" in table.columns
     assert empty.differential()["count"].sum() == 0
-    nothing = core.tasks.classify.CellImages([], [], None, [], default_model.classes, [], [], [])
+    from napari_cytodiffusion.core.tasks.classify import CellImages
+
+    nothing = CellImages([], [], None, [], default_model.classes, [], [], [])
     assert {"file", "label", "annotated", "warning"} <= set(nothing.table().columns)
 
 
