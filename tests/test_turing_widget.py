@@ -30,10 +30,18 @@ def _widget(make_napari_viewer, tmp_path, count):
     return viewer, widget
 
 
-def test_blinded_panel_answered_with_buttons_and_keys(make_napari_viewer, qtbot, tmp_path):
-    viewer, widget = _widget(make_napari_viewer, tmp_path, 2)
+def _build(widget, qtbot):
+    """Press Build and wait until the test runs and the run has ended: the Build button is
+    off until the work's last signal arrives, which on a loaded machine comes a while after
+    the panel is shown (a click then does nothing)."""
     widget._build.native.click()
     qtbot.waitUntil(lambda: widget.testing, timeout=60_000)
+    qtbot.waitUntil(lambda: not widget._runner.running, timeout=60_000)
+
+
+def test_blinded_panel_answered_with_buttons_and_keys(make_napari_viewer, qtbot, tmp_path):
+    viewer, widget = _widget(make_napari_viewer, tmp_path, 2)
+    _build(widget, qtbot)
     assert TEST_LAYER in viewer.layers and viewer.layers[TEST_LAYER].data.shape == (64, 64, 3)
     assert "cell 1 of 4" in widget._progress.value
     key = widget._panel.key
@@ -68,8 +76,7 @@ def test_blinded_panel_answered_with_buttons_and_keys(make_napari_viewer, qtbot,
 
 def test_the_real_cells_keep_their_classes(make_napari_viewer, qtbot, tmp_path):
     _, widget = _widget(make_napari_viewer, tmp_path, 3)
-    widget._build.native.click()
-    qtbot.waitUntil(lambda: widget.testing, timeout=60_000)
+    _build(widget, qtbot)
     labels = sorted(row["label"] for row in widget._panel.key)
     assert labels == ["basophil"] * 2 + ["platelet"] * 4
 
@@ -110,8 +117,7 @@ def test_cancel_within_a_second_starts_no_test(make_napari_viewer, qtbot, tmp_pa
 
 def test_the_test_goes_on_when_its_layer_is_removed(make_napari_viewer, qtbot, tmp_path):
     viewer, widget = _widget(make_napari_viewer, tmp_path, 1)
-    widget._build.native.click()
-    qtbot.waitUntil(lambda: widget.testing, timeout=60_000)
+    _build(widget, qtbot)
     viewer.layers.remove(TEST_LAYER)
     widget._real.native.click()
     assert "cell 2 of 2" in widget._progress.value
@@ -124,10 +130,7 @@ def test_a_test_can_be_ended_early_and_closing_the_panel_ends_it(
     """End test saves and scores the answers so far; closing the panel mid-test ends the test
     too, so that R and S are given back and no hidden panel goes on taking answers."""
     viewer, widget = _widget(make_napari_viewer, tmp_path, 2)
-    widget._build.native.click()
-    qtbot.waitUntil(lambda: widget.testing, timeout=60_000)
-    # The panel's last layer steps may still run (a loaded machine): Build waits for them.
-    qtbot.waitUntil(lambda: not widget._runner.running, timeout=60_000)
+    _build(widget, qtbot)
     widget._real.native.click()
     widget._end.native.click()
     assert not widget.testing and widget._progress.value == "ended: 1 of 4 answers"
@@ -135,8 +138,7 @@ def test_a_test_can_be_ended_early_and_closing_the_panel_ends_it(
     assert len(list(csv.DictReader(open(answers_file)))) == 1
     assert "R" not in {str(key) for key in viewer.keymap}
 
-    widget._build.native.click()
-    qtbot.waitUntil(lambda: widget.testing, timeout=60_000)
+    _build(widget, qtbot)
     assert "R" in {str(key) for key in viewer.keymap}
     (dock,) = [
         d for d in viewer.window._wrapped_dock_widgets.values() if d.widget() is widget.native
@@ -163,13 +165,11 @@ def test_closing_the_panel_while_it_is_built_starts_no_test(make_napari_viewer, 
 
 def test_a_later_test_is_shown_beside_what_was_opened_since(make_napari_viewer, qtbot, tmp_path):
     viewer, widget = _widget(make_napari_viewer, tmp_path, 1)
-    widget._build.native.click()
-    qtbot.waitUntil(lambda: widget.testing, timeout=60_000)
+    _build(widget, qtbot)
     widget.end_test()
     smear = viewer.add_image(np.zeros((300, 400, 3), np.uint8), rgb=True, name="smear")
     assert viewer.layers[TEST_LAYER].translate[1] < 400  # now under the smear
-    widget._build.native.click()
-    qtbot.waitUntil(lambda: widget.testing, timeout=60_000)
+    _build(widget, qtbot)
     layer = viewer.layers[TEST_LAYER]
     assert layer.translate[1] > smear.extent.world[1][1]  # right of the smear, not on it
     assert viewer.layers[-1] is layer and layer.visible
@@ -182,8 +182,7 @@ def test_the_key_names_the_layer_and_its_planes_or_tiles(make_napari_viewer, qtb
     viewer, widget = _widget(make_napari_viewer, tmp_path, 2)
 
     def real_origins():
-        widget._build.native.click()
-        qtbot.waitUntil(lambda: widget.testing, timeout=60_000)
+        _build(widget, qtbot)
         origins = sorted(row["origin"] for row in widget._panel.key if row["truth"] == "real")
         widget.end_test()
         return origins
