@@ -357,3 +357,53 @@ def test_a_task_builds_the_unit_registry_napari_gives_the_first_layer():
     finally:
         application.set(original)
     assert type(fresh) is pint.UnitRegistry  # a lazy registry becomes one when it is built
+
+
+_FIRST_DEVICE_FIELD = """
+import json, sys, time
+from qtpy.QtWidgets import QApplication
+app = QApplication([])
+from napari_cytodiffusion._widgets import _common, _torch_import
+from napari_cytodiffusion.core import devices
+devices.available_devices = lambda: ["auto", "cpu", "cuda"]  # as on a machine with a GPU
+combo = _common.device_field()
+record = {"torch_at_once": "torch" in sys.modules, "offered_at_once": list(combo.choices)}
+end = time.perf_counter() + float(sys.argv[1])
+while time.perf_counter() < end and "cuda" not in combo.choices:
+    app.processEvents()
+    time.sleep(0.01)
+record["importing"] = _torch_import.torch_importing()
+record["offered_later"] = list(combo.choices)
+print(json.dumps(record), flush=True)
+"""
+
+
+def _first_device_field(wait_s):
+    """Run a fresh interpreter (torch not imported) that builds a device field."""
+    import json
+    import os
+    import subprocess
+
+    done = subprocess.run(
+        [sys.executable, "-c", _FIRST_DEVICE_FIELD, str(wait_s)],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env={**os.environ, "QT_QPA_PLATFORM": "offscreen"},
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_the_first_device_field_does_not_wait_for_torch_and_offers_the_gpus_later():
+    record = _first_device_field(wait_s=120)
+    assert not record["torch_at_once"]
+    assert record["offered_at_once"] == ["auto", "cpu"]
+    assert not record["importing"]
+    assert record["offered_later"] == ["auto", "cpu", "cuda"]
+
+
+def test_python_exits_cleanly_while_torch_is_imported_in_the_background():
+    record = _first_device_field(wait_s=1.3)  # the import starts a second after the field is made
+    assert record["importing"]
+    assert record["offered_later"] == ["auto", "cpu"]

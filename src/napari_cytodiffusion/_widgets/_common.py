@@ -2,6 +2,8 @@
 (buttons, Cancel, a status line) with its task runner, and one loaded model per
 (name, device) for all widgets."""
 
+import sys
+import time
 import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -19,11 +21,12 @@ from magicgui.widgets import (
 )
 from napari.layers import Image, Labels, Points
 from napari.utils.notifications import show_error
-from qtpy.QtCore import QEvent, QSize, Qt
+from qtpy.QtCore import QEvent, QSize, Qt, QTimer
 from qtpy.QtGui import QKeySequence
 from qtpy.QtWidgets import QComboBox, QFrame, QScrollArea, QShortcut, QSizePolicy, QWidget
 
 from napari_cytodiffusion._widgets._runner import TaskRunner
+from napari_cytodiffusion._widgets._torch_import import start_torch_import, torch_importing
 from napari_cytodiffusion.core import devices
 
 NEW_CLASS_TIP = (
@@ -294,14 +297,44 @@ def _fitting_layer(viewer, kind, data, name, link=None):
     return layer if fits else None
 
 
+# torch's import starts this long after a device field is made, when its widget is up.
+IMPORT_DELAY_S = 1.0
+
+
 def device_field():
-    """The device choice: ``auto`` and the devices this machine has."""
-    return ComboBox(
+    """The device choice: ``auto`` and the devices this machine has. Listing them needs torch;
+    until it is imported (in the background, once the widget is up), ``auto`` and ``cpu``."""
+    imported = "torch" in sys.modules and not torch_importing()
+    combo = ComboBox(
         label="device",
-        choices=devices.available_devices(),
+        choices=devices.available_devices() if imported else ["auto", "cpu"],
         value="auto",
         tooltip="auto: a GPU when there is one, else the CPU.",
     )
+    if not imported:
+        _offer_devices_when_imported(combo)
+    return combo
+
+
+def _offer_devices_when_imported(combo):
+    timer = QTimer(combo.native)  # closed with its widget
+    timer.setInterval(100)
+    made = time.monotonic()
+
+    def offer():
+        if time.monotonic() - made < IMPORT_DELAY_S:
+            return
+        start_torch_import()
+        if torch_importing():
+            return
+        timer.stop()
+        if "torch" in sys.modules:  # else its import failed: a run reports why
+            value = combo.value
+            combo.choices = devices.available_devices()
+            combo.value = value
+
+    timer.timeout.connect(offer)
+    timer.start()
 
 
 def strategy_field():
