@@ -407,3 +407,16 @@ def test_python_exits_cleanly_while_torch_is_imported_in_the_background():
     record = _first_device_field(wait_s=1.3)  # the import starts a second after the field is made
     assert record["importing"]
     assert record["offered_later"] == ["auto", "cpu"]
+
+
+def test_a_task_starts_after_the_background_import_of_torch(monkeypatch):
+    import threading
+
+    from napari_cytodiffusion._widgets import _torch_import
+    from napari_cytodiffusion._widgets._runner import _with_layer_modules
+
+    imported = threading.Event()
+    importer = threading.Thread(target=lambda: (time.sleep(0.3), imported.set()))
+    monkeypatch.setattr(_torch_import, "_thread", importer)
+    importer.start()
+    assert _with_layer_modules(lambda progress: imported.is_set())(None)

@@ -26,6 +26,7 @@ from napari.utils import cancelable_progress
 from qtpy.QtCore import QTimer
 
 from napari_cytodiffusion._widgets._idle import idle_collector
+from napari_cytodiffusion._widgets._torch_import import wait_for_torch_import
 from napari_cytodiffusion.core.progress import Cancelled
 
 # Fraction of the work and seconds that must have passed before a time estimate is shown:
@@ -246,6 +247,7 @@ def _with_layer_modules(function):
         import pint
 
         pint.get_application_registry().pixel  # noqa: B018 (builds the registry)
+        wait_for_torch_import()
         return function(progress)
 
     return run

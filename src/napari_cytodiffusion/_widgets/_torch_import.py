@@ -44,6 +44,14 @@ def torch_importing():
     return _thread is not None and _thread.is_alive()
 
 
+def wait_for_torch_import():
+    """Return once the background import (if one was started) is done: a task's worker waits
+    here rather than importing torch beside it, which would load its libraries holding
+    Python's lock."""
+    if _thread is not None:
+        _thread.join()
+
+
 def _import_torch():
     _load_libraries()
     collecting = gc.isenabled()
