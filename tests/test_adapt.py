@@ -18,6 +18,24 @@ def isolated_cache(tmp_path, monkeypatch):
     return cache
 
 
+@pytest.fixture
+def cheap_calibration(monkeypatch):
+    """Calibrate with 4 trials a held-back cell and class (32 by default) and 4 for the class
+    biases (16), in the command line's and the widget's runs alike: for tests of what is
+    registered and replaced, not of how well it is calibrated."""
+    import dataclasses
+
+    from napari_cytodiffusion.core.tasks import adapt
+
+    adapt_model = adapt.adapt_model
+    monkeypatch.setattr(adapt, "BIAS_TRIALS", 4)
+    monkeypatch.setattr(
+        adapt,
+        "adapt_model",
+        lambda request, **kw: adapt_model(dataclasses.replace(request, calibration_trials=4), **kw),
+    )
+
+
 def _quick_adapt(folder, name, rbc_diameter, lines, steps=2, **options):
     """Adapt for a few steps with a cheap calibration, the log lines kept in ``lines``."""
     from napari_cytodiffusion.core.tasks.adapt import AdaptRequest, adapt_model
@@ -122,7 +140,7 @@ def test_bad_names_and_data_are_refused_with_a_message(synthetic_cells_dir, isol
 
 
 def test_a_local_model_is_replaced_only_when_asked(
-    synthetic_cells_dir, synthetic_rbc_diameter, isolated_cache, capsys
+    synthetic_cells_dir, synthetic_rbc_diameter, isolated_cache, cheap_calibration, capsys
 ):
     options = ["--rbc-diameter", str(synthetic_rbc_diameter), "--device", "cpu"]
     adapt = ["adapt", str(synthetic_cells_dir), "--out", "lab-a", "--steps", "1", *options]
@@ -311,7 +329,12 @@ def test_the_split_keeps_a_cells_copies_on_one_side():
 
 
 def test_the_widget_adapts_and_every_widget_offers_the_new_model(
-    make_napari_viewer, qtbot, synthetic_cells_dir, synthetic_rbc_diameter, isolated_cache
+    make_napari_viewer,
+    qtbot,
+    synthetic_cells_dir,
+    synthetic_rbc_diameter,
+    isolated_cache,
+    cheap_calibration,
 ):
     from napari_cytodiffusion._widgets._adapt import AdaptWidget
     from napari_cytodiffusion._widgets._generate import GenerateWidget
@@ -343,7 +366,9 @@ def test_the_widget_cancels_within_a_second_and_registers_nothing(
     widget = AdaptWidget(viewer)
     viewer.window.add_dock_widget(widget)
     _start_adapting(widget, synthetic_cells_dir, "lab-c", 200, synthetic_rbc_diameter)
-    qtbot.waitUntil(lambda: widget._runner._state["done"] > 50, timeout=60_000)  # training
+    qtbot.waitUntil(lambda: "adapting on" in widget._log.value, timeout=60_000)
+    begun = widget._runner._state["done"]
+    qtbot.waitUntil(lambda: widget._runner._state["done"] > begun, timeout=60_000)  # a step in
     assert cancel_latency(widget) < 1.0
     assert widget._status.value.startswith("cancelled")
     assert weights.find_model("lab-c") is None

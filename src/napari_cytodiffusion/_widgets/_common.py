@@ -25,6 +25,7 @@ from qtpy.QtCore import QEvent, QSize, Qt, QTimer
 from qtpy.QtGui import QKeySequence
 from qtpy.QtWidgets import QComboBox, QFrame, QScrollArea, QShortcut, QSizePolicy, QWidget
 
+from napari_cytodiffusion._widgets._idle import idle_collector
 from napari_cytodiffusion._widgets._runner import TaskRunner
 from napari_cytodiffusion._widgets._torch_import import start_torch_import, torch_importing
 from napari_cytodiffusion.core import devices
@@ -328,6 +329,8 @@ def _offer_devices_when_imported(combo):
         if torch_importing():
             return
         timer.stop()
+        # torch's objects: collected at the next quiet moment, not in the first task's work.
+        idle_collector().request()
         if "torch" in sys.modules:  # else its import failed: a run reports why
             value = combo.value
             combo.choices = devices.available_devices()
