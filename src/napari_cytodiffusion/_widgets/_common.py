@@ -27,7 +27,11 @@ from qtpy.QtWidgets import QComboBox, QFrame, QScrollArea, QShortcut, QSizePolic
 
 from napari_cytodiffusion._widgets._idle import idle_collector
 from napari_cytodiffusion._widgets._runner import TaskRunner
-from napari_cytodiffusion._widgets._torch_import import start_torch_import, torch_importing
+from napari_cytodiffusion._widgets._torch_import import (
+    listed_devices,
+    start_torch_import,
+    torch_importing,
+)
 from napari_cytodiffusion.core import devices
 
 NEW_CLASS_TIP = (
@@ -331,9 +335,9 @@ def _offer_devices_when_imported(combo):
         timer.stop()
         # torch's objects: collected at the next quiet moment, not in the first task's work.
         idle_collector().request()
-        if "torch" in sys.modules:  # else its import failed: a run reports why
+        if listed_devices() is not None:  # else torch's import failed: a run reports why
             value = combo.value
-            combo.choices = devices.available_devices()
+            combo.choices = listed_devices()
             combo.value = value
 
     timer.timeout.connect(offer)

@@ -1,4 +1,5 @@
-"""torch imported in the background, so that the first widget of a session opens at once.
+"""torch imported, and the devices listed, in the background, so that the first widget of a
+session opens at once.
 
 A widget lists the machine's devices, and that needs torch: imported on the main thread it
 froze the viewer for about two seconds when the first widget opened. A plain import in another
@@ -18,6 +19,8 @@ import sys
 import threading
 from pathlib import Path
 
+from napari_cytodiffusion.core import devices
+
 # In the order they depend on each other; those a build lacks (CUDA's on a CPU build) are skipped.
 _LIBRARIES = (
     "libc10.so",
@@ -29,6 +32,7 @@ _LIBRARIES = (
 )
 _RTLD_NOW = 2  # dlfcn.h; local scope, as the import loads them
 _thread = None
+_devices = None
 
 
 def start_torch_import():
@@ -52,12 +56,20 @@ def wait_for_torch_import():
         _thread.join()
 
 
+def listed_devices():
+    """The devices the background thread listed once torch was in (asking CUDA how many GPUs
+    there are starts its driver, which can take a moment too); None before that, or if
+    torch could not be imported."""
+    return None if torch_importing() else _devices
+
+
 def _import_torch():
+    global _devices
     _load_libraries()
     collecting = gc.isenabled()
     gc.disable()
     try:
-        import torch  # noqa: F401
+        _devices = devices.available_devices()  # imports torch
     except Exception:  # noqa: BLE001 - a task's worker imports it again and reports the error
         pass
     finally:
@@ -69,7 +81,10 @@ def _load_libraries():
     spec = importlib.util.find_spec("torch")
     if not sys.platform.startswith("linux") or spec is None or not spec.submodule_search_locations:
         return
-    dlopen = ctypes.CDLL(None).dlopen
+    try:
+        dlopen = ctypes.CDLL(None).dlopen
+    except (OSError, AttributeError):  # a C library without it: the import loads them itself
+        return
     dlopen.argtypes, dlopen.restype = (ctypes.c_char_p, ctypes.c_int), ctypes.c_void_p
     folder = Path(spec.submodule_search_locations[0]) / "lib"
     for name in _LIBRARIES:
