@@ -347,13 +347,13 @@ def test_a_task_builds_the_unit_registry_napari_gives_the_first_layer():
     worker builds it first."""
     import pint
 
-    from napari_cytodiffusion._widgets._runner import _with_layer_modules
+    from napari_cytodiffusion._widgets._runner import _after_warm_up
 
     application = pint.get_application_registry()
     original, fresh = application.get(), pint.LazyRegistry()
     application.set(fresh)
     try:
-        assert _with_layer_modules(lambda progress: "done")(None) == "done"
+        assert _after_warm_up(lambda progress: "done")(None) == "done"
     finally:
         application.set(original)
     assert type(fresh) is pint.UnitRegistry  # a lazy registry becomes one when it is built
@@ -416,10 +416,10 @@ def test_a_task_starts_after_the_background_import_of_torch(monkeypatch):
     import threading
 
     from napari_cytodiffusion._widgets import _torch_import
-    from napari_cytodiffusion._widgets._runner import _with_layer_modules
+    from napari_cytodiffusion._widgets._runner import _after_warm_up
 
     imported = threading.Event()
     importer = threading.Thread(target=lambda: (time.sleep(0.3), imported.set()))
     monkeypatch.setattr(_torch_import, "_thread", importer)
     importer.start()
-    assert _with_layer_modules(lambda progress: imported.is_set())(None)
+    assert _after_warm_up(lambda progress: imported.is_set())(None)

@@ -199,14 +199,8 @@ def image_of(viewer, layer):
     """The image layer that ``layer``'s metadata ties it to (``image_id``, see
     :func:`layer_id`), whatever either is named; None where it is no longer open."""
     image_id = layer.metadata.get("image_id")
-    return next(
-        (
-            image
-            for image in viewer.layers
-            if isinstance(image, Image) and image_id is not None and layer_id(image) == image_id
-        ),
-        None,
-    )
+    images = (image for image in viewer.layers if isinstance(image, Image))
+    return next((image for image in images if layer_id(image) == image_id), None)
 
 
 def made_for(layer, image):

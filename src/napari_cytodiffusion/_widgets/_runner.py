@@ -111,7 +111,7 @@ class TaskRunner:
         self._bar = cancelable_progress(total=0, desc=self._description)
         # Errors are reported by _failed; napari would otherwise raise them again.
         self.worker = create_worker(
-            _with_layer_modules(function), self._report, _start_thread=False, _ignore_errors=True
+            _after_warm_up(function), self._report, _start_thread=False, _ignore_errors=True
         )
         self.worker.returned.connect(lambda result: self._returned(result, on_result))
         self.worker.errored.connect(lambda error: self._failed(error, on_error))
@@ -232,7 +232,10 @@ class TaskRunner:
         idle_collector().task_ended()
 
 
-def _with_layer_modules(function):
+def _after_warm_up(function):
+    """``function`` as the worker runs it: after building, off the main thread, what a session's
+    first layers would otherwise build on it, and after torch's background import."""
+
     def run(progress):
         for name in _LAYER_MODULES:
             importlib.import_module(name)
